@@ -1,0 +1,304 @@
+"""`ds-launch [launcher options] script.py [script args]` (also `python -m ds_launcher`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ds_launcher._devices import Accelerator, detect_accelerator
+from ds_launcher._envfile import collect_exports, default_env_files
+from ds_launcher._errors import LauncherError
+from ds_launcher._hostfile import read_hostfile
+from ds_launcher._node import rank_members
+from ds_launcher._plan import NodePlan, Program, World
+from ds_launcher._resources import select_resources, slots_to_resources
+from ds_launcher._runners import (
+    RUNNERS,
+    RunnerInput,
+    mpich_command,
+    openmpi_command,
+    pdsh_command,
+    slurm_command,
+    ssh_members,
+)
+from ds_launcher._supervisor import GroupResult, Member, Outcome, StdinMode, StopRequest, run_group
+from ds_launcher._version import __version__
+
+DEFAULT_HOSTFILE = "/job/hostfile"
+DEFAULT_MULTINODE_PORT = 29500
+
+# (flags, argparse keyword arguments). Kept as data so that the argv splitter below knows which
+# options take a value: the first word that is neither an option nor an option's value is the
+# script, and everything after it belongs to the script, untouched.
+_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("-H", "--hostfile"), dict(help=f"hostfile ('host slots=N' lines); default {DEFAULT_HOSTFILE} when it exists, else this machine")),
+    (("-i", "--include"), dict(help="hosts/slots to use, e.g. 'worker-1:0,1@worker-2'")),
+    (("-e", "--exclude"), dict(help="hosts/slots to leave out, same syntax as --include")),
+    (("--num_nodes",), dict(type=int, help="use the first N hosts")),
+    (("--num_gpus", "--num_accelerators"), dict(type=int, dest="num_gpus", help="use the first N slots of each host (on a CPU machine: the number of processes)")),
+    (("--master_addr",), dict(help="address of rank 0; default 127.0.0.1 on one machine, else the first host")),
+    (("--master_port",), dict(type=int, help=f"rendezvous port; default a free port on one machine, else {DEFAULT_MULTINODE_PORT}")),
+    (("--launcher",), dict(choices=RUNNERS, help="how to start the nodes; default local on one machine, else ssh")),
+    (("--launcher_args",), dict(default="", help="extra options for the runner (ssh, pdsh, mpirun, mpiexec, srun), split like a shell would")),
+    (("--no_ssh",), dict(action="store_true", help="start only this node's ranks (run ds-launch on every node yourself, with --node_rank)")),
+    (("--node_rank",), dict(type=int, help="this node's index in the hostfile selection, with --no_ssh")),
+    (("--force_multi",), dict(action="store_true", help="use a multi-node runner even for a single host")),
+    (("--module",), dict(action="store_true", help="run the script as a module (python -m)")),
+    (("--no_python",), dict(action="store_true", help="run the script as an executable, not with python")),
+    (("--no_local_rank",), dict(action="store_true", help="accepted for DeepSpeed compatibility; ds-launch never appends --local_rank (ranks read LOCAL_RANK)")),
+    (("--env_file",), dict(action="append", default=[], help="extra VAR=VALUE file exported to every rank (repeatable); .ds_env/.deepspeed_env are read from home and the working directory")),
+    (("--max_restarts",), dict(type=int, default=0, help="restart the whole group this many times after a failure, on a fresh port")),
+    (("--log_dir",), dict(help="also write each rank's output to <log_dir>/rank_<N>.log")),
+    (("--bind_cores_to_rank",), dict(action="store_true", help="pin each local rank to an equal share of the cores; sets OMP_NUM_THREADS")),
+    (("--bind_core_list",), dict(help="cores to share out with --bind_cores_to_rank, e.g. 0-15,32-47")),
+    (("--term_timeout",), dict(type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")),
+    (("--version",), dict(action="version", version=f"ds-launch {__version__}")),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds-launch",
+        usage="ds-launch [options] script.py [script args...]",
+        description="Launch a distributed PyTorch program on one or more machines.",
+        allow_abbrev=False,
+    )
+    for flags, kwargs in _OPTIONS:
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(launcher options, [script, *script args]). An explicit `--` may precede the script."""
+    takes_value = {
+        flag: kwargs.get("action") not in ("store_true", "version")
+        for flags, kwargs in _OPTIONS
+        for flag in flags
+    }
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[:i], argv[i + 1 :]
+        if not word.startswith("-") or word == "-":
+            return argv[:i], argv[i:]
+        name = word.split("=", 1)[0]
+        # Unknown options stay with the launcher's part: argparse reports them.
+        i += 2 if takes_value.get(name, False) and "=" not in word else 1
+    return argv, []
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_this_machine(host: str) -> bool:
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+    names.add(socket.gethostname().split(".")[0])
+    return host in names
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    plan: NodePlan
+    accel: Accelerator
+    runner: str  # "local" (also for --no_ssh) or a multi-node runner
+    node_rank: int  # the node started here for local/--no_ssh
+    exports: dict[str, str]
+    explicit_port: bool
+
+
+def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str]) -> _Resolved:
+    accel = detect_accelerator(environ)
+    hostfile = ns.hostfile
+    if hostfile is None and Path(DEFAULT_HOSTFILE).is_file():
+        hostfile = DEFAULT_HOSTFILE
+    if hostfile is not None:
+        available = slots_to_resources(read_hostfile(hostfile))
+        source = f"hostfile {hostfile!r}"
+    else:
+        if accel.count is None:  # cpu, or an accelerator we cannot count: --num_gpus decides
+            count = ns.num_gpus or 1
+        elif accel.count == 0:
+            raise LauncherError(
+                f"no {accel.name} devices found on this machine; set DS_ACCELERATOR=cpu to run "
+                "CPU processes, or pass -H/--hostfile"
+            )
+        else:
+            count = accel.count
+        available = {"localhost": list(range(count))}
+        source = "this machine (no hostfile)"
+    resources = select_resources(
+        available, ns.include, ns.exclude, ns.num_nodes, ns.num_gpus, source=source
+    )
+    world = World.from_resources(resources)
+    if ns.no_ssh:
+        runner = "local"
+        if ns.node_rank is None:
+            raise LauncherError("--no_ssh needs --node_rank (this node's index in the hostfile)")
+        if not 0 <= ns.node_rank < len(world.nodes):
+            raise LauncherError(
+                f"--node_rank {ns.node_rank} is outside 0..{len(world.nodes) - 1} "
+                f"(the selection has {len(world.nodes)} hosts)"
+            )
+        node_rank = ns.node_rank
+    else:
+        if ns.node_rank is not None:
+            raise LauncherError("--node_rank is only used with --no_ssh")
+        single_local = len(world.nodes) == 1 and (
+            hostfile is None or is_this_machine(world.hosts[0])
+        )
+        runner = ns.launcher or ("local" if single_local and not ns.force_multi else "ssh")
+        if runner == "local" and len(world.nodes) > 1:
+            raise LauncherError(
+                f"--launcher local runs on this machine only, but the selection has "
+                f"{len(world.nodes)} hosts ({', '.join(world.hosts)}); choose ssh, pdsh, "
+                "openmpi, mpich or slurm, or select one host"
+            )
+        node_rank = 0
+    on_one_machine = runner == "local" and not ns.no_ssh
+    master_addr = ns.master_addr or ("127.0.0.1" if on_one_machine else world.hosts[0])
+    master_port = ns.master_port or (free_port() if on_one_machine else DEFAULT_MULTINODE_PORT)
+    if not program:
+        raise LauncherError("missing the script to run: ds-launch [options] script.py [args]")
+    env_files = default_env_files() + [Path(p) for p in ns.env_file]
+    extra = (accel.visible_var,) if accel.visible_var else ()
+    exports = collect_exports(environ, env_files, extra)
+    plan = NodePlan(
+        world=world,
+        master_addr=master_addr,
+        master_port=master_port,
+        program=Program(program[0], tuple(program[1:]), ns.module, ns.no_python),
+        visible_var=accel.visible_var,
+        log_dir=os.path.abspath(ns.log_dir) if ns.log_dir else None,
+        bind_cores_to_rank=ns.bind_cores_to_rank or ns.bind_core_list is not None,
+        bind_core_list=ns.bind_core_list,
+        term_timeout=ns.term_timeout,
+    )
+    if ns.module and ns.no_python:
+        raise LauncherError("--module and --no_python cannot be used together")
+    if ns.max_restarts < 0:
+        raise LauncherError(f"--max_restarts must be 0 or more, got {ns.max_restarts}")
+    return _Resolved(plan, accel, runner, node_rank, exports, ns.master_port is not None)
+
+
+_INSTALL_HINT = {
+    "ssh": "install an OpenSSH client (Debian: openssh-client)",
+    "pdsh": "install pdsh (Debian: pdsh)",
+    "mpirun": "install OpenMPI (Debian: openmpi-bin)",
+    "mpiexec": "install MPICH (Debian: mpich)",
+    "srun": "run inside a SLURM allocation where srun is on PATH",
+}
+
+
+def _require_tool(name: str) -> None:
+    if shutil.which(name) is None:
+        raise LauncherError(f"{name!r} is not on PATH; {_INSTALL_HINT[name]}")
+
+
+@contextmanager
+def _signals_stop(stop: StopRequest) -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP to the launcher stop the group (ranks run in their own sessions,
+    so a Ctrl-C reaches them only this way, once, in order)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.request(f"received {signal.Signals(signum).name}", signum)
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run_once(r: _Resolved, launcher_args: tuple[str, ...], stop: StopRequest) -> GroupResult:
+    plan = r.plan
+    if r.runner == "local":
+        base_env = dict(os.environ)
+        base_env.update(r.exports)
+        members = rank_members(plan, r.node_rank, base_env, r.accel.parent_visible)
+        return run_group(members, term_timeout=plan.term_timeout, stop=stop)
+    inp = RunnerInput(plan, r.exports, dict(os.environ), os.getcwd(), launcher_args)
+    if r.runner == "ssh":
+        _require_tool("ssh")
+        return run_group(ssh_members(inp), term_timeout=plan.term_timeout, stop=stop)
+    with tempfile.TemporaryDirectory(prefix="ds-launch-") as tmp:
+        if r.runner == "pdsh":
+            _require_tool("pdsh")
+            argv, env = pdsh_command(inp)
+            stdin = StdinMode.DEVNULL
+        elif r.runner == "openmpi":
+            _require_tool("mpirun")
+            argv, env = openmpi_command(inp)
+            stdin = StdinMode.INHERIT
+        elif r.runner == "mpich":
+            _require_tool("mpiexec")
+            machinefile = os.path.join(tmp, "machinefile")
+            argv, env, text = mpich_command(inp, machinefile)
+            Path(machinefile).write_text(text)
+            stdin = StdinMode.INHERIT
+        else:
+            _require_tool("srun")
+            argv, env = slurm_command(inp)
+            stdin = StdinMode.INHERIT
+        member = Member(name=r.runner, argv=argv, env=env, stdin=stdin)
+        # The runner forwards SIGTERM to its ranks itself; give it the agents' grace too.
+        return run_group([member], term_timeout=plan.term_timeout + 5.0, stop=stop)
+
+
+def _describe(r: _Resolved) -> str:
+    nodes = ", ".join(f"{h}:{len(s)}" for h, s in r.plan.world.nodes)
+    where = f"node {r.node_rank} of " if r.runner == "local" and len(r.plan.world.nodes) > 1 else ""
+    return (
+        f"ds-launch: {r.plan.world.size} rank(s) on {where}{len(r.plan.world.nodes)} node(s) "
+        f"[{nodes}] via {r.runner}, MASTER_ADDR={r.plan.master_addr} "
+        f"MASTER_PORT={r.plan.master_port}"
+    )
+
+
+def launch(argv: list[str]) -> int:
+    options, program = split_argv(argv)
+    ns = build_parser().parse_args(options)
+    r = resolve(ns, program, dict(os.environ))
+    try:
+        import shlex
+
+        launcher_args = tuple(shlex.split(ns.launcher_args))
+    except ValueError as exc:
+        raise LauncherError(f"--launcher_args {ns.launcher_args!r}: {exc}") from None
+    stop = StopRequest()
+    with _signals_stop(stop):
+        for attempt in range(ns.max_restarts + 1):
+            if attempt:
+                # A fresh port: the old rendezvous may still be in TIME_WAIT or held by a
+                # straggler. Remote hosts cannot be probed, so multi-node runs count up.
+                port = free_port() if r.runner == "local" and not ns.no_ssh else None
+                r = replace(r, plan=replace(r.plan, master_port=port or r.plan.master_port + 1))
+                print(f"ds-launch: restart {attempt} of {ns.max_restarts}", file=sys.stderr)
+            print(_describe(r), file=sys.stderr, flush=True)
+            result = _run_once(r, launcher_args, stop)
+            if result.outcome is not Outcome.MEMBER_FAILED:
+                return result.exit_code
+        return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return launch(sys.argv[1:] if argv is None else list(argv))
+    except LauncherError as exc:
+        print(f"ds-launch: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,113 @@
+"""Which accelerator a node has, how many, and which variable restricts a process to some of them.
+
+Stdlib only: the launcher must start fast and must not need torch. CUDA GPUs are counted from
+`/proc/driver/nvidia/gpus` (the driver's own listing); other accelerators are named with
+DS_ACCELERATOR and counted with --num_gpus.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds_launcher._errors import LauncherError
+
+# accelerator name -> the variable its runtime reads to restrict the visible devices.
+VISIBLE_DEVICES_VARS: dict[str, str | None] = {
+    "cuda": "CUDA_VISIBLE_DEVICES",
+    "xpu": "ZE_AFFINITY_MASK",
+    "npu": "ASCEND_RT_VISIBLE_DEVICES",
+    "hpu": "HABANA_VISIBLE_MODULES",
+    "mlu": "MLU_VISIBLE_DEVICES",
+    "cpu": None,
+    "mps": None,
+}
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What the launcher knows about this machine's accelerators."""
+
+    name: str
+    visible_var: str | None
+    # The ids the launching environment already restricts us to (e.g. CUDA_VISIBLE_DEVICES=4,5),
+    # indexed by slot number; None when unrestricted, so slot i means device i.
+    parent_visible: tuple[str, ...] | None
+    # Devices found on this machine; None when the launcher cannot count them (cpu, or a named
+    # accelerator without a driver listing), in which case --num_gpus decides.
+    count: int | None
+
+
+def _nvidia_gpu_count(proc_dir: Path) -> int:
+    try:
+        return sum(1 for _ in proc_dir.iterdir())
+    except OSError:
+        return 0
+
+
+def detect_accelerator(
+    environ: Mapping[str, str], proc_dir: Path = Path("/proc/driver/nvidia/gpus")
+) -> Accelerator:
+    name = environ.get("DS_ACCELERATOR", "").strip().lower()
+    if name and name not in VISIBLE_DEVICES_VARS:
+        raise LauncherError(
+            f"DS_ACCELERATOR={name!r} is not known to ds-launch; use one of "
+            f"{', '.join(sorted(VISIBLE_DEVICES_VARS))}"
+        )
+    gpus = _nvidia_gpu_count(proc_dir) if name in ("", "cuda") else 0
+    if not name:
+        name = "cuda" if gpus else "cpu"
+    var = VISIBLE_DEVICES_VARS[name]
+    parent: tuple[str, ...] | None = None
+    if var is not None and environ.get(var, "").strip():
+        parent = tuple(v.strip() for v in environ[var].split(",") if v.strip())
+    if parent is not None:
+        count: int | None = len(parent)
+    elif name == "cuda":
+        count = gpus
+    else:
+        count = None
+    return Accelerator(name=name, visible_var=var, parent_visible=parent, count=count)
+
+
+def visible_value(slots: list[int] | tuple[int, ...], parent: tuple[str, ...] | None) -> str:
+    """The visible-devices value for a node using `slots` (ids within `parent` when set)."""
+    if parent is None:
+        return ",".join(str(s) for s in slots)
+    return ",".join(parent[s] for s in slots)
+
+
+def parse_core_list(text: str) -> list[int]:
+    """`0-3,8,10-11` -> [0, 1, 2, 3, 8, 10, 11] (for --bind_core_list)."""
+    cores: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise LauncherError(
+                f"--bind_core_list {text!r}: {part!r} is not a core id or a range like 0-3"
+            )
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise LauncherError(f"--bind_core_list {text!r}: range {part!r} runs backwards")
+        cores.extend(range(first, last + 1))
+    if len(set(cores)) != len(cores):
+        raise LauncherError(f"--bind_core_list {text!r} names a core twice")
+    return cores
+
+
+def split_cores(cores: list[int], local_world_size: int) -> list[tuple[int, ...]]:
+    """Give each local rank an equal, contiguous share of `cores` (the remainder stays unused)."""
+    per = len(cores) // local_world_size
+    if per < 1:
+        raise LauncherError(
+            f"--bind_cores_to_rank: {local_world_size} ranks on this node but only {len(cores)} "
+            "cores to bind them to; run fewer ranks or drop --bind_cores_to_rank"
+        )
+    return [tuple(cores[i * per : (i + 1) * per]) for i in range(local_world_size)]
+
+
+def available_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
