@@ -76,6 +76,16 @@ class _Batch:
     done: float | None = None
 
 
+def first_received_micro_batch(schedule: Schedule) -> dict[int, int]:
+    """For each receiving stage, the micro-batch of its first activation receive in the step."""
+    first: dict[int, int] = {}
+    for program in schedule.programs:
+        for a in program:
+            if a.kind is ActionKind.RECV_ACT and a.stage not in first:
+                first[a.stage] = a.micro_batch
+    return first
+
+
 def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationResult:
     """Run the schedule in simulated time; raise ``DeadlockError`` if it cannot finish."""
     costs = costs or CostModel()
@@ -92,10 +102,25 @@ def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationRe
     recvs: dict[tuple[int, int, tuple[str, int, int]], _Batch] = {}
     delivered_by: dict[tuple[int, Action], _Batch] = {}
     timeline: list[TimedAction] = []
+    first_mb = first_received_micro_batch(s)
+    announced: set[tuple[int, int, tuple[str, int, int]]] = set()
 
     def key(r: int, a: Action) -> tuple[int, int, tuple[str, int, int]]:
         peer = s.rank_of_stage(a.peer_stage())
         return (r, peer, a.message()) if a.kind.is_send else (peer, r, a.message())
+
+    leftover: list[list[Action] | None] = [None] * s.num_ranks
+
+    def post(r: int, ops: list[Action]) -> None:
+        b = _Batch(r, ops, posted=clock[r])
+        queues[r].append(b)
+        for op in ops:
+            (sends if op.kind.is_send else recvs)[key(r, op)] = b
+            if not op.kind.is_send:
+                consumer = (
+                    ActionKind.FORWARD if op.kind is ActionKind.RECV_ACT else ActionKind.BACKWARD
+                )
+                delivered_by[(r, Action(consumer, op.stage, op.micro_batch))] = b
 
     def advance_queues() -> bool:
         moved = False
@@ -132,23 +157,30 @@ def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationRe
                 batch = programs[r][pc[r]]
                 a = batch[0]
                 if a.kind.is_comm:
-                    b = _Batch(r, batch, posted=clock[r])
-                    queues[r].append(b)
-                    for op in batch:
-                        (sends if op.kind.is_send else recvs)[key(r, op)] = b
-                        if not op.kind.is_send:
-                            delivered_by[
-                                (
-                                    r,
-                                    Action(
-                                        ActionKind.FORWARD
-                                        if op.kind is ActionKind.RECV_ACT
-                                        else ActionKind.BACKWARD,
-                                        op.stage,
-                                        op.micro_batch,
-                                    ),
-                                )
-                            ] = b
+                    # Shape negotiation: the first activation of a channel in a step comes with
+                    # its metadata, which the receiver needs before it can post the receive. The
+                    # runtime announces the batch's sends at once, posts what it can (sends and
+                    # receives of known shape) as one batch, then blocks until the missing
+                    # metadata arrives and posts the remaining receives as a second batch.
+                    announced.update(key(r, op) for op in batch if op.kind.is_send)
+                    todo = leftover[r] if leftover[r] is not None else batch
+                    missing = [
+                        op
+                        for op in todo
+                        if op.kind is ActionKind.RECV_ACT
+                        and op.micro_batch == first_mb[op.stage]
+                        and key(r, op) not in announced
+                    ]
+                    if missing:
+                        if leftover[r] is None:
+                            ready = [op for op in todo if op not in missing]
+                            if ready:
+                                post(r, ready)
+                                progress = True
+                            leftover[r] = missing
+                        break
+                    post(r, todo)
+                    leftover[r] = None
                     pc[r] += 1
                     progress = True
                     continue
