@@ -1,0 +1,166 @@
+"""The experts one rank holds, run over tokens already grouped by local expert.
+
+Two implementations of one interface, ``forward(x, group_sizes) -> y`` where ``x`` holds the
+rows of local expert 0, then 1, ... (``group_sizes`` rows each, possibly padded):
+
+- ``GroupedMLPExperts``: when the user's expert is ``Sequential(Linear, activation, Linear)``,
+  the weights of all local experts are stacked into [E_local, out, in] tensors and run with one
+  grouped GEMM per layer (``torch._grouped_mm``; a loop of GEMMs where that is unavailable).
+- ``LoopExperts``: any other module, deep-copied once per local expert and called per group.
+
+Both start every local expert as a copy of the user's ``expert`` (DeepSpeed does the same); the
+router breaks the symmetry.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ds_moe._grouped_gemm import (
+    add_segment_bias,
+    grouped_linear,
+    grouped_mm_available,
+    row_alignment,
+)
+
+#: element-wise activations that may run on the packed rows of all experts at once
+_ELEMENTWISE = (
+    nn.GELU,
+    nn.ReLU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Identity,
+)
+
+
+def mlp_parts(expert: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear] | None:
+    """The (fc1, activation, fc2) of a plain 2-layer MLP expert, else None."""
+    if not isinstance(expert, nn.Sequential) or len(expert) != 3:
+        return None
+    fc1, act, fc2 = expert[0], expert[1], expert[2]
+    if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+        return None
+    if not isinstance(act, _ELEMENTWISE) or list(act.parameters()):
+        return None
+    if fc1.out_features != fc2.in_features or (fc1.bias is None) != (fc2.bias is None):
+        return None
+    return fc1, act, fc2
+
+
+class GroupedMLPExperts(nn.Module):
+    """``E_local`` two-layer MLPs stored stacked: ``w1`` [E, ffn, d], ``w2`` [E, d, ffn].
+
+    The [E, out, in] layout is ``nn.Linear``'s per expert, so a stacked weight slices back into
+    a Linear's; its transpose is the column-major B operand the grouped kernel prefers.
+    """
+
+    w1: nn.Parameter
+    b1: nn.Parameter | None
+    w2: nn.Parameter
+    b2: nn.Parameter | None
+    activation: nn.Module
+    use_grouped_mm: bool | None
+
+    def __init__(
+        self, expert: nn.Module, num_local_experts: int, use_grouped_mm: bool | None = None
+    ):
+        super().__init__()
+        parts = mlp_parts(expert)
+        if parts is None:
+            raise TypeError(
+                "GroupedMLPExperts needs an expert of the form nn.Sequential(nn.Linear, "
+                "<element-wise activation>, nn.Linear); pass grouped_experts=False to run any "
+                "other module in a loop"
+            )
+        fc1, act, fc2 = parts
+
+        def stack(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().unsqueeze(0).repeat(num_local_experts, *[1] * t.dim()))
+
+        self.w1 = stack(fc1.weight)
+        self.w2 = stack(fc2.weight)
+        self.b1 = stack(fc1.bias) if fc1.bias is not None else None
+        self.b2 = stack(fc2.bias) if fc2.bias is not None else None
+        self.activation = copy.deepcopy(act)
+        self.use_grouped_mm = use_grouped_mm
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        if self.use_grouped_mm is False:
+            return False
+        # The kernels need 16-byte aligned rows of both operands.
+        aligned = all((n * x.element_size()) % 16 == 0 for n in self.w1.shape[1:])
+        ok = aligned and x.dtype == self.w1.dtype and grouped_mm_available(x.device, x.dtype)
+        if self.use_grouped_mm and not ok:
+            raise RuntimeError(
+                f"grouped GEMM was requested but torch._grouped_mm cannot run here "
+                f"(device {x.device}, dtype {x.dtype}, weight {tuple(self.w1.shape)}, "
+                f"torch {torch.__version__}); pass use_grouped_mm=None to fall back to a loop"
+            )
+        return ok
+
+    def row_alignment(self, x: torch.Tensor) -> int:
+        return row_alignment(x.device) if self._grouped_ok(x) else 1
+
+    def forward(self, x: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+        offs = None
+        if self._grouped_ok(x) and x.shape[0] > 0:
+            ends = torch.tensor(group_sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            offs = ends.to(x.device, non_blocking=True)
+        h = grouped_linear(x, self.w1, group_sizes, offs)
+        if self.b1 is not None:
+            h = add_segment_bias(h, self.b1, group_sizes)
+        h = self.activation(h)
+        y = grouped_linear(h, self.w2, group_sizes, offs)
+        if self.b2 is not None:
+            y = add_segment_bias(y, self.b2, group_sizes)
+        return y
+
+
+class LoopExperts(nn.Module):
+    """Any expert module, one deep copy per local expert, called on its group of rows."""
+
+    experts: nn.ModuleList
+
+    def __init__(self, expert: nn.Module, num_local_experts: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(copy.deepcopy(expert) for _ in range(num_local_experts))
+
+    @property
+    def num_local_experts(self) -> int:
+        return len(self.experts)
+
+    def row_alignment(self, x: torch.Tensor) -> int:
+        return 1
+
+    def forward(self, x: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+        # Every expert runs, even on zero rows, so that hooks (ZeRO-3 gathers) fire on all ranks.
+        outs = [e(seg) for e, seg in zip(self.experts, x.split(group_sizes))]
+        return torch.cat(outs)
+
+
+def build_local_experts(
+    expert: nn.Module, num_local_experts: int, grouped: bool | None
+) -> GroupedMLPExperts | LoopExperts:
+    """Stacked MLP experts when the expert is a plain MLP (or ``grouped=True``), else a loop."""
+    if grouped is False:
+        return LoopExperts(expert, num_local_experts)
+    if mlp_parts(expert) is None:
+        if grouped:
+            raise TypeError(
+                "grouped_experts=True needs expert=nn.Sequential(nn.Linear(d, f), <element-wise "
+                f"activation>, nn.Linear(f, d)); got {type(expert).__name__}. Use "
+                "grouped_experts=None to fall back to a loop over expert copies"
+            )
+        return LoopExperts(expert, num_local_experts)
+    return GroupedMLPExperts(expert, num_local_experts)

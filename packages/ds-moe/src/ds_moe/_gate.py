@@ -1,0 +1,64 @@
+"""The router module: a bias-free linear layer in fp32 plus the routing policy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds_moe._config import GateConfig, NoisyGatePolicy
+from ds_moe._routing import Routing, capacity, gumbel_like, route
+
+#: Switch Transformer's multiplicative jitter half-width
+JITTER_EPS = 1e-2
+
+
+class TopKGate(nn.Module):
+    """Chooses k experts per token and how many tokens each expert may take.
+
+    The logits are computed in fp32 whatever the parameter dtype (as DeepSpeed does), because
+    softmax over bf16 logits makes near-ties between experts flip from step to step. The
+    weight itself stays in the model's dtype so ZeRO sees an ordinary parameter.
+    """
+
+    wg: nn.Linear
+    config: GateConfig
+
+    def __init__(self, hidden_size: int, config: GateConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wg = nn.Linear(hidden_size, config.num_experts, bias=False)
+
+    def capacity_for(self, num_tokens: int) -> int | None:
+        """Slots per expert for ``num_tokens`` local tokens, or None when dropless."""
+        cfg = self.config
+        if not cfg.drop_tokens:
+            return None
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        return capacity(num_tokens, cfg.num_experts, cfg.k, factor, cfg.min_capacity)
+
+    def forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None) -> Routing:
+        """Route ``x`` [S, hidden] (already flattened)."""
+        cfg = self.config
+        noisy = self.training and cfg.noisy_gate_policy
+        inp = x.float()
+        if noisy is NoisyGatePolicy.JITTER:
+            inp = inp * torch.empty_like(inp).uniform_(1.0 - JITTER_EPS, 1.0 + JITTER_EPS)
+        logits = F.linear(inp, self.wg.weight.float())
+        selection = None
+        if noisy is NoisyGatePolicy.RSAMPLE:
+            selection = logits.detach() + gumbel_like(logits)
+        priority = None
+        if self.training and cfg.use_rts:
+            # Random Token Selection: which tokens lose their slot is random, not "the last
+            # ones in the batch", so late positions of a sequence are not always dropped.
+            priority = torch.randperm(x.shape[0], device=x.device)
+        return route(
+            logits,
+            cfg.k,
+            capacity_slots=self.capacity_for(x.shape[0]),
+            selection_logits=selection,
+            token_priority=priority,
+            used_token=used_token,
+            router_z_loss_coef=cfg.router_z_loss_coef,
+        )

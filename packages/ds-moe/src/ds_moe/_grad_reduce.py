@@ -1,0 +1,66 @@
+"""Expert-aware data-parallel gradient averaging (what DDP would do, knowing about experts).
+
+The reference semantics ds-zero follows for MoE: the loss is the mean over the ``W`` ranks'
+local losses, so
+
+- a dense gradient is all-reduced (sum) over the data-parallel group and divided by ``W``;
+- an expert gradient is all-reduced (sum) over its ``ds_expert_dp_group`` and divided by the
+  same ``W``: the all-to-all backward has already summed, into the expert's owner, the
+  contributions of every rank of its expert-parallel group, so the expert-dp sum covers all W
+  ranks once. (Dividing by the expert-dp group size instead, as DeepSpeed does, scales expert
+  gradients by ep_size relative to dense ones, which changes gradient clipping.)
+
+Parameters without a gradient on this rank take part with zeros, so every rank issues the same
+collectives in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed import ProcessGroup
+
+
+def _reduce(params: list[torch.Tensor], group: ProcessGroup | None, divisor: int) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for dtype in sorted(by_dtype, key=str):  # same order on every rank
+        ps = by_dtype[dtype]
+        flat = _flatten_dense_tensors([p.grad for p in ps])
+        dist.all_reduce(flat, group=group)
+        flat.div_(divisor)
+        for p, g in zip(ps, _unflatten_dense_tensors(flat, [p.grad for p in ps])):
+            p.grad.copy_(g)
+
+
+def reduce_gradients(
+    parameters: Iterable[torch.Tensor], dp_group: ProcessGroup | None = None
+) -> None:
+    """Average the gradients of ``parameters`` (a model's, in the same order on every rank).
+
+    ``dp_group`` is the data-parallel group of the dense parameters (default: the world); its
+    size is the divisor for every gradient. Expert parameters are recognised by ``ds_expert``
+    and reduced over their ``ds_expert_dp_group``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("reduce_gradients needs torch.distributed to be initialised")
+    params = [p for p in parameters if p.requires_grad]
+    world = dist.get_world_size(dp_group)
+    dense = [p for p in params if not getattr(p, "ds_expert", False)]
+    experts: dict[str, list[torch.Tensor]] = {}
+    groups: dict[str, ProcessGroup | None] = {}
+    for p in params:
+        if getattr(p, "ds_expert", False):
+            name = p.ds_expert_group_name
+            experts.setdefault(name, []).append(p)
+            groups[name] = p.ds_expert_dp_group
+    if dense:
+        _reduce(dense, dp_group, world)
+    for name in sorted(experts):
+        _reduce(experts[name], groups[name], world)

@@ -1,0 +1,161 @@
+"""Top-k routing as pure tensor functions: selection, capacity, priority, losses.
+
+Nothing here synchronises with the host or talks to other ranks, so the whole router runs in
+one process in the tests and overlaps with the GPU's queue in training.
+
+An *assignment* is one (token, choice) pair, numbered ``a = choice * S + token`` for ``S``
+tokens: all first choices, then all second choices, ... This numbering is also the priority
+order for capacity (GShard): every token's first choice is served before any second choice,
+and inside one choice level tokens are served in order, or in a random order with RTS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The router's decision for ``S`` tokens and ``E`` experts (all tensors on one device)."""
+
+    #: [S, k] int64: the expert of each token's choice 0..k-1
+    expert_index: torch.Tensor
+    #: [S, k] float32: how much each choice contributes to the token's output (differentiable)
+    combine_weight: torch.Tensor
+    #: [S, k] bool: the choice got a slot (capacity) and the token is used
+    kept: torch.Tensor
+    #: [S*k] int64: assignment ids, kept ones first grouped by expert in priority order,
+    #: then the dropped ones; the first ``kept_counts.sum()`` entries are what gets dispatched
+    order: torch.Tensor
+    #: [E] int64: kept assignments per expert
+    kept_counts: torch.Tensor
+    #: [E] int64: assignments per expert before capacity (what DeepSpeed reports)
+    exp_counts: torch.Tensor
+    #: scalar float32: load-balancing loss plus router_z_loss_coef * z-loss
+    l_aux: torch.Tensor
+    #: slots per expert on this rank, None when dropless
+    capacity: int | None
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, factor: float, min_capacity: int) -> int:
+    """Slots per expert: ``ceil(k * tokens * factor / experts)``, at least ``min_capacity``.
+
+    For k = 1 and 2 this is DeepSpeed's top1/top2 capacity (top2 doubles the factor).
+    """
+    return max(math.ceil(k * num_tokens * factor / num_experts), min_capacity)
+
+
+def load_balancing_loss(gates: torch.Tensor, exp_counts: torch.Tensor, k: int) -> torch.Tensor:
+    """GShard/Switch auxiliary loss ``E * sum_e mean_gate_e * fraction_e``.
+
+    ``fraction_e`` is the share of the ``k * S`` assignments that chose expert ``e`` (before
+    capacity), so the loss is 1.0 for a perfectly uniform router for any k; for k = 1 it is
+    the Switch Transformer loss and equals DeepSpeed's ``topkgating``.
+    """
+    num_tokens, num_experts = gates.shape
+    me = gates.float().mean(dim=0)
+    ce = exp_counts.to(me.dtype) / max(num_tokens * k, 1)
+    return num_experts * torch.sum(me * ce)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_s logsumexp(logits_s)^2``: keeps the logits small."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    u = torch.rand(t.shape, device=t.device, dtype=torch.float32, generator=generator)
+    return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    capacity_slots: int | None,
+    selection_logits: torch.Tensor | None = None,
+    token_priority: torch.Tensor | None = None,
+    used_token: torch.Tensor | None = None,
+    router_z_loss_coef: float = 0.0,
+) -> Routing:
+    """Route ``S`` tokens given their router ``logits`` [S, E].
+
+    ``selection_logits`` (same shape, e.g. with Gumbel noise) choose the experts when given;
+    the weights always come from ``softmax(logits)``. ``token_priority`` [S] is a permutation
+    of ``0..S-1`` ranking tokens for capacity inside each choice level (RTS passes a random
+    one). ``used_token`` [S] (bool or 0/1) excludes padding tokens from dispatch and counts.
+
+    Weights: for k = 1 the token's gate probability (so the router gets a gradient, Switch);
+    for k > 1 the top-k probabilities renormalised to sum to 1 before capacity is applied
+    (GShard), so a choice's weight does not depend on whether other tokens took its slot.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"route: logits must be [tokens, experts], got {tuple(logits.shape)}")
+    num_tokens, num_experts = logits.shape
+    device = logits.device
+    gates = F.softmax(logits.float(), dim=-1)
+    sel = gates if selection_logits is None else selection_logits
+    expert_index = torch.topk(sel, k, dim=-1).indices  # [S, k]
+    top_gates = gates.gather(1, expert_index)
+    combine_weight = top_gates if k == 1 else top_gates / top_gates.sum(-1, keepdim=True)
+
+    n = num_tokens * k
+    # Assignment a = j * S + s; flat views in that order.
+    flat_expert = expert_index.t().reshape(-1)
+    if used_token is not None:
+        used = used_token.reshape(-1).to(device=device, dtype=torch.bool)
+        if used.numel() != num_tokens:
+            raise ValueError(
+                f"used_token has {used.numel()} entries for {num_tokens} tokens; pass one "
+                "0/1 flag per token (the input's shape without its hidden dimension)"
+            )
+        flat_used = used.repeat(k)
+    else:
+        flat_used = torch.ones(n, dtype=torch.bool, device=device)
+    exp_counts = torch.bincount(flat_expert[flat_used], minlength=num_experts)
+
+    tok_rank = (
+        torch.arange(num_tokens, device=device)
+        if token_priority is None
+        else token_priority.to(device=device, dtype=torch.int64)
+    )
+    choice = torch.arange(k, device=device).repeat_interleave(num_tokens)
+    priority = choice * num_tokens + tok_rank.repeat(k)  # unique in [0, n)
+    # Unused tokens sort after every used one of the same expert so they never take a slot.
+    priority = torch.where(flat_used, priority, priority + n)
+
+    # Sort 1: group by expert, priority order inside; the rank inside the group is the slot.
+    order1 = torch.argsort(flat_expert * (2 * n) + priority)
+    all_counts = (
+        exp_counts if used_token is None else torch.bincount(flat_expert, minlength=num_experts)
+    )
+    starts = torch.cumsum(all_counts, 0) - all_counts
+    slot = torch.arange(n, device=device) - starts[flat_expert[order1]]
+    keep_sorted = flat_used[order1]
+    if capacity_slots is not None:
+        keep_sorted = keep_sorted & (slot < capacity_slots)
+    # Sort 2 (stable partition): kept assignments first, keeping sort 1's order.
+    order = order1[
+        torch.argsort((~keep_sorted).to(torch.int64) * n + torch.arange(n, device=device))
+    ]
+    kept_flat = torch.empty(n, dtype=torch.bool, device=device)
+    kept_flat[order1] = keep_sorted
+    kept_counts = exp_counts if capacity_slots is None else exp_counts.clamp(max=capacity_slots)
+
+    l_aux = load_balancing_loss(gates, exp_counts, k)
+    if router_z_loss_coef > 0:
+        l_aux = l_aux + router_z_loss_coef * router_z_loss(logits)
+    return Routing(
+        expert_index=expert_index,
+        combine_weight=combine_weight,
+        kept=kept_flat.view(k, num_tokens).t(),
+        order=order,
+        kept_counts=kept_counts,
+        exp_counts=exp_counts,
+        l_aux=l_aux,
+        capacity=capacity_slots,
+    )
