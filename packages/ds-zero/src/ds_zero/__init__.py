@@ -1,5 +1,52 @@
-"""ZeRO data parallelism, stages 0-3, mixed precision, loss scaling, clipping."""
+"""ZeRO data parallelism, stages 0-3, mixed precision, loss scaling, clipping.
 
+>>> zero = ds_zero.wrap(model, torch.optim.AdamW(model.parameters()),
+...                     ds_zero.ZeroOptions(stage=2, param_dtype=torch.bfloat16))
+>>> loss = zero(x, y); zero.backward(loss); zero.step()
+"""
+
+from typing import Any
+
+from ds_zero._bucket import ParamsState
+from ds_zero._fragment import Fragment
+from ds_zero._init import GatheredParameters, Init
+from ds_zero._loss_scaler import DynamicLossScaler, LossScaleOptions, LossScaler
+from ds_zero._memory import MemoryEstimate, memory_estimate, model_state_bytes
+from ds_zero._options import ZeroOptions
+from ds_zero._reducer import ReducerState
+from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
 from ds_zero._version import __version__
+from ds_zero._zero import Phase, Zero, wrap
 
-__all__ = ["__version__"]
+__all__ = [
+    "DynamicLossScaler",
+    "Fragment",
+    "GatheredParameters",
+    "Init",
+    "LossScaleOptions",
+    "LossScaler",
+    "MasterPartition",
+    "MemoryEstimate",
+    "ParamsState",
+    "PartitionStepper",
+    "Phase",
+    "ReducerState",
+    "TorchOptimizerStepper",
+    "Zero",
+    "ZeroConfig",
+    "ZeroOptions",
+    "__version__",
+    "memory_estimate",
+    "model_state_bytes",
+    "wrap",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # ZeroConfig needs pydantic; importing it lazily keeps ds_zero usable where pydantic is
+    # absent (the GPU benchmark machine) for code that builds ZeroOptions directly.
+    if name == "ZeroConfig":
+        from ds_zero._config import ZeroConfig
+
+        return ZeroConfig
+    raise AttributeError(f"module 'ds_zero' has no attribute {name!r}")

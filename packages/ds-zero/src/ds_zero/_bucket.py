@@ -1,0 +1,289 @@
+"""One flat bucket of parameters: its compute buffer, fp32 master partition and reduced grads.
+
+A bucket is the unit of every collective: one ``all_gather_into_tensor`` to assemble (stage 3) or
+refresh (stages 1-2) its parameters, one ``reduce_scatter_tensor`` (stages 1-3) or ``all_reduce``
+(stage 0) for its gradients. Module parameters are views into the bucket's flat buffer, so a
+collective writes straight into them and freeing the buffer's storage frees every parameter at
+once (stage 3), while the parameters keep their shapes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from ds_zero._dist import group_rank, group_size
+from ds_zero._layout import FlatLayout, make_layout
+
+
+class ParamsState(enum.Enum):
+    """What memory a bucket's compute parameters hold."""
+
+    SHARDED = "sharded"
+    """Only this rank's shard exists (fp32 master or a compute-dtype local shard); the flat
+    buffer's storage is freed and the module parameters have no data (stage 3 at rest)."""
+    GATHERING = "gathering"
+    """Flat storage allocated and an all-gather in flight; parameters not yet valid."""
+    GATHERED = "gathered"
+    """Flat storage holds the full parameters (stages 0-2 always, stage 3 around use)."""
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where a parameter lives: attached to it as ``param._ds_zero_slot``."""
+
+    bucket: Bucket
+    index: int
+
+
+@dataclass
+class PendingReduce:
+    bucket: Bucket
+    work: object | None
+    out: torch.Tensor
+    source: torch.Tensor
+
+
+SLOT_ATTR = "_ds_zero_slot"
+
+
+def slot_of(param: torch.Tensor) -> ParamSlot | None:
+    return getattr(param, SLOT_ATTR, None)
+
+
+class Bucket:
+    """Flat storage and partition of a list of parameters that share dtype, process group and
+    optimizer param group."""
+
+    def __init__(
+        self,
+        index: int,
+        names: Sequence[str],
+        params: Sequence[nn.Parameter],
+        *,
+        group: ProcessGroup | None,
+        param_dtype: torch.dtype,
+        shard_params: bool,
+        shard_state: bool,
+        optim_group: int | None,
+        align: int,
+        replication: int,
+    ) -> None:
+        self.index = index
+        self.names: list[str] = list(names)
+        self.params: list[nn.Parameter] = list(params)
+        self.group = group
+        self.world = group_size(group)
+        self.rank = group_rank(group)
+        self.param_dtype = param_dtype
+        self.shard_params = shard_params
+        self.shard_state = shard_state or shard_params
+        self.optim_group = optim_group
+        self.replication = replication
+        self.device = self.params[0].device
+        self.layout: FlatLayout = make_layout([p.numel() for p in self.params], self.world, align)
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.flat: torch.Tensor = torch.empty(0)
+        self.master: torch.Tensor | None = None
+        self.local_shard: torch.Tensor | None = None
+        self.grad_shard: torch.Tensor | None = None
+        self.accum: torch.Tensor | None = None
+        self.state = ParamsState.GATHERED
+        self._work: object | None = None
+        self._gaps = self._padding_ranges()
+
+    # ---- construction -------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        return self.optim_group is not None
+
+    @property
+    def master_range(self) -> tuple[int, int]:
+        """Flat range of the fp32 master held here: this rank's shard, or all (stage 0)."""
+        if self.shard_state:
+            return self.layout.shard_range(self.rank)
+        return 0, self.layout.padded_numel
+
+    def _padding_ranges(self) -> list[tuple[int, int]]:
+        gaps, cursor = [], 0
+        for off, n in zip(self.layout.offsets, self.layout.numels):
+            if off > cursor:
+                gaps.append((cursor, off))
+            cursor = off + n
+        if cursor < self.layout.padded_numel:
+            gaps.append((cursor, self.layout.padded_numel))
+        return gaps
+
+    @torch.no_grad()
+    def build(
+        self, full_value: Callable[[nn.Parameter], torch.Tensor], keep_local_shard: bool
+    ) -> None:
+        """Copy parameters into the flat buffer and the fp32 master, then point the module
+        parameters at the flat buffer (freeing their old storage)."""
+        lay = self.layout
+        flat = torch.empty(lay.padded_numel, dtype=self.param_dtype, device=self.device)
+        for lo, hi in self._gaps:
+            flat[lo:hi].zero_()
+        m_lo, m_hi = self.master_range
+        alias_master = self.param_dtype == torch.float32 and not self.shard_params
+        master = None
+        if self.trainable:
+            master = (
+                flat[m_lo:m_hi] if alias_master else torch.zeros(m_hi - m_lo, device=self.device)
+            )
+        for i, p in enumerate(self.params):
+            value = full_value(p).reshape(-1)
+            off, n = lay.offsets[i], lay.numels[i]
+            flat[off : off + n].copy_(value)
+            if master is not None and not alias_master:
+                hit = lay.intersect(i, m_lo, m_hi)
+                if hit is not None:
+                    p_off, m_off, k = hit
+                    master[m_off : m_off + k].copy_(value[p_off : p_off + k])
+            del value
+        self.flat = flat
+        self.master = master
+        for i, p in enumerate(self.params):
+            off, n = lay.offsets[i], lay.numels[i]
+            p.data = flat[off : off + n].view(self.shapes[i])
+            setattr(p, SLOT_ATTR, ParamSlot(self, i))
+        if self.shard_params and (keep_local_shard or master is None):
+            s_lo, s_hi = lay.shard_range(self.rank)
+            self.local_shard = flat[s_lo:s_hi].clone()
+        if self.shard_params:
+            self._free_flat()
+            self.state = ParamsState.SHARDED
+
+    # ---- parameters: gather / release (stage 3) -------------------------------------------
+    def _free_flat(self) -> None:
+        storage = self.flat.untyped_storage()
+        if storage.size() != 0:
+            storage.resize_(0)
+
+    def _alloc_flat(self) -> None:
+        size = self.layout.padded_numel * self.flat.element_size()
+        storage = self.flat.untyped_storage()
+        if storage.size() != size:
+            storage.resize_(size)
+
+    def gather_source(self) -> torch.Tensor:
+        """This rank's shard of the parameters, read by the all-gather."""
+        if self.local_shard is not None:
+            return self.local_shard
+        assert self.master is not None
+        return self.master
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """Issue the all-gather of a sharded bucket (async); no-op if already gathered."""
+        if self.state is not ParamsState.SHARDED:
+            return
+        self._alloc_flat()
+        lo, hi = self.layout.shard_range(self.rank)
+        mine = self.flat[lo:hi]
+        mine.copy_(self.gather_source())
+        if self.world == 1:
+            self.state = ParamsState.GATHERED
+            return
+        self._work = dist.all_gather_into_tensor(self.flat, mine, group=self.group, async_op=True)
+        self.state = ParamsState.GATHERING
+
+    def wait_gathered(self) -> None:
+        if self.state is ParamsState.GATHERING:
+            self._work.wait()  # type: ignore[attr-defined]
+            self._work = None
+            self.state = ParamsState.GATHERED
+
+    def release(self) -> None:
+        """Free the full parameters of a sharded bucket (no-op for stages 0-2)."""
+        if not self.shard_params or self.state is ParamsState.SHARDED:
+            return
+        self.wait_gathered()
+        self._free_flat()
+        self.state = ParamsState.SHARDED
+
+    @torch.no_grad()
+    def refresh_replicated(self) -> object | None:
+        """After an optimizer step (stages 1-2, persistent stage-3 params): all-gather the updated
+        shards into the full buffer. Returns the async work (or None)."""
+        if self.shard_params or not self.shard_state or self.world == 1:
+            return None
+        lo, hi = self.layout.shard_range(self.rank)
+        return dist.all_gather_into_tensor(
+            self.flat, self.flat[lo:hi], group=self.group, async_op=True
+        )
+
+    # ---- gradients -------------------------------------------------------------------------
+    def has_grads(self) -> bool:
+        return any(p.grad is not None for p in self.params)
+
+    @torch.no_grad()
+    def take_grads(self, dtype: torch.dtype) -> torch.Tensor:
+        """Move the parameters' grads (plus any accumulated micro-step grads) into one flat
+        tensor of ``dtype`` and drop ``param.grad`` so its memory is reused at once."""
+        lay = self.layout
+        flat = torch.empty(lay.padded_numel, dtype=dtype, device=self.device)
+        for lo, hi in self._gaps:
+            flat[lo:hi].zero_()
+        dst, src = [], []
+        for i, p in enumerate(self.params):
+            off, n = lay.offsets[i], lay.numels[i]
+            if p.grad is None:
+                flat[off : off + n].zero_()
+            else:
+                dst.append(flat[off : off + n])
+                src.append(p.grad.reshape(-1))
+                p.grad = None
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        if self.accum is not None:
+            flat.add_(self.accum)
+            self.accum = None
+        return flat
+
+    def accumulate_locally(self, dtype: torch.dtype) -> None:
+        """Non-boundary micro-step of stages 0-1: keep grads here, no communication."""
+        self.accum = self.take_grads(dtype)
+
+    @torch.no_grad()
+    def issue_reduce(self, dtype: torch.dtype) -> PendingReduce:
+        flat = self.take_grads(dtype)
+        if self.world == 1:
+            return PendingReduce(self, None, flat, flat)
+        flat.div_(self.world)
+        if not self.shard_state:
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            return PendingReduce(self, work, flat, flat)
+        out = torch.empty(self.layout.shard_numel, dtype=dtype, device=self.device)
+        work = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+        return PendingReduce(self, work, out, flat)
+
+    @torch.no_grad()
+    def finish_reduce(self, pending: PendingReduce) -> None:
+        if pending.work is not None:
+            pending.work.wait()  # type: ignore[attr-defined]
+        out = pending.out
+        if out.dtype != torch.float32:
+            out = out.float()
+        if self.grad_shard is None:
+            self.grad_shard = out
+        else:
+            self.grad_shard.add_(out)
+
+    # ---- optimizer step ----------------------------------------------------------------------
+    def param_shard_view(self) -> torch.Tensor | None:
+        """Where updated compute-dtype values go after a step (None: read from the master)."""
+        if self.shard_params:
+            return self.local_shard
+        m_lo, m_hi = self.master_range
+        view = self.flat[m_lo:m_hi]
+        if self.master is not None and view.data_ptr() == self.master.data_ptr():
+            return None  # fp32 stages 0-2: the master is the parameter storage itself
+        return view

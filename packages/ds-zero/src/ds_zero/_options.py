@@ -1,0 +1,80 @@
+"""Runtime options of a ZeRO-wrapped model: a plain frozen dataclass (no pydantic needed at run
+time; ``ZeroConfig`` converts DeepSpeed's JSON section into it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ds_zero._loss_scaler import LossScaleOptions
+
+UnitPolicy = Callable[[nn.Module], bool]
+
+
+@dataclass(frozen=True)
+class ZeroOptions:
+    """What to partition and how to communicate.
+
+    stage: 0 = data parallel (gradients all-reduced); 1 = optimizer state partitioned;
+        2 = gradients reduce-scattered into partitions; 3 = parameters partitioned too.
+    param_dtype: compute dtype of the model's parameters (bf16/fp16 keep fp32 master weights in
+        the optimizer partition); None keeps the model's dtype.
+    reduce_dtype: dtype in which gradients are communicated and accumulated.
+    reduce_bucket_size: elements per gradient bucket (stages 0-2, stage-3 persistent params).
+    param_persistence_threshold: stage 3 keeps parameters with at most this many elements whole.
+    prefetch_bucket_size: stage 3 prefetches the next unit only if it has at most this many
+        elements (0 disables prefetch).
+    max_live_parameters: stage 3 bound on gathered elements; a prefetch that would exceed it is
+        skipped (a unit needed now is always gathered).
+    max_reuse_distance: stage 3 keeps the last unit of forward gathered for backward when it has at
+        most this many elements.
+    stage3_units: which modules are stage-3 gather units; default: the children of every
+        ``nn.ModuleList`` (transformer blocks) plus the root.
+    gradient_accumulation_steps: micro-steps per optimizer step; stages 0 and 1 communicate only
+        on the last micro-step.
+    gradient_clipping: clip by global norm (0 disables).
+    loss_scaling: fp16 loss scaling (None = no scaling).
+    align: parameter start alignment in elements inside flat buffers.
+    """
+
+    stage: int = 0
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype = torch.float32
+    reduce_bucket_size: int = 50_000_000
+    overlap_comm: bool = True
+    param_persistence_threshold: int = 100_000
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    stage3_units: UnitPolicy | tuple[type[nn.Module], ...] | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 0.0
+    loss_scaling: LossScaleOptions | None = None
+    align: int = 16
+    max_inflight_reductions: int = 2
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"ZeroOptions.stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        for name in ("reduce_bucket_size", "gradient_accumulation_steps", "align"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ZeroOptions.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gradient_clipping < 0:
+            raise ValueError(
+                f"ZeroOptions.gradient_clipping must be >= 0, got {self.gradient_clipping}"
+            )
+        if self.param_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"ZeroOptions.param_dtype must be None, float32, bfloat16 or float16, got "
+                f"{self.param_dtype}"
+            )
+        if self.reduce_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"ZeroOptions.reduce_dtype must be a float dtype, got {self.reduce_dtype}"
+            )
+        if self.max_inflight_reductions < 1:
+            raise ValueError("ZeroOptions.max_inflight_reductions must be >= 1")

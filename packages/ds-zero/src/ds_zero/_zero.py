@@ -1,0 +1,570 @@
+"""The ZeRO-wrapped model and optimizer: ``ds_zero.wrap(model, optimizer, options)``.
+
+Lifecycle of one optimizer step (``Phase``): ``gradient_accumulation_steps`` forward/backward
+micro-steps (gradients reduced in buckets as they become ready, overlapped with backward), then
+``step()``: global norm and overflow check (one all-reduce), unscale and clip, the partition
+update through the ``PartitionStepper``, and the all-gather of updated parameters (stages 1-2;
+stage 3 gathers lazily at the next forward).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Variable
+from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
+
+from ds_zero._bucket import Bucket, ParamsState, slot_of
+from ds_zero._dist import group_rank, group_size
+from ds_zero._fragment import Fragment
+from ds_zero._init import full_value
+from ds_zero._layout import split_into_buckets
+from ds_zero._loss_scaler import LossScaleOptions, LossScaler, make_loss_scaler
+from ds_zero._options import ZeroOptions
+from ds_zero._reducer import GradReducer
+from ds_zero._stage3 import Stage3Scheduler
+from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
+from ds_zero._units import find_units, unit_params
+
+
+class Phase(enum.Enum):
+    """Where the wrapped model is between optimizer steps."""
+
+    ACCUMULATING = "accumulating"
+    """Micro-steps in progress: gradients live in local accumulation buffers (stages 0-1) or in
+    the fp32 reduced-gradient partitions (stages 2-3)."""
+    READY = "ready"
+    """The last micro-step's gradients are fully reduced into the fp32 partitions; ``step()``
+    applies them (or skips on overflow) and frees them."""
+
+
+def _is_expert(p: nn.Parameter) -> bool:
+    return bool(getattr(p, "ds_expert", False))
+
+
+class Zero:
+    """A model and optimizer wrapped for ZeRO data parallelism.
+
+    Use ``zero(inputs)`` (or the model itself) for forward, ``zero.backward(loss)`` and
+    ``zero.step()`` every micro-step (``step`` applies the update on the accumulation boundary
+    and returns whether it did). Parameters of the module become views of flat buckets; the
+    optimizer passed in is re-pointed at the fp32 master partitions (keep using it for LR
+    schedulers); the state dict of the module itself is not meaningful at stage 3: use
+    ``full_state_dict`` / ``state_fragments``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        options: ZeroOptions | None = None,
+        *,
+        dp_group: ProcessGroup | None = None,
+        stepper: PartitionStepper | None = None,
+    ) -> None:
+        self.module = model
+        self.options = options or ZeroOptions()
+        self.dp_group = dp_group
+        self.world = group_size(dp_group)
+        self.rank = group_rank(dp_group)
+        opts = self.options
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("ds_zero.wrap: the model has no parameters")
+        self.names = {id(p): n for n, p in named}
+        self.param_dtype = opts.param_dtype or named[0][1].dtype
+        group_of = self._optimizer_groups(named, optimizer, stepper)
+        if stepper is None:
+            assert optimizer is not None
+            stepper = TorchOptimizerStepper(optimizer)
+        self.optimizer = optimizer
+        self.stepper = stepper
+        self.scaler: LossScaler = make_loss_scaler(
+            opts.loss_scaling
+            if opts.loss_scaling is not None or self.param_dtype != torch.float16
+            else LossScaleOptions()
+        )
+        self.phase = Phase.ACCUMULATING
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.skipped_steps = 0
+        self._stepped_at = 0
+        self._in_backward = False
+        self._grad_norm: torch.Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+        self.buckets: list[Bucket] = []
+        self.unit_buckets: dict[nn.Module, list[Bucket]] = {}
+        self.scheduler: Stage3Scheduler | None = None
+        self._unbucketed: list[nn.Parameter] = []
+        self._build_buckets(model, named, group_of)
+        self.trainable = [b for b in self.buckets if b.trainable]
+        self.partitions = [
+            MasterPartition(k, b.optim_group or 0, b.master, b.param_shard_view())  # type: ignore[arg-type]
+            for k, b in enumerate(self.trainable)
+        ]
+        self.stepper.setup(self.partitions, self._group_options)
+        self.reducer = GradReducer(
+            self._reduction_order(None),
+            opts.reduce_dtype,
+            local_accumulation=opts.stage <= 1,
+            max_inflight=opts.max_inflight_reductions,
+            on_issued=self._on_reduce_issued,
+        )
+        self._install_hooks(model)
+
+    # ---- construction ------------------------------------------------------------------
+    def _optimizer_groups(
+        self,
+        named: list[tuple[str, nn.Parameter]],
+        optimizer: torch.optim.Optimizer | None,
+        stepper: PartitionStepper | None,
+    ) -> dict[int, int]:
+        if optimizer is None and stepper is None:
+            raise ValueError("ds_zero.wrap: pass an optimizer (torch.optim.Optimizer) or a stepper")
+        group_of: dict[int, int] = {}
+        if optimizer is not None:
+            model_ids = {id(p) for _, p in named}
+            for gi, g in enumerate(optimizer.param_groups):
+                for p in g["params"]:
+                    if id(p) not in model_ids:
+                        raise ValueError(
+                            f"ds_zero.wrap: optimizer param group {gi} holds a tensor of shape "
+                            f"{tuple(p.shape)} that is not a parameter of the model; build the "
+                            "optimizer from model.parameters()"
+                        )
+                    group_of[id(p)] = gi
+            self._group_options = [
+                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+            ]
+        else:
+            group_of = {id(p): 0 for _, p in named if p.requires_grad}
+            self._group_options = [{}]
+        for name, p in named:
+            if p.requires_grad and id(p) not in group_of:
+                raise ValueError(
+                    f"ds_zero.wrap: parameter {name!r} requires grad but is not in the optimizer; "
+                    "add it to an optimizer param group or set requires_grad=False"
+                )
+        return group_of
+
+    def _key(self, p: nn.Parameter, group_of: dict[int, int]) -> tuple[Any, ...]:
+        optim_group = group_of.get(id(p)) if p.requires_grad else None
+        group = getattr(p, "ds_expert_dp_group", None) if _is_expert(p) else self.dp_group
+        if _is_expert(p) and group is None:
+            raise ValueError(
+                f"parameter {self.names[id(p)]!r} has ds_expert=True but no ds_expert_dp_group; "
+                "ds-moe must set the expert data-parallel ProcessGroup on expert parameters"
+            )
+        return (optim_group, id(group) if group is not None else None, group)
+
+    def _new_bucket(
+        self, params: list[nn.Parameter], key: tuple[Any, ...], shard_params: bool
+    ) -> Bucket:
+        optim_group, _, group = key
+        stage = self.options.stage
+        bucket = Bucket(
+            len(self.buckets),
+            [self.names[id(p)] for p in params],
+            params,
+            group=group,
+            param_dtype=self.param_dtype,
+            shard_params=shard_params,
+            shard_state=stage >= 1,
+            optim_group=optim_group,
+            align=self.options.align,
+            replication=1 if (stage >= 1 or shard_params) else group_size(group),
+        )
+        bucket.build(full_value, keep_local_shard=not self.stepper.masters_on_device)
+        self.buckets.append(bucket)
+        return bucket
+
+    def _build_buckets(
+        self,
+        model: nn.Module,
+        named: list[tuple[str, nn.Parameter]],
+        group_of: dict[int, int],
+    ) -> None:
+        opts = self.options
+        replicated: list[nn.Parameter] = []
+        if opts.stage == 3:
+            units = find_units(model, opts.stage3_units)
+            touched = unit_params(model, units)
+            owner: dict[int, nn.Module] = {}
+            for unit in units:
+                for p in touched[id(unit)]:
+                    owner.setdefault(id(p), unit)
+            by_unit: dict[int, dict[tuple[Any, ...], list[nn.Parameter]]] = {}
+            for _, p in named:
+                if p.numel() <= opts.param_persistence_threshold:
+                    replicated.append(p)
+                    continue
+                unit = owner[id(p)]
+                by_unit.setdefault(id(unit), {}).setdefault(self._key(p, group_of), []).append(p)
+            own: dict[int, list[Bucket]] = {}
+            for unit in units:
+                own[id(unit)] = [
+                    self._new_bucket(ps, key, shard_params=True)
+                    for key, ps in by_unit.get(id(unit), {}).items()
+                ]
+            for unit in units:
+                needed = {id(b): b for b in own[id(unit)]}
+                for p in touched[id(unit)]:
+                    slot = slot_of(p)
+                    if slot is not None and slot.bucket.shard_params:
+                        needed.setdefault(id(slot.bucket), slot.bucket)
+                self.unit_buckets[unit] = list(needed.values())
+            self._units = units
+        else:
+            replicated = [p for _, p in named]
+        trainable = [p for p in replicated if p.requires_grad]
+        for p in replicated:
+            if not p.requires_grad:
+                with torch.no_grad():
+                    p.data = full_value(p).to(self.param_dtype)
+                self._unbucketed.append(p)
+        by_key: dict[tuple[Any, ...], list[nn.Parameter]] = {}
+        for p in reversed(trainable):  # reverse registration ~ the order backward produces grads
+            by_key.setdefault(self._key(p, group_of), []).append(p)
+        for key, ps in by_key.items():
+            for idx in split_into_buckets([p.numel() for p in ps], opts.reduce_bucket_size):
+                self._new_bucket([ps[i] for i in idx], key, shard_params=False)
+
+    def _reduction_order(self, forward_order: Sequence[nn.Module] | None) -> list[Bucket]:
+        if self.options.stage != 3:
+            return list(self.buckets)
+        units = list(forward_order) if forward_order else self._units
+        order: dict[int, Bucket] = {}
+        for unit in reversed(units):
+            for b in self.unit_buckets[unit]:
+                order.setdefault(id(b), b)
+        for b in self.buckets:
+            order.setdefault(id(b), b)
+        return list(order.values())
+
+    def _install_hooks(self, model: nn.Module) -> None:
+        for b in self.trainable:
+            for p in b.params:
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+        if self.options.stage == 3:
+            self.scheduler = Stage3Scheduler(
+                model, self._units, self.unit_buckets, self.options, self._on_backward_start
+            )
+            self.scheduler.order_listeners.append(
+                lambda order: self.reducer.set_order(self._reduction_order(order))
+            )
+        if self.param_dtype != torch.float32:
+            self._handles.append(
+                model.register_forward_pre_hook(self._cast_inputs, with_kwargs=True, prepend=True)
+            )
+
+    def _cast_inputs(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        del module
+        dtype = self.param_dtype
+
+        def cast(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+                return x.to(dtype)
+            if isinstance(x, (list, tuple)):
+                return type(x)(cast(y) for y in x)
+            if isinstance(x, dict):
+                return {k: cast(v) for k, v in x.items()}
+            return x
+
+        return cast(args), cast(kwargs)
+
+    # ---- backward --------------------------------------------------------------------------
+    def _on_backward_start(self, queue: bool = True) -> None:
+        if self._in_backward:
+            return
+        self._in_backward = True
+        boundary = (self.micro_steps + 1) % self.options.gradient_accumulation_steps == 0
+        self.reducer.start(sync=boundary)
+        if queue:
+            Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        self._on_backward_start()
+        self.reducer.param_ready(param)
+
+    def _on_reduce_issued(self, bucket: Bucket) -> None:
+        if bucket.shard_params:
+            bucket.release()
+
+    def _finish_backward(self) -> None:
+        if not self._in_backward:
+            return
+        self.reducer.finish()
+        if self.scheduler is not None:
+            self.scheduler.finish_backward()
+        self._in_backward = False
+        self.micro_steps += 1
+        gas = self.options.gradient_accumulation_steps
+        self.phase = Phase.READY if self.micro_steps % gas == 0 else Phase.ACCUMULATING
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` scaled by the loss scale and divided by the accumulation steps."""
+        factor = self.scaler.scale / self.options.gradient_accumulation_steps
+        before = self.micro_steps
+        (loss * factor if factor != 1 else loss).backward()
+        if self.micro_steps == before:
+            # no hook fired (nothing trainable received a gradient): still take part in the
+            # collectives every other rank issues
+            self._on_backward_start(queue=False)
+            self._finish_backward()
+
+    # ---- optimizer step ------------------------------------------------------------------
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.phase is Phase.READY
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global gradient norm (unscaled, before clipping) of the last applied step."""
+        return None if self._grad_norm is None else float(self._grad_norm)
+
+    def _grads(self) -> list[torch.Tensor]:
+        out = []
+        for b in self.trainable:
+            if b.grad_shard is None:
+                lo, hi = b.master_range
+                b.grad_shard = torch.zeros(hi - lo, device=b.device)
+            out.append(b.grad_shard)
+        return out
+
+    def _global_sq_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        norms = torch._foreach_norm(grads)
+        weights = torch.tensor(
+            [1.0 / b.replication for b in self.trainable], device=grads[0].device
+        )
+        sq = (torch.stack(norms).float().pow(2) * weights).sum()
+        if self.world > 1:
+            dist.all_reduce(sq, group=self.dp_group)
+        return sq
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Apply the update at an accumulation boundary; returns False on non-boundary
+        micro-steps and on skipped (overflowed) steps."""
+        if self.phase is not Phase.READY or self._stepped_at == self.micro_steps:
+            return False
+        self._stepped_at = self.micro_steps
+        self.phase = Phase.ACCUMULATING
+        grads = self._grads()
+        for part, g in zip(self.partitions, grads):
+            self.stepper.grad_ready(part.index, g)
+        sq = self._global_sq_norm(grads)
+        scale = self.scaler.scale
+        if self.param_dtype == torch.float16 or scale != 1.0:
+            overflow = not math.isfinite(float(sq))
+            self.scaler.update(overflow)
+            if overflow:
+                self.skipped_steps += 1
+                self.zero_grad()
+                return False
+        norm = sq.sqrt() / scale
+        self._grad_norm = norm
+        clip = self.options.gradient_clipping
+        if clip > 0:
+            coef = (clip / (norm + 1e-6)).clamp(max=1.0) / scale
+            torch._foreach_mul_(grads, coef)
+        elif scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / scale)
+        self.stepper.step(grads)
+        self.zero_grad()
+        self._refresh_params()
+        self.global_steps += 1
+        return True
+
+    def zero_grad(self) -> None:
+        """Drop reduced gradients and local accumulation buffers."""
+        for b in self.buckets:
+            b.grad_shard = None
+            b.accum = None
+            for p in b.params:
+                p.grad = None
+
+    def _refresh_params(self) -> None:
+        works = [w for b in self.buckets if (w := b.refresh_replicated()) is not None]
+        for w in works:
+            w.wait()  # type: ignore[attr-defined]
+
+    # ---- state: fragments and full state dicts -----------------------------------------------
+    def state_fragments(self) -> list[Fragment]:
+        """This rank's fp32 master weights and optimizer states, each piece once across ranks
+        (stage 0 splits the replicated state evenly so ranks write disjoint pieces)."""
+        out: list[Fragment] = []
+        for k, b in enumerate(self.trainable):
+            tensors = self.stepper.state_tensors(k)
+            lo, hi = b.layout.shard_range(b.rank)
+            out.extend(self._save_fragments(b, tensors, lo, hi, with_scalars=True))
+        out.extend(self._frozen_fragments(for_load=False))
+        return out
+
+    def _save_fragments(
+        self, b: Bucket, tensors: dict[str, torch.Tensor], lo: int, hi: int, with_scalars: bool
+    ) -> list[Fragment]:
+        m_lo, _ = b.master_range
+        out = []
+        master_n = tensors["master"].numel()
+        for i, name in enumerate(b.names):
+            hit = b.layout.intersect(i, lo, hi)
+            if hit is not None:
+                p_off, r_off, n = hit
+                t_off = lo - m_lo + r_off
+                for key, t in tensors.items():
+                    if t.numel() == master_n and not (t.numel() == 1 and key == "step"):
+                        full = name if key == "master" else f"optimizer.{key}.{name}"
+                        out.append(
+                            Fragment(full, b.shapes[i], t.dtype, p_off, n, t[t_off : t_off + n])
+                        )
+            if with_scalars and b.layout.owner_of_first_element(i) == b.rank:
+                out.extend(self._scalar_fragments(tensors, name, master_n))
+        return out
+
+    @staticmethod
+    def _scalar_fragments(
+        tensors: dict[str, torch.Tensor], name: str, master_n: int
+    ) -> list[Fragment]:
+        return [
+            Fragment(f"optimizer.{key}.{name}", (1,), t.dtype, 0, 1, t.reshape(1))
+            for key, t in tensors.items()
+            if key != "master" and (t.numel() != master_n or key == "step") and t.numel() == 1
+        ]
+
+    def _frozen_fragments(self, for_load: bool) -> list[Fragment]:
+        out = []
+        for b in self.buckets:
+            if b.trainable or b.local_shard is None:
+                continue
+            lo, hi = b.layout.shard_range(b.rank)
+            for i, name in enumerate(b.names):
+                hit = b.layout.intersect(i, lo, hi)
+                if hit is not None:
+                    p_off, r_off, n = hit
+                    t = b.local_shard[r_off : r_off + n]
+                    out.append(Fragment(name, b.shapes[i], t.dtype, p_off, n, t))
+        for p in self._unbucketed:
+            flat = p.detach().reshape(-1)
+            per = -(-flat.numel() // self.world)
+            lo, hi = self.rank * per, min((self.rank + 1) * per, flat.numel())
+            if for_load:  # every rank holds (and must load) the whole frozen parameter
+                lo, hi = 0, flat.numel()
+            if hi > lo:
+                shape = tuple(p.shape)
+                out.append(Fragment(self.names[id(p)], shape, p.dtype, lo, hi - lo, flat[lo:hi]))
+        return out
+
+    def load_state_fragments(self, fill: Callable[[list[Fragment]], None]) -> None:
+        """``fill`` writes checkpoint data into the destination fragments given to it (this
+        rank's whole master range: everything at stage 0); parameters are then refreshed."""
+        dests: list[Fragment] = []
+        for k, b in enumerate(self.trainable):
+            tensors = self.stepper.state_tensors(k)
+            lo, hi = b.master_range
+            master_n = tensors["master"].numel()
+            dests.extend(self._save_fragments(b, tensors, lo, hi, with_scalars=False))
+            # scalar states: every rank needs them, take them from the first param it holds
+            first = next(
+                (i for i in range(len(b.names)) if b.layout.intersect(i, lo, hi) is not None), 0
+            )
+            dests.extend(self._scalar_fragments(tensors, b.names[first], master_n))
+        fill(dests + self._frozen_fragments(for_load=True))
+        self.stepper.state_loaded()
+        self._refresh_params()
+
+    @torch.no_grad()
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Consolidated weights on every rank (a collective): trainable parameters from the fp32
+        masters (cast to ``dtype`` if given), frozen ones from the model."""
+        out: dict[str, torch.Tensor] = {}
+        for b in self.buckets:
+            if b.trainable:
+                assert b.master is not None
+                full = b.master
+                if b.shard_state and b.world > 1:
+                    full = torch.empty(b.layout.padded_numel, device=b.device)
+                    dist.all_gather_into_tensor(full, b.master.contiguous(), group=b.group)
+            else:
+                was = b.state
+                b.gather()
+                b.wait_gathered()
+                full = b.flat.clone()
+                if was is ParamsState.SHARDED:
+                    b.release()
+            for i, name in enumerate(b.names):
+                off, n = b.layout.offsets[i], b.layout.numels[i]
+                t = full[off : off + n].view(b.shapes[i]).clone()
+                out[name] = t.to(dtype) if dtype is not None else t
+        for p in self._unbucketed:
+            out[self.names[id(p)]] = p.detach().clone().to(dtype or p.dtype)
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load consolidated weights (every rank passes the full dict) into masters/shards."""
+        missing = [n for b in self.buckets for n in b.names if n not in state]
+        missing += [self.names[id(p)] for p in self._unbucketed if self.names[id(p)] not in state]
+        if missing:
+            raise KeyError(f"load_full_state_dict: missing keys {missing[:5]} (of {len(missing)})")
+        for b in self.buckets:
+            lay = b.layout
+            targets = [(b.master, b.master_range)]
+            if b.local_shard is not None:
+                targets.append((b.local_shard, lay.shard_range(b.rank)))
+            if not b.shard_params:
+                targets.append((b.flat, (0, lay.padded_numel)))
+            for i, name in enumerate(b.names):
+                value = state[name].reshape(-1).to(b.device)
+                if value.numel() != lay.numels[i]:
+                    raise ValueError(
+                        f"load_full_state_dict: {name!r} has {value.numel()} elements, the model "
+                        f"expects shape {b.shapes[i]}"
+                    )
+                for target, (lo, hi) in targets:
+                    if target is None:
+                        continue
+                    hit = lay.intersect(i, lo, hi)
+                    if hit is not None:
+                        p_off, t_off, n = hit
+                        target[t_off : t_off + n].copy_(value[p_off : p_off + n])
+        for p in self._unbucketed:
+            p.copy_(state[self.names[id(p)]])
+
+    def close(self) -> None:
+        """Remove hooks (the module keeps its flat-buffer parameters)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.scheduler is not None:
+            self.scheduler.remove()
+
+
+def wrap(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    options: ZeroOptions | None = None,
+    *,
+    dp_group: ProcessGroup | None = None,
+    stepper: PartitionStepper | None = None,
+) -> Zero:
+    """Wrap ``model`` (already on its device) and an ``optimizer`` built over its parameters."""
+    return Zero(model, optimizer, options, dp_group=dp_group, stepper=stepper)
+
+
+__all__ = ["Phase", "Zero", "wrap"]
