@@ -1,4 +1,4 @@
-"""The per-node agent: `python -m ds_launcher._agent [options] -- script args`.
+"""The per-node agent: `python -m ds_launcher._agent_main [options] -- script args`.
 
 ssh and pdsh runners start one agent per host; it starts that node's ranks under the fail-fast
 supervisor and exits with the group's code. It stops its ranks when it gets SIGTERM/SIGINT/SIGHUP,
@@ -27,7 +27,7 @@ from ds_launcher._errors import LauncherError
 from ds_launcher._plan import NodePlan, Program, World
 from ds_launcher._supervisor import Member, StdinMode, StopRequest, run_group
 
-AGENT_MODULE = "ds_launcher._agent"
+AGENT_MODULE = "ds_launcher._agent_main"
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def agent_argv(call: AgentCall) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ds_launcher._agent", allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="python -m ds_launcher._agent_main", allow_abbrev=False)
     p.add_argument("--world_info", required=True)
     p.add_argument("--master_addr", required=True)
     p.add_argument("--master_port", type=int, required=True)
@@ -243,7 +243,3 @@ def main(argv: list[str] | None = None) -> int:
     except LauncherError as exc:
         print(f"ds-launch agent on {os.uname().nodename}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,7 @@ from ds_launcher._runners import (
     RunnerInput,
     mpich_command,
     openmpi_command,
-    pdsh_command,
+    pdsh_members,
     slurm_command,
     ssh_members,
 )
@@ -233,15 +233,12 @@ def _run_once(r: _Resolved, launcher_args: tuple[str, ...], stop: StopRequest) -
         members = rank_members(plan, r.node_rank, base_env, r.accel.parent_visible)
         return run_group(members, term_timeout=plan.term_timeout, stop=stop)
     inp = RunnerInput(plan, r.exports, dict(os.environ), os.getcwd(), launcher_args)
-    if r.runner == "ssh":
-        _require_tool("ssh")
-        return run_group(ssh_members(inp), term_timeout=plan.term_timeout, stop=stop)
+    if r.runner in ("ssh", "pdsh"):
+        _require_tool(r.runner)
+        members = ssh_members(inp) if r.runner == "ssh" else pdsh_members(inp)
+        return run_group(members, term_timeout=plan.term_timeout, stop=stop)
     with tempfile.TemporaryDirectory(prefix="ds-launch-") as tmp:
-        if r.runner == "pdsh":
-            _require_tool("pdsh")
-            argv, env = pdsh_command(inp)
-            stdin = StdinMode.DEVNULL
-        elif r.runner == "openmpi":
+        if r.runner == "openmpi":
             _require_tool("mpirun")
             argv, env = openmpi_command(inp)
             stdin = StdinMode.INHERIT

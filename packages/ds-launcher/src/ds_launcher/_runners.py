@@ -56,19 +56,29 @@ def ssh_members(inp: RunnerInput) -> list[Member]:
     return members
 
 
-def pdsh_command(inp: RunnerInput) -> tuple[list[str], dict[str, str]]:
-    """`pdsh -S -w hosts <agent command>`: -S makes pdsh exit with the largest remote code.
+def pdsh_members(inp: RunnerInput) -> list[Member]:
+    """One `pdsh -S -w host <agent command>` per node, so that one failing node stops the
+    others (a single pdsh over all hosts would only return when every host is done).
 
-    pdsh substitutes %h/%u/%n in the command, so every literal '%' is doubled, and the agent
-    finds its node by name (%h) rather than by pdsh's own host ordering (%n).
+    -S makes pdsh exit with the remote exit code (without it pdsh returns 0 on failure).
+    pdsh substitutes %h/%u/%n in the command, so every literal '%' is doubled. Stopping a node
+    kills pdsh and its ssh; the agent then sees its parent go and stops its ranks.
     """
-    call = AgentCall(inp.plan, node_host="\x00HOST\x00")
-    command = remote_command(agent_argv(call), inp.exports, inp.cwd).replace("%", "%%")
-    command = command.replace("\x00HOST\x00", "%h")
     env = dict(inp.environ)
     env.setdefault("PDSH_RCMD_TYPE", "ssh")
-    hosts = ",".join(inp.plan.world.hosts)
-    return ["pdsh", "-S", "-f", "1024", "-w", hosts, *inp.launcher_args, command], env
+    members = []
+    for node_rank, host in enumerate(inp.plan.world.hosts):
+        call = AgentCall(inp.plan, node_rank=node_rank)
+        command = remote_command(agent_argv(call), inp.exports, inp.cwd).replace("%", "%%")
+        members.append(
+            Member(
+                name=f"node {node_rank} ({host})",
+                argv=["pdsh", "-S", "-w", host, *inp.launcher_args, command],
+                env=env,
+                stdin=StdinMode.DEVNULL,
+            )
+        )
+    return members
 
 
 def _check_whole_hosts(inp: RunnerInput, runner: str) -> None:

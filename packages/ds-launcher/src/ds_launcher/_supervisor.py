@@ -121,9 +121,53 @@ def _pump(pipe: IO[bytes], prefix: bytes, sink: _Output | None, log: BinaryIO | 
                     pass
 
 
-def _signal_group(run: _Running, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(run.proc.pid, sig)
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, from /proc (empty where /proc is unavailable).
+
+    Needed because some members start children in sessions of their own (pdsh runs each ssh
+    in a new session), out of reach of the member's process group.
+    """
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces and ')'; fields after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_tree(run: _Running, sig: int) -> None:
+    """Signal the member's process group and every descendant's group (collected first: once
+    the member dies its children are re-parented and can no longer be found)."""
+    groups = {run.proc.pid}
+    for pid in _descendants(run.proc.pid):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        # Never our own group: a member that shares it (not started by us) must not take us down.
+        if group == os.getpgrp():
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
 
 
 def _start(member: Member, out: _Output, err: _Output) -> _Running:
@@ -225,19 +269,19 @@ def _stop_all(running: list[_Running], exits: queue.Queue[tuple[int, int]], grac
                 with contextlib.suppress(OSError):
                     run.proc.stdin.close()
             else:
-                _signal_group(run, signal.SIGTERM)
+                _signal_tree(run, signal.SIGTERM)
         # An agent needs its own grace period to stop its ranks before its connection goes.
         slow = any(r.member.graceful is GracefulStop.CLOSE_STDIN for r in alive)
         deadline = time.monotonic() + grace + (5.0 if slow else 0.0)
         _drain(running, exits, deadline)
         for run in running:
             if not run.exited and run.member.graceful is GracefulStop.CLOSE_STDIN:
-                _signal_group(run, signal.SIGTERM)
+                _signal_tree(run, signal.SIGTERM)
         _drain(running, exits, time.monotonic() + (2.0 if slow else 0.0))
     # SIGKILL what is left, and the process group of every member: a rank that exited may have
     # left children (data-loader workers) behind.
     for run in running:
-        _signal_group(run, signal.SIGKILL)
+        _signal_tree(run, signal.SIGKILL)
     _drain(running, exits, time.monotonic() + 5.0)
 
 
