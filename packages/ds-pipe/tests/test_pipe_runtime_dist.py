@@ -1,0 +1,144 @@
+"""gloo, 2 and 4 ranks: the pipeline matches single-process training of the same model."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from pipe_models import BASE_SEED, data, loss_fn, reference_run, specs
+
+from ds_comm.testing import distributed_test
+from ds_pipe import PipeDataParallelTopology, PipelineModule, PipelineRuntime
+
+RTOL, ATOL = 1e-5, 1e-7
+MICRO_BATCHES, MBS, BLOCKS = 4, 2, 6
+
+
+def _module(kind, pp, dp, num_chunks=1, **kw):
+    return PipelineModule(
+        specs(kind, BLOCKS),
+        topology=PipeDataParallelTopology(pp, dp),
+        loss_fn=loss_fn,
+        partition_method="uniform",
+        seed_layers=True,
+        base_seed=BASE_SEED,
+        num_chunks=num_chunks,
+        **kw,
+    )
+
+
+def _check_grads(module, ref_grads, where):
+    names = dict(module.named_parameters())
+    assert names, "this stage owns no parameters"
+    for name, p in names.items():
+        assert p.grad is not None, f"{where}: {name} has no gradient"
+        torch.testing.assert_close(
+            p.grad, ref_grads[name], rtol=RTOL, atol=ATOL, msg=f"{where}: {name}"
+        )
+
+
+def _train_and_compare(kind, schedule, pp, dp, num_chunks=1, steps=2, **module_kw):
+    module = _module(kind, pp, dp, num_chunks, **module_kw)
+    rt = PipelineRuntime(module, micro_batches=MICRO_BATCHES, schedule=schedule)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    ref_losses, ref_grads, ref_params = reference_run(
+        specs(kind, BLOCKS), steps, MICRO_BATCHES, MBS, dp
+    )
+    for step in range(steps):
+        it = iter(data(step, rt.grid.data_parallel_id, MICRO_BATCHES, MBS))
+        loss = rt.train_batch(it)
+        # Every rank of a replica reports that replica's mean loss; the reference saw every
+        # replica's data, so average over all ranks.
+        dist.all_reduce(loss)
+        loss /= dist.get_world_size()
+        torch.testing.assert_close(loss.item(), ref_losses[step], rtol=RTOL, atol=0)
+        _check_grads(module, ref_grads[step], f"{schedule} step {step} rank {dist.get_rank()}")
+        opt.step()
+        opt.zero_grad()
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_params[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+@distributed_test(world_size=[2, 4], timeout=150)
+def test_schedules_match_single_process(world_size):
+    for schedule, chunks in [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2)]:
+        _train_and_compare("plain", schedule, pp=world_size, dp=1, num_chunks=chunks)
+
+
+@distributed_test(world_size=[2, 4], timeout=120)
+def test_tied_embeddings_first_and_last_stage(world_size):
+    module = _module("tied", world_size, 1)
+    stage = dist.get_rank()
+    assert ("tied.emb.weight" in dict(module.named_parameters())) == (stage in (0, world_size - 1))
+    _train_and_compare("tied", "1f1b", pp=world_size, dp=1)
+
+
+@distributed_test(world_size=[2, 4], timeout=120)
+def test_tuple_of_three_tensors_one_integer(world_size):
+    _train_and_compare("tuple", "1f1b", pp=world_size, dp=1)
+    # and with activation checkpointing and virtual stages on top
+    _train_and_compare(
+        "tuple",
+        "interleaved_1f1b",
+        pp=world_size,
+        dp=1,
+        num_chunks=2,
+        activation_checkpoint_interval=1,
+        steps=1,
+    )
+
+
+@distributed_test(world_size=4, timeout=120)
+def test_pp2_dp2_tied_with_optimizer_and_clipping():
+    steps, max_norm = 3, 0.05
+    module = _module("tied", 2, 2)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    rt = PipelineRuntime(module, opt, micro_batches=MICRO_BATCHES, max_grad_norm=max_norm)
+    assert rt.grid.data_parallel_size == 2 and len(rt.grid.data_parallel_ranks) == 2
+    # reference with clipping
+    from pipe_models import Reference
+
+    ref = Reference(specs("tied", BLOCKS))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(steps):
+        loss = rt.train_batch(iter(data(step, rt.grid.data_parallel_id, MICRO_BATCHES, MBS)))
+        batches = [b for r in range(2) for b in data(step, r, MICRO_BATCHES, MBS)]
+        ref_loss = sum(loss_fn(ref(x), y) for x, y in batches) / len(batches)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        ref_opt.step()
+        torch.testing.assert_close(rt.last_grad_norm, norm, rtol=RTOL, atol=0)
+        assert norm > max_norm  # clipping was exercised
+        mine = torch.stack([loss, torch.zeros(())])
+        dist.all_reduce(mine)
+        torch.testing.assert_close(mine[0].item() / 4, ref_loss.item(), rtol=RTOL, atol=0)
+    ref_params = dict(ref.named_parameters())
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(
+            p.detach(), ref_params[name].detach(), rtol=RTOL, atol=ATOL, msg=name
+        )
+
+
+@distributed_test(world_size=2, timeout=120)
+def test_eval_batch_and_shape_renegotiation():
+    module = _module("tuple", 2, 1)
+    rt = PipelineRuntime(module, micro_batches=MICRO_BATCHES)
+    from pipe_models import Reference
+
+    ref = Reference(specs("tuple", BLOCKS))
+    for mbs in (2, 3, 2):  # a different micro-batch size forces new shapes, then back
+        batches = data(7, 0, MICRO_BATCHES, mbs)
+        loss, outputs = rt.eval_batch(iter(batches), return_outputs=True)
+        with torch.no_grad():
+            ref_out = [ref(x) for x, _ in batches]
+            ref_loss = sum(loss_fn(o, y) for o, (_, y) in zip(ref_out, batches)) / len(batches)
+        torch.testing.assert_close(loss.item(), ref_loss.item(), rtol=RTOL, atol=0)
+        if dist.get_rank() == 1:
+            assert len(outputs) == MICRO_BATCHES
+            for o, r in zip(outputs, ref_out):
+                torch.testing.assert_close(o, r, rtol=RTOL, atol=ATOL)
+        else:
+            assert outputs == []
+        # training still works with the new shapes
+        rt.train_batch(iter(batches))
+        module.zero_grad()
