@@ -53,7 +53,9 @@ def _record(m: Manifest, tag_dir: str, f: FragmentLike, cast: bool) -> TensorRec
             f"{hint}; check the parameter naming or load with a matching model"
         )
     shape = tuple(int(s) for s in f.global_shape)
-    if list(shape) != rec.shape:
+    # A scalar saved as () or (1,) is the same one element (optimizer.step.* conventions vary).
+    scalar_like = global_numel(shape) == 1 == global_numel(tuple(rec.shape)) and len(shape) <= 1
+    if list(shape) != rec.shape and not (scalar_like and len(rec.shape) <= 1):
         raise CheckpointMismatchError(
             f"tensor {f.name!r}: checkpoint {tag_dir} holds shape {rec.shape}, the destination "
             f"wants {list(shape)}; the model definitions differ"

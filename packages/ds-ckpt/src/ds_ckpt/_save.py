@@ -146,10 +146,10 @@ class Saver:
                     for i, h in enumerate(info["held"])
                 ]
             )
-        except ValueError:
+        except ValueError as e:  # identical on every rank: all raise, nobody waits
             if comm.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise CheckpointError(f"save of {tag!r} to {root}: {e}") from None
         pieces = plan.get(comm.rank, [])
         shapes = {h[0]: (h[1], h[2]) for info in infos for h in info["held"]}
         job = _Job(comm, root, tag, tmp, enc_client, enc_rank, update_latest, shapes)

@@ -55,14 +55,17 @@ class Entry:
         return self.numel * self.itemsize
 
 
-def layout(entries: list[tuple[str, str, int, int]]) -> tuple[bytes, list[Entry]]:
+def layout(
+    entries: list[tuple[str, str, int, int]], shapes: list[list[int]] | None = None
+) -> tuple[bytes, list[Entry]]:
     """Header bytes (length prefix included) and absolute positions for (key, dtype, numel,
-    itemsize) entries, in order."""
+    itemsize) entries, in order; shapes default to 1-D."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "ds-ckpt"}}
     pos = 0
     rel = []
-    for key, dtype, numel, isz in entries:
-        header[key] = {"dtype": dtype, "shape": [numel], "data_offsets": [pos, pos + numel * isz]}
+    for i, (key, dtype, numel, isz) in enumerate(entries):
+        shape = shapes[i] if shapes is not None else [numel]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + numel * isz]}
         rel.append(pos)
         pos += numel * isz
     raw = json.dumps(header, separators=(",", ":")).encode()
