@@ -1,0 +1,210 @@
+"""Tier 2: expert parallelism on gloo ranks against the ep_size=1 dense reference.
+
+Each rank builds the same layer twice: with ``ep_size=P`` (experts spread over P ranks, tokens
+moved by all-to-all) and with ``ep_size=1`` holding every expert (the reference, run in-process
+on the inputs of every rank of the expert-parallel group, which each rank regenerates from
+seeds). Outputs, aux losses, counts and all gradients must agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from moe_reference import dense_moe, expert_grads, seed_dense, seed_experts
+from torch import nn
+
+import ds_moe
+from ds_comm.testing import distributed_test
+
+D = 8
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
+
+
+class _Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.a(x) * torch.sigmoid(self.b(x))
+
+
+def _build(ep, expert, seed=0, **kw):
+    torch.manual_seed(seed)
+    moe = ds_moe.MoE(D, expert, ep_size=ep, use_rts=False, **kw)
+    seed_dense(moe.gate, seed + 1, scale=1.0)
+    if moe.use_residual:
+        seed_dense(moe.mlp, seed + 2)
+        seed_dense(moe.coefficient, seed + 3)
+    seed_experts(moe, seed + 4)
+    return moe.train()
+
+
+def _inputs(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    n = 10 + 3 * rank  # uneven token counts per rank
+    return torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen)
+
+
+def _loss(out, l_aux, probe):
+    return (out * probe).sum() + 0.3 * l_aux
+
+
+CONFIGS = [
+    dict(num_experts=8, k=1, capacity_factor=8.0, expert="mlp"),
+    dict(num_experts=4, k=2, capacity_factor=0.5, min_capacity=1, expert="odd"),
+    dict(num_experts=8, k=2, drop_tokens=False, use_residual=True, expert="mlp"),
+    dict(num_experts=8, k=3, capacity_factor=0.75, min_capacity=1, expert="mlp",
+         grouped_experts=False),
+]  # fmt: skip
+
+
+def _check_config(cfg, ep):
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    cfg = dict(cfg)
+    expert = _mlp() if cfg.pop("expert") == "mlp" else _Odd()
+    moe = _build(ep, expert, **cfg)
+    ref = _build(1, expert, **cfg)
+    group_ranks = [rank - rank % ep + i for i in range(ep)]
+
+    x, probe = _inputs(rank)
+    x.requires_grad_()
+    out, l_aux, counts = moe(x)
+    _loss(out, l_aux, probe).backward()
+
+    # reference for this rank alone: output, aux, counts, input and dense gradients
+    xr = x.detach().clone().requires_grad_()
+    r_out, r_aux, r_counts, keep = dense_moe(ref, xr)
+    _loss(r_out, r_aux, probe).backward()
+    torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l_aux, r_aux)
+    assert torch.equal(counts, r_counts)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        moe.gate.wg.weight.grad, ref.gate.wg.weight.grad, rtol=1e-5, atol=1e-5
+    )
+    if moe.use_residual:
+        for a, b in zip(moe.mlp.parameters(), ref.mlp.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+    # expert gradients: the owner accumulates every group rank's tokens through the all-to-all
+    ref.zero_grad(set_to_none=True)
+    total = 0
+    for r in group_ranks:
+        xo, po = _inputs(r)
+        o, a, _, _ = dense_moe(ref, xo)
+        total = total + _loss(o, a, po)
+    total.backward()
+    for local, g in enumerate(moe.expert_ids):
+        for got, want in zip(expert_grads(moe, local), expert_grads(ref, g)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return bool((~keep).any())
+
+
+@distributed_test(world_size=[2, 4], timeout=240)
+def test_expert_parallel_matches_ep1(world_size):
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    eps = [2] if world_size == 2 else [2, 4]
+    dropped_somewhere = False
+    for ep in eps:
+        for cfg in CONFIGS:
+            dropped_somewhere |= _check_config(cfg, ep)
+        # groups: experts split over consecutive ranks, reduced over strided ranks
+        name = f"ep_size_{ep}"
+        dp = ds_moe.get_expert_data_parallel_group(name)
+        assert dist.get_process_group_ranks(dp) == list(range(rank % ep, world_size, ep))
+        epg = ds_moe.get_expert_parallel_group(name)
+        assert dist.get_process_group_ranks(epg) == [rank - rank % ep + i for i in range(ep)]
+        moe = ds_moe.MoE(D, _mlp(), num_experts=4, ep_size=ep)
+        assert moe.expert_ids == tuple(range((rank % ep) * (4 // ep), (rank % ep + 1) * (4 // ep)))
+        for p in moe.experts.parameters():
+            assert p.ds_expert and p.ds_expert_group_name == name and p.ds_expert_dp_group is dp
+    assert dropped_somewhere, "the configs must exercise capacity drops"
+
+
+@distributed_test(world_size=2, timeout=120)
+def test_a_rank_with_no_tokens_for_a_peer():
+    # rank 1 routes nothing to rank 0's experts (and rank 0 nothing at all to rank 1's):
+    # zero-row all-to-all splits and empty expert groups must work in forward and backward
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    moe = _build(2, _mlp(), num_experts=4, k=1, drop_tokens=False)
+    ref = _build(1, _mlp(), num_experts=4, k=1, drop_tokens=False)
+    with torch.no_grad():
+        for m in (moe, ref):
+            m.gate.wg.weight.zero_()
+            m.gate.wg.weight[0 if rank == 0 else 3, 0] = 1.0
+    x = torch.ones(6, D, requires_grad=True)
+    out, _, counts = moe(x)
+    assert counts.tolist() == ([6, 0, 0, 0] if rank == 0 else [0, 0, 0, 6])
+    out.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    r_out = dense_moe(ref, xr)[0]
+    r_out.sum().backward()
+    torch.testing.assert_close(out, r_out)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+class _Net(nn.Module):
+    def __init__(self, ep):
+        super().__init__()
+        torch.manual_seed(7)
+        self.inp = nn.Linear(D, D)
+        self.moe = ds_moe.MoE(D, _mlp(), num_experts=4, ep_size=ep, k=2, capacity_factor=1.0,
+                              min_capacity=1, use_rts=False)  # fmt: skip
+        self.head = nn.Linear(D, 3)
+        seed_dense(self.moe.gate, 8, scale=1.0)
+        seed_experts(self.moe, 9)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.inp(x))
+        m, l_aux, _ = self.moe(h)
+        return F.cross_entropy(self.head(h + m), y) + 0.01 * l_aux
+
+
+def _batch(step, rank):
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, D, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+@distributed_test(world_size=4, timeout=240)
+def test_training_with_expert_aware_reduction_matches_single_process(world_size):
+    """The DDP-style reference for MoE under ZeRO: same losses and weights as one process."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    for ep in (2, 4):
+        net = _Net(ep)
+        ref = _Net(1)
+        opt = torch.optim.SGD(
+            ds_moe.split_params_into_different_moe_groups_for_optimizer(net.parameters()),
+            lr=0.2, momentum=0.9,
+        )  # fmt: skip
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+        for step in range(4):
+            loss = net(*_batch(step, rank))
+            loss.backward()
+            ds_moe.reduce_gradients(net.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            mean /= world_size
+
+            ref_loss = sum(ref(*_batch(step, r)) for r in range(world_size)) / world_size
+            ref_loss.backward()
+            ref_opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+            torch.testing.assert_close(mean, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+            if ds_moe.is_moe_param(p):
+                q = q[list(net.moe.expert_ids)]
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5, msg=name)
