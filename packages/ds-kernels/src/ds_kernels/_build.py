@@ -1,0 +1,157 @@
+"""Building C++ ops: JIT with torch.utils.cpp_extension + ninja, and finding earlier builds.
+
+A finished build lives in ``<root>/<facts.key>/`` with the shared library and a
+``manifest.json`` written last (atomically), so a directory without a manifest is never used.
+Roots searched, in order: ``$DS_KERNELS_PREBUILT`` (os.pathsep-separated), the package's
+``_prebuilt/`` directory (filled by an ahead-of-time build at install), then the JIT cache
+``$DS_KERNELS_CACHE`` (default ``~/.cache/ds_kernels``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ds_kernels._toolchain import BuildFacts, Compiler
+
+MANIFEST = "manifest.json"
+# A ninja lock older than this was left by a process that died mid-build.
+_STALE_LOCK_S = 600.0
+
+
+class BuildError(RuntimeError):
+    """A compile or link failed; the message carries the tail of the compiler output."""
+
+
+def package_prebuilt_dir() -> Path:
+    return Path(__file__).resolve().parent / "_prebuilt"
+
+
+def cache_root() -> Path:
+    env = os.environ.get("DS_KERNELS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ds_kernels"
+
+
+def prebuilt_roots() -> list[Path]:
+    roots = [
+        Path(p).expanduser()
+        for p in os.environ.get("DS_KERNELS_PREBUILT", "").split(os.pathsep)
+        if p
+    ]
+    roots.append(package_prebuilt_dir())
+    return roots
+
+
+def _library_of(build_dir: Path) -> Path | None:
+    manifest = build_dir / MANIFEST
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    lib = build_dir / str(data.get("library", ""))
+    return lib if lib.is_file() else None
+
+
+def find_exact(facts: BuildFacts, roots: list[Path]) -> Path | None:
+    """A finished build with exactly these facts (compiler included)."""
+    for root in roots:
+        lib = _library_of(root / facts.key)
+        if lib is not None:
+            return lib
+    return None
+
+
+def find_compatible(facts: BuildFacts, roots: list[Path]) -> Path | None:
+    """A finished build whose runtime facts match, whatever compiler made it.
+
+    Used when no compiler is available here: a build made ahead of time on another machine
+    with the same torch, ISA, arch and sources is as good as one made here.
+    """
+    want = facts.runtime_part()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for manifest in sorted(root.glob(f"{facts.op}-*/{MANIFEST}")):
+            try:
+                data = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            got = {k: v for k, v in data.get("facts", {}).items() if k != "compiler"}
+            if got == want:
+                lib = _library_of(manifest.parent)
+                if lib is not None:
+                    return lib
+    return None
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def jit_build(
+    facts: BuildFacts,
+    sources: list[Path],
+    cflags: list[str],
+    ldflags: list[str],
+    compiler: Compiler,
+    root: Path,
+    verbose: bool = False,
+) -> Path:
+    """Compile ``sources`` into ``root/<facts.key>/`` and return the library path.
+
+    Raises BuildError with the compiler's last lines when the build fails.
+    """
+    from torch.utils.cpp_extension import load
+
+    build_dir = root / facts.key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir)
+    started = time.time()
+    try:
+        lib_path = load(
+            name=facts.op,
+            sources=[str(s) for s in sources],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # noqa: BLE001 - any build failure becomes a fallback, not a crash
+        raise BuildError(f"{type(exc).__name__}: {_tail(str(exc))}") from exc
+    lib = Path(str(lib_path)) if lib_path else build_dir / f"{facts.op}.so"
+    if not lib.is_file():
+        raise BuildError(f"build reported success but {lib} does not exist")
+    write_manifest(build_dir, lib, facts, compiler, time.time() - started)
+    return lib
+
+
+def write_manifest(
+    build_dir: Path, lib: Path, facts: BuildFacts, compiler: Compiler, seconds: float
+) -> None:
+    data = {
+        "library": lib.name,
+        "facts": facts.as_dict(),
+        "compiler_path": compiler.path,
+        "build_seconds": round(seconds, 2),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = build_dir / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, build_dir / MANIFEST)

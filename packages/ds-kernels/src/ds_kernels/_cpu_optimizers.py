@@ -1,0 +1,323 @@
+"""CPUAdam, CPUAdagrad, CPULion: torch.optim.Optimizer subclasses over the `cpu_optim` op.
+
+State layout and param-group keys are torch.optim's (Adam/AdamW: exp_avg, exp_avg_sq, step;
+Adagrad: sum, step; Lion: exp_avg, step), so `torch.optim.AdamW().load_state_dict(
+CPUAdam(...).state_dict())` works and back.
+
+`step(low_precision_out=...)` takes, per param group, a list of bf16/fp16 tensors (one per
+param, same numel; typically pinned buffers for a host-to-device copy) and writes the
+updated parameters into them in the same pass over memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ds_kernels._ops import load
+from ds_kernels._registry import OpImpl
+
+LowPrecisionOut = Sequence[Sequence[torch.Tensor] | None] | None
+
+
+def _scalar_step() -> torch.Tensor:
+    # torch.optim keeps `step` as a float32 0-dim tensor on CPU (non-fused); same here.
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def _positive(name: str, value: float, allow_zero: bool = True) -> None:
+    if not (value > 0 or (allow_zero and value == 0)) or math.isnan(value):
+        raise ValueError(f"invalid {name}: {value} (must be {'>= 0' if allow_zero else '> 0'})")
+
+
+def _betas(betas: tuple[float, float]) -> None:
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"invalid betas[{i}]: {b} (must be in [0, 1))")
+
+
+class _CPUOptimizer(torch.optim.Optimizer):
+    """Shared plumbing: op loading, grad collection, unsupported-flag checks."""
+
+    _unsupported_flags: tuple[str, ...] = ("maximize", "differentiable")
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], num_threads: int | None):
+        super().__init__(params, defaults)
+        self.num_threads: int = int(num_threads or 0)  # 0: torch.get_num_threads() at step time
+        self._op: OpImpl = load("cpu_optim")
+
+    @property
+    def backend(self) -> str:
+        """'prebuilt', 'cached', 'jit' (compiled) or 'fallback' (pure PyTorch)."""
+        return self._op.backend.value
+
+    def _check_group(self, index: int, group: dict[str, Any]) -> None:
+        for flag in self._unsupported_flags:
+            if group.get(flag):
+                raise ValueError(
+                    f"{type(self).__name__} does not implement {flag}=True (param group {index}); "
+                    f"use the torch.optim optimizer for that setting"
+                )
+
+    def _collect(
+        self, index: int, group: dict[str, Any], outs: Sequence[torch.Tensor] | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        params, grads, kept_outs = [], [], []
+        if outs is not None and len(outs) != len(group["params"]):
+            raise ValueError(
+                f"low_precision_out[{index}] has {len(outs)} tensors; param group {index} "
+                f"has {len(group['params'])} params (pass one buffer per param)"
+            )
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+            if p.dtype != torch.float32 or p.device.type != "cpu":
+                raise ValueError(
+                    f"{type(self).__name__} needs fp32 CPU params; param {j} of group {index} "
+                    f"is {p.dtype} on {p.device} (keep an fp32 CPU master copy for offload)"
+                )
+            grad = p.grad
+            if grad.dtype != torch.float32:
+                grad = grad.float()  # bf16/fp16 grads from a device: upcast once
+            params.append(p)
+            grads.append(grad.contiguous())
+            if outs is not None:
+                kept_outs.append(outs[j])
+        return params, grads, (kept_outs if outs is not None else None)
+
+    @staticmethod
+    def _outs_for(low_precision_out: LowPrecisionOut, index: int) -> Sequence[torch.Tensor] | None:
+        if low_precision_out is None:
+            return None
+        return low_precision_out[index]
+
+    def _check_out_groups(self, low_precision_out: LowPrecisionOut) -> None:
+        if low_precision_out is not None and len(low_precision_out) != len(self.param_groups):
+            raise ValueError(
+                f"low_precision_out has {len(low_precision_out)} entries for "
+                f"{len(self.param_groups)} param groups (pass one list, or None, per group)"
+            )
+
+
+class CPUAdam(_CPUOptimizer):
+    """Adam / AdamW on CPU over fp32 params and states (DeepSpeedCPUAdam's role).
+
+    adamw_mode=True (default) applies decoupled weight decay (AdamW); False adds
+    weight_decay * param to the gradient (Adam with L2). Stored in the group as torch's
+    `decoupled_weight_decay`, so the state dict keeps its meaning in torch.optim.Adam/AdamW.
+    """
+
+    _unsupported_flags = ("amsgrad", "maximize", "differentiable", "capturable")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        adamw_mode: bool = True,
+        bias_correction: bool = True,
+        amsgrad: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        _positive("lr", lr)
+        _positive("eps", eps)
+        _positive("weight_decay", weight_decay)
+        _betas(betas)
+        if amsgrad:
+            raise ValueError(
+                "CPUAdam does not implement amsgrad; use torch.optim.AdamW(amsgrad=True)"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": bool(adamw_mode),
+            "bias_correction": bool(bias_correction),
+        }
+        super().__init__(params, defaults, num_threads)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        low_precision_out: LowPrecisionOut = None,
+    ) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_out_groups(low_precision_out)
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+            params, grads, outs = self._collect(gi, group, self._outs_for(low_precision_out, gi))
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            exp_avgs, exp_avg_sqs, bc1, bc2s = [], [], [], []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = _scalar_step()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                if group.get("bias_correction", True):
+                    bc1.append(1 - beta1**step)
+                    bc2s.append((1 - beta2**step) ** 0.5)
+                else:
+                    bc1.append(1.0)
+                    bc2s.append(1.0)
+            self._op.adam(
+                params, grads, exp_avgs, exp_avg_sqs, outs,
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                decoupled=bool(group.get("decoupled_weight_decay", True)),
+                bias_correction1=bc1, bias_correction2_sqrt=bc2s, num_threads=self.num_threads,
+            )  # fmt: skip
+        return loss
+
+
+class CPUAdagrad(_CPUOptimizer):
+    """Adagrad on CPU, torch.optim.Adagrad's math (lr_decay, weight_decay as L2, eps)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        num_threads: int | None = None,
+    ) -> None:
+        _positive("lr", lr)
+        _positive("lr_decay", lr_decay)
+        _positive("weight_decay", weight_decay)
+        _positive("initial_accumulator_value", initial_accumulator_value)
+        _positive("eps", eps)
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": None,
+            "maximize": False,
+            "differentiable": False,
+            "fused": None,
+        }
+        super().__init__(params, defaults, num_threads)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        low_precision_out: LowPrecisionOut = None,
+    ) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_out_groups(low_precision_out)
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+            params, grads, outs = self._collect(gi, group, self._outs_for(low_precision_out, gi))
+            if not params:
+                continue
+            sums, neg_clr = [], []
+            lr, lr_decay = float(group["lr"]), float(group["lr_decay"])
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = _scalar_step()
+                    state["sum"] = torch.full_like(
+                        p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+                    )
+                state["step"] += 1
+                step = float(state["step"])
+                sums.append(state["sum"])
+                neg_clr.append(-(lr / (1 + (step - 1) * lr_decay)))
+            self._op.adagrad(
+                params, grads, sums, outs, neg_clr=neg_clr, eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), num_threads=self.num_threads,
+            )  # fmt: skip
+        return loss
+
+
+class CPULion(_CPUOptimizer):
+    """Lion (Chen et al. 2023) on CPU: sign of an interpolated momentum, decoupled decay."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        num_threads: int | None = None,
+    ) -> None:
+        _positive("lr", lr)
+        _positive("weight_decay", weight_decay)
+        _betas(betas)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "weight_decay": weight_decay,
+            "maximize": False,
+            "differentiable": False,
+        }
+        super().__init__(params, defaults, num_threads)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        low_precision_out: LowPrecisionOut = None,
+    ) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_out_groups(low_precision_out)
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+            params, grads, outs = self._collect(gi, group, self._outs_for(low_precision_out, gi))
+            if not params:
+                continue
+            exp_avgs = []
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = _scalar_step()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                exp_avgs.append(state["exp_avg"])
+            beta1, beta2 = group["betas"]
+            self._op.lion(
+                params, grads, exp_avgs, outs, lr=float(group["lr"]), beta1=float(beta1),
+                beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                num_threads=self.num_threads,
+            )  # fmt: skip
+        return loss

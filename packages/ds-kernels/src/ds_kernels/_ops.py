@@ -1,0 +1,88 @@
+"""The ops this package ships, and the process-wide default registry (tests may replace it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_kernels._registry import OpImpl, OpKind, OpRegistry, OpSpec
+
+
+def _bind_cpu_optim(lib: Path) -> OpImpl:
+    from ds_kernels._cpu_optim_op import CompiledCpuOptim
+
+    return CompiledCpuOptim(lib)
+
+
+def _cpu_optim_fallback() -> OpImpl:
+    from ds_kernels._cpu_optim_op import TorchCpuOptim
+
+    return TorchCpuOptim()
+
+
+def _fused_unavailable() -> str | None:
+    from ds_kernels._fused_op import triton_unavailable
+
+    return triton_unavailable()
+
+
+def _fused_native() -> OpImpl:
+    from ds_kernels._fused_op import TritonFusedOptim
+
+    return TritonFusedOptim()
+
+
+def _fused_fallback() -> OpImpl:
+    from ds_kernels._fused_op import ForeachFusedOptim
+
+    return ForeachFusedOptim()
+
+
+CPU_OPTIM = OpSpec(
+    name="cpu_optim",
+    summary="CPUAdam / CPUAdagrad / CPULion steps (C++, OpenMP, SIMD)",
+    kind=OpKind.CPP,
+    fallback=_cpu_optim_fallback,
+    sources=("cpu_optim.cpp",),
+    # -fno-math-errno lets sqrt vectorise (no errno side effect to preserve).
+    extra_cflags=("-fno-math-errno", "-ffp-contract=off"),
+    extra_ldflags=("-fopenmp",),
+    bind=_bind_cpu_optim,
+)
+
+FUSED_OPTIM = OpSpec(
+    name="fused_optim",
+    summary="FusedAdam / FusedLamb / FusedLion multi-tensor steps (Triton)",
+    kind=OpKind.TRITON,
+    fallback=_fused_fallback,
+    unavailable=_fused_unavailable,
+    native=_fused_native,
+)
+
+
+def _make_default() -> OpRegistry:
+    reg = OpRegistry()
+    reg.register(CPU_OPTIM)
+    reg.register(FUSED_OPTIM)
+    return reg
+
+
+_default: OpRegistry | None = None
+
+
+def default_registry() -> OpRegistry:
+    global _default
+    if _default is None:
+        _default = _make_default()
+    return _default
+
+
+def set_default_registry(registry: OpRegistry | None) -> None:
+    """Replace (or with None, reset) the default registry; for tests."""
+    global _default
+    _default = registry
+
+
+def load(name: str) -> OpImpl:
+    """Load op `name`: a compiled/native build, or its pure-PyTorch fallback (never raises for
+    a missing compiler, ninja, header or device; warns once per op instead)."""
+    return default_registry().load(name)

@@ -1,0 +1,274 @@
+"""The op registry: load an op as a compiled build, or as its pure-PyTorch fallback.
+
+`load(name)` never raises because of the build environment. Order of attempts for a C++ op:
+1. a finished build with exactly this environment's facts (prebuilt roots, then JIT cache);
+2. with no compiler here: any finished build whose runtime facts match (an AOT build made on
+   another machine);
+3. a JIT build with torch.utils.cpp_extension + ninja into the cache;
+4. the fallback, with ONE `KernelBuildWarning` per op and process naming what was missing.
+A Triton op is "native" when Triton imports and its device check passes, else fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from ds_kernels import _build, _toolchain
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+FORCE_FALLBACK_ENV = "DS_KERNELS_FORCE_FALLBACK"
+
+
+class KernelBuildWarning(UserWarning):
+    """An op is running as its pure-PyTorch fallback; the message says why and how to fix it."""
+
+
+class Backend(enum.Enum):
+    """Where a loaded op's code comes from."""
+
+    PREBUILT = "prebuilt"  # library from an ahead-of-time build (DS_BUILD_OPS=1 / ds_kernels.build)
+    CACHED = "cached"  # library from an earlier JIT build in the cache
+    JIT = "jit"  # library compiled by this process
+    TRITON = "triton"  # Triton kernels, compiled by Triton at first launch
+    FALLBACK = "fallback"  # pure PyTorch
+
+
+class OpKind(enum.Enum):
+    CPP = "cpp"
+    TRITON = "triton"
+
+
+class OpImpl:
+    """Base of every op implementation; the registry fills `backend` and `detail`."""
+
+    backend: Backend = Backend.FALLBACK
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """How to build, bind and replace one op."""
+
+    name: str
+    summary: str
+    kind: OpKind
+    fallback: Callable[[], OpImpl]
+    # CPP ops: sources under csrc/, flags, and how to wrap the built library.
+    sources: tuple[str, ...] = ()
+    extra_cflags: tuple[str, ...] = ()
+    extra_ldflags: tuple[str, ...] = ()
+    bind: Callable[[Path], OpImpl] | None = None
+    # TRITON ops: returns a reason the native path cannot run here, or None; then `native()`.
+    unavailable: Callable[[], str | None] | None = None
+    native: Callable[[], OpImpl] | None = None
+
+    def source_paths(self) -> list[Path]:
+        return [CSRC / s for s in self.sources]
+
+    def cflags(self) -> list[str]:
+        return [*_toolchain.host_cxx_flags(), *self.extra_cflags]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpStatus:
+    """What `ds-report` says about an op, found without building anything."""
+
+    name: str
+    summary: str
+    compatible: bool  # could be built (or run natively) here
+    built: bool  # a finished build usable here exists (or native Triton)
+    loaded: str | None  # backend value if this process has loaded it
+    detail: str  # why not compatible / where the build is
+
+
+def _forced_fallback(name: str) -> bool:
+    forced = {s.strip() for s in os.environ.get(FORCE_FALLBACK_ENV, "").split(",") if s.strip()}
+    return name in forced or "all" in forced
+
+
+class OpRegistry:
+    """Specs by name plus the ops this process has loaded (each built and warned about once)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, OpSpec] = {}
+        self._loaded: dict[str, OpImpl] = {}
+        # One lock per registry: two threads loading the same op must not build it twice.
+        self._lock = threading.RLock()
+
+    def register(self, spec: OpSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"op {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def spec(self, name: str) -> OpSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"unknown op {name!r}; known ops: {', '.join(self.names())}") from None
+
+    def load(self, name: str) -> OpImpl:
+        spec = self.spec(name)
+        with self._lock:
+            op = self._loaded.get(name)
+            if op is None:
+                op = self._load_uncached(spec)
+                self._loaded[name] = op
+            return op
+
+    def forget(self, name: str | None = None) -> None:
+        """Drop loaded ops (tests use this to load again under another environment)."""
+        with self._lock:
+            if name is None:
+                self._loaded.clear()
+            else:
+                self._loaded.pop(name, None)
+
+    # ------------------------------------------------------------------ loading
+    def _load_uncached(self, spec: OpSpec) -> OpImpl:
+        if _forced_fallback(spec.name):
+            return self._fallback(spec, f"{FORCE_FALLBACK_ENV} asks for the fallback")
+        if spec.kind is OpKind.TRITON:
+            return self._load_triton(spec)
+        return self._load_cpp(spec)
+
+    def _fallback(self, spec: OpSpec, why: str) -> OpImpl:
+        op = spec.fallback()
+        op.backend = Backend.FALLBACK
+        op.detail = why
+        warnings.warn(
+            f"ds_kernels op {spec.name!r} uses its pure-PyTorch fallback (slower): {why}",
+            KernelBuildWarning,
+            stacklevel=4,
+        )
+        return op
+
+    def _load_triton(self, spec: OpSpec) -> OpImpl:
+        assert spec.unavailable is not None and spec.native is not None
+        why = spec.unavailable()
+        if why is not None:
+            return self._fallback(spec, why)
+        try:
+            op = spec.native()
+        except Exception as exc:  # noqa: BLE001 - a broken Triton install means fallback
+            return self._fallback(spec, f"Triton kernels failed to load: {exc}")
+        op.backend = Backend.TRITON
+        op.detail = "Triton kernels (compiled at first launch)"
+        return op
+
+    def _bind(self, spec: OpSpec, lib: Path, backend: Backend) -> OpImpl | None:
+        assert spec.bind is not None
+        try:
+            op = spec.bind(lib)
+        except OSError as exc:  # e.g. built for another CPU, missing libgomp at runtime
+            warnings.warn(
+                f"ds_kernels op {spec.name!r}: cannot load {lib}: {exc}",
+                KernelBuildWarning,
+                stacklevel=5,
+            )
+            return None
+        op.backend = backend
+        op.detail = str(lib)
+        return op
+
+    def _load_cpp(self, spec: OpSpec) -> OpImpl:
+        sources = spec.source_paths()
+        flags = spec.cflags()
+        compiler = _toolchain.find_compiler()
+        have_compiler = compiler.path is not None
+        facts = _toolchain.build_facts(
+            spec.name, sources, flags, compiler if have_compiler else None, uses_cuda=False
+        )
+        prebuilt = _build.prebuilt_roots()
+        cache = _build.cache_root()
+        if have_compiler:
+            lib = _build.find_exact(facts, prebuilt)
+            if lib is not None and (op := self._bind(spec, lib, Backend.PREBUILT)):
+                return op
+            lib = _build.find_exact(facts, [cache])
+            if lib is not None and (op := self._bind(spec, lib, Backend.CACHED)):
+                return op
+        # Without a compiler, or if the exact build failed to load: any compatible build.
+        lib = _build.find_compatible(facts, prebuilt)
+        if lib is not None and (op := self._bind(spec, lib, Backend.PREBUILT)):
+            return op
+        lib = _build.find_compatible(facts, [cache])
+        if lib is not None and (op := self._bind(spec, lib, Backend.CACHED)):
+            return op
+        missing = missing_build_tools(compiler)
+        if missing:
+            return self._fallback(spec, missing)
+        try:
+            lib = _build.jit_build(
+                facts, sources, flags, list(spec.extra_ldflags), compiler, cache,
+                verbose=os.environ.get("DS_KERNELS_VERBOSE") == "1",
+            )  # fmt: skip
+        except _build.BuildError as exc:
+            return self._fallback(
+                spec,
+                f"the JIT build with {compiler.path} failed:\n{exc}\n(set DS_KERNELS_VERBOSE=1 for the full log)",
+            )
+        op = self._bind(spec, lib, Backend.JIT)
+        if op is None:
+            return self._fallback(spec, f"the freshly built {lib} could not be loaded")
+        return op
+
+    # ------------------------------------------------------------------ AOT and status
+    def build(self, name: str, root: Path) -> Path:
+        """Ahead-of-time build of a C++ op into `root`; raises BuildError on failure."""
+        spec = self.spec(name)
+        if spec.kind is not OpKind.CPP:
+            raise ValueError(f"op {name!r} is a {spec.kind.value} op; only C++ ops are prebuilt")
+        compiler = _toolchain.find_compiler()
+        missing = missing_build_tools(compiler)
+        if missing:
+            raise _build.BuildError(missing)
+        sources = spec.source_paths()
+        flags = spec.cflags()
+        facts = _toolchain.build_facts(name, sources, flags, compiler, uses_cuda=False)
+        existing = _build.find_exact(facts, [root])
+        if existing is not None:
+            return existing
+        return _build.jit_build(facts, sources, flags, list(spec.extra_ldflags), compiler, root)
+
+    def status(self, name: str) -> OpStatus:
+        spec = self.spec(name)
+        loaded = self._loaded.get(name)
+        loaded_value = loaded.backend.value if loaded is not None else None
+        if spec.kind is OpKind.TRITON:
+            assert spec.unavailable is not None
+            why = spec.unavailable()
+            ok = why is None
+            return OpStatus(name, spec.summary, ok, ok, loaded_value, why or "Triton")
+        compiler = _toolchain.find_compiler()
+        have = compiler.path is not None
+        facts = _toolchain.build_facts(
+            name, spec.source_paths(), spec.cflags(), compiler if have else None, uses_cuda=False
+        )
+        roots = [*_build.prebuilt_roots(), _build.cache_root()]
+        lib = _build.find_exact(facts, roots) if have else None
+        lib = lib or _build.find_compatible(facts, roots)
+        missing = missing_build_tools(compiler)
+        compatible = lib is not None or not missing
+        detail = str(lib) if lib is not None else (missing or "not built yet (JIT on first use)")
+        return OpStatus(name, spec.summary, compatible, lib is not None, loaded_value, detail)
+
+
+def missing_build_tools(compiler: _toolchain.Compiler) -> str | None:
+    """Why a JIT build cannot start here, with the fix; None when it can."""
+    if compiler.path is None:
+        return (
+            f"no C++ compiler: {compiler.requested!r} was not found on PATH "
+            "(install g++/clang++ or set CXX to one)"
+        )
+    if not _toolchain.ninja_available():
+        return "ninja was not found (pip install ninja)"
+    return None
