@@ -158,10 +158,8 @@ def _signal_tree(run: _Running, sig: int) -> None:
     the member dies its children are re-parented and can no longer be found)."""
     groups = {run.proc.pid}
     for pid in _descendants(run.proc.pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
     for group in groups:
         # Never our own group: a member that shares it (not started by us) must not take us down.
         if group == os.getpgrp():

@@ -1,0 +1,150 @@
+"""Real multi-node launches: a private sshd on loopback plays two hosts; pdsh and mpirun too."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import (
+    SCRIPTS,
+    free_port,
+    launcher_env,
+    read_pids,
+    require_tool,
+    run_launcher,
+    wait_gone,
+)
+from test_local import check_injection, nasty_args, nasty_env_file
+
+
+def _gloo_records(out: Path) -> dict[int, dict]:
+    return {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in out.glob("rank_*.json")}
+
+
+def _two_nodes(tmp_path: Path, slots: int) -> None:
+    (tmp_path / "hostfile").write_text(f"node-a slots={slots}\nnode-b slots={slots}\n")
+
+
+def _common(port: int | None = None) -> list[str]:
+    return [
+        "-H",
+        "hostfile",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port or free_port()),
+    ]
+
+
+def test_ssh_two_nodes_two_slots_gloo_allreduce(sshd, tmp_path):
+    _two_nodes(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_launcher(
+        [
+            *_common(),
+            "--launcher_args",
+            sshd.ssh_args,
+            str(SCRIPTS / "allreduce_check.py"),
+            str(out),
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "via ssh" in res.stderr
+    records = _gloo_records(out)
+    assert sorted(records) == [0, 1, 2, 3]
+    for rank, rec in records.items():
+        assert rec["rank"] == rank and rec["world_size"] == 4 and rec["sum"] == 6.0
+        env = rec["env"]
+        assert env["RANK"] == str(rank) and env["WORLD_SIZE"] == "4"
+        assert env["LOCAL_RANK"] == str(rank % 2) and env["LOCAL_WORLD_SIZE"] == "2"
+        assert env["NODE_RANK"] == str(rank // 2)
+    assert wait_gone(read_pids(out), timeout=2) == []
+
+
+def test_ssh_injection_arrives_byte_identical(sshd, tmp_path):
+    _two_nodes(tmp_path, 1)
+    out, canary = tmp_path / "out", tmp_path / "canary"
+    out.mkdir()
+    env_text, expected = nasty_env_file(canary)
+    (tmp_path / ".ds_env").write_text(env_text)  # found in the working directory
+    args = nasty_args(canary)
+    res = run_launcher(
+        [*_common(), "--launcher_args", sshd.ssh_args, str(SCRIPTS / "record.py"), str(out), *args],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    check_injection(out, canary, args, expected, ranks=2)
+
+
+def test_ssh_fail_fast_stops_both_nodes(sshd, tmp_path):
+    _two_nodes(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_launcher(
+        [*_common(), "--launcher_args", sshd.ssh_args, str(SCRIPTS / "fail_one.py"), str(out)],
+        tmp_path,
+        timeout=60,
+    )
+    assert res.returncode == 3, res.stdout + res.stderr
+    pids = read_pids(out)
+    assert len(pids) == 4
+    assert wait_gone(pids, timeout=5) == []
+
+
+def test_pdsh_injection_and_fail_fast(sshd, tmp_path):
+    require_tool("pdsh")
+    env = launcher_env(PDSH_SSH_ARGS_APPEND=sshd.ssh_args)
+    _two_nodes(tmp_path, 1)
+    out, canary = tmp_path / "out", tmp_path / "canary"
+    out.mkdir()
+    env_text, expected = nasty_env_file(canary)
+    (tmp_path / "inj.env").write_text(env_text)
+    args = nasty_args(canary)
+    res = run_launcher(
+        [*_common(), "--launcher", "pdsh", "--env_file", "inj.env", str(SCRIPTS / "record.py"),
+         str(out), *args],
+        tmp_path,
+        env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    check_injection(out, canary, args, expected, ranks=2)
+
+    _two_nodes(tmp_path, 2)
+    out = tmp_path / "out2"
+    out.mkdir()
+    res = run_launcher(
+        [*_common(), "--launcher", "pdsh", str(SCRIPTS / "fail_one.py"), str(out)],
+        tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert wait_gone(read_pids(out), timeout=5) == []
+
+
+def test_openmpi_mpirun_gloo_allreduce(tmp_path):
+    require_tool("mpirun")
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = launcher_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    extra = "--oversubscribe" + (" --allow-run-as-root" if os.geteuid() == 0 else "")
+    res = run_launcher(
+        ["-H", "hostfile", "--launcher", "openmpi", "--launcher_args", extra,
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         str(SCRIPTS / "allreduce_check.py"), str(out)],
+        tmp_path,
+        env=env,
+        timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = _gloo_records(out)
+    assert sorted(records) == [0, 1]
+    for rank, rec in records.items():
+        assert rec["sum"] == 1.0 and rec["world_size"] == 2
+        assert rec["env"]["LOCAL_RANK"] == str(rank) and rec["env"]["LOCAL_WORLD_SIZE"] == "2"
+        assert rec["env"]["NODE_RANK"] == "0"
