@@ -1,0 +1,109 @@
+"""The config sections ds_offload owns, with DeepSpeed's key names and defaults.
+
+``offload_optimizer`` and ``offload_param`` sit inside ``zero_optimization`` in a DeepSpeed
+JSON config; ``aio`` is top level. ds_all composes these models into its config; each can also
+be built alone: ``OffloadOptimizerConfig.model_validate({"device": "cpu"})``.
+Unknown keys are errors (a misspelt key would otherwise silently disable offload).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class OffloadDevice(str, enum.Enum):
+    """Where offloaded tensors live. ``none`` disables offload."""
+
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str) -> Any:
+        """Validate ``data``; errors name ``where.key`` and the problem."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            lines = []
+            for e in exc.errors():
+                key = ".".join(str(p) for p in (where, *e["loc"]))
+                lines.append(f"{key}: {e['msg']}")
+            raise ValueError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+class AioConfig(_Section):
+    """``aio``: the async IO engine's knobs (DeepSpeed: aio section)."""
+
+    block_size: int = Field(1_048_576, gt=0, description="bytes per IO request")
+    queue_depth: int = Field(8, gt=0, description="IOs in flight per submitting thread")
+    thread_count: int = Field(
+        1,
+        gt=0,
+        validation_alias=AliasChoices("thread_count", "intra_op_parallelism"),
+        description="submitting threads (DeepSpeed >= 0.15 calls it intra_op_parallelism)",
+    )
+    single_submit: bool = False
+    overlap_events: bool = True
+    use_gds: bool = False
+    use_direct: bool = Field(True, description="O_DIRECT for aligned IO (ds_offload extension)")
+
+    @model_validator(mode="after")
+    def _no_gds(self) -> AioConfig:
+        if self.use_gds:
+            raise ValueError(
+                "use_gds=true (GPUDirect Storage) is not supported by ds_offload; set it to false"
+            )
+        return self
+
+
+class _OffloadBase(_Section):
+    device: OffloadDevice = OffloadDevice.none
+    nvme_path: Path | None = None
+    pin_memory: bool = False
+
+    @model_validator(mode="after")
+    def _nvme_needs_path(self) -> _OffloadBase:
+        if self.device is OffloadDevice.nvme and self.nvme_path is None:
+            raise ValueError(
+                "device is 'nvme' but nvme_path is not set; set nvme_path to a directory on the "
+                "NVMe drive (e.g. /local_nvme)"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.device is not OffloadDevice.none
+
+
+class OffloadOptimizerConfig(_OffloadBase):
+    """``zero_optimization.offload_optimizer``: fp32 master weights and optimizer states on
+    the CPU or NVMe, stepped by a CPU optimizer."""
+
+    buffer_count: int = Field(4, ge=0, description="NVMe: swap buffers (partitions in flight)")
+    pipeline_read: bool = False
+    pipeline_write: bool = False
+    fast_init: bool = False
+    ratio: float = Field(1.0, ge=0.0, le=1.0, description="fraction of partitions offloaded")
+
+    @property
+    def pipeline(self) -> bool:
+        return self.pipeline_read or self.pipeline_write
+
+
+class OffloadParamConfig(_OffloadBase):
+    """``zero_optimization.offload_param``: stage-3 parameters on the CPU or NVMe, prefetched
+    into bounded device buffers."""
+
+    buffer_count: int = Field(5, gt=0, description="NVMe: host buffers for parameters in flight")
+    buffer_size: int = Field(100_000_000, gt=0, description="NVMe: elements per host buffer")
+    max_in_cpu: int = Field(
+        1_000_000_000, ge=0, description="NVMe: elements kept in CPU memory before swapping"
+    )
