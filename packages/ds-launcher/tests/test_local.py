@@ -34,10 +34,15 @@ def _env(record: dict, name: str) -> str | None:
 def test_split_argv_gives_everything_after_the_script_to_the_script():
     argv = ["-H", "hf", "--num_gpus=2", "--module", "pkg.train", "--hostfile", "x", "--", "-y"]
     assert split_argv(argv) == (
-        ["-H", "hf", "--num_gpus=2", "--module"],
+        ["-Hhf", "--num_gpus=2", "--module"],
         ["pkg.train", "--hostfile", "x", "--", "-y"],
     )
     assert split_argv(["--no_ssh", "--", "-weird.py", "a"]) == (["--no_ssh"], ["-weird.py", "a"])
+    # Values that look like options stay values.
+    assert split_argv(["--launcher_args", "--oversubscribe", "-i", "-x", "t.py"]) == (
+        ["--launcher_args=--oversubscribe", "-i-x"],
+        ["t.py"],
+    )
 
 
 def test_every_rank_gets_the_contract_and_prefixed_output(tmp_path):
@@ -268,7 +273,10 @@ def test_no_ssh_starts_only_this_nodes_ranks(tmp_path):
         (["-H", "hf_two", "-i", "worker-3", "x.py"], "names host 'worker-3'"),
         (["--env_file", "missing.env", "x.py"], "env file 'missing.env' does not exist"),
         (["--module", "--no_python", "x.py"], "cannot be used together"),
-        (["--launcher_args", "'unclosed", "x.py"], "--launcher_args"),
+        (["-H", "hf_two", "--launcher_args", "'unclosed", "x.py"], "--launcher_args"),
+        (["--launcher_args", "-v", "x.py"], "--launcher_args is for the ssh"),
+        (["-i", "-oProxyCommand=x", "x.py"], "starts with '-'"),
+        (["--master_port", "70000", "x.py"], "--master_port must be a TCP port"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path, args, needle):

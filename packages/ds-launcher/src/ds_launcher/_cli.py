@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -79,23 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(launcher options, [script, *script args]). An explicit `--` may precede the script."""
+    """(launcher options, [script, *script args]). An explicit `--` may precede the script.
+
+    Option values are glued to their option (`--launcher_args=-v`, `-Hfile`) so that argparse
+    accepts values that start with '-', such as `--launcher_args --oversubscribe`.
+    """
     takes_value = {
         flag: kwargs.get("action") not in ("store_true", "version")
         for flags, kwargs in _OPTIONS
         for flag in flags
     }
+    options: list[str] = []
     i = 0
     while i < len(argv):
         word = argv[i]
         if word == "--":
-            return argv[:i], argv[i + 1 :]
+            return options, argv[i + 1 :]
         if not word.startswith("-") or word == "-":
-            return argv[:i], argv[i:]
-        name = word.split("=", 1)[0]
+            return options, argv[i:]
         # Unknown options stay with the launcher's part: argparse reports them.
-        i += 2 if takes_value.get(name, False) and "=" not in word else 1
-    return argv, []
+        if takes_value.get(word, False) and i + 1 < len(argv):
+            glue = "=" if word.startswith("--") else ""
+            options.append(word + glue + argv[i + 1])
+            i += 2
+        else:
+            options.append(word)
+            i += 1
+    return options, []
 
 
 def free_port() -> int:
@@ -189,6 +200,13 @@ def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str])
     )
     if ns.module and ns.no_python:
         raise LauncherError("--module and --no_python cannot be used together")
+    if not 0 <= master_port <= 65535:
+        raise LauncherError(f"--master_port must be a TCP port (1-65535), got {master_port}")
+    if runner == "local" and ns.launcher_args.strip():
+        raise LauncherError(
+            "--launcher_args is for the ssh, pdsh, openmpi, mpich and slurm runners; "
+            "this run uses the local runner, which has no command to pass them to"
+        )
     if ns.max_restarts < 0:
         raise LauncherError(f"--max_restarts must be 0 or more, got {ns.max_restarts}")
     return _Resolved(plan, accel, runner, node_rank, exports, ns.master_port is not None)
@@ -272,8 +290,6 @@ def launch(argv: list[str]) -> int:
     ns = build_parser().parse_args(options)
     r = resolve(ns, program, dict(os.environ))
     try:
-        import shlex
-
         launcher_args = tuple(shlex.split(ns.launcher_args))
     except ValueError as exc:
         raise LauncherError(f"--launcher_args {ns.launcher_args!r}: {exc}") from None

@@ -242,9 +242,9 @@ def run_group(
             if code != 0:
                 name = running[index].member.name
                 result = GroupResult(Outcome.MEMBER_FAILED, exit_code_of(code), name)
+                stopping = f"; stopping the other {remaining} process(es)" if remaining else ""
                 err.write(
-                    f"ds-launch: {name} exited with code {exit_code_of(code)}; "
-                    f"stopping the other {remaining} process(es)\n".encode()
+                    f"ds-launch: {name} exited with code {exit_code_of(code)}{stopping}\n".encode()
                 )
         if result is None and stop.is_set() and len(running) < len(members):
             code = 128 + stop.signum if stop.signum else 1
