@@ -35,7 +35,7 @@ def test_shape_disagreement_is_an_error():
         plan_writes([_held(0, 0, 0, 10), _held(1, 0, 0, 12, shape=(12,))])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 60),
     st.lists(
@@ -52,7 +52,7 @@ def test_every_element_written_exactly_once(total, raw):
     held.append(_held(9, 99, 0, total, shape=(total,)))  # guarantees coverage
     plan = plan_writes(held)
     count = [0] * total
-    for rank, pieces in plan.items():
+    for pieces in plan.values():
         for p in pieces:
             h = next(h for h in held if h.rank == p.rank and h.index == p.index)
             assert h.offset <= p.offset and p.offset + p.numel <= h.offset + h.numel

@@ -315,7 +315,8 @@ def import_deepspeed(
                 for pg in inner.get("param_groups", [])
             ]
     frags += _model_extras(model, stage, groups, world, tdir)
-    for alias, src in (model.get("shared_params") or {}).items():
+    shared = dict(model.get("shared_params") or {})
+    for alias, src in shared.items():
         # A tied weight is stored under its alias too, so either name loads.
         if not any(f.name == alias for f in frags):
             frags += [
@@ -331,7 +332,7 @@ def import_deepspeed(
     ds_info["ds_config"] = _json_or_skip("ds_config", model.get("ds_config"))
     ds_info["lr_scheduler"] = _json_or_skip("lr_scheduler", model.get("lr_scheduler"))
     ds_info["param_groups"] = _json_or_skip("param_groups", hyper)
-    ds_info["shared_params"] = dict(model.get("shared_params") or {})
+    ds_info["shared_params"] = shared
     client: dict[str, Any] = {"deepspeed": ds_info}
     for k, v in model.items():
         if k not in _DS_MODEL_KEYS:
@@ -372,7 +373,11 @@ def _model_extras(
             shape = _shape(shape)
             flat = torch.cat([p[name].reshape(-1) for p in per_rank])[: math.prod(shape)]
             out.append(Fragment.whole(name, flat.reshape(shape)))
-    elif frozen:
-        for name in frozen:
-            out.append(Fragment.whole(name, module[name]))
+    elif stage is not None and stage <= 2:
+        # Stage 1/2 keep whole weights in `module`; what is neither trained nor a buffer is
+        # frozen (frozen_param_shapes is often None there).
+        buffers = set(model.get("buffer_names") or [])
+        for name, t in module.items():
+            if name not in trainable and name not in buffers:
+                out.append(Fragment.whole(name, t))
     return out
