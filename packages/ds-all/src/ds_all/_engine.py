@@ -1,0 +1,350 @@
+"""The training engine: thin orchestration over ds_zero (the model and optimizer), ds_ckpt
+(checkpoints), the schedules and the monitors. The work stays in the packages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ds_ckpt
+import ds_zero
+from ds_accel import get_accelerator
+from ds_all._config import DeepSpeedConfig
+from ds_all._config_base import ConfigError
+from ds_all._monitor import MonitorMaster
+from ds_all._optimizers import build_optimizer
+from ds_all._schedulers import build_scheduler
+from ds_all._timers import Timers
+
+log = logging.getLogger("ds_all")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
+    zc = cfg.zero_config()
+    if hasattr(zc, "to_options"):
+        base = zc.to_options()
+    else:
+        base = ds_zero.ZeroOptions(stage=int(getattr(zc, "stage", 0)))
+    param_dtype = (
+        torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
+    )
+    reduce_dtype = (
+        _DTYPES[cfg.communication_data_type] if cfg.communication_data_type else torch.float32
+    )
+    loss_scaling = None
+    if cfg.fp16.enabled:
+        f = cfg.fp16
+        loss_scaling = ds_zero.LossScaleOptions(
+            loss_scale=f.loss_scale, initial_scale_power=f.initial_scale_power,
+            loss_scale_window=f.loss_scale_window, hysteresis=f.hysteresis,
+            consecutive_hysteresis=f.consecutive_hysteresis, min_loss_scale=f.min_loss_scale,
+        )  # fmt: skip
+    import dataclasses
+
+    return dataclasses.replace(
+        base, param_dtype=param_dtype, reduce_dtype=reduce_dtype, gradient_accumulation_steps=gas,
+        gradient_clipping=cfg.gradient_clipping, loss_scaling=loss_scaling,
+    )  # fmt: skip
+
+
+def _count_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Tokens in a batch: elements of the first integer tensor argument (token ids)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dim() >= 2:
+            return a.numel()
+    return 0
+
+
+class DeepSpeedEngine(nn.Module):
+    """``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``; checkpoints through
+    ds_ckpt; LR schedules, throughput and loss lines, monitors."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DeepSpeedConfig,
+        optimizer: torch.optim.Optimizer | Callable[..., Any] | None = None,
+        model_parameters: Any = None,
+        lr_scheduler: Any = None,
+        dp_group: Any = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.accelerator = get_accelerator()
+        self.dp_group = dp_group
+        initialized = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(dp_group) if initialized else 1
+        self.global_rank = dist.get_rank() if initialized else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self._train_batch, self._micro, self._gas = config.resolve_batch(self.world_size)
+        if self.accelerator.name == "cuda":
+            self.accelerator.set_device(self.local_rank % max(1, self.accelerator.device_count()))
+        self.device = torch.device(self.accelerator.current_device_name())
+        model.to(self.device)
+        basic = self._build_optimizer(model, optimizer, model_parameters)
+        self.zero = ds_zero.wrap(model, basic, _zero_options(config, self._gas), dp_group=dp_group)
+        self.module = model
+        self.optimizer = basic
+        self.lr_scheduler = self._build_scheduler(lr_scheduler)
+        self.timers = Timers(config.wall_clock_breakdown)
+        self.monitor = MonitorMaster(config, self.global_rank)
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._step_applied = False
+        self._losses: list[torch.Tensor] = []
+        self._tokens = 0
+        self._window_start = time.perf_counter()
+        self._window_samples = 0
+        self._window_tokens = 0
+        self._last_loss: float | None = None
+
+    # ---------------------------------------------------------------- construction
+    def _build_optimizer(
+        self, model: nn.Module, optimizer: Any, model_parameters: Any
+    ) -> torch.optim.Optimizer:
+        cfg = self.config.optimizer
+        if optimizer is not None and cfg is not None:
+            raise ConfigError("an optimizer was passed to initialize() and the config has an "
+                              "\"optimizer\" section too; keep only one of them")  # fmt: skip
+        params = model_parameters if model_parameters is not None else model.parameters()
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        if callable(optimizer):
+            return optimizer(params)
+        if cfg is None:
+            raise ConfigError("no optimizer: pass optimizer= to initialize() or add an \"optimizer\" "
+                              "section ({\"type\": \"AdamW\", \"params\": {\"lr\": 1e-3}}) to the config")  # fmt: skip
+        return build_optimizer(cfg.type, cfg.params, params, self.accelerator.name)
+
+    def _build_scheduler(self, lr_scheduler: Any) -> Any:
+        cfg = self.config.scheduler
+        if lr_scheduler is not None:
+            if cfg is not None:
+                raise ConfigError("an lr_scheduler was passed to initialize() and the config has a "
+                                  "\"scheduler\" section too; keep only one of them")  # fmt: skip
+            return (
+                lr_scheduler(self.optimizer)
+                if callable(lr_scheduler) and not hasattr(lr_scheduler, "step")
+                else lr_scheduler
+            )
+        if cfg is None:
+            return None
+        return build_scheduler(cfg.type, self.optimizer, cfg.params)
+
+    # ---------------------------------------------------------------- batch facts
+    def train_batch_size(self) -> int:
+        return self._train_batch
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._micro
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._gas
+
+    def zero_optimization_stage(self) -> int:
+        return self.zero.options.stage
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self.zero.grad_norm
+
+    def was_step_applied(self) -> bool:
+        return self._step_applied
+
+    @property
+    def loss_scale(self) -> float:
+        return self.zero.loss_scale
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True when the coming ``step()`` ends an accumulation window."""
+        return (self.micro_steps + 1) % self._gas == 0
+
+    # ---------------------------------------------------------------- training
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.timers.start("forward")
+        if self.module.training:
+            self._tokens += _count_tokens(args, kwargs)
+        out = self.zero(*args, **kwargs)
+        self.timers.stop("forward")
+        return out
+
+    def backward(
+        self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True
+    ) -> torch.Tensor:
+        """Backward of ``loss`` (divided by the accumulation steps, as DeepSpeed does)."""
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(f"engine.backward expects a scalar loss tensor, got "
+                             f"{getattr(loss, 'shape', type(loss).__name__)}")  # fmt: skip
+        if retain_graph or not scale_wrt_gas:
+            raise NotImplementedError(
+                "engine.backward: retain_graph and scale_wrt_gas=False are not supported"
+            )
+        self.timers.start("backward")
+        self._losses.append(loss.detach())
+        self.zero.backward(loss)
+        self.timers.stop("backward")
+        return loss
+
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        """Optimizer step at the accumulation boundary (clipping, loss scale, scheduler)."""
+        self.timers.start("step")
+        boundary = self.is_gradient_accumulation_boundary()
+        applied = self.zero.step()
+        self.micro_steps += 1
+        self._step_applied = applied
+        if boundary:
+            if applied:
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step(**(lr_kwargs or {}))
+            else:
+                self.skipped_steps += 1
+            self.global_steps += 1
+            self.global_samples += self._train_batch
+            self._window_samples += self._train_batch
+            self._window_tokens += self._tokens * self.world_size
+            self._tokens = 0
+            self._after_boundary()
+        self.timers.stop("step")
+
+    def _after_boundary(self) -> None:
+        spp = self.config.steps_per_print
+        losses, self._losses = self._losses, []
+        loss = torch.stack(losses).float().mean() if losses else None
+        if loss is not None and (self.global_steps % spp == 0 or self.monitor.enabled):
+            if self.world_size > 1:
+                loss = loss.to(self.device)
+                dist.all_reduce(loss, group=self.dp_group)
+                loss = loss / self.world_size
+            self._last_loss = float(loss)
+            self.monitor.write_events([
+                ("Train/Samples/train_loss", self._last_loss, self.global_samples),
+                ("Train/Samples/lr", self.get_lr()[0], self.global_samples),
+            ])  # fmt: skip
+        if self.global_steps % spp == 0 and self.global_rank == 0:
+            elapsed = max(1e-9, time.perf_counter() - self._window_start)
+            parts = [f"step {self.global_steps}"]
+            if self._last_loss is not None:
+                parts.append(f"loss {self._last_loss:.4f}")
+            parts.append(f"lr {self.get_lr()[0]:.3e}")
+            parts.append(f"{self._window_samples / elapsed:.1f} samples/s")
+            if self._window_tokens:
+                parts.append(f"{self._window_tokens / elapsed:.0f} tokens/s")
+            if self.zero.grad_norm is not None:
+                parts.append(f"grad_norm {self.zero.grad_norm:.3f}")
+            if self.config.fp16.enabled:
+                parts.append(f"loss_scale {self.loss_scale:g} skipped {self.skipped_steps}")
+            log.info(" | ".join(parts))
+            if self.timers.enabled:
+                log.info(self.timers.summary())
+                self.timers.reset()
+            self._window_start = time.perf_counter()
+            self._window_samples = self._window_tokens = 0
+
+    def train(self, mode: bool = True) -> DeepSpeedEngine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> DeepSpeedEngine:
+        return self.train(False)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _engine_state(self) -> dict[str, Any]:
+        return {
+            "global_steps": self.global_steps,
+            "global_samples": self.global_samples,
+            "micro_steps": self.micro_steps,
+            "skipped_steps": self.skipped_steps,
+            "zero_global_steps": self.zero.global_steps,
+            "lr_scheduler": self.lr_scheduler.state_dict()
+            if self.lr_scheduler is not None
+            else None,
+            "loss_scaler": self.zero.scaler.state_dict(),
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ],
+            "world_size": self.world_size,
+            "zero_stage": self.zero.options.stage,
+        }
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:  # fmt: skip
+        """Every rank writes its fragments; rank 0 commits the tag and moves ``latest``."""
+        del exclude_frozen_parameters
+        tag = tag or f"global_step{self.global_steps}"
+        state = {"client_state": dict(client_state or {}), "engine": self._engine_state()}
+        ds_ckpt.save(
+            save_dir, str(tag), self.zero.state_fragments(), state, group=self.dp_group,
+            async_=self.config.checkpoint.async_save, rank_state=ds_ckpt.capture_rng_state(),
+            update_latest=save_latest,
+        )  # fmt: skip
+        return True
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False) -> tuple[str | None, dict[str, Any] | None]:  # fmt: skip
+        """Load ``tag`` (default: latest) at this run's layout, whatever layout saved it.
+        Returns (path, client_state), or (None, None) when there is no checkpoint."""
+        del load_module_strict
+        try:
+            tag_dir, _manifest = ds_ckpt.open_checkpoint(load_dir, tag)
+        except ds_ckpt.CheckpointNotFoundError:
+            if tag is not None:
+                raise
+            log.warning("load_checkpoint: no checkpoint under %s; starting from scratch", load_dir)
+            return None, None
+        resolved = os.path.basename(tag_dir)
+        weights_only = load_module_only or not load_optimizer_states
+        state: dict[str, Any] = {}
+
+        def fill(frags: list[Any]) -> None:
+            want = [f for f in frags if not (weights_only and f.name.startswith("optimizer."))]
+            state.update(
+                ds_ckpt.load(
+                    load_dir, resolved, want, verify_hashes=self.config.checkpoint.verify_hashes
+                )
+                or {}
+            )
+
+        self.zero.load_state_fragments(fill)
+        eng = state.get("engine", {})
+        if not load_module_only:
+            self.global_steps = int(eng.get("global_steps", 0))
+            self.global_samples = int(eng.get("global_samples", 0))
+            self.micro_steps = int(eng.get("micro_steps", 0))
+            self.skipped_steps = int(eng.get("skipped_steps", 0))
+            self.zero.global_steps = int(eng.get("zero_global_steps", self.global_steps))
+            if load_optimizer_states:
+                for g, saved in zip(self.optimizer.param_groups, eng.get("param_groups", [])):
+                    g.update(
+                        {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()}
+                    )
+                if eng.get("loss_scaler") and hasattr(self.zero.scaler, "load_state_dict"):
+                    self.zero.scaler.load_state_dict(eng["loss_scaler"])
+            if (
+                load_lr_scheduler_states
+                and self.lr_scheduler is not None
+                and eng.get("lr_scheduler") is not None
+            ):
+                self.lr_scheduler.load_state_dict(eng["lr_scheduler"])
+            rng = ds_ckpt.load_rank_state(load_dir, resolved, self.global_rank)
+            if rng is not None:
+                ds_ckpt.restore_rng_state(rng)
+        return tag_dir, state.get("client_state", {})
+
+    def close(self) -> None:
+        ds_ckpt.finalize()
+        self.monitor.close()
+        self.zero.close()

@@ -1,0 +1,98 @@
+"""``initialize()`` and ``add_config_arguments()``: DeepSpeed's entry points."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from ds_all._config import DeepSpeedConfig
+from ds_all._config_base import ConfigError
+from ds_all._dataloader import make_dataloader
+from ds_all._engine import DeepSpeedEngine
+
+log = logging.getLogger("ds_all")
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[ds_all] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def init_distributed(dist_backend: str | None = None, **kwargs: Any) -> None:
+    """Initialise torch.distributed through ds_comm when the process was launched as a rank
+    (ds-launch, torchrun, mpirun, srun); a lone process runs with a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    from ds_comm import init_distributed as _init
+
+    _init(dist_backend=dist_backend, **kwargs)
+
+
+def _launched() -> bool:
+    env = os.environ
+    return (
+        "RANK" in env or "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "SLURM_PROCID" in env
+    )
+
+
+def initialize(
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
+    config: Any = None,
+    config_params: Any = None,
+) -> tuple[DeepSpeedEngine, Any, Any, Any]:
+    """Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as DeepSpeed does."""
+    _setup_logging()
+    if model is None:
+        raise ValueError("initialize(): model is required")
+    if config is None:
+        config = config_params
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ConfigError(
+            "initialize(): no config; pass config=<path or dict> or args with --deepspeed_config"
+        )
+    cfg = DeepSpeedConfig.load(config)
+    if dist_init_required is None:
+        dist_init_required = _launched()
+    if dist_init_required:
+        init_distributed()
+    dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+    engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group)
+    loader = None
+    if training_data is not None:
+        loader = make_dataloader(training_data, engine.train_micro_batch_size_per_gpu(), engine.world_size,
+                                 dist.get_rank(dp_group) if engine.world_size > 1 else 0, collate_fn)  # fmt: skip
+    return engine, engine.optimizer, loader, engine.lr_scheduler
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add DeepSpeed's ``--deepspeed`` and ``--deepspeed_config`` flags to a parser."""
+    group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
+    group.add_argument(
+        "--deepspeed", default=False, action="store_true", help="enable DeepSpeed (ds_all)"
+    )
+    group.add_argument(
+        "--deepspeed_config", default=None, type=str, help="DeepSpeed JSON config file"
+    )
+    group.add_argument("--deepscale", default=False, action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--deepscale_config", default=None, type=str, help=argparse.SUPPRESS)
+    return parser

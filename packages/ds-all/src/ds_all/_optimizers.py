@@ -1,0 +1,102 @@
+"""Building the optimizer named by the config's ``optimizer {type, params}`` section."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ds_all._config_base import ConfigError
+
+# DeepSpeed's names (lower-cased) -> how to build them.
+_DS_NAMES = ("adam", "adamw", "lamb", "lion", "adagrad", "onebitadam", "onebitlamb", "zerooneadam")
+
+
+def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
+    out = {}
+    for name in dir(torch.optim):
+        obj = getattr(torch.optim, name)
+        if (
+            inspect.isclass(obj)
+            and issubclass(obj, torch.optim.Optimizer)
+            and obj is not torch.optim.Optimizer
+        ):
+            out[name.lower()] = obj
+    return out
+
+
+def _from_module(module: str, name: str) -> type | None:
+    try:
+        mod = __import__(module, fromlist=[name])
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
+
+
+def _check_params(cls: Any, params: dict[str, Any], type_name: str) -> None:
+    sig = inspect.signature(cls.__init__)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    accepted = [n for n in sig.parameters if n not in ("self", "params")]
+    for key in params:
+        if key not in accepted:
+            near = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"accepted: {', '.join(accepted)}"
+            raise ConfigError(
+                f"optimizer.params.{key}: not a parameter of {type_name} ({cls.__name__}); {hint}"
+            )
+
+
+def build_optimizer(type_name: str, params: dict[str, Any], model_parameters: Iterable[Any],
+                    device_type: str) -> torch.optim.Optimizer:  # fmt: skip
+    """An optimizer over ``model_parameters`` from DeepSpeed's optimizer type and params.
+
+    Adam follows DeepSpeed: ``adam_w_mode`` (default true) selects decoupled weight decay,
+    ``torch_adam`` asks for torch's implementation. Lamb and Lion come from ds-kernels, the
+    1-bit optimizers from ds-comm; any other name is looked up in torch.optim.
+    """
+    params = dict(params)
+    key = type_name.lower().replace("_", "")
+    torch_opts = _torch_optimizers()
+    if key in ("adam", "adamw"):
+        adam_w_mode = (
+            params.pop("adam_w_mode", True) if key == "adam" else params.pop("adam_w_mode", True)
+        )
+        params.pop("torch_adam", None)
+        params.pop("fused", None)
+        cls = torch.optim.AdamW if (adam_w_mode or key == "adamw") else torch.optim.Adam
+        if device_type == "cuda":
+            params.setdefault("fused", True)
+        _check_params(cls, params, type_name)
+        return cls(model_parameters, **params)
+    if key in ("lamb", "lion"):
+        cls = _from_module("ds_kernels", "FusedLamb" if key == "lamb" else "FusedLion")
+        if cls is None:
+            raise ConfigError(
+                f"optimizer.type {type_name!r} needs ds-kernels (pip install ds-kernels)"
+            )
+        _check_params(cls, params, type_name)
+        return cls(model_parameters, **params)
+    if key in ("onebitadam", "onebitlamb", "zerooneadam"):
+        name = {
+            "onebitadam": "OneBitAdam",
+            "onebitlamb": "OneBitLamb",
+            "zerooneadam": "ZeroOneAdam",
+        }[key]
+        cls = _from_module("ds_comm", name)
+        if cls is None:
+            raise ConfigError(f"optimizer.type {type_name!r} needs ds-comm's {name}")
+        _check_params(cls, params, type_name)
+        return cls(model_parameters, **params)
+    if key in torch_opts:
+        cls = torch_opts[key]
+        _check_params(cls, params, type_name)
+        return cls(model_parameters, **params)
+    known = sorted({"Adam", "AdamW", "Lamb", "Lion", "Adagrad", "OneBitAdam", "OneBitLamb", "ZeroOneAdam"}
+                   | {c.__name__ for c in torch_opts.values()})  # fmt: skip
+    near = difflib.get_close_matches(type_name, known, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(known)}"
+    raise ConfigError(f"optimizer.type {type_name!r} is not a known optimizer; {hint}")
