@@ -14,6 +14,7 @@ from ds_offload._config import (
 )
 from ds_offload._errors import AioError, NvmePathError, OffloadWarning
 from ds_offload._pinned import aligned_empty, memlock_limit
+from ds_offload._stepper import OffloadStepper
 from ds_offload._version import __version__
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "OffloadDevice",
     "OffloadOptimizerConfig",
     "OffloadParamConfig",
+    "OffloadStepper",
     "OffloadWarning",
     "__version__",
     "aligned_empty",

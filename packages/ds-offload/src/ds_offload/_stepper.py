@@ -1,0 +1,325 @@
+"""``OffloadStepper``: ZeRO's optimizer-state placement on the CPU or NVMe (ZeRO-Offload).
+
+It implements ds_zero's ``PartitionStepper`` protocol structurally (ds_offload does not import
+ds_zero): ``setup(partitions, group_options)``, ``grad_ready(index, grad)``, ``step(grads)``,
+``state_tensors(index)``, ``state_loaded()`` and the attribute ``masters_on_device``.
+
+One step, per offloaded partition, in order: its reduced gradient is copied to a pinned host
+buffer on a side stream (all copies are queued first, so they run while the CPU works on earlier
+partitions); the CPU Adam of ds_kernels updates the fp32 master and states in one pass and writes
+the compute-dtype result into a pinned buffer; that buffer is copied back into the partition's
+parameter shard on another side stream while the CPU moves on to the next partition. With NVMe,
+the partition's state is read ahead and written back behind the update (see ``_state``).
+
+``ratio`` < 1 keeps the last partitions (by element count) on the device, updated there by
+torch's AdamW: partial offload trades device memory for CPU time.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from ds_offload._config import AioConfig, OffloadDevice, OffloadOptimizerConfig
+from ds_offload._copies import Copier
+from ds_offload._hparams import check_kind, read_hparams
+from ds_offload._pinned import aligned_empty
+from ds_offload._state import CpuStore, NvmeStore
+
+
+class _Partition(Protocol):
+    """ds_zero.MasterPartition, structurally."""
+
+    index: int
+    group_index: int
+    master: torch.Tensor
+    param_shard: torch.Tensor | None
+
+
+class Phase(enum.Enum):
+    """Where the stepper is within one optimizer step."""
+
+    IDLE = "idle"  # between steps: host grad buffers hold nothing of value
+    GRADS_ARRIVING = "grads_arriving"  # grad_ready calls are copying gradients to the host
+
+
+class OffloadStepper:
+    """Optimizer state of ZeRO's fp32 partitions held on the CPU or NVMe, stepped by CPU Adam.
+
+    config: an ``offload_optimizer`` section (model or dict: device cpu|nvme, nvme_path,
+        pin_memory, ratio, buffer_count, ...).
+    optimizer: "adamw" (decoupled weight decay) or "adam" (L2); a group option
+        ``decoupled_weight_decay`` overrides it per group.
+    aio: the ``aio`` section used for NVMe swapping.
+    defaults: hyper-parameters for keys the group options lack (lr, betas, eps, weight_decay).
+    num_threads: CPU Adam threads (0: torch.get_num_threads()).
+    """
+
+    masters_on_device = False
+    accepts_grad_scale = True
+
+    def __init__(
+        self,
+        config: OffloadOptimizerConfig | dict[str, Any] | None = None,
+        *,
+        optimizer: str = "adamw",
+        aio: AioConfig | dict[str, Any] | None = None,
+        defaults: dict[str, Any] | None = None,
+        num_threads: int = 0,
+    ) -> None:
+        if not isinstance(config, OffloadOptimizerConfig):
+            config = OffloadOptimizerConfig.from_dict(
+                config if config is not None else {"device": "cpu"},
+                "zero_optimization.offload_optimizer",
+            )
+        if not config.enabled:
+            raise ValueError(
+                "OffloadStepper: zero_optimization.offload_optimizer.device is 'none'; set it to "
+                "'cpu' or 'nvme' (or do not use an offload stepper)"
+            )
+        if not isinstance(aio, AioConfig):
+            aio = AioConfig.from_dict(aio, "aio")
+        self.config = config
+        self.aio_config = aio
+        self.kind = check_kind(optimizer)
+        self.defaults = dict(defaults or {})
+        self.num_threads = num_threads
+        self.partitions: list[_Partition] = []
+        self.group_options: Sequence[dict[str, Any]] = []
+        self.offloaded: list[int] = []  # partition indices stepped on the CPU
+        self.on_device: list[int] = []  # partition indices kept on the device (ratio < 1)
+        self.steps: dict[int, torch.Tensor] = {}  # per partition, 1-element fp32 step count
+        self.store: CpuStore | NvmeStore
+        self._grad_host: dict[int, torch.Tensor] = {}
+        self._lp_host: dict[int, torch.Tensor] = {}
+        self._grad_events: dict[int, Any] = {}
+        self._device_optim: torch.optim.Optimizer | None = None
+        self._copier: Copier | None = None
+        self._phase = Phase.IDLE
+        self._op: Any = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(
+        self, partitions: Sequence[_Partition], group_options: Sequence[dict[str, Any]]
+    ) -> None:
+        from ds_kernels import load
+
+        self._op = load("cpu_optim")
+        self.partitions = list(partitions)
+        self.group_options = group_options
+        for part in self.partitions:
+            if part.group_index >= len(group_options):
+                raise ValueError(
+                    f"OffloadStepper.setup: partition {part.index} is in param group "
+                    f"{part.group_index} but only {len(group_options)} group options were given"
+                )
+            read_hparams(self.kind, group_options[part.group_index], self.defaults)  # validate
+        devices = {p.master.device for p in self.partitions}
+        if len(devices) > 1:
+            raise ValueError(f"OffloadStepper: partitions live on several devices: {devices}")
+        self._copier = Copier(next(iter(devices)) if devices else torch.device("cpu"))
+        self._split_by_ratio()
+        pin = self.config.pin_memory
+        if self.config.device is OffloadDevice.nvme:
+            self.store = NvmeStore(
+                self.config.nvme_path, self.config.buffer_count, pin, self.aio_config
+            )  # type: ignore[arg-type]
+        else:
+            self.store = CpuStore(pin)
+        by_index = {p.index: p for p in self.partitions}
+        for i in self.offloaded:
+            part = by_index[i]
+            master_host = part.master.detach().reshape(-1).to("cpu", torch.float32)
+            self.store.add(i, master_host)
+            n = part.master.numel()
+            self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
+            shard = part.param_shard
+            if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
+                self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
+        if isinstance(self.store, NvmeStore):
+            self.store.finish_setup()
+        for part in self.partitions:
+            self.steps[part.index] = torch.zeros(1, dtype=torch.float32)
+        self._setup_device_optimizer(by_index)
+
+    def _split_by_ratio(self) -> None:
+        total = sum(p.master.numel() for p in self.partitions)
+        budget = self.config.ratio * total
+        done = 0
+        self.offloaded, self.on_device = [], []
+        for part in self.partitions:
+            n = part.master.numel()
+            # offload a partition while at least half of it fits in the remaining budget
+            if done + n / 2 <= budget and self.config.ratio > 0:
+                self.offloaded.append(part.index)
+                done += n
+            else:
+                self.on_device.append(part.index)
+
+    def _setup_device_optimizer(self, by_index: dict[int, _Partition]) -> None:
+        if not self.on_device:
+            return
+        groups: dict[int, list[torch.Tensor]] = {}
+        for i in self.on_device:
+            groups.setdefault(by_index[i].group_index, []).append(by_index[i].master)
+        param_groups = [{"params": ps, "_gi": gi} for gi, ps in groups.items()]
+        opt = torch.optim.AdamW(param_groups, lr=1e-3)
+        for i in self.on_device:
+            # state made now so that the step counter is shared with ``self.steps``
+            master = by_index[i].master
+            opt.state[master] = {
+                "step": self.steps[i].view(()),
+                "exp_avg": torch.zeros_like(master),
+                "exp_avg_sq": torch.zeros_like(master),
+            }
+        self._device_optim = opt
+
+    # ------------------------------------------------------------------ per step
+    def grad_ready(self, index: int, grad: torch.Tensor, early_copy: bool = False) -> None:
+        """Called as partition ``index``'s reduced gradient is final. With ``early_copy`` (a
+        caller that will pass ``grad_scale`` to ``step`` instead of scaling gradients in place)
+        the device-to-host copy starts now, overlapping the rest of backward."""
+        if self._phase is Phase.IDLE and isinstance(self.store, NvmeStore):
+            self.store.prefetch(self.offloaded)  # NVMe reads overlap the rest of backward
+        self._phase = Phase.GRADS_ARRIVING
+        if early_copy and index in self._grad_host:
+            assert self._copier is not None
+            self._grad_events[index] = self._copier.to_host(self._grad_host[index], grad)
+
+    @torch.no_grad()
+    def step(
+        self, grads: Sequence[torch.Tensor], grad_scale: float | torch.Tensor | None = None
+    ) -> None:
+        """Update every partition with its final gradient (same order as the partitions) and
+        write the results into ``param_shard`` (or into ``master`` where ``param_shard`` is
+        None). ``grad_scale``: a factor the gradients still need (unscale and clip), applied on
+        the host; with it, copies started by ``grad_ready(early_copy=True)`` are reused."""
+        if len(grads) != len(self.partitions):
+            raise ValueError(
+                f"OffloadStepper.step: got {len(grads)} gradients for {len(self.partitions)} "
+                "partitions (pass one per partition, in partition order)"
+            )
+        assert self._copier is not None
+        copier = self._copier
+        by_index = {p.index: (p, g) for p, g in zip(self.partitions, grads)}
+        for i in self.offloaded:
+            part, g = by_index[i]
+            if g.numel() != part.master.numel():
+                raise ValueError(
+                    f"OffloadStepper.step: gradient {i} has {g.numel()} elements, its partition "
+                    f"{part.master.numel()}"
+                )
+        scale = None if grad_scale is None else float(grad_scale)
+        # 1. queue every gradient copy (those not already started by grad_ready)
+        for i in self.offloaded:
+            if scale is None or i not in self._grad_events:
+                self._grad_events[i] = copier.to_host(self._grad_host[i], by_index[i][1])
+        if isinstance(self.store, NvmeStore) and self._phase is Phase.IDLE:
+            self.store.prefetch(self.offloaded)
+        # 2. device-resident partitions (ratio < 1) step on the device meanwhile
+        self._step_on_device(by_index, scale)
+        # 3. CPU Adam per partition as its gradient lands; results stream back
+        try:
+            for i in self.offloaded:
+                part, _ = by_index[i]
+                copier.wait(self._grad_events.pop(i))
+                grad = self._grad_host[i]
+                if scale is not None and scale != 1.0:
+                    grad.mul_(scale)
+                state = self.store.acquire(i)
+                self._cpu_adam(part, state, grad)
+                self._write_back(part, state)
+                self.store.release(i)
+            self.store.flush()
+        finally:
+            self._grad_events.clear()
+            self._phase = Phase.IDLE
+        copier.finish()
+
+    def _cpu_adam(
+        self, part: _Partition, state: dict[str, torch.Tensor], grad: torch.Tensor
+    ) -> None:
+        h = read_hparams(self.kind, self.group_options[part.group_index], self.defaults)
+        step = self.steps[part.index]
+        step += 1
+        bc1, bc2 = h.bias_corrections(int(step.item()))
+        lp = self._lp_host.get(part.index)
+        self._op.adam(
+            [state["master"]], [grad], [state["exp_avg"]], [state["exp_avg_sq"]],
+            [lp] if lp is not None else None,
+            lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
+            decoupled=h.decoupled, bias_correction1=[bc1], bias_correction2_sqrt=[bc2],
+            num_threads=self.num_threads,
+        )  # fmt: skip
+
+    def _write_back(self, part: _Partition, state: dict[str, torch.Tensor]) -> None:
+        assert self._copier is not None
+        lp = self._lp_host.get(part.index)
+        if part.param_shard is not None:
+            dst = part.param_shard.reshape(-1)
+            src = lp if lp is not None else state["master"]
+        else:
+            # fp32 stages 0-2: ZeRO's master is the parameter storage itself
+            dst, src = part.master.reshape(-1), state["master"]
+        if isinstance(self.store, NvmeStore) and not self._copier.is_cpu and lp is None:
+            # the NVMe slot buffer is reused right after: copy synchronously from it
+            dst.copy_(src)
+        else:
+            self._copier.to_device(dst, src)
+
+    def _step_on_device(
+        self, by_index: dict[int, tuple[_Partition, torch.Tensor]], scale: float | None
+    ) -> None:
+        opt = self._device_optim
+        if opt is None:
+            return
+        for g in opt.param_groups:
+            h = read_hparams(self.kind, self.group_options[g["_gi"]], self.defaults)
+            g.update(lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps, weight_decay=h.weight_decay)
+            if not h.decoupled and h.weight_decay:
+                raise ValueError("ratio < 1 supports AdamW only (decoupled weight decay)")
+        for i in self.on_device:
+            part, grad = by_index[i]
+            part.master.grad = grad if scale is None else grad * scale
+        opt.step()
+        for i in self.on_device:
+            part, _ = by_index[i]
+            part.master.grad = None
+            if part.param_shard is not None:
+                part.param_shard.reshape(-1).copy_(part.master.reshape(-1))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Live tensors: "master", "exp_avg", "exp_avg_sq" (the master's numel) and "step"
+        (1 element). Fill them in place, then call ``state_loaded``."""
+        if index in self.on_device:
+            part = next(p for p in self.partitions if p.index == index)
+            assert self._device_optim is not None
+            st = self._device_optim.state[part.master]
+            return {
+                "master": part.master,
+                "exp_avg": st["exp_avg"],
+                "exp_avg_sq": st["exp_avg_sq"],
+                "step": self.steps[index],
+            }
+        return {**self.store.tensors(index), "step": self.steps[index]}
+
+    @torch.no_grad()
+    def state_loaded(self) -> None:
+        """Checkpoint data was written into ``state_tensors``: refresh parameters from it."""
+        for part in self.partitions:
+            if part.index in self.offloaded:
+                master = self.store.tensors(part.index)["master"]
+            else:
+                master = part.master.reshape(-1)
+            dst = part.param_shard if part.param_shard is not None else part.master
+            if dst.data_ptr() != master.data_ptr():
+                dst.reshape(-1).copy_(master)
+        self.store.loaded()
+
+    def close(self) -> None:
+        """Release host buffers and remove NVMe swap files."""
+        self.store.close()

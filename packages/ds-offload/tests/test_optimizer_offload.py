@@ -1,0 +1,191 @@
+"""Optimizer offload (CPU and NVMe) trains to the same parameters as torch's AdamW."""
+
+import pytest
+import torch
+from _zero_like import FlatDriver, offload_train, reference_params, tiny_model
+
+from ds_offload import OffloadStepper
+
+STEPS = 5
+LR = 1e-2
+
+
+def _reference(steps=STEPS, world=1, groups=None, kind="adamw"):
+    model = tiny_model()
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    params = groups(model) if groups else model.parameters()
+    opt = cls(params, lr=LR, weight_decay=0.1, foreach=False)
+    return reference_params(model, opt, steps, world)
+
+
+def _config(device, tmp_path, **extra):
+    cfg = {"device": device, **extra}
+    if device == "nvme":
+        cfg["nvme_path"] = str(tmp_path)
+    return cfg
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+@pytest.mark.parametrize("nparts", [1, 3])
+def test_matches_torch_adamw(tmp_path, device, nparts):
+    stepper = OffloadStepper(_config(device, tmp_path, buffer_count=2), aio={"block_size": 4096})
+    driver = FlatDriver(tiny_model(), nparts)
+    stepper.setup(
+        driver.parts, [{"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}]
+    )
+    got = offload_train(driver, stepper, STEPS)
+    stepper.close()
+    torch.testing.assert_close(got, _reference(), atol=1e-6, rtol=0)
+
+
+def test_adam_l2_and_param_groups_and_lr_changes(tmp_path):
+    # two groups with different lr / weight decay; the lr of group 1 changes after step 2 (as an
+    # LR scheduler would, through the live group dicts)
+    model = tiny_model()
+    n_first = sum(p.numel() for p in list(model.parameters())[:2])
+
+    def groups(m):
+        ps = list(m.parameters())
+        return [{"params": ps[:2], "lr": LR}, {"params": ps[2:], "lr": LR / 2, "weight_decay": 0.0}]
+
+    ref_model = tiny_model()
+    ref_opt = torch.optim.Adam(groups(ref_model), lr=LR, weight_decay=0.1, foreach=False)
+    from _zero_like import batch
+
+    for s in range(STEPS):
+        ref_opt.zero_grad()
+        x, y = batch(s)
+        torch.nn.functional.mse_loss(ref_model(x), y).backward()
+        ref_opt.step()
+        if s == 2:
+            ref_opt.param_groups[1]["lr"] = LR / 10
+    want = torch.cat([p.detach().reshape(-1) for p in ref_model.parameters()])
+
+    group_opts = [
+        {"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1},
+        {"lr": LR / 2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    ]
+    # partition boundaries on the group boundary: one partition per group
+    driver = FlatDriver(model, 1)
+    n = driver.flat.numel()
+    from _zero_like import Part
+
+    driver.bounds = [(0, n_first), (n_first, n)]
+    driver.owned = [0, 1]
+    driver.parts = [
+        Part(0, 0, driver.flat[:n_first], None),
+        Part(1, 1, driver.flat[n_first:], None),
+    ]
+    stepper = OffloadStepper({"device": "cpu"}, optimizer="adam")
+    stepper.setup(driver.parts, group_opts)
+
+    def change_lr(s):
+        if s == 2:
+            group_opts[1]["lr"] = LR / 10
+
+    got = offload_train(driver, stepper, STEPS, on_step=change_lr)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_partial_offload_ratio(tmp_path, ratio):
+    stepper = OffloadStepper({"device": "cpu", "ratio": ratio})
+    driver = FlatDriver(tiny_model(), 4)
+    stepper.setup(driver.parts, [{"lr": LR, "weight_decay": 0.1}])
+    if ratio == 0.0:
+        assert stepper.offloaded == [] and len(stepper.on_device) == 4
+    else:
+        assert 0 < len(stepper.offloaded) < 4
+    got = offload_train(driver, stepper, STEPS)
+    torch.testing.assert_close(got, _reference(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_low_precision_param_shards(tmp_path, device):
+    stepper = OffloadStepper(_config(device, tmp_path))
+    driver = FlatDriver(tiny_model(), 3, lp_dtype=torch.bfloat16)
+    stepper.setup(driver.parts, [{"lr": LR, "weight_decay": 0.1}])
+    got = offload_train(driver, stepper, 3)
+    # the fp32 master is where the real values are; the shard is its bf16 rounding
+    for part in driver.parts:
+        master = stepper.state_tensors(part.index)["master"]
+        assert part.param_shard.dtype == torch.bfloat16
+        assert torch.equal(part.param_shard, master.to(torch.bfloat16))
+    # the driver's flat fp32 buffer is not touched when shards exist
+    assert torch.equal(got, torch.cat([p.reshape(-1) for p in tiny_model().parameters()]).detach())
+    stepper.close()
+
+
+def test_grad_scale_with_early_copies():
+    # grad_ready(early_copy=True) copies unscaled grads; step(grad_scale=) applies the factor
+    stepper = OffloadStepper({"device": "cpu"})
+    driver = FlatDriver(tiny_model(), 2)
+    stepper.setup(driver.parts, [{"lr": LR, "weight_decay": 0.1}])
+    from _zero_like import batch
+
+    for s in range(STEPS):
+        x, y = batch(s)
+        (torch.nn.functional.mse_loss(driver.model(x), y) * 1024.0).backward()
+        grads = driver.grads()
+        for part, g in zip(driver.parts, grads):
+            stepper.grad_ready(part.index, g, early_copy=True)
+            g.fill_(float("nan"))  # the stepper must not read the device gradient again
+        stepper.step(grads, grad_scale=torch.tensor(1 / 1024.0))
+        driver.sync()
+    torch.testing.assert_close(driver.flat, _reference(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_checkpoint_round_trip_through_state_tensors(tmp_path, device):
+    cfg = {"lr": LR, "weight_decay": 0.1}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = OffloadStepper(_config(device, tmp_path / "a"))
+    da = FlatDriver(tiny_model(), 3)
+    a.setup(da.parts, [cfg])
+    offload_train(da, a, 3)
+    saved = {p.index: {k: v.clone() for k, v in a.state_tensors(p.index).items()} for p in da.parts}
+    assert set(saved[0]) == {"master", "exp_avg", "exp_avg_sq", "step"}
+    assert float(saved[0]["step"]) == 3.0
+    # a fresh stepper over a differently initialised model, loaded from the checkpoint
+    b = OffloadStepper(_config(device, tmp_path / "b"))
+    db = FlatDriver(tiny_model(seed=7), 3)
+    b.setup(db.parts, [cfg])
+    for p in db.parts:
+        for k, t in b.state_tensors(p.index).items():
+            t.copy_(saved[p.index][k])
+    b.state_loaded()
+    assert torch.equal(db.flat, da.flat)
+
+    def cont(driver, stepper):
+        from _zero_like import batch
+
+        for s in range(3, 5):
+            x, y = batch(s)
+            torch.nn.functional.mse_loss(driver.model(x), y).backward()
+            stepper.step(driver.grads())
+            driver.sync()
+        return driver.flat
+
+    torch.testing.assert_close(cont(da, a), cont(db, b), atol=0, rtol=0)
+    torch.testing.assert_close(db.flat, _reference(), atol=1e-6, rtol=0)
+    a.close()
+    b.close()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="offload_optimizer.device"):
+        OffloadStepper({"device": "none"})
+    with pytest.raises(ValueError, match="offload_optimizer.ratio"):
+        OffloadStepper({"device": "cpu", "ratio": 1.5})
+    with pytest.raises(ValueError, match="nvme_path is not set"):
+        OffloadStepper({"device": "nvme"})
+    with pytest.raises(ValueError, match="'adam' or 'adamw'"):
+        OffloadStepper({"device": "cpu"}, optimizer="sgd")
+    s = OffloadStepper({"device": "cpu"})
+    driver = FlatDriver(tiny_model(), 2)
+    with pytest.raises(ValueError, match="amsgrad"):
+        s.setup(driver.parts, [{"amsgrad": True}])
+    s.setup(driver.parts, [{}])
+    with pytest.raises(ValueError, match="got 1 gradients for 2 partitions"):
+        s.step([torch.zeros(3)])
