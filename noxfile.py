@@ -177,3 +177,38 @@ def lint(session: nox.Session) -> None:
     session.install("-q", "ruff==0.17.6")
     session.run("ruff", "check", str(ROOT))
     session.run("ruff", "format", "--check", str(ROOT))
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The main job: ds-launch starts 2 ranks (CPU processes, or the GPUs when present), a
+    character GPT learns the project's docs with ZeRO-3, checkpoints, resumes in new processes,
+    and the loss curve is written to out/demo/loss.png."""
+    _link_torch(session)
+    _install_local(session, _closure("ds-all", with_test=False), test_extra_of=None)
+    session.install("-q", "matplotlib")
+    out = ROOT / "out" / "demo"
+    session.run("rm", "-rf", str(out), external=True)
+    out.mkdir(parents=True)
+    ranks = session.posargs[0] if session.posargs else "2"
+    common = ["--deepspeed_config", "examples/ds_config.json", "--save_dir", str(out / "ckpt"),
+              "--log", str(out / "losses.jsonl")]  # fmt: skip
+    session.chdir(ROOT)
+    session.log("phase 1: train to step 250 and checkpoint")
+    session.run(
+        "ds-launch", "--num_gpus", ranks, "examples/train_gpt.py", "--steps", "250", *common
+    )
+    session.log("phase 2: new processes resume from the newest checkpoint and train to step 400")
+    session.run(
+        "ds-launch",
+        "--num_gpus",
+        ranks,
+        "examples/train_gpt.py",
+        "--steps",
+        "400",
+        "--resume",
+        *common,
+    )
+    session.run(
+        "python", "examples/plot_losses.py", str(out / "losses.jsonl"), str(out / "loss.png")
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,25 @@ def corpus() -> str:
     """The project's own docs: every README, CHANGELOG and CONTRIBUTING file, sorted by path."""
     files = sorted(p for p in ROOT.rglob("*.md") if ".nox" not in p.parts and "out" not in p.parts)
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+
+
+class Progress:
+    """A text progress bar printed as whole lines (the launcher prefixes each rank's lines, so a
+    carriage-return bar would turn into one endless line): every `every` steps and at the end."""
+
+    def __init__(self, total: int, start: int, every: int = 25, width: int = 30) -> None:
+        self.total, self.start, self.every, self.width = total, start, every, width
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float) -> None:
+        if step % self.every and step != self.total:
+            return
+        done = step / self.total
+        bar = "#" * int(done * self.width)
+        rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        print(f"train [{bar:<{self.width}}] {step}/{self.total} ({done:4.0%}) loss {loss:.3f} "
+              f"{rate:.2f} step/s eta {eta:4.0f}s", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -64,21 +84,9 @@ def main() -> None:
             )
 
     show = rank == 0
-    bar = None
-    if show:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=args.steps,
-                initial=engine.global_steps,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-            )
-        except ImportError:
-            bar = None
+    progress = Progress(args.steps, engine.global_steps) if show else None
     log_file = open(args.log, "a") if show else None  # noqa: SIM115
+    loss_value = float("nan")
     while engine.global_steps < args.steps:
         # The batch depends only on (step, rank), so a resumed run sees the same data.
         g = torch.Generator().manual_seed(10_000 * engine.global_steps + rank)
@@ -90,22 +98,19 @@ def main() -> None:
         engine.step()
         step = engine.global_steps
         if show:
+            loss_value = loss.item()
             log_file.write(
-                json.dumps({"step": step, "loss": float(loss), "resumed": args.resume}) + "\n"
+                json.dumps({"step": step, "loss": loss_value, "resumed": args.resume}) + "\n"
             )
             log_file.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+            progress.update(step, loss_value)
         if step % args.save_every == 0 or step == args.steps:
             engine.save_checkpoint(
                 args.save_dir, client_state={"chars": len(chars), "world_size": world}
             )
-    if bar is not None:
-        bar.close()
     if show:
         print(
-            f"done: step {engine.global_steps}, last loss {float(loss):.4f}, checkpoints in {args.save_dir}",
+            f"done: step {engine.global_steps}, last loss {loss_value:.4f}, checkpoints in {args.save_dir}",
             flush=True,
         )
     engine.close()
