@@ -5,13 +5,16 @@
 >>> opt = ds_kernels.CPUAdam(model.parameters(), lr=1e-3)
 """
 
+from ds_kernels._aot import AotResult, build_all
 from ds_kernels._cpu_optimizers import CPUAdagrad, CPUAdam, CPULion
 from ds_kernels._fused_optimizers import FusedAdam, FusedLamb, FusedLion
 from ds_kernels._ops import load
-from ds_kernels._registry import Backend, KernelBuildWarning
+from ds_kernels._registry import Backend, KernelBuildWarning, OpStatus
+from ds_kernels._report import format_report, report
 from ds_kernels._version import __version__
 
 __all__ = [
+    "AotResult",
     "Backend",
     "CPUAdagrad",
     "CPUAdam",
@@ -20,6 +23,18 @@ __all__ = [
     "FusedLamb",
     "FusedLion",
     "KernelBuildWarning",
+    "OpStatus",
     "__version__",
+    "build_all",
+    "format_report",
     "load",
+    "op_status",
+    "report",
 ]
+
+
+def op_status(name: str) -> OpStatus:
+    """What `load(name)` would do here (compatible / built / loaded), without building."""
+    from ds_kernels._ops import default_registry
+
+    return default_registry().status(name)

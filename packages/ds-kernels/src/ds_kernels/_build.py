@@ -9,6 +9,7 @@ Roots searched, in order: ``$DS_KERNELS_PREBUILT`` (os.pathsep-separated), the p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -104,6 +105,13 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(kept[-lines:])
 
 
+def _extension_name(op: str, build_dir: Path) -> str:
+    # cpp_extension remembers extension names per process and skips the build of a name it
+    # has seen with the same sources, even for another directory; a per-directory name keeps
+    # an ahead-of-time build and a JIT build of the same op in one process independent.
+    return f"{op}_{hashlib.sha256(str(build_dir.resolve()).encode()).hexdigest()[:8]}"
+
+
 def jit_build(
     facts: BuildFacts,
     sources: list[Path],
@@ -125,7 +133,7 @@ def jit_build(
     started = time.time()
     try:
         lib_path = load(
-            name=facts.op,
+            name=_extension_name(facts.op, build_dir),
             sources=[str(s) for s in sources],
             extra_cflags=cflags,
             extra_ldflags=ldflags,

@@ -179,6 +179,15 @@ class OpRegistry:
         op.detail = str(lib)
         return op
 
+    @staticmethod
+    def _candidates(facts, prebuilt: list[Path], cache: Path, have_compiler: bool):
+        yield Backend.PREBUILT, _build.find_exact(facts, prebuilt)
+        yield Backend.PREBUILT, _build.find_compatible(facts, prebuilt)
+        if have_compiler:
+            yield Backend.CACHED, _build.find_exact(facts, [cache])
+        else:
+            yield Backend.CACHED, _build.find_compatible(facts, [cache])
+
     def _load_cpp(self, spec: OpSpec) -> OpImpl:
         sources = spec.source_paths()
         flags = spec.cflags()
@@ -189,20 +198,12 @@ class OpRegistry:
         )
         prebuilt = _build.prebuilt_roots()
         cache = _build.cache_root()
-        if have_compiler:
-            lib = _build.find_exact(facts, prebuilt)
-            if lib is not None and (op := self._bind(spec, lib, Backend.PREBUILT)):
+        # An ahead-of-time build is used whenever its runtime facts match (it may come from
+        # another machine's compiler); a JIT cache entry only with this exact compiler, or
+        # with any compiler when none is available here (so a cache survives a PATH change).
+        for backend, lib in self._candidates(facts, prebuilt, cache, have_compiler):
+            if lib is not None and (op := self._bind(spec, lib, backend)):
                 return op
-            lib = _build.find_exact(facts, [cache])
-            if lib is not None and (op := self._bind(spec, lib, Backend.CACHED)):
-                return op
-        # Without a compiler, or if the exact build failed to load: any compatible build.
-        lib = _build.find_compatible(facts, prebuilt)
-        if lib is not None and (op := self._bind(spec, lib, Backend.PREBUILT)):
-            return op
-        lib = _build.find_compatible(facts, [cache])
-        if lib is not None and (op := self._bind(spec, lib, Backend.CACHED)):
-            return op
         missing = missing_build_tools(compiler)
         if missing:
             return self._fallback(spec, missing)
@@ -253,9 +254,8 @@ class OpRegistry:
         facts = _toolchain.build_facts(
             name, spec.source_paths(), spec.cflags(), compiler if have else None, uses_cuda=False
         )
-        roots = [*_build.prebuilt_roots(), _build.cache_root()]
-        lib = _build.find_exact(facts, roots) if have else None
-        lib = lib or _build.find_compatible(facts, roots)
+        cands = self._candidates(facts, _build.prebuilt_roots(), _build.cache_root(), have)
+        lib = next((found for _, found in cands if found is not None), None)
         missing = missing_build_tools(compiler)
         compatible = lib is not None or not missing
         detail = str(lib) if lib is not None else (missing or "not built yet (JIT on first use)")

@@ -1,0 +1,218 @@
+"""CPUAdam / CPUAdagrad / CPULion against torch.optim and reference code, compiled and fallback."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ds_kernels
+from ds_kernels._cpu_optim_op import TorchCpuOptim
+
+SHAPES = [(64, 33), (16385,), (1,), (7, 3, 5)]  # 16385 crosses a 16K-element chunk boundary
+
+
+def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def clone(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def run_steps(opt, params, steps: int, seed: int = 1, **step_kwargs):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step(**step_kwargs)
+
+
+def assert_rel(actual, expected, rel=1e-6):
+    """Within `rel` relative to the tensor's scale (elements near zero get the same absolute
+    slack as the largest), and elementwise within 1e-5 relative."""
+    for a, e in zip(actual, expected):
+        a, e = a.detach(), e.detach()
+        scale = e.abs().max().clamp_min(1e-12)
+        assert (a - e).abs().max() <= rel * scale, float((a - e).abs().max() / scale)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=rel * float(scale))
+
+
+@pytest.fixture(params=["compiled", "fallback"])
+def backend(request, cpu_op):
+    return request.param
+
+
+def with_backend(opt, backend):
+    if backend == "fallback":
+        opt._op = TorchCpuOptim()
+    else:
+        assert opt.backend in ("jit", "cached", "prebuilt")
+    return opt
+
+
+@pytest.mark.parametrize("adamw", [True, False])
+def test_adam_matches_torch(backend, adamw):
+    ref_params = make_params()
+    params = clone(ref_params)
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ref = (torch.optim.AdamW if adamw else torch.optim.Adam)(ref_params, **kw)
+    opt = with_backend(ds_kernels.CPUAdam(params, adamw_mode=adamw, **kw), backend)
+    run_steps(ref, ref_params, 20)
+    run_steps(opt, params, 20)
+    assert_rel(params, ref_params)
+    for p, q in zip(params, ref_params):
+        assert_rel([opt.state[p]["exp_avg_sq"]], [ref.state[q]["exp_avg_sq"]])
+        assert float(opt.state[p]["step"]) == 20.0
+
+
+def test_adagrad_matches_torch(backend):
+    ref_params = make_params()
+    params = clone(ref_params)
+    kw = dict(lr=5e-2, lr_decay=1e-2, weight_decay=0.05, initial_accumulator_value=0.1, eps=1e-10)
+    ref = torch.optim.Adagrad(ref_params, **kw)
+    opt = with_backend(ds_kernels.CPUAdagrad(params, **kw), backend)
+    run_steps(ref, ref_params, 20)
+    run_steps(opt, params, 20)
+    assert_rel(params, ref_params)
+
+
+def reference_lion(params, grads_per_step, lr, betas, wd):
+    """Lion as written in the paper (Chen et al. 2023, Algorithm 2), plain torch."""
+    beta1, beta2 = betas
+    ms = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, g, m in zip(params, grads, ms):
+            c = beta1 * m + (1 - beta1) * g
+            p.mul_(1 - lr * wd).add_(torch.sign(c), alpha=-lr)
+            m.mul_(beta2).add_((1 - beta2) * g)
+    return params
+
+
+def test_lion_matches_reference(backend):
+    ref_params = [p.detach().clone() for p in make_params()]
+    params = clone(ref_params)
+    opt = with_backend(
+        ds_kernels.CPULion(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), backend
+    )
+    g = torch.Generator().manual_seed(1)
+    grads_per_step = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(20)]
+    for grads in grads_per_step:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+    reference_lion(ref_params, grads_per_step, 1e-3, (0.9, 0.99), 0.1)
+    assert_rel(params, ref_params)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [ds_kernels.CPUAdam, ds_kernels.CPUAdagrad, ds_kernels.CPULion])
+def test_low_precision_copy_in_same_pass(backend, dtype, cls):
+    params = make_params()
+    opt = with_backend(cls(params, lr=1e-2), backend)
+    outs = [torch.empty(p.shape, dtype=dtype) for p in params]
+    run_steps(opt, params, 3, low_precision_out=[outs])
+    for p, o in zip(params, outs):
+        # Round-to-nearest-even, bit-identical to torch's conversion.
+        assert torch.equal(o, p.detach().to(dtype))
+
+
+def test_groups_hparams_and_params_without_grad(backend):
+    ref_params = make_params()
+    params = clone(ref_params)
+    groups = (
+        lambda ps: [  # noqa: E731
+            {"params": ps[:2], "lr": 1e-2, "weight_decay": 0.0},
+            {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.2, "betas": (0.8, 0.95)},
+        ]
+    )
+    ref = torch.optim.AdamW(groups(ref_params), eps=1e-8)
+    opt = with_backend(ds_kernels.CPUAdam(groups(params), eps=1e-8), backend)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for p, q in zip(params, ref_params):
+            gr = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = gr.clone(), gr.clone()
+        params[1].grad = ref_params[1].grad = None  # frozen this step
+        opt.step()
+        ref.step()
+    assert_rel(params, ref_params)
+
+
+def test_thread_count_does_not_change_results(cpu_op):
+    a, b = make_params(), make_params()
+    run_steps(ds_kernels.CPUAdam(a, lr=1e-2, num_threads=1), a, 3)
+    run_steps(ds_kernels.CPUAdam(b, lr=1e-2, num_threads=2), b, 3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_bias_correction_off_matches_fallback(cpu_op):
+    a, b = make_params(), make_params()
+    run_steps(ds_kernels.CPUAdam(a, lr=1e-2, bias_correction=False), a, 5)
+    run_steps(with_backend(ds_kernels.CPUAdam(b, lr=1e-2, bias_correction=False), "fallback"), b, 5)
+    assert_rel(a, b)
+
+
+def test_state_dict_round_trip_with_torch_adamw(cpu_op):
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    # CPUAdam -> torch AdamW
+    params = make_params()
+    opt = ds_kernels.CPUAdam(params, **kw)
+    run_steps(opt, params, 5)
+    ref_params = clone(params)
+    ref = torch.optim.AdamW(ref_params, **kw)
+    # deepcopy: torch's load_state_dict keeps (shares) tensors whose dtype/device match.
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run_steps(opt, params, 5, seed=7)
+    run_steps(ref, ref_params, 5, seed=7)
+    assert_rel(params, ref_params)
+    # torch AdamW -> CPUAdam
+    back_params = clone(ref_params)
+    back = ds_kernels.CPUAdam(back_params, **kw)
+    back.load_state_dict(copy.deepcopy(ref.state_dict()))
+    run_steps(ref, ref_params, 5, seed=9)
+    run_steps(back, back_params, 5, seed=9)
+    assert_rel(back_params, ref_params)
+    assert float(back.state[back_params[0]]["step"]) == 15.0
+
+
+def test_state_dict_round_trip_with_torch_adagrad(cpu_op):
+    params = make_params()
+    opt = ds_kernels.CPUAdagrad(params, lr=1e-2)
+    run_steps(opt, params, 3)
+    ref_params = clone(params)
+    ref = torch.optim.Adagrad(ref_params, lr=1e-2)
+    # deepcopy: torch's load_state_dict keeps (shares) tensors whose dtype/device match.
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run_steps(opt, params, 3, seed=5)
+    run_steps(ref, ref_params, 3, seed=5)
+    assert_rel(params, ref_params)
+
+
+def test_bad_input_errors(cpu_op):
+    half = torch.nn.Parameter(torch.randn(4).half())
+    half.grad = torch.randn(4).half()
+    with pytest.raises(ValueError, match="fp32 CPU params"):
+        ds_kernels.CPUAdam([half]).step()
+    with pytest.raises(ValueError, match="amsgrad"):
+        ds_kernels.CPUAdam(make_params(), amsgrad=True)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        ds_kernels.CPUAdam(make_params(), betas=(0.9, 1.0))
+    params = make_params()
+    opt = ds_kernels.CPUAdam(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match="one buffer per param"):
+        opt.step(low_precision_out=[[torch.empty(1, dtype=torch.bfloat16)]])
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        opt.step(low_precision_out=[[torch.empty(p.shape, dtype=torch.float64) for p in params]])
+    with pytest.raises(ValueError, match="elements"):
+        opt.step(low_precision_out=[[torch.empty(3, dtype=torch.bfloat16) for _ in params]])
+    # A state dict from torch with amsgrad cannot silently run without it.
+    ref = torch.optim.AdamW(clone(params), amsgrad=True)
+    opt.load_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        opt.step()
