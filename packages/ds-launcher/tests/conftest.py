@@ -17,6 +17,10 @@ import pytest
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs an accelerator (DS_TEST_GPU=1 on a GPU machine)")
+
+
 def require_tool(*names: str) -> None:
     """Skip when a system tool is missing; fail instead under DS_REQUIRE_SYSTEM_TOOLS=1 (CI)."""
     for name in names:

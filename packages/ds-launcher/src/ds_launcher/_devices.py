@@ -8,6 +8,8 @@ DS_ACCELERATOR and counted with --num_gpus.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +43,20 @@ class Accelerator:
 
 
 def _nvidia_gpu_count(proc_dir: Path) -> int:
+    """GPUs the NVIDIA driver lists; `nvidia-smi -L` where /proc is not mounted (some
+    containers), 0 when neither is there."""
     try:
         return sum(1 for _ in proc_dir.iterdir())
     except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
         return 0
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
 def detect_accelerator(
