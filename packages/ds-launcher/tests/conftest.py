@@ -43,6 +43,11 @@ def launcher_env(**extra: str) -> dict[str, str]:
     for name in ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "DS_ENV_FILE"):
         env.pop(name, None)
     env["DS_ACCELERATOR"] = "cpu"
+    # The launcher runs in a temporary directory: relative PYTHONPATH entries must not break.
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(
+            os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p
+        )
     env.update(extra)
     return env
 

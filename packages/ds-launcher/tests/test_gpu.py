@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import SCRIPTS, free_port, run_launcher
+from conftest import SCRIPTS, free_port, launcher_env, run_launcher
 
 torch = pytest.importorskip("torch")
 
@@ -18,8 +18,10 @@ def test_one_rank_per_gpu_with_nccl(tmp_path):
     n = torch.cuda.device_count()
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ)
-    env.pop("DS_ACCELERATOR", None)  # detection must find the GPUs by itself
+    env = launcher_env()
+    env.pop("DS_ACCELERATOR")  # detection must find the GPUs by itself
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
     res = run_launcher(
         ["--master_port", str(free_port()), str(SCRIPTS / "nccl_check.py"), str(out)],
         tmp_path,
@@ -44,9 +46,8 @@ def test_one_rank_per_gpu_with_nccl(tmp_path):
 def test_include_selects_gpus(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ)
-    env.pop("DS_ACCELERATOR", None)
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env = launcher_env()
+    env.pop("DS_ACCELERATOR")
     res = run_launcher(
         ["-i", "localhost:1", "--master_port", str(free_port()), str(SCRIPTS / "nccl_check.py"),
          str(out)],
