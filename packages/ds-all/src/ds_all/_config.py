@@ -192,6 +192,7 @@ class DeepSpeedConfig(Section):
     zero_allow_untested_optimizer: bool = False
     communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
     seed: int | None = None
+    dataloader_drop_last: bool = False
     optimizer: OptimizerSection | None = None
     scheduler: SchedulerSection | None = None
     fp16: FP16Section = Field(default_factory=FP16Section)

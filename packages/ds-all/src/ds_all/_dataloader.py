@@ -4,25 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
 def make_dataloader(dataset: Any, micro_batch: int, world_size: int, rank: int,
-                    collate_fn: Any = None, seed: int = 0, drop_last: bool = True) -> DataLoader:  # fmt: skip
-    """Each rank gets its own shard of ``dataset`` in micro-batches; shuffled per epoch."""
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=drop_last,
-        )
-    generator = torch.Generator().manual_seed(seed)
+                    collate_fn: Any = None, drop_last: bool = False) -> DataLoader:  # fmt: skip
+    """Each rank gets its shard of ``dataset`` in micro-batches.
+
+    As DeepSpeed's loader does: a DistributedSampler (shuffled, seed 0) even on one rank, and
+    the same order every epoch unless the script calls ``loader.sampler.set_epoch(epoch)``; so a
+    script gets the same batches under either library.
+    """
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0, drop_last=drop_last
+    )
     return DataLoader(
-        dataset, batch_size=micro_batch, sampler=sampler, shuffle=sampler is None,
-        collate_fn=collate_fn, drop_last=drop_last, generator=generator if sampler is None else None,
-    )  # fmt: skip
+        dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last
+    )

@@ -80,7 +80,8 @@ def initialize(
     loader = None
     if training_data is not None:
         loader = make_dataloader(training_data, engine.train_micro_batch_size_per_gpu(), engine.world_size,
-                                 dist.get_rank(dp_group) if engine.world_size > 1 else 0, collate_fn)  # fmt: skip
+                                 dist.get_rank(dp_group) if engine.world_size > 1 else 0, collate_fn,
+                                 drop_last=cfg.dataloader_drop_last)  # fmt: skip
     return engine, engine.optimizer, loader, engine.lr_scheduler
 
 
