@@ -85,7 +85,7 @@ def main():
         config=config,
     )
     losses = []
-    for epoch in range(2):
+    for _epoch in range(2):
         for x, y in loader:
             x, y = x.to(engine.device), y.to(engine.device)
             loss = F.cross_entropy(engine(x), y)
