@@ -1,0 +1,220 @@
+"""fp16 overflow handling, Init + GatheredParameters, fragments, memory, expert groups."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from zero_helpers import (
+    assert_close_state,
+    batch,
+    make_model,
+    make_optimizer,
+    reference,
+    train_zero,
+)
+
+import ds_zero
+from ds_comm.testing import distributed_test
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_fp16_overflow_skips_step_on_every_rank(world_size):
+    rank = dist.get_rank()
+    for stage in (1, 3):
+        scaling = ds_zero.LossScaleOptions(initial_scale_power=8, hysteresis=1)
+        model = make_model()
+        zero = ds_zero.wrap(
+            model,
+            make_optimizer(model),
+            ds_zero.ZeroOptions(stage=stage, param_dtype=torch.float16, loss_scaling=scaling),
+        )
+        for s in range(3):
+            x, y = batch(s, 0, rank)
+            loss = zero(x, y)
+            if s == 1 and rank == 0:
+                loss = loss * float("inf")  # overflow on one rank only
+            before = zero.full_state_dict()
+            scale = zero.loss_scale
+            zero.backward(loss)
+            stepped = zero.step()
+            after = zero.full_state_dict()
+            flags = torch.tensor([float(stepped), zero.loss_scale])
+            gathered = [torch.zeros(2) for _ in range(world_size)]
+            dist.all_gather(gathered, flags)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree"
+            if s == 1:
+                assert not stepped and zero.skipped_steps == 1
+                assert zero.loss_scale == scale / 2
+                for k in before:
+                    assert torch.equal(before[k], after[k]), f"{k} changed on a skipped step"
+            else:
+                assert stepped and zero.loss_scale == scale
+        zero.close()
+
+
+@distributed_test(world_size=[2, 4], timeout=180)
+def test_init_gathered_parameters_and_training(world_size):
+    rank = dist.get_rank()
+    with ds_zero.Init():
+        model = make_model()
+    w = model.blocks[0].fc1.weight
+    assert w.untyped_storage().size() == 0, "Init left a parameter whole"
+    assert tuple(w.shape) == (99, 24)
+    with ds_zero.GatheredParameters([w], modifier_rank=0):
+        assert w.untyped_storage().size() > 0
+        if rank == 0:
+            w.data[0, 0] = 123.0
+    assert w.untyped_storage().size() == 0
+    with ds_zero.GatheredParameters([w]):
+        assert w[0, 0].item() == 123.0
+        w_init = w.detach().clone()
+    # the Init-built model equals an unpartitioned one with the same seed (except the edit)
+    ref_model = make_model()
+    expect = ref_model.blocks[0].fc1.weight.detach().clone()
+    expect[0, 0] = 123.0
+    torch.testing.assert_close(w_init, expect)
+
+    # wrapping at stage 3 re-lays the Init partitions into buckets; training matches reference
+    ds_zero.GatheredParameters([w], modifier_rank=0).__enter__()
+    with torch.no_grad():
+        w.copy_(ref_model.blocks[0].fc1.weight)
+    ds_zero.GatheredParameters([w], modifier_rank=0).__exit__(None, None, None)
+    opts = ds_zero.ZeroOptions(stage=3, param_persistence_threshold=40)
+    losses, zero = train_zero(opts, model=model)
+    ref_losses, ref_state = reference(world_size)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    assert_close_state(zero.full_state_dict(), ref_state, rtol=1e-5, atol=1e-6)
+
+    # GatheredParameters on a wrapped stage-3 model: rank 0 edits, every rank sees it, and the
+    # fp32 master follows (full_state_dict reads the masters)
+    head = zero.module.head.weight
+    with ds_zero.GatheredParameters(head, modifier_rank=0):
+        if rank == 0:
+            head.data.fill_(0.5)
+    assert torch.all(zero.full_state_dict()["head.weight"] == 0.5)
+    with ds_zero.GatheredParameters(head):
+        assert torch.all(head == 0.5)
+    zero.close()
+
+
+def _global_from_fragments(frags, world_size):
+    """Assemble every rank's fragments into full tensors (checks disjoint, complete cover)."""
+    mine = [(f.name, f.global_shape, f.offset, f.numel, f.tensor.float().clone()) for f in frags]
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    full, covered = {}, {}
+    for rank_frags in everyone:
+        for name, shape, offset, numel, t in rank_frags:
+            n = int(torch.tensor(shape).prod())
+            full.setdefault(name, torch.full((n,), float("nan")))
+            covered.setdefault(name, torch.zeros(n, dtype=torch.int32))
+            full[name][offset : offset + numel] = t
+            covered[name][offset : offset + numel] += 1
+    for name, c in covered.items():
+        assert torch.all(c == 1), f"{name}: elements covered {c.min()}..{c.max()} times"
+    return {k: v.view(s) for k, v, s in ((k, v, _shape(everyone, k)) for k, v in full.items())}
+
+
+def _shape(everyone, name):
+    for rank_frags in everyone:
+        for n, shape, *_ in rank_frags:
+            if n == name:
+                return shape
+    raise KeyError(name)
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_fragments_cover_state_and_reload(world_size):
+    for stage in (0, 1, 3):
+        opts = ds_zero.ZeroOptions(stage=stage, param_persistence_threshold=40)
+        _, zero = train_zero(opts, steps=2, tied=True, frozen=True)
+        frags = zero.state_fragments()
+        names = {f.name for f in frags}
+        assert any(n.startswith("optimizer.exp_avg.") for n in names)
+        saved = _global_from_fragments(frags, world_size)
+        sd = zero.full_state_dict()
+        for name, value in sd.items():
+            torch.testing.assert_close(saved[name], value.float(), msg=name)
+        assert saved["optimizer.step.tok.weight"].item() == 2.0
+        # a fresh wrap loads those fragments and continues exactly like the original
+        model = make_model(tied=True, frozen=True)
+        fresh = ds_zero.wrap(model, make_optimizer(model), opts)
+
+        def fill(dests, saved=saved):
+            for f in dests:
+                f.tensor.copy_(saved[f.name].reshape(-1)[f.offset : f.offset + f.numel])
+
+        fresh.load_state_fragments(fill)
+        for z in (zero, fresh):
+            x, y = batch(7, 0, dist.get_rank())
+            z.backward(z(x, y))
+            z.step()
+        a, b = zero.full_state_dict(), fresh.full_state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], msg=k)
+        zero.close()
+        fresh.close()
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_measured_model_states_within_5_percent_of_estimate(world_size):
+    torch.manual_seed(0)
+    for stage in (0, 1, 2, 3):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = nn.Sequential(*(nn.Linear(256, 256) for _ in range(4)))
+            opt = torch.optim.AdamW(model.parameters())
+            zero = ds_zero.wrap(
+                model,
+                opt,
+                ds_zero.ZeroOptions(stage=stage, param_dtype=dtype, param_persistence_threshold=0),
+            )
+            x = torch.randn(4, 256)
+            for _ in range(2):  # after one step the optimizer state exists
+                loss = zero(x).float().pow(2).mean()
+                zero.backward(loss)
+                if _ == 0:
+                    zero.step()
+            measured = ds_zero.model_state_bytes(zero).total
+            expected = ds_zero.memory_estimate(model, stage, world_size, param_dtype=dtype).total
+            assert abs(measured - expected) <= 0.05 * expected, (stage, dtype, measured, expected)
+            zero.step()
+            zero.close()
+
+
+@distributed_test(world_size=4, timeout=180)
+def test_expert_params_reduced_over_their_own_group(world_size):
+    rank = dist.get_rank()
+    # experts: ranks {0, 2} hold expert A, ranks {1, 3} expert B (ep = 2, expert-dp = 2)
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    edp = groups[rank % 2]
+    for stage in (0, 2, 3):
+        torch.manual_seed(rank % 2)  # experts differ across the expert-parallel ranks
+        expert = nn.Linear(8, 8)
+        torch.manual_seed(5)
+        shared = nn.Linear(8, 8)
+        model = nn.Sequential(shared, expert)
+        for p in expert.parameters():
+            p.ds_expert = True
+            p.ds_expert_dp_group = edp
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+        # local gradients on an unwrapped copy, to build the expected averages
+        copy = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        copy.load_state_dict(start)
+        copy(x).pow(2).sum().backward()
+        grads = {k: p.grad.clone() for k, p in copy.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        zero = ds_zero.wrap(
+            model, opt, ds_zero.ZeroOptions(stage=stage, param_persistence_threshold=0)
+        )
+        zero.backward(zero(x).pow(2).sum())
+        assert zero.step()
+        after = zero.full_state_dict()
+        for k, g in grads.items():
+            mean = g.clone()
+            group = edp if k.startswith("1.") else None
+            dist.all_reduce(mean, group=group)
+            mean /= 2 if group is not None else world_size
+            torch.testing.assert_close(after[k], start[k] - mean, msg=k)
+        zero.close()
