@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,9 +133,7 @@ class Reference(nn.Module):
                         torch.manual_seed(BASE_SEED + i)
                         self.tied[spec.key] = spec.typename(*spec.module_args, **spec.module_kwargs)
                 m = self.tied[spec.key]
-                self.fns.append(
-                    (lambda m, f: lambda x: f(m, x))(m, spec.forward_fn) if spec.forward_fn else m
-                )
+                self.fns.append(functools.partial(spec.forward_fn, m) if spec.forward_fn else m)
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(BASE_SEED + i)
@@ -147,10 +147,29 @@ class Reference(nn.Module):
         return x
 
 
+class PlainSGD:
+    """SGD without torch.optim: constructing a torch optimizer imports torch._dynamo, which
+    costs seconds per spawned rank on a loaded CI machine."""
+
+    def __init__(self, params, lr: float) -> None:
+        self.params = list(params)
+        self.lr = lr
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
 def reference_run(layer_specs, steps, micro_batches, micro_batch_size, replicas, lr=0.1):
     """Single-process SGD on the concatenated data of all replicas; per-step losses and grads."""
     model = Reference(layer_specs)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = PlainSGD(model.parameters(), lr=lr)
     losses, grads = [], []
     for step in range(steps):
         batches = [

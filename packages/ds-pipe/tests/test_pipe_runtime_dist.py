@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pipe_models import BASE_SEED, data, loss_fn, reference_run, specs
+from pipe_models import BASE_SEED, PlainSGD, Reference, data, loss_fn, reference_run, specs
 
 from ds_comm.testing import distributed_test
 from ds_pipe import PipeDataParallelTopology, PipelineModule, PipelineRuntime
@@ -39,7 +39,7 @@ def _check_grads(module, ref_grads, where):
 def _train_and_compare(kind, schedule, pp, dp, num_chunks=1, steps=2, **module_kw):
     module = _module(kind, pp, dp, num_chunks, **module_kw)
     rt = PipelineRuntime(module, micro_batches=MICRO_BATCHES, schedule=schedule)
-    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    opt = PlainSGD(module.parameters(), lr=0.1)
     ref_losses, ref_grads, ref_params = reference_run(
         specs(kind, BLOCKS), steps, MICRO_BATCHES, MBS, dp
     )
@@ -91,14 +91,12 @@ def test_tuple_of_three_tensors_one_integer(world_size):
 def test_pp2_dp2_tied_with_optimizer_and_clipping():
     steps, max_norm = 3, 0.05
     module = _module("tied", 2, 2)
-    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    opt = PlainSGD(module.parameters(), lr=0.1)
     rt = PipelineRuntime(module, opt, micro_batches=MICRO_BATCHES, max_grad_norm=max_norm)
     assert rt.grid.data_parallel_size == 2 and len(rt.grid.data_parallel_ranks) == 2
     # reference with clipping
-    from pipe_models import Reference
-
     ref = Reference(specs("tied", BLOCKS))
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_opt = PlainSGD(ref.parameters(), lr=0.1)
     for step in range(steps):
         loss = rt.train_batch(iter(data(step, rt.grid.data_parallel_id, MICRO_BATCHES, MBS)))
         batches = [b for r in range(2) for b in data(step, r, MICRO_BATCHES, MBS)]
@@ -123,8 +121,6 @@ def test_pp2_dp2_tied_with_optimizer_and_clipping():
 def test_eval_batch_and_shape_renegotiation():
     module = _module("tuple", 2, 1)
     rt = PipelineRuntime(module, micro_batches=MICRO_BATCHES)
-    from pipe_models import Reference
-
     ref = Reference(specs("tuple", BLOCKS))
     for mbs in (2, 3, 2):  # a different micro-batch size forces new shapes, then back
         batches = data(7, 0, MICRO_BATCHES, mbs)

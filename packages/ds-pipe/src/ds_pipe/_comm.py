@@ -32,10 +32,17 @@ def backend() -> str:
 
 
 def new_group(ranks: Sequence[int], backend: str | None = None) -> ProcessGroup | None:
-    """Collective over the world: every rank must call it with the same arguments in order."""
+    """Create a group; only its members call this, each with the same ranks.
+
+    Member-local synchronisation: creating a world-synchronised group costs a store barrier
+    over every rank (seconds on a loaded machine, per group), and ranks outside the group
+    have no use for its handle.
+    """
     if not is_initialized():
         return None
-    return dist.new_group(ranks=list(ranks), backend=backend)
+    if get_rank() not in ranks:
+        raise ValueError(f"rank {get_rank()} creates a group {list(ranks)} it is not part of")
+    return dist.new_group(ranks=sorted(ranks), backend=backend, use_local_synchronization=True)
 
 
 def batch_send_recv(

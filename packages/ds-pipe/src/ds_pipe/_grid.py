@@ -9,8 +9,8 @@ from ds_pipe._topology import ProcessTopology
 class PipelineGrid:
     """This rank's place in a topology and the process groups along each axis.
 
-    Creating it is collective: every rank of the world creates every group in the same order
-    (torch.distributed's rule), even the groups it is not a member of.
+    Every rank of the world creates one; each creates only the groups it belongs to (with
+    member-local synchronisation), in the same order as its peers.
     """
 
     def __init__(self, topology: ProcessTopology, rank: int | None = None) -> None:
@@ -32,43 +32,21 @@ class PipelineGrid:
         self.pipe_ranks: list[int] = self._my_group_ranks("pipe")
         """Global ranks of this rank's pipeline, indexed by stage."""
         self.data_parallel_ranks: list[int] = self._my_group_ranks("data")
-        self.pipe_group = self._make_groups("pipe")
-        self.data_parallel_group = self._make_groups("data")
+        self.pipe_group = _comm.new_group(self.pipe_ranks)
+        self.data_parallel_group = _comm.new_group(self.data_parallel_ranks)
         self.model_parallel_ranks: list[int] = sorted(
-            topology.filter_match(
-                **{"data": self.data_parallel_id} if "data" in topology.axes else {}
-            )
+            topology.filter_match(data=self.data_parallel_id)
+            if "data" in topology.axes
+            else range(topology.world_size)
         )
-        """Ranks holding one full model replica (all stages and tensor slices of one replica)."""
-        self.model_parallel_group = self._make_lists_groups(
-            [
-                sorted(topology.filter_match(data=d))
-                if "data" in topology.axes
-                else list(range(topology.world_size))
-                for d in range(self.data_parallel_size)
-            ],
-            self.model_parallel_ranks,
-        )
+        """Ranks holding one full model replica (every stage and tensor slice of it)."""
+        self.model_parallel_group = _comm.new_group(self.model_parallel_ranks)
         # Metadata of stage-to-stage tensors travels on its own CPU group so negotiating shapes
         # never queues behind (or in front of) activations on the data communicator.
-        self.pipe_meta_group = self._make_groups("pipe", backend="gloo")
+        self.pipe_meta_group = _comm.new_group(self.pipe_ranks, backend="gloo")
 
     def _my_group_ranks(self, axis: str) -> list[int]:
         return next(g for g in self.topology.axis_groups(axis) if self.global_rank in g)
-
-    def _make_groups(self, axis: str, backend: str | None = None):
-        return self._make_lists_groups(
-            self.topology.axis_groups(axis), self._my_group_ranks(axis), backend
-        )
-
-    @staticmethod
-    def _make_lists_groups(lists: list[list[int]], mine: list[int], backend: str | None = None):
-        found = None
-        for ranks in lists:
-            group = _comm.new_group(ranks, backend=backend)
-            if sorted(ranks) == sorted(mine):
-                found = group
-        return found
 
     def stage_to_global(self, stage_id: int) -> int:
         """Global rank of pipeline stage ``stage_id`` in this rank's replica."""

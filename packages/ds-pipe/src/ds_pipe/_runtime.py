@@ -156,23 +156,14 @@ class PipelineRuntime:
         return s
 
     def _make_tie_groups(self) -> dict[str, tuple[Any, list[int]]]:
-        """For each tie key: the group of ranks (this replica) holding it, and those ranks.
-
-        Collective: every rank creates every group in the same order.
-        """
+        """For each tie key this rank holds: the group of ranks (in this replica) holding it."""
         topo = self.grid.topology
+        coord = topo.get_coord(self.grid.global_rank)._asdict()
         groups: dict[str, tuple[Any, list[int]]] = {}
-        for key in sorted(self.module.tied_stages):
+        for key in sorted(self.module.tied):
             pipes = sorted({s % self.p for s in self.module.tied_stages[key]})
-            mine = None
-            for other in _other_coords(topo):
-                ranks = [topo.get_rank(pipe=pc, **other) for pc in pipes]
-                group = _comm.new_group(ranks) if len(ranks) > 1 else None
-                if self.grid.global_rank in ranks:
-                    mine = (group, ranks)
-            if key in self.module.tied:
-                assert mine is not None
-                groups[key] = mine
+            ranks = [topo.get_rank(**{**coord, "pipe": pc}) for pc in pipes]
+            groups[key] = (_comm.new_group(ranks) if len(ranks) > 1 else None, ranks)
         return groups
 
     @torch.no_grad()
@@ -443,16 +434,6 @@ class PipelineRuntime:
         if self.p > 1:
             _comm.broadcast(loss, src=last, group=self.grid.pipe_group)
         return loss
-
-
-def _other_coords(topo) -> list[dict[str, int]]:
-    """Every combination of the non-pipe coordinates of a topology."""
-    combos: list[dict[str, int]] = [{}]
-    for axis, dim in zip(topo.axes, topo.dims):
-        if axis == "pipe":
-            continue
-        combos = [{**c, axis: i} for c in combos for i in range(dim)]
-    return combos
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -110,6 +110,7 @@ def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationRe
         return (r, peer, a.message()) if a.kind.is_send else (peer, r, a.message())
 
     leftover: list[list[Action] | None] = [None] * s.num_ranks
+    head = [0] * s.num_ranks  # first unfinished batch of each queue
 
     def post(r: int, ops: list[Action]) -> None:
         b = _Batch(r, ops, posted=clock[r])
@@ -125,7 +126,10 @@ def simulate(schedule: Schedule, costs: CostModel | None = None) -> SimulationRe
     def advance_queues() -> bool:
         moved = False
         for r in range(s.num_ranks):
-            for i, b in enumerate(queues[r]):
+            while head[r] < len(queues[r]) and queues[r][head[r]].done is not None:
+                head[r] += 1
+            for i in range(head[r], len(queues[r])):
+                b = queues[r][i]
                 if b.done is not None:
                     continue
                 prev_done = queues[r][i - 1].done if i else 0.0

@@ -1,0 +1,194 @@
+"""Tier 1: topology math, partitioning, PipelineModule construction, stage I/O metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pipe_models import BASE_SEED, Block, Reference, loss_fn, specs
+from torch import nn
+
+from ds_pipe import (
+    LayerSpec,
+    PartitionError,
+    PayloadMeta,
+    PipeDataParallelTopology,
+    PipelineModule,
+    PipeModelDataParallelTopology,
+    ProcessTopology,
+    StageIOError,
+    TiedLayerSpec,
+    balanced_boundaries,
+    layer_weights,
+)
+
+# -- topology ---------------------------------------------------------------------------------
+
+
+def test_pipe_data_topology_puts_replicas_on_neighbouring_ranks():
+    topo = PipeDataParallelTopology(num_pp=2, num_dp=2)
+    assert [tuple(topo.get_coord(r)) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert topo.get_rank(pipe=1, data=0) == 2
+    assert topo.axis_groups("pipe") == [[0, 2], [1, 3]]
+    assert topo.axis_groups("data") == [[0, 1], [2, 3]]
+    assert topo.filter_match(pipe=1) == [2, 3]
+    assert topo.get_dim("model") == 1
+
+
+def test_3d_topology_round_trips_every_rank():
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
+    assert topo.world_size == 12
+    for r in range(12):
+        assert topo.get_rank(**topo.get_coord(r)._asdict()) == r
+    assert topo.get_coord(1).model == 1 and topo.get_coord(2).data == 1
+    assert all(len(g) == 2 for g in topo.axis_groups("pipe"))
+
+
+def test_topology_errors_name_the_problem():
+    with pytest.raises(ValueError, match="2 axes"):
+        ProcessTopology(["pipe", "data"], [2])
+    with pytest.raises(ValueError, match="outside the topology"):
+        PipeDataParallelTopology(2, 1).get_coord(5)
+    with pytest.raises(ValueError, match="exactly the axes"):
+        PipeDataParallelTopology(2, 1).get_rank(pipe=0)
+
+
+# -- partitioning -----------------------------------------------------------------------------
+
+
+def test_balanced_boundaries_minimise_the_heaviest_stage():
+    assert balanced_boundaries([1, 1, 1, 1], 2) == [0, 2, 4]
+    assert balanced_boundaries([5, 1, 1, 1, 1, 1], 2) == [0, 1, 6]
+    assert balanced_boundaries([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [0, 5, 7, 9]
+    # every stage gets a layer even when weights are zero
+    assert balanced_boundaries([0, 0, 0, 4], 3) == [0, 1, 2, 4]
+    with pytest.raises(PartitionError, match="cannot split 2 layers into 3 stages"):
+        balanced_boundaries([1, 1], 3)
+
+
+def test_partition_methods():
+    layers = specs("plain", 4)  # Embed, 4 x Block, Head
+    assert layer_weights(layers, "uniform") == [1.0] * 6
+    params = layer_weights(layers, "parameters")
+    assert params[1] == 8 * 8 + 8 and params[0] == 16 * 8
+    assert layer_weights(layers, "type:block") == [0, 1, 1, 1, 1, 0]
+    with pytest.raises(PartitionError, match="matches no layer"):
+        layer_weights(layers, "type:attention")
+    with pytest.raises(PartitionError, match="unknown partition_method"):
+        layer_weights(layers, "flops")
+    tied = specs("tied", 2)
+    w = layer_weights(tied, "parameters")
+    assert w[0] == 16 * 8 and w[-1] == 0  # the tied copy adds no parameters
+
+
+def test_explicit_boundaries_are_checked():
+    m = PipelineModule(specs("plain", 4), num_stages=2, stage_id=1, partition_method=[0, 4, 6])
+    assert m.parts == [0, 4, 6] and sorted(m.layers.keys()) == ["4", "5"]
+    with pytest.raises(PartitionError, match="increasing boundaries"):
+        PipelineModule(specs("plain", 4), num_stages=2, stage_id=0, partition_method=[0, 3, 5])
+
+
+# -- module -----------------------------------------------------------------------------------
+
+BUILT: list[int] = []
+
+
+class Counted(nn.Linear):
+    def __init__(self, tag: int) -> None:
+        BUILT.append(tag)
+        super().__init__(2, 2)
+
+
+def test_only_owned_layers_are_built():
+    layers = [LayerSpec(Counted, i) for i in range(8)]
+    BUILT.clear()
+    m = PipelineModule(layers, num_stages=4, stage_id=2, partition_method="uniform")
+    assert BUILT == [4, 5]
+    assert sorted(m.layers.keys()) == ["4", "5"]
+    BUILT.clear()
+    m = PipelineModule(layers, num_stages=2, stage_id=1, num_chunks=2, partition_method="uniform")
+    assert BUILT == [2, 3, 6, 7]  # virtual stages 1 and 3 of 4
+    assert m.local_stages() == [1, 3]
+
+
+@pytest.mark.parametrize("kind", ["plain", "tied", "tuple"])
+def test_parameter_names_and_values_do_not_depend_on_the_stage_count(kind):
+    ref = {n: p for n, p in Reference(specs(kind, 6)).named_parameters()}
+    for p, v in [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)]:
+        seen: dict[str, torch.Tensor] = {}
+        for stage in range(p):
+            m = PipelineModule(
+                specs(kind, 6),
+                num_stages=p,
+                stage_id=stage,
+                num_chunks=v,
+                seed_layers=True,
+                base_seed=BASE_SEED,
+                partition_method="uniform",
+            )
+            for n, t in m.named_parameters():
+                if n in seen:  # a tied module held by two stages
+                    assert n.startswith("tied.") and torch.equal(seen[n], t)
+                seen[n] = t.detach()
+        assert sorted(seen) == sorted(ref)
+        for n in ref:
+            assert torch.equal(seen[n], ref[n].detach()), (p, v, n)
+
+
+def test_single_stage_module_runs_forward_like_the_reference():
+    m = PipelineModule(
+        specs("tuple", 3),
+        num_stages=1,
+        seed_layers=True,
+        base_seed=BASE_SEED,
+        loss_fn=loss_fn,
+        activation_checkpoint_interval=2,
+    )
+    ref = Reference(specs("tuple", 3))
+    x = torch.randint(0, 16, (2, 4))
+    torch.testing.assert_close(m(x), ref(x))
+    m(x).sum().backward()  # checkpointed path runs backward too
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_module_argument_errors():
+    with pytest.raises(ValueError, match="pass stage_id"):
+        PipelineModule(specs("plain", 2), num_stages=2)
+    with pytest.raises(ValueError, match="num_stages or topology"):
+        PipelineModule(specs("plain", 2))
+    with pytest.raises(ValueError, match="disagrees"):
+        PipelineModule(
+            specs("plain", 2), num_stages=2, topology=PipeDataParallelTopology(4, 1), stage_id=0
+        )
+    with pytest.raises(TypeError, match=r"layers\[1\]"):
+        PipelineModule([LayerSpec(Block), 3], num_stages=1)
+    with pytest.raises(ValueError, match="without '.'"):
+        TiedLayerSpec("a.b", nn.Linear, 2, 2)
+    m = PipelineModule(specs("plain", 2), num_stages=2, stage_id=0)
+    with pytest.raises(RuntimeError, match="train_batch"):
+        m(torch.zeros(1, 4, dtype=torch.long))
+
+
+# -- stage I/O metadata -----------------------------------------------------------------------
+
+
+def test_payload_meta_round_trips_tuples_of_mixed_dtypes():
+    h = torch.randn(2, 3, requires_grad=True) * 2
+    ids = torch.arange(6).view(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    meta = PayloadMeta.of((h, ids, mask, torch.randn(4, dtype=torch.bfloat16)), "stage 0")
+    assert meta.grad_indices() == [0]
+    decoded = PayloadMeta.decode(meta.encode())
+    assert decoded == meta
+    bufs = decoded.empty(torch.device("cpu"))
+    assert [b.dtype for b in bufs] == [torch.float32, torch.int64, torch.bool, torch.bfloat16]
+    single = PayloadMeta.of(torch.zeros(5), "s")
+    assert not single.is_tuple and PayloadMeta.decode(single.encode()) == single
+
+
+def test_payload_meta_rejects_what_cannot_be_sent():
+    with pytest.raises(StageIOError, match="only tensors"):
+        PayloadMeta.of((torch.zeros(1), 3), "stage 1 (layers 2..3)")
+    with pytest.raises(StageIOError, match="returned dict"):
+        PayloadMeta.of({"x": torch.zeros(1)}, "stage 0")
+    with pytest.raises(StageIOError, match="concatenate"):
+        PayloadMeta.of(tuple(torch.zeros([1] * 8) for _ in range(40)), "stage 0").encode()
