@@ -285,3 +285,19 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, args, needle):
     res = run_launcher(args, tmp_path)
     assert res.returncode == 2
     assert needle in res.stderr
+
+
+def test_main_in_process_from_a_worker_thread(tmp_path, monkeypatch, capfdbinary):
+    """The public main(argv) returns the exit code and works off the main thread too."""
+    import threading
+
+    from ds_launcher import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    (tmp_path / "job.py").write_text("import os, sys\nsys.exit(int(os.environ['RANK']) + 4)\n")
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(main(["--num_gpus", "2", "job.py"])))
+    t.start()
+    t.join(timeout=60)
+    assert codes in ([4], [5])  # whichever rank fails first decides

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -234,6 +235,10 @@ def _signals_stop(stop: StopRequest) -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         stop.request(f"received {signal.Signals(signum).name}", signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        # main(argv) called from a worker thread: Python allows handlers only in the main thread.
+        yield
+        return
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, handler) for sig in sigs}
     try:
