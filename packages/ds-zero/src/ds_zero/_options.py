@@ -4,7 +4,7 @@ time; ``ZeroConfig`` converts DeepSpeed's JSON section into it)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ class ZeroOptions:
     gradient_accumulation_steps: micro-steps per optimizer step; stages 0 and 1 communicate only
         on the last micro-step.
     gradient_clipping: clip by global norm (0 disables).
+    overlap_comm: False waits for each bucket's reduction before backward continues.
+    max_inflight_reductions: bucket reductions in flight at once (bounds buffer memory).
     loss_scaling: fp16 loss scaling (None = no scaling).
     align: parameter start alignment in elements inside flat buffers.
     """
@@ -55,7 +57,6 @@ class ZeroOptions:
     loss_scaling: LossScaleOptions | None = None
     align: int = 16
     max_inflight_reductions: int = 2
-    extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):

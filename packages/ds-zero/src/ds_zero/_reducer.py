@@ -83,7 +83,7 @@ class GradReducer:
             bucket.accumulate_locally(self.reduce_dtype)
         else:
             self._inflight.append(bucket.issue_reduce(self.reduce_dtype))
-            while len(self._inflight) > self.max_inflight:
+            while len(self._inflight) > self.max_inflight:  # 0: synchronous (no overlap)
                 self._finish_one()
         self.on_issued(bucket)
 

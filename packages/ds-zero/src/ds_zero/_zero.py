@@ -114,7 +114,7 @@ class Zero:
             self._reduction_order(None),
             opts.reduce_dtype,
             local_accumulation=opts.stage <= 1,
-            max_inflight=opts.max_inflight_reductions,
+            max_inflight=opts.max_inflight_reductions if opts.overlap_comm else 0,
             on_issued=self._on_reduce_issued,
         )
         self._install_hooks(model)

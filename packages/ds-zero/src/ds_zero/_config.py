@@ -1,0 +1,128 @@
+"""``ZeroConfig``: the ``zero_optimization`` section of a DeepSpeed JSON config (pydantic).
+
+Key names and meanings are DeepSpeed's, so configs are accepted unchanged; an unknown key is an
+error naming the nearest valid key; features ds-zero does not implement raise when turned on
+instead of being silently ignored. The offload sub-sections are kept as dicts and validated by
+ds-offload (composed in ds-all), which owns them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ds_zero._loss_scaler import LossScaleOptions
+from ds_zero._options import ZeroOptions
+
+# accepted for compatibility; they select DeepSpeed-internal code paths with no counterpart here
+_NO_EFFECT = {
+    "contiguous_gradients": True,  # gradients are always reduced into contiguous partitions
+    "reduce_scatter": True,  # stages 1-3 always reduce-scatter bucket by bucket
+    "allgather_partitions": True,
+    "load_from_fp32_weights": True,
+    "elastic_checkpoint": False,
+    "sub_group_size": 1_000_000_000,
+    "ignore_unused_parameters": True,
+    "legacy_stage1": False,
+    "round_robin_gradients": False,
+    "stage3_model_persistence_threshold": 2**63 - 1,
+    "memory_efficient_linear": True,
+    "pipeline_loading_checkpoint": False,
+    "override_module_apply": True,
+    "log_trace_cache_warnings": False,
+}
+# DeepSpeed features ds-zero does not implement: an error when set to anything but the default
+_UNSUPPORTED = {
+    "zero_hpz_partition_size": 1,
+    "zero_quantized_weights": False,
+    "zero_quantized_nontrainable_weights": False,
+    "zero_quantized_gradients": False,
+    "mics_shard_size": -1,
+    "mics_hierarchical_params_gather": False,
+}
+
+
+class ZeroConfig(BaseModel):
+    """DeepSpeed's ``zero_optimization`` section."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    stage: int = Field(0, ge=0, le=3)
+    overlap_comm: bool = True
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+    allgather_bucket_size: int = Field(50_000_000, ge=1)
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=0)
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=0)
+    stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0)
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    offload_optimizer: dict[str, Any] | None = None
+    offload_param: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"zero_optimization must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        renames = {
+            "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+            "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+            "param_persistence_threshold": "stage3_param_persistence_threshold",
+            "max_live_parameters": "stage3_max_live_parameters",
+            "max_reuse_distance": "stage3_max_reuse_distance",
+        }
+        for old, new in renames.items():
+            if old in data:
+                data.setdefault(new, data.pop(old))
+        if data.get("cpu_offload"):
+            raise ValueError(
+                "zero_optimization.cpu_offload is DeepSpeed's removed spelling; use "
+                '"offload_optimizer": {"device": "cpu"}'
+            )
+        data.pop("cpu_offload", None)
+        valid = set(cls.model_fields) | set(_NO_EFFECT) | set(_UNSUPPORTED)
+        for key in data:
+            if key not in valid:
+                near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"zero_optimization: unknown key {key!r}{hint}")
+        for key, default in _UNSUPPORTED.items():
+            if key in data and data[key] != default:
+                raise ValueError(
+                    f"zero_optimization.{key}={data[key]!r} is not supported by ds-zero; remove "
+                    f"the key or set it to {default!r}"
+                )
+        for key in list(data):
+            if key in _NO_EFFECT or key in _UNSUPPORTED:
+                data.pop(key)
+        return data
+
+    def to_options(
+        self,
+        *,
+        param_dtype: torch.dtype | None = None,
+        reduce_dtype: torch.dtype = torch.float32,
+        gradient_accumulation_steps: int = 1,
+        gradient_clipping: float = 0.0,
+        loss_scaling: LossScaleOptions | None = None,
+    ) -> ZeroOptions:
+        """The runtime options; the arguments come from other config sections (``bf16``/``fp16``,
+        ``gradient_accumulation_steps``, ``gradient_clipping``) that ds-all owns."""
+        return ZeroOptions(
+            stage=self.stage,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reduce_bucket_size=self.reduce_bucket_size,
+            overlap_comm=self.overlap_comm,
+            param_persistence_threshold=self.stage3_param_persistence_threshold,
+            prefetch_bucket_size=self.stage3_prefetch_bucket_size,
+            max_live_parameters=self.stage3_max_live_parameters,
+            max_reuse_distance=self.stage3_max_reuse_distance,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            gradient_clipping=gradient_clipping,
+            loss_scaling=loss_scaling,
+        )
