@@ -45,6 +45,14 @@ def _launched() -> bool:
     )
 
 
+def _is_pipeline(model: nn.Module) -> bool:
+    try:
+        from ds_pipe import PipelineModule
+    except ImportError:
+        return False
+    return isinstance(model, PipelineModule)
+
+
 def initialize(
     args: Any = None,
     model: nn.Module | None = None,
@@ -76,6 +84,11 @@ def initialize(
     if dist_init_required:
         init_distributed()
     dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+    if _is_pipeline(model):
+        from ds_all._pipe_engine import PipelineEngine
+
+        pipe = PipelineEngine(model, cfg, optimizer, model_parameters, lr_scheduler)
+        return pipe, pipe.optimizer, None, pipe.lr_scheduler
     engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group)
     loader = None
     if training_data is not None:

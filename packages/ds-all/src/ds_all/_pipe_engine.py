@@ -1,0 +1,101 @@
+"""The engine for ``PipelineModule`` models: ``train_batch`` / ``eval_batch`` over ds_pipe's
+runtime, with the config's optimizer, schedule, clipping and accumulation (micro-batches)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds_accel import get_accelerator
+from ds_all._config import DeepSpeedConfig
+from ds_all._config_base import ConfigError
+from ds_all._optimizers import build_optimizer
+from ds_all._schedulers import build_scheduler
+
+log = logging.getLogger("ds_all")
+
+_SCHEDULES = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved": "interleaved_1f1b"}
+
+
+class PipelineEngine(nn.Module):
+    """DeepSpeed's pipeline engine surface: ``train_batch(data_iter)`` runs one optimizer step
+    over ``gradient_accumulation_steps`` micro-batches; ``eval_batch(data_iter)`` forwards them."""
+
+    def __init__(self, model: Any, config: DeepSpeedConfig, optimizer: Any = None,
+                 model_parameters: Any = None, lr_scheduler: Any = None) -> None:  # fmt: skip
+        super().__init__()
+        from ds_pipe import PipelineRuntime
+
+        if config.zero_config().stage > 1:
+            raise ConfigError(f"zero_optimization.stage {config.zero_config().stage} with a PipelineModule: "
+                              "pipeline parallelism composes with ZeRO stage 0 or 1 only; set stage to 0 or 1")  # fmt: skip
+        if config.fp16.enabled:
+            raise ConfigError("fp16 with a PipelineModule is not supported yet; use bf16 or fp32")
+        self.config = config
+        self.module = model
+        acc = get_accelerator()
+        grid = model.grid if hasattr(model, "grid") else None
+        self.dp_world = (
+            grid.data_parallel_size
+            if grid is not None and hasattr(grid, "data_parallel_size")
+            else 1
+        )
+        self._train_batch, self._micro, self._gas = config.resolve_batch(self.dp_world)
+        if acc.name == "cuda":
+            model.to(acc.current_device_name())
+        cfg_opt = config.optimizer
+        if optimizer is None:
+            if cfg_opt is None:
+                raise ConfigError('no optimizer: pass optimizer= or add an "optimizer" section')
+            optimizer = build_optimizer(
+                cfg_opt.type, cfg_opt.params, model_parameters or model.parameters(), acc.name
+            )
+        elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer(model_parameters or model.parameters())
+        self.optimizer = optimizer
+        self.runtime = PipelineRuntime(
+            model, optimizer, micro_batches=self._gas, schedule=_SCHEDULES[config.pipeline.schedule],
+            max_grad_norm=config.gradient_clipping or None,
+        )  # fmt: skip
+        self.lr_scheduler = (build_scheduler(config.scheduler.type, optimizer, config.scheduler.params)
+                             if config.scheduler is not None and lr_scheduler is None else lr_scheduler)  # fmt: skip
+        self.global_steps = 0
+        self.global_samples = 0
+        self.global_rank = dist.get_rank() if dist.is_initialized() else 0
+        self._t0 = time.perf_counter()
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._micro
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._gas
+
+    def train_batch_size(self) -> int:
+        return self._train_batch
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def train_batch(self, data_iter: Any = None) -> torch.Tensor:
+        loss = self.runtime.train_batch(data_iter)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_steps += 1
+        self.global_samples += self._train_batch
+        if self.global_steps % self.config.steps_per_print == 0 and self.global_rank == 0:
+            dt = time.perf_counter() - self._t0
+            log.info(f"step {self.global_steps} | loss {float(loss):.4f} | lr {self.get_lr()[0]:.3e} | "
+                     f"{self.config.steps_per_print * self._train_batch / max(dt, 1e-9):.1f} samples/s")  # fmt: skip
+            self._t0 = time.perf_counter()
+        return loss
+
+    def eval_batch(self, data_iter: Any = None, return_logits: bool = False) -> Any:
+        return self.runtime.eval_batch(data_iter, return_outputs=return_logits)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return True
