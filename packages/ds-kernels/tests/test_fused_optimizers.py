@@ -26,12 +26,17 @@ def triton_ok() -> bool:
     return INTERPRET or torch.cuda.is_available()
 
 
-needs_triton = pytest.mark.skipif(not triton_ok(), reason="needs Triton (GPU or TRITON_INTERPRET=1)")
+needs_triton = pytest.mark.skipif(
+    not triton_ok(), reason="needs Triton (GPU or TRITON_INTERPRET=1)"
+)
 
 
 def make_params(dtype=torch.float32, device="cpu", seed=0, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype)) for s in shapes]
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=g).to(device=device, dtype=dtype))
+        for s in shapes
+    ]
 
 
 def clone(params):
@@ -41,7 +46,10 @@ def clone(params):
 def grads_for(params, steps, seed=1, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return [
-        [(torch.randn(p.shape, generator=g) * scale).to(device=p.device, dtype=p.dtype) for p in params]
+        [
+            (torch.randn(p.shape, generator=g) * scale).to(device=p.device, dtype=p.dtype)
+            for p in params
+        ]
         for _ in range(steps)
     ]
 
