@@ -99,7 +99,6 @@ def main() -> int:
             contenders["deepspeed.DeepSpeedCPUAdam"] = (ds_opt, ps)
         except Exception as exc:  # noqa: BLE001 - optional peer
             skipped["deepspeed.DeepSpeedCPUAdam"] = f"{type(exc).__name__}: {exc}"[:300]
-    del init
 
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(args.warmup + args.rounds):

@@ -122,12 +122,13 @@ def test_low_precision_copy_in_same_pass(backend, dtype, cls):
 def test_groups_hparams_and_params_without_grad(backend):
     ref_params = make_params()
     params = clone(ref_params)
-    groups = (
-        lambda ps: [  # noqa: E731
+
+    def groups(ps):
+        return [
             {"params": ps[:2], "lr": 1e-2, "weight_decay": 0.0},
             {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.2, "betas": (0.8, 0.95)},
         ]
-    )
+
     ref = torch.optim.AdamW(groups(ref_params), eps=1e-8)
     opt = with_backend(ds_kernels.CPUAdam(groups(params), eps=1e-8), backend)
     g = torch.Generator().manual_seed(3)
