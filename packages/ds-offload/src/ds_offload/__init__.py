@@ -13,6 +13,7 @@ from ds_offload._config import (
     OffloadParamConfig,
 )
 from ds_offload._errors import AioError, NvmePathError, OffloadWarning
+from ds_offload._param import ParamOffloader
 from ds_offload._pinned import aligned_empty, memlock_limit
 from ds_offload._stepper import OffloadStepper
 from ds_offload._version import __version__
@@ -27,6 +28,7 @@ __all__ = [
     "OffloadParamConfig",
     "OffloadStepper",
     "OffloadWarning",
+    "ParamOffloader",
     "__version__",
     "aligned_empty",
     "memlock_limit",

@@ -258,6 +258,8 @@ class OffloadStepper:
     def _write_back(self, part: _Partition, state: dict[str, torch.Tensor]) -> None:
         assert self._copier is not None
         lp = self._lp_host.get(part.index)
+        if part.param_shard is None and part.master.is_meta:
+            return  # the store is the only copy (parameter offload reads parameters from it)
         if part.param_shard is not None:
             dst = part.param_shard.reshape(-1)
             src = lp if lp is not None else state["master"]
@@ -316,7 +318,7 @@ class OffloadStepper:
             else:
                 master = part.master.reshape(-1)
             dst = part.param_shard if part.param_shard is not None else part.master
-            if dst.data_ptr() != master.data_ptr():
+            if not dst.is_meta and dst.data_ptr() != master.data_ptr():
                 dst.reshape(-1).copy_(master)
         self.store.loaded()
 

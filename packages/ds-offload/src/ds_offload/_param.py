@@ -1,0 +1,332 @@
+"""``ParamOffloader``: parameters that live on the CPU or NVMe and visit the device only while
+their unit (a transformer block) runs: ZeRO-Infinity's parameter offload on one device.
+
+Units are the children of every ``nn.ModuleList`` plus the root (its remaining parameters). The
+fp32 values of a unit live in the optimizer store of an ``OffloadStepper`` (CPU memory or an
+NVMe swap file: the store is the only copy), so the CPU Adam step and the forward read the same
+bytes. Around each unit's forward and backward a hook fetches the unit into one of at most
+``buffer_count`` device buffers (prefetching the next unit in the recorded order) and releases it
+after; gradients are accumulated into fp32 host buffers as they are produced and dropped from
+the device. ``step()`` runs the CPU Adam over all units and invalidates device copies.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd import Variable
+
+from ds_offload._aio import AsyncIO
+from ds_offload._config import AioConfig, OffloadDevice, OffloadOptimizerConfig, OffloadParamConfig
+from ds_offload._pinned import aligned_empty
+from ds_offload._state import CpuStore, NvmeStore
+from ds_offload._stepper import OffloadStepper
+
+
+class UnitState(enum.Enum):
+    """Where a unit's parameter values are, as seen by the device."""
+
+    OFFLOADED = "offloaded"  # only in the store (CPU memory or NVMe); params are empty
+    RESIDENT = "resident"  # copied into a device buffer; params view it; may be evicted
+    ACTIVE = "active"  # resident and in use by a running forward/backward: never evicted
+
+
+@dataclass
+class _Unit:
+    index: int
+    module: nn.Module
+    params: list[nn.Parameter]
+    numel: int
+    offsets: list[int]
+    shapes: list[torch.Size]  # recorded at construction: an offloaded param's .shape is (0,)
+    grad: torch.Tensor  # fp32 host accumulation buffer
+    state: UnitState = UnitState.OFFLOADED
+    buffer: torch.Tensor | None = None  # the device buffer while resident
+    pending: set[int] = field(default_factory=set)  # params whose grad has not arrived yet
+
+
+@dataclass
+class _Part:
+    """A unit as ds_zero-style partition for the stepper: master on meta after setup (the
+    store holds the only copy)."""
+
+    index: int
+    group_index: int
+    master: torch.Tensor
+    param_shard: torch.Tensor | None = None
+
+
+def find_units(model: nn.Module) -> list[nn.Module]:
+    units: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList):
+            units.extend(m.children())
+    return units
+
+
+class ParamOffloader:
+    """Offload ``model``'s parameters (and its optimizer state) to ``config.device``.
+
+    config: an ``offload_param`` section; the optimizer state goes to the same device, with
+        ``optimizer_config`` (an ``offload_optimizer`` section) for its other knobs.
+    hparams: AdamW hyper-parameters (lr, betas, eps, weight_decay); ``self.group_options[0]``
+        is read at every step, so it can be changed as a scheduler would.
+    device: where forward/backward run (default: the accelerator's current device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: OffloadParamConfig | dict[str, Any],
+        *,
+        hparams: dict[str, Any] | None = None,
+        optimizer: str = "adamw",
+        optimizer_config: dict[str, Any] | None = None,
+        aio: AioConfig | dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(config, OffloadParamConfig):
+            config = OffloadParamConfig.from_dict(config, "zero_optimization.offload_param")
+        if not config.enabled:
+            raise ValueError(
+                "ParamOffloader: zero_optimization.offload_param.device is 'none'; set it to "
+                "'cpu' or 'nvme'"
+            )
+        if not isinstance(aio, AioConfig):
+            aio = AioConfig.from_dict(aio, "aio")
+        if device is None:
+            from ds_accel import get_accelerator
+
+            device = get_accelerator().device()
+        self.device = torch.device(device)
+        self.config = config
+        self.model = model
+        self.group_options = [dict(hparams or {})]
+        opt_cfg = {"device": config.device.value, "pin_memory": config.pin_memory,
+                   "buffer_count": config.buffer_count, **(optimizer_config or {})}  # fmt: skip
+        if config.device is OffloadDevice.nvme:
+            opt_cfg["nvme_path"] = str(config.nvme_path)
+        self.stepper = OffloadStepper(
+            OffloadOptimizerConfig.from_dict(opt_cfg, "zero_optimization.offload_optimizer"),
+            optimizer=optimizer,
+            aio=aio,
+        )
+        self.units = self._build_units(model)
+        self._check_sizes()
+        parts = [_Part(u.index, 0, self._flat_values(u)) for u in self.units]
+        self.stepper.setup(parts, self.group_options)
+        for p in parts:
+            p.master = torch.empty(p.master.numel(), device="meta")
+        self._resident: OrderedDict[int, _Unit] = OrderedDict()  # LRU of device copies
+        self._cpu_cache: OrderedDict[int, torch.Tensor] = OrderedDict()  # NVMe: max_in_cpu
+        self._order: list[int] = []  # units in first-forward order (prefetch plan)
+        self._recording = True
+        self._aio = AsyncIO.from_config(aio) if config.device is OffloadDevice.nvme else None
+        self._staging = [
+            aligned_empty(max(u.numel for u in self.units), torch.float32, pin=config.pin_memory)
+            for _ in range(2 if self._aio else 0)
+        ]
+        for u in self.units:
+            for p in u.params:
+                p.data = torch.empty(0, device=self.device, dtype=p.dtype)
+        self._install_hooks()
+
+    # ------------------------------------------------------------------ construction
+    def _build_units(self, model: nn.Module) -> list[_Unit]:
+        mods = find_units(model)
+        taken: set[int] = set()
+        groups: list[tuple[nn.Module, list[nn.Parameter]]] = []
+        for m in mods:
+            ps = [p for p in m.parameters() if id(p) not in taken]
+            taken.update(id(p) for p in ps)
+            groups.append((m, ps))
+        rest = [p for p in model.parameters() if id(p) not in taken]
+        groups.append((model, rest))
+        units = []
+        for i, (m, ps) in enumerate(groups):
+            if not ps:
+                continue
+            for p in ps:
+                if p.dtype != torch.float32:
+                    raise ValueError(
+                        "ParamOffloader: parameters must be float32 (the offloaded copy is the fp32 "
+                        f"master); got {p.dtype} in {type(m).__name__}"
+                    )
+            offsets, off = [], 0
+            for p in ps:
+                offsets.append(off)
+                off += p.numel()
+            grad = aligned_empty(off, torch.float32, pin=self.config.pin_memory).zero_()
+            units.append(_Unit(len(units), m, ps, off, offsets, [p.shape for p in ps], grad))
+            del i
+        return units
+
+    def _check_sizes(self) -> None:
+        biggest = max(self.units, key=lambda u: u.numel)
+        if biggest.numel > self.config.buffer_size:
+            raise ValueError(
+                f"zero_optimization.offload_param.buffer_size={self.config.buffer_size} is smaller "
+                f"than the unit {type(biggest.module).__name__} ({biggest.numel} elements); raise "
+                "buffer_size to at least that"
+            )
+        if self.config.buffer_count < 3:
+            raise ValueError(
+                "zero_optimization.offload_param.buffer_count must be >= 3 (the root's parameters, "
+                f"the running unit and the prefetched one), got {self.config.buffer_count}"
+            )
+
+    @staticmethod
+    def _flat_values(u: _Unit) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).cpu() for p in u.params])
+
+    # ------------------------------------------------------------------ fetch / release
+    def _host_values(self, u: _Unit) -> torch.Tensor:
+        store = self.stepper.store
+        if isinstance(store, CpuStore):
+            return store.state[u.index]["master"]
+        cached = self._cpu_cache.get(u.index)
+        if cached is not None:
+            self._cpu_cache.move_to_end(u.index)
+            return cached
+        assert isinstance(store, NvmeStore) and self._aio is not None
+        staging = self._staging[u.index % 2][: u.numel]
+        self._aio.pread(staging, store.files[u.index])  # master region starts at offset 0
+        if self.config.max_in_cpu > 0:
+            used = sum(t.numel() for t in self._cpu_cache.values())
+            while self._cpu_cache and used + u.numel > self.config.max_in_cpu:
+                used -= self._cpu_cache.popitem(last=False)[1].numel()
+            if used + u.numel <= self.config.max_in_cpu:
+                self._cpu_cache[u.index] = staging.clone()
+        return staging
+
+    def _fetch(self, u: _Unit, active: bool) -> None:
+        if u.state is UnitState.OFFLOADED:
+            self._make_room()
+            buf = torch.empty(u.numel, dtype=torch.float32, device=self.device)
+            buf.copy_(self._host_values(u), non_blocking=False)
+            u.buffer = buf
+            for p, off, shape in zip(u.params, u.offsets, u.shapes):
+                p.data = buf[off : off + shape.numel()].view(shape)
+            u.state = UnitState.RESIDENT
+        self._resident[u.index] = u
+        self._resident.move_to_end(u.index)
+        if active:
+            u.state = UnitState.ACTIVE
+
+    def _make_room(self) -> None:
+        while len(self._resident) >= self.config.buffer_count:
+            victim = next(
+                (v for v in self._resident.values() if v.state is UnitState.RESIDENT), None
+            )
+            if victim is None:
+                raise RuntimeError(
+                    f"ParamOffloader: all {self.config.buffer_count} device buffers hold units in "
+                    "use; raise zero_optimization.offload_param.buffer_count"
+                )
+            self._evict(victim)
+
+    def _evict(self, u: _Unit) -> None:
+        for p in u.params:
+            p.data = torch.empty(0, device=self.device, dtype=p.dtype)
+        u.buffer = None
+        u.state = UnitState.OFFLOADED
+        self._resident.pop(u.index, None)
+
+    def _deactivate(self, u: _Unit) -> None:
+        if u.state is UnitState.ACTIVE:
+            u.state = UnitState.RESIDENT
+
+    def _prefetch_after(self, u: _Unit, direction: int) -> None:
+        if self._recording or u.index not in self._order:
+            return
+        pos = self._order.index(u.index) + direction
+        if 0 <= pos < len(self._order):
+            nxt = self.units[self._order[pos]]
+            if nxt.state is UnitState.OFFLOADED and len(self._resident) < self.config.buffer_count:
+                self._fetch(nxt, active=False)
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> None:
+        for u in self.units:
+            u.module.register_forward_pre_hook(self._make_pre_forward(u))
+            u.module.register_forward_hook(self._make_post_forward(u))
+            u.module.register_full_backward_pre_hook(self._make_pre_backward(u))
+            for j, p in enumerate(u.params):
+                p.register_post_accumulate_grad_hook(self._make_grad_hook(u, j))
+
+    def _make_pre_forward(self, u: _Unit):
+        def hook(module: nn.Module, args: Any) -> None:
+            if self._recording and u.index not in self._order:
+                self._order.append(u.index)
+            self._fetch(u, active=True)
+            self._prefetch_after(u, +1)
+
+        return hook
+
+    def _make_post_forward(self, u: _Unit):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            self._deactivate(u)
+            if torch.is_grad_enabled():
+                u.pending = set(range(len(u.params)))
+
+        return hook
+
+    def _make_pre_backward(self, u: _Unit):
+        def hook(module: nn.Module, grad_out: Any) -> None:
+            self._fetch(u, active=True)
+            self._prefetch_after(u, -1)
+            Variable._execution_engine.queue_callback(self._end_backward)
+
+        return hook
+
+    def _make_grad_hook(self, u: _Unit, j: int):
+        def hook(p: torch.Tensor) -> None:
+            assert p.grad is not None
+            off = u.offsets[j]
+            u.grad[off : off + u.shapes[j].numel()].add_(
+                p.grad.reshape(-1).to("cpu", torch.float32)
+            )
+            p.grad = None
+            u.pending.discard(j)
+            if not u.pending:
+                self._deactivate(u)
+
+        return hook
+
+    def _end_backward(self) -> None:
+        for u in self.units:
+            self._deactivate(u)
+            u.pending.clear()
+        self._recording = False
+
+    # ------------------------------------------------------------------ optimizer
+    @torch.no_grad()
+    def step(self) -> None:
+        """CPU Adam over every unit with the accumulated host gradients, then zero them; device
+        copies are dropped (the next forward fetches updated values)."""
+        for u in list(self._resident.values()):
+            self._evict(u)
+        self._cpu_cache.clear()
+        self.stepper.step([u.grad for u in self.units])
+        for u in self.units:
+            u.grad.zero_()
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """fp32 values of every parameter by name (read from the store)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out: dict[str, torch.Tensor] = {}
+        for u in self.units:
+            values = self.stepper.state_tensors(u.index)["master"]
+            for p, off, shape in zip(u.params, u.offsets, u.shapes):
+                out[names[id(p)]] = values[off : off + shape.numel()].view(shape).clone()
+        return out
+
+    def close(self) -> None:
+        if self._aio is not None:
+            self._aio.close()
+        self.stepper.close()
