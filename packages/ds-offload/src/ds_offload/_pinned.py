@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import warnings
@@ -22,6 +23,7 @@ from ds_offload._errors import OffloadWarning
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to this
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
     lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]

@@ -1,0 +1,147 @@
+"""Bad nvme_path (missing, not a directory, read-only, full) and pinned-memory fallback."""
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from _zero_like import FlatDriver, offload_train, tiny_model
+
+from ds_offload import NvmePathError, OffloadStepper, _nvme
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size="1M", ro=False):
+    """A tiny tmpfs at ``path`` (root only; skips otherwise)."""
+    if not IS_ROOT:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(exist_ok=True)
+    opts = f"size={size}" + (",ro" if ro else "")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _stepper(path, **extra):
+    return OffloadStepper({"device": "nvme", "nvme_path": str(path), **extra})
+
+
+def _big_parts(n=300_000):
+    from _zero_like import Part
+
+    return [Part(0, 0, torch.zeros(n), None)]
+
+
+def test_missing_path(tmp_path):
+    s = _stepper(tmp_path / "nope")
+    with pytest.raises(
+        NvmePathError, match=r"offload_optimizer.nvme_path=.*nope.*does not exist.*mkdir -p"
+    ):
+        s.setup(_big_parts(10), [{}])
+
+
+def test_path_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NvmePathError, match="is not a directory"):
+        _stepper(tmp_path / "f").setup(_big_parts(10), [{}])
+
+
+def test_read_only_path(tmp_path):
+    with small_tmpfs(tmp_path / "ro", ro=True) as ro:
+        with pytest.raises(NvmePathError, match="is not writable.*Read-only"):
+            _stepper(ro).setup(_big_parts(10), [{}])
+
+
+def test_full_disk_fails_at_setup_and_leaves_nothing(tmp_path):
+    with small_tmpfs(tmp_path / "small") as small:
+        s = _stepper(small)
+        # 300k fp32 elements x 3 states = 3.6 MB > 1 MB
+        with pytest.raises(
+            NvmePathError, match=r"has \d+ bytes free but the offloaded state needs \d+"
+        ):
+            s.setup(_big_parts(), [{}])
+        assert os.listdir(small) == []
+
+
+def test_reservation_failure_is_all_or_nothing(tmp_path, monkeypatch):
+    # the free-space estimate can be wrong (other writers, quotas): posix_fallocate then fails;
+    # the files already made are removed and the error names the path
+    with small_tmpfs(tmp_path / "small") as small:
+        monkeypatch.setattr(
+            _nvme.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 40})()
+        )
+        from _zero_like import Part
+
+        parts = [Part(i, 0, torch.zeros(40_000), None) for i in range(4)]  # 4 x 480 KB
+        with pytest.raises(NvmePathError, match="is full.*reserving"):
+            _stepper(small).setup(parts, [{}])
+        leftovers = [f for _, _, fs in os.walk(small) for f in fs]
+        assert leftovers == []
+
+
+def test_filling_the_disk_after_setup_does_not_break_steps(tmp_path):
+    # swap files are reserved at setup, so a disk that fills up later cannot fail a step half-way
+    with small_tmpfs(tmp_path / "small", size="2M") as small:
+        s = _stepper(small, buffer_count=2)
+        driver = FlatDriver(tiny_model(), 3)
+        s.setup(driver.parts, [{"lr": 1e-2, "weight_decay": 0.1}])
+        with open(small / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        assert os.statvfs(small).f_bavail == 0
+        got = offload_train(driver, s, 3)
+        ref = FlatDriver(tiny_model(), 3)
+        r = OffloadStepper({"device": "cpu"})
+        r.setup(ref.parts, [{"lr": 1e-2, "weight_decay": 0.1}])
+        torch.testing.assert_close(got, offload_train(ref, r, 3), atol=0, rtol=0)
+        s.close()
+
+
+PIN_SCRIPT = textwrap.dedent(
+    """
+    import os, resource, warnings
+    import torch
+    from ds_offload import OffloadWarning, aligned_empty
+    from ds_offload._pinned import _libc
+    _libc()
+    if os.geteuid() == 0:
+        os.setgid(65534); os.setuid(65534)   # drop CAP_IPC_LOCK: the limit applies again
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (65536, 65536))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        small = aligned_empty(1024, torch.float32, pin=True)     # 4 KB + slack: fits
+        assert not w, [str(x.message) for x in w]
+        big = aligned_empty(1 << 20, torch.float32, pin=True)    # 4 MB: beyond the limit
+        assert len(w) == 1 and issubclass(w[0].category, OffloadWarning), w
+        assert "RLIMIT_MEMLOCK is 65536 bytes" in str(w[0].message), str(w[0].message)
+    big.fill_(3.0); small.fill_(1.0)
+    assert float(big.sum()) == 3.0 * (1 << 20)
+    print("OK")
+    """
+)
+
+
+def test_pin_memory_beyond_lockable_limit_falls_back_with_warning(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HOME=str(tmp_path))
+    os.chmod(tmp_path, 0o777)
+    proc = subprocess.run(
+        [sys.executable, "-c", PIN_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
