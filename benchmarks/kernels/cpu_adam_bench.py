@@ -100,6 +100,18 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - optional peer
             skipped["deepspeed.DeepSpeedCPUAdam"] = f"{type(exc).__name__}: {exc}"[:300]
 
+    # Memory roofline of this machine at this thread count: a parallel copy of 1 GiB moves
+    # 2 GiB (read + write); Adam must move 28 bytes per param.
+    src = torch.empty(2**28)
+    dst = torch.empty_like(src)
+    copy_s = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy_s.append(time.perf_counter() - t0)
+    copy_gbps = 2 * src.numel() * 4 / statistics.median(copy_s[1:]) / 1e9
+    del src, dst
+
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(args.warmup + args.rounds):
         for name, (opt, _) in contenders.items():
@@ -142,6 +154,11 @@ def main() -> int:
         "all_ms": times,
         "speedup_of_ds_kernels_over": {n: med[n] / base for n in med if n != "ds_kernels.CPUAdam"},
         "effective_gb_per_s": {n: 28 * n_total / (m * 1e-3) / 1e9 for n, m in med.items()},
+        "copy_gb_per_s_measured": copy_gbps,
+        "roofline_ms_at_copy_bw": 28 * n_total / copy_gbps / 1e6,
+        "fraction_of_copy_bw": {
+            n: 28 * n_total / (m * 1e-3) / 1e9 / copy_gbps for n, m in med.items()
+        },
         "max_rel_diff_vs_torch": agreement,
         "skipped": skipped,
         "versions": {

@@ -102,7 +102,8 @@ def main() -> int:
     if args.sweep:
         default = (_fused_triton.BLOCK, _fused_triton.ITERS, _fused_triton.NUM_WARPS)
         for block, iters_, warps in [
-            (1024, 4, 4), (2048, 4, 8), (4096, 1, 8), (4096, 4, 16), (1024, 16, 4), (2048, 2, 4),
+            (1024, 4, 4), (2048, 4, 8), (2048, 8, 8), (1024, 8, 4), (2048, 4, 4), (1024, 4, 8),
+            (4096, 2, 8), (512, 8, 4),
         ]:  # fmt: skip
             _fused_triton.BLOCK, _fused_triton.ITERS, _fused_triton.NUM_WARPS = block, iters_, warps
             _fused_triton.CHUNK = block * iters_
