@@ -127,10 +127,11 @@ def test_expert_parallel_matches_ep1(world_size):
         for p in moe.experts.parameters():
             assert p.ds_expert and p.ds_expert_group_name == name and p.ds_expert_dp_group is dp
     assert dropped_somewhere, "the configs must exercise capacity drops"
+    if world_size == 2:
+        _check_rank_with_no_tokens_for_a_peer()
 
 
-@distributed_test(world_size=2, timeout=120)
-def test_a_rank_with_no_tokens_for_a_peer():
+def _check_rank_with_no_tokens_for_a_peer():
     # rank 1 routes nothing to rank 0's experts (and rank 0 nothing at all to rank 1's):
     # zero-row all-to-all splits and empty expert groups must work in forward and backward
     import torch.distributed as dist

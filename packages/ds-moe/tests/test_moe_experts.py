@@ -54,6 +54,22 @@ def test_grouped_kernel_is_used_when_available():
     assert spy.call_count == 2
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_expanded_gradient_reaches_the_grouped_kernel(bias):
+    # y.sum().backward() hands the GEMM a zero-stride gradient, which _grouped_mm rejects
+    if not ds_moe.grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no CPU _grouped_mm in this torch")
+    mlp = nn.Sequential(nn.Linear(16, 32, bias=bias), nn.ReLU(), nn.Linear(32, 16, bias=bias))
+    m = ds_moe.GroupedMLPExperts(mlp, 2)
+    x = torch.randn(6, 16, requires_grad=True)
+    m(x, [2, 4]).sum().backward()
+    ref = ds_moe.GroupedMLPExperts(mlp, 2, use_grouped_mm=False)
+    xr = x.detach().clone().requires_grad_()
+    ref(xr, [2, 4]).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(m.w1.grad, ref.w1.grad)
+
+
 def test_forced_grouped_mm_errors_when_unavailable():
     m = ds_moe.GroupedMLPExperts(_mlp(d=5, f=7), 2, use_grouped_mm=True)  # rows not 16-byte aligned
     with pytest.raises(RuntimeError, match="grouped GEMM was requested"):

@@ -19,12 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ds_moe._grouped_gemm import (
-    add_segment_bias,
-    grouped_linear,
-    grouped_mm_available,
-    row_alignment,
-)
+from ds_moe._grouped_gemm import grouped_linear, grouped_mm_available, row_alignment
 
 #: element-wise activations that may run on the packed rows of all experts at once
 _ELEMENTWISE = (
@@ -117,14 +112,8 @@ class GroupedMLPExperts(nn.Module):
         if self._grouped_ok(x) and x.shape[0] > 0:
             ends = torch.tensor(group_sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             offs = ends.to(x.device, non_blocking=True)
-        h = grouped_linear(x, self.w1, group_sizes, offs)
-        if self.b1 is not None:
-            h = add_segment_bias(h, self.b1, group_sizes)
-        h = self.activation(h)
-        y = grouped_linear(h, self.w2, group_sizes, offs)
-        if self.b2 is not None:
-            y = add_segment_bias(y, self.b2, group_sizes)
-        return y
+        h = self.activation(grouped_linear(x, self.w1, self.b1, group_sizes, offs))
+        return grouped_linear(h, self.w2, self.b2, group_sizes, offs)
 
 
 class LoopExperts(nn.Module):

@@ -48,18 +48,39 @@ def row_alignment(device: torch.device) -> int:
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     group_sizes: list[int],
     offs: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``y[rows of g] = x[rows of g] @ weight[g].T`` for ``weight`` [G, out, in].
+    """``y[rows of g] = x[rows of g] @ weight[g].T + bias[g]`` for ``weight`` [G, out, in].
 
     ``offs`` (int32 cumulative group ends on x's device) selects the grouped kernel; None
     runs the loop.
     """
     if offs is not None:
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
-    parts = [seg @ weight[g].t() for g, seg in enumerate(x.split(group_sizes))]
-    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+        y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    else:
+        parts = [seg @ weight[g].t() for g, seg in enumerate(x.split(group_sizes))]
+        y = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+    if bias is not None:
+        return _SegmentBias.apply(y, bias, group_sizes)
+    return _ContiguousGrad.apply(y) if offs is not None else y
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient dense.
+
+    _grouped_mm's backward rejects gradients with zero strides (what ``y.sum().backward()``
+    or an expand produces); a no-op when the gradient is already contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class _SegmentBias(torch.autograd.Function):
@@ -79,6 +100,8 @@ class _SegmentBias(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # dense: the GEMM's backward (_grouped_mm) rejects zero-stride gradients
+        grad = grad.contiguous()
         parts = [seg.sum(0) for seg in grad.split(ctx.group_sizes)]
         return grad, torch.stack(parts), None
 

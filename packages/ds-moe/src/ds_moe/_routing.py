@@ -67,6 +67,12 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
+def _count(index: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``bincount`` without its device-to-host sync (CUDA bincount reads ``max()`` on the host)."""
+    src = torch.ones_like(index) if weight is None else weight.to(index.dtype)
+    return torch.zeros(n, dtype=index.dtype, device=index.device).scatter_add_(0, index, src)
+
+
 def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     u = torch.rand(t.shape, device=t.device, dtype=torch.float32, generator=generator)
     return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
@@ -116,7 +122,7 @@ def route(
         flat_used = used.repeat(k)
     else:
         flat_used = torch.ones(n, dtype=torch.bool, device=device)
-    exp_counts = torch.bincount(flat_expert[flat_used], minlength=num_experts)
+    exp_counts = _count(flat_expert, num_experts, None if used_token is None else flat_used)
 
     tok_rank = (
         torch.arange(num_tokens, device=device)
@@ -130,9 +136,7 @@ def route(
 
     # Sort 1: group by expert, priority order inside; the rank inside the group is the slot.
     order1 = torch.argsort(flat_expert * (2 * n) + priority)
-    all_counts = (
-        exp_counts if used_token is None else torch.bincount(flat_expert, minlength=num_experts)
-    )
+    all_counts = exp_counts if used_token is None else _count(flat_expert, num_experts)
     starts = torch.cumsum(all_counts, 0) - all_counts
     slot = torch.arange(n, device=device) - starts[flat_expert[order1]]
     keep_sorted = flat_used[order1]

@@ -1,0 +1,286 @@
+"""MoE layer forward+backward throughput: ds-moe against DeepSpeed's MoE, same process, same data.
+
+    torchrun --nproc_per_node 2 benchmarks/moe/moe_bench.py            # 2 GPUs, the issue's setup
+    torchrun --nproc_per_node 2 benchmarks/moe/moe_bench.py --device cpu --hidden 64 --tokens 512 \
+        --dtype fp32 --iters 2 --repeats 1                             # CPU smoke run (gloo)
+
+Setup (defaults; the peer is /work/shared/peers/ds_moe_bench.py): hidden d=2048, each expert a
+2-layer MLP d -> 4d -> d with GELU, 8 experts, expert parallelism over all ranks (ep = world),
+16,384 tokens per rank, bf16, capacity factor 1.25, loss = mean(out^2) + l_aux, top-1 and top-2.
+
+Implementations, timed in turns (ours, DeepSpeed, ours, ...) so clock and thermal drift hit all:
+- ``ds-moe``: grouped GEMM experts (torch._grouped_mm where available);
+- ``ds-moe-loop``: the same layer with the grouped kernel switched off (a GEMM per expert);
+- ``deepspeed``: deepspeed.moe.layer.MoE, when deepspeed imports (else run the peer script in
+  the same session and compare by hand).
+
+Rank 0 prints the JSON and writes it to benchmarks/results/moe-layer-<device>-<yyyymmdd>.json
+and, when $OUT is set, to $OUT/ as well. Before timing, ``--check`` (on by default) verifies on
+this device that the expert-parallel layer equals an ep=1 layer holding all experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "packages" / "ds-moe" / "src"))  # harmless when on PYTHONPATH
+
+import ds_moe  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", dest="d", type=int, default=2048)
+    p.add_argument("--ffn-mult", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3, help="timed turns per implementation")
+    p.add_argument("--impls", default="ds-moe,ds-moe-loop,deepspeed")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--out", default=None, help="extra output dir (default: $OUT if set)")
+    return p.parse_args(argv)
+
+
+def init(args):
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.device("cuda", local) if use_cuda else torch.device("cpu")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def expert_module(args):
+    return nn.Sequential(
+        nn.Linear(args.d, args.ffn_mult * args.d),
+        nn.GELU(),
+        nn.Linear(args.ffn_mult * args.d, args.d),
+    )
+
+
+def build_ours(args, k, device, dtype, *, grouped_kernel=True, ep=None, **kw):
+    moe = ds_moe.MoE(args.d, expert_module(args), num_experts=args.experts,
+                     ep_size=ep or dist.get_world_size(), k=k,
+                     capacity_factor=args.capacity_factor, **kw)  # fmt: skip
+    moe = moe.to(device=device, dtype=dtype).train()
+    if not grouped_kernel:
+        moe.experts.use_grouped_mm = False
+    return moe
+
+
+def build_deepspeed(args, k, device, dtype):
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    moe = DSMoE(hidden_size=args.d, expert=expert_module(args), num_experts=args.experts,
+                ep_size=dist.get_world_size(), k=k, capacity_factor=args.capacity_factor)  # fmt: skip
+    return moe.to(device=device, dtype=dtype).train()
+
+
+def time_layer(layer, x, args, device):
+    """Seconds per forward+backward, averaged over ``iters`` after ``warmup`` (as the peer does)."""
+    for i in range(args.warmup + args.iters):
+        if i == args.warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        out, l_aux, _ = layer(x)
+        (out.float().square().mean() + l_aux).backward()
+    sync(device)
+    return (time.perf_counter() - t0) / args.iters
+
+
+def seed_experts_by_global_id(moe, device):
+    with torch.no_grad():
+        for local, g in enumerate(moe.expert_ids):
+            gen = torch.Generator(device=device).manual_seed(1234 + g)
+            for p in (moe.experts.w1, moe.experts.b1, moe.experts.w2, moe.experts.b2):
+                scale = p.shape[-1] ** -0.5 if p.dim() == 3 else 0.02
+                p[local].copy_(torch.randn(p.shape[1:], generator=gen, device=device) * scale)
+
+
+def check_parity(args, device, dtype):
+    """ep=world layer vs an ep=1 layer holding all experts, same weights and tokens."""
+    result = {}
+    for k in args.k:
+        kw = dict(drop_tokens=False, use_rts=False)
+        torch.manual_seed(0)
+        ep = build_ours(args, k, device, dtype, **kw)
+        torch.manual_seed(0)
+        ref = build_ours(args, k, device, dtype, ep=1, **kw)
+        for m in (ep, ref):
+            seed_experts_by_global_id(m, device)
+        gen = torch.Generator(device=device).manual_seed(99 + dist.get_rank())
+        x = torch.randn(min(args.tokens, 2048), args.d, generator=gen, device=device).to(dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, _, counts = ep(xa)
+        ref_out, _, ref_counts = ref(xb)
+        out.float().square().mean().backward()
+        ref_out.float().square().mean().backward()
+        err = (out.float() - ref_out.float()).abs().max().item()
+        gerr = (xa.grad.float() - xb.grad.float()).abs().max().item()
+        scale = ref_out.float().abs().max().item()
+        gscale = xb.grad.float().abs().max().item()
+        ok = (
+            torch.equal(counts, ref_counts)
+            and err <= 2e-2 * scale + 1e-6
+            and gerr <= 2e-2 * gscale + 1e-9
+        )
+        flag = torch.tensor([1.0 if ok else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        result[f"k{k}"] = {"ok": bool(flag.item()), "max_abs_err_out": err, "max_abs_out": scale,
+                           "max_abs_err_dx": gerr, "max_abs_dx": gscale}  # fmt: skip
+        del ep, ref
+    return result
+
+
+def device_slug(device):
+    world = dist.get_world_size()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower().replace("nvidia", "").strip()
+        return f"{world}x{name.replace(' ', '-')}"
+    return f"{world}xcpu"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = init(args)
+    dtype = DTYPES[args.dtype]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    ds_version = None
+    if "deepspeed" in impls:
+        try:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            ds_version = deepspeed.__version__
+        except Exception as exc:  # noqa: BLE001 - the peer is optional here
+            if rank == 0:
+                print(f"[moe_bench] deepspeed unavailable ({exc!r}); timing ds-moe only; run "
+                      "/work/shared/peers/ds_moe_bench.py in the same session to compare", flush=True)  # fmt: skip
+            impls.remove("deepspeed")
+
+    report = {
+        "scenario": f"moe-layer-d{args.d}-e{args.experts}-ep{world}-t{args.tokens}",
+        "device": f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "deepspeed": ds_version,
+        "ds_moe": ds_moe.__version__,
+        "grouped_mm_available": ds_moe.grouped_mm_available(device, dtype),
+        "config": {
+            "d": args.d,
+            "ffn": args.ffn_mult * args.d,
+            "experts": args.experts,
+            "ep": world,
+            "tokens_per_rank": args.tokens,
+            "dtype": args.dtype,
+            "capacity_factor": args.capacity_factor,
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "repeats": args.repeats,
+        },  # fmt: skip
+        "results": [],
+    }
+    if device.type == "cpu":
+        # CPU timings on a shared machine: record how busy it was (1/5/15-minute load averages)
+        report["host_load_avg"] = [round(v, 1) for v in os.getloadavg()]
+        report["cpu_count"] = os.cpu_count()
+    if args.check:
+        report["check"] = check_parity(args, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    builders = {
+        "ds-moe": lambda k: build_ours(args, k, device, dtype),
+        "ds-moe-loop": lambda k: build_ours(args, k, device, dtype, grouped_kernel=False),
+        "deepspeed": lambda k: build_deepspeed(args, k, device, dtype),
+    }
+    unknown = [i for i in impls if i not in builders]
+    if unknown:
+        raise SystemExit(f"--impls: unknown {unknown}; choose from {sorted(builders)}")
+    for k in args.k:
+        torch.manual_seed(0)
+        layers = {name: builders[name](k) for name in impls}
+        gen = torch.Generator(device=device).manual_seed(rank)
+        x = torch.randn(1, args.tokens, args.d, generator=gen, device=device).to(dtype)
+        x.requires_grad_()
+        times = {name: [] for name in impls}
+        peaks = dict.fromkeys(impls, 0.0)
+        for _ in range(args.repeats):
+            for name in impls:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[name].append(time_layer(layers[name], x, args, device))
+                if device.type == "cuda":
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**30)
+        flops = 3 * 2 * args.tokens * k * (2 * args.d * args.ffn_mult * args.d)
+        for name in impls:
+            # every rank's median, then the slowest rank: the layer is only as fast as it
+            t = torch.tensor([statistics.median(times[name])], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            step = t.item()
+            report["results"].append({
+                "impl": name, "k": k, "step_s": round(step, 5),
+                "step_s_rank0_turns": [round(v, 5) for v in times[name]],
+                "tok_s_per_gpu": round(args.tokens / step),
+                "expert_tflops_per_gpu": round(flops / step / 1e12, 1),
+                "peak_gb": round(peaks[name], 2) if device.type == "cuda" else None,
+            })  # fmt: skip
+        del layers, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ratios = {}
+    for k in args.k:
+        by = {r["impl"]: r for r in report["results"] if r["k"] == k}
+        if "deepspeed" in by:
+            ratios[f"k{k}"] = {name: round(r["tok_s_per_gpu"] / by["deepspeed"]["tok_s_per_gpu"], 3)
+                               for name, r in by.items() if name != "deepspeed"}  # fmt: skip
+    report["speedup_vs_deepspeed"] = ratios
+    report["goal"] = "ds-moe tok/s per GPU >= 1.5x deepspeed for k=1 and k=2"
+
+    if rank == 0:
+        text = json.dumps(report, indent=1)
+        print(text, flush=True)
+        stamp = datetime.date.today().strftime("%Y%m%d")
+        name = f"moe-layer-{device_slug(device)}-{stamp}.json"
+        outs = [ROOT / "benchmarks" / "results"]
+        extra = args.out or os.environ.get("OUT")
+        if extra:
+            outs.append(pathlib.Path(extra))
+        for d in outs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text + "\n")
+            print(f"[moe_bench] wrote {d / name}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
