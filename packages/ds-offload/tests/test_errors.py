@@ -58,9 +58,11 @@ def test_path_is_a_file(tmp_path):
 
 
 def test_read_only_path(tmp_path):
-    with small_tmpfs(tmp_path / "ro", ro=True) as ro:
-        with pytest.raises(NvmePathError, match="is not writable.*Read-only"):
-            _stepper(ro).setup(_big_parts(10), [{}])
+    with (
+        small_tmpfs(tmp_path / "ro", ro=True) as ro,
+        pytest.raises(NvmePathError, match="is not writable.*Read-only"),
+    ):
+        _stepper(ro).setup(_big_parts(10), [{}])
 
 
 def test_full_disk_fails_at_setup_and_leaves_nothing(tmp_path):
@@ -143,5 +145,36 @@ def test_pin_memory_beyond_lockable_limit_falls_back_with_warning(tmp_path):
         env=env,
         cwd=tmp_path,
         timeout=120,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+NO_PYDANTIC = textwrap.dedent(
+    """
+    import sys
+    sys.modules["pydantic"] = None   # the GPU machine has no pydantic
+    import torch, ds_offload
+    s = ds_offload.OffloadStepper({"device": "cpu", "ratio": 1.0}, aio={"intra_op_parallelism": 2})
+    assert s.aio_config.thread_count == 2
+    for bad, msg in [({"device": "disk"}, "device must be"), ({"device": "cpu", "ratoi": 1}, "ratoi"),
+                     ({"device": "nvme"}, "nvme_path is not set")]:
+        try:
+            ds_offload.OffloadStepper(bad)
+        except ValueError as e:
+            assert msg in str(e), e
+        else:
+            raise AssertionError(bad)
+    try:
+        ds_offload.AioConfig
+    except ImportError:
+        print("OK")
+    """
+)
+
+
+def test_runs_without_pydantic():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_PYDANTIC], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

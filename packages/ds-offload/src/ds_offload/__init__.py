@@ -5,14 +5,16 @@
 >>> stepper = OffloadStepper({"device": "cpu", "pin_memory": True})   # ds_zero.wrap(..., stepper=)
 """
 
+from typing import Any
+
 from ds_offload._aio import AsyncIO
-from ds_offload._config import (
-    AioConfig,
-    OffloadDevice,
-    OffloadOptimizerConfig,
-    OffloadParamConfig,
-)
 from ds_offload._errors import AioError, NvmePathError, OffloadWarning
+from ds_offload._options import (
+    AioOptions,
+    OffloadDevice,
+    OffloadOptimizerOptions,
+    OffloadParamOptions,
+)
 from ds_offload._param import ParamOffloader
 from ds_offload._pinned import aligned_empty, memlock_limit
 from ds_offload._stepper import OffloadStepper
@@ -21,11 +23,14 @@ from ds_offload._version import __version__
 __all__ = [
     "AioConfig",
     "AioError",
+    "AioOptions",
     "AsyncIO",
     "NvmePathError",
     "OffloadDevice",
     "OffloadOptimizerConfig",
+    "OffloadOptimizerOptions",
     "OffloadParamConfig",
+    "OffloadParamOptions",
     "OffloadStepper",
     "OffloadWarning",
     "ParamOffloader",
@@ -33,3 +38,15 @@ __all__ = [
     "aligned_empty",
     "memlock_limit",
 ]
+
+_PYDANTIC_MODELS = ("AioConfig", "OffloadOptimizerConfig", "OffloadParamConfig")
+
+
+def __getattr__(name: str) -> Any:
+    # The pydantic config models load lazily: the runtime (options dataclasses) works where
+    # pydantic is absent, e.g. a GPU machine with only torch.
+    if name in _PYDANTIC_MODELS:
+        from ds_offload import _config
+
+        return getattr(_config, name)
+    raise AttributeError(f"module 'ds_offload' has no attribute {name!r}")

@@ -25,7 +25,7 @@ from ds_offload._aio_python import PythonEngine
 from ds_offload._pinned import aligned_empty
 
 if TYPE_CHECKING:
-    from ds_offload._config import AioConfig
+    pass
 
 _warned_fallback = threading.Event()
 
@@ -114,8 +114,12 @@ class AsyncIO:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: AioConfig, **overrides: Any) -> AsyncIO:
-        """A handle with the knobs of an ``aio`` config section."""
+    def from_config(cls, config: Any, **overrides: Any) -> AsyncIO:
+        """A handle with the knobs of an ``aio`` config section (dict, ``AioConfig`` or
+        ``AioOptions``)."""
+        from ds_offload._options import AioOptions, coerce
+
+        config = coerce(AioOptions, config, "aio")
         knobs = dict(
             block_size=config.block_size,
             queue_depth=config.queue_depth,

@@ -8,19 +8,17 @@ Unknown keys are errors (a misspelt key would otherwise silently disable offload
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class OffloadDevice(str, enum.Enum):
-    """Where offloaded tensors live. ``none`` disables offload."""
-
-    none = "none"
-    cpu = "cpu"
-    nvme = "nvme"
+from ds_offload._options import (
+    AioOptions,
+    OffloadDevice,
+    OffloadOptimizerOptions,
+    OffloadParamOptions,
+)
 
 
 class _Section(BaseModel):
@@ -54,6 +52,9 @@ class AioConfig(_Section):
     overlap_events: bool = True
     use_gds: bool = False
     use_direct: bool = Field(True, description="O_DIRECT for aligned IO (ds_offload extension)")
+
+    def to_options(self) -> AioOptions:
+        return AioOptions(**self.model_dump(exclude={"use_gds"}))
 
     @model_validator(mode="after")
     def _no_gds(self) -> AioConfig:
@@ -97,6 +98,9 @@ class OffloadOptimizerConfig(_OffloadBase):
     def pipeline(self) -> bool:
         return self.pipeline_read or self.pipeline_write
 
+    def to_options(self) -> OffloadOptimizerOptions:
+        return OffloadOptimizerOptions(**self.model_dump())
+
 
 class OffloadParamConfig(_OffloadBase):
     """``zero_optimization.offload_param``: stage-3 parameters on the CPU or NVMe, prefetched
@@ -107,3 +111,6 @@ class OffloadParamConfig(_OffloadBase):
     max_in_cpu: int = Field(
         1_000_000_000, ge=0, description="NVMe: elements kept in CPU memory before swapping"
     )
+
+    def to_options(self) -> OffloadParamOptions:
+        return OffloadParamOptions(**self.model_dump())

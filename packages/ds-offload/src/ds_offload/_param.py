@@ -22,7 +22,13 @@ from torch import nn
 from torch.autograd import Variable
 
 from ds_offload._aio import AsyncIO
-from ds_offload._config import AioConfig, OffloadDevice, OffloadOptimizerConfig, OffloadParamConfig
+from ds_offload._options import (
+    AioOptions,
+    OffloadDevice,
+    OffloadOptimizerOptions,
+    OffloadParamOptions,
+    coerce,
+)
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore
 from ds_offload._stepper import OffloadStepper
@@ -82,23 +88,21 @@ class ParamOffloader:
     def __init__(
         self,
         model: nn.Module,
-        config: OffloadParamConfig | dict[str, Any],
+        config: Any,
         *,
         hparams: dict[str, Any] | None = None,
         optimizer: str = "adamw",
         optimizer_config: dict[str, Any] | None = None,
-        aio: AioConfig | dict[str, Any] | None = None,
+        aio: Any = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(config, OffloadParamConfig):
-            config = OffloadParamConfig.from_dict(config, "zero_optimization.offload_param")
+        config = coerce(OffloadParamOptions, config, "zero_optimization.offload_param")
         if not config.enabled:
             raise ValueError(
                 "ParamOffloader: zero_optimization.offload_param.device is 'none'; set it to "
                 "'cpu' or 'nvme'"
             )
-        if not isinstance(aio, AioConfig):
-            aio = AioConfig.from_dict(aio, "aio")
+        aio = coerce(AioOptions, aio, "aio")
         if device is None:
             from ds_accel import get_accelerator
 
@@ -112,7 +116,7 @@ class ParamOffloader:
         if config.device is OffloadDevice.nvme:
             opt_cfg["nvme_path"] = str(config.nvme_path)
         self.stepper = OffloadStepper(
-            OffloadOptimizerConfig.from_dict(opt_cfg, "zero_optimization.offload_optimizer"),
+            coerce(OffloadOptimizerOptions, opt_cfg, "zero_optimization.offload_optimizer"),
             optimizer=optimizer,
             aio=aio,
         )

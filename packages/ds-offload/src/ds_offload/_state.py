@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ds_offload._aio import AsyncIO
-from ds_offload._config import AioConfig
 from ds_offload._nvme import SwapDir, check_nvme_path
+from ds_offload._options import AioOptions
 from ds_offload._pinned import DIRECT_ALIGN, aligned_empty
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -91,7 +91,7 @@ class NvmeStore:
         nvme_path: str | Path,
         buffer_count: int,
         pin: bool,
-        aio: AioConfig,
+        aio: AioOptions,
         key: str = "zero_optimization.offload_optimizer.nvme_path",
     ) -> None:
         self.root = check_nvme_path(nvme_path, key)

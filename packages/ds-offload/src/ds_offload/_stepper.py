@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ds_offload._config import AioConfig, OffloadDevice, OffloadOptimizerConfig
 from ds_offload._copies import Copier
 from ds_offload._hparams import check_kind, read_hparams
+from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions, coerce
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore
 
@@ -49,7 +49,7 @@ class Phase(enum.Enum):
 class OffloadStepper:
     """Optimizer state of ZeRO's fp32 partitions held on the CPU or NVMe, stepped by CPU Adam.
 
-    config: an ``offload_optimizer`` section (model or dict: device cpu|nvme, nvme_path,
+    config: an ``offload_optimizer`` section (dict, pydantic model or options: device cpu|nvme, nvme_path,
         pin_memory, ratio, buffer_count, ...).
     optimizer: "adamw" (decoupled weight decay) or "adam" (L2); a group option
         ``decoupled_weight_decay`` overrides it per group.
@@ -63,27 +63,25 @@ class OffloadStepper:
 
     def __init__(
         self,
-        config: OffloadOptimizerConfig | dict[str, Any] | None = None,
+        config: Any = None,
         *,
         optimizer: str = "adamw",
-        aio: AioConfig | dict[str, Any] | None = None,
+        aio: Any = None,
         defaults: dict[str, Any] | None = None,
         num_threads: int = 0,
     ) -> None:
-        if not isinstance(config, OffloadOptimizerConfig):
-            config = OffloadOptimizerConfig.from_dict(
-                config if config is not None else {"device": "cpu"},
-                "zero_optimization.offload_optimizer",
-            )
+        config = coerce(
+            OffloadOptimizerOptions,
+            config if config is not None else {"device": "cpu"},
+            "zero_optimization.offload_optimizer",
+        )
         if not config.enabled:
             raise ValueError(
                 "OffloadStepper: zero_optimization.offload_optimizer.device is 'none'; set it to "
                 "'cpu' or 'nvme' (or do not use an offload stepper)"
             )
-        if not isinstance(aio, AioConfig):
-            aio = AioConfig.from_dict(aio, "aio")
-        self.config = config
-        self.aio_config = aio
+        self.config: OffloadOptimizerOptions = config
+        self.aio_config: AioOptions = coerce(AioOptions, aio, "aio")
         self.kind = check_kind(optimizer)
         self.defaults = dict(defaults or {})
         self.num_threads = num_threads

@@ -1,0 +1,134 @@
+"""Runtime options: plain frozen dataclasses, so ds_offload runs where pydantic is absent (the
+pydantic config models of ``_config`` convert DeepSpeed JSON sections into these)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import Any
+
+
+class OffloadDevice(str, enum.Enum):
+    """Where offloaded tensors live. ``none`` disables offload."""
+
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
+
+
+def _positive(where: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}.{name} must be an integer {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AioOptions:
+    block_size: int = 1_048_576
+    queue_depth: int = 8
+    thread_count: int = 1
+    single_submit: bool = False
+    overlap_events: bool = True
+    use_direct: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "queue_depth", "thread_count"):
+            _positive("aio", name, getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class _OffloadOptions:
+    device: OffloadDevice = OffloadDevice.none
+    nvme_path: Path | None = None
+    pin_memory: bool = False
+
+    def _check(self, where: str) -> None:
+        try:
+            object.__setattr__(self, "device", OffloadDevice(self.device))
+        except ValueError:
+            raise ValueError(
+                f"{where}.device must be 'none', 'cpu' or 'nvme', got {self.device!r}"
+            ) from None
+        if self.nvme_path is not None:
+            object.__setattr__(self, "nvme_path", Path(self.nvme_path))
+        if self.device is OffloadDevice.nvme and self.nvme_path is None:
+            raise ValueError(
+                f"{where}: device is 'nvme' but nvme_path is not set; set nvme_path to a directory "
+                "on the NVMe drive (e.g. /local_nvme)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.device is not OffloadDevice.none
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadOptimizerOptions(_OffloadOptions):
+    buffer_count: int = 4
+    pipeline_read: bool = False
+    pipeline_write: bool = False
+    fast_init: bool = False
+    ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        where = "zero_optimization.offload_optimizer"
+        self._check(where)
+        _positive(where, "buffer_count", self.buffer_count, allow_zero=True)
+        if not 0.0 <= float(self.ratio) <= 1.0:
+            raise ValueError(f"{where}.ratio must be in [0, 1], got {self.ratio!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadParamOptions(_OffloadOptions):
+    buffer_count: int = 5
+    buffer_size: int = 100_000_000
+    max_in_cpu: int = 1_000_000_000
+
+    def __post_init__(self) -> None:
+        where = "zero_optimization.offload_param"
+        self._check(where)
+        _positive(where, "buffer_count", self.buffer_count)
+        _positive(where, "buffer_size", self.buffer_size)
+        _positive(where, "max_in_cpu", self.max_in_cpu, allow_zero=True)
+
+
+_ALIASES = {"intra_op_parallelism": "thread_count"}
+
+
+def coerce(cls: type, section: Any, where: str) -> Any:
+    """Options of type ``cls`` from: an instance, a pydantic config model (``to_options``),
+    or a dict (validated by the pydantic model when pydantic is installed, else here)."""
+    if section is None:
+        section = {}
+    if isinstance(section, cls):
+        return section
+    if hasattr(section, "to_options"):
+        return section.to_options()
+    if not isinstance(section, dict):
+        raise TypeError(f"{where}: expected a dict or {cls.__name__}, got {type(section).__name__}")
+    try:
+        from ds_offload import _config
+    except ImportError:  # no pydantic: validate here
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {_ALIASES.get(k, k): v for k, v in section.items()}
+        unknown = sorted(set(data) - fields - {"use_gds"})
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}"
+            ) from None
+        if data.pop("use_gds", False):
+            raise ValueError(f"{where}.use_gds=true is not supported; set it to false") from None
+        return cls(**data)
+    model = {
+        AioOptions: _config.AioConfig,
+        OffloadOptimizerOptions: _config.OffloadOptimizerConfig,
+        OffloadParamOptions: _config.OffloadParamConfig,
+    }[cls]
+    return model.from_dict(section, where).to_options()
