@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ class PipelineRuntime:
         reduce_bucket_mb: bucket size of that all-reduce.
         device: where stage inputs and P2P buffers live; default: the module's parameters'
             device (the current CUDA device under NCCL).
+        action_hook: ``hook(action)`` returns a context manager entered around every action
+            this rank executes (profiling, e.g. CUDA events around forwards and backwards).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class PipelineRuntime:
         reduce_data_parallel: bool = True,
         reduce_bucket_mb: float = 25.0,
         device: torch.device | str | None = None,
+        action_hook: Callable[[Action], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         if not isinstance(module, PipelineModule):
             raise TypeError(f"PipelineRuntime needs a PipelineModule, got {type(module).__name__}")
@@ -119,6 +123,8 @@ class PipelineRuntime:
         self.num_virtual = module.num_stages * module.num_chunks
         self.train_schedule = self._check(self._make_train_schedule(schedule))
         self.eval_schedule = self._check(forward_only(self.p, micro_batches, module.num_chunks))
+        self.action_hook = action_hook
+        self.last_grad_norm: torch.Tensor | None = None
         self.phase = StepPhase.IDLE
         self.tie_groups = self._make_tie_groups()
         self._sync_initial_weights()
@@ -169,6 +175,10 @@ class PipelineRuntime:
     @torch.no_grad()
     def _sync_initial_weights(self) -> None:
         """Tied copies start equal (lowest stage wins); replicas start equal (replica 0 wins)."""
+        if self.grid.pipe_group is not None and self.p > 1:
+            # NCCL requires every member in a group's first call; afterwards batched P2P may
+            # involve only a pair of its ranks.
+            _comm.all_reduce(torch.zeros(1, device=self.device), self.grid.pipe_group)
         for key, (group, ranks) in self.tie_groups.items():
             if group is not None:
                 for p in self.module.tied[key].parameters():
@@ -219,21 +229,31 @@ class PipelineRuntime:
         self.phase = StepPhase.RUNNING
         try:
             for batch in schedule.batches(self.grid.stage_id):
-                a = batch[0]
-                if a.kind.is_comm:
-                    self._post(batch, state)
-                elif a.kind is ActionKind.FORWARD:
-                    self._forward(a, state)
-                elif a.kind is ActionKind.BACKWARD:
-                    self._backward(a, state)
-                elif a.kind is ActionKind.REDUCE_GRADS:
-                    self._wait_all(state)
-                    self._reduce_gradients()
-                elif a.kind is ActionKind.OPTIMIZER_STEP:
-                    self._optimizer_step()
+                if self.action_hook is None:
+                    self._execute(batch, state)
+                    continue
+                # Wait for a compute's input outside the hook, so a profiler timing the
+                # compute does not count the wait for the previous stage.
+                self._await_input(batch[0], state)
+                with self.action_hook(batch[0]):
+                    self._execute(batch, state)
             self._wait_all(state)
         finally:
             self.phase = StepPhase.IDLE
+
+    def _execute(self, batch: list[Action], state: _StepState) -> None:
+        a = batch[0]
+        if a.kind.is_comm:
+            self._post(batch, state)
+        elif a.kind is ActionKind.FORWARD:
+            self._forward(a, state)
+        elif a.kind is ActionKind.BACKWARD:
+            self._backward(a, state)
+        elif a.kind is ActionKind.REDUCE_GRADS:
+            self._wait_all(state)
+            self._reduce_gradients()
+        elif a.kind is ActionKind.OPTIMIZER_STEP:
+            self._optimizer_step()
 
     def _wait_all(self, state: _StepState) -> None:
         for t in state.transfers:
@@ -258,6 +278,17 @@ class PipelineRuntime:
                 )
             state.data.append(_to_device(item, self.device))
         return state.data[mb]
+
+    def _await_input(self, a: Action, state: _StepState) -> None:
+        if a.kind is ActionKind.FORWARD:
+            msg: Message = ("act", a.stage - 1, a.micro_batch)
+        elif a.kind is ActionKind.BACKWARD:
+            msg = ("grad", a.stage + 1, a.micro_batch)
+        else:
+            return
+        entry = state.inbox.get(msg)
+        if entry is not None and entry[1] is not None:
+            entry[1].wait()
 
     def _take(self, state: _StepState, msg: Message) -> list[torch.Tensor]:
         tensors, transfer = state.inbox.pop(msg)

@@ -12,6 +12,7 @@ whether a deadlock exists depends only on the order of batches, not on their dur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ds_pipe._schedule_ir import Action, ActionKind, Schedule
@@ -20,21 +21,32 @@ from ds_pipe._validate import ScheduleError
 
 @dataclass(frozen=True)
 class CostModel:
-    """Time units per action. Defaults: the classic forward = 1, backward = 2, free comm."""
+    """Time per action. Defaults: the classic forward = 1, backward = 2, free communication.
 
-    forward: float = 1.0
-    backward: float = 2.0
+    ``forward`` / ``backward`` are one number for every stage or a sequence indexed by
+    (virtual) stage, e.g. per-stage times measured on a device.
+    """
+
+    forward: float | Sequence[float] = 1.0
+    backward: float | Sequence[float] = 2.0
     message: float = 0.0
     reduce: float = 0.0
     step: float = 0.0
 
     def cost(self, action: Action) -> float:
-        return {
-            ActionKind.FORWARD: self.forward,
-            ActionKind.BACKWARD: self.backward,
-            ActionKind.REDUCE_GRADS: self.reduce,
-            ActionKind.OPTIMIZER_STEP: self.step,
-        }.get(action.kind, 0.0)
+        if action.kind is ActionKind.FORWARD:
+            return _per_stage(self.forward, action.stage)
+        if action.kind is ActionKind.BACKWARD:
+            return _per_stage(self.backward, action.stage)
+        if action.kind is ActionKind.REDUCE_GRADS:
+            return self.reduce
+        if action.kind is ActionKind.OPTIMIZER_STEP:
+            return self.step
+        return 0.0
+
+
+def _per_stage(value: float | Sequence[float], stage: int) -> float:
+    return float(value) if isinstance(value, (int, float)) else float(value[stage])
 
 
 @dataclass(frozen=True)
