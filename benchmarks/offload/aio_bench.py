@@ -1,0 +1,116 @@
+"""ds_offload AsyncIO read/write GB/s against dd with O_DIRECT on the same disk, same session.
+
+    python benchmarks/offload/aio_bench.py --dir /tmp --size-mb 1024 --device-name cpu-dev
+
+Writes benchmarks/results/aio-<device>-<yyyymmdd>.json (and $OUT/ when set). Reads are O_DIRECT
+on both sides (no page cache). Each figure is the best of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "packages" / "ds-offload" / "src"))
+for pkg in ("ds-kernels", "ds-accel"):
+    sys.path.insert(0, str(ROOT / "packages" / pkg / "src"))
+
+import torch  # noqa: E402
+
+from ds_offload import AsyncIO, aligned_empty  # noqa: E402
+
+
+def _dd(args: list[str]) -> float:
+    """Run dd; returns GB/s parsed from its summary line (bytes / seconds)."""
+    proc = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
+    m = re.search(r"(\d+) bytes.*copied, ([\d.]+) s", proc.stderr)
+    if not m:
+        raise RuntimeError(f"cannot parse dd output: {proc.stderr}")
+    return int(m.group(1)) / float(m.group(2)) / 1e9
+
+
+def dd_write(path: Path, size_mb: int, bs_mb: int) -> float:
+    return _dd(["if=/dev/zero", f"of={path}", f"bs={bs_mb}M", f"count={size_mb // bs_mb}", "oflag=direct", "conv=notrunc"])
+
+
+def dd_read(path: Path, size_mb: int, bs_mb: int) -> float:
+    return _dd([f"if={path}", "of=/dev/null", f"bs={bs_mb}M", f"count={size_mb // bs_mb}", "iflag=direct"])
+
+
+def aio_rw(path: Path, buf: torch.Tensor, aio: AsyncIO, write: bool) -> float:
+    nbytes = buf.numel() * buf.element_size()
+    t0 = time.perf_counter()
+    if write:
+        aio.pwrite(buf, path)
+    else:
+        aio.pread(buf, path)
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block-mb", type=int, default=1)
+    ap.add_argument("--queue-depth", type=int, default=8)
+    ap.add_argument("--thread-count", type=int, default=1)
+    ap.add_argument("--device-name", default=socket.gethostname())
+    ap.add_argument("--engine", default="native", choices=["native", "python"])
+    args = ap.parse_args()
+
+    d = Path(args.dir)
+    dd_path, aio_path = d / "ds_aio_bench_dd.bin", d / "ds_aio_bench_aio.bin"
+    buf = aligned_empty(args.size_mb << 20, torch.uint8, pin=True)
+    buf.fill_(7)
+    aio = AsyncIO(
+        block_size=args.block_mb << 20, queue_depth=args.queue_depth,
+        thread_count=args.thread_count, engine=args.engine,
+    )  # fmt: skip
+    res: dict[str, list[float]] = {k: [] for k in ("dd_write", "dd_read", "aio_write", "aio_read")}
+    try:
+        for _ in range(args.repeats):  # interleaved so both see the same disk conditions
+            res["dd_write"].append(dd_write(dd_path, args.size_mb, args.block_mb))
+            res["aio_write"].append(aio_rw(aio_path, buf, aio, write=True))
+            res["dd_read"].append(dd_read(dd_path, args.size_mb, args.block_mb))
+            res["aio_read"].append(aio_rw(aio_path, buf, aio, write=False))
+    finally:
+        aio.close()
+        for p in (dd_path, aio_path):
+            p.unlink(missing_ok=True)
+    best = {k: round(max(v), 3) for k, v in res.items()}
+    out = {
+        "scenario": "aio",
+        "device": args.device_name,
+        "dir": str(d),
+        "size_mb": args.size_mb,
+        "block_mb": args.block_mb,
+        "queue_depth": args.queue_depth,
+        "thread_count": args.thread_count,
+        "engine": aio.engine,
+        "gbps_best": best,
+        "gbps_all": {k: [round(x, 3) for x in v] for k, v in res.items()},
+        "ratio_write_vs_dd": round(best["aio_write"] / best["dd_write"], 3),
+        "ratio_read_vs_dd": round(best["aio_read"] / best["dd_read"], 3),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    name = f"aio-{args.device_name}-{time.strftime('%Y%m%d')}.json"
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / name).write_text(text + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
