@@ -38,11 +38,22 @@ def _dd(args: list[str]) -> float:
 
 
 def dd_write(path: Path, size_mb: int, bs_mb: int) -> float:
-    return _dd(["if=/dev/zero", f"of={path}", f"bs={bs_mb}M", f"count={size_mb // bs_mb}", "oflag=direct", "conv=notrunc"])
+    return _dd(
+        [
+            "if=/dev/zero",
+            f"of={path}",
+            f"bs={bs_mb}M",
+            f"count={size_mb // bs_mb}",
+            "oflag=direct",
+            "conv=notrunc",
+        ]
+    )
 
 
 def dd_read(path: Path, size_mb: int, bs_mb: int) -> float:
-    return _dd([f"if={path}", "of=/dev/null", f"bs={bs_mb}M", f"count={size_mb // bs_mb}", "iflag=direct"])
+    return _dd(
+        [f"if={path}", "of=/dev/null", f"bs={bs_mb}M", f"count={size_mb // bs_mb}", "iflag=direct"]
+    )
 
 
 def aio_rw(path: Path, buf: torch.Tensor, aio: AsyncIO, write: bool) -> float:

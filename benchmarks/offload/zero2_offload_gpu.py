@@ -25,7 +25,7 @@ PEERS_CANDIDATES = [ROOT / "shared" / "peers", Path("/work/shared/peers")]
 
 
 def _peers_dir(arg: str | None) -> Path:
-    for p in ([Path(arg)] if arg else PEERS_CANDIDATES):
+    for p in [Path(arg)] if arg else PEERS_CANDIDATES:
         if (p / "tinygpt.py").is_file():
             return p
     raise SystemExit(f"tinygpt.py not found in {PEERS_CANDIDATES}; pass --peers-dir")
@@ -41,10 +41,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(_peers_dir(args.peers_dir)))
-    import ds_zero
     from tinygpt import GPT, batch
 
     import ds_offload
+    import ds_zero
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
@@ -55,7 +55,9 @@ def worker(args: argparse.Namespace) -> None:
     model = GPT(vocab=V, d=d, h=d // 128, L=L, T=T).cuda()
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # holds the param-group options only
-    threads = args.cpu_threads or max(1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    threads = args.cpu_threads or max(
+        1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    )
     stepper = ds_offload.OffloadStepper(
         {"device": "cpu", "pin_memory": True, "ratio": args.ratio}, num_threads=threads
     )
@@ -115,8 +117,18 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
-    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
+    env = dict(
+        os.environ,
+        PYTHONPATH=_pythonpath(),
+        TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+    )
+    tr = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.gpus}",
+    ]
     fwd = ["--steps", str(args.steps), "--d", str(args.d), "--layers", str(args.layers),
            "--batch", str(args.batch), "--ratio", str(args.ratio), "--cpu-threads", str(args.cpu_threads)]  # fmt: skip
     if args.peers_dir:
@@ -125,7 +137,19 @@ def main() -> None:
     peer = None
     if not args.skip_peer:
         peer_script = _peers_dir(args.peers_dir) / "ds_peer_gpu.py"
-        peer = _run([*tr, str(peer_script), "2", str(args.steps), str(args.d), str(args.layers), str(args.batch), "offload"], env)
+        peer = _run(
+            [
+                *tr,
+                str(peer_script),
+                "2",
+                str(args.steps),
+                str(args.d),
+                str(args.layers),
+                str(args.batch),
+                "offload",
+            ],
+            env,
+        )
     out = {"scenario": "zero2-offload", "device": args.device_name, "ours": ours, "deepspeed": peer,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     if ours and peer and "tok_s" in ours and "tok_s" in peer:
