@@ -192,3 +192,34 @@ def test_payload_meta_rejects_what_cannot_be_sent():
         PayloadMeta.of({"x": torch.zeros(1)}, "stage 0")
     with pytest.raises(StageIOError, match="concatenate"):
         PayloadMeta.of(tuple(torch.zeros([1] * 8) for _ in range(40)), "stage 0").encode()
+
+
+# -- runtime without a process group (one rank holds every stage) -----------------------------
+
+
+@pytest.mark.parametrize("schedule, chunks", [("1f1b", 1), ("gpipe", 2), ("interleaved_1f1b", 3)])
+def test_single_rank_runtime_hands_stages_over_in_memory(schedule, chunks):
+    from pipe_models import PlainSGD, data, reference_run
+
+    from ds_pipe import PipelineRuntime
+
+    module = PipelineModule(
+        specs("tuple", 4),
+        num_stages=1,
+        loss_fn=loss_fn,
+        seed_layers=True,
+        base_seed=BASE_SEED,
+        num_chunks=chunks,
+        partition_method="uniform",
+    )
+    rt = PipelineRuntime(
+        module, PlainSGD(module.parameters(), 0.1), micro_batches=3, schedule=schedule
+    )
+    ref_losses, _, ref_params = reference_run(specs("tuple", 4), 2, 3, 2, 1)
+    for step in range(2):
+        loss = rt.train_batch(iter(data(step, 0, 3, 2)))
+        assert loss.item() == pytest.approx(ref_losses[step], rel=1e-5)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_params[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="data_iter"):
+        rt.train_batch(None)
