@@ -21,7 +21,9 @@ Between synchronisations the replicas differ by design; right after a synchronis
 are identical. Differences from DeepSpeed: no parameter-free "initialisation" step (DeepSpeed
 spends the first ``step()`` allocating buffers), bias correction applied when
 ``bias_correction=True`` (counting variance updates for the second moment), the gradient and the
-local-step buffers have separate error-feedback states instead of one state zeroed at the freeze.
+local-step buffers have separate error-feedback states instead of one state zeroed at the freeze,
+and a synchronisation restores the parameters saved at the previous one (one extra copy of the
+parameters) instead of subtracting the local change, so replicas are bitwise equal afterwards.
 """
 
 from __future__ import annotations
@@ -207,6 +209,10 @@ class ZeroOneAdam(OneBitOptimizerBase):
                 if "momentum_accumulator" not in st:
                     st["momentum_accumulator"] = torch.zeros_like(p)
                     st["lrs"] = 0.0
+                    # The parameters at the last synchronisation, identical on every rank.
+                    # Restoring them (rather than subtracting the local change again) keeps the
+                    # replicas bitwise equal after a sync: p + u - u is not p in floating point.
+                    st["sync_anchor"] = p.detach().clone()
                 st["lrs"] += group["lr"] / bc1
             self._apply(group, params, t, accumulate=True)
             if not sync:
@@ -215,7 +221,7 @@ class ZeroOneAdam(OneBitOptimizerBase):
             for p in params:
                 st = self.state[p]
                 u = st["momentum_accumulator"]
-                p.sub_(u)  # undo this rank's local change
+                p.copy_(st["sync_anchor"])  # undo this rank's local change
                 d = self._denom(st["exp_avg_sq"], bc2, group["eps"], self.eps_inside_sqrt)
                 u.mul_(d)  # = -(sum of lr_k/bc1_k * m_k) (+ weight-decay terms)
                 denoms.append(d)
@@ -227,6 +233,7 @@ class ZeroOneAdam(OneBitOptimizerBase):
                 u = st["momentum_accumulator"]
                 st["exp_avg"].copy_(u).div_(-st["lrs"])  # lr-weighted average momentum
                 p.add_(u / d)
+                st["sync_anchor"].copy_(p)
                 u.zero_()
                 st["lrs"] = 0.0
         self.last_step_kind = "sync" if sync else "local"
