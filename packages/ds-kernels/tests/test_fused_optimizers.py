@@ -265,3 +265,26 @@ def test_gpu_bf16_direct_update_close_to_fallback():
     run(fallback(ds_kernels.FusedAdam(b, lr=1e-3)), b, steps)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_triton
+def test_reused_addresses_with_new_sizes_get_a_new_chunk_table():
+    """A layout is cached by tensor addresses; memory reused by tensors of other sizes must
+    not hit a stale table (it would update the wrong number of elements)."""
+    from ds_kernels._ops import load
+
+    op = load("fused_optim")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bufs = [torch.zeros(6000, device=device) for _ in range(4)]
+    for n in (5000, 2000, 6000):  # same base addresses, different sizes
+        for b in bufs:
+            b.zero_()
+        p, g, m, v = (b[:n] for b in bufs)
+        g.fill_(1.0)
+        step = [torch.ones((), device=device)]
+        op.lion([p], [g], [m], None, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.0)
+        assert torch.equal(p, torch.full((n,), -0.5, device=device)), n
+        op.adam([p], [g], [m], [v], None, step, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.0, decoupled=True, bias_correction=True)  # fmt: skip
+        assert bool((p < -0.5).all()), n
+        assert not bool(bufs[0][n:].any()), f"elements past {n} were written"

@@ -189,9 +189,14 @@ class TritonFusedOptim(OpImpl):
         return device.type == "cuda" or (self._interpret and device.type == "cpu")
 
     def _layout(self, kind: str, roles: dict[str, Tensors]) -> _Layout:
-        # The key holds every address: a table is reused only while it points at exactly the
-        # tensors of this call (grads freed and reallocated elsewhere produce a new key).
-        key = (kind, tuple((r, tuple(t.data_ptr() for t in ts)) for r, ts in roles.items()))
+        # The key holds every address and size (and the chunk size): a table is reused only
+        # while it describes exactly the tensors of this call. Memory freed and reused by new
+        # tensors of other sizes, or grads reallocated elsewhere, produce a new key.
+        key = (
+            kind,
+            self._k.CHUNK,
+            tuple((r, tuple((t.data_ptr(), t.numel()) for t in ts)) for r, ts in roles.items()),
+        )
         layout = self._layouts.get(key)
         if layout is None:
             first = next(iter(roles.values()))
