@@ -98,3 +98,10 @@ def test_mpi_marker_without_discovery_falls_through():
     # auto_mpi_discovery=False: an mpirun environment alone is not a layout.
     with pytest.raises(DiscoveryError, match="no launcher environment"):
         discover({"OMPI_COMM_WORLD_SIZE": "2"}, auto_mpi_discovery=False)
+
+
+def test_master_vars_alone_do_not_mean_torchrun():
+    env = {"MASTER_ADDR": "head", "MASTER_PORT": "2000", "SLURM_PROCID": "1",
+           "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n[1-2]"}  # fmt: skip
+    d = discover(env)
+    assert d.source is Source.SLURM and (d.master_addr, d.master_port) == ("head", 2000)

@@ -91,9 +91,10 @@ def _validate(rank: int, world: int, local_rank: int, port: int, source: str) ->
 
 def from_torchrun_env(env: Mapping[str, str]) -> DistEnv | None:
     """The layout from torchrun/ds-launch variables; None when none of them is set."""
-    present = [v for v in TORCHRUN_VARS if v in env]
-    if not present:
+    # MASTER_ADDR/MASTER_PORT alone do not mean torchrun: SLURM and MPI jobs often export them.
+    if not any(v in env for v in TORCHRUN_VARS[:3]):
         return None
+    present = [v for v in TORCHRUN_VARS if v in env]
     missing = [v for v in TORCHRUN_VARS if v not in env]
     if missing:
         raise DiscoveryError(
