@@ -8,6 +8,7 @@ any point leaves either the previous state or the new one, never a half-written 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -19,6 +20,7 @@ from ds_ckpt._manifest import MANIFEST, check_tag, read_manifest
 LATEST = "latest"
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
+_LATEST_TMP = f".{LATEST}.tmp-"
 
 
 def new_nonce() -> str:
@@ -47,6 +49,9 @@ def remove_stale(root: str) -> None:
     for name in os.listdir(root):
         if name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        elif name.startswith(_LATEST_TMP):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(root, name))
 
 
 def publish(root: str, tmp: str, tag: str) -> None:
@@ -68,7 +73,7 @@ def publish(root: str, tmp: str, tag: str) -> None:
 
 
 def write_latest(root: str, tag: str) -> None:
-    tmp = os.path.join(root, f".{LATEST}.tmp-{new_nonce()}")
+    tmp = os.path.join(root, f"{_LATEST_TMP}{new_nonce()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, (tag + "\n").encode())
