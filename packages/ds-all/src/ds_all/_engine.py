@@ -29,11 +29,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
-    zc = cfg.zero_config()
-    if hasattr(zc, "to_options"):
-        base = zc.to_options()
-    else:
-        base = ds_zero.ZeroOptions(stage=int(getattr(zc, "stage", 0)))
+    """ZeroOptions from zero_optimization plus the sections ds-all owns (precision, accumulation,
+    clipping, loss scaling, communication dtype)."""
     param_dtype = (
         torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     )
@@ -48,12 +45,33 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
             loss_scale_window=f.loss_scale_window, hysteresis=f.hysteresis,
             consecutive_hysteresis=f.consecutive_hysteresis, min_loss_scale=f.min_loss_scale,
         )  # fmt: skip
-    import dataclasses
-
-    return dataclasses.replace(
-        base, param_dtype=param_dtype, reduce_dtype=reduce_dtype, gradient_accumulation_steps=gas,
+    return cfg.zero_config().to_options(
+        param_dtype=param_dtype, reduce_dtype=reduce_dtype, gradient_accumulation_steps=gas,
         gradient_clipping=cfg.gradient_clipping, loss_scaling=loss_scaling,
     )  # fmt: skip
+
+
+def _offload_stepper(cfg: DeepSpeedConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """ds_offload's stepper when zero_optimization.offload_optimizer puts the optimizer on the
+    CPU or NVMe; None otherwise (the optimizer then steps on the device)."""
+    section = cfg.zero_config().offload_optimizer
+    if not section or section.get("device", "none") in ("none", None):
+        return None
+    try:
+        from ds_offload import OffloadStepper
+    except ImportError:
+        raise ConfigError(
+            "zero_optimization.offload_optimizer needs ds-offload (pip install ds-offload)"
+        ) from None
+    kind = (
+        "adam"
+        if isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
+        else "adamw"
+    )
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise ConfigError(f"zero_optimization.offload_optimizer steps Adam/AdamW on the CPU; the optimizer is "
+                          f"{type(optimizer).__name__}: use \"type\": \"AdamW\" or remove offload_optimizer")  # fmt: skip
+    return OffloadStepper(section, optimizer=kind, aio=cfg.aio or None)
 
 
 def _count_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
@@ -91,7 +109,10 @@ class DeepSpeedEngine(nn.Module):
         self.device = torch.device(self.accelerator.current_device_name())
         model.to(self.device)
         basic = self._build_optimizer(model, optimizer, model_parameters)
-        self.zero = ds_zero.wrap(model, basic, _zero_options(config, self._gas), dp_group=dp_group)
+        self.zero = ds_zero.wrap(
+            model, basic, _zero_options(config, self._gas), dp_group=dp_group,
+            stepper=_offload_stepper(config, basic),
+        )  # fmt: skip
         self.module = model
         self.optimizer = basic
         self.lr_scheduler = self._build_scheduler(lr_scheduler)

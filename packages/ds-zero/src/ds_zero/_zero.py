@@ -140,9 +140,9 @@ class Zero:
                             "optimizer from model.parameters()"
                         )
                     group_of[id(p)] = gi
-            self._group_options = [
-                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
-            ]
+            # The live param-group dicts (a stepper ignores "params"): LR schedules edit
+            # optimizer.param_groups, and a stepper reads lr/betas from them at every step.
+            self._group_options = list(optimizer.param_groups)
         else:
             group_of = {id(p): 0 for _, p in named if p.requires_grad}
             self._group_options = [{}]
