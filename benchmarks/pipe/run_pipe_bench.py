@@ -16,6 +16,8 @@ import datetime
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -37,6 +39,12 @@ OURS = [
 ]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(nproc: int, script: str, args: list[str], env: dict[str, str], timeout: int):
     cmd = [
         sys.executable,
@@ -44,16 +52,29 @@ def torchrun(nproc: int, script: str, args: list[str], env: dict[str, str], time
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         "--master_port",
-        str(29500 + os.getpid() % 1000),
+        str(free_port()),  # a fresh port per run: the previous one may linger in TIME_WAIT
         script,
         *args,
     ]
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    # Own session, so a timeout can stop torchrun and every rank it started.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return {"error": f"timed out after {timeout}s", "log_tail": (out + err)[-3000:]}
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode}", "log_tail": tail}
+        return {"error": f"exit {proc.returncode}", "log_tail": (out + err)[-3000:]}
     return json.loads(lines[-1])
 
 
@@ -65,6 +86,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=13)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--only", default="", help="comma list of tags to run (default: all)")
+    ap.add_argument(
+        "--bench-args",
+        default="",
+        help="extra pipe_bench.py arguments, e.g. a CPU smoke run: "
+        "'--device cpu --dim 128 --n-layers 4 --vocab 256 --seq 32' (with --only for ours)",
+    )
     args = ap.parse_args()
     if not os.path.isdir(args.peers) and os.path.isdir(os.path.join(REPO, "shared", "peers")):
         args.peers = os.path.join(REPO, "shared", "peers")

@@ -58,14 +58,12 @@ def _train_and_compare(kind, schedule, pp, dp, num_chunks=1, steps=2, **module_k
         torch.testing.assert_close(p.detach(), ref_params[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
-@distributed_test(world_size=[2, 4], timeout=150)
-def test_schedules_match_single_process(world_size):
+@distributed_test(world_size=[2, 4], timeout=180)
+def test_schedules_and_tied_embeddings_match_single_process(world_size):
+    # One spawn covers several cases: starting ranks dominates the cost of these tests.
     for schedule, chunks in [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2)]:
         _train_and_compare("plain", schedule, pp=world_size, dp=1, num_chunks=chunks)
-
-
-@distributed_test(world_size=[2, 4], timeout=120)
-def test_tied_embeddings_first_and_last_stage(world_size):
+    # tied embedding on the first and the last stage
     module = _module("tied", world_size, 1)
     stage = dist.get_rank()
     assert ("tied.emb.weight" in dict(module.named_parameters())) == (stage in (0, world_size - 1))

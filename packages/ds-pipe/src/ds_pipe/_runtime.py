@@ -60,7 +60,7 @@ class _StepState:
     saved: dict[tuple[int, int], tuple[list[torch.Tensor], Any]] = field(default_factory=dict)
     out_meta: dict[int, PayloadMeta] = field(default_factory=dict)
     in_meta: dict[int, PayloadMeta] = field(default_factory=dict)
-    meta_sends: list = field(default_factory=list)
+    meta_sends: list[_Transfer] = field(default_factory=list)
     transfers: list[_Transfer] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
@@ -258,8 +258,8 @@ class PipelineRuntime:
     def _wait_all(self, state: _StepState) -> None:
         for t in state.transfers:
             t.wait()
-        for w in state.meta_sends:
-            w.wait()
+        for t in state.meta_sends:
+            t.wait()
         state.transfers.clear()
         state.meta_sends.clear()
 
@@ -384,11 +384,9 @@ class PipelineRuntime:
         """
         for a in batch:
             if a.kind is ActionKind.SEND_ACT and a.stage not in state.announced:
-                state.meta_sends.append(
-                    _comm.isend(
-                        state.out_meta[a.stage].encode(), self._peer(a), self.grid.pipe_meta_group
-                    )
-                )
+                encoded = state.out_meta[a.stage].encode()
+                work = _comm.isend(encoded, self._peer(a), self.grid.pipe_meta_group)
+                state.meta_sends.append(_Transfer([work], [encoded]))
                 state.announced.add(a.stage)
         missing = [
             a for a in batch if a.kind is ActionKind.RECV_ACT and a.stage not in state.in_meta
