@@ -92,7 +92,8 @@ def _check_config(cfg, ep):
         for a, b in zip(moe.mlp.parameters(), ref.mlp.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
-    # expert gradients: the owner accumulates every group rank's tokens through the all-to-all
+    # expert gradients: the owner accumulates every group rank's tokens through the all-to-all,
+    # and the layer divides by ep so that the local gradient is the per-rank mean
     ref.zero_grad(set_to_none=True)
     total = 0
     for r in group_ranks:
@@ -102,7 +103,7 @@ def _check_config(cfg, ep):
     total.backward()
     for local, g in enumerate(moe.expert_ids):
         for got, want in zip(expert_grads(moe, local), expert_grads(ref, g)):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want / ep, rtol=1e-4, atol=1e-5)
     return bool((~keep).any())
 
 
@@ -176,36 +177,77 @@ def _batch(step, rank):
     return torch.randn(16, D, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
-@distributed_test(world_size=4, timeout=240)
-def test_training_with_expert_aware_reduction_matches_single_process(world_size):
-    """The DDP-style reference for MoE under ZeRO: same losses and weights as one process."""
+def _reference_losses(world_size, steps):
+    ref = _Net(1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        loss = sum(ref(*_batch(step, r)) for r in range(world_size)) / world_size
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return ref, losses
+
+
+def _mean_over_ranks(loss):
     import torch.distributed as dist
 
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return mean / dist.get_world_size()
+
+
+STEPS = 4
+
+
+@distributed_test(world_size=4, timeout=300)
+def test_training_matches_single_process_ddp_style_and_under_zero(world_size):
+    """MoE training on 4 ranks gives the single-process losses: with the expert-aware
+    DDP-style reduction (``reduce_gradients``, also checking the weights) and under ds-zero
+    stages 1, 2 and 3 (expert parameters reduced and partitioned over their expert-data-parallel
+    group through the ``ds_expert``/``ds_expert_dp_group`` attributes)."""
+    import torch.distributed as dist
+
+    import ds_zero
+
     rank = dist.get_rank()
+    ref, ref_losses = _reference_losses(world_size, STEPS)
     for ep in (2, 4):
         net = _Net(ep)
-        ref = _Net(1)
         opt = torch.optim.SGD(
             ds_moe.split_params_into_different_moe_groups_for_optimizer(net.parameters()),
             lr=0.2, momentum=0.9,
         )  # fmt: skip
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
-        for step in range(4):
+        for step in range(STEPS):
             loss = net(*_batch(step, rank))
             loss.backward()
             ds_moe.reduce_gradients(net.parameters())
             opt.step()
             opt.zero_grad(set_to_none=True)
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            mean /= world_size
-
-            ref_loss = sum(ref(*_batch(step, r)) for r in range(world_size)) / world_size
-            ref_loss.backward()
-            ref_opt.step()
-            ref_opt.zero_grad(set_to_none=True)
-            torch.testing.assert_close(mean, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                _mean_over_ranks(loss), ref_losses[step], rtol=1e-5, atol=1e-6
+            )
         for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
             if ds_moe.is_moe_param(p):
                 q = q[list(net.moe.expert_ids)]
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+    for stage, ep in ((1, 2), (2, 2), (3, 2), (3, 4)):
+        net = _Net(ep)
+        opt = torch.optim.SGD(
+            ds_moe.split_params_into_different_moe_groups_for_optimizer(net.parameters()),
+            lr=0.2, momentum=0.9,
+        )  # fmt: skip
+        # tiny buckets and no persistent parameters: several buckets, every tensor sharded
+        options = ds_zero.ZeroOptions(
+            stage=stage, reduce_bucket_size=64, param_persistence_threshold=0
+        )
+        zero = ds_zero.wrap(net, opt, options)
+        for step in range(STEPS):
+            loss = zero(*_batch(step, rank))
+            zero.backward(loss)
+            zero.step()
+            got = _mean_over_ranks(loss)
+            torch.testing.assert_close(got, ref_losses[step], rtol=1e-5, atol=1e-6,
+                                       msg=f"stage {stage} ep {ep} step {step}")  # fmt: skip

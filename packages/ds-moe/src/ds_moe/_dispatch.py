@@ -115,6 +115,37 @@ def _expert_layout_index(
     )
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def _run_experts(experts, x: torch.Tensor, group_sizes: list[int], ep: int) -> torch.Tensor:
+    """The local experts, with their parameter gradients divided by ``ep``.
+
+    Through the all-to-all backward an expert's owner accumulates the gradient contributions
+    of all ``ep`` ranks of its expert-parallel group. Scaling them by 1/ep makes the local
+    expert gradient a per-rank mean, so averaging every gradient over the group it is reduced
+    over (the expert-data-parallel group here, the data-parallel group for dense parameters)
+    gives the gradient of the mean loss: the one rule a ZeRO or DDP-style reducer needs. The
+    input gradient is scaled back by ep (exact for power-of-two ep), so activations' gradients
+    are untouched; both scalings act on activations, so any expert module works and ZeRO-3's
+    parameter gathering is not involved.
+    """
+    if ep == 1:
+        return experts(x, group_sizes)
+    y = experts(_ScaleGrad.apply(x, float(ep)), group_sizes)
+    return _ScaleGrad.apply(y, 1.0 / ep)
+
+
 def dispatch_and_combine(
     x: torch.Tensor,
     routing: Routing,
@@ -133,11 +164,11 @@ def dispatch_and_combine(
     recv = all_to_all(send, plan.recv_splits, plan.send_splits, ep_group) if ep > 1 else send
 
     if plan.identity_layout:
-        y = experts(recv, plan.group_sizes)
+        y = _run_experts(experts, recv, plan.group_sizes, ep)
     else:
         dest = _expert_layout_index(plan, experts.num_local_experts, x.device)
         buf = recv.new_zeros(sum(plan.group_sizes), hidden).index_copy(0, dest, recv)
-        y = experts(buf, plan.group_sizes).index_select(0, dest)
+        y = _run_experts(experts, buf, plan.group_sizes, ep).index_select(0, dest)
 
     back = all_to_all(y, plan.send_splits, plan.recv_splits, ep_group) if ep > 1 else y
     weight = routing.combine_weight.t().reshape(-1).index_select(0, assign)

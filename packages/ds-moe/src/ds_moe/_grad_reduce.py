@@ -1,14 +1,15 @@
 """Expert-aware data-parallel gradient averaging (what DDP would do, knowing about experts).
 
-The reference semantics ds-zero follows for MoE: the loss is the mean over the ``W`` ranks'
-local losses, so
+The reference semantics ds-zero follows for MoE, with the loss the mean over the ``W`` ranks'
+local losses: every gradient is averaged over the group it is reduced over:
 
-- a dense gradient is all-reduced (sum) over the data-parallel group and divided by ``W``;
-- an expert gradient is all-reduced (sum) over its ``ds_expert_dp_group`` and divided by the
-  same ``W``: the all-to-all backward has already summed, into the expert's owner, the
-  contributions of every rank of its expert-parallel group, so the expert-dp sum covers all W
-  ranks once. (Dividing by the expert-dp group size instead, as DeepSpeed does, scales expert
-  gradients by ep_size relative to dense ones, which changes gradient clipping.)
+- a dense gradient: all-reduce (sum) over the data-parallel group, divided by its size ``W``;
+- an expert gradient: all-reduce (sum) over its ``ds_expert_dp_group``, divided by that
+  group's size ``W / ep_size``. The MoE layer has already made the local expert gradient a
+  per-rank mean over its expert-parallel group (see ``_dispatch._run_experts``), so the result
+  is the gradient of the mean loss, the same scale as the dense gradients. (DeepSpeed divides
+  the same way but without that correction, so its expert gradients are ep_size times the
+  dense ones' scale, which changes gradient clipping.)
 
 Parameters without a gradient on this rank take part with zeros, so every rank issues the same
 collectives in the same order.
@@ -24,7 +25,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
 
-def _reduce(params: list[torch.Tensor], group: ProcessGroup | None, divisor: int) -> None:
+def _reduce(params: list[torch.Tensor], group: ProcessGroup | None) -> None:
+    divisor = dist.get_world_size(group)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
@@ -44,14 +46,13 @@ def reduce_gradients(
 ) -> None:
     """Average the gradients of ``parameters`` (a model's, in the same order on every rank).
 
-    ``dp_group`` is the data-parallel group of the dense parameters (default: the world); its
-    size is the divisor for every gradient. Expert parameters are recognised by ``ds_expert``
-    and reduced over their ``ds_expert_dp_group``.
+    ``dp_group`` is the data-parallel group of the dense parameters (default: the world).
+    Expert parameters are recognised by ``ds_expert`` and averaged over their
+    ``ds_expert_dp_group``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("reduce_gradients needs torch.distributed to be initialised")
     params = [p for p in parameters if p.requires_grad]
-    world = dist.get_world_size(dp_group)
     dense = [p for p in params if not getattr(p, "ds_expert", False)]
     experts: dict[str, list[torch.Tensor]] = {}
     groups: dict[str, ProcessGroup | None] = {}
@@ -61,6 +62,6 @@ def reduce_gradients(
             experts.setdefault(name, []).append(p)
             groups[name] = p.ds_expert_dp_group
     if dense:
-        _reduce(dense, dp_group, world)
+        _reduce(dense, dp_group)
     for name in sorted(experts):
-        _reduce(experts[name], groups[name], world)
+        _reduce(experts[name], groups[name])
