@@ -111,18 +111,22 @@ def command(kind: str, extra: list[str], args: argparse.Namespace, peers: Path) 
             str(args.batch),
             "--peers-dir",
             str(peers),
+            "--device",
+            args.device,
         ]
     if kind == "fsdp":
         return launch + [str(peers / "fsdp2_peer_train.py"), extra[0], *shape]
     return launch + [str(peers / "ds_peer_gpu.py"), extra[0], *shape]
 
 
-def run_one(system: str, cmd: list[str], env: dict[str, str], timeout: int) -> dict:
+def run_one(system: str, cmd: list[str], env: dict[str, str], timeout: int, log: Path) -> dict:
     print(f"[run.py] {system}: {' '.join(cmd)}", flush=True)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"system": system, "error": f"timed out after {timeout} s"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     for line in reversed(proc.stdout.splitlines()):
         line = line.strip()
         if line.startswith("{") and '"step_s"' in line:
@@ -204,6 +208,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--peers-dir", type=Path, default=None)
     ap.add_argument("--no-peers", action="store_true", help="run only ds-zero")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     peers = peers_dir(args.peers_dir)
@@ -221,7 +226,8 @@ def main() -> None:
                 if not ds_ok:
                     runs.append({"system": system, "skipped": "deepspeed is not installed"})
                     continue
-            runs.append(run_one(system, command(kind, extra, args, peers), env, args.timeout))
+            log = args.out_dir / "logs" / f"{scenario}-{slug}-{system}.log"
+            runs.append(run_one(system, command(kind, extra, args, peers), env, args.timeout, log))
             print(f"[run.py] {json.dumps(runs[-1])}", flush=True)
         result = {
             "scenario": scenario,
