@@ -8,6 +8,8 @@ from the spec sheet is used where the GPU is known.
     PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python benchmarks/kernels/fused_adam_bench.py
 
 Writes benchmarks/results/fused-adam-<gpu>-<yyyymmdd>.json (and a copy under $OUT if set).
+DeepSpeed's FusedAdam is timed when `deepspeed` imports and its op builds (nvcc needed); on an
+H200 with torch 2.11 set TORCH_CUDA_ARCH_LIST=9.0, or DeepSpeed's arch parsing fails on "9.0a".
 """
 
 from __future__ import annotations
