@@ -13,16 +13,38 @@ def _held(rank, index, off, n, name="w", shape=(10,)):
     return HeldRange(rank, index, name, shape, "F32", off, n)
 
 
-def test_replicated_copies_are_written_once_by_lowest_rank():
+def test_replicated_copies_are_written_once():
     plan = plan_writes([_held(r, 0, 0, 10) for r in (2, 0, 1)])
     assert list(plan) == [0]
     assert [(p.offset, p.numel) for p in plan[0]] == [(0, 10)]
 
 
+def test_replicated_tensors_are_spread_over_ranks():
+    held = [_held(r, i, 0, 10, name=f"t{i}") for r in range(2) for i in range(4)]
+    plan = plan_writes(held)
+    assert sorted(len(v) for v in plan.values()) == [2, 2]
+
+
+def test_balancing_counts_single_holder_ranges_first():
+    # rank 0 alone holds 8 elements of w; the replicated v goes to rank 1
+    held = [
+        _held(0, 0, 0, 8),
+        _held(1, 0, 8, 2),
+        _held(0, 1, 0, 4, name="v", shape=(4,)),
+        _held(1, 1, 0, 4, name="v", shape=(4,)),
+    ]
+    plan = plan_writes(held)
+    assert [(p.name, p.offset, p.numel) for p in plan[1]] == [("w", 8, 2), ("v", 0, 4)]
+    assert [(p.name, p.offset, p.numel) for p in plan[0]] == [("w", 0, 8)]
+
+
 def test_partial_overlaps_split_between_ranks():
     plan = plan_writes([_held(1, 0, 0, 6), _held(0, 0, 4, 6)])
-    assert [(p.offset, p.numel) for p in plan[0]] == [(4, 6)]
-    assert [(p.offset, p.numel) for p in plan[1]] == [(0, 4)]
+    got = {r: [(p.offset, p.numel) for p in v] for r, v in plan.items()}
+    assert (
+        got == {1: [(0, 4)], 0: [(6, 4)], **got}
+        and sum(n for v in got.values() for _, n in v) == 10
+    )
 
 
 def test_gap_is_an_error_naming_tensor_and_range():
@@ -58,9 +80,11 @@ def test_every_element_written_exactly_once(total, raw):
             assert h.offset <= p.offset and p.offset + p.numel <= h.offset + h.numel
             for e in range(p.offset, p.offset + p.numel):
                 count[e] += 1
-                # the owner is the minimal (rank, index) holder of the element
-                best = min((x.rank, x.index) for x in held if x.offset <= e < x.offset + x.numel)
-                assert (p.rank, p.index) == best
+                # the owner holds the element, through its lowest-index copy on that rank
+                best = min(
+                    x.index for x in held if x.rank == p.rank and x.offset <= e < x.offset + x.numel
+                )
+                assert p.index == best
     assert count == [1] * total
 
 

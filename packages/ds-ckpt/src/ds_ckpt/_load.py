@@ -35,6 +35,32 @@ class _Task:
     name: str
 
 
+class _Staging:
+    """One host buffer (pinned when a destination is on a device) carved into the staging
+    slices of all fragments that cannot be read into directly: one allocation, not one each."""
+
+    def __init__(self, frags: list[FragmentLike], m: Manifest) -> None:
+        need = 0
+        pinned = False
+        for f in frags:
+            rec = m.tensors.get(f.name)
+            if rec is None:
+                continue
+            saved = from_st(rec.dtype, what=f.name)
+            t = f.tensor
+            if not (t.device.type == "cpu" and t.is_contiguous() and saved == t.dtype):
+                need += -(-f.numel * itemsize(saved) // 64) * 64
+                pinned |= t.device.type != "cpu"
+        self.buf = torch.empty(need, dtype=torch.uint8, pin_memory=pinned and need > 0)
+        self.pos = 0
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        n = numel * itemsize(dtype)
+        out = self.buf[self.pos : self.pos + n].view(dtype)
+        self.pos += -(-n // 64) * 64  # keep every slice aligned for any dtype view
+        return out
+
+
 def open_checkpoint(dir: str | os.PathLike, tag: str | None = None) -> tuple[str, Manifest]:
     """(tag directory, manifest) of `tag`, or of `latest` with fallback when tag is None."""
     root = os.fspath(dir)
@@ -125,6 +151,7 @@ def load(
     tasks: list[_Task] = []
     finish: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging, destination) copies
     touched: dict[tuple[str, int], tuple[str, Stored]] = {}
+    staging = _Staging(frags, m)
     for f in frags:
         rec = _record(m, tag_dir, f, cast)
         if f.name not in indexes:
@@ -138,13 +165,10 @@ def load(
                 raise CheckpointCorruptError(f"{tag_dir}/manifest.json: {e}") from None
         saved = from_st(rec.dtype)
         dst = f.tensor
-        direct = dst.device.type == "cpu" and dst.is_contiguous() and saved == dst.dtype
-        buf = (
-            dst
-            if direct
-            else torch.empty(f.numel, dtype=saved, pin_memory=dst.device.type == "cuda")
-        )
-        if not direct:
+        if dst.device.type == "cpu" and dst.is_contiguous() and saved == dst.dtype:
+            buf = dst  # read straight into the destination
+        else:  # a device, strided or cast destination: through one shared staging buffer
+            buf = staging.take(f.numel, saved)
             finish.append((buf, dst))
         view = byte_view(buf)
         isz = itemsize(saved)
@@ -189,7 +213,9 @@ def load(
         for fd in fds.values():
             os.close(fd)
     for buf, dst in finish:
-        dst.copy_(buf)
+        dst.copy_(buf, non_blocking=dst.device.type != "cpu")
+    if any(dst.device.type == "cuda" for _, dst in finish):
+        torch.cuda.synchronize()  # the staging buffer must outlive the async copies
     return decode(m.client_state)
 
 

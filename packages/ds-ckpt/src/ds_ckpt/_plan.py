@@ -6,7 +6,6 @@ Pure functions over integers, so the resharding math is tested without files or 
 from __future__ import annotations
 
 import bisect
-import heapq
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -35,18 +34,26 @@ class Piece:
     numel: int
 
 
-def plan_writes(held: list[HeldRange]) -> dict[int, list[Piece]]:
-    """Assign every element of every tensor to exactly one holder, the lowest (rank, index).
+def plan_writes(
+    held: list[HeldRange], itemsizes: dict[str, int] | None = None
+) -> dict[int, list[Piece]]:
+    """Assign every element of every tensor to exactly one of the ranks holding it.
 
-    Replicated copies (ZeRO stage 0/1 weights on every rank) are thereby written once, by the
-    lowest rank holding them, so the checkpoint holds one model whatever the replication. Raises
-    when ranks disagree on a tensor's shape/dtype or when some elements are held by nobody,
-    since such a checkpoint could not be loaded back in full.
+    Replicated copies (ZeRO stage 0/1 weights on every rank) are thereby written once, so the
+    checkpoint holds one model whatever the replication. A range held by several ranks goes to
+    the one with the fewest bytes assigned so far (ties: lowest rank), so replicated weights are
+    spread over the ranks' writers instead of all landing on rank 0. The result is a pure
+    function of `held`, identical on every rank. Raises when ranks disagree on a tensor's
+    shape/dtype or when some elements are held by nobody, since such a checkpoint could not be
+    loaded back in full.
     """
     by_name: dict[str, list[HeldRange]] = defaultdict(list)
     for h in held:
         by_name[h.name].append(h)
     out: dict[int, list[Piece]] = defaultdict(list)
+    load: dict[int, int] = defaultdict(int)
+    # Ranges with one holder first: they fix each rank's base load before balancing the rest.
+    segments: list[tuple[str, int, int, list[HeldRange]]] = []
     for name, ranges in by_name.items():
         first = ranges[0]
         for h in ranges[1:]:
@@ -59,40 +66,53 @@ def plan_writes(held: list[HeldRange]) -> dict[int, list[Piece]]:
         total = 1
         for s in first.shape:
             total *= s
-        for p in _assign(name, [h for h in ranges if h.numel > 0]):
-            out[p.rank].append(p)
-        _check_covered(name, total, [h for h in ranges if h.numel > 0])
-    return dict(out)
-
-
-def _assign(name: str, ranges: list[HeldRange]) -> list[Piece]:
-    """Sweep the breakpoints; each elementary segment goes to the minimal covering holder."""
-    points = sorted({h.offset for h in ranges} | {h.offset + h.numel for h in ranges})
-    starts = sorted(ranges, key=lambda h: h.offset)
-    active: list[tuple[int, int, int, HeldRange]] = []  # (rank, index, end, holder) min-heap
-    pieces: list[Piece] = []
-    j = 0
-    for a, b in zip(points, points[1:]):
-        while j < len(starts) and starts[j].offset <= a:
-            h = starts[j]
-            heapq.heappush(active, (h.rank, h.index, h.offset + h.numel, h))
-            j += 1
-        while active and active[0][2] <= a:
-            heapq.heappop(active)
-        if not active:
-            continue  # a gap: _check_covered reports it
-        owner = active[0][3]
+        nonempty = [h for h in ranges if h.numel > 0]
+        _check_covered(name, total, nonempty)
+        segments += _segments(name, nonempty)
+    isz = itemsizes or {}
+    for name, a, b, holders in segments:
+        if len({h.rank for h in holders}) == 1:
+            load[holders[0].rank] += (b - a) * isz.get(name, 1)
+    for name, a, b, holders in segments:
+        if len({h.rank for h in holders}) == 1:
+            owner = holders[0]
+        else:
+            owner = min(holders, key=lambda h: (load[h.rank], h.rank, h.index))
+            load[owner.rank] += (b - a) * isz.get(name, 1)
+        pieces = out[owner.rank]
         last = pieces[-1] if pieces else None
         if (
             last
-            and last.rank == owner.rank
+            and last.name == name
             and last.index == owner.index
             and last.offset + last.numel == a
         ):
             pieces[-1] = Piece(owner.rank, owner.index, name, last.offset, last.numel + b - a)
         else:
             pieces.append(Piece(owner.rank, owner.index, name, a, b - a))
-    return pieces
+    return dict(out)
+
+
+def _segments(name: str, ranges: list[HeldRange]) -> list[tuple[str, int, int, list[HeldRange]]]:
+    """Split a tensor at every range boundary; each elementary segment with its holders, the
+    lowest index first per rank (a rank holding a range twice writes it from one copy)."""
+    points = sorted({h.offset for h in ranges} | {h.offset + h.numel for h in ranges})
+    starts = sorted(ranges, key=lambda h: h.offset)
+    active: list[HeldRange] = []
+    out = []
+    j = 0
+    for a, b in zip(points, points[1:]):  # a sweep: active = ranges covering [a, b)
+        while j < len(starts) and starts[j].offset <= a:
+            active.append(starts[j])
+            j += 1
+        active = [h for h in active if h.offset + h.numel > a]
+        holders: dict[int, HeldRange] = {}
+        for h in active:
+            if h.rank not in holders or h.index < holders[h.rank].index:
+                holders[h.rank] = h
+        if holders:
+            out.append((name, a, b, sorted(holders.values(), key=lambda h: h.rank)))
+    return out
 
 
 def _check_covered(name: str, total: int, ranges: list[HeldRange]) -> None:

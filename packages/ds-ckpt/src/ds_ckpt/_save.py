@@ -21,7 +21,7 @@ import torch
 
 from ds_ckpt._comm import Comm
 from ds_ckpt._commit import new_nonce, publish, remove_stale, tmp_dir, write_latest
-from ds_ckpt._dtypes import to_st
+from ds_ckpt._dtypes import from_st, itemsize, to_st
 from ds_ckpt._errors import AsyncSaveError, CheckpointError
 from ds_ckpt._fragment import FragmentLike, check_fragments
 from ds_ckpt._jsonstate import encode
@@ -144,7 +144,8 @@ class Saver:
                     HeldRange(r, i, h[0], tuple(h[1]), h[2], h[3], h[4])
                     for r, info in enumerate(infos)
                     for i, h in enumerate(info["held"])
-                ]
+                ],
+                {h[0]: itemsize(from_st(h[2])) for info in infos for h in info["held"]},
             )
         except ValueError as e:  # identical on every rank: all raise, nobody waits
             if comm.rank == 0:
@@ -159,7 +160,10 @@ class Saver:
             self._pending = job
             return SaveHandle(tag, os.path.join(root, tag), self, job)
         try:
-            job.result = _write_rank_file(tmp, comm.rank, pieces, _sources(frags, pieces))
+            data = _sources(frags, pieces, to_cpu=False)
+            if any(t.device.type != "cpu" for t in data):  # one D2H pass into pinned memory
+                data = self._snapshot(frags, pieces)
+            job.result = _write_rank_file(tmp, comm.rank, pieces, data)
         except Exception as e:
             job.result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         self._commit(job)
