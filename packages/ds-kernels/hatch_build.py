@@ -32,7 +32,10 @@ class CustomBuildHook(BuildHookInterface):
         if failed:
             names = ", ".join(f"{r.op}: {r.error}" for r in failed)
             raise RuntimeError(f"DS_BUILD_OPS=1 but these ops failed to build: {names}")
-        build_data["artifacts"].append("src/ds_kernels/_prebuilt/**")
+        # The libraries and their manifests; not ninja's objects and logs.
+        build_data["artifacts"].extend(
+            ["src/ds_kernels/_prebuilt/**/*.so", "src/ds_kernels/_prebuilt/**/manifest.json"]
+        )
         # The wheel now holds a native library for this platform.
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

@@ -72,11 +72,15 @@ def run_child(env_updates: dict[str, str | None], tmp_path: Path) -> dict:
     ids=["no-compiler-on-path", "cxx-points-nowhere"],
 )
 def test_missing_compiler_falls_back_with_one_warning(env, named, tmp_path):
+    from ds_kernels._build import package_prebuilt_dir
+
+    if list(package_prebuilt_dir().glob("cpu_optim-*/manifest.json")):
+        pytest.skip("this install ships a prebuilt cpu_optim (DS_BUILD_OPS=1): nothing falls back")
     res = run_child(env, tmp_path)
     assert res["backend"] == "fallback"
     assert len(res["warnings"]) == 1, res["warnings"]
     assert named in res["warnings"][0] and "cpu_optim" in res["warnings"][0]
-    # The fallback reproduces torch.optim.AdamW.
+    # The fallback reproduces torch.optim.AdamW (same order of operations, same rounding).
     torch.testing.assert_close(torch.tensor(res["p"]), torch_reference(), rtol=1e-6, atol=1e-7)
 
 
