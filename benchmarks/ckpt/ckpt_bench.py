@@ -1,0 +1,381 @@
+"""Checkpoint save/load bandwidth: ds_ckpt against the raw disk (dd, O_DIRECT) and the peers.
+
+cpu (one process, run on the development machine):
+    python benchmarks/ckpt/ckpt_bench.py cpu --gb 1.5 --dir /tmp/ckpt_bench
+  ds_ckpt save (sync and async) and load of a ~GB fp32 state, against dd O_DIRECT write/read
+  of the same size on the same disk, and against torch.save/torch.load (the writer DeepSpeed
+  uses) of the same state.
+
+gpu (2 ranks, the 1.34B GPT of BENCHMARKS.md, bf16, AdamW, ZeRO stage 1 or 2):
+    torchrun --nproc_per_node 2 benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --dir $OUT/ckpt
+  DeepSpeed 0.19.8 engine.save_checkpoint/load_checkpoint against ds_ckpt save/load of the same
+  state (bf16 weights replicated, fp32 master + exp_avg + exp_avg_sq partitioned over ranks),
+  plus dd O_DIRECT on the same disk, all in one session.
+
+Load timings are cold: the page cache of the checkpoint files is dropped first
+(posix_fadvise DONTNEED after fsync). Results: JSON to benchmarks/results/ (and --out-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "packages", "ds-ckpt", "src"))
+import ds_ckpt  # noqa: E402
+from ds_ckpt import Fragment  # noqa: E402
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def evict(paths: list[str]) -> None:
+    """Drop the page cache of these files, so the next read comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def files_under(d: str) -> list[str]:
+    return [p for p in glob.glob(os.path.join(d, "**", "*"), recursive=True) if os.path.isfile(p)]
+
+
+def du(d: str) -> int:
+    return sum(os.path.getsize(p) for p in files_under(d))
+
+
+def dd(path: str, nbytes: int) -> dict[str, float]:
+    """dd with O_DIRECT: write (with a final fsync) then read nbytes in 64 MiB blocks."""
+    count = max(1, nbytes // (64 << 20))
+    size = count * (64 << 20)
+    out = {}
+    for what, args in (
+        ("write", ["if=/dev/zero", f"of={path}", "oflag=direct", "conv=fsync"]),
+        ("read", [f"if={path}", "of=/dev/null", "iflag=direct"]),
+    ):
+        t0 = time.perf_counter()
+        subprocess.run(["dd", *args, "bs=64M", f"count={count}"], check=True, capture_output=True)
+        out[f"dd_{what}_GBps"] = size / (time.perf_counter() - t0) / 1e9
+    os.remove(path)
+    return out
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+        return f"cpu-{os.cpu_count()}c-" + (
+            m.group(1).split("@")[0].strip().replace(" ", "-") if m else platform.machine()
+        )
+    except OSError:
+        return "cpu"
+
+
+def write_result(res: dict, scenario: str, out_dir: str | None) -> None:
+    dev = re.sub(r"[^A-Za-z0-9_.-]", "", res["device"]).lower()
+    name = f"{scenario}-{dev}-{datetime.date.today():%Y%m%d}.json"
+    for d in filter(None, [os.path.join(HERE, "..", "results"), out_dir]):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, name), "w") as f:
+            json.dump(res, f, indent=1)
+        print("wrote", os.path.join(d, name))
+
+
+# ---- cpu -------------------------------------------------------------------------------------
+def bench_cpu(args: argparse.Namespace) -> None:
+    root = args.dir
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    n_tensors = 24
+    numel = int(args.gb * 1e9 / 4 / n_tensors)
+    g = torch.Generator().manual_seed(0)
+    state = {f"layers.{i}.weight": torch.randn(numel, generator=g) for i in range(n_tensors)}
+    nbytes = sum(t.numel() * 4 for t in state.values())
+    frs = [Fragment.whole(n, t) for n, t in state.items()]
+    dst = {n: torch.empty_like(t) for n, t in state.items()}
+    runs: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "ours_save_s",
+            "ours_load_cold_s",
+            "ours_async_block_s",
+            "ours_async_total_s",
+            "torch_save_s",
+            "torch_load_cold_s",
+        )
+    }
+    disk = []
+    for rep in range(args.reps):
+        disk.append(dd(os.path.join(root, "dd.bin"), nbytes))
+        t0 = time.perf_counter()
+        ds_ckpt.save(root, f"s{rep}", frs)
+        runs["ours_save_s"].append(time.perf_counter() - t0)
+        evict(files_under(os.path.join(root, f"s{rep}")))
+        t0 = time.perf_counter()
+        ds_ckpt.load(root, f"s{rep}", [Fragment.whole(n, t) for n, t in dst.items()])
+        runs["ours_load_cold_s"].append(time.perf_counter() - t0)
+        assert all(torch.equal(dst[n], state[n]) for n in state)
+        t0 = time.perf_counter()
+        ds_ckpt.save(root, f"a{rep}", frs, async_=True)
+        runs["ours_async_block_s"].append(time.perf_counter() - t0)
+        ds_ckpt.finalize()
+        runs["ours_async_total_s"].append(time.perf_counter() - t0)
+        path = os.path.join(root, f"torch{rep}.pt")
+        t0 = time.perf_counter()
+        torch.save(state, path)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)  # ds_ckpt's save includes fsync; be equally durable
+        os.close(fd)
+        runs["torch_save_s"].append(time.perf_counter() - t0)
+        evict([path])
+        t0 = time.perf_counter()
+        loaded = torch.load(path, weights_only=True)
+        runs["torch_load_cold_s"].append(time.perf_counter() - t0)
+        del loaded
+        for d in (f"s{rep}", f"a{rep}"):
+            shutil.rmtree(os.path.join(root, d))
+        os.remove(path)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    dmed = {k: statistics.median(d[k] for d in disk) for k in disk[0]}
+    gbps = {k.replace("_s", "_GBps"): nbytes / v / 1e9 for k, v in med.items()}
+    res = {
+        "scenario": "ckpt-cpu",
+        "device": device_name(),
+        "bytes": nbytes,
+        "reps": args.reps,
+        "median_s": med,
+        "all_s": runs,
+        **{k: round(v, 3) for k, v in gbps.items()},
+        **{k: round(v, 3) for k, v in dmed.items()},
+        "ratios": {
+            "ours_save_vs_dd_write": round(gbps["ours_save_GBps"] / dmed["dd_write_GBps"], 3),
+            "ours_load_vs_dd_read": round(gbps["ours_load_cold_GBps"] / dmed["dd_read_GBps"], 3),
+            "ours_save_vs_torch_save": round(med["torch_save_s"] / med["ours_save_s"], 3),
+            "ours_load_vs_torch_load": round(med["torch_load_cold_s"] / med["ours_load_cold_s"], 3),
+        },
+        "note": "cold loads (page cache dropped with posix_fadvise); medians of reps; the "
+        "machine is shared, so compare ratios measured in this one run",
+        "torch": torch.__version__,
+        "ds_ckpt": ds_ckpt.__version__,
+        "load_avg": os.getloadavg(),
+    }
+    print(json.dumps(res, indent=1))
+    write_result(res, "ckpt-cpu", args.out_dir)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- gpu -------------------------------------------------------------------------------------
+class _Block(torch.nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+        self.h = h
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, c))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class _GPT(torch.nn.Module):
+    """The 1.34B GPT of BENCHMARKS.md (d=2048, 24 layers, vocab 32768, seq 1024)."""
+
+    def __init__(self, vocab=32768, d=2048, layers=24, seq=1024) -> None:
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(seq, d)
+        self.blocks = torch.nn.ModuleList(_Block(d, d // 128) for _ in range(layers))
+        self.ln, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln(x))
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+        )
+
+
+def _our_fragments(model: torch.nn.Module, rank: int, world: int, dev: torch.device):
+    """bf16 weights (replicated) + fp32 master/exp_avg/exp_avg_sq as ZeRO-1/2 partitions of one
+    flat buffer: the bytes DeepSpeed's checkpoint holds, in ds_ckpt's naming."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    total = sum(p.numel() for _, p in named)
+    part = math.ceil(total / world)
+    lo_r, hi_r = rank * part, min(total, (rank + 1) * part)
+    flats = {k: torch.randn(hi_r - lo_r, device=dev) for k in ("master", "exp_avg", "exp_avg_sq")}
+    step = torch.ones(1, device=dev)
+    frs = [Fragment.whole(n, p.detach()) for n, p in named]
+    pos = 0
+    for n, p in named:
+        lo, hi = max(lo_r, pos), min(hi_r, pos + p.numel())
+        if lo < hi:
+            for key, flat in flats.items():
+                name = f"optimizer.{key}.{n}" if key != "master" else f"optimizer.fp32.{n}"
+                frs.append(
+                    Fragment(
+                        name,
+                        tuple(p.shape),
+                        torch.float32,
+                        lo - pos,
+                        hi - lo,
+                        flat[lo - lo_r : hi - lo_r],
+                    )
+                )
+            if lo == pos:
+                frs.append(Fragment(f"optimizer.step.{n}", (), torch.float32, 0, 1, step))
+        pos += p.numel()
+    return frs
+
+
+def bench_gpu(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dev = torch.device("cuda", local)
+    root = args.dir
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+    dist.barrier()
+    torch.manual_seed(0)
+    model = _GPT()
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_optimization": {"stage": args.stage},
+        "bf16": {"enabled": True},
+        "steps_per_print": 10**9,
+    }
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x = torch.randint(0, 32768, (1, 1024), device=dev)
+    loss = eng(x, x)  # one step, so the optimizer state exists
+    eng.backward(loss)
+    eng.step()
+    torch.cuda.synchronize()
+
+    def timed(fn, *a, **k) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn(*a, **k)
+        torch.cuda.synchronize()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    def cold(d: str) -> None:
+        if rank == 0:
+            evict(files_under(d))
+        dist.barrier()
+
+    res: dict = {
+        "scenario": f"ckpt-gpu-zero{args.stage}",
+        "device": device_name(),
+        "world": world,
+        "params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "ds_ckpt": ds_ckpt.__version__,
+        "reps": args.reps,
+    }
+    frs = _our_fragments(eng.module, rank, world, dev)
+    t: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "ds_save_s",
+            "ds_load_s",
+            "ours_save_s",
+            "ours_load_s",
+            "ours_async_block_s",
+            "ours_async_total_s",
+        )
+    }
+    for rep in range(args.reps):
+        ds_dir = os.path.join(root, "deepspeed")
+        t["ds_save_s"].append(timed(eng.save_checkpoint, ds_dir, tag=f"r{rep}"))
+        res["ds_bytes"] = du(os.path.join(ds_dir, f"r{rep}"))
+        cold(ds_dir)
+        t["ds_load_s"].append(timed(eng.load_checkpoint, ds_dir, tag=f"r{rep}"))
+        ours = os.path.join(root, "ours")
+        t["ours_save_s"].append(timed(ds_ckpt.save, ours, f"r{rep}", frs))
+        res["ours_bytes"] = du(os.path.join(ours, f"r{rep}"))
+        cold(ours)
+        t["ours_load_s"].append(timed(ds_ckpt.load, ours, f"r{rep}", frs))
+        t["ours_async_block_s"].append(timed(ds_ckpt.save, ours, f"a{rep}", frs, async_=True))
+        t0 = time.perf_counter() - t["ours_async_block_s"][-1]
+        ds_ckpt.finalize()
+        dist.barrier()
+        t["ours_async_total_s"].append(time.perf_counter() - t0)
+        if rank == 0:
+            for d in (
+                os.path.join(ds_dir, f"r{rep}"),
+                os.path.join(ours, f"r{rep}"),
+                os.path.join(ours, f"a{rep}"),
+            ):
+                shutil.rmtree(d, ignore_errors=True)
+        dist.barrier()
+    if rank == 0:
+        res.update(dd(os.path.join(root, "dd.bin"), res["ours_bytes"]))
+    med = {k: statistics.median(v) for k, v in t.items()}
+    res.update(median_s=med, all_s=t)
+    res["ds_save_GBps"] = res["ds_bytes"] / med["ds_save_s"] / 1e9
+    res["ds_load_GBps"] = res["ds_bytes"] / med["ds_load_s"] / 1e9
+    for k in ("save", "load", "async_total"):
+        res[f"ours_{k}_GBps"] = res["ours_bytes"] / med[f"ours_{k}_s"] / 1e9
+    if rank == 0:
+        res["ratios"] = {
+            "save_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_save_s"],
+            "load_speedup_vs_deepspeed": med["ds_load_s"] / med["ours_load_s"],
+            "async_block_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_async_block_s"],
+            "ours_save_vs_dd_write": res["ours_save_GBps"] / res["dd_write_GBps"],
+            "ours_load_vs_dd_read": res["ours_load_GBps"] / res["dd_read_GBps"],
+        }
+        print(json.dumps(res, indent=1))
+        write_result(res, res["scenario"], args.out_dir or os.environ.get("OUT"))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("mode", choices=["cpu", "gpu"])
+    p.add_argument("--dir", required=True, help="scratch directory on the disk under test")
+    p.add_argument("--gb", type=float, default=1.5, help="cpu: state size in GB")
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="gpu: ZeRO stage")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out-dir", default=None, help="also write the JSON here")
+    args = p.parse_args()
+    bench_cpu(args) if args.mode == "cpu" else bench_gpu(args)
+
+
+if __name__ == "__main__":
+    main()
