@@ -41,7 +41,7 @@ class TinyLM(nn.Module):
             self.blocks[0].fc2.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
         for b in self.blocks:
             h = b(h)
         if self.twice:  # a submodule called twice in one forward
@@ -70,17 +70,17 @@ def make_optimizer(model: nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
 
 
 def reference(
-    world: int, steps: int = 5, gas: int = 1, clip: float = 0.0, **kw: bool
+    world: int, steps: int = 5, gas: int = 1, clip: float = 0.0, device: str = "cpu", **kw: bool
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single process over the global batch (every rank's micro-batch concatenated)."""
-    model = make_model(**kw)
+    model = make_model(**kw).to(device)
     opt = make_optimizer(model)
     losses = []
     for s in range(steps):
         total = 0.0
         for m in range(gas):
             xs, ys = zip(*(batch(s, m, r) for r in range(world)))
-            loss = model(torch.cat(xs), torch.cat(ys))
+            loss = model(torch.cat(xs).to(device), torch.cat(ys).to(device))
             (loss / gas).backward()
             total += loss.item() / gas
         if clip > 0:
@@ -95,18 +95,19 @@ def train_zero(
     options: ds_zero.ZeroOptions,
     steps: int = 5,
     model: nn.Module | None = None,
+    device: str = "cpu",
     **kw: bool,
 ) -> tuple[list[float], ds_zero.Zero]:
     """Train on this rank's micro-batches; losses are averaged over ranks."""
-    model = model if model is not None else make_model(**kw)
+    model = model if model is not None else make_model(**kw).to(device)
     zero = ds_zero.wrap(model, make_optimizer(model), options)
     rank, world = dist.get_rank(), dist.get_world_size()
     losses = []
     for s in range(steps):
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for m in range(options.gradient_accumulation_steps):
             x, y = batch(s, m, rank)
-            loss = zero(x, y)
+            loss = zero(x.to(device), y.to(device))
             zero.backward(loss)
             total += loss.detach().float() / options.gradient_accumulation_steps
             zero.step()
@@ -134,7 +135,7 @@ def assert_close_state_bf16(
     for name, w in want.items():
         if name not in got:
             continue
-        diff = (got[name].float() - w.float()).abs()
+        diff = (got[name].float().cpu() - w.float().cpu()).abs()
         far = (diff > atol).float().mean().item()
         assert far <= 0.02, f"{name}: {far:.1%} of elements differ by more than {atol}"
         assert diff.max().item() <= bound, f"{name}: max difference {diff.max().item()} > {bound}"
