@@ -8,7 +8,9 @@ Every parameter of an MoE layer's experts carries:
   reduced and its optimizer state partitioned (None without torch.distributed)
 - ``allreduce = False`` and ``group_name`` (DeepSpeed's spelling of the same facts)
 
-so that ds-zero (or any other reducer) needs no import of ds_moe.
+so that ds-zero (or any other reducer) needs no import of ds_moe. The reducer averages each
+gradient over the group it reduces it over; the layer has already scaled expert gradients so
+that this yields the gradient of the mean loss (see ``_dispatch._run_experts``).
 """
 
 from __future__ import annotations
