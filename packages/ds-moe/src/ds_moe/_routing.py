@@ -138,16 +138,17 @@ def route(
     order1 = torch.argsort(flat_expert * (2 * n) + priority)
     all_counts = exp_counts if used_token is None else _count(flat_expert, num_experts)
     starts = torch.cumsum(all_counts, 0) - all_counts
-    slot = torch.arange(n, device=device) - starts[flat_expert[order1]]
-    keep_sorted = flat_used[order1]
+    # index_select/scatter rather than advanced indexing: never a host sync on CUDA
+    slot = torch.arange(n, device=device) - starts.index_select(
+        0, flat_expert.index_select(0, order1)
+    )
+    keep_sorted = flat_used.index_select(0, order1)
     if capacity_slots is not None:
         keep_sorted = keep_sorted & (slot < capacity_slots)
     # Sort 2 (stable partition): kept assignments first, keeping sort 1's order.
-    order = order1[
-        torch.argsort((~keep_sorted).to(torch.int64) * n + torch.arange(n, device=device))
-    ]
-    kept_flat = torch.empty(n, dtype=torch.bool, device=device)
-    kept_flat[order1] = keep_sorted
+    partition = (~keep_sorted).to(torch.int64) * n + torch.arange(n, device=device)
+    order = order1.index_select(0, torch.argsort(partition))
+    kept_flat = torch.empty(n, dtype=torch.bool, device=device).scatter_(0, order1, keep_sorted)
     kept_counts = exp_counts if capacity_slots is None else exp_counts.clamp(max=capacity_slots)
 
     l_aux = load_balancing_loss(gates, exp_counts, k)
