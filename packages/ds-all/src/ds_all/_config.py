@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ds_all._config_base import ConfigError, Section, suggest, validate_section
+from ds_all._fault_config import FaultToleranceSection  # issue 12 (ours)
 
 
 class FP16Section(Section):
@@ -204,6 +205,8 @@ class DeepSpeedConfig(Section):
     csv_monitor: CSVMonitorSection = Field(default_factory=CSVMonitorSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    # ours (issue 12): collective timeout, stall watchdog, control-flow check; _fault_config.py
+    fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     activation_checkpointing: ActivationCheckpointingSection = Field(
         default_factory=ActivationCheckpointingSection

@@ -18,6 +18,7 @@ import ds_zero
 from ds_accel import get_accelerator
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
+from ds_all._fault import on_step_boundary  # issue 12
 from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
 from ds_all._schedulers import build_scheduler
@@ -238,6 +239,7 @@ class DeepSpeedEngine(nn.Module):
             self._window_tokens += self._tokens * self.world_size
             self._tokens = 0
             self._after_boundary()
+            on_step_boundary(self)  # issue 12: save on SIGTERM, control-flow check
         self.timers.stop("step")
 
     def _after_boundary(self) -> None:

@@ -15,6 +15,7 @@ from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._dataloader import make_dataloader
 from ds_all._engine import DeepSpeedEngine
+from ds_all._fault import attach as _attach_fault_tolerance  # issue 12
 
 log = logging.getLogger("ds_all")
 
@@ -82,7 +83,8 @@ def initialize(
     if dist_init_required is None:
         dist_init_required = _launched()
     if dist_init_required:
-        init_distributed()
+        # issue 12: fault_tolerance.comms_timeout (seconds) is the collective timeout
+        init_distributed(timeout=cfg.fault_tolerance.comms_timeout)
     dp_group = mpu.get_data_parallel_group() if mpu is not None else None
     if _is_pipeline(model):
         from ds_all._pipe_engine import PipelineEngine
@@ -90,6 +92,7 @@ def initialize(
         pipe = PipelineEngine(model, cfg, optimizer, model_parameters, lr_scheduler)
         return pipe, pipe.optimizer, None, pipe.lr_scheduler
     engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group)
+    _attach_fault_tolerance(engine, cfg)  # issue 12: watchdog, save on SIGTERM, auto-resume
     loader = None
     if training_data is not None:
         loader = make_dataloader(training_data, engine.train_micro_batch_size_per_gpu(), engine.world_size,
