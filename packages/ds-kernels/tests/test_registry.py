@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ds_kernels
-from ds_kernels._ops import CPU_OPTIM
+from ds_kernels._ops import CPU_OPTIM, FUSED_OPTIM, set_default_registry
 from ds_kernels._registry import Backend, KernelBuildWarning, OpKind, OpRegistry, OpSpec
 
 # Runs CPUAdam for 20 steps in a child process and prints backend, warnings and the result.
@@ -155,3 +155,32 @@ def test_report_lists_every_op(cpu_op, capsys):
     assert main([]) == 0
     text = capsys.readouterr().out
     assert "cpu_optim" in text and "CPU ISA" in text and "C++ compiler" in text
+
+
+def test_fused_optimizers_fall_back_without_a_gpu(monkeypatch):
+    """No CUDA device and no interpreter: FusedAdam runs on the pure-torch path, warns once,
+    and still matches torch.optim.AdamW."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the Triton path is used")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reg = OpRegistry()
+    reg.register(FUSED_OPTIM)
+    set_default_registry(reg)
+    try:
+        with pytest.warns(KernelBuildWarning, match="fused_optim") as rec:
+            g = torch.Generator().manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(100, generator=g))
+            q = torch.nn.Parameter(p.detach().clone())
+            opt = ds_kernels.FusedAdam([p], lr=1e-2, weight_decay=0.1)
+            ds_kernels.FusedLion([torch.nn.Parameter(torch.zeros(3))])  # same op: no new warning
+        assert len([w for w in rec if issubclass(w.category, KernelBuildWarning)]) == 1
+        assert opt.backend == "fallback"
+        ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
+        for _ in range(5):
+            grad = torch.randn(100, generator=g)
+            p.grad, q.grad = grad.clone(), grad.clone()
+            opt.step()
+            ref.step()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        set_default_registry(None)

@@ -32,9 +32,9 @@ def _fused_native() -> OpImpl:
 
 
 def _fused_fallback() -> OpImpl:
-    from ds_kernels._fused_op import ForeachFusedOptim
+    from ds_kernels._fused_op import TorchFusedOptim
 
-    return ForeachFusedOptim()
+    return TorchFusedOptim()
 
 
 CPU_OPTIM = OpSpec(
