@@ -86,7 +86,11 @@ def collective_from_traceback(tb: types.TracebackType | None) -> str:
             "_fn",
         ):
             caller = next(
-                (g for g in reversed(frames[:i]) if not g.f_code.co_filename.startswith(_TORCH_DIR)),
+                (
+                    g
+                    for g in reversed(frames[:i])
+                    if not g.f_code.co_filename.startswith(_TORCH_DIR)
+                ),
                 None,
             )
             via = f" called from {_fmt(caller)}" if caller is not None else ""
