@@ -142,8 +142,23 @@ def test_forced_fallback_env_and_unknown_op(monkeypatch):
         reg.load("no_such_op")
 
 
-def test_report_lists_every_op(cpu_op, capsys):
+def test_report_lists_every_op(cpu_op, capsys, monkeypatch):
+    from ds_kernels import _report
     from ds_kernels._report import main
+
+    class EP:  # entry points of the ds_report.sections group
+        def __init__(self, name, fn):
+            self.name, self._fn = name, fn
+
+        def load(self):
+            return self._fn
+
+    def broken():
+        raise RuntimeError("section exploded")
+
+    monkeypatch.setattr(
+        _report, "_section_entry_points", lambda: [EP("extra", lambda: {"k": 1}), EP("bad", broken)]
+    )
 
     rep = ds_kernels.report()
     ops = {o["op"]: o for o in rep["ops"]}
@@ -155,6 +170,8 @@ def test_report_lists_every_op(cpu_op, capsys):
     assert main([]) == 0
     text = capsys.readouterr().out
     assert "cpu_optim" in text and "CPU ISA" in text and "C++ compiler" in text
+    assert "[extra]" in text and "section exploded" in text
+    assert rep["sections"]["extra"] == {"k": 1}
 
 
 def test_fused_optimizers_fall_back_without_a_gpu(monkeypatch):

@@ -1,6 +1,8 @@
 """``ds-report``: accelerator, torch, compilers, CPU ISA, and per op what `load()` would do.
 
 Nothing is built unless ``--build`` is given (then every op is loaded, building as needed).
+Other packages add sections through the entry-point group ``ds_report.sections``: each entry
+is a callable returning a JSON-able dict, printed under the entry's name.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -32,6 +35,23 @@ def _nvcc() -> str | None:
     except Exception:  # noqa: BLE001
         return None
     return CUDA_HOME
+
+
+SECTIONS_GROUP = "ds_report.sections"
+
+
+def _section_entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=SECTIONS_GROUP), key=lambda ep: ep.name)
+
+
+def _sections() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for ep in _section_entry_points():
+        try:
+            out[ep.name] = ep.load()()
+        except Exception as exc:  # noqa: BLE001 - one broken section must not hide the rest
+            out[ep.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
 
 
 def report(build: bool = False) -> dict[str, Any]:
@@ -86,6 +106,7 @@ def report(build: bool = False) -> dict[str, Any]:
         "cache_dir": str(_build.cache_root()),
         "prebuilt_dirs": [str(p) for p in _build.prebuilt_roots()],
         "ops": ops,
+        "sections": _sections(),
     }
 
 
@@ -116,6 +137,12 @@ def format_report(rep: dict[str, Any]) -> str:
             f"{'yes' if op['built'] else 'no':<8}{op['state']}"
         )
         lines.append(f"{'':<14}{op['detail']}")
+    for name, section in rep.get("sections", {}).items():
+        lines += ["-" * 60, f"[{name}]"]
+        if isinstance(section, dict):
+            lines += [f"{k} {'.' * max(2, 18 - len(str(k)))} {v}" for k, v in section.items()]
+        else:
+            lines.append(str(section))
     return "\n".join(lines)
 
 
