@@ -59,15 +59,28 @@ CONFIGS = [
     dict(num_experts=8, k=2, drop_tokens=False, use_residual=True, expert="mlp"),
     dict(num_experts=8, k=3, capacity_factor=0.75, min_capacity=1, expert="mlp",
          grouped_experts=False),
+    # the CUDA layout: every local expert's rows padded to 16 for the grouped kernel
+    dict(num_experts=8, k=2, capacity_factor=1.0, min_capacity=1, expert="mlp", align16=True),
 ]  # fmt: skip
 
 
 def _check_config(cfg, ep):
+    cfg = dict(cfg)
+    expert = _mlp() if cfg.pop("expert") == "mlp" else _Odd()
+    if cfg.pop("align16", False):
+        from unittest import mock
+
+        from ds_moe import _experts
+
+        with mock.patch.object(_experts, "row_alignment", lambda device: 16):
+            return _check_config_body(cfg, ep, expert)
+    return _check_config_body(cfg, ep, expert)
+
+
+def _check_config_body(cfg, ep, expert):
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    cfg = dict(cfg)
-    expert = _mlp() if cfg.pop("expert") == "mlp" else _Odd()
     moe = _build(ep, expert, **cfg)
     ref = _build(1, expert, **cfg)
     group_ranks = [rank - rank % ep + i for i in range(ep)]

@@ -247,3 +247,35 @@ def test_pyramid_layers():
         ds_moe.pyramid_moe_layers(D, _mlp(), num_experts=[3, 4], ep_size=2)
     with pytest.raises(ValueError, match="one ep_size per layer"):
         ds_moe.pyramid_moe_layers(D, _mlp(), num_experts=[2, 4], ep_size=[1])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("grouped", [None, False])
+def test_padded_expert_groups_as_on_cuda(k, grouped):
+    # On CUDA each expert's rows are padded to 16 for the grouped kernel (zero rows, at least
+    # one block even for an empty expert); force that layout here against the reference.
+    from unittest import mock
+
+    from ds_moe import _experts
+
+    moe = _layer(num_experts=6, k=k, capacity_factor=0.5, min_capacity=1, use_rts=False,
+                 grouped_experts=grouped)  # fmt: skip
+    x = _x((37, D))
+    with torch.no_grad():  # expert 5 gets no tokens: an empty, padded group
+        x[:, 0] = 3.0
+        moe.gate.wg.weight[5] = 0.0
+        moe.gate.wg.weight[5, 0] = -10.0
+    probe = torch.randn(37, D, generator=torch.Generator().manual_seed(3))
+    with mock.patch.object(_experts, "row_alignment", lambda device: 16):
+        assert moe.experts.row_alignment(x) == (16 if grouped is None else 1)
+        out, l_aux, counts = moe(x)
+    assert counts[5] == 0
+    ref, ref_aux, _, keep = dense_moe(moe, x)
+    assert not keep.all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ((out * probe).sum() + l_aux).backward()
+    got = _grads(moe, x)
+    ((ref * probe).sum() + ref_aux).backward()
+    want = _grads(moe, x)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
