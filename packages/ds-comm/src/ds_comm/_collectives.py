@@ -84,23 +84,36 @@ def _avg_dtype_check(tensor: torch.Tensor, op: str) -> None:
         )
 
 
+_SUM = ReduceOp.SUM
+_AVG = ReduceOp.AVG
+_BOOL = torch.bool
+
+
 def all_reduce(
     tensor: torch.Tensor,
-    op: Any = ReduceOp.SUM,
+    op: Any = _SUM,
     group: ProcessGroup = None,
     async_op: bool = False,
     *,
     log_name: str = "all_reduce",
     logger: CommsLogger | None = None,
 ):
-    check_tensor(tensor, "all_reduce")
-    check_reducible(tensor, "all_reduce")
-    if group is not None:
-        check_group(group, "all_reduce")
+    # The tight-loop collective: the common case (contiguous non-bool tensor, default group,
+    # SUM, logger off) costs two attribute reads and identity tests before torch is called
+    # (``op == AVG`` on torch's pybind enum alone costs more than all of that, hence ``is``).
+    try:
+        ok = tensor.is_contiguous() and tensor.dtype is not _BOOL
+    except AttributeError:
+        ok = False
+    if not ok or group is not None:
+        check_tensor(tensor, "all_reduce")
+        check_reducible(tensor, "all_reduce")
+        if group is not None:
+            check_group(group, "all_reduce")
     lg = logger if logger is not None else _lg._default_logger
-    if op == ReduceOp.AVG and _avg_on_gloo(op, group):
+    if op is not _SUM and op == _AVG and dist.get_backend(group) == "gloo":
         _avg_dtype_check(tensor, "all_reduce")
-        work = all_reduce(tensor, ReduceOp.SUM, group, async_op, log_name=log_name, logger=lg)
+        work = all_reduce(tensor, _SUM, group, async_op, log_name=log_name, logger=lg)
         return _with_avg_division(work, tensor, group, async_op)
     if not lg.enabled:
         return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)

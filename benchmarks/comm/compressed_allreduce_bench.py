@@ -1,0 +1,134 @@
+"""compressed_allreduce (1-bit, error feedback) against NCCL all_reduce of the same fp32 tensor,
+in the same run, on 2 GPUs:
+
+    torchrun --nproc_per_node 2 benchmarks/comm/compressed_allreduce_bench.py [--mb 256]
+
+Reports per call: median time (CUDA events, after warmup), bytes on the wire per rank (ring
+model: 2(n-1)/n * 4N for fp32 all-reduce; 2(n-1)/n * N/8 signs + 2(n-1) fp32 scales for the
+compressed one), effective bandwidth (fp32 tensor bytes / time: how fast the *tensor* is averaged)
+and wire bandwidth (wire bytes / time). Also the relative error of one compressed call against the
+exact mean. Rank 0 writes benchmarks/results/comm-compressed-allreduce-<device>-<yyyymmdd>.json
+and a copy under $OUT when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import ds_comm
+
+
+def _time(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="compressed_allreduce vs NCCL all_reduce")
+    ap.add_argument("--mb", type=int, default=256, help="fp32 tensor size in MiB")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    a = ap.parse_args()
+
+    layout = ds_comm.init_distributed()  # nccl on CUDA (from ds_accel)
+    n, r = layout.world_size, layout.rank
+    device = torch.device("cuda", torch.cuda.current_device())
+    numel = a.mb * 1024 * 1024 // 4
+    g = torch.Generator(device=device).manual_seed(r)
+    src = torch.randn(numel, device=device, generator=g)
+    buf = torch.empty_like(src)
+
+    def nccl() -> None:
+        buf.copy_(src)
+        dist.all_reduce(buf)
+
+    ef = ds_comm.ErrorFeedback()
+    comm = ds_comm.TorchComm()
+
+    def compressed() -> None:
+        buf.copy_(src)
+        ds_comm.compressed_allreduce(buf, ef, comm=comm)
+
+    def copy_only() -> None:
+        buf.copy_(src)
+
+    t_copy = _time(copy_only, a.warmup, a.iters)
+    t_nccl = _time(nccl, a.warmup, a.iters)
+    t_comp = _time(compressed, a.warmup, a.iters)
+    t_nccl2 = _time(nccl, 2, a.iters)  # again after, to see drift
+
+    exact = src.clone()
+    dist.all_reduce(exact)
+    exact /= n
+    one = src.clone()
+    ds_comm.compressed_allreduce(one, ds_comm.ErrorFeedback(), comm=comm)
+    rel_err = (torch.linalg.vector_norm(one - exact) / torch.linalg.vector_norm(exact)).item()
+
+    wire = ds_comm.compressed_wire_bytes(numel, n)
+    copy_s = statistics.median(t_copy)
+    res = {}
+    for name, ts, wire_bytes in (
+        ("nccl_all_reduce", t_nccl + t_nccl2, wire["fp32_allreduce"]),
+        ("compressed_allreduce", t_comp, wire["signs"] + wire["scales"]),
+    ):
+        med = statistics.median(ts) - copy_s  # the input copy is not part of the collective
+        res[name] = {
+            "median_s": med,
+            "min_s": min(ts) - copy_s,
+            "wire_bytes_per_rank": wire_bytes,
+            "effective_GBps": numel * 4 / med / 1e9,
+            "wire_GBps": wire_bytes / med / 1e9,
+        }
+    if r == 0:
+        name = torch.cuda.get_device_name(device)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        today = _dt.date.today().strftime("%Y%m%d")
+        out = {
+            "scenario": "comm-compressed-allreduce",
+            "device": f"{n} x {name}",
+            "torch": torch.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "tensor_MiB": a.mb,
+            "numel": numel,
+            "iters": a.iters,
+            "results": res,
+            "speedup_compressed_vs_nccl": res["nccl_all_reduce"]["median_s"]
+            / res["compressed_allreduce"]["median_s"],
+            "wire_bytes_ratio_nccl_over_compressed": wire["fp32_allreduce"]
+            / (wire["signs"] + wire["scales"]),
+            "one_call_relative_error": rel_err,
+            "input_copy_median_s": copy_s,
+        }
+        text = json.dumps(out, indent=2)
+        fname = f"comm-compressed-allreduce-{slug}-{today}.json"
+        root = Path(__file__).resolve().parents[1] / "results"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / fname).write_text(text)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], fname).write_text(text)
+        print(text)
+    ds_comm.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
