@@ -41,7 +41,8 @@ def _check(world_size, dtype, kind, rtol, atol, loss_rtol, **extra):
 
 @distributed_test(world_size=[2, 4], timeout=180)
 def test_fp32_stages_match_reference(world_size):
-    for kind in MODEL_KINDS:
+    # the "tricky" model is a superset of "plain"; world 4 runs it alone to keep the suite short
+    for kind in MODEL_KINDS if world_size == 2 else ["tricky"]:
         _check(world_size, torch.float32, kind, rtol=1e-5, atol=1e-6, loss_rtol=1e-5)
 
 
