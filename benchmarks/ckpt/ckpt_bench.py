@@ -155,7 +155,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
         os.remove(path)
     med = {k: statistics.median(v) for k, v in runs.items()}
     dmed = {k: statistics.median(d[k] for d in disk) for k in disk[0]}
-    gbps = {k.replace("_s", "_GBps"): nbytes / v / 1e9 for k, v in med.items()}
+    gbps = {k[:-2] + "_GBps": nbytes / v / 1e9 for k, v in med.items()}
     res = {
         "scenario": "ckpt-cpu",
         "device": device_name(),
