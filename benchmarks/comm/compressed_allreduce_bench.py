@@ -3,6 +3,8 @@ in the same run, on 2 GPUs:
 
     torchrun --nproc_per_node 2 benchmarks/comm/compressed_allreduce_bench.py [--mb 256]
 
+``--cpu --mb 4`` smoke-tests the script with gloo on a CPU machine (nothing written to results).
+
 Reports per call: median time (CUDA events, after warmup), bytes on the wire per rank (ring
 model: 2(n-1)/n * 4N for fp32 all-reduce; 2(n-1)/n * N/8 signs + 2(n-1) fp32 scales for the
 compressed one), effective bandwidth (fp32 tensor bytes / time: how fast the *tensor* is averaged)
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -27,13 +30,19 @@ import torch.distributed as dist
 import ds_comm
 
 
-def _time(fn, warmup: int, iters: int) -> list[float]:
+def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         dist.barrier()
+        if not cuda:  # --cpu smoke mode (gloo): wall clock
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -48,11 +57,13 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=256, help="fp32 tensor size in MiB")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--cpu", action="store_true", help="smoke-test the script with gloo on CPU")
     a = ap.parse_args()
 
-    layout = ds_comm.init_distributed()  # nccl on CUDA (from ds_accel)
+    cuda = not a.cpu
+    layout = ds_comm.init_distributed("gloo" if a.cpu else None)  # nccl on CUDA via ds_accel
     n, r = layout.world_size, layout.rank
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     numel = a.mb * 1024 * 1024 // 4
     g = torch.Generator(device=device).manual_seed(r)
     src = torch.randn(numel, device=device, generator=g)
@@ -72,10 +83,10 @@ def main() -> None:
     def copy_only() -> None:
         buf.copy_(src)
 
-    t_copy = _time(copy_only, a.warmup, a.iters)
-    t_nccl = _time(nccl, a.warmup, a.iters)
-    t_comp = _time(compressed, a.warmup, a.iters)
-    t_nccl2 = _time(nccl, 2, a.iters)  # again after, to see drift
+    t_copy = _time(copy_only, a.warmup, a.iters, cuda)
+    t_nccl = _time(nccl, a.warmup, a.iters, cuda)
+    t_comp = _time(compressed, a.warmup, a.iters, cuda)
+    t_nccl2 = _time(nccl, 2, a.iters, cuda)  # again after, to see drift
 
     exact = src.clone()
     dist.all_reduce(exact)
@@ -100,14 +111,15 @@ def main() -> None:
             "wire_GBps": wire_bytes / med / 1e9,
         }
     if r == 0:
-        name = torch.cuda.get_device_name(device)
+        name = torch.cuda.get_device_name(device) if cuda else "cpu-gloo-smoke"
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         today = _dt.date.today().strftime("%Y%m%d")
         out = {
             "scenario": "comm-compressed-allreduce",
             "device": f"{n} x {name}",
             "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "backend": dist.get_backend(),
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
             "tensor_MiB": a.mb,
             "numel": numel,
             "iters": a.iters,
@@ -122,8 +134,9 @@ def main() -> None:
         text = json.dumps(out, indent=2)
         fname = f"comm-compressed-allreduce-{slug}-{today}.json"
         root = Path(__file__).resolve().parents[1] / "results"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / fname).write_text(text)
+        if cuda:  # smoke runs do not go into the results folder
+            root.mkdir(parents=True, exist_ok=True)
+            (root / fname).write_text(text)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], fname).write_text(text)
         print(text)
