@@ -35,7 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "packages" / "ds-moe" / "src"))  # harmless when on PYTHONPATH
+# ds_moe and its siblings (ds_comm, ds_accel) from this checkout; harmless when on PYTHONPATH
+for _src in sorted((ROOT / "packages").glob("*/src"), reverse=True):
+    sys.path.insert(0, str(_src))
 
 import ds_moe  # noqa: E402
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from moe_reference import dense_moe, expert_grads, seed_dense, seed_experts
 from torch import nn
 
+import ds_comm
 import ds_moe
 from ds_comm.testing import distributed_test
 
@@ -158,9 +159,26 @@ def _check_rank_with_no_tokens_for_a_peer():
             m.gate.wg.weight.zero_()
             m.gate.wg.weight[0 if rank == 0 else 3, 0] = 1.0
     x = torch.ones(6, D, requires_grad=True)
-    out, _, counts = moe(x)
-    assert counts.tolist() == ([6, 0, 0, 0] if rank == 0 else [0, 0, 0, 6])
-    out.sum().backward()
+    logger = ds_comm.get_comms_logger()
+    logger.reset()
+    logger.enable()
+    try:
+        out, _, counts = moe(x)
+        assert counts.tolist() == ([6, 0, 0, 0] if rank == 0 else [0, 0, 0, 6])
+        out.sum().backward()
+    finally:
+        logger.disable()
+    # the MoE traffic is logged by name: one counts exchange, one all-to-all each way and back
+    for name in (
+        "moe_counts",
+        "moe_dispatch",
+        "moe_combine",
+        "moe_dispatch_bwd",
+        "moe_combine_bwd",
+    ):
+        assert sum(s.count for s in logger.get(name)) == 1, name
+    assert logger.total_bytes("moe_dispatch") == 6 * D * 4
+    logger.reset()
     xr = x.detach().clone().requires_grad_()
     r_out = dense_moe(ref, xr)[0]
     r_out.sum().backward()

@@ -161,7 +161,11 @@ def dispatch_and_combine(
     send = x.index_select(0, token)
 
     ep = len(plan.send_splits)
-    recv = all_to_all(send, plan.recv_splits, plan.send_splits, ep_group) if ep > 1 else send
+    recv = (
+        all_to_all(send, plan.recv_splits, plan.send_splits, ep_group, "moe_dispatch")
+        if ep > 1
+        else send
+    )
 
     if plan.identity_layout:
         y = _run_experts(experts, recv, plan.group_sizes, ep)
@@ -170,7 +174,9 @@ def dispatch_and_combine(
         buf = recv.new_zeros(sum(plan.group_sizes), hidden).index_copy(0, dest, recv)
         y = _run_experts(experts, buf, plan.group_sizes, ep).index_select(0, dest)
 
-    back = all_to_all(y, plan.send_splits, plan.recv_splits, ep_group) if ep > 1 else y
+    back = (
+        all_to_all(y, plan.send_splits, plan.recv_splits, ep_group, "moe_combine") if ep > 1 else y
+    )
     weight = routing.combine_weight.t().reshape(-1).index_select(0, assign)
     back = back * weight.to(back.dtype).unsqueeze(1)
     out = back.new_zeros(num_tokens * k, back.shape[1]).index_copy(0, assign, back)

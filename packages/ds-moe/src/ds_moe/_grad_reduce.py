@@ -24,8 +24,10 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
+import ds_comm
 
-def _reduce(params: list[torch.Tensor], group: ProcessGroup | None) -> None:
+
+def _reduce(params: list[torch.Tensor], group: ProcessGroup | None, log_name: str) -> None:
     divisor = dist.get_world_size(group)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
@@ -35,7 +37,7 @@ def _reduce(params: list[torch.Tensor], group: ProcessGroup | None) -> None:
     for dtype in sorted(by_dtype, key=str):  # same order on every rank
         ps = by_dtype[dtype]
         flat = _flatten_dense_tensors([p.grad for p in ps])
-        dist.all_reduce(flat, group=group)
+        ds_comm.all_reduce(flat, group=group, log_name=log_name)
         flat.div_(divisor)
         for p, g in zip(ps, _unflatten_dense_tensors(flat, [p.grad for p in ps])):
             p.grad.copy_(g)
@@ -62,6 +64,6 @@ def reduce_gradients(
             experts.setdefault(name, []).append(p)
             groups[name] = p.ds_expert_dp_group
     if dense:
-        _reduce(dense, dp_group)
+        _reduce(dense, dp_group, "grad_reduce_dense")
     for name in sorted(experts):
-        _reduce(experts[name], groups[name])
+        _reduce(experts[name], groups[name], f"grad_reduce_{name}")

@@ -19,6 +19,7 @@ import dataclasses
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+import ds_comm
 from ds_moe._config import check_ep_world
 
 
@@ -84,14 +85,14 @@ class ExpertGroupRegistry:
         ep_group: ProcessGroup | None = None
         for i in range(world // ep_size):
             ranks = list(range(i * ep_size, (i + 1) * ep_size))
-            g = dist.new_group(ranks) if ep_size > 1 else None
+            g = ds_comm.new_group(ranks) if ep_size > 1 else None
             if rank in ranks:
                 ep_group = g
         dp_group: ProcessGroup | None = None
         dp_ranks: tuple[int, ...] = ()
         for j in range(ep_size):
             ranks = list(range(j, world, ep_size))
-            g = dist.group.WORLD if ep_size == 1 else dist.new_group(ranks)
+            g = dist.group.WORLD if ep_size == 1 else ds_comm.new_group(ranks)
             if rank in ranks:
                 dp_group, dp_ranks = g, tuple(ranks)
         return ExpertGroups(
