@@ -116,7 +116,7 @@ def all_reduce(
         work = all_reduce(tensor, _SUM, group, async_op, log_name=log_name, logger=lg)
         return _with_avg_division(work, tensor, group, async_op)
     if not lg.enabled:
-        return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+        return dist.all_reduce(tensor, op, group, async_op)  # positional: no kwargs dict
     return lg.run(
         log_name,
         OpKind.ALL_REDUCE,
