@@ -95,7 +95,8 @@ class FaultTolerance:
         assert self.save_dir is not None
         path, client = self.engine.load_checkpoint(self.save_dir)
         if path is None:
-            log.info("auto-resume: no checkpoint in %s yet; starting at step 0", self.save_dir)
+            if self.engine.global_rank == 0:
+                log.info("auto-resume: no checkpoint in %s yet; starting at step 0", self.save_dir)
             return None
         import os
 

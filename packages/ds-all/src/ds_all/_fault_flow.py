@@ -17,13 +17,13 @@ from torch.utils.hooks import RemovableHandle
 
 
 class CallCounter:
-    """Counts forward calls of every module that owns parameters, since the last reset."""
+    """Counts forward calls of every module that holds parameters, since the last reset."""
 
     def __init__(self, model: nn.Module) -> None:
         self.counts: Counter[str] = Counter()
         self._handles: list[RemovableHandle] = []
         for name, module in model.named_modules():
-            if any(True for _ in module.parameters(recurse=False)):
+            if any(True for _ in module.parameters()):
                 self._handles.append(module.register_forward_pre_hook(self._hook(name or "<root>")))
 
     def _hook(self, name: str):  # noqa: ANN202 - a hook closure
@@ -54,12 +54,16 @@ class CallCounter:
 def explain_divergence(per_rank: dict[int, dict[str, int]], limit: int = 5) -> str | None:
     """A sentence naming the modules whose call counts differ across ranks, or None."""
     names = sorted({n for c in per_rank.values() for n in c})
+    differ = {n for n in names if len({c.get(n, 0) for c in per_rank.values()}) > 1}
     lines = []
     for name in names:
+        parts = name.split(".")
+        # name the outermost module that differs: its submodules differ because it does
+        if name not in differ or any(".".join(parts[:i]) in differ for i in range(1, len(parts))):
+            continue
         by_rank = {r: c.get(name, 0) for r, c in sorted(per_rank.items())}
-        if len(set(by_rank.values())) > 1:
-            runs = ", ".join(f"{n} time(s) on rank {r}" for r, n in by_rank.items())
-            lines.append(f"module '{name}' ran {runs}")
+        runs = ", ".join(f"{n} time(s) on rank {r}" for r, n in by_rank.items())
+        lines.append(f"module '{name}' ran {runs}")
     if not lines:
         return None
     more = f" (and {len(lines) - limit} more)" if len(lines) > limit else ""

@@ -32,7 +32,7 @@ class Where:
         return self.innermost
 
 
-def _fmt(frame: types.FrameType) -> str:
+def _fmt(frame: types.FrameType, lineno: int | None = None) -> str:
     code = frame.f_code
     path = code.co_filename
     for marker in ("site-packages" + os.sep, "src" + os.sep):
@@ -40,8 +40,9 @@ def _fmt(frame: types.FrameType) -> str:
         if i >= 0:
             path = path[i + len(marker) :]
             break
-    line = linecache.getline(code.co_filename, frame.f_lineno).strip()
-    return f"{path}:{frame.f_lineno} in {code.co_name}" + (f": {line}" if line else "")
+    lineno = frame.f_lineno if lineno is None else lineno
+    line = linecache.getline(code.co_filename, lineno).strip()
+    return f"{path}:{lineno} in {code.co_name}" + (f": {line}" if line else "")
 
 
 def _is_lib(frame: types.FrameType) -> bool:
@@ -73,28 +74,32 @@ def thread_where(thread_id: int) -> Where:
 
 
 def collective_from_traceback(tb: types.TracebackType | None) -> str:
-    """Name the collective an exception came out of: the innermost torch.distributed function
-    (``all_reduce``, ``barrier``, ...) and its caller, or the ``.wait()`` line of an async one."""
-    frames: list[types.FrameType] = []
+    """Name the collective an exception came out of: the torch.distributed function that user
+    or library code called (``all_reduce``, ``barrier``, ...) and from where, or the
+    ``.wait()`` line of an async one."""
+    frames: list[tuple[types.FrameType, int]] = []
     while tb is not None:
-        frames.append(tb.tb_frame)
+        frames.append((tb.tb_frame, tb.tb_lineno))
         tb = tb.tb_next
-    for i in range(len(frames) - 1, -1, -1):
-        f = frames[i]
-        if f.f_code.co_filename.startswith(_TORCH_DIST_DIR) and f.f_code.co_name not in (
-            "wrapper",
-            "_fn",
+    in_torch = [f.f_code.co_filename.startswith(_TORCH_DIR) for f, _ in frames]
+    for i, (f, _) in enumerate(frames):
+        # the outermost torch.distributed function entered from outside torch
+        if (
+            f.f_code.co_filename.startswith(_TORCH_DIST_DIR)
+            and f.f_code.co_name not in ("wrapper", "_fn")
+            and i > 0
+            and not in_torch[i - 1 - _skip_wrappers(frames, i)]
         ):
-            caller = next(
-                (
-                    g
-                    for g in reversed(frames[:i])
-                    if not g.f_code.co_filename.startswith(_TORCH_DIR)
-                ),
-                None,
-            )
-            via = f" called from {_fmt(caller)}" if caller is not None else ""
-            return f"torch.distributed.{f.f_code.co_name}{via}"
-    if frames and frame_is_collective(frames[-1]):
-        return f"the wait on an async collective at {_fmt(frames[-1])}"
-    return f"a collective reached from {_fmt(frames[-1])}" if frames else "a collective"
+            caller, line = frames[i - 1 - _skip_wrappers(frames, i)]
+            return f"torch.distributed.{f.f_code.co_name} called from {_fmt(caller, line)}"
+    if frames and frame_is_collective(frames[-1][0]):
+        return f"the wait on an async collective at {_fmt(*frames[-1])}"
+    return f"a collective reached from {_fmt(*frames[-1])}" if frames else "a collective"
+
+
+def _skip_wrappers(frames: list[tuple[types.FrameType, int]], i: int) -> int:
+    """How many torch decorator frames (c10d_logger's ``wrapper``) sit right above frame i."""
+    n = 0
+    while i - 1 - n > 0 and frames[i - 1 - n][0].f_code.co_name in ("wrapper", "_fn"):
+        n += 1
+    return n

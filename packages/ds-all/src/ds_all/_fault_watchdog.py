@@ -99,6 +99,7 @@ class Watchdog:
         self._warned_seq: dict[str, int] | None = None
         self._aborting = threading.Lock()
         self._prev_hook: Callable[..., Any] | None = None
+        self._store_errors = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -152,7 +153,10 @@ class Watchdog:
                 self._check_abort()
                 self._check_stuck(hb)
             except Exception as exc:  # noqa: BLE001 - the store's host may be gone; keep going
-                self._print(f"watchdog: store unreachable ({exc}); will retry")
+                if not self._store_errors and not self._aborting.locked():
+                    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                    self._print(f"watchdog: store unreachable ({first[:200]}); will retry")
+                self._store_errors += 1
 
     # ------------------------------------------------------------------ decisions
     def _check_abort(self) -> None:
@@ -238,7 +242,7 @@ class Watchdog:
         if stalled:
             names = ", ".join(s.split(" ")[1] for s in stalled)
             head.append(f"stalled rank(s): {names}")
-        if why:
+        if why and not (reason and why in reason):
             head.append(why)
         lines = head + lines
         lines += [f"stalled: {s}" for s in stalled]

@@ -1,0 +1,67 @@
+"""The watchdog on 2 gloo ranks (tier 2): its diagnosis names the rank that never entered a
+collective and where that rank is; an abort notice stops the other ranks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from ds_comm.testing import distributed_test
+
+
+def _watchdog(exits: list[int]):
+    from ds_all._fault_store import open_store
+    from ds_all._fault_watchdog import Watchdog, groups_of
+
+    return Watchdog(
+        open_store(5.0), dist.get_rank(), dist.get_world_size(), groups_of(None), timeout_s=60.0,
+        interval_s=0.2, progress=lambda: {"step": 7, "micro": 0}, exit_fn=exits.append,
+    )  # fmt: skip
+
+
+def _late_rank_1() -> None:
+    time.sleep(3.0)  # stops taking part for a while, alive
+
+
+@distributed_test(world_size=2, timeout=90)
+def test_diagnosis_names_the_stalled_rank_and_abort_stops_the_others():
+    exits: list[int] = []
+    wd = _watchdog(exits)
+    wd.start()
+    dist.all_reduce(torch.ones(1))  # both ranks pass collective #1
+    if dist.get_rank() == 0:
+        found: list[str] = []
+
+        def probe() -> None:
+            time.sleep(1.5)
+            found.append(wd.diagnose("the test's all_reduce"))
+
+        t = threading.Thread(target=probe)
+        t.start()
+        dist.all_reduce(torch.ones(1))  # #2: rank 1 joins 3 s late
+        t.join()
+        msg = found[0]
+        assert msg.startswith("stalled rank(s): 1\n"), msg
+        assert "rank 0 is in collective #2 of the default group: the test's all_reduce" in msg
+        assert "rank 1 (pid" in msg and "never entered it (its last collective is #1)" in msg
+        assert "step 7" in msg and "_late_rank_1" in msg and "time.sleep(3.0)" in msg, msg
+        assert "waiting in the collective: rank(s) 0" in msg
+    else:
+        _late_rank_1()
+        dist.all_reduce(torch.ones(1))
+    dist.barrier()
+    assert exits == []
+    # the abort notice: rank 0 fails, rank 1's watchdog thread acts on it
+    if dist.get_rank() == 0:
+        wd.fail("test failure", what="nothing")
+        assert exits == [1]
+    else:
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exits == [1], "rank 1 did not act on the abort notice"
+    dist.barrier()
+    wd.stop()
