@@ -8,6 +8,8 @@ seeds). Outputs, aux losses, counts and all gradients must agree.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from moe_reference import dense_moe, expert_grads, seed_dense, seed_experts
@@ -141,6 +143,11 @@ def test_expert_parallel_matches_ep1(world_size):
         assert moe.expert_ids == tuple(range((rank % ep) * (4 // ep), (rank % ep + 1) * (4 // ep)))
         for p in moe.experts.parameters():
             assert p.ds_expert and p.ds_expert_group_name == name and p.ds_expert_dp_group is dp
+        # a deep copy (EMA / reference model) shares the groups and keeps the marks
+        clone = copy.deepcopy(moe)
+        assert clone.ep_group is epg and clone.expert_dp_group is dp
+        for p in clone.experts.parameters():
+            assert p.ds_expert and p.ds_expert_dp_group is dp
     assert dropped_somewhere, "the configs must exercise capacity drops"
     if world_size == 2:
         _check_rank_with_no_tokens_for_a_peer()

@@ -119,6 +119,23 @@ def test_expert_params_are_marked_and_others_are_not(grouped):
     assert moe.expert_ids == (0, 1, 2, 3)
 
 
+@pytest.mark.parametrize("grouped", [None, False])
+def test_deepcopy_keeps_the_expert_marks(grouped):
+    # nn.Parameter.__deepcopy__ drops attributes; a copied model must still look MoE to ZeRO
+    import copy
+
+    model = nn.Sequential(nn.Linear(16, 16), ds_moe.MoE(16, _mlp(), 4, grouped_experts=grouped))
+    clone = copy.deepcopy(model)
+    marked = [ds_moe.is_moe_param(p) for p in model.parameters()]
+    assert any(marked)
+    assert [ds_moe.is_moe_param(p) for p in clone.parameters()] == marked
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert p is not q and torch.equal(p, q)
+        assert getattr(q, "ds_expert_group_name", None) == getattr(p, "ds_expert_group_name", None)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(clone[1](x)[0], model[1](x)[0])
+
+
 def test_split_params_for_optimizer():
     moe = ds_moe.MoE(16, _mlp(), 4)
     head = nn.Linear(16, 2)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ds_moe._grouped_gemm import grouped_linear, grouped_mm_available, row_alignment
+from ds_moe._params import deepcopy_keeping_marks
 
 #: element-wise activations that may run on the packed rows of all experts at once
 _ELEMENTWISE = (
@@ -90,6 +91,9 @@ class GroupedMLPExperts(nn.Module):
     def num_local_experts(self) -> int:
         return self.w1.shape[0]
 
+    def __deepcopy__(self, memo):
+        return deepcopy_keeping_marks(self, memo)
+
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         if self.use_grouped_mm is False:
             return False
@@ -128,6 +132,9 @@ class LoopExperts(nn.Module):
     @property
     def num_local_experts(self) -> int:
         return len(self.experts)
+
+    def __deepcopy__(self, memo):
+        return deepcopy_keeping_marks(self, memo)
 
     def row_alignment(self, x: torch.Tensor) -> int:
         return 1

@@ -42,6 +42,10 @@ class ExpertGroups:
     #: ranks (global) of the expert-data-parallel group
     expert_dp_ranks: tuple[int, ...]
 
+    def __deepcopy__(self, memo: dict) -> ExpertGroups:
+        # handles to process-wide communicators: a deep-copied model shares them
+        return self
+
 
 class ExpertGroupRegistry:
     """Groups built so far in this process, per ``ep_size``.

@@ -15,6 +15,7 @@ that this yields the gradient of the mean loss (see ``_dispatch._run_experts``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +32,28 @@ def mark_expert_params(module: nn.Module, groups: ExpertGroups) -> None:
         p.ds_expert_dp_group = groups.expert_dp_group
         p.allreduce = False
         p.group_name = groups.name
+
+
+_MARKS = ("ds_expert", "ds_expert_group_name", "ds_expert_dp_group", "allreduce", "group_name")
+
+
+def deepcopy_keeping_marks(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy`` of an experts module whose copy's parameters keep the marks.
+
+    ``nn.Parameter.__deepcopy__`` drops Python attributes, so a deep-copied model (an EMA copy,
+    a reference model) would otherwise look dense to ZeRO. The marks are copied by reference:
+    the process group is a handle to process-wide communicators, not data.
+    """
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    for key, value in module.__dict__.items():
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    for p, q in zip(module.parameters(), new.parameters()):
+        for mark in _MARKS:
+            if hasattr(p, mark):
+                setattr(q, mark, getattr(p, mark))
+    return new
 
 
 def is_moe_param(param: torch.Tensor) -> bool:
