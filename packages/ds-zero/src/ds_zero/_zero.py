@@ -98,6 +98,7 @@ class Zero:
         self._stepped_at = 0
         self._in_backward = False
         self._grad_norm: torch.Tensor | None = None
+        self._norm_weights: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
         self.buckets: list[Bucket] = []
         self.unit_buckets: dict[nn.Module, list[Bucket]] = {}
@@ -348,11 +349,15 @@ class Zero:
         return out
 
     def _global_sq_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros(())
+        if self._norm_weights is None:
+            # built once: a host-to-device copy every step would stall the host on the stream
+            self._norm_weights = torch.tensor(
+                [1.0 / b.replication for b in self.trainable], device=grads[0].device
+            )
         norms = torch._foreach_norm(grads)
-        weights = torch.tensor(
-            [1.0 / b.replication for b in self.trainable], device=grads[0].device
-        )
-        sq = (torch.stack(norms).float().pow(2) * weights).sum()
+        sq = (torch.stack(norms).float().pow(2) * self._norm_weights).sum()
         if self.world > 1:
             dist.all_reduce(sq, group=self.dp_group)
         return sq
