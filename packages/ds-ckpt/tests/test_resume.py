@@ -91,11 +91,16 @@ def _run(root: str, start: int, stop: int, save_at: int | None, load: bool):
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
+def _straight_then_first_half(root: str):
+    """One spawn for both uninterrupted runs: each starts from the same seeds and objects."""
+    return _run(root, 0, 2 * N, None, False), _run(root, 0, N, N, False)
+
+
 def test_resume_is_bitwise(tmp_path):
     root = str(tmp_path)
-    straight = run_distributed(_run, 2, args=(root + "/a", 0, 2 * N, None, False))
-    first = run_distributed(_run, 2, args=(root + "/b", 0, N, N, False))
-    resumed = run_distributed(_run, 2, args=(root + "/b", N, 2 * N, None, True))
+    both = run_distributed(_straight_then_first_half, 2, args=(root,))
+    straight, first = [b[0] for b in both], [b[1] for b in both]
+    resumed = run_distributed(_run, 2, args=(root, N, 2 * N, None, True))  # fresh processes
     for rank in range(2):
         assert straight[rank][0] == first[rank][0] + resumed[rank][0]  # bitwise, every step
         for a, b in zip(straight[rank][1], resumed[rank][1]):

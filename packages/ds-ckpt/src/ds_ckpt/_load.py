@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ds_accel import get_accelerator
 from ds_ckpt._commit import resolve_tag
 from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError, CheckpointMismatchError
@@ -35,30 +36,21 @@ class _Task:
     name: str
 
 
-class _Staging:
-    """One host buffer (pinned when a destination is on a device) carved into the staging
-    slices of all fragments that cannot be read into directly: one allocation, not one each."""
+# Staged reads (device, strided or cast destinations) go through two pinned buffers of this size
+# in turn: the reads of one batch overlap the host-to-device copies of the previous one, and
+# host memory stays bounded whatever the checkpoint size.
+_STAGE_BYTES = 256 * 1024 * 1024
 
-    def __init__(self, frags: list[FragmentLike], m: Manifest) -> None:
-        need = 0
-        pinned = False
-        for f in frags:
-            rec = m.tensors.get(f.name)
-            if rec is None:
-                continue
-            saved = from_st(rec.dtype, what=f.name)
-            t = f.tensor
-            if not (t.device.type == "cpu" and t.is_contiguous() and saved == t.dtype):
-                need += -(-f.numel * itemsize(saved) // 64) * 64
-                pinned |= t.device.type != "cpu"
-        self.buf = torch.empty(need, dtype=torch.uint8, pin_memory=pinned and need > 0)
-        self.pos = 0
 
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        n = numel * itemsize(dtype)
-        out = self.buf[self.pos : self.pos + n].view(dtype)
-        self.pos += -(-n // 64) * 64  # keep every slice aligned for any dtype view
-        return out
+@dataclass
+class _Unit:
+    """A staged piece of a wanted fragment: elements [offset, +numel) of `name` -> `dst`."""
+
+    name: str
+    offset: int
+    numel: int
+    saved: torch.dtype
+    dst: torch.Tensor
 
 
 def open_checkpoint(dir: str | os.PathLike, tag: str | None = None) -> tuple[str, Manifest]:
@@ -148,10 +140,25 @@ def load(
     tag_dir, m = open_checkpoint(dir, tag)
     frags = check_fragments(want, for_load=True)
     indexes: dict[str, RangeIndex] = {}
-    tasks: list[_Task] = []
-    finish: list[tuple[torch.Tensor, torch.Tensor]] = []  # (staging, destination) copies
+    direct: list[_Task] = []
+    units: list[_Unit] = []
     touched: dict[tuple[str, int], tuple[str, Stored]] = {}
-    staging = _Staging(frags, m)
+
+    def tasks_for(name: str, offset: int, numel: int, isz: int, view: memoryview) -> list[_Task]:
+        out = []
+        for r in indexes[name].reads(offset, numel, isz):
+            touched[(r.file, r.stored.byte_start)] = (name, r.stored)
+            for c in range(0, r.numel * isz, _CHUNK):  # chunks let threads share a big read
+                n = min(_CHUNK, r.numel * isz - c)
+                out.append(
+                    _Task(
+                        Read(r.file, r.byte_start + c, n, 0, r.stored),
+                        view[r.dst * isz + c : r.dst * isz + c + n],
+                        name,
+                    )
+                )
+        return out
+
     for f in frags:
         rec = _record(m, tag_dir, f, cast)
         if f.name not in indexes:
@@ -164,28 +171,21 @@ def load(
             except ValueError as e:
                 raise CheckpointCorruptError(f"{tag_dir}/manifest.json: {e}") from None
         saved = from_st(rec.dtype)
+        isz = itemsize(saved)
         dst = f.tensor
         if dst.device.type == "cpu" and dst.is_contiguous() and saved == dst.dtype:
-            buf = dst  # read straight into the destination
-        else:  # a device, strided or cast destination: through one shared staging buffer
-            buf = staging.take(f.numel, saved)
-            finish.append((buf, dst))
-        view = byte_view(buf)
-        isz = itemsize(saved)
-        for r in indexes[f.name].reads(f.offset, f.numel, isz):
-            touched[(r.file, r.stored.byte_start)] = (f.name, r.stored)
-            for c in range(0, r.numel * isz, _CHUNK):  # chunks let threads share a big read
-                n = min(_CHUNK, r.numel * isz - c)
-                tasks.append(
-                    _Task(
-                        Read(r.file, r.byte_start + c, n, 0, r.stored),
-                        view[r.dst * isz + c : r.dst * isz + c + n],
-                        f.name,
-                    )
-                )
-    files = {t.read.file for t in tasks}
+            direct += tasks_for(f.name, f.offset, f.numel, isz, byte_view(dst))
+        else:
+            step = max(1, _STAGE_BYTES // isz)
+            for a in range(0, f.numel, step):
+                k = min(step, f.numel - a)
+                units.append(_Unit(f.name, f.offset + a, k, saved, dst[a : a + k]))
+    files = {t.read.file for t in direct}
+    for u in units:
+        files |= {r.file for r in indexes[u.name].reads(u.offset, u.numel, 1)}
     _check_files(tag_dir, m, files)
     fds = {fn: os.open(os.path.join(tag_dir, fn), os.O_RDONLY) for fn in files}
+    pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="ds-ckpt-read")
     try:
 
         def run(t: _Task) -> None:
@@ -193,30 +193,67 @@ def load(
                 fds[t.read.file], t.read.byte_start, t.view, path=os.path.join(tag_dir, t.read.file)
             )
 
-        if len(tasks) > 1:
-            with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="ds-ckpt-read") as pool:
-                list(pool.map(run, tasks))
-        else:
-            for t in tasks:
-                run(t)
+        list(pool.map(run, direct))
+        if units:
+            _staged(units, tasks_for, lambda ts: list(pool.map(run, ts)))
         if verify_hashes:
-            for (fn, _), (name, s) in touched.items():
-                nbytes = s.numel * itemsize(from_st(m.tensors[name].dtype))
-                got = sha256_range(fds[fn], s.byte_start, nbytes, path=fn)
-                if got != s.sha256:
+            for (fn, _), (name, st) in touched.items():
+                nbytes = st.numel * itemsize(from_st(m.tensors[name].dtype))
+                got = sha256_range(fds[fn], st.byte_start, nbytes, path=fn)
+                if got != st.sha256:
                     raise CheckpointCorruptError(
                         f"{os.path.join(tag_dir, fn)}: SHA-256 mismatch in tensor {name!r} "
-                        f"elements [{s.offset}, {s.offset + s.numel}); the file is corrupt; "
+                        f"elements [{st.offset}, {st.offset + st.numel}); the file is corrupt; "
                         "restore it or load an older tag"
                     )
     finally:
+        pool.shutdown()
         for fd in fds.values():
             os.close(fd)
-    for buf, dst in finish:
-        dst.copy_(buf, non_blocking=dst.device.type != "cpu")
-    if any(dst.device.type == "cuda" for _, dst in finish):
-        torch.cuda.synchronize()  # the staging buffer must outlive the async copies
     return decode(m.client_state)
+
+
+def _staged(units: list[_Unit], tasks_for, run_all) -> None:
+    """Read units into two alternating pinned buffers and copy each batch to its destinations
+    while the next batch is read."""
+    on_device = any(u.dst.device.type != "cpu" for u in units)
+    size = min(_STAGE_BYTES, sum(-(-u.numel * itemsize(u.saved) // 64) * 64 for u in units))
+    bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=on_device) for _ in range(2)]
+    done: list[Any] = [None, None]  # event marking the end of each buffer's last copies
+    batch: list[_Unit] = []
+    used = 0
+    turn = 0
+
+    def flush() -> None:
+        nonlocal turn, used, batch
+        buf = bufs[turn]
+        if done[turn] is not None:
+            done[turn].synchronize()  # its previous copies must finish before it is refilled
+        pos, views = 0, []
+        tasks: list[_Task] = []
+        for u in batch:
+            v = buf[pos : pos + u.numel * itemsize(u.saved)].view(u.saved)
+            tasks += tasks_for(u.name, u.offset, u.numel, itemsize(u.saved), byte_view(v))
+            views.append(v)
+            pos += -(-u.numel * itemsize(u.saved) // 64) * 64
+        run_all(tasks)
+        for u, v in zip(batch, views):
+            u.dst.copy_(v, non_blocking=u.dst.device.type != "cpu")
+        if on_device:
+            done[turn] = get_accelerator().Event()
+            done[turn].record()
+        turn, used, batch = 1 - turn, 0, []
+
+    for u in units:
+        nbytes = -(-u.numel * itemsize(u.saved) // 64) * 64
+        if batch and used + nbytes > size:
+            flush()
+        batch.append(u)
+        used += nbytes
+    if batch:
+        flush()
+    if on_device:
+        get_accelerator().synchronize()
 
 
 def load_rank_state(dir: str | os.PathLike, tag: str | None = None, rank: int = 0) -> Any:

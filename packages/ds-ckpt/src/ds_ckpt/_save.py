@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ds_accel import get_accelerator
 from ds_ckpt._comm import Comm
 from ds_ckpt._commit import new_nonce, publish, remove_stale, tmp_dir, write_latest
 from ds_ckpt._dtypes import from_st, itemsize, to_st
@@ -211,7 +212,7 @@ class Saver:
             dst.copy_(t, non_blocking=t.device.type != "cpu")
             out.append(dst)
         if on_device:
-            torch.cuda.synchronize()
+            get_accelerator().synchronize()
         return out
 
     def _commit(self, job: _Job) -> None:

@@ -103,7 +103,9 @@ def write_file(
     both release the GIL, so the two overlap instead of adding up.
     """
     own_pool = hash_pool is None
-    pool = hash_pool or ThreadPoolExecutor(max_workers=2, thread_name_prefix="ds-ckpt-hash")
+    pool = hash_pool or ThreadPoolExecutor(
+        max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="ds-ckpt-hash"
+    )
     futures = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
