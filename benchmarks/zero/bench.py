@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=0, help="0: dim // 128 (the GPU peers' choice)")
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--reduce-dtype", default="fp32", choices=["bf16", "fp32"])
     ap.add_argument("--bucket", type=float, default=5e7, help="reduce bucket size (elements)")
@@ -69,9 +71,10 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     d, L, B, T, V = args.dim, args.layers, args.batch, args.seq, args.vocab
-    model = GPT(vocab=V, d=d, h=max(1, d // 128), L=L, T=T).to(device)
+    heads = args.heads or max(1, d // 128)
+    model = GPT(vocab=V, d=d, h=heads, L=L, T=T).to(device)
     n = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=cuda)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     options = ds_zero.ZeroOptions(
         stage=args.stage,

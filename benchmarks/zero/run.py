@@ -134,8 +134,8 @@ def run_one(system: str, cmd: list[str], env: dict[str, str], timeout: int, log:
             return {
                 "system": system,
                 "step_s": r["step_s"],
-                "tokens_per_s": r["tok_s"],
-                "peak_mem_gb": r["peak_gb"],
+                "tokens_per_s": r.get("tok_s"),
+                "peak_mem_gb": r.get("peak_gb"),
                 "tflops_per_gpu": r.get("tflops_per_gpu"),
                 "loss": r.get("loss"),
                 "world": r.get("world"),
