@@ -115,6 +115,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
         k: []
         for k in (
             "ours_save_s",
+            "ours_save_nohash_s",
             "ours_load_cold_s",
             "ours_async_block_s",
             "ours_async_total_s",
@@ -128,6 +129,10 @@ def bench_cpu(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         ds_ckpt.save(root, f"s{rep}", frs)
         runs["ours_save_s"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ds_ckpt.save(root, f"n{rep}", frs, hashes=False)
+        runs["ours_save_nohash_s"].append(time.perf_counter() - t0)
+        shutil.rmtree(os.path.join(root, f"n{rep}"))
         evict(files_under(os.path.join(root, f"s{rep}")))
         t0 = time.perf_counter()
         ds_ckpt.load(root, f"s{rep}", [Fragment.whole(n, t) for n, t in dst.items()])
@@ -167,6 +172,9 @@ def bench_cpu(args: argparse.Namespace) -> None:
         **{k: round(v, 3) for k, v in dmed.items()},
         "ratios": {
             "ours_save_vs_dd_write": round(gbps["ours_save_GBps"] / dmed["dd_write_GBps"], 3),
+            "ours_save_nohash_vs_dd_write": round(
+                gbps["ours_save_nohash_GBps"] / dmed["dd_write_GBps"], 3
+            ),
             "ours_load_vs_dd_read": round(gbps["ours_load_cold_GBps"] / dmed["dd_read_GBps"], 3),
             "ours_save_vs_torch_save": round(med["torch_save_s"] / med["ours_save_s"], 3),
             "ours_load_vs_torch_load": round(med["torch_load_cold_s"] / med["ours_load_cold_s"], 3),
@@ -311,6 +319,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
             "ds_save_s",
             "ds_load_s",
             "ours_save_s",
+            "ours_save_nohash_s",
             "ours_load_s",
             "ours_async_block_s",
             "ours_async_total_s",
@@ -334,6 +343,8 @@ def bench_gpu(args: argparse.Namespace) -> None:
         cold(ours)
         t["ours_load_s"].append(timed(ds_ckpt.load, ours, f"r{rep}", frs))
         drop(ours)
+        t["ours_save_nohash_s"].append(timed(ds_ckpt.save, ours, f"n{rep}", frs, hashes=False))
+        drop(ours)
         t["ours_async_block_s"].append(timed(ds_ckpt.save, ours, f"a{rep}", frs, async_=True))
         t0 = time.perf_counter() - t["ours_async_block_s"][-1]
         ds_ckpt.finalize()
@@ -346,11 +357,12 @@ def bench_gpu(args: argparse.Namespace) -> None:
     res.update(median_s=med, all_s=t)
     res["ds_save_GBps"] = res["ds_bytes"] / med["ds_save_s"] / 1e9
     res["ds_load_GBps"] = res["ds_bytes"] / med["ds_load_s"] / 1e9
-    for k in ("save", "load", "async_total"):
+    for k in ("save", "save_nohash", "load", "async_total"):
         res[f"ours_{k}_GBps"] = res["ours_bytes"] / med[f"ours_{k}_s"] / 1e9
     if rank == 0:
         res["ratios"] = {
             "save_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_save_s"],
+            "save_nohash_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_save_nohash_s"],
             "load_speedup_vs_deepspeed": med["ds_load_s"] / med["ours_load_s"],
             "async_block_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_async_block_s"],
             "ours_save_vs_dd_write": res["ours_save_GBps"] / res["dd_write_GBps"],

@@ -135,3 +135,18 @@ def test_update_latest_false_keeps_pointer(tmp_path):
         update_latest=False,
     )
     assert _load_w(tmp_path)[0] == 1 and _load_w(tmp_path, "best")[0] == 0
+
+
+def test_hashes_false_skips_sha256_but_keeps_size_checks(tmp_path):
+    ds_ckpt.save(tmp_path, "t", [Fragment.whole("w", torch.ones(64))], {"v": 1}, hashes=False)
+    m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert m["tensors"]["w"]["fragments"][0]["sha256"] is None
+    assert _load_w(tmp_path)[0] == 1
+    with pytest.raises(ds_ckpt.CheckpointCorruptError, match="saved without hashes"):
+        _load_w(tmp_path, verify_hashes=True)
+    from ds_ckpt._cli import main
+
+    assert main(["verify", str(tmp_path)]) == 0
+    f = _data_file(tmp_path, "t")
+    f.write_bytes(f.read_bytes()[:-1])
+    assert main(["verify", str(tmp_path)]) == 1

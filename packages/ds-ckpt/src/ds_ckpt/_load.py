@@ -199,6 +199,11 @@ def load(
         if verify_hashes:
             for (fn, _), (name, st) in touched.items():
                 nbytes = st.numel * itemsize(from_st(m.tensors[name].dtype))
+                if st.sha256 is None:
+                    raise CheckpointCorruptError(
+                        f"{os.path.join(tag_dir, fn)}: saved without hashes (hashes=False); "
+                        "load with verify_hashes=False"
+                    )
                 got = sha256_range(fds[fn], st.byte_start, nbytes, path=fn)
                 if got != st.sha256:
                     raise CheckpointCorruptError(

@@ -40,7 +40,7 @@ class FragmentRecord:
     numel: int
     byte_start: int
     nbytes: int
-    sha256: str
+    sha256: str | None  # None: saved with hashes=False
 
 
 @dataclass

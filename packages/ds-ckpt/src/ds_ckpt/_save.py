@@ -105,6 +105,7 @@ class Saver:
         async_: bool = False,
         rank_state: Any = None,
         update_latest: bool = True,
+        hashes: bool = True,
     ) -> SaveHandle:
         self.finalize()  # commits the previous async save, or raises its failure everywhere
         comm = Comm(group)
@@ -157,14 +158,16 @@ class Saver:
         job = _Job(comm, root, tag, tmp, enc_client, enc_rank, update_latest, shapes)
         if async_:
             data = self._snapshot(frags, pieces)
-            job.future = self._executor().submit(_write_rank_file, tmp, comm.rank, pieces, data)
+            job.future = self._executor().submit(
+                _write_rank_file, tmp, comm.rank, pieces, data, hashes
+            )
             self._pending = job
             return SaveHandle(tag, os.path.join(root, tag), self, job)
         try:
             data = _sources(frags, pieces, to_cpu=False)
             if any(t.device.type != "cpu" for t in data):  # one D2H pass into pinned memory
                 data = self._snapshot(frags, pieces)
-            job.result = _write_rank_file(tmp, comm.rank, pieces, data)
+            job.result = _write_rank_file(tmp, comm.rank, pieces, data, hashes)
         except Exception as e:
             job.result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         self._commit(job)
@@ -287,7 +290,9 @@ def _file_name(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 
 
-def _write_rank_file(tmp: str, rank: int, pieces: list[Piece], data: list[torch.Tensor]) -> dict:
+def _write_rank_file(
+    tmp: str, rank: int, pieces: list[Piece], data: list[torch.Tensor], hashed: bool = True
+) -> dict:
     """Write this rank's pieces to one safetensors file; return its index for the manifest."""
     if not pieces:
         return {"file": None, "size": 0, "records": []}
@@ -297,7 +302,7 @@ def _write_rank_file(tmp: str, rank: int, pieces: list[Piece], data: list[torch.
         for p, t in zip(pieces, data)
     ]
     header, placed = layout(entries)
-    size, hashes = write_file(os.path.join(tmp, name), placed, header, data)
+    size, hashes = write_file(os.path.join(tmp, name), placed, header, data, hashes=hashed)
     records = [
         {
             "name": p.name,
@@ -362,12 +367,15 @@ def save(
     async_: bool = False,
     rank_state: Any = None,
     update_latest: bool = True,
+    hashes: bool = True,
 ) -> SaveHandle:
     """Save this rank's fragments as checkpoint `tag` under `dir` (collective over `group`).
 
     Each rank passes the fragments it holds; replicated ranges are written once. `client_state`
     (rank 0's is kept) and `rank_state` (kept per rank) must be JSON-encodable (see encode()).
-    With async_=True the data is snapshotted to CPU memory, written in the background, and
+    hashes=False skips SHA-256 (sizes and headers are still checked on load); hashing is
+    CPU-bound and can cost more than the disk on a busy host. With async_=True the data is
+    snapshotted to CPU memory, written in the background, and
     committed by the next save() or by finalize().
     """
     return _default_saver.save(
@@ -379,6 +387,7 @@ def save(
         async_=async_,
         rank_state=rank_state,
         update_latest=update_latest,
+        hashes=hashes,
     )
 
 

@@ -96,8 +96,10 @@ def write_file(
     data: list[torch.Tensor],
     *,
     hash_pool: ThreadPoolExecutor | None = None,
-) -> tuple[int, list[str]]:
-    """Write `header` then each CPU tensor of `data`; fsync; return (size, sha256 per entry).
+    hashes: bool = True,
+) -> tuple[int, list[str | None]]:
+    """Write `header` then each CPU tensor of `data`; fsync; return (size, sha256 per entry,
+    None for each when hashes=False).
 
     Hashing runs on `hash_pool` threads while the next tensor is written: hashlib and os.write
     both release the GIL, so the two overlap instead of adding up.
@@ -114,16 +116,17 @@ def write_file(
             if t.numel() != e.numel:
                 raise ValueError(f"{path}: entry {e.key} expects {e.numel} elements")
             view = byte_view(t)
-            futures.append(pool.submit(_sha256, view))
+            if hashes:
+                futures.append(pool.submit(_sha256, view))
             _write_all(fd, view)
         os.fsync(fd)
         size = os.lseek(fd, 0, os.SEEK_CUR)
     finally:
         os.close(fd)
-        hashes = [f.result() for f in futures]
+        digests: list[str | None] = [f.result() for f in futures] or [None] * len(entries)
         if own_pool:
             pool.shutdown()
-    return size, hashes
+    return size, digests
 
 
 def read_header(path: str) -> tuple[int, dict[str, dict]]:

@@ -43,6 +43,7 @@ def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = Tru
                 for f in t.fragments:
                     if (
                         f.file == fname
+                        and f.sha256 is not None
                         and sha256_range(fd, f.byte_start, f.nbytes, path=path) != f.sha256
                     ):
                         problems.append(
