@@ -215,13 +215,16 @@ def _batch(step, rank):
     return torch.randn(16, D, generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
-def _reference_losses(world_size, steps):
+def _reference_losses(world_size, steps, clip=0.0):
     ref = _Net(1)
     opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
     losses = []
     for step in range(steps):
         loss = sum(ref(*_batch(step, r)) for r in range(world_size)) / world_size
         loss.backward()
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+            assert norm > clip, "the test wants clipping to be active"
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -243,8 +246,9 @@ STEPS = 4
 def test_training_matches_single_process_ddp_style_and_under_zero(world_size):
     """MoE training on 4 ranks gives the single-process losses: with the expert-aware
     DDP-style reduction (``reduce_gradients``, also checking the weights) and under ds-zero
-    stages 1, 2 and 3 (expert parameters reduced and partitioned over their expert-data-parallel
-    group through the ``ds_expert``/``ds_expert_dp_group`` attributes)."""
+    stages 1, 2 and 3 with global-norm clipping (expert parameters reduced and partitioned over
+    their expert-data-parallel group through the ``ds_expert``/``ds_expert_dp_group``
+    attributes)."""
     import torch.distributed as dist
 
     import ds_zero
@@ -271,6 +275,10 @@ def test_training_matches_single_process_ddp_style_and_under_zero(world_size):
                 q = q[list(net.moe.expert_ids)]
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5, msg=name)
 
+    # Global-norm clipping is active: it only matches if expert gradients come out of the
+    # reduction on the same scale as dense ones (see _dispatch._run_experts).
+    clip = 0.05
+    _, clipped_losses = _reference_losses(world_size, STEPS, clip)
     for stage, ep in ((1, 2), (2, 2), (3, 2), (3, 4)):
         net = _Net(ep)
         opt = torch.optim.SGD(
@@ -279,13 +287,14 @@ def test_training_matches_single_process_ddp_style_and_under_zero(world_size):
         )  # fmt: skip
         # tiny buckets and no persistent parameters: several buckets, every tensor sharded
         options = ds_zero.ZeroOptions(
-            stage=stage, reduce_bucket_size=64, param_persistence_threshold=0
-        )
+            stage=stage, reduce_bucket_size=64, param_persistence_threshold=0,
+            gradient_clipping=clip,
+        )  # fmt: skip
         zero = ds_zero.wrap(net, opt, options)
         for step in range(STEPS):
             loss = zero(*_batch(step, rank))
             zero.backward(loss)
             zero.step()
             got = _mean_over_ranks(loss)
-            torch.testing.assert_close(got, ref_losses[step], rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(got, clipped_losses[step], rtol=1e-5, atol=1e-6,
                                        msg=f"stage {stage} ep {ep} step {step}")  # fmt: skip
