@@ -88,6 +88,17 @@ def _launch(out: Path, world: int, args: list[str], max_restarts: int = 0,
     )  # fmt: skip
 
 
+def _reap(proc: subprocess.Popen) -> None:
+    """Stop a launcher left running by a failed experiment (SIGTERM: it stops its ranks)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _progress(out: Path) -> tuple[str, int] | None:
     try:
         port, step = (out / "progress").read_text().split()
@@ -125,12 +136,18 @@ def kill_trial(out: Path, ref_curve: dict, kill_rank: int, kill_step: int, delay
     t0 = time.monotonic()
     proc = _launch(out, world, ["--steps", str(steps), "--auto_resume", *(extra or [])],
                    max_restarts=2)  # fmt: skip
-    port, _ = _wait_step(proc, out, kill_step, 300)
+    try:
+        port, _ = _wait_step(proc, out, kill_step, 300)
+    except BaseException:
+        _reap(proc)
+        raise
     time.sleep(delay_s)
     pid_port, pid = (out / "pids" / f"rank{kill_rank}").read_text().split()
     assert pid_port == port, "pid file of another attempt"
     t_kill, t_kill_wall = time.monotonic(), time.time()
     os.kill(int(pid), signal.SIGKILL)
+    at = _progress(out)
+    killed_in_step = at[1] if at is not None and at[0] == port else None
     rc = proc.wait(timeout=600)
     t_end = time.monotonic()
     starts = [json.loads(x) for x in (out / "starts.jsonl").read_text().splitlines()]
@@ -138,6 +155,7 @@ def kill_trial(out: Path, ref_curve: dict, kill_rank: int, kill_step: int, delay
     restart_t = starts[-1]["t"] - t_kill_wall if len(starts) > 1 else None
     cmp = compare(ref_curve, read_curve(out, world), steps)
     return {"kill_rank": kill_rank, "kill_after_step": kill_step, "delay_s": round(delay_s, 3),
+            "killed_in_step": killed_in_step,
             "rc": rc, "launches": len(starts), "resumed_from": resumed,
             "resumed_at_step": starts[-1]["step"] if len(starts) > 1 else None,
             "kill_to_resumed_start_s": round(restart_t, 2) if restart_t is not None else None,
@@ -153,7 +171,11 @@ def sigterm_trial(out: Path, ref_curve: dict, at_step: int, world: int = 2, step
     args = ["--steps", str(steps), "--auto_resume", "--save_on_signal",
             "--save_every", "1000", *(extra or [])]  # fmt: skip
     proc = _launch(out, world, args, probe=True)
-    port, _ = _wait_step(proc, out, at_step, 300)
+    try:
+        port, _ = _wait_step(proc, out, at_step, 300)
+    except BaseException:
+        _reap(proc)
+        raise
     t_sig = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     launcher_rc = proc.wait(timeout=120)
