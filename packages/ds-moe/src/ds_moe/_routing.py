@@ -129,7 +129,7 @@ def route(
         if token_priority is None
         else token_priority.to(device=device, dtype=torch.int64)
     )
-    choice = torch.arange(k, device=device).repeat_interleave(num_tokens)
+    choice = torch.arange(n, device=device) // num_tokens  # a = choice * S + token
     priority = choice * num_tokens + tok_rank.repeat(k)  # unique in [0, n)
     # Unused tokens sort after every used one of the same expert so they never take a slot.
     priority = torch.where(flat_used, priority, priority + n)
