@@ -262,10 +262,10 @@ def bench_gpu(args: argparse.Namespace) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)  # before NCCL init: ds_ckpt gathers on the current device
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
     dev = torch.device("cuda", local)
     root = args.dir
     if rank == 0:
