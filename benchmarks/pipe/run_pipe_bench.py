@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -111,7 +112,16 @@ def main() -> None:
         runs[tag] = torchrun(
             args.nproc,
             os.path.join(HERE, "pipe_bench.py"),
-            ["--out", args.out, "--steps", str(args.steps), "--tag", tag, *extra],
+            [
+                "--out",
+                args.out,
+                "--steps",
+                str(args.steps),
+                "--tag",
+                tag,
+                *extra,
+                *shlex.split(args.bench_args),
+            ],
             env,
             args.timeout,
         )
@@ -157,7 +167,7 @@ def main() -> None:
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=1)
     results_dir = os.path.join(REPO, "benchmarks", "results")
-    if os.path.isdir(results_dir):
+    if os.path.isdir(results_dir) and torch.cuda.is_available():  # never file CPU smoke runs
         shutil.copy(os.path.join(args.out, name), os.path.join(results_dir, name))
     print(json.dumps(result, indent=1))
 
