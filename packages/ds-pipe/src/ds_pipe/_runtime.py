@@ -132,11 +132,20 @@ class PipelineRuntime:
     # -- setup --------------------------------------------------------------------------------
 
     def _default_device(self) -> torch.device:
-        if _comm.backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
+        """The parameters' device; without parameters, the accelerator's current device."""
         for p in self.module.parameters():
+            if _comm.backend() == "nccl" and p.device.type == "cpu":
+                raise ValueError(
+                    "the process group uses NCCL but this stage's parameters are on the CPU; "
+                    "move the module to the GPU (module.to('cuda')) before PipelineRuntime"
+                )
             return p.device
-        return torch.device("cpu")
+        from ds_accel import get_accelerator  # imported here: only stages without parameters
+
+        accel = get_accelerator()
+        if _comm.backend() in ("gloo", "none"):
+            return torch.device("cpu")
+        return torch.device(accel.current_device_name())
 
     def _make_train_schedule(self, schedule: str | Schedule) -> Schedule:
         if isinstance(schedule, Schedule):
