@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--sigterm_trials", type=int, default=3)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--only", default=None, help="comma list of kill,sigterm,stall,diverge")
     p.add_argument("--out", default=None, help="work dir (default: a temp dir, removed)")
     a = p.parse_args()
     rng = random.Random(a.seed)
@@ -63,7 +64,8 @@ def main() -> None:
         "diverge": [],
     }  # fmt: skip
 
-    for i in range(a.trials):
+    only = set(a.only.split(",")) if a.only else {"kill", "sigterm", "stall", "diverge"}
+    for i in range(a.trials if "kill" in only else 0):
         rank, step = rng.randrange(2), rng.randint(1, a.steps - 2)
         delay = rng.uniform(0.0, 0.15)
         t = ex.kill_trial(work / f"kill{i}", ref_curve, rank, step, delay, steps=a.steps,
@@ -71,13 +73,14 @@ def main() -> None:
         print(json.dumps(t), flush=True)
         result["kill"].append(t)
 
-    for i in range(a.sigterm_trials):
-        step = rng.randint(1, a.steps - 2)
-        t = ex.sigterm_trial(work / f"sigterm{i}", ref_curve, step, steps=a.steps)
+    for i in range(a.sigterm_trials if "sigterm" in only else 0):
+        step = rng.randint(1, a.steps - 4)
+        t = ex.sigterm_trial(work / f"sigterm{i}", ref_curve, step, steps=a.steps,
+                             extra=["--step_sleep", "0.1"])  # fmt: skip
         print(json.dumps(t), flush=True)
         result["sigterm"].append(t)
 
-    for stall_rank in (1, 0):
+    for stall_rank in (1, 0) if "stall" in only else ():
         t = ex.stall_trial(work / f"stall{stall_rank}", stall_rank=stall_rank, stall_step=3)
         logs = t.pop("logs")
         t["names_stalled_rank"] = _summary_of_logs(logs, f"stalled rank(s): {stall_rank}")
@@ -88,7 +91,7 @@ def main() -> None:
         print(json.dumps(t), flush=True)
         result["stall"].append(t)
 
-    for rank in (0, 1):
+    for rank in (0, 1) if "diverge" in only else ():
         t = ex.diverge_trial(work / f"diverge{rank}", rank=rank, step=2)
         logs = t.pop("logs")
         want = "module 'blocks.1' ran " + (
@@ -119,7 +122,8 @@ def main() -> None:
         "total_wall_s": round(time.time() - t_start, 1),
     }  # fmt: skip
     day = datetime.date.today().strftime("%Y%m%d")
-    dest = REPO / "benchmarks" / "results" / f"fault-trials-cpu-{day}.json"
+    name = "fault-trials" if a.only is None else "fault-" + a.only.replace(",", "-")
+    dest = REPO / "benchmarks" / "results" / f"{name}-cpu-{day}.json"
     dest.write_text(json.dumps(result, indent=1, default=str) + "\n")
     if os.environ.get("OUT"):
         shutil.copy(dest, os.environ["OUT"])

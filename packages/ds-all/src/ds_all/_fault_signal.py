@@ -8,6 +8,7 @@ makes all of them save the same step. A second SIGTERM restores the default acti
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 import types
@@ -23,6 +24,14 @@ class SignalFlag:
             return  # Python allows handlers only in the main thread; saving on signal is off
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handler)
+        # Python's finalization puts SIG_DFL back; a SIGTERM landing after the training loop,
+        # during teardown, would then kill a rank whose job is complete (status -15).
+        atexit.register(self._ignore_during_teardown)
+
+    def _ignore_during_teardown(self) -> None:
+        if self._previous:
+            for sig in self._previous:
+                signal.signal(sig, signal.SIG_IGN)
 
     @property
     def installed(self) -> bool:
