@@ -41,7 +41,9 @@ class PartitionStepper(Protocol):
     Call order: ``setup`` once; then per optimizer step, ``grad_ready`` for each partition as
     its reduced fp32 gradient is final (already unscaled and clipped only by the time ``step``
     is called), then ``step`` with every gradient (same order as the partitions). ``step`` must
-    write updated values into ``param_shard`` where it is not None.
+    write updated values into ``param_shard`` where it is not None. ``group_options`` are the
+    optimizer's live param-group dicts: ignore their ``"params"`` and read hyper-parameters (lr)
+    at every step, so LR schedulers reach the stepper.
     """
 
     masters_on_device: bool
