@@ -40,7 +40,9 @@ def test_offload_matches_on_device_optimizer(device, tmp_path):
     losses, state = _run(extra)
     assert losses == pytest.approx(ref_losses, rel=1e-6)
     for k, v in ref_state.items():
-        torch.testing.assert_close(state[k], v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(
+            state[k], v, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}"
+        )
 
 
 def test_offload_with_non_adam_optimizer_is_a_config_error():
