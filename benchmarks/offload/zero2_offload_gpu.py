@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--dim", "--d", dest="d", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=1.0)
@@ -129,7 +129,8 @@ def main() -> None:
         "--standalone",
         f"--nproc_per_node={args.gpus}",
     ]
-    fwd = ["--steps", str(args.steps), "--d", str(args.d), "--layers", str(args.layers),
+    # "--d" would be an ambiguous prefix of torchrun options, even after the script name
+    fwd = ["--steps", str(args.steps), "--dim", str(args.d), "--layers", str(args.layers),
            "--batch", str(args.batch), "--ratio", str(args.ratio), "--cpu-threads", str(args.cpu_threads)]  # fmt: skip
     if args.peers_dir:
         fwd += ["--peers-dir", args.peers_dir]

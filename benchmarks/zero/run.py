@@ -256,8 +256,9 @@ def main() -> None:
         png = args.out_dir / f"{stem}.png"
         drawn = chart(result, png)
         print(f"[run.py] wrote {path}" + (f" and {png}" if drawn else ""))
-        if os.environ.get("OUT"):
-            out = Path(os.environ["OUT"])
+        out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+        # --out-dir may already be $OUT: copying a file onto itself raises SameFileError
+        if out is not None and out.resolve() != args.out_dir.resolve():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, out / path.name)
             if drawn:
