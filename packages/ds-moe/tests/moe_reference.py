@@ -91,17 +91,18 @@ def dense_moe(moe: ds_moe.MoE, x: torch.Tensor, capacity_factor: float | None = 
             cf = cfg.capacity_factor if moe.training else cfg.eval_capacity_factor
         cap = max(math.ceil(k * s * cf / e), cfg.min_capacity)
         used = [0] * e
+        idx_host = idx.cpu()  # the capacity walk is sequential: do it on the host
         for j in range(k):
             for t in range(s):
-                ex = int(idx[t, j])
+                ex = int(idx_host[t, j])
                 keep[t, j] = used[ex] < cap
                 used[ex] += 1
     fns = expert_fns(moe)
     outs = torch.stack([f(x) for f in fns])  # [E, S, M]
     y = torch.zeros_like(x)
     for j in range(k):
-        sel = outs[idx[:, j], torch.arange(s)]
-        y = y + sel * (w[:, j] * keep[:, j]).unsqueeze(1).to(sel.dtype)
+        sel = outs[idx[:, j], torch.arange(s, device=x.device)]
+        y = y + sel * (w[:, j] * keep[:, j].to(w.device)).unsqueeze(1).to(sel.dtype)
     counts = torch.bincount(idx.reshape(-1), minlength=e)
     me = gates.mean(0)
     ce = counts.float() / (s * k)

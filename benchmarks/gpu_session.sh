@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One lease on a GPU machine, batched: the benchmarks that fit the GPUs present, each side by side
+# with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
+#
+#   bash benchmarks/gpu_session.sh PHASE...     PHASE: io | moe | offload | tests
+#
+# Expects the peers' scripts in shared/peers and, with no package registry on the GPU machine,
+# the wheels DeepSpeed needs in .whl/ (see shared/peers/README.md). Every phase logs to
+# $OUT/session.log; a failing phase is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export OUT=${OUT:-$ROOT/out/gpu_session}
+mkdir -p "$OUT"
+LOG=$OUT/session.log
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+# NVLink multicast stays off on shared hosts (KINDS.md): a program using it can take GPUs down.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || echo "wheel install failed" | tee -a "$LOG"
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$(ls -d "$ROOT"/packages/*/src | tr '\n' ':')${PYTHONPATH:-}
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+GPUNAME=$(python3 -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
+SCRATCH=${SCRATCH:-/root/ds_bench_scratch}
+mkdir -p "$SCRATCH"
+{ echo "== $(date -u) $NGPU x $GPUNAME"; nvidia-smi --query-gpu=name,memory.total --format=csv;
+  df -h "$SCRATCH" /tmp; nproc; free -g; } >>"$LOG" 2>&1
+
+phase() {  # phase NAME CMD...: run, log, report the exit code, never abort the session
+  local name=$1 t0=$SECONDS rc
+  shift
+  echo "== phase $name: $*" >>"$LOG"
+  "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "== phase $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+TR=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
+for p in "$@"; do
+  case $p in
+    io)
+      phase aio python3 benchmarks/offload/aio_bench.py --dir "$SCRATCH" --size-mb 2048 \
+        --device-name "$GPUNAME-host"
+      phase ckpt "${TR[@]}" benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --reps 2 \
+        --dir "$SCRATCH/ckpt" --out-dir "$OUT"
+      ;;
+    moe)
+      phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT" ;;
+    offload)
+      phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \
+        --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"
+      ;;
+    tests)
+      export DS_TEST_GPU=1
+      for pkg in packages/*/; do
+        phase "gpu-tests-$(basename "$pkg")" timeout 240 python3 -m pytest -q \
+          -m gpu -p no:cacheprovider "$pkg/tests"
+      done
+      ;;
+    *) echo "unknown phase $p (io | moe | offload | tests)" | tee -a "$LOG"; exit 2 ;;
+  esac
+done
+rm -rf "$SCRATCH"
