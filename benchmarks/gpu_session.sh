@@ -2,7 +2,8 @@
 # One lease on a GPU machine, batched: the benchmarks that fit the GPUs present, each side by side
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
-#   bash benchmarks/gpu_session.sh PHASE...     PHASE: io | moe | offload | tests
+#   bash benchmarks/gpu_session.sh PHASE...
+#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | tests | tests:ds-x,ds-y
 #
 # Expects the peers' scripts in shared/peers and, with no package registry on the GPU machine,
 # the wheels DeepSpeed needs in .whl/ (see shared/peers/README.md). Every phase logs to
@@ -42,26 +43,31 @@ phase() {  # phase NAME CMD...: run, log, report the exit code, never abort the 
 TR=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
 for p in "$@"; do
   case $p in
-    io)
+    io | aio)
       phase aio python3 benchmarks/offload/aio_bench.py --dir "$SCRATCH" --size-mb 2048 \
         --device-name "$GPUNAME-host"
-      phase ckpt "${TR[@]}" benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --reps 2 \
+      ;;&
+    io | ckpt)
+      phase ckpt "${TR[@]}" benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --reps "${CKPT_REPS:-2}" \
         --dir "$SCRATCH/ckpt" --out-dir "$OUT"
       ;;
+    aio) ;;
     moe)
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT" ;;
     offload)
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \
         --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"
       ;;
-    tests)
+    tests | tests:*)  # tests:ds-ckpt,ds-moe runs those packages only
       export DS_TEST_GPU=1
+      sel=${p#tests}; sel=${sel#:}
       for pkg in packages/*/; do
+        [ -n "$sel" ] && [[ ",$sel," != *",$(basename "$pkg"),"* ]] && continue
         phase "gpu-tests-$(basename "$pkg")" timeout 240 python3 -m pytest -q \
           -m gpu -p no:cacheprovider "$pkg/tests"
       done
       ;;
-    *) echo "unknown phase $p (io | moe | offload | tests)" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown phase $p (io | aio | ckpt | moe | offload | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 rm -rf "$SCRATCH"

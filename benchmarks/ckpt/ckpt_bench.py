@@ -37,6 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "packages", "ds-ckpt", "src"))
 import ds_ckpt  # noqa: E402
+import ds_ckpt._load as ds_ckpt_load  # noqa: E402  (private knob, toggled to compare read paths)
 from ds_ckpt import Fragment  # noqa: E402
 
 
@@ -260,6 +261,18 @@ def _our_fragments(model: torch.nn.Module, rank: int, world: int, dev: torch.dev
     return frs
 
 
+MiB = 1024 * 1024
+# (name, O_DIRECT, threads, request bytes) of the extra load timings; the default path is
+# timed as ours_load_s
+LOAD_VARIANTS = [
+    ("direct-8x16MiB", True, 8, 16 * MiB),
+    ("buffered-8x16MiB", False, 8, 16 * MiB),
+    ("direct-16x4MiB", True, 16, 4 * MiB),
+    ("buffered-16x4MiB", False, 16, 4 * MiB),
+    ("direct-32x1MiB", True, 32, 1 * MiB),
+]
+
+
 def bench_gpu(args: argparse.Namespace) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -328,6 +341,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
         )
     }
     ds_dir, ours = os.path.join(root, "deepspeed"), os.path.join(root, "ours")
+    variants: dict[str, list[float]] = {}
 
     def drop(d: str) -> None:  # one checkpoint on disk at a time: ~19 GB each at 1.34B
         if rank == 0:
@@ -344,6 +358,24 @@ def bench_gpu(args: argparse.Namespace) -> None:
         res["ours_bytes"] = du(os.path.join(ours, f"r{rep}"))
         cold(ours)
         t["ours_load_s"].append(timed(ds_ckpt.load, ours, f"r{rep}", frs))
+        cold(ours)
+        # the same load with other read paths (O_DIRECT or buffered preads, threads x request
+        # size): which one a disk prefers is measured here, not assumed
+        for name, direct, threads, chunk in LOAD_VARIANTS:
+            saved = (
+                ds_ckpt_load._DIRECT_READS,
+                ds_ckpt_load._READ_THREADS,
+                ds_ckpt_load._READ_CHUNK,
+            )
+            ds_ckpt_load._DIRECT_READS = direct
+            ds_ckpt_load._READ_THREADS, ds_ckpt_load._READ_CHUNK = threads, chunk
+            try:
+                variants.setdefault(name, []).append(timed(ds_ckpt.load, ours, f"r{rep}", frs))
+            finally:
+                ds_ckpt_load._DIRECT_READS, ds_ckpt_load._READ_THREADS, ds_ckpt_load._READ_CHUNK = (
+                    saved
+                )
+            cold(ours)
         drop(ours)
         t["ours_save_nohash_s"].append(timed(ds_ckpt.save, ours, f"n{rep}", frs, hashes=False))
         drop(ours)
@@ -359,6 +391,9 @@ def bench_gpu(args: argparse.Namespace) -> None:
     res.update(median_s=med, all_s=t)
     res["ds_save_GBps"] = res["ds_bytes"] / med["ds_save_s"] / 1e9
     res["ds_load_GBps"] = res["ds_bytes"] / med["ds_load_s"] / 1e9
+    res["load_variants_GBps"] = {
+        k: res["ours_bytes"] / statistics.median(v) / 1e9 for k, v in variants.items()
+    }
     for k in ("save", "save_nohash", "load", "async_total"):
         res[f"ours_{k}_GBps"] = res["ours_bytes"] / med[f"ours_{k}_s"] / 1e9
     if rank == 0:
@@ -366,6 +401,10 @@ def bench_gpu(args: argparse.Namespace) -> None:
             "save_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_save_s"],
             "save_nohash_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_save_nohash_s"],
             "load_speedup_vs_deepspeed": med["ds_load_s"] / med["ours_load_s"],
+            **{
+                f"load_{k}_speedup_vs_deepspeed": med["ds_load_s"] / statistics.median(v)
+                for k, v in variants.items()
+            },
             "async_block_speedup_vs_deepspeed": med["ds_save_s"] / med["ours_async_block_s"],
             "ours_save_vs_dd_write": res["ours_save_GBps"] / res["dd_write_GBps"],
             "ours_load_vs_dd_read": res["ours_load_GBps"] / res["dd_read_GBps"],

@@ -16,7 +16,7 @@ from ds_ckpt._dtypes import from_st, itemsize, to_st
 from ds_ckpt._fragment import global_numel
 from ds_ckpt._load import _check_files, open_checkpoint
 from ds_ckpt._plan import RangeIndex, Stored
-from ds_ckpt._stfile import _write_all, byte_view, layout, pread_into
+from ds_ckpt._stfile import byte_view, layout, pread_into, write_all
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -59,7 +59,7 @@ def consolidate(
     fds: dict[str, int] = {}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, memoryview(header))
+        write_all(fd, memoryview(header))
         for n, e in zip(names, placed):
             rec = m.tensors[n]
             idx = RangeIndex(
@@ -81,7 +81,7 @@ def consolidate(
                         path=os.path.join(tag_dir, r.file),
                     )
                 chunk = buf[:k] if out_dt[n] == src_dt[n] else buf[:k].to(out_dt[n])
-                _write_all(fd, byte_view(chunk))
+                write_all(fd, byte_view(chunk))
         os.fsync(fd)
         size = os.lseek(fd, 0, os.SEEK_CUR)
     except BaseException:

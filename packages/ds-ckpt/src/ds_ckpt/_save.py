@@ -164,9 +164,9 @@ class Saver:
             self._pending = job
             return SaveHandle(tag, os.path.join(root, tag), self, job)
         try:
-            data = _sources(frags, pieces, to_cpu=False)
-            if any(t.device.type != "cpu" for t in data):  # one D2H pass into pinned memory
-                data = self._snapshot(frags, pieces)
+            # device tensors stream through the writer's few pinned buffers: no staging copy
+            # of the whole rank's state, and no host memory held between saves
+            data = [t.contiguous() for t in _sources(frags, pieces, to_cpu=False)]
             job.result = _write_rank_file(tmp, comm.rank, pieces, data, hashes)
         except Exception as e:
             job.result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}

@@ -76,7 +76,8 @@ def layout(
     return struct.pack("<Q", len(raw)) + raw, out
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """os.write until every byte of `view` is written (writes may be partial)."""
     off = 0
     while off < len(view):
         off += os.write(fd, view[off : off + _CHUNK])
@@ -89,8 +90,107 @@ def _sha256(view: memoryview) -> str:
     return h.hexdigest()
 
 
-_DIRECT_BLOCK = 64 * 1024 * 1024  # O_DIRECT bounce-buffer size (a multiple of the 4 KiB sector)
+_DIRECT_BLOCK = 32 * 1024 * 1024  # bytes per write syscall (a multiple of the 4 KiB sector)
 _DIRECT_MIN = 64 * 1024 * 1024  # smaller files go through the page cache
+_WRITE_BUFFERS = 4  # bounce buffers: up to three writes in flight while the fourth fills
+_WRITERS = 3
+_SECTOR = 4096
+
+
+def _aligned_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A page-aligned uint8 CPU tensor: page-locked when a device will copy into it."""
+    if pinned:
+        try:
+            t = torch.empty(nbytes + _SECTOR, dtype=torch.uint8, pin_memory=True)
+            skip = -t.data_ptr() % _SECTOR
+            return t[skip : skip + nbytes]
+        except RuntimeError:  # no page-locked memory left: pageable copies are slower, not wrong
+            pass
+    import mmap
+
+    # anonymous mappings are page-aligned; frombuffer keeps the mapping alive
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+
+class _StreamWriter:
+    """Writes one file as a byte stream at increasing offsets through a few aligned buffers.
+
+    Sources are copied into the buffers with ``Tensor.copy_``, so a device tensor goes straight
+    from device memory into page-locked memory (no whole-checkpoint staging copy, host memory
+    bounded by the buffers). Full buffers are written by a small pool while the next one
+    fills; with O_DIRECT the tail is padded to the sector size and the file truncated after.
+    A buffer is refilled only once its write and any hash reading it have finished.
+    """
+
+    def __init__(self, fd: int, total: int, *, direct: bool, pinned: bool) -> None:
+        self.fd, self.direct = fd, direct
+        self.block = min(_DIRECT_BLOCK, -(-max(total, 1) // _SECTOR) * _SECTOR)
+        n = 1 if total <= self.block else _WRITE_BUFFERS
+        self.bufs = [_aligned_buffer(self.block, pinned) for _ in range(n)]
+        self.busy: list[list[Future]] = [[] for _ in range(n)]
+        self.pool = ThreadPoolExecutor(min(_WRITERS, n), thread_name_prefix="ds-ckpt-write")
+        self.cur = self.fill = self.off = 0
+
+    def put(self, src: torch.Tensor, on_segment=None) -> None:
+        """Append the bytes of the 1-D uint8 tensor `src` (any device). `on_segment(view)` may
+        return a future that reads the buffered copy of each piece (a hash update)."""
+        pos, n = 0, src.numel()
+        while pos < n:
+            k = min(self.block - self.fill, n - pos)
+            seg = self.bufs[self.cur][self.fill : self.fill + k]
+            seg.copy_(src[pos : pos + k])
+            if on_segment is not None:
+                self.busy[self.cur].append(on_segment(byte_view(seg)))
+            self.fill += k
+            pos += k
+            if self.fill == self.block:
+                self._submit(self.block)
+
+    def _submit(self, nbytes: int) -> None:
+        buf = self.bufs[self.cur]
+        if self.direct and nbytes % _SECTOR:
+            padded = -(-nbytes // _SECTOR) * _SECTOR
+            buf[nbytes:padded].zero_()
+            nbytes = padded
+        self.busy[self.cur].append(
+            self.pool.submit(_pwrite_all, self.fd, byte_view(buf[:nbytes]), self.off)
+        )
+        self.off += nbytes
+        self.cur, self.fill = (self.cur + 1) % len(self.bufs), 0
+        for f in self.busy[self.cur]:  # the next buffer must be drained before it refills
+            f.result()
+        self.busy[self.cur] = []
+
+    def close(self, total: int) -> None:
+        try:
+            if self.fill:
+                self._submit(self.fill)
+            for fs in self.busy:
+                for f in fs:
+                    f.result()
+            if self.direct:
+                os.ftruncate(self.fd, total)
+        finally:
+            self.pool.shutdown()
+
+    def abort(self) -> None:
+        """Let in-flight writes and hashes finish (they read the buffers), keep no result."""
+        for fs in self.busy:
+            for f in fs:
+                f.exception()
+        self.pool.shutdown()
+
+
+def _pwrite_all(fd: int, mv: memoryview, at: int) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.pwrite(fd, mv[done:], at + done)
+
+
+def _hash_update(h, view: memoryview, after: Future | None) -> None:
+    if after is not None:  # updates of one entry must be applied in order
+        after.result()
+    h.update(view)
 
 
 def write_file(
@@ -103,42 +203,69 @@ def write_file(
     hashes: bool = True,
     direct: bool | None = None,
 ) -> tuple[int, list[str | None]]:
-    """Write `header` then each CPU tensor of `data`; fsync; return (size, sha256 per entry,
-    None for each when hashes=False).
+    """Write `header` then the bytes of each contiguous tensor of `data` (CPU or device);
+    fsync; return (size, sha256 per entry, None for each when hashes=False).
 
-    Hashing runs on `hash_pool` threads while the data is written: hashlib and the write
-    syscalls release the GIL, so the two overlap instead of adding up. Large files are written
-    with O_DIRECT through two aligned bounce buffers (direct=None: when the file system allows
-    it), which skips the page cache: no copy into it, no dirty-page throttling.
+    Hashes run on `hash_pool` threads while the data is written (hashlib, the copies and the
+    write syscalls release the GIL): a CPU tensor is hashed whole from its own memory, a
+    device tensor piece by piece from the buffered copy, in order. Large files are written
+    with O_DIRECT (direct=None: when the file system allows it): no page-cache copy, no
+    dirty-page throttling.
     """
     own_pool = hash_pool is None
     pool = hash_pool or ThreadPoolExecutor(
         max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="ds-ckpt-hash"
     )
-    futures = []
-    views = []
     for e, t in zip(entries, data):
         if t.numel() != e.numel:
             raise ValueError(f"{path}: entry {e.key} expects {e.numel} elements")
-        views.append(byte_view(t))
-    total = len(header) + sum(len(v) for v in views)
+        if not t.is_contiguous():
+            raise ValueError(f"{path}: entry {e.key} is not contiguous")
+    total = len(header) + sum(e.nbytes for e in entries)
+    pinned = any(t.device.type != "cpu" for t in data)
     fd = _open_for_write(path, direct if direct is not None else total >= _DIRECT_MIN)
+    whole: dict[int, Future] = {}
+    chained: dict[int, tuple[object, Future | None]] = {}
     try:
-        if hashes:
-            futures = [pool.submit(_sha256, v) for v in views]
-        if _is_direct(fd):
-            _write_direct(fd, [memoryview(header), *views], total)
-        else:
-            _write_all(fd, memoryview(header))
-            for v in views:
-                _write_all(fd, v)
+        out = _StreamWriter(fd, total, direct=_is_direct(fd), pinned=pinned)
+        try:
+            out.put(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+            for i, t in enumerate(data):
+                flat = t.reshape(-1).view(torch.uint8)
+                if not hashes:
+                    out.put(flat)
+                elif t.device.type == "cpu":
+                    whole[i] = pool.submit(_sha256, byte_view(flat))
+                    out.put(flat)
+                else:
+                    chained[i] = (hashlib.sha256(), None)
+
+                    def seg(view: memoryview, i: int = i) -> Future:
+                        h, prev = chained[i]
+                        fut = pool.submit(_hash_update, h, view, prev)
+                        chained[i] = (h, fut)
+                        return fut
+
+                    out.put(flat, seg)
+        except BaseException:
+            out.abort()
+            raise
+        out.close(total)
         os.fsync(fd)
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-        digests: list[str | None] = [f.result() for f in futures] or [None] * len(entries)
-        if own_pool:
-            pool.shutdown()
+        digests: list[str | None] = [None] * len(entries)
+        try:
+            for i, f in whole.items():
+                digests[i] = f.result()
+            for i, (h, last) in chained.items():
+                if last is not None:
+                    last.result()
+                digests[i] = h.hexdigest()
+        finally:
+            if own_pool:
+                pool.shutdown()
     return size, digests
 
 
@@ -156,53 +283,6 @@ def _is_direct(fd: int) -> bool:
     import fcntl
 
     return hasattr(os, "O_DIRECT") and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-
-
-def _write_direct(fd: int, chunks: list[memoryview], total: int) -> None:
-    """Stream `chunks` through two page-aligned buffers; full blocks are written by a thread
-    while the other buffer fills; the tail is padded to 4 KiB, then the file is truncated."""
-    import mmap
-
-    bufs = [mmap.mmap(-1, _DIRECT_BLOCK) for _ in range(2)]
-    mvs = [memoryview(b) for b in bufs]
-    writer = ThreadPoolExecutor(1, thread_name_prefix="ds-ckpt-odirect")
-    pending: list[Future | None] = [None, None]
-    cur = fill = off = 0
-
-    def pwrite_all(mv: memoryview, at: int) -> None:
-        done = 0
-        while done < len(mv):
-            done += os.pwrite(fd, mv[done:], at + done)
-
-    try:
-        for chunk in chunks:
-            pos = 0
-            while pos < len(chunk):
-                k = min(_DIRECT_BLOCK - fill, len(chunk) - pos)
-                mvs[cur][fill : fill + k] = chunk[pos : pos + k]
-                fill += k
-                pos += k
-                if fill == _DIRECT_BLOCK:
-                    pending[cur] = writer.submit(pwrite_all, mvs[cur], off)
-                    off += _DIRECT_BLOCK
-                    cur, fill = 1 - cur, 0
-                    if pending[cur] is not None:
-                        pending[cur].result()  # the buffer must be written before refilling
-                        pending[cur] = None
-        if fill:
-            padded = -(-fill // 4096) * 4096
-            mvs[cur][fill:padded] = bytes(padded - fill)
-            pending[cur] = writer.submit(pwrite_all, mvs[cur][:padded], off)
-        for f in pending:
-            if f is not None:
-                f.result()
-        os.ftruncate(fd, total)
-    finally:
-        writer.shutdown()
-        for mv in mvs:
-            mv.release()
-        for b in bufs:
-            b.close()
 
 
 def read_header(path: str) -> tuple[int, dict[str, dict]]:
@@ -247,6 +327,54 @@ def pread_into(fd: int, byte_start: int, view: memoryview, *, path: str) -> None
                 f"{len(view) - got} more bytes); the file is truncated"
             )
         got += n
+
+
+class DirectReader:
+    """Reads byte ranges of large files with O_DIRECT, many at a time from a thread pool.
+
+    Buffered preads of a cold file go through the page cache and its readahead one request at
+    a time per thread; O_DIRECT requests of a few MiB from several threads keep the device's
+    queue full instead. Each thread reads the sector-aligned cover of its range into its own
+    aligned buffer and copies the wanted bytes out (memmove releases the GIL).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        import threading
+
+        self.cap = -(-max_bytes // _SECTOR) * _SECTOR + 2 * _SECTOR
+        self.local = threading.local()
+
+    @staticmethod
+    def open(path: str) -> int | None:
+        """An O_DIRECT descriptor, or None where the file system refuses it (tmpfs)."""
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            return None
+
+    def read(self, fd: int, byte_start: int, view: memoryview, *, path: str) -> None:
+        n = len(view)
+        if n + 2 * _SECTOR > self.cap:
+            raise ValueError(f"DirectReader: {n} bytes exceed the {self.cap}-byte buffer")
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = _aligned_buffer(self.cap, pinned=False)
+        lo = byte_start - byte_start % _SECTOR
+        hi = -(-(byte_start + n) // _SECTOR) * _SECTOR
+        mv = byte_view(buf)
+        got = 0
+        while lo + got < byte_start + n:
+            k = os.preadv(fd, [mv[got : hi - lo]], lo + got)
+            if k <= 0:
+                raise CheckpointCorruptError(
+                    f"{path}: unexpected end of file at byte {lo + got} (wanted bytes up to "
+                    f"{byte_start + n}); the file is truncated"
+                )
+            got += k
+        dst = (ctypes.c_char * n).from_buffer(view)
+        ctypes.memmove(dst, buf.data_ptr() + (byte_start - lo), n)
 
 
 def sha256_range(fd: int, byte_start: int, nbytes: int, *, path: str) -> str:
