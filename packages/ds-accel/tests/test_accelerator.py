@@ -165,7 +165,7 @@ class NotAnAccelerator:
 """
 
 
-def _make_plugin(tmp_path, target: str) -> str:
+def _make_plugin(tmp_path, target: str, name: str = "fancy") -> str:
     """A distribution on sys.path with an entry point in group ds_accel.accelerators: the same
     metadata pip writes when it installs a package that declares the entry point."""
     site = tmp_path / "site"
@@ -174,7 +174,7 @@ def _make_plugin(tmp_path, target: str) -> str:
     info = site / "fancy_accel-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fancy-accel\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[ds_accel.accelerators]\nfancy = {target}\n")
+    (info / "entry_points.txt").write_text(f"[ds_accel.accelerators]\n{name} = {target}\n")
     return str(site)
 
 
@@ -198,6 +198,36 @@ def test_plugin_of_wrong_type_is_a_clear_error(tmp_path):
                 {"PYTHONPATH": site, "DS_ACCELERATOR": "fancy"})  # fmt: skip
     assert proc.returncode != 0
     assert "not a ds_accel.Accelerator subclass" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="detection picks cuda on a GPU machine")
+def test_plugin_is_detected_without_the_override(tmp_path):
+    # No DS_ACCELERATOR: an available plugin is preferred to the CPU fallback.
+    site = _make_plugin(tmp_path, "fancy_accel:FancyAccelerator")
+    code = """
+        import ds_accel
+        rep = ds_accel.report()
+        print(ds_accel.get_accelerator().name, rep["accelerator"], rep["communication_backend"],
+              "fancy" in rep["known_accelerators"])
+    """
+    proc = _run(code, {"PYTHONPATH": site})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fancy", "fancy", "fancy-ccl", "True"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="detection picks cuda on a GPU machine")
+def test_broken_plugin_skipped_by_detection_and_named_when_forced(tmp_path):
+    site = _make_plugin(tmp_path, "no_such_module:Accel", name="broken")
+    proc = _run("import ds_accel; print(ds_accel.get_accelerator().name)", {"PYTHONPATH": site})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cpu"]  # a plugin that fails to load never stops detection
+    proc = _run("import ds_accel; ds_accel.get_accelerator()",
+                {"PYTHONPATH": site, "DS_ACCELERATOR": "broken"})  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ds_accel._registry.AcceleratorError: the accelerator plugin 'broken'")
+    assert "no_such_module:Accel" in last and "from fancy-accel" in last
+    assert "ModuleNotFoundError" in last and "cpu, cuda, mps" in last
 
 
 def test_custom_subclass_must_implement_abstract_methods():

@@ -53,12 +53,22 @@ def _construct(name: str) -> Accelerator:
             f"known accelerators: {', '.join(known_accelerators())}. Third-party accelerators "
             f"register a class under the entry-point group {ENTRY_POINT_GROUP!r}."
         )
-    factory = plugins[name].load()
-    acc = factory()
+    ep = plugins[name]
+    try:
+        acc = ep.load()()
+    except Exception as e:
+        # A plugin's import or constructor error would otherwise surface as a bare traceback
+        # from deep inside importlib, naming neither the accelerator nor the package to fix.
+        dist = ep.dist.name if getattr(ep, "dist", None) is not None else "unknown distribution"
+        raise AcceleratorError(
+            f"the accelerator plugin {name!r} (entry point {ep.value!r} of group "
+            f"{ENTRY_POINT_GROUP!r}, from {dist}) failed to load: {type(e).__name__}: {e}; "
+            f"fix or uninstall {dist}, or pick another of: {', '.join(known_accelerators())}"
+        ) from e
     if not isinstance(acc, Accelerator):
         raise AcceleratorError(
             f"the entry point {name!r} of group {ENTRY_POINT_GROUP!r} "
-            f"({plugins[name].value}) built a {type(acc).__name__}, not a ds_accel.Accelerator "
+            f"({ep.value}) built a {type(acc).__name__}, not a ds_accel.Accelerator "
             "subclass; make it subclass ds_accel.Accelerator"
         )
     if not acc.name:
