@@ -173,6 +173,36 @@ def _check_bad_input() -> None:
         ds_comm.all_to_all_single(torch.empty(n), torch.empty(n), None, [5] * n)
     with pytest.raises(ValueError, match="outside the default group"):
         ds_comm.new_group([0, n])
+    # Wrong dtypes in the list forms. On gloo all_to_all and reduce_scatter of lists run on
+    # flat buffers, where a float64 entry would otherwise be cast silently (torch.cat promotes,
+    # copy_ converts); the native list forms fail with an error naming neither call nor argument.
+    f64 = torch.float64
+    with pytest.raises(TypeError, match=r"all_gather: `tensor_list\[1\]` is torch.float64"):
+        ds_comm.all_gather([torch.empty(3)] + [torch.empty(3, dtype=f64)] * (n - 1), torch.ones(3))
+    with pytest.raises(TypeError, match=r"reduce_scatter: `input_list\[0\]` is torch.float64"):
+        ds_comm.reduce_scatter(torch.empty(2), [torch.ones(2, dtype=f64)] * n)
+    with pytest.raises(TypeError, match=r"all_to_all: `output_tensor_list\[0\]` is torch.float32"):
+        ds_comm.all_to_all([torch.empty(2)] * n, [torch.ones(2, dtype=f64)] * n)
+    with pytest.raises(TypeError, match=r"all_to_all: `input_tensor_list\[1\]` is torch.int64"):
+        ds_comm.all_to_all(
+            [torch.empty(2) for _ in range(n)],
+            [torch.ones(2)] + [torch.ones(2, dtype=torch.int64)] * (n - 1),
+        )
+    if r == 0:  # only the root holds the list; the other ranks do not enter the collective
+        with pytest.raises(TypeError, match=r"gather: `gather_list\[0\]` is torch.float64"):
+            ds_comm.gather(torch.ones(3), [torch.empty(3, dtype=f64) for _ in range(n)], dst=0)
+        with pytest.raises(TypeError, match=r"scatter: `scatter_list\[0\]` is torch.float64"):
+            ds_comm.scatter(torch.empty(3), [torch.ones(3, dtype=f64)] * n, src=0)
+    # The chunk a rank sends itself must be the chunk it expects from itself: the one size of
+    # an all-to-all that is checkable without communicating (gloo would abort on it).
+    with pytest.raises(ValueError, match=rf"rank {r} sends itself 2 elements .* expects 3"):
+        ds_comm.all_to_all([torch.empty(3) for _ in range(n)], [torch.ones(2)] * n)
+    ins, outs = [1] * n, [1] * n
+    outs[r] = 2
+    with pytest.raises(ValueError, match=rf"rank {r} sends itself 1 elements .* expects 2"):
+        ds_comm.all_to_all_single(torch.empty(n + 1), torch.ones(n), outs, ins)
+    with pytest.raises(ValueError, match=rf"rank {r} sends itself 2 elements .* expects 3"):
+        ds_comm.all_to_all_single(torch.empty(n, 3), torch.ones(n, 2))  # rows of 2 vs 3
     # a group this rank is not in: every rank calls new_group, only rank 0 is a member
     g = ds_comm.new_group([0])
     if r != 0:
@@ -233,3 +263,23 @@ def test_collectives_match_torch_and_log_exact_bytes(world_size):
     _check_collectives_against_torch(world_size)
     _check_bad_input()
     _check_coalesced()
+
+
+def _mismatch_across_ranks() -> None:
+    r, n = dist.get_rank(), dist.get_world_size()
+    # The collectives (AVG emulation included) work unchanged on torch's checking wrapper.
+    t = torch.full((3,), float(r))
+    ds_comm.all_reduce(t, op=ReduceOp.AVG)
+    assert torch.allclose(t, torch.full((3,), sum(range(n)) / n))
+    # Sizes that differ between ranks cannot be seen locally; with TORCH_DISTRIBUTED_DEBUG=DETAIL
+    # every rank gets an error naming both shapes instead of gloo aborting one process (or, for
+    # broadcast, silently leaving the tail of the larger buffers unwritten).
+    with pytest.raises(RuntimeError, match="Detected mismatch between collectives"):
+        ds_comm.all_reduce(torch.ones(4 + r))
+    with pytest.raises(RuntimeError, match=r"TensorShape=\[4\]"):
+        ds_comm.broadcast(torch.ones(4 + r), src=0)
+
+
+@distributed_test(world_size=2, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}, timeout=120)
+def test_sizes_mismatched_across_ranks_are_reported_under_debug_detail():
+    _mismatch_across_ranks()

@@ -165,6 +165,19 @@ def test_decorator_without_process_group_gives_env() -> None:
     dist.destroy_process_group()
 
 
+def _debug_level() -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_debug_level())
+
+
+def test_env_reaches_torch_import_time_settings() -> None:
+    # torch reads TORCH_DISTRIBUTED_DEBUG when torch.distributed is imported, which a rank does
+    # (through ds_comm) before the harness applies ``env``; the harness must re-read it.
+    (level,) = run_distributed(_debug_level, 1, env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"})
+    assert level.endswith("DETAIL"), level
+
+
 def test_fixture_form(dist_run) -> None:
     results = dist_run(_rank_sum, 2, args=(1,))
     assert [r[2] for r in results] == [3.0, 3.0]

@@ -69,3 +69,29 @@ def check_same_dtype(a: torch.Tensor, b: torch.Tensor, op: str, arg_a: str, arg_
         raise TypeError(
             f"ds_comm.{op}: `{arg_a}` is {a.dtype} but `{arg_b}` is {b.dtype}; use one dtype"
         )
+
+
+def check_list_dtype(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype, op: str, arg: str, what: str
+) -> None:
+    # gloo's flat-buffer emulations (all_to_all, reduce_scatter of lists) would otherwise cast
+    # silently (torch.cat promotes, copy_ converts), and the native list forms fail with an
+    # error that names neither the call nor the argument.
+    for i, t in enumerate(tensors):
+        if t.dtype != dtype:
+            raise TypeError(
+                f"ds_comm.{op}: `{arg}[{i}]` is {t.dtype} but {what} is {dtype}; every tensor of "
+                f"the call must have one dtype"
+            )
+
+
+def check_self_chunk(sent: int, received: int, rank: int, op: str, sent_arg: str, recv_arg: str):
+    """In an all-to-all, the chunk a rank sends to itself is the chunk it receives from itself,
+    so their sizes must agree; this is the one cross-rank size that is checkable locally
+    (gloo otherwise aborts with an enforce failure naming neither the call nor the argument)."""
+    if sent != received:
+        raise ValueError(
+            f"ds_comm.{op}: rank {rank} sends itself {sent} elements ({sent_arg}) but expects "
+            f"{received} from itself ({recv_arg}); entry {rank} of the input and output layouts "
+            f"must have the same size"
+        )

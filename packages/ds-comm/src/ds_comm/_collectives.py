@@ -13,6 +13,7 @@ instead of the shared default). ``ReduceOp.AVG`` also works on gloo, which lacks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -23,10 +24,12 @@ import torch.distributed as dist
 from ds_comm import _logger as _lg
 from ds_comm._checks import (
     check_group,
+    check_list_dtype,
     check_list_len,
     check_reducible,
     check_same_dtype,
     check_same_numel,
+    check_self_chunk,
     check_tensor,
 )
 from ds_comm._logger import CommsLogger, OpKind
@@ -211,6 +214,7 @@ def all_gather(
     n = dist.get_world_size(group)
     check_list_len(tensor_list, n, "all_gather", "tensor_list")
     check_same_numel(tensor_list, tensor.numel(), "all_gather", "tensor_list", "`tensor`")
+    check_list_dtype(tensor_list, tensor.dtype, "all_gather", "tensor_list", "`tensor`")
     lg = logger if logger is not None else _lg._default_logger
 
     def launch():
@@ -283,6 +287,7 @@ def reduce_scatter(
     n = dist.get_world_size(group)
     check_list_len(input_list, n, name, "input_list")
     check_same_numel(input_list, output.numel(), name, "input_list", "`output`")
+    check_list_dtype(input_list, output.dtype, name, "input_list", "`output`")
     if dist.get_backend(group) == "gloo":
         flat = torch.cat([t.reshape(-1) for t in input_list])
         return reduce_scatter_tensor(
@@ -393,6 +398,20 @@ def all_to_all_single(
                     f"ds_comm.{name}: {arg}_split_sizes sum to {sum(splits)} but `{arg}` has "
                     f"{dim0} rows"
                 )
+    r = dist.get_rank(group)
+
+    def own_chunk(t: torch.Tensor, splits: list[int] | None) -> int:
+        dim0 = t.shape[0] if t.dim() else 1
+        return (splits[r] if splits is not None else dim0 // n) * math.prod(t.shape[1:])
+
+    check_self_chunk(
+        own_chunk(input, input_split_sizes),
+        own_chunk(output, output_split_sizes),
+        r,
+        name,
+        f"input_split_sizes[{r}] rows of `input`" if input_split_sizes else f"1/{n} of `input`",
+        f"output_split_sizes[{r}] rows of `output`" if output_split_sizes else f"1/{n} of `output`",
+    )
     lg = logger if logger is not None else _lg._default_logger
 
     def launch():
@@ -425,6 +444,19 @@ def all_to_all(
         check_tensor(t, name, f"input_tensor_list[{i}]")
     for i, t in enumerate(output_tensor_list):
         check_tensor(t, name, f"output_tensor_list[{i}]")
+    dtype = input_tensor_list[0].dtype
+    what = "`input_tensor_list[0]`"
+    check_list_dtype(input_tensor_list, dtype, name, "input_tensor_list", what)
+    check_list_dtype(output_tensor_list, dtype, name, "output_tensor_list", what)
+    r = dist.get_rank(group)
+    check_self_chunk(
+        input_tensor_list[r].numel(),
+        output_tensor_list[r].numel(),
+        r,
+        name,
+        f"input_tensor_list[{r}]",
+        f"output_tensor_list[{r}]",
+    )
     if dist.get_backend(group) == "gloo":
         flat_in = torch.cat([t.reshape(-1) for t in input_tensor_list])
         flat_out = torch.empty(
@@ -485,6 +517,7 @@ def gather(
     if gather_list is not None:
         check_list_len(gather_list, n, "gather", "gather_list")
         check_same_numel(gather_list, tensor.numel(), "gather", "gather_list", "`tensor`")
+        check_list_dtype(gather_list, tensor.dtype, "gather", "gather_list", "`tensor`")
     lg = logger if logger is not None else _lg._default_logger
 
     def launch():
@@ -512,6 +545,7 @@ def scatter(
     if scatter_list is not None:
         check_list_len(scatter_list, n, "scatter", "scatter_list")
         check_same_numel(scatter_list, tensor.numel(), "scatter", "scatter_list", "`tensor`")
+        check_list_dtype(scatter_list, tensor.dtype, "scatter", "scatter_list", "`tensor`")
     lg = logger if logger is not None else _lg._default_logger
 
     def launch():

@@ -142,6 +142,14 @@ def _rank_main(spec: _RankSpec) -> None:
     try:
         import torch
 
+        if "TORCH_DISTRIBUTED_DEBUG" in spec.env:
+            # torch reads this variable once, when torch.distributed is imported, and the rank
+            # imported it (through ds_comm) before ``env`` was applied: re-read it, or
+            # ``env={"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}`` would be silently ignored.
+            import torch.distributed as dist
+
+            dist.set_debug_level_from_env()
+
         # N ranks share the cores: without this each rank starts a thread per core and the
         # test runs many times slower than it needs to.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
@@ -249,9 +257,11 @@ def run_distributed(
     With ``backend`` set (default gloo), every rank has an initialised default process group
     (file store in a private directory) before ``fn`` runs; with ``backend=None`` the ranks only
     get RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT, for
-    code that initialises itself. If any rank fails, all ranks are stopped and
-    :class:`DistributedTestError` is raised with every rank's traceback; past ``timeout``
-    seconds, :class:`DistributedTimeout` with every rank's stack. No process survives the call.
+    code that initialises itself. ``env`` is set in every rank before the process group exists
+    (``TORCH_DISTRIBUTED_DEBUG`` included, which torch otherwise reads only at import). If any
+    rank fails, all ranks are stopped and :class:`DistributedTestError` is raised with every
+    rank's traceback; past ``timeout`` seconds, :class:`DistributedTimeout` with every rank's
+    stack. No process survives the call.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
