@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -217,3 +218,69 @@ def test_bad_input_errors(cpu_op):
     opt.load_state_dict(ref.state_dict())
     with pytest.raises(ValueError, match="amsgrad=True"):
         opt.step()
+
+
+# DeepSpeed 0.19's constructors (ops/adam/cpu_adam.py, ops/lion/cpu_lion.py), after the params:
+# names, defaults and positional order.
+DEEPSPEED_POSITIONAL = {
+    ds_kernels.CPUAdam: [
+        ("lr", 1e-3), ("bias_correction", True), ("betas", (0.9, 0.999)), ("eps", 1e-8),
+        ("weight_decay", 0), ("amsgrad", False), ("adamw_mode", True),
+        ("fp32_optimizer_states", True),
+    ],
+    ds_kernels.CPULion: [
+        ("lr", 1e-3), ("betas", (0.9, 0.999)), ("weight_decay", 0),
+        ("fp32_optimizer_states", True),
+    ],
+}  # fmt: skip
+# ops/adagrad/cpu_adagrad.py; after lr these are keyword-only here (see CPUAdagrad's docstring).
+DEEPSPEED_ADAGRAD = {
+    "eps": 1e-10,
+    "weight_decay": 0,
+    "amsgrad": False,
+    "fp32_optimizer_states": True,
+}
+
+
+def test_constructors_take_deepspeeds_names_defaults_and_order():
+    for cls, expected in DEEPSPEED_POSITIONAL.items():
+        sig = inspect.signature(cls)
+        positional = [p for p in sig.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert [(p.name, p.default) for p in positional[1:]] == expected, cls.__name__
+    sig = inspect.signature(ds_kernels.CPUAdagrad).parameters
+    assert sig["lr"].default == 1e-2
+    assert {k: sig[k].default for k in DEEPSPEED_ADAGRAD} == DEEPSPEED_ADAGRAD
+
+
+def test_deepspeed_style_calls_give_the_same_steps(cpu_op):
+    a, b = make_params(), make_params()
+    # DeepSpeedCPUAdam(model_params, lr, bias_correction, betas, eps, weight_decay, amsgrad,
+    # adamw_mode, fp32_optimizer_states), all positional.
+    run_steps(ds_kernels.CPUAdam(a, 1e-2, True, (0.9, 0.99), 1e-8, 0.1, False, False, True), a, 3)
+    run_steps(ds_kernels.CPUAdam(b, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, adamw_mode=False), b, 3)  # fmt: skip
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a, b = make_params(), make_params()
+    run_steps(ds_kernels.CPULion(a, 1e-3, (0.9, 0.99), 0.1, True), a, 3)
+    run_steps(ds_kernels.CPULion(b, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), b, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ref_params = make_params()
+    params = clone(ref_params)
+    ds_kw = dict(lr=5e-2, eps=1e-10, weight_decay=0.05, amsgrad=False, fp32_optimizer_states=True)
+    run_steps(ds_kernels.CPUAdagrad(params, **ds_kw), params, 3)
+    run_steps(torch.optim.Adagrad(ref_params, lr=5e-2, eps=1e-10, weight_decay=0.05), ref_params, 3)
+    assert_rel(params, ref_params)
+
+
+def test_unsupported_or_misplaced_arguments_are_errors():
+    params = make_params()
+    # amsgrad=True is refused, never ignored (DeepSpeedCPUAdagrad ignores it).
+    for cls in (ds_kernels.CPUAdam, ds_kernels.CPUAdagrad):
+        with pytest.raises(ValueError, match="amsgrad=True"):
+            cls(params, amsgrad=True)
+    # torch.optim's positional order against DeepSpeed's: betas where bias_correction goes.
+    with pytest.raises(TypeError, match="bias_correction must be True or False"):
+        ds_kernels.CPUAdam(params, 1e-3, (0.9, 0.999), 1e-8)
+    with pytest.raises(TypeError, match="invalid betas: 0.9"):
+        ds_kernels.CPULion(params, 1e-3, 0.9)
+    with pytest.raises(TypeError, match="positional"):
+        ds_kernels.CPUAdagrad(params, 1e-2, 1e-10)  # eps (DeepSpeed) or lr_decay (torch)?

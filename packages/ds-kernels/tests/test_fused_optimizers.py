@@ -5,6 +5,7 @@ GPU), and GPU tests marked `gpu`."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 
@@ -237,6 +238,85 @@ def test_bad_input_errors():
     p.grad = torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         ds_kernels.FusedAdam([p]).step()
+
+
+# DeepSpeed 0.19's constructors (ops/adam/fused_adam.py, ops/lamb/fused_lamb.py,
+# ops/lion/fused_lion.py), after the params: names, defaults and positional order.
+DEEPSPEED_POSITIONAL = {
+    ds_kernels.FusedAdam: [
+        ("lr", 1e-3), ("bias_correction", True), ("betas", (0.9, 0.999)), ("eps", 1e-8),
+        ("adam_w_mode", True), ("weight_decay", 0.0), ("amsgrad", False),
+        ("set_grad_none", True),
+    ],
+    ds_kernels.FusedLamb: [
+        ("lr", 1e-3), ("bias_correction", True), ("betas", (0.9, 0.999)), ("eps", 1e-8),
+        ("eps_inside_sqrt", False), ("weight_decay", 0.0), ("max_grad_norm", 0.0),
+        ("max_coeff", 10.0), ("min_coeff", 0.01), ("amsgrad", False),
+    ],
+    ds_kernels.FusedLion: [
+        ("lr", 1e-3), ("betas", (0.9, 0.999)), ("weight_decay", 0.0), ("set_grad_none", True),
+    ],
+}  # fmt: skip
+
+
+def test_constructors_take_deepspeeds_names_defaults_and_order():
+    for cls, expected in DEEPSPEED_POSITIONAL.items():
+        sig = inspect.signature(cls)
+        positional = [p for p in sig.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert [(p.name, p.default) for p in positional[1:]] == expected, cls.__name__
+
+
+def test_deepspeed_positional_calls_give_the_same_steps():
+    steps = grads_for(make_params(), 3)
+    for cls, ds_args, kw in [
+        # FusedAdam(params, lr, bias_correction, betas, eps, adam_w_mode, weight_decay, amsgrad,
+        # set_grad_none)
+        (ds_kernels.FusedAdam, (1e-2, True, (0.9, 0.99), 1e-8, False, 0.1, False, True),
+         dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, adam_w_mode=False)),
+        # FusedLamb(params, lr, bias_correction, betas, eps, eps_inside_sqrt, weight_decay,
+        # max_grad_norm, max_coeff, min_coeff, amsgrad)
+        (ds_kernels.FusedLamb, (1e-2, True, (0.9, 0.99), 1e-6, False, 0.01, 0.0, 5.0, 0.1, False),
+         dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01, max_coeff=5.0,
+              min_coeff=0.1)),
+        (ds_kernels.FusedLion, (1e-3, (0.9, 0.99), 0.1, True),
+         dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)),
+    ]:  # fmt: skip
+        a, b = make_params(), make_params()
+        run(fallback(cls(a, *ds_args)), a, steps)
+        run(fallback(cls(b, **kw)), b, steps)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), cls.__name__
+
+
+def test_unsupported_deepspeed_options_are_errors_not_ignored():
+    params = make_params()
+    for cls in (ds_kernels.FusedAdam, ds_kernels.FusedLamb):
+        with pytest.raises(ValueError, match="amsgrad=True"):
+            cls(params, amsgrad=True)
+    with pytest.raises(ValueError, match="eps_inside_sqrt"):
+        ds_kernels.FusedLamb(params, eps_inside_sqrt=True)
+    with pytest.raises(ValueError, match="gradient_clipping"):
+        ds_kernels.FusedLamb(params, max_grad_norm=1.0)
+    # torch.optim's positional order against DeepSpeed's: betas where bias_correction goes.
+    with pytest.raises(TypeError, match="bias_correction must be True or False"):
+        ds_kernels.FusedAdam(params, 1e-3, (0.9, 0.999))
+    with pytest.raises(TypeError, match="invalid betas"):
+        ds_kernels.FusedLion(params, 1e-3, 0.9)
+
+
+def test_set_grad_none_decides_what_zero_grad_does():
+    params = make_params()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    keep = ds_kernels.FusedAdam(params, set_grad_none=False)
+    grads = [p.grad for p in params]
+    keep.zero_grad()
+    assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
+    keep.zero_grad(set_to_none=True)  # an explicit argument wins
+    assert all(p.grad is None for p in params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ds_kernels.FusedLion(params).zero_grad()  # default True, as in DeepSpeed
+    assert all(p.grad is None for p in params)
 
 
 # --------------------------------------------------------------------------- GPU only

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ds_kernels._hparams import check_betas, check_flags
 from ds_kernels._ops import load
 from ds_kernels._registry import OpImpl
 
@@ -31,12 +32,6 @@ def _scalar_step() -> torch.Tensor:
 def _positive(name: str, value: float, allow_zero: bool = True) -> None:
     if not (value > 0 or (allow_zero and value == 0)) or math.isnan(value):
         raise ValueError(f"invalid {name}: {value} (must be {'>= 0' if allow_zero else '> 0'})")
-
-
-def _betas(betas: tuple[float, float]) -> None:
-    for i, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"invalid betas[{i}]: {b} (must be in [0, 1))")
 
 
 class _CPUOptimizer(torch.optim.Optimizer):
@@ -107,9 +102,13 @@ class _CPUOptimizer(torch.optim.Optimizer):
 class CPUAdam(_CPUOptimizer):
     """Adam / AdamW on CPU over fp32 params and states (DeepSpeedCPUAdam's role).
 
+    The signature is DeepSpeedCPUAdam's (names, defaults and positional order: lr,
+    bias_correction, betas, eps, weight_decay, amsgrad, adamw_mode, fp32_optimizer_states).
     adamw_mode=True (default) applies decoupled weight decay (AdamW); False adds
     weight_decay * param to the gradient (Adam with L2). Stored in the group as torch's
     `decoupled_weight_decay`, so the state dict keeps its meaning in torch.optim.Adam/AdamW.
+    Params are fp32, so states are fp32 whatever `fp32_optimizer_states` says (as in
+    DeepSpeed, where False means "states in the param dtype").
     """
 
     _unsupported_flags = ("amsgrad", "maximize", "differentiable", "capturable")
@@ -118,22 +117,31 @@ class CPUAdam(_CPUOptimizer):
         self,
         params: Iterable[Any],
         lr: float = 1e-3,
+        bias_correction: bool = True,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        *,
-        adamw_mode: bool = True,
-        bias_correction: bool = True,
         amsgrad: bool = False,
+        adamw_mode: bool = True,
+        fp32_optimizer_states: bool = True,
+        *,
         num_threads: int | None = None,
     ) -> None:
+        check_flags(
+            "CPUAdam",
+            bias_correction=bias_correction,
+            amsgrad=amsgrad,
+            adamw_mode=adamw_mode,
+            fp32_optimizer_states=fp32_optimizer_states,
+        )
         _positive("lr", lr)
         _positive("eps", eps)
         _positive("weight_decay", weight_decay)
-        _betas(betas)
+        check_betas(betas)
         if amsgrad:
             raise ValueError(
-                "CPUAdam does not implement amsgrad; use torch.optim.AdamW(amsgrad=True)"
+                "CPUAdam does not implement amsgrad=True; use torch.optim.AdamW(amsgrad=True) "
+                "or set amsgrad to false"
             )
         defaults = {
             "lr": lr,
@@ -197,19 +205,34 @@ class CPUAdam(_CPUOptimizer):
 
 
 class CPUAdagrad(_CPUOptimizer):
-    """Adagrad on CPU, torch.optim.Adagrad's math (lr_decay, weight_decay as L2, eps)."""
+    """Adagrad on CPU, torch.optim.Adagrad's math (lr_decay, weight_decay as L2, eps).
+
+    Accepts DeepSpeedCPUAdagrad's keywords (lr, eps, weight_decay, amsgrad,
+    fp32_optimizer_states) and torch's (lr_decay, initial_accumulator_value). Everything
+    after lr is keyword-only: the two libraries' positional orders disagree (DeepSpeed's third
+    is eps, torch's lr_decay), and both are floats, so a positional call could not be checked.
+    """
 
     def __init__(
         self,
         params: Iterable[Any],
         lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
         *,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        fp32_optimizer_states: bool = True,
+        lr_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
         num_threads: int | None = None,
     ) -> None:
+        check_flags("CPUAdagrad", amsgrad=amsgrad, fp32_optimizer_states=fp32_optimizer_states)
+        # DeepSpeed accepts amsgrad here and ignores it; Adagrad has no amsgrad variant.
+        if amsgrad:
+            raise ValueError(
+                "CPUAdagrad: amsgrad=True is not an Adagrad option (DeepSpeedCPUAdagrad ignores "
+                "it silently); remove it, or use torch.optim.AdamW(amsgrad=True)"
+            )
         _positive("lr", lr)
         _positive("lr_decay", lr_decay)
         _positive("weight_decay", weight_decay)
@@ -266,20 +289,27 @@ class CPUAdagrad(_CPUOptimizer):
 
 
 class CPULion(_CPUOptimizer):
-    """Lion (Chen et al. 2023) on CPU: sign of an interpolated momentum, decoupled decay."""
+    """Lion (Chen et al. 2023) on CPU: sign of an interpolated momentum, decoupled decay.
+
+    Signature and defaults are DeepSpeedCPULion's (lr=1e-3, betas=(0.9, 0.999)), so a
+    DeepSpeed config that leaves them out trains the same; the paper suggests lr 3-10x
+    smaller than AdamW's and betas=(0.9, 0.99).
+    """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
+        fp32_optimizer_states: bool = True,
         *,
         num_threads: int | None = None,
     ) -> None:
+        check_flags("CPULion", fp32_optimizer_states=fp32_optimizer_states)
         _positive("lr", lr)
         _positive("weight_decay", weight_decay)
-        _betas(betas)
+        check_betas(betas)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),

@@ -9,6 +9,9 @@
   is inf/nan) and skips the update when set; a loss scaler reads the flag afterwards.
 - State keys and group keys are torch.optim.AdamW's (exp_avg, exp_avg_sq, step), so state
   dicts move between FusedAdam and torch.optim.Adam/AdamW.
+- Constructor names, defaults and positional order are DeepSpeed's FusedAdam / FusedLamb /
+  FusedLion ones; options DeepSpeed has and these do not implement (amsgrad, LAMB's
+  eps_inside_sqrt and max_grad_norm) raise instead of being ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from ds_kernels._fused_op import TorchFusedOptim
+from ds_kernels._hparams import check_betas, check_flags
 from ds_kernels._ops import load
 
 _Bucket = dict[str, list[torch.Tensor]]
@@ -31,9 +35,15 @@ def _check_hparams(lr: float, betas: tuple[float, ...], eps: float, weight_decay
         raise ValueError(f"invalid eps: {eps} (must be >= 0)")
     if not weight_decay >= 0:
         raise ValueError(f"invalid weight_decay: {weight_decay} (must be >= 0)")
-    for i, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"invalid betas[{i}]: {b} (must be in [0, 1))")
+    check_betas(betas)
+
+
+def _no_amsgrad(cls: str, amsgrad: bool) -> None:
+    if amsgrad:
+        raise ValueError(
+            f"{cls} does not implement amsgrad=True (DeepSpeed's does not either); use "
+            "torch.optim.AdamW(amsgrad=True) or set amsgrad to false"
+        )
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -48,10 +58,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         master_weights: bool,
         check_finite: bool,
+        set_grad_none: bool = True,
     ) -> None:
+        check_flags(
+            type(self).__name__,
+            master_weights=master_weights,
+            check_finite=check_finite,
+            set_grad_none=set_grad_none,
+        )
         super().__init__(params, defaults)
         self.master_weights: bool = master_weights
         self.check_finite: bool = check_finite
+        self.set_grad_none: bool = bool(set_grad_none)
         self._op = load("fused_optim")
         self._fallback = TorchFusedOptim()
         # Device flag written by the finite check; created on first use on the params' device.
@@ -61,6 +79,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def backend(self) -> str:
         """'triton' or 'fallback'."""
         return self._op.backend.value
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """DeepSpeed's `set_grad_none` decides when `set_to_none` is not given; False zeroes
+        the gradients in place (their memory is kept, e.g. for a preallocated grad buffer)."""
+        super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)
 
     def _op_for(self, device: torch.device):
         return self._op if self._op.supports(device) else self._fallback
@@ -182,15 +205,16 @@ class FusedAdam(_FusedOptimizer):
         adam_w_mode: bool = True,
         weight_decay: float = 0.0,
         amsgrad: bool = False,
+        set_grad_none: bool = True,
         *,
         master_weights: bool = False,
         check_finite: bool = False,
     ) -> None:
+        check_flags(
+            "FusedAdam", bias_correction=bias_correction, adam_w_mode=adam_w_mode, amsgrad=amsgrad
+        )
         _check_hparams(lr, betas, eps, weight_decay)
-        if amsgrad:
-            raise ValueError(
-                "FusedAdam does not implement amsgrad; use torch.optim.AdamW(amsgrad=True)"
-            )
+        _no_amsgrad("FusedAdam", amsgrad)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -205,7 +229,7 @@ class FusedAdam(_FusedOptimizer):
             "decoupled_weight_decay": bool(adam_w_mode),
             "bias_correction": bool(bias_correction),
         }
-        super().__init__(params, defaults, master_weights, check_finite)
+        super().__init__(params, defaults, master_weights, check_finite, set_grad_none)
 
     def _apply(self, op, group, b: _Bucket, scale, found_inf) -> None:
         beta1, beta2 = group["betas"]
@@ -233,14 +257,35 @@ class FusedLamb(_FusedOptimizer):
         bias_correction: bool = True,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        eps_inside_sqrt: bool = False,
         weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
         max_coeff: float = 10.0,
         min_coeff: float = 0.01,
+        amsgrad: bool = False,
         *,
         master_weights: bool = False,
         check_finite: bool = False,
     ) -> None:
+        check_flags(
+            "FusedLamb",
+            bias_correction=bias_correction,
+            eps_inside_sqrt=eps_inside_sqrt,
+            amsgrad=amsgrad,
+        )
         _check_hparams(lr, betas, eps, weight_decay)
+        _no_amsgrad("FusedLamb", amsgrad)
+        if eps_inside_sqrt:
+            raise ValueError(
+                "FusedLamb does not implement eps_inside_sqrt=True (eps is added to sqrt(v_hat), "
+                "as in the paper and DeepSpeed's default); set eps_inside_sqrt to false"
+            )
+        if not max_grad_norm == 0:
+            # DeepSpeed applies it only when step() is handed precomputed grad norms.
+            raise ValueError(
+                f"FusedLamb does not clip by max_grad_norm={max_grad_norm}; set it to 0 and clip "
+                "with the engine's gradient_clipping (or torch.nn.utils.clip_grad_norm_)"
+            )
         if not 0 <= min_coeff <= max_coeff:
             raise ValueError(
                 f"invalid min_coeff/max_coeff: {min_coeff}/{max_coeff} (need 0 <= min <= max)"
@@ -271,16 +316,20 @@ class FusedLamb(_FusedOptimizer):
 
 
 class FusedLion(_FusedOptimizer):
-    """Lion (Chen et al. 2023): sign of interpolated momentum, decoupled weight decay."""
+    """Lion (Chen et al. 2023): sign of interpolated momentum, decoupled weight decay.
+
+    Defaults are DeepSpeed FusedLion's (lr=1e-3, betas=(0.9, 0.999)); the paper suggests an
+    lr 3-10x smaller than AdamW's and betas=(0.9, 0.99)."""
 
     _state_keys = ("exp_avg",)
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
+        set_grad_none: bool = True,
         *,
         master_weights: bool = False,
         check_finite: bool = False,
@@ -293,7 +342,7 @@ class FusedLion(_FusedOptimizer):
             "maximize": False,
             "differentiable": False,
         }
-        super().__init__(params, defaults, master_weights, check_finite)
+        super().__init__(params, defaults, master_weights, check_finite, set_grad_none)
 
     def _apply(self, op, group, b: _Bucket, scale, found_inf) -> None:
         beta1, beta2 = group["betas"]
