@@ -53,6 +53,14 @@ def test_duplicate_host_names_both_lines(tmp_path):
         read_hostfile(path)
 
 
+def test_line_numbers_count_newlines_only():
+    """Form feeds, U+2028 and friends end no line: the number is what an editor shows."""
+    text = "a slots=1\x0c\r\n# note \u2028 still line 2\r\nb slots=x\n"
+    with pytest.raises(HostfileError, match=r"^hf:3: 'b slots=x': slots must be"):
+        parse_hostfile(text, "hf")
+    assert parse_hostfile("a slots=1\x0b\r\nb slots=2", "hf") == {"a": 1, "b": 2}
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(HostfileError, match="does not exist"):
         read_hostfile(tmp_path / "nope")

@@ -228,10 +228,19 @@ def test_visible_devices_follow_the_selected_slots(tmp_path):
         assert _env(rec, "LOCAL_RANK") == str(rank)
 
 
+def _core_of(cpu: int) -> tuple[str, str] | int:
+    """(socket, core id) of a CPU from sysfs, read here independently of the launcher."""
+    topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return ((topo / "physical_package_id").read_text(), (topo / "core_id").read_text())
+    except OSError:
+        return cpu
+
+
 def test_bind_cores_to_rank(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        pytest.skip("needs 2 cores")
+    if len({_core_of(c) for c in cores}) < 2:
+        pytest.skip("needs 2 physical cores")
     out = tmp_path / "out"
     out.mkdir()
     res = run_launcher(
@@ -239,10 +248,62 @@ def test_bind_cores_to_rank(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     records = _records(out)
-    per = len(cores) // 2
-    for rank, rec in records.items():
-        assert rec["affinity"] == cores[rank * per : (rank + 1) * per]
-        assert _env(rec, "OMP_NUM_THREADS") == str(per)
+    shares = [records[rank]["affinity"] for rank in (0, 1)]
+    for share, rec in zip(shares, records.values()):
+        assert share and set(share) <= set(cores)
+        assert _env(rec, "OMP_NUM_THREADS") == str(len(share))
+        # One thread per physical core, as DeepSpeed binds.
+        assert len({_core_of(c) for c in share}) == len(share)
+    # No physical core (hyperthread siblings included) is shared by the two ranks.
+    assert not {_core_of(c) for c in shares[0]} & {_core_of(c) for c in shares[1]}
+    assert max(shares[0]) < min(shares[1])  # contiguous shares in rank order
+
+
+def test_bind_core_list_pins_ranks_to_the_listed_cores(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    out = tmp_path / "out"
+    out.mkdir()
+    chosen = [cores[-1], cores[0]]
+    # --bind_core_list alone turns binding on; the list's order decides which rank gets what.
+    res = run_launcher(
+        ["--num_gpus", "2", "--bind_core_list", ",".join(map(str, chosen)),
+         str(SCRIPTS / "record.py"), str(out)],
+        tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    records = _records(out)
+    assert [records[r]["affinity"] for r in (0, 1)] == [[chosen[0]], [chosen[1]]]
+    assert {_env(rec, "OMP_NUM_THREADS") for rec in records.values()} == {"1"}
+    # A user's OMP_NUM_THREADS is kept.
+    res = run_launcher(
+        ["--num_gpus", "1", "--bind_core_list", str(cores[0]), str(SCRIPTS / "record.py"),
+         str(out)],
+        tmp_path,
+        env=launcher_env(OMP_NUM_THREADS="7"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert _env(_records(out)[0], "OMP_NUM_THREADS") == "7"
+
+
+def test_env_files_from_home_and_working_directory_reach_every_rank(tmp_path):
+    home, work, out = tmp_path / "home", tmp_path / "work", tmp_path / "out"
+    for d in (home, work, out):
+        d.mkdir()
+    (home / ".deepspeed_env").write_text("FROM_HOME=deepspeed\nBOTH=home\n")
+    (home / ".ds_env").write_text("HOME_OURS=1\n")
+    (work / ".deepspeed_env").write_text("BOTH=cwd-deepspeed\nCWD_DS=yes\n")
+    (work / ".ds_env").write_text("export BOTH='cwd ours'\n")
+    env = launcher_env(HOME=str(home), NCCL_SOCKET_IFNAME="lo", PYTHONHASHSEED="7")
+    res = run_launcher(["--num_gpus", "2", str(SCRIPTS / "record.py"), str(out)], work, env=env)
+    assert res.returncode == 0, res.stderr
+    records = _records(out)
+    assert sorted(records) == [0, 1]
+    for rec in records.values():
+        assert _env(rec, "FROM_HOME") == "deepspeed" and _env(rec, "HOME_OURS") == "1"
+        assert _env(rec, "CWD_DS") == "yes" and _env(rec, "BOTH") == "cwd ours"
+        assert _env(rec, "NCCL_SOCKET_IFNAME") == "lo" and _env(rec, "PYTHONHASHSEED") == "7"
 
 
 def test_no_ssh_starts_only_this_nodes_ranks(tmp_path):
@@ -277,6 +338,7 @@ def test_no_ssh_starts_only_this_nodes_ranks(tmp_path):
         (["--launcher_args", "-v", "x.py"], "--launcher_args is for the ssh"),
         (["-i", "-oProxyCommand=x", "x.py"], "starts with '-'"),
         (["--master_port", "70000", "x.py"], "--master_port must be a TCP port"),
+        (["--bind_core_list", "100000", "x.py"], "names core(s) 100000 that this process cannot"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path, args, needle):

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from conftest import (
     SCRIPTS,
     free_port,
@@ -72,12 +77,42 @@ def test_ssh_injection_arrives_byte_identical(sshd, tmp_path):
     env_text, expected = nasty_env_file(canary)
     (tmp_path / ".ds_env").write_text(env_text)  # found in the working directory
     args = nasty_args(canary)
+    # ssh starts remote commands with a clean environment: NCCL_* and PYTHON* arrive only
+    # because ds-launch exports them; other launcher variables stay behind.
+    env = launcher_env(
+        NCCL_DEBUG="INFO $(touch canary)", PYTHONFAULTHANDLER="1", DS_TEST_NOT_EXPORTED="1"
+    )
     res = run_launcher(
         [*_common(), "--launcher_args", sshd.ssh_args, str(SCRIPTS / "record.py"), str(out), *args],
         tmp_path,
+        env=env,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+    expected.update(NCCL_DEBUG="INFO $(touch canary)", PYTHONFAULTHANDLER="1")
     check_injection(out, canary, args, expected, ranks=2)
+    assert not (tmp_path / "canary").exists()
+    assert all("DS_TEST_NOT_EXPORTED" not in rec["env"] for rec in _gloo_records(out).values())
+
+
+def test_ssh_master_addr_defaults_to_the_first_hosts_address(sshd, tmp_path):
+    """As in DeepSpeed: the first address `hostname -I` prints on the first host (node-a is
+    this machine), not the hostfile's name, which may be an ssh alias no rank can resolve."""
+    _two_nodes(tmp_path, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    local = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True)
+    expected = local.stdout.split()[0] if local.stdout.split() else "node-a"
+    res = run_launcher(
+        ["-H", "hostfile", "--launcher_args", sshd.ssh_args, str(SCRIPTS / "record.py"), str(out)],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = _gloo_records(out)
+    assert sorted(records) == [0, 1]
+    for rec in records.values():
+        assert bytes.fromhex(rec["env"]["MASTER_ADDR"]).decode() == expected
+        assert bytes.fromhex(rec["env"]["MASTER_PORT"]).decode() == "29500"
+    assert f"MASTER_ADDR={expected} MASTER_PORT=29500" in res.stderr
 
 
 def test_ssh_fail_fast_stops_both_nodes(sshd, tmp_path):
@@ -93,6 +128,36 @@ def test_ssh_fail_fast_stops_both_nodes(sshd, tmp_path):
     pids = read_pids(out)
     assert len(pids) == 4
     assert wait_gone(pids, timeout=5) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_launcher_reaches_the_ranks_of_every_node(sshd, tmp_path, sig):
+    _two_nodes(tmp_path, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [*_common(), "--launcher_args", sshd.ssh_args, str(SCRIPTS / "sleeper.py"), str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ds_launcher", *argv],
+        cwd=tmp_path,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("pid_*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the ranks install their SIGTERM handler
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err.decode()
+    # Each node's agent turned the closed connection into a SIGTERM to its rank.
+    assert sorted(p.name for p in out.glob("term_*")) == ["term_0", "term_1"]
+    assert wait_gone(read_pids(out), timeout=5) == []
 
 
 def test_pdsh_injection_and_fail_fast(sshd, tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -17,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ds_launcher._devices import Accelerator, detect_accelerator
+from ds_launcher._devices import Accelerator, detect_accelerator, parse_core_list
 from ds_launcher._envfile import collect_exports, default_env_files
 from ds_launcher._errors import LauncherError
 from ds_launcher._hostfile import read_hostfile
@@ -48,9 +50,9 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("-e", "--exclude"), dict(help="hosts/slots to leave out, same syntax as --include")),
     (("--num_nodes",), dict(type=int, help="use the first N hosts")),
     (("--num_gpus", "--num_accelerators"), dict(type=int, dest="num_gpus", help="use the first N slots of each host (on a CPU machine: the number of processes)")),
-    (("--master_addr",), dict(help="address of rank 0; default 127.0.0.1 on one machine, else the first host")),
+    (("--master_addr",), dict(help="address of rank 0; default 127.0.0.1 on one machine; with ssh/pdsh the first address 'hostname -I' prints on the first host (as DeepSpeed), else the first host's name")),
     (("--master_port",), dict(type=int, help=f"rendezvous port; default a free port on one machine, else {DEFAULT_MULTINODE_PORT}")),
-    (("--launcher",), dict(choices=RUNNERS, help="how to start the nodes; default local on one machine, else ssh")),
+    (("--launcher",), dict(type=str.lower, choices=RUNNERS, help="how to start the nodes; default local on one machine, else ssh")),
     (("--launcher_args",), dict(default="", help="extra options for the runner (ssh, pdsh, mpirun, mpiexec, srun), split like a shell would")),
     (("--no_ssh",), dict(action="store_true", help="start only this node's ranks (run ds-launch on every node yourself, with --node_rank)")),
     (("--node_rank",), dict(type=int, help="this node's index in the hostfile selection, with --no_ssh")),
@@ -180,9 +182,19 @@ def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str])
                 "openmpi, mpich or slurm, or select one host"
             )
         node_rank = 0
+    if ns.master_port is not None and not 1 <= ns.master_port <= 65535:
+        raise LauncherError(f"--master_port must be a TCP port (1-65535), got {ns.master_port}")
+    if ns.bind_core_list is not None:
+        parse_core_list(ns.bind_core_list)  # syntax errors here, not once per node
     on_one_machine = runner == "local" and not ns.no_ssh
     master_addr = ns.master_addr or ("127.0.0.1" if on_one_machine else world.hosts[0])
-    master_port = ns.master_port or (free_port() if on_one_machine else DEFAULT_MULTINODE_PORT)
+    if ns.master_port is not None:
+        master_port = ns.master_port
+    else:
+        # DeepSpeed defaults to 29500 everywhere. On one machine a free port is used instead:
+        # two jobs on one host would otherwise share 29500, and the second job's ranks can join
+        # the first job's TCPStore before its own rank 0 fails to bind.
+        master_port = free_port() if on_one_machine else DEFAULT_MULTINODE_PORT
     if not program:
         raise LauncherError("missing the script to run: ds-launch [options] script.py [args]")
     env_files = default_env_files() + [Path(p) for p in ns.env_file]
@@ -201,8 +213,6 @@ def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str])
     )
     if ns.module and ns.no_python:
         raise LauncherError("--module and --no_python cannot be used together")
-    if not 0 <= master_port <= 65535:
-        raise LauncherError(f"--master_port must be a TCP port (1-65535), got {master_port}")
     if runner == "local" and ns.launcher_args.strip():
         raise LauncherError(
             "--launcher_args is for the ssh, pdsh, openmpi, mpich and slurm runners; "
@@ -280,6 +290,56 @@ def _run_once(r: _Resolved, launcher_args: tuple[str, ...], stop: StopRequest) -
         return run_group([member], term_timeout=plan.term_timeout + 5.0, stop=stop)
 
 
+def first_address(output: str, host: str, runner: str) -> str | None:
+    """The first IP address in `hostname -I` output (pdsh prefixes each line with 'host: ')."""
+    for line in output.splitlines():
+        if runner == "pdsh":
+            line = line.removeprefix(f"{host}:")
+        for word in line.split():
+            try:
+                return str(ipaddress.ip_address(word))
+            except ValueError:
+                continue
+    return None
+
+
+def infer_master_addr(r: _Resolved, launcher_args: tuple[str, ...]) -> str:
+    """DeepSpeed's default MASTER_ADDR for multi-node runs: the first address that
+    `hostname -I` prints on the first host. Hostfiles often name ssh aliases that only ssh can
+    resolve; an address works for every rank. Without one, the hostfile's name is used."""
+    host = r.plan.world.hosts[0]
+    env = dict(os.environ)
+    if r.runner == "ssh":
+        argv = ["ssh", *launcher_args, "--", host, "hostname -I"]
+    else:
+        env.setdefault("PDSH_RCMD_TYPE", "ssh")
+        argv = ["pdsh", "-S", "-w", host, *launcher_args, "hostname -I"]
+    try:
+        res = subprocess.run(
+            argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        raise LauncherError(
+            f"{r.runner} to {host!r} (to find MASTER_ADDR) did not answer within 60 s; "
+            "check that the host is reachable, or pass --master_addr"
+        ) from None
+    if res.returncode != 0:
+        raise LauncherError(
+            f"{shlex.join(argv)!r} failed with code {res.returncode} while "
+            f"looking up MASTER_ADDR on the first host {host!r}: {res.stderr.strip()[-500:]}; "
+            "fix the connection, or pass --master_addr"
+        )
+    address = first_address(res.stdout, host, r.runner)
+    if address is None:
+        print(
+            f"ds-launch: 'hostname -I' on {host!r} printed no address; using {host!r} as "
+            "MASTER_ADDR (pass --master_addr to choose)",
+            file=sys.stderr,
+        )
+        return host
+    return address
+
+
 def _describe(r: _Resolved) -> str:
     nodes = ", ".join(f"{h}:{len(s)}" for h, s in r.plan.world.nodes)
     where = f"node {r.node_rank} of " if r.runner == "local" and len(r.plan.world.nodes) > 1 else ""
@@ -298,6 +358,9 @@ def launch(argv: list[str]) -> int:
         launcher_args = tuple(shlex.split(ns.launcher_args))
     except ValueError as exc:
         raise LauncherError(f"--launcher_args {ns.launcher_args!r}: {exc}") from None
+    if ns.master_addr is None and r.runner in ("ssh", "pdsh"):
+        _require_tool(r.runner)
+        r = replace(r, plan=replace(r.plan, master_addr=infer_master_addr(r, launcher_args)))
     stop = StopRequest()
     with _signals_stop(stop):
         for attempt in range(ns.max_restarts + 1):
@@ -320,3 +383,5 @@ def main(argv: list[str] | None = None) -> int:
     except LauncherError as exc:
         print(f"ds-launch: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before any rank started (e.g. a hanging ssh lookup)
+        return 128 + signal.SIGINT

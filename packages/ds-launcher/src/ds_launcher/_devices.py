@@ -122,4 +122,64 @@ def split_cores(cores: list[int], local_world_size: int) -> list[tuple[int, ...]
 
 
 def available_cores() -> list[int]:
+    """The logical CPUs this process may run on."""
     return sorted(os.sched_getaffinity(0))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores(allowed: list[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> list[int]:
+    """One logical CPU per physical core among `allowed` (its lowest-numbered hyperthread),
+    ordered by socket, then CPU id.
+
+    DeepSpeed shares out the physical cores (psutil's count, ids 0..N-1) so that no two ranks
+    run on the two hyperthreads of one core. Numbering the threads of a core N apart is only
+    a convention, so the topology is read from sysfs instead; where it cannot be read, every
+    allowed CPU counts as a core of its own.
+    """
+    first_of_core: dict[tuple[int, int], int] = {}
+    for cpu in allowed:
+        topo = sysfs / f"cpu{cpu}" / "topology"
+        package, core = _read_int(topo / "physical_package_id"), _read_int(topo / "core_id")
+        if package is None or core is None:
+            return sorted(allowed)
+        key = (package, core)
+        first_of_core[key] = min(cpu, first_of_core.get(key, cpu))
+    # Sorting by socket keeps each rank's share on one socket where the counts allow it, also
+    # on machines that number CPUs round-robin across sockets.
+    by_socket = sorted((package, cpu) for (package, _), cpu in first_of_core.items())
+    return [cpu for _, cpu in by_socket]
+
+
+def core_pool(
+    core_list: str | None, allowed: list[int], sysfs: Path = Path("/sys/devices/system/cpu")
+) -> list[int]:
+    """The cores --bind_cores_to_rank shares out: --bind_core_list as given (every core must be
+    one this process may use), else one CPU per physical core of the allowed set."""
+    if core_list is None:
+        return physical_cores(allowed, sysfs)
+    cores = parse_core_list(core_list)
+    missing = sorted(set(cores) - set(allowed))
+    if missing:
+        raise LauncherError(
+            f"--bind_core_list {core_list!r} names core(s) {','.join(map(str, missing))} that "
+            f"this process cannot run on (allowed on {os.uname().nodename}: "
+            f"{format_core_list(allowed)}); pick cores from that list"
+        )
+    return cores
+
+
+def format_core_list(cores: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (for messages)."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cores):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

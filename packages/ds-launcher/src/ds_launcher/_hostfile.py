@@ -42,7 +42,11 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> dict[str, int]:
     """
     hosts: dict[str, int] = {}
     first_line: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at '\n' only (and '\r\n'), so the line numbers in errors are the ones editors,
+    # grep and `sed -n Np` show; str.splitlines would also break at \v, \f, \x1c-\x1e, \x85,
+    # U+2028 and U+2029 and shift every later number.
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

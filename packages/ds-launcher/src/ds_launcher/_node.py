@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ds_launcher._devices import available_cores, parse_core_list, split_cores, visible_value
+from ds_launcher._devices import available_cores, core_pool, split_cores, visible_value
 from ds_launcher._plan import NodePlan, rank_env
 from ds_launcher._supervisor import Member, StdinMode
 
@@ -21,7 +21,8 @@ def core_shares(plan: NodePlan, local_world_size: int) -> list[tuple[int, ...]] 
     """Each local rank's cores under --bind_cores_to_rank, else None."""
     if not plan.bind_cores_to_rank:
         return None
-    pool = parse_core_list(plan.bind_core_list) if plan.bind_core_list else available_cores()
+    # Resolved on the node that runs the ranks: core ids and topology are per machine.
+    pool = core_pool(plan.bind_core_list, available_cores())
     return split_cores(pool, local_world_size)
 
 
