@@ -144,6 +144,60 @@ def test_deprecated_alias_warns():
     assert cfg.bf16.enabled
 
 
+def test_defaults_are_deepspeeds_documented_defaults():
+    """An empty section means DeepSpeed's documented defaults (docs/config-json)."""
+    cfg = DeepSpeedConfig.load({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}})
+    f = cfg.fp16
+    assert (f.loss_scale, f.initial_scale_power, f.loss_scale_window) == (0.0, 16, 1000)
+    assert (f.hysteresis, f.min_loss_scale, f.consecutive_hysteresis) == (2, 1.0, False)
+    assert cfg.steps_per_print == 10
+    assert cfg.gradient_clipping == 0.0  # 0 = no clipping
+    assert cfg.wall_clock_breakdown is False and cfg.bf16.enabled is False
+    assert cfg.zero_config().stage == 0
+    assert cfg.resolve_batch(1) == (1, 1, 1)  # gradient_accumulation_steps defaults to 1
+    assert (cfg.tensorboard.enabled, cfg.tensorboard.job_name) == (False, "DeepSpeedJobName")
+    assert (cfg.csv_monitor.enabled, cfg.comms_logger.enabled) == (False, False)
+    ac = cfg.activation_checkpointing
+    assert (ac.partition_activations, ac.cpu_checkpointing, ac.number_checkpoints) == (
+        False,
+        False,
+        None,
+    )
+
+
+def _warns(data: dict, match: str) -> DeepSpeedConfig:
+    with pytest.warns(DeprecationWarning, match=match):
+        return DeepSpeedConfig.load(_cfg(**data))
+
+
+def test_zero_optimization_true_is_a_deprecated_stage_1():
+    cfg = _warns({"zero_optimization": True}, r'"zero_optimization": true is deprecated')
+    assert cfg.zero_config().stage == 1
+    assert _warns({"zero_optimization": False}, "deprecated").zero_config().stage == 0
+
+
+def test_deprecated_zero_offload_flags_map_to_offload_sections():
+    cfg = _warns(
+        {"zero_optimization": {"stage": 2, "cpu_offload": True}},
+        r"'zero_optimization.cpu_offload' is deprecated; use \"offload_optimizer\"",
+    )
+    assert cfg.zero_config().offload_optimizer == {"device": "cpu"}
+    with pytest.warns(DeprecationWarning) as rec:
+        cfg = DeepSpeedConfig.load(_cfg(zero_optimization={"stage": 3, "cpu_offload_param": True,
+                                                           "cpu_offload_use_pin_memory": True}))  # fmt: skip
+    assert {"cpu_offload_param", "cpu_offload_use_pin_memory"} <= {
+        w.message.args[0].split("'")[1].split(".")[1] for w in rec
+    }
+    assert cfg.zero_config().offload_param == {"device": "cpu", "pin_memory": True}
+    assert _warns({"zero_optimization": {"stage": 2, "cpu_offload": False}}, "cpu_offload")\
+        .zero_config().offload_optimizer is None  # fmt: skip
+    cfg = _warns(
+        {"zero_optimization": {"stage": 3, "stage3_gather_fp16_weights_on_model_save": True}},
+        "use 'stage3_gather_16bit_weights_on_model_save'",
+    )
+    assert cfg.zero_config().stage3_gather_16bit_weights_on_model_save is True
+
+
 def test_ignored_known_sections_warn():
     with pytest.warns(UserWarning, match="flops_profiler"):
         DeepSpeedConfig.load(_cfg(flops_profiler={"enabled": False}))
@@ -169,7 +223,7 @@ BAD = [
     ({"fp16": {"initial_scale_power": 100}}, "fp16.initial_scale_power must be in 0..64"),
     ({"fp16": {"loss_scale_window": 0}}, "fp16.loss_scale_window must be >= 1"),
     ({"fp16": {"hysteresis": 0}}, "fp16.hysteresis must be >= 1"),
-    ({"fp16": {"min_loss_scale": -1}}, "fp16.min_loss_scale must be >= 0"),
+    ({"fp16": {"min_loss_scale": -1}}, "fp16.min_loss_scale must be > 0"),
     ({"fp16": True}, "fp16: expected a JSON object"),
     ({"bf16": {"enable": True}}, "bf16.enable: unknown key; did you mean 'enabled'"),
     ({"optimizer": {"params": {"lr": 1}}}, "optimizer.type"),
@@ -206,6 +260,17 @@ BAD = [
         "bfloat16 and its replacement bf16 are both set",
     ),
     ({"wandb": {"projetc": "x"}}, "wandb.projetc: unknown key; did you mean 'project'"),
+    ({"fp16": {"min_loss_scale": 0}}, "fp16.min_loss_scale must be > 0"),
+    ({"fp16": {"loss_scale": -1}}, "fp16.loss_scale must be >= 0 (0 = dynamic loss scaling)"),
+    (
+        {"zero_optimization": {"cpu_offload": True, "offload_optimizer": {"device": "cpu"}}},
+        "zero_optimization.cpu_offload and its replacement zero_optimization.offload_optimizer",
+    ),
+    ({"zero_optimization": {"cpu_offload": "yes"}}, "zero_optimization.cpu_offload must be true"),
+    (
+        {"fault_tolerance": {"comms_timeout": 0}},
+        "fault_tolerance.comms_timeout must be a positive number",
+    ),
 ]
 
 

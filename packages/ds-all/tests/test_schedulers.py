@@ -152,3 +152,50 @@ def test_build_scheduler_errors_name_the_key():
         build_scheduler("WarmupLR", _opt(), {"warmup_num_steps": 0})
     with pytest.raises(ValueError, match="total_num_steps"):
         build_scheduler("WarmupDecayLR", _opt(), {})
+
+
+def test_warmup_decay_and_cosine_with_log_warmup():
+    """DeepSpeed's default warmup_type is "log": gamma = log(it + 1) / log(warmup_num_steps)."""
+    opt = _opt()
+    s = WarmupDecayLR(opt, total_num_steps=12, warmup_min_lr=0.01, warmup_max_lr=0.1,
+                      warmup_num_steps=4)  # fmt: skip
+    for it, lr in enumerate(_lrs(s, opt, 14)):
+        gamma = math.log(it + 1) / math.log(4) if it < 4 else max(0.0, (12 - it) / 8)
+        assert lr == pytest.approx(0.01 + 0.09 * gamma, rel=1e-12), it
+    opt = _opt(lr=0.3)
+    s = WarmupCosineLR(opt, total_num_steps=12, warmup_min_ratio=0.2, warmup_num_steps=4)
+    for it, lr in enumerate(_lrs(s, opt, 12)):
+        if it < 4:
+            ratio = 0.2 + math.log(it + 1) / math.log(4) * 0.8
+        else:
+            ratio = 0.0001 + 0.9999 * (1 + math.cos(math.pi * (it - 3) / 8)) / 2
+        assert lr == pytest.approx(0.3 * ratio, rel=1e-12), it
+
+
+def test_defaults_are_deepspeeds():
+    """WarmupLR() as DeepSpeed documents it: 0 -> 0.001 over 1000 steps, log warmup; a warmup
+    of one step is clamped to two (log(1) = 0)."""
+    opt = _opt()
+    s = build_scheduler("WarmupLR", opt, {})
+    assert opt.param_groups[0]["lr"] == 0.0
+    s.step(last_batch_iteration=99)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001 * math.log(100) / math.log(1000))
+    s.step(last_batch_iteration=5000)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    s = WarmupLR(opt, warmup_max_lr=0.1, warmup_num_steps=1, warmup_type="linear")
+    assert _lrs(s, opt, 3) == pytest.approx([0.0, 0.05, 0.1])
+
+
+def test_one_cycle_staircase():
+    """cycle_first_stair_count stairs: the lr only takes the values min + (max - min) * k / N,
+    each the continuous 1Cycle value rounded down to its stair."""
+    opt = _opt()
+    n = 4
+    s = OneCycle(opt, cycle_min_lr=0.0, cycle_max_lr=0.8, cycle_first_step_size=8,
+                 cycle_first_stair_count=n, cycle_momentum=False)  # fmt: skip
+    got = _lrs(s, opt, 16)
+    for it, lr in enumerate(got):
+        x = (it + 1) / 16 - math.floor((it + 1) / 16)
+        scale = x / 0.5 if x <= 0.5 else (x - 1) / (0.5 - 1)
+        assert lr == pytest.approx(0.8 * math.floor(scale * n + 1e-9) / n, abs=1e-12), it
+    assert len(set(round(v, 12) for v in got)) == n + 1  # 0, 0.2, 0.4, 0.6, 0.8

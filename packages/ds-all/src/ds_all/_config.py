@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,11 +46,19 @@ class FP16Section(Section):
             raise ConfigError(f"fp16.{info.field_name} must be >= 1, got {v}")
         return v
 
-    @field_validator("loss_scale", "min_loss_scale")
+    @field_validator("loss_scale")
     @classmethod
-    def _non_negative(cls, v: float, info: Any) -> float:
+    def _non_negative(cls, v: float) -> float:
         if v < 0:
-            raise ConfigError(f"fp16.{info.field_name} must be >= 0, got {v}")
+            raise ConfigError(f"fp16.loss_scale must be >= 0 (0 = dynamic loss scaling), got {v}")
+        return v
+
+    @field_validator("min_loss_scale")
+    @classmethod
+    def _positive_floor(cls, v: float) -> float:
+        # ds-zero's dynamic scaler halves down to this floor; 0 would let the scale reach 0.
+        if v <= 0:
+            raise ConfigError(f"fp16.min_loss_scale must be > 0, got {v}")
         return v
 
 
@@ -242,9 +251,18 @@ class DeepSpeedConfig(Section):
     def _zero(cls, v: Any) -> Any:
         if v is None:
             return {}
+        if isinstance(v, bool):
+            # DeepSpeed's oldest form: `"zero_optimization": true` means stage 1 (false: 0).
+            warnings.warn(
+                f'config key "zero_optimization": {str(v).lower()} is deprecated; use '
+                f'"zero_optimization": {{"stage": {int(v)}}}',
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return {"stage": int(v)}
         if not isinstance(v, dict):
             raise ConfigError(f"zero_optimization: expected a JSON object, got {v!r}")
-        return v
+        return _zero_deprecated(v)
 
     @field_validator("amp")
     @classmethod
@@ -354,6 +372,50 @@ class DeepSpeedConfig(Section):
                 f"batch sizes resolved to micro={m}, accumulation={g}; both must be >= 1"
             )
         return t, m, g
+
+
+#: DeepSpeed's deprecated zero_optimization keys: (old) -> (replacement, how the value maps).
+#: ds-zero knows only the current names, so they are translated here, with a warning.
+_ZERO_OFFLOAD_FLAGS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
+
+
+def _zero_deprecated(section: dict[str, Any]) -> dict[str, Any]:
+    out = dict(section)
+
+    def warn(old: str, new: str) -> None:
+        warnings.warn(
+            f"config key 'zero_optimization.{old}' is deprecated; use {new}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+
+    for old, new in _ZERO_OFFLOAD_FLAGS.items():
+        if old not in out:
+            continue
+        flag = out.pop(old)
+        warn(old, f'"{new}": {{"device": "cpu"}}')
+        if not isinstance(flag, bool):
+            raise ConfigError(f"zero_optimization.{old} must be true or false, got {flag!r}")
+        if flag:
+            if out.get(new):
+                raise ConfigError(f"zero_optimization.{old} and its replacement "
+                                  f"zero_optimization.{new} are both set; keep only {new!r}")  # fmt: skip
+            out[new] = {"device": "cpu"}
+    if "cpu_offload_use_pin_memory" in out:
+        pin = out.pop("cpu_offload_use_pin_memory")
+        warn("cpu_offload_use_pin_memory", '"pin_memory" inside offload_optimizer / offload_param')
+        for new in _ZERO_OFFLOAD_FLAGS.values():
+            if isinstance(out.get(new), dict):
+                out[new] = {**out[new], "pin_memory": bool(pin)}
+    old = "stage3_gather_fp16_weights_on_model_save"
+    if old in out:
+        new = "stage3_gather_16bit_weights_on_model_save"
+        warn(old, repr(new))
+        if new in out:
+            raise ConfigError(f"zero_optimization.{old} and its replacement zero_optimization.{new} "
+                              f"are both set; keep only {new!r}")  # fmt: skip
+        out[new] = out.pop(old)
+    return out
 
 
 def _owned(model: Any, data: dict[str, Any], path: str) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +117,11 @@ class DeepSpeedEngine(nn.Module):
         )  # fmt: skip
         self.module = model
         self.optimizer = basic
+        offload_param = config.zero_config().offload_param or {}
+        if offload_param.get("device", "none") not in ("none", None):
+            warnings.warn("zero_optimization.offload_param is validated but not applied by ds_all "
+                          "yet: parameters stay on the device (offload_optimizer is applied)",
+                          UserWarning, stacklevel=3)  # fmt: skip
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.timers = Timers(config.wall_clock_breakdown)
         self.monitor = MonitorMaster(config, self.global_rank)

@@ -86,6 +86,12 @@ def initialize(
         # issue 12: fault_tolerance.comms_timeout (seconds) is the collective timeout
         init_distributed(timeout=cfg.fault_tolerance.comms_timeout)
     dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+    if cfg.activation_checkpointing.cpu_checkpointing:
+        # The config's section takes effect without a separate checkpointing.configure() call;
+        # only when set, so that a script's own configure(...) is not reset by a default config.
+        from ds_all import checkpointing
+
+        checkpointing.configure(deepspeed_config=cfg)
     if _is_pipeline(model):
         from ds_all._pipe_engine import PipelineEngine
 

@@ -36,6 +36,33 @@ def _from_module(module: str, name: str) -> type | None:
     return getattr(mod, name, None)
 
 
+#: Parameters of DeepSpeed's own optimizer classes (FusedAdam, FusedLamb, FusedLion) that the
+#: classes used here do not take. ``None``: any value, no effect (ds-zero sets gradients to None
+#: itself); otherwise only that value is accepted (what the classes here always do), and another
+#: value is an error with the fix, instead of being dropped silently.
+_DS_ONLY_PARAMS: dict[str, dict[str, Any]] = {
+    "adam": {"bias_correction": True, "set_grad_none": None},
+    "lamb": {"max_grad_norm": 0.0, "eps_inside_sqrt": False, "amsgrad": False},
+    "lion": {"set_grad_none": None},
+}
+_DS_ONLY_FIX = {
+    "bias_correction": "torch's Adam/AdamW always apply bias correction; remove the key",
+    "max_grad_norm": 'clip with the top-level "gradient_clipping" instead',
+    "eps_inside_sqrt": "remove the key (eps is added outside the square root)",
+    "amsgrad": "remove the key",
+}
+
+
+def _pop_ds_only(key: str, params: dict[str, Any], type_name: str) -> None:
+    for name, only in _DS_ONLY_PARAMS.get(key, {}).items():
+        if name not in params:
+            continue
+        value = params.pop(name)
+        if only is not None and value != only:
+            raise ConfigError(f"optimizer.params.{name}={value!r} is not supported for "
+                              f"{type_name}; {_DS_ONLY_FIX[name]}")  # fmt: skip
+
+
 def _check_params(cls: Any, params: dict[str, Any], type_name: str) -> None:
     sig = inspect.signature(cls.__init__)
     if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
@@ -67,12 +94,14 @@ def build_optimizer(type_name: str, params: dict[str, Any], model_parameters: It
         )
         params.pop("torch_adam", None)
         params.pop("fused", None)
+        _pop_ds_only("adam", params, type_name)
         cls = torch.optim.AdamW if (adam_w_mode or key == "adamw") else torch.optim.Adam
         if device_type == "cuda":
             params.setdefault("fused", True)
         _check_params(cls, params, type_name)
         return cls(model_parameters, **params)
     if key in ("lamb", "lion"):
+        _pop_ds_only(key, params, type_name)
         cls = _from_module("ds_kernels", "FusedLamb" if key == "lamb" else "FusedLion")
         if cls is None:
             raise ConfigError(

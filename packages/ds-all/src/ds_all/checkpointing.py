@@ -23,9 +23,12 @@ def configure(mpu_: Any = None, deepspeed_config: Any = None, partition_activati
     """DeepSpeed's signature; the settings that apply here are the CPU placement flags."""
     del mpu_, partition_activations, contiguous_checkpointing, num_checkpoints, synchronize, profile
     if deepspeed_config is not None:
-        section = getattr(deepspeed_config, "activation_checkpointing", None)
-        if section is not None:
-            _settings["cpu_checkpointing"] = bool(section.cpu_checkpointing)
+        # As DeepSpeed: Megatron-style scripts pass the JSON path (args.deepspeed_config); a dict
+        # or a loaded DeepSpeedConfig works too. The file's errors name its keys as usual.
+        from ds_all._config import DeepSpeedConfig
+
+        section = DeepSpeedConfig.load(deepspeed_config).activation_checkpointing
+        _settings["cpu_checkpointing"] = bool(section.cpu_checkpointing)
     for flag in (checkpoint_in_cpu, cpu_checkpointing):
         if flag is not None:
             _settings["cpu_checkpointing"] = bool(flag)
