@@ -298,3 +298,34 @@ def test_training_matches_single_process_ddp_style_and_under_zero(world_size):
             got = _mean_over_ranks(loss)
             torch.testing.assert_close(got, clipped_losses[step], rtol=1e-5, atol=1e-6,
                                        msg=f"stage {stage} ep {ep} step {step}")  # fmt: skip
+        _check_state_partitioned(zero, net, ep, world_size)
+
+
+def _check_state_partitioned(zero, net, ep, world_size):
+    """ZeRO holds each element of master weights and optimizer state once per reduction group:
+    expert parameters once per expert-data-parallel group (of world/ep ranks, whose members
+    hold the same experts), dense ones once over the whole world; with more than one rank in
+    that group no rank holds all of it."""
+    import torch.distributed as dist
+
+    params = dict(net.named_parameters())
+    names = sorted(params)
+    kinds = ("master", "state")
+    held = torch.zeros(len(kinds), len(names))
+    for f in zero.state_fragments():
+        kind = 0 if f.name in params else 1
+        pname = f.name if kind == 0 else f.name.split(".", 2)[2]  # optimizer.<key>.<param>
+        held[kind, names.index(pname)] += f.numel
+    # SGD with momentum: one optimizer tensor (momentum_buffer) per parameter
+    numel = torch.tensor([float(params[n].numel()) for n in names])
+    expert = torch.tensor([ds_moe.is_moe_param(params[n]) for n in names])
+    assert expert.any() and (~expert).any()
+    over_world, over_edp = held.clone(), held.clone()
+    dist.all_reduce(over_world)
+    dist.all_reduce(over_edp, group=ds_moe.get_expert_data_parallel_group(f"ep_size_{ep}"))
+    for kind in range(len(kinds)):
+        torch.testing.assert_close(over_edp[kind][expert], numel[expert], msg=kinds[kind])
+        torch.testing.assert_close(over_world[kind][~expert], numel[~expert], msg=kinds[kind])
+    if world_size // ep > 1:  # partitioned, not replicated, inside the expert-dp group
+        assert held[:, expert].sum() < 2 * numel[expert].sum()
+    assert held[:, ~expert].sum() < 2 * numel[~expert].sum()

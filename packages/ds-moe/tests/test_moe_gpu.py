@@ -61,8 +61,13 @@ def test_layer_on_cuda_matches_reference(k):
     torch.testing.assert_close(out32, ref, rtol=1e-3, atol=1e-3)  # fp32 (TF32 off by default)
     torch.testing.assert_close(aux32, ref_aux)
     assert torch.equal(counts, ref_counts.cpu())
-    out16, _, _ = moe.to(torch.bfloat16)(x.to(torch.bfloat16))
-    torch.testing.assert_close(out16.float(), ref, rtol=5e-2, atol=5e-2)
+    # bf16: against the reference of the bf16 layer itself. Rounding the weights moves some
+    # tokens across capacity limits, so the fp32 reference routes (and drops) other tokens.
+    moe16, x16 = moe.to(torch.bfloat16), x.to(torch.bfloat16)
+    ref16, _, counts16, _ = dense_moe(moe16, x16)
+    out16, _, got_counts16 = moe16(x16)
+    assert torch.equal(got_counts16, counts16.cpu())
+    torch.testing.assert_close(out16.float(), ref16.float(), rtol=5e-2, atol=5e-2)
     assert not keep.all()  # capacity 1.0 drops some tokens on a random router
 
 

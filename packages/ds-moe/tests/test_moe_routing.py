@@ -148,6 +148,9 @@ def test_config_errors_name_the_argument(kwargs, match):
 
 def test_noisy_policy_parse():
     assert ds_moe.NoisyGatePolicy.parse(None) is ds_moe.NoisyGatePolicy.NONE
+    assert ds_moe.NoisyGatePolicy.parse("None") is ds_moe.NoisyGatePolicy.NONE  # DeepSpeed's
+    layer = ds_moe.MoE(4, torch.nn.Linear(4, 4), num_experts=2, noisy_gate_policy="None")
+    assert layer.gate.config.noisy_gate_policy is ds_moe.NoisyGatePolicy.NONE
     assert ds_moe.NoisyGatePolicy.parse("Jitter") is ds_moe.NoisyGatePolicy.JITTER
     assert ds_moe.NoisyGatePolicy.parse("RSample") is ds_moe.NoisyGatePolicy.RSAMPLE
     with pytest.raises(ValueError, match="'Jitter' or 'RSample'"):

@@ -31,16 +31,64 @@ def test_pipe_data_topology_puts_replicas_on_neighbouring_ranks():
     assert topo.axis_groups("pipe") == [[0, 2], [1, 3]]
     assert topo.axis_groups("data") == [[0, 1], [2, 3]]
     assert topo.filter_match(pipe=1) == [2, 3]
-    assert topo.get_dim("model") == 1
+    assert topo.get_dim("model") == 0  # DeepSpeed: 0 for an axis the topology lacks
 
 
 def test_3d_topology_round_trips_every_rank():
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
-    assert topo.world_size == 12
+    assert topo.world_size() == 12
     for r in range(12):
         assert topo.get_rank(**topo.get_coord(r)._asdict()) == r
     assert topo.get_coord(1).model == 1 and topo.get_coord(2).data == 1
     assert all(len(g) == 2 for g in topo.axis_groups("pipe"))
+
+
+def test_topology_answers_as_deepspeeds_process_topology():
+    # the examples of DeepSpeed's ProcessTopology docstrings, answer for answer
+    xy = ProcessTopology(axes=["x", "y"], dims=[2, 3])
+    assert xy.get_rank(x=0, y=1) == 1 and xy.get_dim("y") == 3
+    assert (xy.get_coord(rank=1).x, xy.get_coord(rank=1).y) == (0, 1)
+    assert xy.get_axis_list(axis="x", idx=0) == [0, 1, 2]
+    assert xy.get_axis_list(axis="y", idx=0) == [0, 3]
+    assert xy.get_axis_names() == ["x", "y"] and xy.world_size() == 6
+    ab = ProcessTopology(axes=["a", "b"], dims=[2, 2])
+    assert ab.get_rank_repr(rank=3) == "a_01-b_01"
+    assert ab.get_rank_repr(rank=3, omit_axes=["a"]) == "b_01"
+    pdm = ProcessTopology(axes=["pipe", "data", "model"], dims=[2, 2, 2])
+    assert pdm.get_axis_comm_lists("pipe") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert pdm.get_axis_comm_lists("tensor") == []
+    assert pdm.filter_match(pipe=0, data=1) == [2, 3]
+    # the default checkpoint name of a rank keeps only the model (tensor-slice) axis
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)
+    assert [topo.get_rank_repr(r) for r in range(4)] == ["model_00", "model_01"] * 2
+    with pytest.raises(ValueError, match="no axis"):
+        pdm.get_axis_list("tensor", 0)
+    with pytest.raises(ValueError, match="no axis"):
+        pdm.filter_match(stage=0)
+
+
+def test_grid_groups_and_mpu_interface_without_a_process_group():
+    from ds_pipe import PipelineGrid
+
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)  # ranks: pipe, data, model
+    g = PipelineGrid(topo, rank=5)  # pipe 1, data 0, model 1
+    assert (g.stage_id, g.data_parallel_id, g.model_parallel_id) == (1, 0, 1)
+    assert g.pipe_ranks == [1, 5] and g.data_parallel_ranks == [5, 7]
+    assert g.model_parallel_ranks == [0, 1, 4, 5]  # one whole replica (DeepSpeed's meaning)
+    assert g.slice_parallel_ranks == [4, 5]  # the tensor-parallel peers
+    assert g.stage_to_global(0) == 1
+    assert g.stage_to_global(0, data=1) == 3 and g.stage_to_global(1, model=0) == 4
+    with pytest.raises(ValueError, match="no axis"):
+        g.stage_to_global(0, tensor=1)
+    assert (g.get_pipe_parallel_rank(), g.get_pipe_parallel_world_size()) == (1, 2)
+    assert (g.get_data_parallel_rank(), g.get_data_parallel_world_size()) == (0, 2)
+    assert (g.get_model_parallel_rank(), g.get_model_parallel_world_size()) == (3, 4)
+    assert (g.get_slice_parallel_rank(), g.get_slice_parallel_world_size()) == (1, 2)
+    assert g.get_global_rank() == 5 and g.is_last_stage and not g.is_first_stage
+    # a topology without a data or model axis still has size-1 axes in the grid
+    flat = PipelineGrid(ProcessTopology(["pipe"], [4]), rank=2)
+    assert (flat.data_parallel_size, flat.model_parallel_size) == (1, 1)
+    assert flat.data_parallel_ranks == [2] and flat.slice_parallel_ranks == [2]
 
 
 def test_topology_errors_name_the_problem():
@@ -63,6 +111,33 @@ def test_balanced_boundaries_minimise_the_heaviest_stage():
     assert balanced_boundaries([0, 0, 0, 4], 3) == [0, 1, 2, 4]
     with pytest.raises(PartitionError, match="cannot split 2 layers into 3 stages"):
         balanced_boundaries([1, 1], 3)
+
+
+def test_uniform_partition_is_deepspeeds():
+    # DeepSpeed's partition_uniform: the spare layers go one each to the first stages
+    from ds_pipe._partition import partition
+
+    layers = [LayerSpec(Block) for _ in range(10)]
+    assert partition(layers[:7], 3, "uniform") == [0, 3, 5, 7]
+    assert partition(layers, 4, "uniform") == [0, 3, 6, 8, 10]
+    assert partition(layers[:8], 4, "UNIFORM") == [0, 2, 4, 6, 8]
+    with pytest.raises(PartitionError, match="cannot split 2 layers into 3 stages"):
+        partition(layers[:2], 3, "uniform")
+
+
+class NeedsStorage(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.scale = float(
+            self.weight.detach().sum()
+        )  # reads values: impossible on the meta device
+
+
+def test_parameter_counting_failure_names_the_layer_and_the_fix():
+    layers = [LayerSpec(Block), LayerSpec(NeedsStorage), LayerSpec(Block)]
+    with pytest.raises(PartitionError, match=r"layers\[1\] \(NeedsStorage\).*'uniform'"):
+        PipelineModule(layers, num_stages=1)
+    assert PipelineModule(layers, num_stages=1, partition_method="uniform").parts == [0, 3]
 
 
 def test_partition_methods():

@@ -18,7 +18,8 @@ class NoisyGatePolicy(enum.Enum):
 
     @classmethod
     def parse(cls, value: str | NoisyGatePolicy | None) -> NoisyGatePolicy:
-        if value is None:
+        # DeepSpeed's MoE accepts the string "None" as well as None (config files spell it so)
+        if value is None or value == "None":
             return cls.NONE
         if isinstance(value, NoisyGatePolicy):
             return value
@@ -26,7 +27,7 @@ class NoisyGatePolicy(enum.Enum):
             if member is not cls.NONE and value == member.value:
                 return member
         raise ValueError(
-            f"noisy_gate_policy={value!r} is not known; use None, 'Jitter' or 'RSample'"
+            f"noisy_gate_policy={value!r} is not known; use None (or 'None'), 'Jitter' or 'RSample'"
         )
 
 

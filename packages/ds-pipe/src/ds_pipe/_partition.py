@@ -28,12 +28,12 @@ def layer_weights(layers: Sequence[object], method: str) -> list[float]:
     if method_l == "parameters":
         seen: set[str] = set()
         weights = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             if isinstance(layer, TiedLayerSpec):
-                weights.append(0.0 if layer.key in seen else float(layer.count_parameters()))
+                weights.append(0.0 if layer.key in seen else _count(layer, i))
                 seen.add(layer.key)
             elif isinstance(layer, LayerSpec):
-                weights.append(float(layer.count_parameters()))
+                weights.append(_count(layer, i))
             elif isinstance(layer, nn.Module):
                 weights.append(float(sum(p.numel() for p in layer.parameters() if p.requires_grad)))
             else:
@@ -52,6 +52,18 @@ def layer_weights(layers: Sequence[object], method: str) -> list[float]:
         f"unknown partition_method {method!r}; use 'parameters', 'uniform', 'type:REGEX' "
         "or a list of stage boundaries"
     )
+
+
+def _count(spec: LayerSpec, index: int) -> float:
+    """Parameters of ``spec`` built on the meta device (every rank counts every layer)."""
+    try:
+        return float(spec.count_parameters())
+    except Exception as e:  # a constructor that reads data or needs real storage
+        raise PartitionError(
+            f"partition_method='parameters' counts parameters by building layers[{index}] "
+            f"({spec.name}) on the meta device, which failed ({type(e).__name__}: {e}); use "
+            "partition_method='uniform', 'type:REGEX' or explicit boundaries for this model"
+        ) from e
 
 
 def _layer_name(layer: object) -> str:
@@ -115,4 +127,24 @@ def partition(layers: Sequence[object], num_parts: int, method: str | Sequence[i
                 f"to {len(layers)} (one non-empty range per stage)"
             )
         return bounds
+    if method.lower() == "uniform":
+        return uniform_boundaries(len(layers), num_parts)
     return balanced_boundaries(layer_weights(layers, method), num_parts)
+
+
+def uniform_boundaries(num_layers: int, num_parts: int) -> list[int]:
+    """``num_layers // num_parts`` layers per stage, the remainder one each to the first stages.
+
+    DeepSpeed's ``partition_uniform``: a model partitioned ``"uniform"`` here puts every layer
+    on the same stage as under DeepSpeed (a balanced cut of equal weights is also optimal, but
+    would give the spare layers to the last stages instead).
+    """
+    if num_parts < 1:
+        raise PartitionError(f"number of stages must be >= 1, got {num_parts}")
+    if num_layers < num_parts:
+        raise PartitionError(
+            f"cannot split {num_layers} layers into {num_parts} stages: every stage needs a "
+            "layer; use fewer stages (or virtual stages) or more layers"
+        )
+    size, extra = divmod(num_layers, num_parts)
+    return [i * size + min(i, extra) for i in range(num_parts + 1)]

@@ -438,9 +438,21 @@ class PipelineRuntime:
     def _reduce_gradients(self) -> None:
         for key, (group, _) in self.tie_groups.items():
             if group is not None:
-                all_reduce_bucketed(
-                    list(self.module.tied[key].parameters()), group, self.reduce_bucket_bytes
-                )
+                params = list(self.module.tied[key].parameters())
+                trainable = [p for p in params if p.requires_grad]
+                if trainable and all(p.grad is None for p in trainable):
+                    # Every stage holding an occurrence used it in each forward, so its grads
+                    # exist unless a hook took them during backward (ds-zero's reducer does):
+                    # summing over the tie group now would silently sum zeros.
+                    raise RuntimeError(
+                        f"tied module {key!r} has no gradients after the last backward on rank "
+                        f"{self.grid.global_rank}: a gradient hook (e.g. ds-zero wrapping this "
+                        "module) consumed them before ds-pipe could sum them over the stages "
+                        "holding the tie; ZeRO inside pipeline stages does not support "
+                        "TiedLayerSpec yet: untie the layers, or use reduce_data_parallel=True "
+                        "with a plain optimizer"
+                    )
+                all_reduce_bucketed(params, group, self.reduce_bucket_bytes)
         if self.reduce_data_parallel and self.grid.data_parallel_size > 1:
             all_reduce_bucketed(
                 [p for p in self.module.parameters() if p.requires_grad],

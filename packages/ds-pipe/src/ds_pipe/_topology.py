@@ -29,17 +29,24 @@ class ProcessTopology:
         self.Coord = NamedTuple("Coord", [(a, int) for a in self.axes])  # type: ignore[misc]
         self._coords = [self.Coord(*c) for c in itertools.product(*(range(d) for d in self.dims))]
 
-    @property
+    # DeepSpeed's ProcessTopology API (world_size() is a method there, so it is one here:
+    # code written against DeepSpeed's topology runs unchanged).
+
     def world_size(self) -> int:
         return len(self._coords)
 
+    def get_axis_names(self) -> list[str]:
+        return list(self.axes)
+
     def get_dim(self, axis: str) -> int:
-        """Size of ``axis``; 1 for an axis the topology does not have."""
-        return self.dims[self.axes.index(axis)] if axis in self.axes else 1
+        """Size of ``axis``; 0 for an axis the topology does not have (as DeepSpeed)."""
+        return self.dims[self.axes.index(axis)] if axis in self.axes else 0
 
     def get_coord(self, rank: int):  # -> self.Coord
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} is outside the topology (world size {self.world_size})")
+        if not 0 <= rank < self.world_size():
+            raise ValueError(
+                f"rank {rank} is outside the topology (world size {self.world_size()})"
+            )
         return self._coords[rank]
 
     def get_rank(self, **coords: int) -> int:
@@ -54,8 +61,37 @@ class ProcessTopology:
             rank = rank * dim + c
         return rank
 
+    def get_rank_repr(
+        self,
+        rank: int,
+        omit_axes: Sequence[str] = ("data", "pipe"),
+        inner_sep: str = "_",
+        outer_sep: str = "-",
+    ) -> str:
+        """``"model_01"``-style name of ``rank``'s coordinates without ``omit_axes``.
+
+        DeepSpeed names per-slice checkpoint files with it, so the same strings come out here.
+        """
+        coord = self.get_coord(rank)
+        return outer_sep.join(
+            f"{a}{inner_sep}{getattr(coord, a):02d}" for a in self.axes if a not in set(omit_axes)
+        )
+
+    def get_axis_list(self, axis: str, idx: int) -> list[int]:
+        """Ranks whose coordinate along ``axis`` is ``idx``."""
+        if axis not in self.axes:
+            raise ValueError(f"{self} has no axis {axis!r}; its axes are {list(self.axes)}")
+        return self.filter_match(**{axis: idx})
+
+    def get_axis_comm_lists(self, axis: str) -> list[list[int]]:
+        """Groups of ranks differing only along ``axis`` ([] for a missing axis, as DeepSpeed)."""
+        return self.axis_groups(axis) if axis in self.axes else []
+
     def filter_match(self, **coords: int) -> list[int]:
         """Ranks whose coordinates match every given axis value."""
+        unknown = sorted(set(coords) - set(self.axes))
+        if unknown:
+            raise ValueError(f"{self} has no axis {unknown}; its axes are {list(self.axes)}")
         return [
             r
             for r, c in enumerate(self._coords)
@@ -65,7 +101,7 @@ class ProcessTopology:
     def axis_groups(self, axis: str) -> list[list[int]]:
         """Ranks that differ only along ``axis``, one list per combination of the other axes."""
         if axis not in self.axes:
-            return [[r] for r in range(self.world_size)]
+            return [[r] for r in range(self.world_size())]
         others = [a for a in self.axes if a != axis]
         groups: dict[tuple[int, ...], list[int]] = {}
         for r, c in enumerate(self._coords):
