@@ -3,6 +3,7 @@
     nox                       lint, boundaries, isolation and every package's tests (what CI runs)
     nox -s "tests(package='ds-zero')"   one package's tests
     nox -s demo               the main job: a small GPT on 2 CPU ranks (needs ds-all)
+    nox -s bench -- NAME...   CPU benchmarks beside their peers (see CPU_BENCHES)
 
 torch is big (about 30 s to install per environment on 2 cores), so it is installed once into a
 base environment and exposed to every package environment through a ``.pth`` file: each package
@@ -177,6 +178,52 @@ def lint(session: nox.Session) -> None:
     session.install("-q", "ruff==0.17.6")
     session.run("ruff", "check", str(ROOT))
     session.run("ruff", "format", "--check", str(ROOT))
+
+
+# name -> the benchmark's argv (run from the repository root; "{tmp}" is a scratch directory on
+# the project's disk). Each writes benchmarks/results/<scenario>-<device>-<yyyymmdd>.json with the
+# peer measured in the same run.
+CPU_BENCHES: dict[str, list[str]] = {
+    "zero": ["benchmarks/zero/cpu_compare.py", "--steps", "30"],
+    "ckpt": ["benchmarks/ckpt/ckpt_bench.py", "cpu", "--gb", "1.5", "--dir", "{tmp}/ckpt"],
+    "aio": ["benchmarks/offload/aio_bench.py", "--dir", "{tmp}", "--device-name", "cpu-dev"],
+    "cpu-adam": ["benchmarks/kernels/cpu_adam_bench.py"],
+    "comm-logger": ["benchmarks/comm/logger_overhead.py"],
+    "launcher": ["benchmarks/launcher/bench_launch.py"],
+    "moe": [
+        *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        *("benchmarks/moe/moe_bench.py", "--device", "cpu", "--hidden", "256"),
+        *("--tokens", "4096", "--dtype", "fp32"),
+    ],
+    "fault": ["benchmarks/fault/run_fault_trials.py"],
+}
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The benchmarks that run on this machine's CPUs, each beside its peer (DeepSpeed 0.19.8,
+    torch, torchrun, dd) in the same run: `nox -s bench -- zero ckpt` (default: all of
+    CPU_BENCHES). GPU machines have no registry and no nox: there, run
+    `bash benchmarks/gpu_session.sh io moe offload tests` (see that script)."""
+    names = session.posargs or list(CPU_BENCHES)
+    unknown = [n for n in names if n not in CPU_BENCHES]
+    if unknown:
+        session.error(f"unknown benchmark(s) {unknown}; choose from {sorted(CPU_BENCHES)}")
+    _link_torch(session)
+    _install_local(session, _closure("ds-all", with_test=False), test_extra_of=None)
+    session.install("-q", "matplotlib", "deepspeed==0.19.8")
+    session.chdir(ROOT)
+    scratch = ROOT / ".nox" / "_bench_scratch"  # the project's disk: /tmp may be a tmpfs
+    session.run("rm", "-rf", str(scratch), external=True)
+    scratch.mkdir(parents=True)
+    for n in names:
+        session.log(f"benchmark {n}: results go to benchmarks/results/")
+        session.run(
+            "python",
+            *[a.format(tmp=scratch) for a in CPU_BENCHES[n]],
+            env={"DS_ACCELERATOR": "cpu"},
+        )
+    session.run("rm", "-rf", str(scratch), external=True)
 
 
 @nox.session(python=PYTHON)

@@ -218,3 +218,53 @@ def test_expert_params_reduced_over_their_own_group(world_size):
             mean /= 2 if group is not None else world_size
             torch.testing.assert_close(after[k], start[k] - mean, msg=k)
         zero.close()
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_norm_group_clips_by_the_norm_of_the_whole_model(world_size):
+    """Each rank holds a different half of a model (a pipeline of 2 stages, data parallel 1):
+    with norm_group the clipping coefficient comes from the norm over both halves, as clipping
+    the whole model in one process does; without it each half would be clipped on its own."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    halves = [nn.Linear(6, 5), nn.Linear(5, 3)]  # same values on both ranks
+    xs = torch.randn(4, 6)
+    ref = [nn.Linear(6, 5), nn.Linear(5, 3)]
+    for r, h in zip(ref, halves):
+        r.load_state_dict(h.state_dict())
+    out = ref[1](torch.tanh(ref[0](xs)))
+    (out.square().sum() * 10).backward()  # large gradients: clipping at 0.5 is active
+    params = [p for m in ref for p in m.parameters()]
+    total = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    assert total > 0.5
+    torch.optim.SGD(params, lr=0.1).step()
+
+    own = [dist.new_group([r]) for r in range(world_size)][rank]  # data parallel size 1
+    mine = halves[rank]
+    zero = ds_zero.wrap(
+        mine,
+        torch.optim.SGD(mine.parameters(), lr=0.1),
+        ds_zero.ZeroOptions(stage=1, gradient_clipping=0.5),
+        dp_group=own,
+        norm_group=dist.group.WORLD,
+    )
+    # the two-stage forward and backward by hand: stage 0 sends its activation, gets its grad
+    if rank == 0:
+        act = torch.tanh(zero(xs))
+        dist.send(act.detach(), 1)
+        g = torch.empty_like(act)
+        dist.recv(g, 1)
+        act.backward(g)  # the pipeline's own backward: loss scale and accumulation are 1
+    else:
+        act = torch.empty(4, 5)
+        dist.recv(act, 0)
+        act.requires_grad_(True)
+        loss = zero(act).square().sum() * 10
+        zero.backward(loss)
+        dist.send(act.grad, 0)
+    assert zero.step()
+    assert abs(zero.grad_norm - float(total)) < 1e-4 * float(total)
+    for name, p in mine.named_parameters():
+        want = dict(ref[rank].named_parameters())[name]
+        torch.testing.assert_close(p.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    zero.close()

@@ -1,5 +1,6 @@
 """The engine for ``PipelineModule`` models: ``train_batch`` / ``eval_batch`` over ds_pipe's
-runtime, with the config's optimizer, schedule, clipping and accumulation (micro-batches)."""
+runtime, with the config's optimizer, schedule, clipping and accumulation (micro-batches), and
+ds-zero stage 0 or 1 over each stage's data-parallel group (bf16 weights with fp32 masters)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import ds_zero
 from ds_accel import get_accelerator
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
+from ds_all._engine import _zero_options
 from ds_all._optimizers import build_optimizer
 from ds_all._schedulers import build_scheduler
 
@@ -39,12 +42,10 @@ class PipelineEngine(nn.Module):
         self.config = config
         self.module = model
         acc = get_accelerator()
-        grid = model.grid if hasattr(model, "grid") else None
-        self.dp_world = (
-            grid.data_parallel_size
-            if grid is not None and hasattr(grid, "data_parallel_size")
-            else 1
-        )
+        # DeepSpeed's PipelineModule carries its (pipe, data[, model]) topology: the batch
+        # triangle is over the data-parallel degree, not the world
+        topo = getattr(model, "topology", None)
+        self.dp_world = max(1, topo.get_dim("data")) if topo is not None else 1
         self._train_batch, self._micro, self._gas = config.resolve_batch(self.dp_world)
         if acc.name == "cuda":
             model.to(acc.current_device_name())
@@ -58,10 +59,36 @@ class PipelineEngine(nn.Module):
         elif callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(model_parameters or model.parameters())
         self.optimizer = optimizer
-        self.runtime = PipelineRuntime(
-            model, optimizer, micro_batches=self._gas, schedule=_SCHEDULES[config.pipeline.schedule],
-            max_grad_norm=config.gradient_clipping or None,
-        )  # fmt: skip
+        schedule = _SCHEDULES[config.pipeline.schedule]
+        stage = config.zero_config().stage
+        self.zero: ds_zero.Zero | None = None
+        if getattr(model, "tied", None):
+            # ds-zero takes gradients in backward hooks, before ds-pipe sums tied weights over
+            # their stages: tied models keep ds-pipe's own reduction, clipping and fp32 step
+            if stage == 1 or config.bf16.enabled:
+                raise ConfigError(
+                    "a PipelineModule with TiedLayerSpec trains with ZeRO stage 0 in fp32 only "
+                    f"(zero_optimization.stage is {stage}, bf16.enabled is "
+                    f"{config.bf16.enabled}): set stage 0 and bf16.enabled false, or untie the "
+                    "layers"
+                )
+            self.runtime = PipelineRuntime(
+                model, optimizer, micro_batches=self._gas, schedule=schedule,
+                max_grad_norm=config.gradient_clipping or None,
+            )  # fmt: skip
+        else:
+            # ds-zero does the data-parallel reduction (stage 0) or partitions the optimizer
+            # state over it (stage 1), keeps bf16 compute weights with fp32 masters, and clips
+            # by the norm over every stage (norm_group = this rank's pipeline)
+            self.runtime = PipelineRuntime(
+                model, None, micro_batches=self._gas, schedule=schedule,
+                reduce_data_parallel=False,
+            )  # fmt: skip
+            grid = self.runtime.grid
+            self.zero = ds_zero.wrap(
+                model, optimizer, _zero_options(config, self._gas),
+                dp_group=grid.data_parallel_group, norm_group=grid.pipe_group,
+            )  # fmt: skip
         self.lr_scheduler = (build_scheduler(config.scheduler.type, optimizer, config.scheduler.params)
                              if config.scheduler is not None and lr_scheduler is None else lr_scheduler)  # fmt: skip
         self.global_steps = 0
@@ -83,6 +110,8 @@ class PipelineEngine(nn.Module):
 
     def train_batch(self, data_iter: Any = None) -> torch.Tensor:
         loss = self.runtime.train_batch(data_iter)
+        if self.zero is not None:
+            self.zero.step()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_steps += 1

@@ -68,10 +68,14 @@ class Zero:
         *,
         dp_group: ProcessGroup | None = None,
         stepper: PartitionStepper | None = None,
+        norm_group: ProcessGroup | None = None,
     ) -> None:
         self.module = model
         self.options = options or ZeroOptions()
         self.dp_group = dp_group
+        # ranks holding *other* parameters of the same model (pipeline stages, tensor slices):
+        # the clipping norm is over the whole model, so their squared norms are added too
+        self.norm_group = norm_group
         self.world = group_size(dp_group)
         self.rank = group_rank(dp_group)
         opts = self.options
@@ -360,6 +364,8 @@ class Zero:
         sq = (torch.stack(norms).float().pow(2) * self._norm_weights).sum()
         if self.world > 1:
             dist.all_reduce(sq, group=self.dp_group)
+        if self.norm_group is not None and group_size(self.norm_group) > 1:
+            dist.all_reduce(sq, group=self.norm_group)
         return sq
 
     @torch.no_grad()
@@ -567,9 +573,17 @@ def wrap(
     *,
     dp_group: ProcessGroup | None = None,
     stepper: PartitionStepper | None = None,
+    norm_group: ProcessGroup | None = None,
 ) -> Zero:
-    """Wrap ``model`` (already on its device) and an ``optimizer`` built over its parameters."""
-    return Zero(model, optimizer, options, dp_group=dp_group, stepper=stepper)
+    """Wrap ``model`` (already on its device) and an ``optimizer`` built over its parameters.
+
+    ``dp_group``: the ranks holding replicas of these parameters (default: the world).
+    ``norm_group``: the ranks holding the rest of the model (pipeline stages), whose squared
+    gradient norms are added for clipping and overflow checks; None when this rank's module
+    is the whole model."""
+    return Zero(
+        model, optimizer, options, dp_group=dp_group, stepper=stepper, norm_group=norm_group
+    )
 
 
 __all__ = ["Phase", "Zero", "wrap"]
