@@ -54,3 +54,48 @@ def test_offload_with_non_adam_optimizer_is_a_config_error():
     cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     with pytest.raises(ds_all.ConfigError, match="offload_optimizer steps Adam/AdamW"):
         ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
+
+
+def _bf16_run(stage: int, offload: bool, steps: int = 3):
+    import ds_offload
+    import ds_zero
+
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": False}) if offload else None
+    zero = ds_zero.wrap(
+        model, opt, ds_zero.ZeroOptions(stage=stage, param_dtype=torch.bfloat16), stepper=stepper
+    )
+    before = zero.full_state_dict()
+    for step in range(steps):
+        x, y = batch(step, 4)
+        zero.backward(zero(x, y).float())
+        zero.step()
+    return zero, before
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_offload_masters_are_read_and_written_through_the_stepper(stage):
+    """bf16 compute weights: the fp32 masters live only in the offload stepper. full_state_dict
+    reads them there (it returned ZeRO's stale device copy before), load_full_state_dict and
+    GatheredParameters write there, and ZeRO's device copy is freed."""
+    import ds_zero
+
+    ref, _ = _bf16_run(stage, offload=False)
+    zero, before = _bf16_run(stage, offload=True)
+    got, want = zero.full_state_dict(), ref.full_state_dict()
+    assert any(not torch.equal(before[k], got[k]) for k in got), "masters never changed"
+    for k in want:  # CPU Adam against torch AdamW on the same fp32 masters
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert all(b.master.untyped_storage().size() == 0 for b in zero.trainable)
+    # a consolidated load lands in the stepper's masters and the bf16 weights
+    zero.load_full_state_dict(before)
+    after = zero.full_state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # a modification through GatheredParameters survives the next step's update source
+    w = zero.module.head.weight if hasattr(zero.module, "head") else next(zero.module.parameters())
+    with ds_zero.GatheredParameters([w], modifier_rank=0):
+        w.data.fill_(0.25)
+    name = next(n for n, p in zero.module.named_parameters() if p is w)
+    assert torch.equal(zero.full_state_dict()[name], torch.full_like(before[name], 0.25))

@@ -137,6 +137,12 @@ class OffloadStepper:
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
                 self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
+            if shard is not None and _sole_owner(part.master):
+                # the host copy is the master from now on; the device copy would be 4 bytes per
+                # parameter of dead memory (ZeRO reads masters through state_tensors, see
+                # masters_on_device). Not when shard is None: then the master is the parameter
+                # storage itself; not when the master is a view sharing its storage.
+                part.master.untyped_storage().resize_(0)
         if isinstance(self.store, NvmeStore):
             self.store.finish_setup()
         for part in self.partitions:
@@ -323,3 +329,12 @@ class OffloadStepper:
     def close(self) -> None:
         """Release host buffers and remove NVMe swap files."""
         self.store.close()
+
+
+def _sole_owner(t: torch.Tensor) -> bool:
+    """True when ``t`` spans its whole storage (freeing that storage frees nothing else)."""
+    return (
+        not t.is_meta
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )

@@ -96,10 +96,19 @@ class Bucket:
         self.grad_shard: torch.Tensor | None = None
         self.accum: torch.Tensor | None = None
         self.state = ParamsState.GATHERED
+        # Where the authoritative fp32 master lives when the optimizer-state holder keeps it off
+        # the device (offload): a getter of the live tensor and a commit to call after writing
+        # into it. None: ``self.master`` is authoritative.
+        self.master_source: Callable[[], torch.Tensor] | None = None
+        self.master_commit: Callable[[], None] | None = None
         self._work: object | None = None
         self._gaps = self._padding_ranges()
 
     # ---- construction -------------------------------------------------------------------
+    def live_master(self) -> torch.Tensor | None:
+        """The fp32 master partition to read or write (the stepper's when it holds it)."""
+        return self.master_source() if self.master_source is not None else self.master
+
     @property
     def trainable(self) -> bool:
         return self.optim_group is not None

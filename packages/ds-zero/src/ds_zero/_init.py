@@ -248,7 +248,8 @@ class GatheredParameters:
         if slot is None:
             return
         b, lay = slot.bucket, slot.bucket.layout
-        targets = [(b.master, b.master_range), (b.local_shard, lay.shard_range(b.rank))]
+        master = b.live_master() if b.trainable else None
+        targets = [(master, b.master_range), (b.local_shard, lay.shard_range(b.rank))]
         for target, (lo, hi) in targets:
             if target is None:
                 continue
@@ -256,3 +257,5 @@ class GatheredParameters:
             if hit is not None:
                 p_off, t_off, k = hit
                 target[t_off : t_off + k].copy_(value[p_off : p_off + k])
+        if master is not None and b.master_commit is not None:
+            b.master_commit()  # e.g. an NVMe-backed master is written back

@@ -48,7 +48,10 @@ class PartitionStepper(Protocol):
 
     masters_on_device: bool
     """True when ``partition.master`` stays a live on-device tensor (stage 3 then all-gathers
-    parameters from it and keeps no separate compute-dtype shard)."""
+    parameters from it and keeps no separate compute-dtype shard). False: after ``setup`` the
+    stepper owns the fp32 masters (it may free ``partition.master``'s memory where
+    ``param_shard`` is not None); ZeRO then reads and writes them only through
+    ``state_tensors`` (+ ``state_loaded``), and keeps a compute-dtype shard for stage 3."""
 
     def setup(
         self, partitions: Sequence[MasterPartition], group_options: Sequence[dict[str, Any]]

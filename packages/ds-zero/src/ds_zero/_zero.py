@@ -115,6 +115,11 @@ class Zero:
             for k, b in enumerate(self.trainable)
         ]
         self.stepper.setup(self.partitions, self._group_options)
+        if not self.stepper.masters_on_device:
+            # the stepper holds the fp32 masters (CPU / NVMe): read and write them through it
+            for k, b in enumerate(self.trainable):
+                b.master_source = lambda k=k: self.stepper.state_tensors(k)["master"].reshape(-1)
+                b.master_commit = self.stepper.state_loaded
         self.reducer = GradReducer(
             self._reduction_order(None),
             opts.reduce_dtype,
@@ -506,11 +511,12 @@ class Zero:
         out: dict[str, torch.Tensor] = {}
         for b in self.buckets:
             if b.trainable:
-                assert b.master is not None
-                full = b.master
+                master = b.live_master()
+                assert master is not None
+                full = master = master.to(b.device)
                 if b.shard_state and b.world > 1:
                     full = torch.empty(b.layout.padded_numel, device=b.device)
-                    dist.all_gather_into_tensor(full, b.master.contiguous(), group=b.group)
+                    dist.all_gather_into_tensor(full, master.contiguous(), group=b.group)
             else:
                 was = b.state
                 b.gather()
@@ -535,7 +541,7 @@ class Zero:
             raise KeyError(f"load_full_state_dict: missing keys {missing[:5]} (of {len(missing)})")
         for b in self.buckets:
             lay = b.layout
-            targets = [(b.master, b.master_range)]
+            targets = [(b.live_master() if b.trainable else None, b.master_range)]
             if b.local_shard is not None:
                 targets.append((b.local_shard, lay.shard_range(b.rank)))
             if not b.shard_params:
@@ -556,6 +562,8 @@ class Zero:
                         target[t_off : t_off + n].copy_(value[p_off : p_off + n])
         for p in self._unbucketed:
             p.copy_(state[self.names[id(p)]])
+        if not self.stepper.masters_on_device:
+            self.stepper.state_loaded()  # NVMe-backed masters are written back
 
     def close(self) -> None:
         """Remove hooks (the module keeps its flat-buffer parameters)."""
