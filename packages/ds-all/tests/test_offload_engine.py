@@ -99,3 +99,49 @@ def test_bf16_offload_masters_are_read_and_written_through_the_stepper(stage):
         w.data.fill_(0.25)
     name = next(n for n, p in zero.module.named_parameters() if p is w)
     assert torch.equal(zero.full_state_dict()[name], torch.full_like(before[name], 0.25))
+
+
+def _stage3_run(offload_param: dict | None, offload_optimizer: bool):
+    import ds_all
+
+    torch.manual_seed(0)
+    cfg = config(3, 4)
+    zo = cfg["zero_optimization"]
+    zo["stage3_param_persistence_threshold"] = 0  # every parameter is partitioned
+    if offload_param is not None:
+        zo["offload_param"] = offload_param
+    if offload_optimizer:
+        zo["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    engine, _, _, _ = ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
+    losses = []
+    for step in range(3):
+        x, y = batch(step, 4)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return engine, losses
+
+
+@pytest.mark.parametrize("offload_optimizer", [False, True])
+def test_offload_param_cpu_keeps_stage3_shards_on_the_host(offload_optimizer):
+    ref, ref_losses = _stage3_run(None, offload_optimizer)
+    engine, losses = _stage3_run({"device": "cpu", "pin_memory": False}, offload_optimizer)
+    assert engine.zero.options.host_param_shards
+    assert all(b.local_shard.device.type == "cpu" for b in engine.zero.buckets if b.shard_params)
+    assert losses == ref_losses
+    want = ref.zero.full_state_dict()
+    for k, v in engine.zero.full_state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_offload_param_needs_stage_3_and_nvme_falls_back_to_cpu():
+    import ds_all
+
+    cfg = config(2, 4)
+    cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    with pytest.raises(ds_all.ConfigError, match=r"offload_param\.device is 'cpu' with .*stage 2"):
+        ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
+    with pytest.warns(UserWarning, match="kept in CPU memory instead"):
+        engine, _ = _stage3_run({"device": "nvme", "nvme_path": "/tmp"}, False)
+    assert engine.zero.options.host_param_shards

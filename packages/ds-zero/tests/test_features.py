@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -268,3 +269,28 @@ def test_norm_group_clips_by_the_norm_of_the_whole_model(world_size):
         want = dict(ref[rank].named_parameters())[name]
         torch.testing.assert_close(p.detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
     zero.close()
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_host_param_shards_train_like_device_shards(world_size):
+    """Stage 3 with each rank's parameter shard in host memory (offload_param: cpu): the same
+    losses and weights as shards on the device, bitwise in fp32 and in bf16; the host shard is
+    its own storage, never a view of the gathered buffer."""
+    from zero_helpers import train_zero
+
+    for dtype in (torch.float32, torch.bfloat16):
+        base = dict(stage=3, param_dtype=dtype, param_persistence_threshold=0)
+        ref_losses, ref = train_zero(ds_zero.ZeroOptions(**base), steps=3)
+        losses, zero = train_zero(ds_zero.ZeroOptions(**base, host_param_shards=True), steps=3)
+        assert losses == ref_losses
+        want, got = ref.full_state_dict(), zero.full_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        sharded = [b for b in zero.buckets if b.shard_params]
+        assert sharded and all(b.host_shard and b.local_shard is not None for b in sharded)
+        for b in sharded:
+            assert b.local_shard.device.type == "cpu"
+            assert b.local_shard.untyped_storage().data_ptr() != b.flat.untyped_storage().data_ptr()
+        ref.close()
+        zero.close()
+    with pytest.raises(ValueError, match="host_param_shards needs stage 3"):
+        ds_zero.ZeroOptions(stage=2, host_param_shards=True)

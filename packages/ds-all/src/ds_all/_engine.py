@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -47,10 +48,33 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
             loss_scale_window=f.loss_scale_window, hysteresis=f.hysteresis,
             consecutive_hysteresis=f.consecutive_hysteresis, min_loss_scale=f.min_loss_scale,
         )  # fmt: skip
-    return cfg.zero_config().to_options(
+    options = cfg.zero_config().to_options(
         param_dtype=param_dtype, reduce_dtype=reduce_dtype, gradient_accumulation_steps=gas,
         gradient_clipping=cfg.gradient_clipping, loss_scaling=loss_scaling,
     )  # fmt: skip
+    section = cfg.zero_config().offload_param or {}
+    device = section.get("device", "none")
+    if device in ("none", None):
+        return options
+    if options.stage != 3:
+        raise ConfigError(
+            f"zero_optimization.offload_param.device is {device!r} with zero_optimization.stage "
+            f"{options.stage}: parameter offload partitions parameters, a ZeRO stage 3 feature; "
+            'set "stage": 3 or remove offload_param'
+        )
+    if device == "nvme":
+        warnings.warn(
+            "zero_optimization.offload_param.device 'nvme': parameters are kept in CPU memory "
+            "instead (NVMe parameter swapping through the engine is not implemented yet; "
+            "ds_offload.ParamOffloader does it for a single process)",
+            UserWarning,
+            stacklevel=4,
+        )
+    # DeepSpeed's offload_param: each rank's parameter partition lives in host memory and is
+    # copied to the device by the stage-3 gather before use
+    return dataclasses.replace(
+        options, host_param_shards=True, pin_param_shards=bool(section.get("pin_memory", False))
+    )
 
 
 def _offload_stepper(cfg: DeepSpeedConfig, optimizer: torch.optim.Optimizer) -> Any:
@@ -117,11 +141,6 @@ class DeepSpeedEngine(nn.Module):
         )  # fmt: skip
         self.module = model
         self.optimizer = basic
-        offload_param = config.zero_config().offload_param or {}
-        if offload_param.get("device", "none") not in ("none", None):
-            warnings.warn("zero_optimization.offload_param is validated but not applied by ds_all "
-                          "yet: parameters stay on the device (offload_optimizer is applied)",
-                          UserWarning, stacklevel=3)  # fmt: skip
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.timers = Timers(config.wall_clock_breakdown)
         self.monitor = MonitorMaster(config, self.global_rank)

@@ -74,6 +74,8 @@ class Bucket:
         optim_group: int | None,
         align: int,
         replication: int,
+        host_shard: bool = False,
+        pin_host_shard: bool = True,
     ) -> None:
         self.index = index
         self.names: list[str] = list(names)
@@ -86,6 +88,9 @@ class Bucket:
         self.shard_state = shard_state or shard_params
         self.optim_group = optim_group
         self.replication = replication
+        # stage 3 with parameter offload: the local compute-dtype shard lives in host memory
+        self.host_shard = host_shard and shard_params
+        self.pin_host_shard = pin_host_shard
         self.device = self.params[0].device
         self.layout: FlatLayout = make_layout([p.numel() for p in self.params], self.world, align)
         self.shapes = [tuple(p.shape) for p in self.params]
@@ -163,9 +168,13 @@ class Bucket:
             off, n = lay.offsets[i], lay.numels[i]
             p.data = flat[off : off + n].view(self.shapes[i])
             setattr(p, SLOT_ATTR, ParamSlot(self, i))
-        if self.shard_params and (keep_local_shard or master is None):
+        if self.shard_params and (keep_local_shard or master is None or self.host_shard):
             s_lo, s_hi = lay.shard_range(self.rank)
-            self.local_shard = flat[s_lo:s_hi].clone()
+            self.local_shard = (
+                _host_copy(flat[s_lo:s_hi], self.pin_host_shard)
+                if self.host_shard
+                else flat[s_lo:s_hi].clone()
+            )
         if self.shard_params:
             self._free_flat()
             self.state = ParamsState.SHARDED
@@ -197,7 +206,10 @@ class Bucket:
         self._alloc_flat()
         lo, hi = self.layout.shard_range(self.rank)
         mine = self.flat[lo:hi]
-        mine.copy_(self.gather_source())
+        src = self.gather_source()
+        # a pinned host shard is copied asynchronously on the current stream, which the
+        # all-gather (and any use of the parameters) is ordered after
+        mine.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
         if self.world == 1:
             self.state = ParamsState.GATHERED
             return
@@ -296,3 +308,13 @@ class Bucket:
         if self.master is not None and view.data_ptr() == self.master.data_ptr():
             return None  # fp32 stages 0-2: the master is the parameter storage itself
         return view
+
+
+def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A host copy of ``t``, page-locked when asked and a device exists to copy to/from."""
+    if pin and t.device.type != "cpu":
+        try:
+            return t.to("cpu", copy=True).pin_memory()
+        except RuntimeError:  # no page-locked memory left: pageable copies are slower, not wrong
+            pass
+    return t.to("cpu", copy=True)

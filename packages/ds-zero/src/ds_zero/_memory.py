@@ -91,7 +91,7 @@ def model_state_bytes(zero: object) -> MemoryEstimate:
 
     buckets = zero.buckets  # type: ignore[attr-defined]
     params = sum(nbytes(b.flat) + nbytes(b.local_shard) for b in buckets if not b.shard_params)
-    params += sum(nbytes(b.local_shard) for b in buckets if b.shard_params)
+    params += sum(nbytes(b.local_shard) for b in buckets if b.shard_params and not b.host_shard)
     master = sum(nbytes(b.master) for b in buckets)
     grads = sum(nbytes(b.grad_shard) + nbytes(b.accum) for b in buckets)
     optimizer = 0

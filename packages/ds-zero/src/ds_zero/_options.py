@@ -40,6 +40,10 @@ class ZeroOptions:
     max_inflight_reductions: bucket reductions in flight at once (bounds buffer memory).
     loss_scaling: fp16 loss scaling (None = no scaling).
     align: parameter start alignment in elements inside flat buffers.
+    host_param_shards: stage 3 keeps each rank's compute-dtype parameter shard in host memory
+        (ZeRO-Offload's ``offload_param: {device: cpu}``): the device holds parameters only
+        while their unit is gathered; each gather first copies the shard to the device.
+    pin_param_shards: page-lock those host shards (asynchronous copies), when a device exists.
     """
 
     stage: int = 0
@@ -57,6 +61,8 @@ class ZeroOptions:
     loss_scaling: LossScaleOptions | None = None
     align: int = 16
     max_inflight_reductions: int = 2
+    host_param_shards: bool = False
+    pin_param_shards: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -79,3 +85,8 @@ class ZeroOptions:
             )
         if self.max_inflight_reductions < 1:
             raise ValueError("ZeroOptions.max_inflight_reductions must be >= 1")
+        if self.host_param_shards and self.stage != 3:
+            raise ValueError(
+                f"ZeroOptions.host_param_shards needs stage 3 (parameters partitioned), got stage "
+                f"{self.stage}; parameter offload (offload_param) is a ZeRO-3 feature"
+            )

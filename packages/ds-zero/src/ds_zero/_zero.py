@@ -190,6 +190,8 @@ class Zero:
             optim_group=optim_group,
             align=self.options.align,
             replication=1 if (stage >= 1 or shard_params) else group_size(group),
+            host_shard=self.options.host_param_shards,
+            pin_host_shard=self.options.pin_param_shards,
         )
         bucket.build(full_value, keep_local_shard=not self.stepper.masters_on_device)
         self.buckets.append(bucket)
