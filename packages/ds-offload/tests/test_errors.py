@@ -1,6 +1,7 @@
 """Bad nvme_path (missing, not a directory, read-only, full) and pinned-memory fallback."""
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -109,6 +110,85 @@ def test_filling_the_disk_after_setup_does_not_break_steps(tmp_path):
         r.setup(ref.parts, [{"lr": 1e-2, "weight_decay": 0.1}])
         torch.testing.assert_close(got, offload_train(ref, r, 3), atol=0, rtol=0)
         s.close()
+
+
+def _lp_parts(count=4, n=40_000):
+    """ZeRO's bf16 layout: each partition's fp32 master owns its storage, with a bf16 shard."""
+    from _zero_like import Part
+
+    g = torch.Generator().manual_seed(3)
+    return [
+        Part(i, 0, m, m.to(torch.bfloat16))
+        for i, m in enumerate(torch.randn(n, generator=g) for _ in range(count))
+    ]
+
+
+def _assert_untouched(parts, before, root):
+    for p, b in zip(parts, before):
+        # the setup failed: ZeRO's device masters are neither freed nor changed
+        assert p.master.untyped_storage().nbytes() == p.master.numel() * 4
+        assert torch.equal(p.master, b)
+    assert [f for _, _, fs in os.walk(root) for f in fs] == []
+
+
+def test_free_space_check_needs_no_root(tmp_path, monkeypatch):
+    # the same check as the small-tmpfs test, on any filesystem: the free space it reads is small
+    monkeypatch.setattr(_nvme.shutil, "disk_usage", lambda p: type("U", (), {"free": 100_000})())
+    parts = _lp_parts()
+    before = [p.master.clone() for p in parts]
+    with pytest.raises(
+        NvmePathError, match=r"nvme_path=.* has 100000 bytes free but the offloaded state needs"
+    ):
+        _stepper(tmp_path).setup(parts, [{}])
+    _assert_untouched(parts, before, tmp_path)
+
+
+def test_disk_filling_up_during_reservation_needs_no_root(tmp_path, monkeypatch):
+    # another writer takes the space between the free-space check and the reservation: the
+    # third posix_fallocate fails with ENOSPC (failure injection where no small filesystem can be
+    # mounted); nothing is left behind and the masters survive, so a retry elsewhere works
+    real = os.posix_fallocate
+    calls = []
+
+    def full_after_two(fd, off, size):
+        calls.append(size)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, off, size)
+
+    monkeypatch.setattr(_nvme.os, "posix_fallocate", full_after_two)
+    parts = _lp_parts()
+    before = [p.master.clone() for p in parts]
+    with pytest.raises(NvmePathError, match=r"nvme_path=.* is full: reserving \d+ bytes"):
+        _stepper(tmp_path).setup(parts, [{}])
+    assert len(calls) == 3
+    _assert_untouched(parts, before, tmp_path)
+    monkeypatch.setattr(_nvme.os, "posix_fallocate", real)
+    s = _stepper(tmp_path)
+    s.setup(parts, [{}])  # the retry sees the original masters
+    for p, b in zip(parts, before):
+        assert torch.equal(s.state_tensors(p.index)["master"], b)
+    s.close()
+
+
+def test_io_error_writing_initial_states_leaves_nothing(tmp_path, monkeypatch):
+    from ds_offload import AioError, AsyncIO
+
+    real = AsyncIO.pwrite
+    count = []
+
+    def failing(self, tensor, path, offset=0, async_op=False):
+        count.append(path)
+        if len(count) == 2:
+            raise AioError(errno.EIO, f"pwrite({path}) failed: injected", str(path))
+        return real(self, tensor, path, offset, async_op)
+
+    monkeypatch.setattr(AsyncIO, "pwrite", failing)
+    parts = _lp_parts()
+    before = [p.master.clone() for p in parts]
+    with pytest.raises(AioError, match="part1.bin.*injected"):
+        _stepper(tmp_path).setup(parts, [{}])
+    _assert_untouched(parts, before, tmp_path)
 
 
 PIN_SCRIPT = textwrap.dedent(

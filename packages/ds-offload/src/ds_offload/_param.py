@@ -67,6 +67,15 @@ class _Part:
     param_shard: torch.Tensor | None = None
 
 
+def _chunk_elements(buffer_size: int, biggest_unit: int) -> int:
+    """Elements per NVMe read: buffer_size, rounded down to whole 4096-byte pages where it is at
+    least one page (file offsets of later pieces then stay O_DIRECT-aligned), at most the largest
+    unit (no host memory beyond what any unit needs)."""
+    per_page = 4096 // 4
+    chunk = buffer_size // per_page * per_page if buffer_size >= per_page else buffer_size
+    return max(1, min(chunk, biggest_unit))
+
+
 def find_units(model: nn.Module) -> list[nn.Module]:
     units: list[nn.Module] = []
     for m in model.modules():
@@ -131,8 +140,12 @@ class ParamOffloader:
         self._order: list[int] = []  # units in first-forward order (prefetch plan)
         self._recording = True
         self._aio = AsyncIO.from_config(aio) if config.device is OffloadDevice.nvme else None
+        # NVMe: DeepSpeed's host buffer pool of buffer_size elements each. A unit larger than a
+        # buffer is read in buffer-sized pieces, two buffers alternating so that the read of the
+        # next piece runs while the current one is copied to the device.
+        self._chunk = _chunk_elements(config.buffer_size, max(u.numel for u in self.units))
         self._staging = [
-            aligned_empty(max(u.numel for u in self.units), torch.float32, pin=config.pin_memory)
+            aligned_empty(self._chunk, torch.float32, pin=config.pin_memory)
             for _ in range(2 if self._aio else 0)
         ]
         for u in self.units:
@@ -171,13 +184,9 @@ class ParamOffloader:
         return units
 
     def _check_sizes(self) -> None:
-        biggest = max(self.units, key=lambda u: u.numel)
-        if biggest.numel > self.config.buffer_size:
-            raise ValueError(
-                f"zero_optimization.offload_param.buffer_size={self.config.buffer_size} is smaller "
-                f"than the unit {type(biggest.module).__name__} ({biggest.numel} elements); raise "
-                "buffer_size to at least that"
-            )
+        # buffer_size is not a limit on units or parameters: NVMe reads go through the host
+        # buffers in pieces (DeepSpeed: "size of buffers in buffer pool for parameter offloading
+        # to NVMe"; ignored with device cpu). buffer_count also bounds the device copies here.
         if self.config.buffer_count < 3:
             raise ValueError(
                 "zero_optimization.offload_param.buffer_count must be >= 3 (the root's parameters, "
@@ -189,30 +198,46 @@ class ParamOffloader:
         return torch.cat([p.detach().reshape(-1).cpu() for p in u.params])
 
     # ------------------------------------------------------------------ fetch / release
-    def _host_values(self, u: _Unit) -> torch.Tensor:
+    def _load(self, u: _Unit, dst: torch.Tensor) -> None:
+        """Fill ``dst`` (the unit's device buffer) with the unit's fp32 values from the store."""
         store = self.stepper.store
         if isinstance(store, CpuStore):
-            return store.state[u.index]["master"]
+            dst.copy_(store.state[u.index]["master"])
+            return
         cached = self._cpu_cache.get(u.index)
         if cached is not None:
             self._cpu_cache.move_to_end(u.index)
-            return cached
+            dst.copy_(cached)
+            return
         assert isinstance(store, NvmeStore) and self._aio is not None
-        staging = self._staging[u.index % 2][: u.numel]
-        self._aio.pread(staging, store.files[u.index])  # master region starts at offset 0
-        if self.config.max_in_cpu > 0:
+        path = store.files[u.index]  # the master region starts at offset 0
+        if 0 < u.numel <= self.config.max_in_cpu:
+            # kept in CPU memory until the next step (max_in_cpu elements in all, LRU)
             used = sum(t.numel() for t in self._cpu_cache.values())
             while self._cpu_cache and used + u.numel > self.config.max_in_cpu:
                 used -= self._cpu_cache.popitem(last=False)[1].numel()
-            if used + u.numel <= self.config.max_in_cpu:
-                self._cpu_cache[u.index] = staging.clone()
-        return staging
+            host = aligned_empty(u.numel, torch.float32, pin=self.config.pin_memory)
+            self._aio.pread(host, path)
+            self._cpu_cache[u.index] = host
+            dst.copy_(host)
+            return
+        pieces = [(lo, min(lo + self._chunk, u.numel)) for lo in range(0, u.numel, self._chunk)]
+        for k, (lo, hi) in enumerate(pieces):
+            if k == 0:
+                self._aio.pread(self._staging[0][: hi - lo], path, lo * 4, async_op=True)
+            self._aio.wait()  # piece k has landed (errors name the swap file)
+            if k + 1 < len(pieces):
+                nlo, nhi = pieces[k + 1]
+                buf = self._staging[(k + 1) % 2][: nhi - nlo]
+                self._aio.pread(buf, path, nlo * 4, async_op=True)
+            # synchronous copy: the buffer is refilled two pieces later, after this returns
+            dst[lo:hi].copy_(self._staging[k % 2][: hi - lo])
 
     def _fetch(self, u: _Unit, active: bool) -> None:
         if u.state is UnitState.OFFLOADED:
             self._make_room()
             buf = torch.empty(u.numel, dtype=torch.float32, device=self.device)
-            buf.copy_(self._host_values(u), non_blocking=False)
+            self._load(u, buf)
             u.buffer = buf
             for p, off, shape in zip(u.params, u.offsets, u.shapes):
                 p.data = buf[off : off + shape.numel()].view(shape)

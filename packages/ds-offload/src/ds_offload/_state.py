@@ -124,17 +124,22 @@ class NvmeStore:
             self.swap.close()
             raise
         self.files = {i: made[f"part{i}.bin"] for i in self.numels}
-        biggest = max(self.numels.values(), default=0)
-        self.slots = [
-            _Slot(aligned_empty(3 * _region(biggest), torch.float32, pin=self.pin), self._handle())
-            for _ in range(self.buffer_count)
-        ]
-        slot = self.slots[0]
-        for index, master in self._pending:
-            views = self._views(slot.buffer, self.numels[index])
-            slot.buffer.zero_()
-            views["master"].copy_(master.reshape(-1))
-            slot.aio.pwrite(slot.buffer[: 3 * _region(self.numels[index])], self.files[index])
+        try:
+            biggest = max(self.numels.values(), default=0)
+            for _ in range(self.buffer_count):
+                buf = aligned_empty(3 * _region(biggest), torch.float32, pin=self.pin)
+                self.slots.append(_Slot(buf, self._handle()))
+            slot = self.slots[0]
+            for index, master in self._pending:
+                views = self._views(slot.buffer, self.numels[index])
+                slot.buffer.zero_()
+                views["master"].copy_(master.reshape(-1))
+                slot.aio.pwrite(slot.buffer[: 3 * _region(self.numels[index])], self.files[index])
+        except BaseException:
+            # an IO error writing the initial states: remove every swap file (all or nothing),
+            # the caller's masters are untouched
+            self.close()
+            raise
         self._pending.clear()
 
     def _handle(self) -> AsyncIO:

@@ -137,14 +137,18 @@ class OffloadStepper:
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
                 self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
-            if shard is not None and _sole_owner(part.master):
+        if isinstance(self.store, NvmeStore):
+            # may fail (full disk, IO error): before any device master is freed below, so a
+            # failed setup leaves ZeRO's masters as they were (nothing lost, retry possible)
+            self.store.finish_setup()
+        for i in self.offloaded:
+            part = by_index[i]
+            if part.param_shard is not None and _sole_owner(part.master):
                 # the host copy is the master from now on; the device copy would be 4 bytes per
                 # parameter of dead memory (ZeRO reads masters through state_tensors, see
                 # masters_on_device). Not when shard is None: then the master is the parameter
                 # storage itself; not when the master is a view sharing its storage.
                 part.master.untyped_storage().resize_(0)
-        if isinstance(self.store, NvmeStore):
-            self.store.finish_setup()
         for part in self.partitions:
             self.steps[part.index] = torch.zeros(1, dtype=torch.float32)
         self._setup_device_optimizer(by_index)
