@@ -22,7 +22,7 @@ from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError, CheckpointMismatchError
 from ds_ckpt._fragment import FragmentLike, check_fragments, global_numel
 from ds_ckpt._jsonstate import decode
-from ds_ckpt._manifest import Manifest, TensorRecord, read_manifest
+from ds_ckpt._manifest import MANIFEST, Manifest, TensorRecord, read_manifest
 from ds_ckpt._plan import RangeIndex, Read, Stored
 from ds_ckpt._stfile import (
     _DIRECT_MIN,
@@ -126,16 +126,35 @@ def _check_files(tag_dir: str, m: Manifest, files: set[str]) -> None:
             )
         start, header = read_header(path)
         for name, fr in by_file[fname]:
-            h = header.get(fr.key)
-            if (
-                h is None
-                or start + h["data_offsets"][0] != fr.byte_start
-                or h["data_offsets"][1] - h["data_offsets"][0] != fr.nbytes
-            ):
+            # Reads use numel * itemsize from the manifest: a record whose nbytes disagrees, or
+            # whose range runs past the file, would read a neighbour's bytes without an error.
+            try:
+                isz = itemsize(from_st(m.tensors[name].dtype, what=f"tensor {name!r}"))
+            except ValueError as e:
+                raise CheckpointCorruptError(f"{tag_dir}/{MANIFEST}: {e}") from None
+            if fr.nbytes != fr.numel * isz or fr.byte_start < start or fr.end > size:
+                raise CheckpointCorruptError(
+                    f"{tag_dir}/{MANIFEST}: tensor {name!r} elements [{fr.offset}, "
+                    f"{fr.offset + fr.numel}) in {fname}: byte range [{fr.byte_start}, "
+                    f"{fr.end}) does not fit {fr.numel} x {isz}-byte elements inside the "
+                    f"{size}-byte file's data section; the manifest is corrupt"
+                )
+            if _header_range(header.get(fr.key)) != (fr.byte_start - start, fr.end - start):
                 raise CheckpointCorruptError(
                     f"{path}: header entry {fr.key!r} (tensor {name!r}) does not match the "
                     "manifest's byte range; the file or the manifest is corrupt"
                 )
+
+
+def _header_range(h: Any) -> tuple[int, int] | None:
+    """The [start, end) data offsets of a header entry, or None when the entry is malformed
+    (so a garbage header is reported as corruption of its file, not as a TypeError)."""
+    if not isinstance(h, dict):
+        return None
+    offs = h.get("data_offsets")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs):
+        return None
+    return offs[0], offs[1]
 
 
 def load(
@@ -229,7 +248,7 @@ def load(
                         f"{os.path.join(tag_dir, fn)}: saved without hashes (hashes=False); "
                         "load with verify_hashes=False"
                     )
-                got = sha256_range(fds[fn], st.byte_start, nbytes, path=fn)
+                got = sha256_range(fds[fn], st.byte_start, nbytes, path=os.path.join(tag_dir, fn))
                 if got != st.sha256:
                     raise CheckpointCorruptError(
                         f"{os.path.join(tag_dir, fn)}: SHA-256 mismatch in tensor {name!r} "

@@ -42,6 +42,22 @@ class FragmentRecord:
     nbytes: int
     sha256: str | None  # None: saved with hashes=False
 
+    @property
+    def end(self) -> int:
+        return self.byte_start + self.nbytes
+
+    def check_types(self) -> str | None:
+        """What is wrong with the field types (a hand-edited or foreign manifest), or None."""
+        for f in ("offset", "numel", "byte_start", "nbytes"):
+            v = getattr(self, f)
+            if type(v) is not int or v < 0:
+                return f"{f} must be a non-negative integer, got {v!r}"
+        if not isinstance(self.file, str) or not isinstance(self.key, str):
+            return f"file and key must be strings, got {self.file!r}, {self.key!r}"
+        if self.sha256 is not None and not isinstance(self.sha256, str):
+            return f"sha256 must be a hex string or null, got {self.sha256!r}"
+        return None
+
 
 @dataclass
 class TensorRecord:
@@ -128,6 +144,11 @@ def read_manifest(tag_dir: str) -> Manifest:
         ) from None
     for name, t in m.tensors.items():
         for fr in t.fragments:
+            bad = fr.check_types()
+            if bad is not None:
+                raise CheckpointCorruptError(
+                    f"{path}: tensor {name!r}, fragment at element {fr.offset!r}: {bad}"
+                )
             if fr.file not in m.files or os.sep in fr.file or fr.file.startswith("."):
                 raise CheckpointCorruptError(
                     f"{path}: tensor {name!r} refers to file {fr.file!r} not listed in 'files'"
