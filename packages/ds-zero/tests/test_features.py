@@ -22,7 +22,7 @@ from ds_comm.testing import distributed_test
 @distributed_test(world_size=2, timeout=180)
 def test_fp16_overflow_skips_step_on_every_rank(world_size):
     rank = dist.get_rank()
-    for stage in (1, 3):
+    for stage in (0, 1, 2, 3):
         scaling = ds_zero.LossScaleOptions(initial_scale_power=8, hysteresis=1)
         model = make_model()
         zero = ds_zero.wrap(
@@ -294,3 +294,72 @@ def test_host_param_shards_train_like_device_shards(world_size):
         zero.close()
     with pytest.raises(ValueError, match="host_param_shards needs stage 3"):
         ds_zero.ZeroOptions(stage=2, host_param_shards=True)
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_accumulation_communicates_only_on_the_boundary_and_reduction_overlaps(world_size):
+    """Stages 0-1 keep non-boundary micro-step gradients local (no collective in their
+    backward), stages 2-3 reduce-scatter every micro-step; on the boundary, bucket reductions
+    are issued asynchronously while backward still runs (before the first block's backward).
+    overlap_comm=False waits for each bucket but trains bitwise the same."""
+    rank = dist.get_rank()
+    reduce_ops = ("all_reduce", "reduce_scatter_tensor")
+    originals = {n: getattr(dist, n) for n in reduce_ops}
+    calls: list[tuple[str, bool]] = []
+    recording = [False]
+
+    def counting(name):
+        def op(*args, **kwargs):
+            if recording[0]:
+                calls.append((name, bool(kwargs.get("async_op", False))))
+            return originals[name](*args, **kwargs)
+
+        return op
+
+    for n in reduce_ops:
+        setattr(dist, n, counting(n))
+    try:
+        for stage in (0, 1, 2, 3):
+            states = []
+            for overlap in (True, False):
+                model = make_model()
+                seen_before_block0: list[int] = []
+
+                def mark(module, args, out, seen=seen_before_block0):
+                    # fires when the gradient reaches block 0's output: later layers are done
+                    out.register_hook(lambda g: seen.append(len(calls)))
+
+                model.blocks[0].register_forward_hook(mark)
+                opts = ds_zero.ZeroOptions(
+                    stage=stage,
+                    reduce_bucket_size=300,
+                    param_persistence_threshold=40,
+                    gradient_accumulation_steps=3,
+                    overlap_comm=overlap,
+                )
+                zero = ds_zero.wrap(model, make_optimizer(model), opts)
+                for s in range(2):
+                    for m in range(3):
+                        x, y = batch(s, m, rank)
+                        loss = zero(x, y)
+                        calls.clear()
+                        seen_before_block0.clear()
+                        recording[0] = True
+                        zero.backward(loss)
+                        recording[0] = False
+                        boundary = m == 2
+                        if stage <= 1 and not boundary:
+                            assert calls == [], (stage, m, calls)
+                        else:
+                            kind = "all_reduce" if stage == 0 else "reduce_scatter_tensor"
+                            assert calls and all(c == (kind, True) for c in calls), calls
+                            # reductions already issued while backward was still running
+                            assert seen_before_block0 and seen_before_block0[0] > 0, (stage, m)
+                        assert zero.step() == boundary
+                states.append(zero.full_state_dict())
+                zero.close()
+            for k in states[0]:
+                assert torch.equal(states[0][k], states[1][k]), (stage, k)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)

@@ -56,29 +56,71 @@ def test_split_into_buckets():
 
 
 def test_dynamic_loss_scaler_hysteresis_and_window():
+    # DeepSpeed 0.19.8's update_scale: the scale grows when the clean steps counted after the
+    # step following the last overflow reach a multiple of the window
     s = ds_zero.DynamicLossScaler(
         ds_zero.LossScaleOptions(initial_scale_power=4, loss_scale_window=3, hysteresis=2)
     )
     assert s.scale == 16
     s.update(True)  # first overflow is absorbed by hysteresis
-    assert s.scale == 16
+    assert s.scale == 16 and s.hysteresis_left == 1
     s.update(True)
     assert s.scale == 8
-    for _ in range(3):
+    scales = []
+    for _ in range(8):
         s.update(False)
-    assert s.scale == 16  # window of 3 clean steps doubles it
+        scales.append(s.scale)
+    # stable intervals 0..7 after the overflow: doubling at 3 and 6 (the 4th and 7th clean step)
+    assert scales == [8, 8, 8, 16, 16, 16, 32, 32]
+    assert s.hysteresis_left == 2  # refilled when the scale grew
     restored = ds_zero.DynamicLossScaler(s.options)
     restored.load_state_dict(s.state_dict())
     assert restored.state_dict() == s.state_dict()
+    # no overflow yet: the first growth comes at iteration == window (the 4th clean step)
+    fresh = ds_zero.DynamicLossScaler(
+        ds_zero.LossScaleOptions(initial_scale_power=0, loss_scale_window=3)
+    )
+    grown = []
+    for _ in range(7):
+        fresh.update(False)
+        grown.append(fresh.scale)
+    assert grown == [1, 1, 1, 2, 2, 2, 4]
+
+
+def test_dynamic_loss_scaler_consecutive_hysteresis():
+    def run(consecutive):
+        s = ds_zero.DynamicLossScaler(
+            ds_zero.LossScaleOptions(
+                initial_scale_power=6,
+                loss_scale_window=100,
+                hysteresis=2,
+                consecutive_hysteresis=consecutive,
+            )
+        )
+        out = []
+        for overflow in (True, False, True, False, True, True):
+            s.update(overflow)
+            out.append((s.scale, s.hysteresis_left))
+        return out
+
+    # without it hysteresis is only refilled when the scale grows: isolated overflows add up
+    assert run(False) == [(64, 1), (64, 1), (32, 1), (32, 1), (16, 1), (8, 1)]
+    # with it every clean step refills hysteresis: only back-to-back overflows halve the scale
+    assert run(True) == [(64, 1), (64, 2), (64, 1), (64, 2), (64, 1), (32, 1)]
 
 
 def test_loss_scaler_floor_and_validation():
-    s = ds_zero.DynamicLossScaler(
-        ds_zero.LossScaleOptions(initial_scale_power=1, hysteresis=1, min_loss_scale=1.0)
-    )
+    opts = {"initial_scale_power": 1, "hysteresis": 1, "min_loss_scale": 1.0}
+    s = ds_zero.DynamicLossScaler(ds_zero.LossScaleOptions(**opts, raise_error_at_min_scale=False))
     for _ in range(5):
         s.update(True)
     assert s.scale == 1.0
+    # DeepSpeed's default: an overflow with the scale already at the floor ends the run
+    s = ds_zero.DynamicLossScaler(ds_zero.LossScaleOptions(**opts))
+    s.update(True)
+    assert s.scale == 1.0
+    with pytest.raises(FloatingPointError, match="min_loss_scale=1"):
+        s.update(True)
     with pytest.raises(ValueError, match="hysteresis"):
         ds_zero.LossScaleOptions(hysteresis=0)
 
@@ -116,6 +158,122 @@ def test_config_accepts_deepspeed_keys_and_suggests_fixes():
         ds_zero.ZeroConfig.model_validate({"zero_quantized_gradients": True})
     with pytest.raises(ValueError, match="stage"):
         ds_zero.ZeroConfig.model_validate({"stage": 4})
+
+
+# Every key of DeepSpeed 0.19.8's DeepSpeedZeroConfig (aliases where it has them) with its
+# default value: a DeepSpeed config spelled out in full must be accepted unchanged.
+DEEPSPEED_0_19_8_ZERO_DEFAULTS = {
+    "stage": 0,
+    "contiguous_gradients": True,
+    "reduce_scatter": True,
+    "reduce_bucket_size": 500_000_000,
+    "use_multi_rank_bucket_allreduce": True,
+    "allgather_partitions": True,
+    "allgather_bucket_size": 500_000_000,
+    "overlap_comm": None,
+    "compute_grad_norm": True,
+    "load_from_fp32_weights": True,
+    "elastic_checkpoint": False,
+    "offload_param": None,
+    "offload_optimizer": None,
+    "zenflow": None,
+    "sub_group_size": 1_000_000_000,
+    "cpu_offload_param": None,
+    "cpu_offload_use_pin_memory": None,
+    "cpu_offload": None,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_model_persistence_threshold": 2**63 - 1,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_gather_16bit_weights_on_model_save": False,
+    "stage3_module_granularity_threshold": 0,
+    "stage3_use_all_reduce_for_fetch_params": False,
+    "stage3_allgather_sequential": False,
+    "stage3_gather_fp16_weights_on_model_save": False,
+    "ignore_unused_parameters": True,
+    "legacy_stage1": False,
+    "round_robin_gradients": False,
+    "parameter_alignment": False,
+    "zero_hpz_partition_size": 1,
+    "zero_quantized_weights": False,
+    "zero_quantized_nontrainable_weights": False,
+    "zero_quantized_gradients": False,
+    "memory_efficient_linear": True,
+    "pipeline_loading_checkpoint": False,
+    "override_module_apply": True,
+    "log_trace_cache_warnings": False,
+    "enable_sanity_checks": False,
+    "save_muon_momentum_buffer_in_memory": False,
+    "leaf_module": {"classes": [], "names": [], "name_suffixes": []},
+}
+
+
+def test_config_accepts_every_deepspeed_key_and_field_name():
+    full = dict(DEEPSPEED_0_19_8_ZERO_DEFAULTS, overlap_comm=True)  # null is not valid JSON here
+    cfg = ds_zero.ZeroConfig.model_validate(full)
+    assert cfg.stage3_model_persistence_threshold == 2**63 - 1
+    # DeepSpeed's pydantic field names (populate_by_name) mean the same as the aliases
+    by_name = ds_zero.ZeroConfig.model_validate(
+        {
+            "stage": 3,
+            "prefetch_bucket_size": 11,
+            "param_persistence_threshold": 12,
+            "model_persistence_threshold": 13,
+            "max_live_parameters": 14,
+            "max_reuse_distance": 15,
+            "gather_16bit_weights_on_model_save": True,
+            "module_granularity_threshold": 0,
+            "use_all_reduce_for_fetch_params": False,
+            "allgather_sequential": False,
+        }
+    )
+    opts = by_name.to_options()
+    assert (opts.prefetch_bucket_size, opts.param_persistence_threshold) == (11, 12)
+    assert (opts.model_persistence_threshold, opts.max_live_parameters) == (13, 14)
+    assert opts.max_reuse_distance == 15 and by_name.stage3_gather_16bit_weights_on_model_save
+    with pytest.raises(ValueError, match="leaf_module.*not supported.*stage3_units"):
+        ds_zero.ZeroConfig.model_validate({"leaf_module": {"classes": ["my.Block"]}})
+    with pytest.raises(ValueError, match="leaf_module must be a JSON object"):
+        ds_zero.ZeroConfig.model_validate({"leaf_module": "my.Block"})
+    with pytest.raises(ValueError, match="cpu_offload_param is DeepSpeed's deprecated"):
+        ds_zero.ZeroConfig.model_validate({"cpu_offload_param": True})
+    with pytest.raises(ValueError, match="not supported by ds-zero"):
+        ds_zero.ZeroConfig.model_validate({"zenflow": {"topk_ratio": 0.1}})
+    with pytest.raises(ValueError, match="did you mean 'leaf_module'"):
+        ds_zero.ZeroConfig.model_validate({"leaf_modules": {}})
+
+
+def test_model_persistence_threshold_bounds_whole_parameters():
+    """DeepSpeed's stage3_model_persistence_threshold: small parameters stay whole only while
+    their running total (registration order) fits; the rest are partitioned, training is
+    unchanged."""
+    kw = {"tied": True, "frozen": True}
+    ref = make_model(**kw)
+    ref_opt = make_optimizer(ref)
+    small = [p.numel() for p in ref.parameters() if p.numel() <= 40]
+    bound = sum(small[:3])
+    model = make_model(**kw)
+    zero = ds_zero.wrap(
+        model,
+        make_optimizer(model),
+        ds_zero.ZeroOptions(
+            stage=3, param_persistence_threshold=40, model_persistence_threshold=bound
+        ),
+    )
+    whole = [p for b in zero.buckets if not b.shard_params for p in b.params]
+    whole += zero._unbucketed
+    assert sum(p.numel() for p in whole) == bound and len(whole) == 3
+    for s in range(2):
+        x, y = batch(s, 0, 0)
+        zero.backward(zero(x, y))
+        assert zero.step()
+        ref(x, y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert_close_state(zero.full_state_dict(), ref.state_dict(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="model_persistence_threshold"):
+        ds_zero.ZeroOptions(model_persistence_threshold=-1)
 
 
 def test_options_validation():
@@ -257,3 +415,146 @@ def test_load_full_state_dict_round_trip(stage):
     torch.testing.assert_close(zero(x, y), ref_loss, rtol=1e-2, atol=0)
     with pytest.raises(KeyError, match="missing keys"):
         zero.load_full_state_dict({})
+
+
+def _stage3_trace(**opts):
+    """Bucket states seen from inside each block's forward, after it, and after backward."""
+    model = make_model(layers=3)
+    zero = ds_zero.wrap(
+        model,
+        make_optimizer(model),
+        ds_zero.ZeroOptions(stage=3, param_persistence_threshold=40, **opts),
+    )
+    blocks = list(model.blocks)
+
+    def gathered(unit):
+        states = {b.state for b in zero.unit_buckets[unit]}
+        assert len(states) == 1, states
+        return states.pop() is not ds_zero.ParamsState.SHARDED
+
+    trace = []
+    for i, blk in enumerate(blocks):
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+
+        def pre(module, args, i=i, nxt=nxt):
+            live = zero.scheduler.live_numel()
+            trace.append(("in", i, gathered(blocks[i]), nxt is not None and gathered(nxt), live))
+
+        def post(module, args, out, i=i):
+            trace.append(("after", i, gathered(blocks[i])))
+
+        blk.register_forward_pre_hook(pre)  # runs after ZeRO's own hooks on the same module
+        blk.register_forward_hook(post)
+    for s in range(2):  # the first forward records the order that prefetching follows
+        trace.clear()
+        x, y = batch(s, 0, 0)
+        zero.backward(zero(x, y))
+        zero.step()
+    after_backward = [gathered(b) for b in blocks]
+    root, block = (
+        sum(b.layout.padded_numel for b in zero.unit_buckets[u]) for u in (model, blocks[0])
+    )
+    zero.close()
+    return trace, after_backward, (root, block)
+
+
+def test_stage3_prefetch_release_and_live_parameter_bound():
+    trace, after_backward, numel = _stage3_trace()
+    ins = [t for t in trace if t[0] == "in"]
+    afters = [t for t in trace if t[0] == "after"]
+    assert all(t[2] for t in ins)  # a block's parameters are whole while it runs
+    assert [t[3] for t in ins] == [True, True, False]  # the next block is already prefetched
+    # released after use, except the last block of forward (reused at once by backward)
+    assert [t[2] for t in afters] == [False, False, True]
+    assert after_backward == [False, False, False]
+    # max_live_parameters: root + one block fit, so no prefetch of the next block
+    bound = sum(numel)
+    trace, _, _ = _stage3_trace(max_live_parameters=bound)
+    ins = [t for t in trace if t[0] == "in"]
+    assert [t[3] for t in ins] == [False, False, False]
+    assert all(t[4] <= bound for t in ins)
+    # prefetch_bucket_size 0 disables prefetch; max_reuse_distance 0 releases the last block
+    trace, _, _ = _stage3_trace(prefetch_bucket_size=0, max_reuse_distance=0)
+    assert [t[3] for t in trace if t[0] == "in"] == [False, False, False]
+    assert [t[2] for t in trace if t[0] == "after"] == [False, False, False]
+
+
+def _optimizers():
+    out = {
+        "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
+        "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.05),
+        "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5),
+        "adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-2),
+        "nadam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+        "radam": lambda ps: torch.optim.RAdam(ps, lr=1e-2, weight_decay=0.1),
+        "rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-2),
+    }
+    try:
+        import ds_kernels
+    except ImportError:  # ds-kernels is not a dependency of ds-zero
+        return out
+    out["ds_kernels.FusedAdam"] = lambda ps: ds_kernels.FusedAdam(ps, lr=1e-2, weight_decay=0.1)
+    out["ds_kernels.FusedLion"] = lambda ps: ds_kernels.FusedLion(ps, lr=1e-3)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:ds_kernels op")  # the pure-PyTorch fallback without Triton
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_any_elementwise_optimizer_trains_like_plain_training(name):
+    """The default stepper hands the optimizer flat fp32 master partitions: element-wise
+    optimizers (torch's and ds-kernels') then give the same result as on the model itself."""
+    make = _optimizers()[name]
+    for stage in (1, 3):
+        ref = make_model(tied=True)
+        ref_opt = make(list(ref.parameters()))
+        model = make_model(tied=True)
+        zero = ds_zero.wrap(
+            model,
+            make(list(model.parameters())),
+            ds_zero.ZeroOptions(
+                stage=stage, reduce_bucket_size=300, param_persistence_threshold=40
+            ),
+        )
+        for s in range(3):
+            x, y = batch(s, 0, 0)
+            zero.backward(zero(x, y))
+            assert zero.step()
+            ref(x, y).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        assert_close_state(zero.full_state_dict(), ref.state_dict(), rtol=1e-5, atol=1e-6)
+        zero.close()
+
+
+def test_init_never_holds_more_than_one_module_whole():
+    """Inside Init a module's parameters are whole only until its own __init__ returns: when
+    each new layer starts, every earlier layer is already partitioned (world of 1: the shard
+    is a separate tensor, the module's own storage is freed)."""
+    made: list[torch.Tensor] = []
+    whole_at_start: list[int] = []
+
+    class Layer(nn.Linear):
+        def __init__(self) -> None:
+            whole_at_start.append(sum(p.untyped_storage().size() for p in made))
+            super().__init__(64, 64)
+            made.extend(self.parameters())
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(6))
+            self.out = nn.Linear(64, 3)
+
+    torch.manual_seed(0)
+    plain = Stack()
+    made.clear()
+    whole_at_start.clear()
+    torch.manual_seed(0)
+    with ds_zero.Init():
+        model = Stack()
+    assert whole_at_start == [0] * 6
+    assert all(p.untyped_storage().size() == 0 for p in model.parameters())
+    # the partitions hold exactly the values an unpartitioned build gets
+    with ds_zero.GatheredParameters(list(model.parameters())):
+        for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+            assert torch.equal(p, q), n

@@ -9,6 +9,7 @@ ds-offload (composed in ds-all), which owns them.
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Any
 
 import torch
@@ -28,11 +29,20 @@ _NO_EFFECT = {
     "ignore_unused_parameters": True,
     "legacy_stage1": False,
     "round_robin_gradients": False,
-    "stage3_model_persistence_threshold": 2**63 - 1,
     "memory_efficient_linear": True,
     "pipeline_loading_checkpoint": False,
     "override_module_apply": True,
     "log_trace_cache_warnings": False,
+    # DeepSpeed 0.19.8 keys that only tune its own implementation (message sizes, host-side
+    # grouping, debugging): the math and the memory bounds here do not depend on them
+    "use_multi_rank_bucket_allreduce": True,
+    "compute_grad_norm": True,  # the global norm is always computed (one all-reduce)
+    "stage3_module_granularity_threshold": 0,  # units are whole blocks already
+    "stage3_use_all_reduce_for_fetch_params": False,
+    "stage3_allgather_sequential": False,
+    "parameter_alignment": False,  # flat buffers always start parameters on 16 elements
+    "enable_sanity_checks": False,
+    "save_muon_momentum_buffer_in_memory": False,
 }
 # DeepSpeed features ds-zero does not implement: an error when set to anything but the default
 _UNSUPPORTED = {
@@ -42,6 +52,7 @@ _UNSUPPORTED = {
     "zero_quantized_gradients": False,
     "mics_shard_size": -1,
     "mics_hierarchical_params_gather": False,
+    "zenflow": None,
 }
 
 
@@ -58,6 +69,7 @@ class ZeroConfig(BaseModel):
     stage3_param_persistence_threshold: int = Field(100_000, ge=0)
     stage3_max_live_parameters: int = Field(1_000_000_000, ge=0)
     stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0)
+    stage3_model_persistence_threshold: int = Field(sys.maxsize, ge=0)
     stage3_gather_16bit_weights_on_model_save: bool = False
     offload_optimizer: dict[str, Any] | None = None
     offload_param: dict[str, Any] | None = None
@@ -74,17 +86,44 @@ class ZeroConfig(BaseModel):
             "param_persistence_threshold": "stage3_param_persistence_threshold",
             "max_live_parameters": "stage3_max_live_parameters",
             "max_reuse_distance": "stage3_max_reuse_distance",
+            # DeepSpeed's pydantic field names, accepted beside their stage3_ aliases
+            "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+            "model_persistence_threshold": "stage3_model_persistence_threshold",
+            "module_granularity_threshold": "stage3_module_granularity_threshold",
+            "use_all_reduce_for_fetch_params": "stage3_use_all_reduce_for_fetch_params",
+            "allgather_sequential": "stage3_allgather_sequential",
         }
         for old, new in renames.items():
             if old in data:
                 data.setdefault(new, data.pop(old))
-        if data.get("cpu_offload"):
+        deprecated = {
+            "cpu_offload": '"offload_optimizer": {"device": "cpu"}',
+            "cpu_offload_param": '"offload_param": {"device": "cpu"}',
+            "cpu_offload_use_pin_memory": '"pin_memory": true inside offload_param / '
+            "offload_optimizer",
+        }
+        for key, use in deprecated.items():
+            if data.get(key):
+                raise ValueError(
+                    f"zero_optimization.{key} is DeepSpeed's deprecated spelling; use {use}"
+                )
+            data.pop(key, None)
+        # DeepSpeed treats these modules' subtrees as single fetch units (with its defaults:
+        # three Hugging Face MoE blocks); ds-zero's units come from ZeroOptions.stage3_units
+        leaf = data.pop("leaf_module", None)
+        if leaf is not None and not isinstance(leaf, dict):
             raise ValueError(
-                "zero_optimization.cpu_offload is DeepSpeed's removed spelling; use "
-                '"offload_optimizer": {"device": "cpu"}'
+                "zero_optimization.leaf_module must be a JSON object "
+                f'({{"classes": [...], "names": [...], "name_suffixes": [...]}}), got {leaf!r}'
             )
-        data.pop("cpu_offload", None)
+        if leaf and any(leaf.get(k) for k in ("classes", "names", "name_suffixes")):
+            raise ValueError(
+                f"zero_optimization.leaf_module={leaf!r} is not supported by ds-zero; remove it "
+                "and choose stage-3 units with ds_zero.ZeroOptions(stage3_units=(BlockClass,))"
+            )
+        # (deprecated spellings and leaf_module are handled above, but still worth suggesting)
         valid = set(cls.model_fields) | set(_NO_EFFECT) | set(_UNSUPPORTED)
+        valid |= set(deprecated) | {"leaf_module"}
         for key in data:
             if key not in valid:
                 near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
@@ -122,6 +161,7 @@ class ZeroConfig(BaseModel):
             prefetch_bucket_size=self.stage3_prefetch_bucket_size,
             max_live_parameters=self.stage3_max_live_parameters,
             max_reuse_distance=self.stage3_max_reuse_distance,
+            model_persistence_threshold=self.stage3_model_persistence_threshold,
             gradient_accumulation_steps=gradient_accumulation_steps,
             gradient_clipping=gradient_clipping,
             loss_scaling=loss_scaling,

@@ -21,6 +21,10 @@ class LossScaleOptions:
     consecutive_hysteresis: bool = False
     min_loss_scale: float = 1.0
     scale_factor: float = 2.0
+    # DeepSpeed 0.19.8 builds its DynamicLossScaler with raise_error_at_min_scale=True: an
+    # overflow with the scale already at min_loss_scale (and no hysteresis left) ends the run
+    # instead of skipping steps forever
+    raise_error_at_min_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.loss_scale < 0:
@@ -54,8 +58,12 @@ class LossScaler:
 
 
 class DynamicLossScaler(LossScaler):
-    """Halve on overflow (after ``hysteresis`` consecutive overflows), double after
-    ``loss_scale_window`` overflow-free steps, never below ``min_loss_scale``."""
+    """DeepSpeed 0.19.8's ``DynamicLossScaler.update_scale``, step for step: on overflow, spend
+    one unit of ``hysteresis`` or, when none is left, divide the scale (never below
+    ``min_loss_scale``; already at it raises, see ``raise_error_at_min_scale``); after
+    ``loss_scale_window`` overflow-free steps *since the one following the last overflow*
+    (DeepSpeed's ``stable_interval``), multiply it and refill hysteresis.
+    ``consecutive_hysteresis`` refills hysteresis on every overflow-free step instead."""
 
     dynamic = True
 
@@ -69,7 +77,14 @@ class DynamicLossScaler(LossScaler):
     def update(self, overflow: bool) -> None:
         o = self.options
         if overflow:
-            if self.hysteresis_left <= 1:
+            if o.hysteresis == 1 or self.hysteresis_left == 1:
+                if self.scale == o.min_loss_scale and o.raise_error_at_min_scale:
+                    raise FloatingPointError(
+                        f"fp16 gradients overflowed with the loss scale already at "
+                        f"min_loss_scale={o.min_loss_scale:g} (as DeepSpeed, the run stops here): "
+                        "lower fp16.min_loss_scale, use bf16, or set "
+                        "LossScaleOptions(raise_error_at_min_scale=False) to keep skipping steps"
+                    )
                 self.scale = max(self.scale / o.scale_factor, o.min_loss_scale)
             else:
                 self.hysteresis_left -= 1
@@ -77,7 +92,11 @@ class DynamicLossScaler(LossScaler):
         else:
             if o.consecutive_hysteresis:
                 self.hysteresis_left = o.hysteresis
-            if (self.iteration - self.last_overflow_iteration) % o.loss_scale_window == 0:
+            # DeepSpeed counts the clean steps after the one that follows an overflow, so the
+            # scale grows on the (window + 1)-th clean step after an overflow, and on clean
+            # step number window + 1 of the run (iteration == window) when none happened yet
+            stable = self.iteration - self.last_overflow_iteration - 1
+            if stable > 0 and stable % o.loss_scale_window == 0:
                 if not o.consecutive_hysteresis:
                     self.hysteresis_left = o.hysteresis
                 self.scale *= o.scale_factor

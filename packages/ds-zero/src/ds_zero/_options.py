@@ -3,6 +3,7 @@ time; ``ZeroConfig`` converts DeepSpeed's JSON section into it)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ class ZeroOptions:
     param_persistence_threshold: stage 3 keeps parameters with at most this many elements whole.
     prefetch_bucket_size: stage 3 prefetches the next unit only if it has at most this many
         elements (0 disables prefetch).
+    model_persistence_threshold: stage 3 bound on the total elements kept whole by
+        ``param_persistence_threshold`` (DeepSpeed's ``stage3_model_persistence_threshold``):
+        parameters are considered in registration order and one that would exceed it is
+        partitioned instead.
     max_live_parameters: stage 3 bound on gathered elements; a prefetch that would exceed it is
         skipped (a unit needed now is always gathered).
     max_reuse_distance: stage 3 keeps the last unit of forward gathered for backward when it has at
@@ -52,6 +57,7 @@ class ZeroOptions:
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = True
     param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int = sys.maxsize
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
@@ -67,6 +73,11 @@ class ZeroOptions:
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeroOptions.stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if self.model_persistence_threshold < 0:
+            raise ValueError(
+                "ZeroOptions.model_persistence_threshold must be >= 0, got "
+                f"{self.model_persistence_threshold}"
+            )
         for name in ("reduce_bucket_size", "gradient_accumulation_steps", "align"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ZeroOptions.{name} must be >= 1, got {getattr(self, name)}")

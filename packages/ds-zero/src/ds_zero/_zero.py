@@ -213,8 +213,13 @@ class Zero:
                 for p in touched[id(unit)]:
                     owner.setdefault(id(p), unit)
             by_unit: dict[int, dict[tuple[Any, ...], list[nn.Parameter]]] = {}
+            persistent = 0
             for _, p in named:
-                if p.numel() <= opts.param_persistence_threshold:
+                # DeepSpeed's mark_persistent_parameters: small parameters stay whole while
+                # their running total fits under model_persistence_threshold
+                fits = persistent + p.numel() <= opts.model_persistence_threshold
+                if fits and p.numel() <= opts.param_persistence_threshold:
+                    persistent += p.numel()
                     replicated.append(p)
                     continue
                 unit = owner[id(p)]
