@@ -25,6 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fault_scripts"))
 import experiments as ex  # noqa: E402
 
 STEPS = 8
+# Each step also sleeps this long (losses unchanged), so that a kill or SIGTERM sent after step k
+# lands before the run ends even on a loaded machine: with tiny steps the whole run could finish
+# first, and the trial would then race the end of training instead of testing the resume.
+SLOW = ["--step_sleep", "0.4"]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +57,14 @@ def reference(tmp_path_factory, background):
 def test_sigkill_restart_resumes_bitwise(tmp_path, reference):
     rng = random.Random(12)  # a fixed draw, so a failure reproduces
     rank, step, delay = rng.randrange(2), rng.randint(3, STEPS - 2), rng.uniform(0.0, 0.3)
-    trial = ex.kill_trial(tmp_path, reference, rank, step, delay, steps=STEPS)
+    trial = ex.kill_trial(tmp_path, reference, rank, step, delay, steps=STEPS, extra=SLOW)
     assert trial["rc"] == 0, (tmp_path / "launcher.log").read_text()
     assert trial["launches"] == 2 and trial["resumed_from"] is not None, trial
     assert trial["identical"], trial
 
 
 def test_sigterm_saves_exits_0_and_next_launch_resumes(tmp_path, reference):
-    trial = ex.sigterm_trial(tmp_path, reference, at_step=3, steps=STEPS)
+    trial = ex.sigterm_trial(tmp_path, reference, at_step=3, steps=STEPS, extra=SLOW)
     assert trial["rank_exit_codes"] == {0: 0, 1: 0}, (tmp_path / "launcher.log").read_text()
     assert trial["checkpoints"] and trial["resumed_from"] == trial["checkpoints"][-1]
     assert trial["resumed_at_step"] >= 4  # saved at the boundary after the signal
