@@ -42,3 +42,25 @@ def test_gpu_stages_match_reference(world_size):
                 )
                 assert_close_state_bf16(state, ref_state, atol=2e-2, bound=0.1)
             zero.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@distributed_test(world_size=1, backend="nccl", timeout=300)
+def test_gpu_host_param_shards_match_device_shards(world_size):
+    """offload_param cpu on a real device: stage-3 shards in pinned host memory, copied to the
+    GPU by each gather (asynchronously), train exactly like shards kept on the GPU."""
+    torch.cuda.set_device(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = dict(stage=3, param_dtype=dtype, param_persistence_threshold=0)
+        ref_losses, ref = train_zero(ds_zero.ZeroOptions(**base), device="cuda")
+        losses, zero = train_zero(
+            ds_zero.ZeroOptions(**base, host_param_shards=True), device="cuda"
+        )
+        assert losses == ref_losses
+        want, got = ref.full_state_dict(), zero.full_state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        shards = [b.local_shard for b in zero.buckets if b.shard_params]
+        assert shards and all(s.device.type == "cpu" and s.is_pinned() for s in shards)
+        ref.close()
+        zero.close()
