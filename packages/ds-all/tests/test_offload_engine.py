@@ -14,20 +14,26 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _models import TinyGPT, batch, config  # noqa: E402
 
 
-def _run(zero_extra: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(stage: int, zero_extra: dict, steps: int) -> tuple[object, list[float]]:
+    """(engine, losses) of ``steps`` engine steps of TinyGPT at ZeRO ``stage``."""
     import ds_all
 
     torch.manual_seed(0)
-    cfg = config(2, 4)
+    cfg = config(stage, 4)
     cfg["zero_optimization"].update(zero_extra)
     engine, _, _, _ = ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
     losses = []
-    for step in range(4):
+    for step in range(steps):
         x, y = batch(step, 4)
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    return engine, losses
+
+
+def _run(zero_extra: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+    engine, losses = _train(2, zero_extra, steps=4)
     return losses, engine.zero.full_state_dict()
 
 
@@ -95,32 +101,32 @@ def test_bf16_offload_masters_are_read_and_written_through_the_stepper(stage):
     assert all(torch.equal(after[k], before[k]) for k in before)
     # a modification through GatheredParameters survives the next step's update source
     w = zero.module.head.weight if hasattr(zero.module, "head") else next(zero.module.parameters())
-    with ds_zero.GatheredParameters([w], modifier_rank=0):
+    # one stepper commit when GatheredParameters exits, however many parameters it wrote back
+    assert len({id(b.master_commit) for b in zero.trainable}) == 1
+    others = [p for p in zero.module.parameters() if p is not w][:2]
+    commits = []
+    real_loaded = zero.stepper.state_loaded
+
+    def counting() -> None:
+        commits.append(1)
+        real_loaded()
+
+    for b in zero.trainable:
+        b.master_commit = counting
+    with ds_zero.GatheredParameters([w, *others], modifier_rank=0):
         w.data.fill_(0.25)
+    assert len(commits) == 1
     name = next(n for n, p in zero.module.named_parameters() if p is w)
     assert torch.equal(zero.full_state_dict()[name], torch.full_like(before[name], 0.25))
 
 
 def _stage3_run(offload_param: dict | None, offload_optimizer: bool):
-    import ds_all
-
-    torch.manual_seed(0)
-    cfg = config(3, 4)
-    zo = cfg["zero_optimization"]
-    zo["stage3_param_persistence_threshold"] = 0  # every parameter is partitioned
+    zero_extra: dict = {"stage3_param_persistence_threshold": 0}  # every parameter partitioned
     if offload_param is not None:
-        zo["offload_param"] = offload_param
+        zero_extra["offload_param"] = offload_param
     if offload_optimizer:
-        zo["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    engine, _, _, _ = ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
-    losses = []
-    for step in range(3):
-        x, y = batch(step, 4)
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return engine, losses
+        zero_extra["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return _train(3, zero_extra, steps=3)
 
 
 @pytest.mark.parametrize("offload_optimizer", [False, True])

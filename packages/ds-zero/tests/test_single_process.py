@@ -244,6 +244,17 @@ def test_config_accepts_every_deepspeed_key_and_field_name():
         ds_zero.ZeroConfig.model_validate({"leaf_modules": {}})
 
 
+def _step_beside(zero, ref: nn.Module, ref_opt: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` single-rank steps of ``zero`` and of the plain reference on the same batches."""
+    for s in range(steps):
+        x, y = batch(s, 0, 0)
+        zero.backward(zero(x, y))
+        assert zero.step()
+        ref(x, y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+
 def test_model_persistence_threshold_bounds_whole_parameters():
     """DeepSpeed's stage3_model_persistence_threshold: small parameters stay whole only while
     their running total (registration order) fits; the rest are partitioned, training is
@@ -264,13 +275,7 @@ def test_model_persistence_threshold_bounds_whole_parameters():
     whole = [p for b in zero.buckets if not b.shard_params for p in b.params]
     whole += zero._unbucketed
     assert sum(p.numel() for p in whole) == bound and len(whole) == 3
-    for s in range(2):
-        x, y = batch(s, 0, 0)
-        zero.backward(zero(x, y))
-        assert zero.step()
-        ref(x, y).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    _step_beside(zero, ref, ref_opt, steps=2)
     assert_close_state(zero.full_state_dict(), ref.state_dict(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="model_persistence_threshold"):
         ds_zero.ZeroOptions(model_persistence_threshold=-1)
@@ -515,13 +520,7 @@ def test_any_elementwise_optimizer_trains_like_plain_training(name):
                 stage=stage, reduce_bucket_size=300, param_persistence_threshold=40
             ),
         )
-        for s in range(3):
-            x, y = batch(s, 0, 0)
-            zero.backward(zero(x, y))
-            assert zero.step()
-            ref(x, y).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+        _step_beside(zero, ref, ref_opt, steps=3)
         assert_close_state(zero.full_state_dict(), ref.state_dict(), rtol=1e-5, atol=1e-6)
         zero.close()
 

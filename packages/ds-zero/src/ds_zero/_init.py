@@ -212,12 +212,17 @@ class GatheredParameters:
         if not self.enabled:
             return
         if self.modifier_rank is not None:
+            commits: dict[int, Callable[[], None]] = {}
             for p in self.params:
                 group = self._group_of(p)
                 if group_size(group) > 1:
                     src = global_rank_of(group, self.modifier_rank)
                     dist.broadcast(p.data, src, group=group)
-                self._write_back(p)
+                commit = self._write_back(p)
+                if commit is not None:
+                    commits[id(commit)] = commit
+            for commit in commits.values():  # once per stepper, not once per parameter
+                commit()
         for p in self.params:
             if getattr(p, INIT_ATTR, None) is not None:
                 _free(p.data)
@@ -233,7 +238,9 @@ class GatheredParameters:
         return info.group if info is not None else None
 
     @staticmethod
-    def _write_back(p: nn.Parameter) -> None:
+    def _write_back(p: nn.Parameter) -> Callable[[], None] | None:
+        """Write ``p``'s full value into its shards; returns the commit the stepper holding its
+        master needs afterwards (None: nothing to commit)."""
         value = p.detach().reshape(-1)
         info: InitShard | None = getattr(p, INIT_ATTR, None)
         if info is not None:
@@ -243,10 +250,10 @@ class GatheredParameters:
             if hi > lo:
                 info.shard[: hi - lo].copy_(value[lo:hi])
             del world
-            return
+            return None
         slot = slot_of(p)
         if slot is None:
-            return
+            return None
         b, lay = slot.bucket, slot.bucket.layout
         master = b.live_master() if b.trainable else None
         targets = [(master, b.master_range), (b.local_shard, lay.shard_range(b.rank))]
@@ -257,5 +264,4 @@ class GatheredParameters:
             if hit is not None:
                 p_off, t_off, k = hit
                 target[t_off : t_off + k].copy_(value[p_off : p_off + k])
-        if master is not None and b.master_commit is not None:
-            b.master_commit()  # e.g. an NVMe-backed master is written back
+        return b.master_commit if master is not None else None

@@ -117,9 +117,10 @@ class Zero:
         self.stepper.setup(self.partitions, self._group_options)
         if not self.stepper.masters_on_device:
             # the stepper holds the fp32 masters (CPU / NVMe): read and write them through it
+            commit = self.stepper.state_loaded  # one object: GatheredParameters calls it once
             for k, b in enumerate(self.trainable):
                 b.master_source = lambda k=k: self.stepper.state_tensors(k)["master"].reshape(-1)
-                b.master_commit = self.stepper.state_loaded
+                b.master_commit = commit
         self.reducer = GradReducer(
             self._reduction_order(None),
             opts.reduce_dtype,
