@@ -48,8 +48,9 @@ def background(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, background):
-    run = ex.reference(tmp_path_factory.mktemp("reference"), steps=STEPS)
-    assert run["rc"] == 0
+    out = tmp_path_factory.mktemp("reference")
+    run = ex.reference(out, steps=STEPS)
+    assert run["rc"] == 0, (out / "launcher.log").read_text(errors="replace")
     assert all(len(c) == STEPS for c in run["curve"].values())
     return run["curve"]
 

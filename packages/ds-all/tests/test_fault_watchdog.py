@@ -3,6 +3,8 @@ collective and where that rank is; an abort notice stops the other ranks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -65,3 +67,31 @@ def test_diagnosis_names_the_stalled_rank_and_abort_stops_the_others():
         assert exits == [1], "rank 1 did not act on the abort notice"
     dist.barrier()
     wd.stop()
+
+
+_EXIT_WITHOUT_STOP = """
+import datetime, sys, time
+import torch.distributed as dist
+from ds_all._fault_watchdog import Watchdog
+
+server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+client = dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False,
+                       timeout=datetime.timedelta(seconds=5))
+# interval 0: the thread is almost always inside a store call (C++, GIL released)
+wd = Watchdog(dist.PrefixStore("t/", client), 0, 1, {}, timeout_s=60.0, interval_s=0.0,
+              progress=lambda: {"step": 0, "micro": 0}, exit_fn=sys.exit)
+wd.start()
+time.sleep(0.05)
+# the script ends without wd.stop() (or engine.close()), as DeepSpeed's examples do
+"""
+
+
+def test_script_ending_without_close_exits_0(tmp_path):
+    """A daemon thread still in a store call at interpreter finalization aborts the process
+    (status 134) unless the watchdog stops itself at exit."""
+    script = tmp_path / "exit_without_stop.py"
+    script.write_text(_EXIT_WITHOUT_STOP)
+    for _ in range(3):
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]

@@ -396,3 +396,8 @@ class DeepSpeedEngine(nn.Module):
         ds_ckpt.finalize()
         self.monitor.close()
         self.zero.close()
+        fault = getattr(self, "fault", None)
+        if fault is not None:
+            # the watchdog thread only; the SIGTERM flag stays so that a signal landing during
+            # teardown does not kill a rank whose training is complete
+            fault.stop_watchdog()

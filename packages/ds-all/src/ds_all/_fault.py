@@ -151,10 +151,13 @@ class FaultTolerance:
                  signum, self.save_dir, self.engine.global_steps)  # fmt: skip
         raise SystemExit(0)
 
-    def close(self) -> None:
+    def stop_watchdog(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
+
+    def close(self) -> None:
+        self.stop_watchdog()
         if self.signal is not None:
             self.signal.restore()
         if self.flow is not None:

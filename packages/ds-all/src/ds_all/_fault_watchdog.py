@@ -25,6 +25,7 @@ that the ranks would have to agree on.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -108,11 +109,20 @@ class Watchdog:
         self._thread.start()
         self._prev_hook = sys.excepthook
         sys.excepthook = self._excepthook
+        # A script that never calls engine.close() (DeepSpeed's examples don't) would leave the
+        # thread running into interpreter finalization. There a daemon thread coming back from a
+        # store call (C++, GIL released) is ended with pthread_exit, whose unwinding through
+        # pybind11's frames aborts the process ("terminate called without an active
+        # exception", status 134) after training succeeded. atexit runs before that.
+        atexit.register(self.stop)
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=2 * self.interval_s + 1)
+            # long enough for a store call in flight to time out (open_store's timeout <= 10 s)
+            self._thread.join(timeout=2 * self.interval_s + 11)
+            self._thread = None
         if self._prev_hook is not None and sys.excepthook == self._excepthook:
             sys.excepthook = self._prev_hook
         self._prev_hook = None
