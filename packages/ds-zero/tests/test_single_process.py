@@ -557,3 +557,117 @@ def test_init_never_holds_more_than_one_module_whole():
     with ds_zero.GatheredParameters(list(model.parameters())):
         for (n, p), q in zip(model.named_parameters(), plain.parameters()):
             assert torch.equal(p, q), n
+
+
+class _DictShardStore:
+    """A ParamShardStore in a dict, recording every call."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, torch.Tensor] = {}
+        self.calls: list[tuple[str, int]] = []
+        self.held: set[int] = set()
+
+    def add(self, key, values):
+        self.calls.append(("add", key))
+        self.values[key] = values.detach().to("cpu", copy=True).reshape(-1)
+
+    def acquire(self, key):
+        self.calls.append(("acquire", key))
+        assert key not in self.held
+        self.held.add(key)
+        return self.values[key]
+
+    def release(self, key, ready=None):
+        self.calls.append(("release", key))
+        self.held.remove(key)
+
+    def write(self, key, values):
+        self.calls.append(("write", key))
+        assert key not in self.held
+        self.values[key].copy_(values.reshape(-1))
+
+    def flush(self):
+        self.calls.append(("flush", -1))
+
+    def close(self):
+        self.calls.append(("close", -1))
+
+
+class _HostSGDStepper:
+    """Off-device masters (like an offload stepper): SGD on host copies; hands updated values to
+    ``param_writer`` where ZeRO set one, else writes ``param_shard``."""
+
+    masters_on_device = False
+
+    def setup(self, partitions, group_options):
+        self.parts = list(partitions)
+        self.host = [p.master.detach().to("cpu", copy=True) for p in self.parts]
+
+    def grad_ready(self, index, grad):
+        pass
+
+    def step(self, grads):
+        for part, host, g in zip(self.parts, self.host, grads):
+            host.add_(g.to("cpu"), alpha=-0.1)
+            if part.param_writer is not None:
+                part.param_writer(host)
+            elif part.param_shard is not None:
+                part.param_shard.copy_(host)
+
+    def state_tensors(self, index):
+        return {"master": self.host[index]}
+
+    def state_loaded(self):
+        for part, host in zip(self.parts, self.host):
+            if part.param_writer is not None:
+                part.param_writer(host)
+
+
+def test_stage3_param_shard_store_holds_the_shards():
+    store = _DictShardStore()
+    assert isinstance(store, ds_zero.ParamShardStore)
+    model, ref = make_model(), make_model()
+    opts = ds_zero.ZeroOptions(stage=3, param_persistence_threshold=0, host_param_shards=True)
+    zero = ds_zero.wrap(model, None, opts, stepper=_HostSGDStepper(), param_store=store)
+    stored = [b for b in zero.trainable if b.shard_store is store]
+    assert stored and all(b.local_shard is None for b in stored)
+    assert sorted(k for c, k in store.calls if c == "add") == [b.index for b in stored]
+    for s in range(3):
+        x, y = batch(s, 0, 0)
+        zero.backward(zero(x, y))
+        assert zero.step()
+        ref(x, y).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+    assert_close_state(zero.full_state_dict(), ref.state_dict(), rtol=1e-6, atol=1e-6)
+    names = [c for c, _ in store.calls]
+    assert names.count("acquire") == names.count("release") > 0 and not store.held
+    assert names.count("write") == 3 * len(stored) and names.count("flush") == 3
+    # a consolidated load goes to the stepper's masters and, through param_writer, the store
+    start = make_model().state_dict()
+    zero.load_full_state_dict(start)
+    for b in stored:
+        lo, hi = b.layout.shard_range(b.rank)
+        for i, name in enumerate(b.names):
+            p_off, t_off, n = b.layout.intersect(i, lo, hi)
+            got = store.values[b.index][t_off : t_off + n]
+            assert torch.equal(got, start[name].reshape(-1)[p_off : p_off + n]), name
+    zero.close()
+    assert store.calls[-1] == ("close", -1)
+    with pytest.raises(ValueError, match="param_store holds stage-3 parameter shards"):
+        ds_zero.wrap(make_model(), None, ds_zero.ZeroOptions(stage=2),
+                     stepper=_HostSGDStepper(), param_store=_DictShardStore())  # fmt: skip
+
+
+def test_param_shard_store_is_unused_when_masters_stay_on_the_device():
+    store = _DictShardStore()
+    model = make_model()
+    opts = ds_zero.ZeroOptions(stage=3, param_persistence_threshold=0)
+    zero = ds_zero.wrap(model, make_optimizer(model), opts, param_store=store)
+    assert all(b.shard_store is None for b in zero.buckets)  # gathers read the master
+    x, y = batch(0, 0, 0)
+    zero.backward(zero(x, y))
+    zero.step()
+    assert [c for c, _ in store.calls if c != "flush"] == []

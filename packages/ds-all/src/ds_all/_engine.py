@@ -62,11 +62,12 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
             f"{options.stage}: parameter offload partitions parameters, a ZeRO stage 3 feature; "
             'set "stage": 3 or remove offload_param'
         )
-    if device == "nvme":
+    if device == "nvme" and not _optimizer_offloaded(cfg):
         warnings.warn(
-            "zero_optimization.offload_param.device 'nvme': parameters are kept in CPU memory "
-            "instead (NVMe parameter swapping through the engine is not implemented yet; "
-            "ds_offload.ParamOffloader does it for a single process)",
+            "zero_optimization.offload_param.device 'nvme' without offload_optimizer: the fp32 "
+            "masters stay on the device and stage 3 gathers parameters from them, so parameter "
+            'shards are kept in CPU memory instead of NVMe; add "offload_optimizer": '
+            '{"device": "nvme" (or "cpu"), ...} to swap them to NVMe',
             UserWarning,
             stacklevel=4,
         )
@@ -75,6 +76,22 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
     return dataclasses.replace(
         options, host_param_shards=True, pin_param_shards=bool(section.get("pin_memory", False))
     )
+
+
+def _optimizer_offloaded(cfg: DeepSpeedConfig) -> bool:
+    section = cfg.zero_config().offload_optimizer
+    return bool(section) and section.get("device", "none") not in ("none", None)
+
+
+def _param_store(cfg: DeepSpeedConfig) -> Any:
+    """ds_offload's NVMe store for stage-3 parameter shards (ZeRO-Infinity) when offload_param
+    puts them on NVMe and the optimizer is offloaded too (else None: ds_zero's host shards)."""
+    section = cfg.zero_config().offload_param or {}
+    if section.get("device") != "nvme" or not _optimizer_offloaded(cfg):
+        return None
+    from ds_offload import NvmeParamStore  # present: offload_optimizer needs it already
+
+    return NvmeParamStore(section, aio=cfg.aio or None)
 
 
 def _offload_stepper(cfg: DeepSpeedConfig, optimizer: torch.optim.Optimizer) -> Any:
@@ -137,7 +154,7 @@ class DeepSpeedEngine(nn.Module):
         basic = self._build_optimizer(model, optimizer, model_parameters)
         self.zero = ds_zero.wrap(
             model, basic, _zero_options(config, self._gas), dp_group=dp_group,
-            stepper=_offload_stepper(config, basic),
+            stepper=_offload_stepper(config, basic), param_store=_param_store(config),
         )  # fmt: skip
         self.module = model
         self.optimizer = basic

@@ -3,6 +3,7 @@
 >>> from ds_offload import AsyncIO, OffloadStepper
 >>> aio = AsyncIO(block_size=1 << 20, queue_depth=8)
 >>> stepper = OffloadStepper({"device": "cpu", "pin_memory": True})   # ds_zero.wrap(..., stepper=)
+>>> shards = NvmeParamStore({"device": "nvme", "nvme_path": "/nvme"})  # ds_zero.wrap(..., param_store=)
 """
 
 from typing import Any
@@ -16,6 +17,7 @@ from ds_offload._options import (
     OffloadParamOptions,
 )
 from ds_offload._param import ParamOffloader
+from ds_offload._param_store import NvmeParamStore
 from ds_offload._pinned import aligned_empty, memlock_limit
 from ds_offload._stepper import OffloadStepper
 from ds_offload._version import __version__
@@ -25,6 +27,7 @@ __all__ = [
     "AioError",
     "AioOptions",
     "AsyncIO",
+    "NvmeParamStore",
     "NvmePathError",
     "OffloadDevice",
     "OffloadOptimizerConfig",

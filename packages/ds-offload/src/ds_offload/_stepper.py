@@ -18,7 +18,7 @@ torch's AdamW: partial offload trades device memory for CPU time.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -37,6 +37,12 @@ class _Partition(Protocol):
     group_index: int
     master: torch.Tensor
     param_shard: torch.Tensor | None
+    # ds_zero >= 0.1.3: set where a parameter-shard store holds the compute-dtype shard (the
+    # updated fp32 values are handed to it); read with getattr: older partitions lack it
+
+
+def _writer(part: _Partition) -> Callable[[torch.Tensor], None] | None:
+    return getattr(part, "param_writer", None)
 
 
 class Phase(enum.Enum):
@@ -143,7 +149,8 @@ class OffloadStepper:
             self.store.finish_setup()
         for i in self.offloaded:
             part = by_index[i]
-            if part.param_shard is not None and _sole_owner(part.master):
+            has_shard = part.param_shard is not None or _writer(part) is not None
+            if has_shard and _sole_owner(part.master):
                 # the host copy is the master from now on; the device copy would be 4 bytes per
                 # parameter of dead memory (ZeRO reads masters through state_tensors, see
                 # masters_on_device). Not when shard is None: then the master is the parameter
@@ -266,6 +273,10 @@ class OffloadStepper:
     def _write_back(self, part: _Partition, state: dict[str, torch.Tensor]) -> None:
         assert self._copier is not None
         lp = self._lp_host.get(part.index)
+        writer = _writer(part)
+        if writer is not None:
+            writer(state["master"])  # copies before returning: the NVMe slot may be reused next
+            return
         if part.param_shard is None and part.master.is_meta:
             return  # the store is the only copy (parameter offload reads parameters from it)
         if part.param_shard is not None:
@@ -298,7 +309,10 @@ class OffloadStepper:
         for i in self.on_device:
             part, _ = by_index[i]
             part.master.grad = None
-            if part.param_shard is not None:
+            writer = _writer(part)
+            if writer is not None:
+                writer(part.master.reshape(-1))
+            elif part.param_shard is not None:
                 part.param_shard.reshape(-1).copy_(part.master.reshape(-1))
 
     # ------------------------------------------------------------------ checkpoints
@@ -325,6 +339,10 @@ class OffloadStepper:
                 master = self.store.tensors(part.index)["master"]
             else:
                 master = part.master.reshape(-1)
+            writer = _writer(part)
+            if writer is not None:
+                writer(master)
+                continue
             dst = part.param_shard if part.param_shard is not None else part.master
             if not dst.is_meta and dst.data_ptr() != master.data_ptr():
                 dst.reshape(-1).copy_(master)

@@ -14,6 +14,7 @@ from ds_zero._loss_scaler import DynamicLossScaler, LossScaleOptions, LossScaler
 from ds_zero._memory import MemoryEstimate, memory_estimate, model_state_bytes
 from ds_zero._options import ZeroOptions
 from ds_zero._reducer import ReducerState
+from ds_zero._shard_store import ParamShardStore
 from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
 from ds_zero._version import __version__
 from ds_zero._zero import Phase, Zero, wrap
@@ -27,6 +28,7 @@ __all__ = [
     "LossScaler",
     "MasterPartition",
     "MemoryEstimate",
+    "ParamShardStore",
     "ParamsState",
     "PartitionStepper",
     "Phase",

@@ -20,6 +20,7 @@ from torch.distributed import ProcessGroup
 
 from ds_zero._dist import group_rank, group_size
 from ds_zero._layout import FlatLayout, make_layout
+from ds_zero._shard_store import ParamShardStore
 
 
 class ParamsState(enum.Enum):
@@ -76,6 +77,7 @@ class Bucket:
         replication: int,
         host_shard: bool = False,
         pin_host_shard: bool = True,
+        shard_store: ParamShardStore | None = None,
     ) -> None:
         self.index = index
         self.names: list[str] = list(names)
@@ -91,6 +93,9 @@ class Bucket:
         # stage 3 with parameter offload: the local compute-dtype shard lives in host memory
         self.host_shard = host_shard and shard_params
         self.pin_host_shard = pin_host_shard
+        # where the compute-dtype shard lives instead of ``local_shard`` (NVMe offload); only
+        # for trainable stage-3 buckets whose fp32 master the stepper holds off the device
+        self.shard_store = shard_store if shard_params and optim_group is not None else None
         self.device = self.params[0].device
         self.layout: FlatLayout = make_layout([p.numel() for p in self.params], self.world, align)
         self.shapes = [tuple(p.shape) for p in self.params]
@@ -168,7 +173,12 @@ class Bucket:
             off, n = lay.offsets[i], lay.numels[i]
             p.data = flat[off : off + n].view(self.shapes[i])
             setattr(p, SLOT_ATTR, ParamSlot(self, i))
-        if self.shard_params and (keep_local_shard or master is None or self.host_shard):
+        if self.shard_store is not None and not keep_local_shard:
+            self.shard_store = None  # the master stays on the device: gathers read it directly
+        if self.shard_store is not None:
+            s_lo, s_hi = lay.shard_range(self.rank)
+            self.shard_store.add(self.index, flat[s_lo:s_hi])
+        elif self.shard_params and (keep_local_shard or master is None or self.host_shard):
             s_lo, s_hi = lay.shard_range(self.rank)
             self.local_shard = (
                 _host_copy(flat[s_lo:s_hi], self.pin_host_shard)
@@ -206,10 +216,16 @@ class Bucket:
         self._alloc_flat()
         lo, hi = self.layout.shard_range(self.rank)
         mine = self.flat[lo:hi]
-        src = self.gather_source()
-        # a pinned host shard is copied asynchronously on the current stream, which the
-        # all-gather (and any use of the parameters) is ordered after
-        mine.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
+        if self.shard_store is not None:
+            src = self.shard_store.acquire(self.index)
+            asynchronous = mine.device.type != "cpu" and src.is_pinned()
+            mine.copy_(src, non_blocking=asynchronous)
+            self.shard_store.release(self.index, _copy_done() if asynchronous else None)
+        else:
+            src = self.gather_source()
+            # a pinned host shard is copied asynchronously on the current stream, which the
+            # all-gather (and any use of the parameters) is ordered after
+            mine.copy_(src, non_blocking=src.device.type == "cpu" and src.is_pinned())
         if self.world == 1:
             self.state = ParamsState.GATHERED
             return
@@ -299,8 +315,15 @@ class Bucket:
             self.grad_shard.add_(out)
 
     # ---- optimizer step ----------------------------------------------------------------------
+    def write_shard(self, values: torch.Tensor) -> None:
+        """New values of this rank's shard (the fp32 master after a step or a load) into the
+        shard store; ``values`` may be reused by the caller on return."""
+        assert self.shard_store is not None
+        self.shard_store.write(self.index, values.reshape(-1))
+
     def param_shard_view(self) -> torch.Tensor | None:
-        """Where updated compute-dtype values go after a step (None: read from the master)."""
+        """Where updated compute-dtype values go after a step (None: read from the master, or
+        written through ``write_shard`` when a shard store holds the shard)."""
         if self.shard_params:
             return self.local_shard
         m_lo, m_hi = self.master_range
@@ -308,6 +331,15 @@ class Bucket:
         if self.master is not None and view.data_ptr() == self.master.data_ptr():
             return None  # fp32 stages 0-2: the master is the parameter storage itself
         return view
+
+
+def _copy_done() -> object:
+    """An event on the current device stream, after the copy just queued on it."""
+    from ds_accel import get_accelerator
+
+    event = get_accelerator().Event()
+    event.record()
+    return event
 
 
 def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ either package importing the other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,12 +26,17 @@ class MasterPartition:
     param_shard: compute-dtype 1-D destination for the updated values after each step, or None
         when ZeRO reads the master directly (the master is the parameter storage, or stage 3
         gathers from the on-device master).
+    param_writer: when set (``param_shard`` is then None), the stepper hands the updated fp32
+        master values (1-D, any device) to it after each step and in ``state_loaded``, instead
+        of writing a ``param_shard``: the compute-dtype shard lives in a ``ParamShardStore``.
+        It reads the tensor before returning.
     """
 
     index: int
     group_index: int
     master: torch.Tensor
     param_shard: torch.Tensor | None
+    param_writer: Callable[[torch.Tensor], None] | None = None
 
 
 @runtime_checkable
@@ -41,7 +46,8 @@ class PartitionStepper(Protocol):
     Call order: ``setup`` once; then per optimizer step, ``grad_ready`` for each partition as
     its reduced fp32 gradient is final (already unscaled and clipped only by the time ``step``
     is called), then ``step`` with every gradient (same order as the partitions). ``step`` must
-    write updated values into ``param_shard`` where it is not None. ``group_options`` are the
+    write updated values into ``param_shard`` where it is not None (or hand them to
+    ``param_writer`` where that is set). ``group_options`` are the
     optimizer's live param-group dicts: ignore their ``"params"`` and read hyper-parameters (lr)
     at every step, so LR schedulers reach the stepper.
     """
@@ -104,7 +110,9 @@ class TorchOptimizerStepper:
         dst, src = [], []
         for part in self.partitions:
             part.master.grad = None
-            if part.param_shard is not None:
+            if part.param_writer is not None:
+                part.param_writer(part.master)
+            elif part.param_shard is not None:
                 dst.append(part.param_shard)
                 src.append(part.master)
         for d, s in zip(dst, src):
@@ -154,5 +162,7 @@ class TorchOptimizerStepper:
     @torch.no_grad()
     def state_loaded(self) -> None:
         for part in self.partitions:
-            if part.param_shard is not None:
+            if part.param_writer is not None:
+                part.param_writer(part.master)
+            elif part.param_shard is not None:
                 part.param_shard.copy_(part.master)

@@ -29,6 +29,7 @@ from ds_zero._layout import split_into_buckets
 from ds_zero._loss_scaler import LossScaleOptions, LossScaler, make_loss_scaler
 from ds_zero._options import ZeroOptions
 from ds_zero._reducer import GradReducer
+from ds_zero._shard_store import ParamShardStore
 from ds_zero._stage3 import Stage3Scheduler
 from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
 from ds_zero._units import find_units, unit_params
@@ -69,6 +70,7 @@ class Zero:
         dp_group: ProcessGroup | None = None,
         stepper: PartitionStepper | None = None,
         norm_group: ProcessGroup | None = None,
+        param_store: ParamShardStore | None = None,
     ) -> None:
         self.module = model
         self.options = options or ZeroOptions()
@@ -90,6 +92,12 @@ class Zero:
             stepper = TorchOptimizerStepper(optimizer)
         self.optimizer = optimizer
         self.stepper = stepper
+        if param_store is not None and opts.stage != 3:
+            raise ValueError(
+                f"ds_zero.wrap: param_store holds stage-3 parameter shards; stage is {opts.stage} "
+                "(parameter offload needs stage 3)"
+            )
+        self.param_store = param_store
         self.scaler: LossScaler = make_loss_scaler(
             opts.loss_scaling
             if opts.loss_scaling is not None or self.param_dtype != torch.float16
@@ -111,7 +119,13 @@ class Zero:
         self._build_buckets(model, named, group_of)
         self.trainable = [b for b in self.buckets if b.trainable]
         self.partitions = [
-            MasterPartition(k, b.optim_group or 0, b.master, b.param_shard_view())  # type: ignore[arg-type]
+            MasterPartition(
+                k,
+                b.optim_group or 0,
+                b.master,
+                b.param_shard_view(),  # type: ignore[arg-type]
+                param_writer=b.write_shard if b.shard_store is not None else None,
+            )
             for k, b in enumerate(self.trainable)
         ]
         self.stepper.setup(self.partitions, self._group_options)
@@ -193,6 +207,7 @@ class Zero:
             replication=1 if (stage >= 1 or shard_params) else group_size(group),
             host_shard=self.options.host_param_shards,
             pin_host_shard=self.options.pin_param_shards,
+            shard_store=self.param_store,
         )
         bucket.build(full_value, keep_local_shard=not self.stepper.masters_on_device)
         self.buckets.append(bucket)
@@ -410,6 +425,8 @@ class Zero:
         elif scale != 1.0:
             torch._foreach_mul_(grads, 1.0 / scale)
         self.stepper.step(grads)
+        if self.param_store is not None:
+            self.param_store.flush()  # a failed shard write is this step's error, not a later one
         self.zero_grad()
         self._refresh_params()
         self.global_steps += 1
@@ -571,7 +588,8 @@ class Zero:
         for p in self._unbucketed:
             p.copy_(state[self.names[id(p)]])
         if not self.stepper.masters_on_device:
-            self.stepper.state_loaded()  # NVMe-backed masters are written back
+            # NVMe-backed masters are written back; stored shards refreshed through param_writer
+            self.stepper.state_loaded()
 
     def close(self) -> None:
         """Remove hooks (the module keeps its flat-buffer parameters)."""
@@ -580,6 +598,9 @@ class Zero:
         self._handles.clear()
         if self.scheduler is not None:
             self.scheduler.remove()
+        if self.param_store is not None:
+            self.param_store.close()
+            self.param_store = None
 
 
 def wrap(
@@ -590,16 +611,20 @@ def wrap(
     dp_group: ProcessGroup | None = None,
     stepper: PartitionStepper | None = None,
     norm_group: ProcessGroup | None = None,
+    param_store: ParamShardStore | None = None,
 ) -> Zero:
     """Wrap ``model`` (already on its device) and an ``optimizer`` built over its parameters.
 
     ``dp_group``: the ranks holding replicas of these parameters (default: the world).
     ``norm_group``: the ranks holding the rest of the model (pipeline stages), whose squared
     gradient norms are added for clipping and overflow checks; None when this rank's module
-    is the whole model."""
+    is the whole model.
+    ``param_store``: holds stage-3 compute-dtype parameter shards when the stepper keeps the
+    fp32 masters off the device (e.g. ds-offload's NVMe store); see ``ParamShardStore``."""
     return Zero(
-        model, optimizer, options, dp_group=dp_group, stepper=stepper, norm_group=norm_group
-    )
+        model, optimizer, options, dp_group=dp_group, stepper=stepper, norm_group=norm_group,
+        param_store=param_store,
+    )  # fmt: skip
 
 
 __all__ = ["Phase", "Zero", "wrap"]
