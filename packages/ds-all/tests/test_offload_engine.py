@@ -14,13 +14,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _models import TinyGPT, batch, config  # noqa: E402
 
 
-def _train(stage: int, zero_extra: dict, steps: int) -> tuple[object, list[float]]:
+def _train(
+    stage: int, zero_extra: dict, steps: int, bf16: bool = False
+) -> tuple[object, list[float]]:
     """(engine, losses) of ``steps`` engine steps of TinyGPT at ZeRO ``stage``."""
     import ds_all
 
     torch.manual_seed(0)
     cfg = config(stage, 4)
     cfg["zero_optimization"].update(zero_extra)
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
     engine, _, _, _ = ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
     losses = []
     for step in range(steps):
@@ -120,20 +124,26 @@ def test_bf16_offload_masters_are_read_and_written_through_the_stepper(stage):
     assert torch.equal(zero.full_state_dict()[name], torch.full_like(before[name], 0.25))
 
 
-def _stage3_run(offload_param: dict | None, offload_optimizer: bool):
+def _stage3_run(offload_param: dict | None, offload_optimizer: bool, bf16: bool = False):
     zero_extra: dict = {"stage3_param_persistence_threshold": 0}  # every parameter partitioned
     if offload_param is not None:
         zero_extra["offload_param"] = offload_param
     if offload_optimizer:
         zero_extra["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    return _train(3, zero_extra, steps=3)
+    return _train(3, zero_extra, steps=3, bf16=bf16)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("offload_optimizer", [False, True])
-def test_offload_param_cpu_keeps_stage3_shards_on_the_host(offload_optimizer):
-    ref, ref_losses = _stage3_run(None, offload_optimizer)
-    engine, losses = _stage3_run({"device": "cpu", "pin_memory": False}, offload_optimizer)
+def test_offload_param_cpu_keeps_stage3_shards_on_the_host(offload_optimizer, bf16):
+    ref, ref_losses = _stage3_run(None, offload_optimizer, bf16)
+    engine, losses = _stage3_run({"device": "cpu", "pin_memory": False}, offload_optimizer, bf16)
     assert engine.zero.options.host_param_shards
+    if offload_optimizer and bf16:
+        # CPU Adam writes the bf16 values straight into the host shards (no staging buffer)
+        stepper = engine.zero.stepper
+        shards = {b.local_shard.data_ptr() for b in engine.zero.trainable}
+        assert {t.data_ptr() for t in stepper._lp_host.values()} == shards
     assert all(b.local_shard.device.type == "cpu" for b in engine.zero.buckets if b.shard_params)
     assert losses == ref_losses
     want = ref.zero.full_state_dict()

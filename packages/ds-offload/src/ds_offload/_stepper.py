@@ -142,7 +142,13 @@ class OffloadStepper:
             self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
-                self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
+                if shard.device.type == "cpu" and shard.is_contiguous():
+                    # a host shard (stage 3 parameter offload): CPU Adam writes the rounded
+                    # values into it directly; a staging copy would be 2 more bytes per
+                    # parameter of host memory and one more pass over them
+                    self._lp_host[i] = shard.reshape(-1)
+                else:
+                    self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
         if isinstance(self.store, NvmeStore):
             # may fail (full disk, IO error): before any device master is freed below, so a
             # failed setup leaves ZeRO's masters as they were (nothing lost, retry possible)
@@ -282,6 +288,8 @@ class OffloadStepper:
         if part.param_shard is not None:
             dst = part.param_shard.reshape(-1)
             src = lp if lp is not None else state["master"]
+            if src.data_ptr() == dst.data_ptr():
+                return  # CPU Adam wrote into the host shard itself
         else:
             # fp32 stages 0-2: ZeRO's master is the parameter storage itself
             dst, src = part.master.reshape(-1), state["master"]
