@@ -26,6 +26,32 @@ def _config(device, tmp_path, **extra):
 
 
 @pytest.mark.parametrize("device", ["cpu", "nvme"])
+@pytest.mark.parametrize("grad_buffers", [0, 1, 3])
+def test_rotating_gradient_buffers_match_one_per_partition(tmp_path, device, grad_buffers):
+    """9 partitions through 0 (one per partition), 1 or 3 rotating host gradient buffers."""
+    stepper = OffloadStepper(_config(device, tmp_path, buffer_count=2), grad_buffers=grad_buffers)
+    driver = FlatDriver(tiny_model(), 9)
+    stepper.setup(
+        driver.parts, [{"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}]
+    )
+    assert len(stepper._grad_pool) == grad_buffers
+    assert len(stepper._grad_host) == (9 if grad_buffers == 0 else 0)
+    got = offload_train(driver, stepper, STEPS)
+    stepper.close()
+    torch.testing.assert_close(got, _reference(), atol=1e-6, rtol=0)
+
+
+def test_gradient_pool_not_used_where_it_would_not_save_memory():
+    # 2 partitions, 4 buffers of the largest: one buffer per partition instead
+    stepper = OffloadStepper({"device": "cpu"})
+    driver = FlatDriver(tiny_model(), 2)
+    stepper.setup(driver.parts, [{"lr": LR}])
+    assert stepper._grad_pool == [] and len(stepper._grad_host) == 2
+    with pytest.raises(ValueError, match="grad_buffers must be >= 0"):
+        OffloadStepper({"device": "cpu"}, grad_buffers=-1)
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
 @pytest.mark.parametrize("nparts", [1, 3])
 def test_matches_torch_adamw(tmp_path, device, nparts):
     stepper = OffloadStepper(_config(device, tmp_path, buffer_count=2), aio={"block_size": 4096})

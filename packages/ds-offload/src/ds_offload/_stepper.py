@@ -62,6 +62,11 @@ class OffloadStepper:
     aio: the ``aio`` section used for NVMe swapping.
     defaults: hyper-parameters for keys the group options lack (lr, betas, eps, weight_decay).
     num_threads: CPU Adam threads (0: torch.get_num_threads()).
+    grad_buffers: host buffers (each the size of the largest partition) that the gradients'
+        device-to-host copies rotate through, ``grad_buffers`` partitions ahead of the CPU Adam;
+        0, or where they would not be smaller than one buffer per partition: one per partition.
+        A copy is much faster than the Adam of its partition, so a few buffers hide it fully,
+        and the host holds 4 bytes per parameter less than with one buffer per partition.
     """
 
     masters_on_device = False
@@ -75,7 +80,10 @@ class OffloadStepper:
         aio: Any = None,
         defaults: dict[str, Any] | None = None,
         num_threads: int = 0,
+        grad_buffers: int = 4,
     ) -> None:
+        if grad_buffers < 0:
+            raise ValueError(f"OffloadStepper: grad_buffers must be >= 0, got {grad_buffers}")
         config = coerce(
             OffloadOptimizerOptions,
             config if config is not None else {"device": "cpu"},
@@ -97,7 +105,9 @@ class OffloadStepper:
         self.on_device: list[int] = []  # partition indices kept on the device (ratio < 1)
         self.steps: dict[int, torch.Tensor] = {}  # per partition, 1-element fp32 step count
         self.store: CpuStore | NvmeStore
-        self._grad_host: dict[int, torch.Tensor] = {}
+        self.grad_buffers = grad_buffers
+        self._grad_host: dict[int, torch.Tensor] = {}  # one per partition (no pool)
+        self._grad_pool: list[torch.Tensor] = []  # or the rotating buffers
         self._lp_host: dict[int, torch.Tensor] = {}
         self._grad_events: dict[int, Any] = {}
         self._device_optim: torch.optim.Optimizer | None = None
@@ -134,12 +144,19 @@ class OffloadStepper:
         else:
             self.store = CpuStore(pin)
         by_index = {p.index: p for p in self.partitions}
+        sizes = [by_index[i].master.numel() for i in self.offloaded]
+        pool = min(self.grad_buffers, len(sizes))
+        if pool and pool * max(sizes) < sum(sizes):
+            self._grad_pool = [
+                aligned_empty(max(sizes), torch.float32, pin=pin) for _ in range(pool)
+            ]
         for i in self.offloaded:
             part = by_index[i]
             master_host = part.master.detach().reshape(-1).to("cpu", torch.float32)
             self.store.add(i, master_host)
             n = part.master.numel()
-            self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
+            if not self._grad_pool:
+                self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
                 if shard.device.type == "cpu" and shard.is_contiguous():
@@ -234,24 +251,38 @@ class OffloadStepper:
                     f"{part.master.numel()}"
                 )
         scale = None if grad_scale is None else float(grad_scale)
-        # 1. queue every gradient copy (those not already started by grad_ready)
-        for i in self.offloaded:
-            if scale is None or i not in self._grad_events:
-                self._grad_events[i] = copier.to_host(self._grad_host[i], by_index[i][1])
+        pool = self._grad_pool
+        order = self.offloaded
+
+        def queue_copy(pos: int) -> None:
+            i = order[pos]
+            g = by_index[i][1]
+            dst = pool[pos % len(pool)][: g.numel()] if pool else self._grad_host[i]
+            self._grad_events[i] = copier.to_host(dst, g)
+
+        # 1. queue the gradient copies: every one (except those started by grad_ready), or as
+        # many as there are pool buffers (each later one when its buffer's Adam is done)
+        for pos, i in enumerate(order):
+            if pool and pos >= len(pool):
+                break
+            if pool or scale is None or i not in self._grad_events:
+                queue_copy(pos)
         if isinstance(self.store, NvmeStore) and self._phase is Phase.IDLE:
             self.store.prefetch(self.offloaded)
         # 2. device-resident partitions (ratio < 1) step on the device meanwhile
         self._step_on_device(by_index, scale)
         # 3. CPU Adam per partition as its gradient lands; results stream back
         try:
-            for i in self.offloaded:
-                part, _ = by_index[i]
+            for pos, i in enumerate(order):
+                part, g = by_index[i]
                 copier.wait(self._grad_events.pop(i))
-                grad = self._grad_host[i]
+                grad = pool[pos % len(pool)][: g.numel()] if pool else self._grad_host[i]
                 if scale is not None and scale != 1.0:
                     grad.mul_(scale)
                 state = self.store.acquire(i)
                 self._cpu_adam(part, state, grad)
+                if pool and pos + len(pool) < len(order):
+                    queue_copy(pos + len(pool))  # the buffer is free: Adam has consumed it
                 self._write_back(part, state)
                 self.store.release(i)
             self.store.flush()
