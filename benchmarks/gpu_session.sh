@@ -3,7 +3,8 @@
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
 #   bash benchmarks/gpu_session.sh PHASE...
-#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | tests | tests:ds-x,ds-y
+#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | largest | tests | tests:ds-x,ds-y
+#   largest: LARGEST_OURS / LARGEST_DS (layer ladders, d=4096), LARGEST_DEADLINE_S (default 540)
 #
 # Expects the peers' scripts in shared/peers and, with no package registry on the GPU machine,
 # the wheels DeepSpeed needs in .whl/ (see shared/peers/README.md). Every phase logs to
@@ -58,6 +59,12 @@ for p in "$@"; do
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \
         --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"
       ;;
+    largest)
+      phase largest python3 benchmarks/offload/largest_model.py --peers-dir shared/peers \
+        --ours-layers "${LARGEST_OURS:-36,40,44}" --ds-layers "${LARGEST_DS:-28,32,36}" \
+        --engines "${LARGEST_ENGINES:-deepspeed,ours}" --deadline-s "${LARGEST_DEADLINE_S:-540}" \
+        --device-name "1x$GPUNAME"
+      ;;
     tests | tests:*)  # tests:ds-ckpt,ds-moe runs those packages only
       export DS_TEST_GPU=1
       sel=${p#tests}; sel=${sel#:}
@@ -67,7 +74,7 @@ for p in "$@"; do
           -m gpu -p no:cacheprovider "$pkg/tests"
       done
       ;;
-    *) echo "unknown phase $p (io | aio | ckpt | moe | offload | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown phase $p (io | aio | ckpt | moe | offload | largest | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 rm -rf "$SCRATCH"

@@ -1,0 +1,236 @@
+"""The largest GPT one GPU trains with ZeRO-3 + offload: ours (ds_all) vs DeepSpeed, same host.
+
+    python benchmarks/offload/largest_model.py --ours-layers 36,40,44 --ds-layers 28,32,36
+
+Both engines get the same DeepSpeed JSON config: ZeRO stage 3, bf16, AdamW, clipping 1.0,
+``offload_optimizer`` and ``offload_param`` on the CPU with pinned memory (``--offload nvme``:
+both to ``--nvme-path``). The model is the peers' tinygpt GPT with d=``--dim`` (4096: 201M
+parameters per block) and a varying number of blocks; vocab 32768, sequence 1024, micro-batch
+``--batch``. Each size is one subprocess (a host out-of-memory kill or a CUDA OOM ends only that
+trial) that builds the model (ours: on the GPU in fp32, handed to ``ds_all.initialize``;
+DeepSpeed: under ``deepspeed.zero.Init(remote_device="cpu", pin_memory=True)``, its documented
+path for models that do not fit), trains ``--steps`` steps and reports the time of the last
+ones, TFLOP/s (6 * params * tokens / time), peak GPU memory and peak host RSS.
+
+Sizes are tried in the given order per engine until the first failure. The JSON
+(benchmarks/results/largest-offload-<device>-<yyyymmdd>.json, and $OUT) is rewritten after every
+trial, so a run cut short by a time limit keeps what it measured; ``--deadline-s`` stops starting
+trials that would not finish in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_CANDIDATES = [ROOT / "shared" / "peers", Path("/work/shared/peers")]
+T, V = 1024, 32768
+
+
+def _peers_dir(arg: str | None) -> Path:
+    for p in [Path(arg)] if arg else PEERS_CANDIDATES:
+        if (p / "tinygpt.py").is_file():
+            return p
+    raise SystemExit(f"tinygpt.py not found in {PEERS_CANDIDATES}; pass --peers-dir")
+
+
+def _pythonpath() -> str:
+    paths = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
+    return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
+
+
+def ds_config(args: argparse.Namespace) -> dict:
+    """One DeepSpeed config for both engines."""
+
+    def section() -> dict:
+        s: dict = {"device": args.offload, "pin_memory": True}
+        if args.offload == "nvme":
+            s["nvme_path"] = args.nvme_path
+        return s
+
+    return {
+        "train_micro_batch_size_per_gpu": args.batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "bf16": {"enabled": True},
+        "gradient_clipping": 1.0,
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "offload_optimizer": section(),
+            "offload_param": section(),
+        },
+        "steps_per_print": 10**9,
+    }
+
+
+def _host_peak_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB -> GiB
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    sys.path.insert(0, str(_peers_dir(args.peers_dir)))
+    from tinygpt import GPT, batch
+
+    cfg = ds_config(args)
+    d, L, B = args.dim, args.layers, args.batch
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    t_build = time.perf_counter()
+    if args.worker == "ours":
+        import ds_all
+
+        if cuda:
+            torch.cuda.set_device(0)
+        with torch.device(args.device):
+            model = GPT(vocab=V, d=d, h=d // 128, L=L, T=T)
+        n = sum(p.numel() for p in model.parameters())
+        engine, *_ = ds_all.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="cpu", pin_memory=True):
+            model = GPT(vocab=V, d=d, h=d // 128, L=L, T=T)
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=cfg
+        )
+    build_s = time.perf_counter() - t_build
+    print(f"[{args.worker}] L={L}: {n / 1e9:.2f}B parameters built in {build_s:.0f} s", flush=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for s in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        x, y = batch(s, 0, B, T, V, engine.device)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        print(f"[{args.worker}] L={L} step {s}: {times[-1]:.2f} s loss {loss.item():.3f}",
+              flush=True)  # fmt: skip
+    timed = times[2:] if len(times) > 2 else times[-1:]
+    dt = sum(timed) / len(timed)
+    print(json.dumps({
+        "engine": args.worker, "layers": L, "params_B": round(n / 1e9, 3), "step_s": round(dt, 3),
+        "tflops": round(6 * n * B * T / dt / 1e12, 1), "tok_s": round(B * T / dt),
+        "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "host_peak_rss_gb": _host_peak_gb(), "build_s": round(build_s, 1),
+        "loss": round(loss.item(), 3), "step_times_s": [round(t, 3) for t in times],
+    }), flush=True)  # fmt: skip
+
+
+def _trial(engine: str, layers: int, args: argparse.Namespace, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--layers", str(layers),
+           "--dim", str(args.dim), "--batch", str(args.batch), "--steps", str(args.steps),
+           "--offload", args.offload, "--nvme-path", args.nvme_path, "--device", args.device]  # fmt: skip
+    if args.peers_dir:
+        cmd += ["--peers-dir", args.peers_dir]
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29500 + layers), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))  # fmt: skip
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        return {"engine": engine, "layers": layers, "ok": False, "failure": "timeout",
+                "timeout_s": round(timeout), "stdout_tail": (out or "")[-1500:]}  # fmt: skip
+    wall = round(time.monotonic() - t0, 1)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return {**json.loads(line), "ok": True, "wall_s": wall}
+    err = proc.stderr[-3000:]
+    if proc.returncode in (-9, 137):
+        failure = "killed (host out of memory)"
+    elif "out of memory" in err.lower():
+        failure = "GPU out of memory"
+    else:
+        failure = f"exit {proc.returncode}"
+    return {"engine": engine, "layers": layers, "ok": False, "failure": failure, "wall_s": wall,
+            "stdout_tail": proc.stdout[-1500:], "stderr_tail": err}  # fmt: skip
+
+
+def _summary(trials: list[dict]) -> dict:
+    best: dict[str, dict] = {}
+    for t in trials:
+        if t.get("ok") and t["params_B"] > best.get(t["engine"], {}).get("params_B", 0):
+            best[t["engine"]] = t
+    out: dict = {k: {"params_B": v["params_B"], "layers": v["layers"], "tflops": v["tflops"],
+                     "step_s": v["step_s"]} for k, v in best.items()}  # fmt: skip
+    if "ours" in best and "deepspeed" in best:
+        out["params_ratio_vs_deepspeed"] = round(
+            best["ours"]["params_B"] / best["deepspeed"]["params_B"], 3
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", choices=["ours", "deepspeed"])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--ours-layers", default="36,40,44")
+    ap.add_argument("--ds-layers", default="28,32,36")
+    ap.add_argument("--engines", default="deepspeed,ours")
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--offload", choices=["cpu", "nvme"], default="cpu")
+    ap.add_argument("--nvme-path", default="/tmp/ds_nvme")
+    ap.add_argument("--trial-timeout-s", type=float, default=420)
+    ap.add_argument("--deadline-s", type=float, default=float("inf"))
+    ap.add_argument("--device-name", default="1xNVIDIA-H200")
+    ap.add_argument("--peers-dir", default=None)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a smoke run of the driver (DS_ACCELERATOR=cpu for DeepSpeed)")  # fmt: skip
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.offload == "nvme":
+        os.makedirs(args.nvme_path, exist_ok=True)
+    start = time.monotonic()
+    name = f"largest-offload-{args.device_name}-{time.strftime('%Y%m%d')}.json"
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    trials: list[dict] = []
+    ladders = {"ours": args.ours_layers, "deepspeed": args.ds_layers}
+    for engine in args.engines.split(","):
+        for layers in (int(x) for x in ladders[engine].split(",") if x):
+            left = args.deadline_s - (time.monotonic() - start)
+            if left < 60:
+                print(f"deadline: not starting {engine} L={layers}", flush=True)
+                break
+            trial = _trial(engine, layers, args, min(args.trial_timeout_s, left))
+            print(json.dumps(trial), flush=True)
+            trials.append(trial)
+            out = {"scenario": "largest GPT on one GPU, ZeRO-3 + offload", "device": args.device_name,
+                   "config": ds_config(args), "dim": args.dim, "batch": args.batch, "seq": T,
+                   "trials": trials, "summary": _summary(trials),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+            text = json.dumps(out, indent=2)
+            (results / name).write_text(text + "\n")
+            if os.environ.get("OUT"):
+                Path(os.environ["OUT"], name).write_text(text + "\n")
+            if not trial.get("ok"):
+                break
+    print(json.dumps(_summary(trials), indent=2))
+
+
+if __name__ == "__main__":
+    main()
