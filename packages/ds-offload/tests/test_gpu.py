@@ -53,3 +53,21 @@ def test_aio_with_cuda_pinned_buffers(tmp_path):
         out = aligned_empty(1 << 20, torch.float32, pin=True)
         aio.pread(out, tmp_path / "x.bin")
     assert torch.equal(out.cuda(), src)
+
+
+def test_pinned_buffers_are_registered_pages_not_powers_of_two():
+    """aligned_empty(pin=True) on CUDA: page-locked (is_pinned, asynchronous copies) over the
+    pages asked for; torch's pinned allocator would have rounded 3 MiB + 5 bytes up to 4 MiB."""
+    from ds_accel._pinned_host import registered_empty
+
+    raw = registered_empty(3 * 2**20 + 5)
+    assert raw.is_pinned() and raw.numel() == 3 * 2**20 + 5
+    buf = aligned_empty(3 * 2**20 // 4 + 1, torch.float32, pin=True)
+    assert buf.is_pinned()
+    buf.copy_(torch.arange(buf.numel(), dtype=torch.float32))
+    dev = torch.empty(buf.numel(), device="cuda")
+    dev.copy_(buf, non_blocking=True)
+    back = torch.empty_like(buf)
+    back.copy_(dev, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, buf)

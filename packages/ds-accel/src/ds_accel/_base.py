@@ -129,6 +129,13 @@ class Accelerator(abc.ABC):
         has no meaning (no device to copy to)."""
         return tensor
 
+    def pinned_empty(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor, page-locked where the device has such memory (its
+        allocation exactly the size needed, rounded to pages: see ``CUDAAccelerator``); raises
+        RuntimeError when the memory cannot be locked. Plain host memory where pinning has no
+        meaning."""
+        return torch.empty(shape, dtype=dtype)
+
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         return False
 

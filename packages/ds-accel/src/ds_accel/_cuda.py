@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ds_accel._base import Accelerator
+from ds_accel._pinned_host import registered_empty
 
 
 def _is_rocm() -> bool:
@@ -96,7 +97,19 @@ class CUDAAccelerator(Accelerator):
         return stats
 
     def pin_memory(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.pin_memory()
+        out = self.pinned_empty(tuple(tensor.shape), tensor.dtype)
+        out.copy_(tensor)
+        return out
+
+    def pinned_empty(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        numel = 1
+        for s in shape_t:
+            numel *= int(s)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape_t, dtype=dtype, pin_memory=True)
+        return registered_empty(nbytes).view(dtype).view(shape_t)
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         return tensor.is_pinned()

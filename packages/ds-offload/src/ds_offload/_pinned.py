@@ -60,9 +60,15 @@ def _warn_unpinned(nbytes: int, why: str) -> None:
 def _raw(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     """A uint8 tensor of ``nbytes`` (+ alignment slack) and whether it is page-locked."""
     if pin and _device_pinning():
+        from ds_accel import get_accelerator
+
         try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
-        except RuntimeError as exc:  # the driver's pinned pool is exhausted
+            # exactly the bytes asked for (torch's own pinned allocator rounds each request up
+            # to a power of two: up to half of the host memory offload exists to use)
+            acc = get_accelerator()
+            raw = acc.pinned_empty((nbytes,), torch.uint8)
+            return raw, acc.is_pinned(raw)
+        except RuntimeError as exc:  # the memory cannot be locked (limits, driver pool)
             _warn_unpinned(nbytes, f"pinned allocation failed: {str(exc).splitlines()[0]}")
             return torch.empty(nbytes, dtype=torch.uint8), False
     raw = torch.empty(nbytes, dtype=torch.uint8)

@@ -345,8 +345,14 @@ def _copy_done() -> object:
 def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     """A host copy of ``t``, page-locked when asked and a device exists to copy to/from."""
     if pin and t.device.type != "cpu":
+        from ds_accel import get_accelerator
+
         try:
-            return t.to("cpu", copy=True).pin_memory()
+            # the accelerator's exact-size pinned memory: torch's pinned allocator would round
+            # each shard up to a power of two (a 403 MB shard taking 512 MiB of host memory)
+            out = get_accelerator().pinned_empty(tuple(t.shape), t.dtype)
+            out.copy_(t)
+            return out
         except RuntimeError:  # no page-locked memory left: pageable copies are slower, not wrong
             pass
     return t.to("cpu", copy=True)
