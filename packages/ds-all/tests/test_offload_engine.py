@@ -41,11 +41,13 @@ def _run(zero_extra: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, engine.zero.full_state_dict()
 
 
-@pytest.mark.parametrize("device", ["cpu", "nvme"])
+@pytest.mark.parametrize("device", ["cpu", "nvme", "nvme+cpu"])
 def test_offload_matches_on_device_optimizer(device, tmp_path):
     ref_losses, ref_state = _run({})
     extra = {"offload_optimizer": {"device": device, "pin_memory": False}}
-    if device == "nvme":
+    if device == "nvme+cpu":  # ds_offload's max_in_cpu: the state split between CPU and NVMe
+        extra["offload_optimizer"].update(device="nvme", max_in_cpu=4000)
+    if device.startswith("nvme"):
         extra["offload_optimizer"]["nvme_path"] = str(tmp_path)
     losses, state = _run(extra)
     assert losses == pytest.approx(ref_losses, rel=1e-6)

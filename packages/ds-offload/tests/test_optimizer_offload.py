@@ -215,3 +215,40 @@ def test_bad_input():
     s.setup(driver.parts, [{}])
     with pytest.raises(ValueError, match="got 1 gradients for 2 partitions"):
         s.step([torch.zeros(3)])
+
+
+@pytest.mark.parametrize("max_in_cpu", [1, 700, 10**9])
+def test_state_split_between_cpu_and_nvme(tmp_path, max_in_cpu):
+    """device nvme + max_in_cpu (ds_offload extension): the first partitions up to max_in_cpu
+    elements stay in CPU memory, the rest are swapped; training and checkpoints as with either."""
+    stepper = OffloadStepper(_config("nvme", tmp_path, buffer_count=2, max_in_cpu=max_in_cpu))
+    driver = FlatDriver(tiny_model(), 5)
+    stepper.setup(
+        driver.parts, [{"lr": LR, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}]
+    )
+    sizes = [p.master.numel() for p in driver.parts]
+    on_cpu = [stepper.store.swapped(p.index) is False for p in driver.parts]
+    # a prefix of the partitions, as many as fit
+    k = next((j for j, c in enumerate(on_cpu) if not c), len(on_cpu))
+    assert all(on_cpu[:k]) and not any(on_cpu[k:])
+    assert sum(sizes[:k]) <= max_in_cpu and (k == len(sizes) or sum(sizes[: k + 1]) > max_in_cpu)
+    swap_files = [f for f in tmp_path.rglob("*.bin")]
+    assert len(swap_files) == len(sizes) - k
+    got = offload_train(driver, stepper, STEPS)
+    torch.testing.assert_close(got, _reference(), atol=1e-6, rtol=0)
+    # state_tensors / state_loaded reach both halves
+    before = {p.index: stepper.state_tensors(p.index)["exp_avg"].clone() for p in driver.parts}
+    for p in driver.parts:
+        stepper.state_tensors(p.index)["exp_avg"].mul_(2.0)
+    stepper.state_loaded()
+    for p in driver.parts:
+        torch.testing.assert_close(stepper.state_tensors(p.index)["exp_avg"], 2 * before[p.index])
+    stepper.close()
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_max_in_cpu_needs_nvme(tmp_path):
+    with pytest.raises(ValueError, match=r"offload_optimizer.max_in_cpu .* needs device 'nvme'"):
+        OffloadStepper({"device": "cpu", "max_in_cpu": 10})
+    with pytest.raises(ValueError, match=r"max_in_cpu"):
+        OffloadStepper({"device": "nvme", "nvme_path": str(tmp_path), "max_in_cpu": -1})

@@ -93,6 +93,12 @@ class OffloadOptimizerConfig(_OffloadBase):
     pipeline_write: bool = False
     fast_init: bool = False
     ratio: float = Field(1.0, ge=0.0, le=1.0, description="fraction of partitions offloaded")
+    max_in_cpu: int = Field(
+        0,
+        ge=0,
+        description="ds_offload extension, device nvme: elements of optimizer partitions kept "
+        "in CPU memory (the first partitions), the rest swapped to nvme_path",
+    )
 
     @property
     def pipeline(self) -> bool:

@@ -76,13 +76,23 @@ class OffloadOptimizerOptions(_OffloadOptions):
     pipeline_write: bool = False
     fast_init: bool = False
     ratio: float = 1.0
+    # ds_offload extension (DeepSpeed has no such key): with device nvme, the first partitions
+    # totalling at most this many elements keep their state in CPU memory, the rest are swapped
+    max_in_cpu: int = 0
 
     def __post_init__(self) -> None:
         where = "zero_optimization.offload_optimizer"
         self._check(where)
         _positive(where, "buffer_count", self.buffer_count, allow_zero=True)
+        _positive(where, "max_in_cpu", self.max_in_cpu, allow_zero=True)
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise ValueError(f"{where}.ratio must be in [0, 1], got {self.ratio!r}")
+        if self.max_in_cpu and self.device is not OffloadDevice.nvme:
+            raise ValueError(
+                f"{where}.max_in_cpu splits optimizer state between CPU memory and NVMe; it needs "
+                f"device 'nvme' (got {self.device.value!r}): set device to 'nvme' with an "
+                "nvme_path, or remove max_in_cpu"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,6 +124,11 @@ class ParamOffloader:
                    "buffer_count": config.buffer_count, **(optimizer_config or {})}  # fmt: skip
         if config.device is OffloadDevice.nvme:
             opt_cfg["nvme_path"] = str(config.nvme_path)
+        if opt_cfg.get("max_in_cpu"):
+            raise ValueError(
+                "ParamOffloader: optimizer_config max_in_cpu is not used here (the optimizer store "
+                "is the parameters' only copy); set zero_optimization.offload_param.max_in_cpu"
+            )
         self.stepper = OffloadStepper(
             coerce(OffloadOptimizerOptions, opt_cfg, "zero_optimization.offload_optimizer"),
             optimizer=optimizer,

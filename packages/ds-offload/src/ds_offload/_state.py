@@ -56,6 +56,11 @@ class CpuStore:
     def loaded(self) -> None:
         pass
 
+    def swapped(self, index: int) -> bool:
+        """Whether the partition's state lives in a swap file (its buffer is reused)."""
+        del index
+        return False
+
     def close(self) -> None:
         self.state.clear()
 
@@ -231,9 +236,66 @@ class NvmeStore:
     def loaded(self) -> None:
         self._flush_materialized()
 
+    def swapped(self, index: int) -> bool:
+        del index
+        return True
+
     def close(self) -> None:
         for slot in self.slots:
             slot.aio.close()
         self.slots.clear()
         if self.swap is not None:
             self.swap.close()
+
+
+class SplitStore:
+    """The first partitions, up to ``max_in_cpu`` elements, in a ``CpuStore``; the others in an
+    ``NvmeStore``: optimizer state larger than host memory without swapping all of it.
+
+    The step visits partitions in order, so the CPU-held ones are updated first while the NVMe
+    reads of the others (started by ``prefetch`` during backward) run.
+    """
+
+    def __init__(self, cpu: CpuStore, nvme: NvmeStore, max_in_cpu: int) -> None:
+        self.cpu = cpu
+        self.nvme = nvme
+        self.left = max_in_cpu
+        self.where: dict[int, CpuStore | NvmeStore] = {}
+
+    def add(self, index: int, master: torch.Tensor) -> None:
+        n = master.numel()
+        if n <= self.left:
+            self.left -= n
+            self.where[index] = self.cpu
+        else:
+            self.left = 0  # later, smaller partitions go to NVMe too: the CPU part stays a prefix
+            self.where[index] = self.nvme
+        self.where[index].add(index, master)
+
+    def finish_setup(self) -> None:
+        self.nvme.finish_setup()
+
+    def prefetch(self, order: Sequence[int]) -> None:
+        self.nvme.prefetch([i for i in order if self.where[i] is self.nvme])
+
+    def acquire(self, index: int) -> dict[str, torch.Tensor]:
+        return self.where[index].acquire(index)
+
+    def release(self, index: int) -> None:
+        self.where[index].release(index)
+
+    def flush(self) -> None:
+        self.nvme.flush()
+
+    def tensors(self, index: int) -> dict[str, torch.Tensor]:
+        return self.where[index].tensors(index)
+
+    def loaded(self) -> None:
+        self.nvme.loaded()
+
+    def swapped(self, index: int) -> bool:
+        return self.where[index] is self.nvme
+
+    def close(self) -> None:
+        self.cpu.close()
+        self.nvme.close()

@@ -27,7 +27,7 @@ from ds_offload._copies import Copier
 from ds_offload._hparams import check_kind, read_hparams
 from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions, coerce
 from ds_offload._pinned import aligned_empty
-from ds_offload._state import CpuStore, NvmeStore
+from ds_offload._state import CpuStore, NvmeStore, SplitStore
 
 
 class _Partition(Protocol):
@@ -104,7 +104,7 @@ class OffloadStepper:
         self.offloaded: list[int] = []  # partition indices stepped on the CPU
         self.on_device: list[int] = []  # partition indices kept on the device (ratio < 1)
         self.steps: dict[int, torch.Tensor] = {}  # per partition, 1-element fp32 step count
-        self.store: CpuStore | NvmeStore
+        self.store: CpuStore | NvmeStore | SplitStore
         self.grad_buffers = grad_buffers
         self._grad_host: dict[int, torch.Tensor] = {}  # one per partition (no pool)
         self._grad_pool: list[torch.Tensor] = []  # or the rotating buffers
@@ -138,9 +138,12 @@ class OffloadStepper:
         self._split_by_ratio()
         pin = self.config.pin_memory
         if self.config.device is OffloadDevice.nvme:
-            self.store = NvmeStore(
-                self.config.nvme_path, self.config.buffer_count, pin, self.aio_config
-            )  # type: ignore[arg-type]
+            nvme = NvmeStore(self.config.nvme_path, self.config.buffer_count, pin, self.aio_config)  # type: ignore[arg-type]
+            self.store = (
+                SplitStore(CpuStore(pin), nvme, self.config.max_in_cpu)
+                if self.config.max_in_cpu
+                else nvme
+            )
         else:
             self.store = CpuStore(pin)
         by_index = {p.index: p for p in self.partitions}
@@ -166,7 +169,7 @@ class OffloadStepper:
                     self._lp_host[i] = shard.reshape(-1)
                 else:
                     self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
-        if isinstance(self.store, NvmeStore):
+        if self._swaps:
             # may fail (full disk, IO error): before any device master is freed below, so a
             # failed setup leaves ZeRO's masters as they were (nothing lost, retry possible)
             self.store.finish_setup()
@@ -215,12 +218,17 @@ class OffloadStepper:
             }
         self._device_optim = opt
 
+    @property
+    def _swaps(self) -> bool:
+        """Some partitions' state is in swap files (reads to prefetch, writes to flush)."""
+        return isinstance(self.store, (NvmeStore, SplitStore))
+
     # ------------------------------------------------------------------ per step
     def grad_ready(self, index: int, grad: torch.Tensor, early_copy: bool = False) -> None:
         """Called as partition ``index``'s reduced gradient is final. With ``early_copy`` (a
         caller that will pass ``grad_scale`` to ``step`` instead of scaling gradients in place)
         the device-to-host copy starts now, overlapping the rest of backward."""
-        if self._phase is Phase.IDLE and isinstance(self.store, NvmeStore):
+        if self._phase is Phase.IDLE and self._swaps:
             self.store.prefetch(self.offloaded)  # NVMe reads overlap the rest of backward
         self._phase = Phase.GRADS_ARRIVING
         if early_copy and index in self._grad_host:
@@ -267,7 +275,7 @@ class OffloadStepper:
                 break
             if pool or scale is None or i not in self._grad_events:
                 queue_copy(pos)
-        if isinstance(self.store, NvmeStore) and self._phase is Phase.IDLE:
+        if self._swaps and self._phase is Phase.IDLE:
             self.store.prefetch(self.offloaded)
         # 2. device-resident partitions (ratio < 1) step on the device meanwhile
         self._step_on_device(by_index, scale)
@@ -324,7 +332,7 @@ class OffloadStepper:
         else:
             # fp32 stages 0-2: ZeRO's master is the parameter storage itself
             dst, src = part.master.reshape(-1), state["master"]
-        if isinstance(self.store, NvmeStore) and not self._copier.is_cpu and lp is None:
+        if self.store.swapped(part.index) and not self._copier.is_cpu and lp is None:
             # the NVMe slot buffer is reused right after: copy synchronously from it
             dst.copy_(src)
         else:
