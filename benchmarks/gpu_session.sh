@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh PHASE...
 #   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | largest | tests | tests:ds-x,ds-y
-#   largest: LARGEST_OURS / LARGEST_DS (layer ladders, d=4096), LARGEST_DEADLINE_S (default 540)
+#   largest: LARGEST_RUNS ("deepspeed:cpu=28,30 ours:split=56,60": engine:config=block ladders,
+#            d=4096), LARGEST_DEADLINE_S (default 540)
 #
 # Expects the peers' scripts in shared/peers and, with no package registry on the GPU machine,
 # the wheels DeepSpeed needs in .whl/ (see shared/peers/README.md). Every phase logs to
@@ -59,10 +60,13 @@ for p in "$@"; do
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \
         --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"
       ;;
-    largest)
+    largest)  # LARGEST_RUNS: space-separated ENGINE:CONFIG=L1,L2 (see largest_model.py)
+      runs=()
+      for r in ${LARGEST_RUNS:-deepspeed:cpu=28,30,32 ours:cpu=36,38,40 ours:split=56,60}; do
+        runs+=(--run "$r")
+      done
       phase largest python3 benchmarks/offload/largest_model.py --peers-dir shared/peers \
-        --ours-layers "${LARGEST_OURS:-36,40,44}" --ds-layers "${LARGEST_DS:-28,32,36}" \
-        --engines "${LARGEST_ENGINES:-deepspeed,ours}" --deadline-s "${LARGEST_DEADLINE_S:-540}" \
+        "${runs[@]}" --nvme-path "$SCRATCH/nvme" --deadline-s "${LARGEST_DEADLINE_S:-540}" \
         --device-name "1x$GPUNAME"
       ;;
     tests | tests:*)  # tests:ds-ckpt,ds-moe runs those packages only

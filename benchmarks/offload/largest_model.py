@@ -1,10 +1,20 @@
 """The largest GPT one GPU trains with ZeRO-3 + offload: ours (ds_all) vs DeepSpeed, same host.
 
-    python benchmarks/offload/largest_model.py --ours-layers 36,40,44 --ds-layers 28,32,36
+    python benchmarks/offload/largest_model.py \
+        --run deepspeed:cpu=28,30,32 --run ours:cpu=36,38,40 --run ours:split=56,60,64
 
-Both engines get the same DeepSpeed JSON config: ZeRO stage 3, bf16, AdamW, clipping 1.0,
-``offload_optimizer`` and ``offload_param`` on the CPU with pinned memory (``--offload nvme``:
-both to ``--nvme-path``). The model is the peers' tinygpt GPT with d=``--dim`` (4096: 201M
+Each ``--run ENGINE:CONFIG=L1,L2,...`` tries those block counts in order until the first
+failure. Configs (DeepSpeed JSON, the same file for both engines where both accept it): ZeRO
+stage 3, bf16, AdamW, clipping 1.0, pinned memory, and
+
+* ``cpu``: offload_optimizer and offload_param on the CPU (ZeRO-Offload);
+* ``infinity``: both on NVMe at ``--nvme-path`` (ZeRO-Infinity);
+* ``param-nvme``: parameters on NVMe, optimizer state on the CPU;
+* ``split`` (ours only: ds_offload's ``max_in_cpu`` extension of offload_optimizer): parameters
+  on NVMe, optimizer state in host memory up to ``--max-in-cpu`` elements (default: what
+  MemAvailable holds at 12 bytes each, less ``--host-reserve-gb``) and on NVMe beyond.
+
+The model is the peers' tinygpt GPT with d=``--dim`` (4096: 201M
 parameters per block) and a varying number of blocks; vocab 32768, sequence 1024, micro-batch
 ``--batch``. Each size is one subprocess (a host out-of-memory kill or a CUDA OOM ends only that
 trial) that builds the model (ours: on the GPU in fp32, handed to ``ds_all.initialize``;
@@ -46,15 +56,34 @@ def _pythonpath() -> str:
     return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
 
 
-def ds_config(args: argparse.Namespace) -> dict:
-    """One DeepSpeed config for both engines."""
+CONFIGS = ("cpu", "infinity", "param-nvme", "split")
 
-    def section() -> dict:
-        s: dict = {"device": args.offload, "pin_memory": True}
-        if args.offload == "nvme":
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def default_max_in_cpu(reserve_gb: float) -> int:
+    """Optimizer elements the host holds at 12 bytes each (fp32 master + two moments)."""
+    return max(0, int((_mem_available() - reserve_gb * 2**30) / 12))
+
+
+def ds_config(args: argparse.Namespace, config: str) -> dict:
+    """The DeepSpeed config of one of CONFIGS."""
+
+    def section(device: str, **extra: object) -> dict:
+        s: dict = {"device": device, "pin_memory": True, **extra}
+        if device == "nvme":
             s["nvme_path"] = args.nvme_path
         return s
 
+    opt_dev, param_dev = {"cpu": ("cpu", "cpu"), "infinity": ("nvme", "nvme"),
+                          "param-nvme": ("cpu", "nvme"), "split": ("nvme", "nvme")}[config]  # fmt: skip
+    opt_extra = {"max_in_cpu": args.max_in_cpu} if config == "split" else {}
     return {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
@@ -65,8 +94,8 @@ def ds_config(args: argparse.Namespace) -> dict:
             "stage": 3,
             "overlap_comm": True,
             "contiguous_gradients": True,
-            "offload_optimizer": section(),
-            "offload_param": section(),
+            "offload_optimizer": section(opt_dev, **opt_extra),
+            "offload_param": section(param_dev),
         },
         "steps_per_print": 10**9,
     }
@@ -82,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(_peers_dir(args.peers_dir)))
     from tinygpt import GPT, batch
 
-    cfg = ds_config(args)
+    cfg = ds_config(args, args.config)
     d, L, B = args.dim, args.layers, args.batch
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -134,10 +163,11 @@ def worker(args: argparse.Namespace) -> None:
     }), flush=True)  # fmt: skip
 
 
-def _trial(engine: str, layers: int, args: argparse.Namespace, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--layers", str(layers),
-           "--dim", str(args.dim), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--offload", args.offload, "--nvme-path", args.nvme_path, "--device", args.device]  # fmt: skip
+def _trial(engine: str, config: str, layers: int, args: argparse.Namespace, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--config", config,
+           "--layers", str(layers), "--dim", str(args.dim), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--nvme-path", args.nvme_path, "--device", args.device,
+           "--max-in-cpu", str(args.max_in_cpu)]  # fmt: skip
     if args.peers_dir:
         cmd += ["--peers-dir", args.peers_dir]
     env = dict(os.environ, PYTHONPATH=_pythonpath(), MASTER_ADDR="127.0.0.1",
@@ -149,12 +179,13 @@ def _trial(engine: str, layers: int, args: argparse.Namespace, timeout: float) -
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        return {"engine": engine, "layers": layers, "ok": False, "failure": "timeout",
+        return {"engine": engine, "config": config, "layers": layers, "ok": False,
+                "failure": "timeout",
                 "timeout_s": round(timeout), "stdout_tail": (out or "")[-1500:]}  # fmt: skip
     wall = round(time.monotonic() - t0, 1)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
-            return {**json.loads(line), "ok": True, "wall_s": wall}
+            return {**json.loads(line), "config": config, "ok": True, "wall_s": wall}
     err = proc.stderr[-3000:]
     if proc.returncode in (-9, 137):
         failure = "killed (host out of memory)"
@@ -162,35 +193,64 @@ def _trial(engine: str, layers: int, args: argparse.Namespace, timeout: float) -
         failure = "GPU out of memory"
     else:
         failure = f"exit {proc.returncode}"
-    return {"engine": engine, "layers": layers, "ok": False, "failure": failure, "wall_s": wall,
+    return {"engine": engine, "config": config, "layers": layers, "ok": False,
+            "failure": failure, "wall_s": wall,
             "stdout_tail": proc.stdout[-1500:], "stderr_tail": err}  # fmt: skip
 
 
 def _summary(trials: list[dict]) -> dict:
+    """The largest success per engine:config and per engine, and the ratios ours/DeepSpeed
+    (per engine: each one's best config; per config: the same config)."""
     best: dict[str, dict] = {}
     for t in trials:
-        if t.get("ok") and t["params_B"] > best.get(t["engine"], {}).get("params_B", 0):
-            best[t["engine"]] = t
-    out: dict = {k: {"params_B": v["params_B"], "layers": v["layers"], "tflops": v["tflops"],
-                     "step_s": v["step_s"]} for k, v in best.items()}  # fmt: skip
+        if not t.get("ok"):
+            continue
+        for key in (t["engine"], f"{t['engine']}:{t['config']}"):
+            if t["params_B"] > best.get(key, {}).get("params_B", 0):
+                best[key] = t
+    out: dict = {k: {"params_B": v["params_B"], "layers": v["layers"], "config": v["config"],
+                     "tflops": v["tflops"], "step_s": v["step_s"]} for k, v in best.items()}  # fmt: skip
     if "ours" in best and "deepspeed" in best:
         out["params_ratio_vs_deepspeed"] = round(
             best["ours"]["params_B"] / best["deepspeed"]["params_B"], 3
         )
+    for c in CONFIGS:
+        o, d = best.get(f"ours:{c}"), best.get(f"deepspeed:{c}")
+        if o and d:
+            out[f"params_ratio_vs_deepspeed_{c}"] = round(o["params_B"] / d["params_B"], 3)
     return out
+
+
+def _parse_runs(specs: list[str]) -> list[tuple[str, str, list[int]]]:
+    runs = []
+    for spec in specs:
+        try:
+            head, ladder = spec.split("=", 1)
+            engine, config = head.split(":", 1)
+            layers = [int(x) for x in ladder.split(",") if x]
+        except ValueError:
+            raise SystemExit(f"--run {spec!r}: expected ENGINE:CONFIG=L1,L2,...") from None
+        if engine not in ("ours", "deepspeed") or config not in CONFIGS or not layers:
+            raise SystemExit(f"--run {spec!r}: engine ours|deepspeed, config one of {CONFIGS}")
+        if engine == "deepspeed" and config == "split":
+            raise SystemExit("--run deepspeed:split: DeepSpeed has no max_in_cpu for the optimizer")
+        runs.append((engine, config, layers))
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", choices=["ours", "deepspeed"])
+    ap.add_argument("--config", choices=CONFIGS, default="cpu")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ours-layers", default="36,40,44")
-    ap.add_argument("--ds-layers", default="28,32,36")
-    ap.add_argument("--engines", default="deepspeed,ours")
+    ap.add_argument("--run", action="append", default=[],
+                    help="ENGINE:CONFIG=L1,L2,... (repeatable)")  # fmt: skip
+    ap.add_argument("--max-in-cpu", type=int, default=-1,
+                    help="split: optimizer elements in host memory (-1: from MemAvailable)")  # fmt: skip
+    ap.add_argument("--host-reserve-gb", type=float, default=24.0)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--offload", choices=["cpu", "nvme"], default="cpu")
     ap.add_argument("--nvme-path", default="/tmp/ds_nvme")
     ap.add_argument("--trial-timeout-s", type=float, default=420)
     ap.add_argument("--deadline-s", type=float, default=float("inf"))
@@ -202,25 +262,26 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if args.offload == "nvme":
-        os.makedirs(args.nvme_path, exist_ok=True)
+    runs = _parse_runs(args.run or ["deepspeed:cpu=28,30,32", "ours:cpu=36,38,40"])
+    os.makedirs(args.nvme_path, exist_ok=True)
+    if args.max_in_cpu < 0:
+        args.max_in_cpu = default_max_in_cpu(args.host_reserve_gb)
     start = time.monotonic()
     name = f"largest-offload-{args.device_name}-{time.strftime('%Y%m%d')}.json"
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     trials: list[dict] = []
-    ladders = {"ours": args.ours_layers, "deepspeed": args.ds_layers}
-    for engine in args.engines.split(","):
-        for layers in (int(x) for x in ladders[engine].split(",") if x):
+    for engine, config, ladder in runs:
+        for layers in ladder:
             left = args.deadline_s - (time.monotonic() - start)
             if left < 60:
-                print(f"deadline: not starting {engine} L={layers}", flush=True)
+                print(f"deadline: not starting {engine}:{config} L={layers}", flush=True)
                 break
-            trial = _trial(engine, layers, args, min(args.trial_timeout_s, left))
+            trial = _trial(engine, config, layers, args, min(args.trial_timeout_s, left))
             print(json.dumps(trial), flush=True)
             trials.append(trial)
             out = {"scenario": "largest GPT on one GPU, ZeRO-3 + offload", "device": args.device_name,
-                   "config": ds_config(args), "dim": args.dim, "batch": args.batch, "seq": T,
+                   "configs": {c: ds_config(args, c) for c in CONFIGS}, "dim": args.dim, "batch": args.batch, "seq": T,
                    "trials": trials, "summary": _summary(trials),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
             text = json.dumps(out, indent=2)
