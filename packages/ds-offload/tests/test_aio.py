@@ -7,7 +7,12 @@ import torch
 
 from ds_offload import AioConfig, AioError, AsyncIO, _aio, _aio_build, aligned_empty
 
-ENGINES = ["native", "python"]
+# the C++ engine on each backend (kernel AIO contexts, the blocking-thread pool) and Python
+ENGINES = {
+    "native-kernel-aio": {"engine": "native", "native_backend": "kernel-aio"},
+    "native-threads": {"engine": "native", "native_backend": "threads"},
+    "python": {"engine": "python"},
+}
 KNOBS = [
     {},
     {"single_submit": True},
@@ -24,17 +29,18 @@ def _pattern(nbytes: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(params=list(ENGINES))
 def engine(request):
-    return request.param
+    return ENGINES[request.param]
 
 
 @pytest.mark.parametrize(
     "knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default"
 )
 def test_round_trip_sizes(tmp_path, engine, knobs):
-    with AsyncIO(engine=engine, **knobs) as aio:
-        assert aio.engine == engine
+    with AsyncIO(**engine, **knobs) as aio:
+        assert aio.engine == engine["engine"]
+        assert aio.backend == engine.get("native_backend", "python")
         for i, n in enumerate(SIZES):
             src = aligned_empty(n, torch.uint8)
             src.copy_(_pattern(n, i))
@@ -55,7 +61,7 @@ def test_unaligned_buffers_and_offsets(tmp_path, engine, buf_shift, file_offset)
     src = base[buf_shift:]
     src.copy_(_pattern(n, buf_shift + file_offset))
     path = tmp_path / "x.bin"
-    with AsyncIO(engine=engine, block_size=8192) as aio:
+    with AsyncIO(**engine, block_size=8192) as aio:
         aio.pwrite(src, path, offset=file_offset)
         assert path.stat().st_size == file_offset + n
         out_base = aligned_empty(n + 3, torch.uint8)
@@ -67,7 +73,7 @@ def test_unaligned_buffers_and_offsets(tmp_path, engine, buf_shift, file_offset)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
 def test_dtypes_and_shapes(tmp_path, engine, dtype):
     src = (torch.randn(37, 129) * 100).to(dtype)
-    with AsyncIO(engine=engine) as aio:
+    with AsyncIO(**engine) as aio:
         aio.pwrite(src, tmp_path / "t.bin")
         dst = torch.empty_like(src)
         aio.pread(dst, tmp_path / "t.bin")
@@ -81,7 +87,7 @@ def test_many_async_requests_and_offsets_into_one_file(tmp_path, engine):
         offsets.append(off)
         off += p.numel() * 4
     path = tmp_path / "packed.bin"
-    with AsyncIO(engine=engine, queue_depth=4, block_size=16384) as aio:
+    with AsyncIO(**engine, queue_depth=4, block_size=16384) as aio:
         for p, o in zip(parts, offsets):
             aio.async_pwrite(p, path, o)
         assert aio.wait() == len(parts)
@@ -96,7 +102,7 @@ def test_many_async_requests_and_offsets_into_one_file(tmp_path, engine):
 
 def test_sync_call_does_not_lose_async_errors(tmp_path, engine):
     (tmp_path / "short.bin").write_bytes(b"\0" * 10)
-    with AsyncIO(engine=engine) as aio:
+    with AsyncIO(**engine) as aio:
         aio.async_pread(torch.empty(1000), tmp_path / "short.bin")
         # the failed async read surfaces at the next synchronous call, not silently never
         with pytest.raises(AioError, match="short.bin"):
@@ -106,7 +112,7 @@ def test_sync_call_does_not_lose_async_errors(tmp_path, engine):
 
 
 def test_errors_name_the_file(tmp_path, engine):
-    with AsyncIO(engine=engine) as aio:
+    with AsyncIO(**engine) as aio:
         with pytest.raises(AioError, match="nope.bin.*No such file"):
             aio.pread(torch.empty(8), tmp_path / "nope.bin")
         (tmp_path / "short.bin").write_bytes(b"\0" * 10)
@@ -169,3 +175,37 @@ def test_aligned_empty_is_aligned():
     for n, dt in [(1, torch.float32), (1000, torch.bfloat16), (4096, torch.uint8)]:
         t = aligned_empty(n, dt)
         assert t.data_ptr() % 4096 == 0 and t.numel() == n and t.dtype == dt
+
+
+def test_short_direct_read_names_the_file_on_every_backend(tmp_path, engine):
+    """An aligned (O_DIRECT) read past the end of a file: kernel AIO returns a short transfer,
+    which is finished buffered and reported like the blocking engines do."""
+    (tmp_path / "short.bin").write_bytes(b"\1" * 10_000)
+    buf = aligned_empty(1 << 16, torch.uint8)
+    with AsyncIO(**engine, block_size=1 << 14) as aio:
+        with pytest.raises(AioError, match="short.bin.*shorter than the tensor"):
+            aio.pread(buf, tmp_path / "short.bin")
+        assert torch.equal(buf[:10_000], torch.ones(10_000, dtype=torch.uint8))
+
+
+def _kernel_aio_allowed() -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ctx = ctypes.c_ulong(0)
+    if libc.syscall(206, 1, ctypes.byref(ctx)) != 0:  # io_setup (x86-64)
+        return False
+    libc.syscall(207, ctx)  # io_destroy
+    return True
+
+
+def test_kernel_aio_backend_is_chosen_for_direct_io_and_threads_otherwise():
+    import platform
+
+    allowed = platform.machine() == "x86_64" and _kernel_aio_allowed()
+    with AsyncIO(engine="native") as aio:
+        assert aio.backend == ("kernel-aio" if allowed else "threads")
+    with AsyncIO(engine="native", use_direct=False) as aio:
+        assert aio.backend == "threads"  # buffered IO would block inside io_submit
+    with pytest.raises(ValueError, match="native_backend must be one of"):
+        AsyncIO(engine="native", native_backend="uring")

@@ -30,12 +30,12 @@ if TYPE_CHECKING:
 _warned_fallback = threading.Event()
 
 
-def _engine_for(choice: str, **knobs: Any) -> NativeEngine | PythonEngine:
+def _engine_for(choice: str, native_backend: str, **knobs: Any) -> NativeEngine | PythonEngine:
     if choice == "python":
         return PythonEngine(**knobs)
     built = _aio_build.build_library()
     if built.library is not None:
-        return NativeEngine(built.library, **knobs)
+        return NativeEngine(built.library, backend=native_backend, **knobs)
     if choice == "native":
         raise RuntimeError(f"ds_offload: the native IO engine is unavailable: {built.reason}")
     if not _warned_fallback.is_set():
@@ -66,12 +66,14 @@ class AsyncIO:
     """Read and write whole tensors to files, synchronously or asynchronously.
 
     block_size: bytes per IO; queue_depth: IOs in flight per submitting thread; thread_count:
-    submitting threads (the engine runs thread_count * queue_depth IO threads); single_submit:
-    issue a request's blocks one at a time, in order; overlap_events: when False, issue a
-    request's blocks in waves of queue_depth, each finished before the next; use_direct: O_DIRECT
-    for the aligned body of each request (buffered IO for unaligned tails, and where the
-    filesystem refuses O_DIRECT); engine: "auto" (C++, else Python with a warning), "native" or
-    "python".
+    submitting threads; single_submit: issue a request's blocks one at a time, in order;
+    overlap_events: when False, issue a request's blocks in waves of queue_depth, each finished
+    before the next; use_direct: O_DIRECT for the aligned body of each request (buffered IO for
+    unaligned tails, and where the filesystem refuses O_DIRECT); engine: "auto" (C++, else
+    Python with a warning), "native" or "python"; native_backend (C++ engine): "auto" (kernel
+    AIO, each submitting thread with a context of queue_depth requests, when the kernel allows
+    it and use_direct is on; else "threads"), "kernel-aio" (an error where unavailable) or
+    "threads" (thread_count * queue_depth threads of blocking pread/pwrite).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class AsyncIO:
         overlap_events: bool = True,
         use_direct: bool = True,
         engine: str = "auto",
+        native_backend: str = "auto",
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -103,6 +106,7 @@ class AsyncIO:
         self.use_direct = bool(use_direct)
         self._engine = _engine_for(
             engine,
+            native_backend,
             block_size=block_size,
             queue_depth=queue_depth,
             thread_count=thread_count,
@@ -135,6 +139,12 @@ class AsyncIO:
     def engine(self) -> str:
         """'native' (C++) or 'python'."""
         return self._engine.name
+
+    @property
+    def backend(self) -> str:
+        """How IO is issued: 'kernel-aio' (the C++ engine's io_submit contexts, for O_DIRECT
+        IO), 'threads' (its pool of blocking pread/pwrite threads) or 'python'."""
+        return getattr(self._engine, "backend", "python")
 
     # ------------------------------------------------------------------ requests
     def _submit(

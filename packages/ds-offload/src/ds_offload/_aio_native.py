@@ -9,6 +9,8 @@ from pathlib import Path
 from ds_offload._errors import AioError
 
 _ERRLEN = 1024
+BACKENDS = {"auto": 0, "threads": 1, "kernel-aio": 2}
+_NAMES = {1: "threads", 2: "kernel-aio"}
 
 
 class NativeEngine:
@@ -23,11 +25,18 @@ class NativeEngine:
         single_submit: bool,
         overlap_events: bool,
         use_direct: bool,
+        backend: str = "auto",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"AsyncIO: native_backend must be one of {sorted(BACKENDS)}, not {backend!r}"
+            )
         lib = ctypes.CDLL(str(library))
         vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.ds_aio_create.restype = vp
-        lib.ds_aio_create.argtypes = [i64, i32, i32, i32, i32, i32]
+        lib.ds_aio_create.argtypes = [i64, i32, i32, i32, i32, i32, i32]
+        lib.ds_aio_backend.restype = i32
+        lib.ds_aio_backend.argtypes = [vp]
         lib.ds_aio_destroy.argtypes = [vp]
         lib.ds_aio_submit.restype = i32
         lib.ds_aio_submit.argtypes = [vp, i32, vp, i64, ctypes.c_char_p, i64, ctypes.c_char_p, i32]
@@ -38,11 +47,19 @@ class NativeEngine:
         self._lib = lib
         handle = lib.ds_aio_create(
             block_size, queue_depth, thread_count, int(single_submit), int(overlap_events),
-            int(use_direct),
+            int(use_direct), BACKENDS[backend],
         )  # fmt: skip
         if not handle:
+            if backend == "kernel-aio":
+                raise RuntimeError(
+                    "ds_offload: the kernel refused an AIO context (io_setup failed: no kernel "
+                    "AIO, /proc/sys/fs/aio-max-nr exhausted, or a seccomp profile); use "
+                    "native_backend='auto' or 'threads'"
+                )
             raise ValueError("ds_offload: the native IO engine rejected its settings")
         self._h: int | None = handle
+        #: "kernel-aio" (io_submit, O_DIRECT blocks) or "threads" (blocking pread/pwrite pool)
+        self.backend = _NAMES[int(lib.ds_aio_backend(handle))]
 
     def submit(self, write: bool, ptr: int, nbytes: int, path: str, offset: int) -> None:
         err = ctypes.create_string_buffer(_ERRLEN)

@@ -1,10 +1,15 @@
-// Async file IO for offload: a pool of IO threads issuing pread/pwrite, O_DIRECT where the
-// buffer, file offset and length allow it, buffered IO for the unaligned rest.
+// Async file IO for offload: O_DIRECT where the buffer, file offset and length allow it,
+// buffered IO for the unaligned rest, over one of two backends:
 //
-// Why a thread pool and not libaio/io_uring: neither header is present on the machines this
-// project builds on, and a blocking pread/pwrite per thread keeps as many IOs in flight as
-// there are threads, which is what queue depth buys on a single device. The C ABI below is
-// called through ctypes, which releases the GIL for the duration of each call.
+//   kernel AIO  thread_count submitting threads, each with its own kernel AIO context of
+//               queue_depth requests (io_setup / io_submit / io_getevents, what libaio wraps;
+//               called through syscall(2) with the kernel's own header, so neither libaio nor
+//               its header is needed). Used for O_DIRECT blocks when the kernel allows it.
+//   threads     a pool of thread_count * queue_depth threads issuing blocking pread/pwrite:
+//               where kernel AIO is unavailable (ENOSYS, aio-max-nr exhausted, a seccomp
+//               profile) and for buffered IO, which kernel AIO would run synchronously.
+//
+// The C ABI below is called through ctypes, which releases the GIL for each call.
 //
 // Knobs (DeepSpeed's names):
 //   block_size     bytes per IO
@@ -14,7 +19,9 @@
 //   overlap_events when 0, a request's blocks are issued in waves of queue_depth and a wave
 //                  must finish before the next is queued (no overlap of submit and reap)
 #include <fcntl.h>
+#include <linux/aio_abi.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -34,6 +41,18 @@
 namespace {
 
 constexpr int64_t kDirectAlign = 4096;
+
+// Kernel AIO through syscall(2): the kernel's ABI, no libaio needed.
+int IoSetup(unsigned nr, aio_context_t* ctx) { return static_cast<int>(syscall(__NR_io_setup, nr, ctx)); }
+int IoDestroy(aio_context_t ctx) { return static_cast<int>(syscall(__NR_io_destroy, ctx)); }
+int IoSubmit(aio_context_t ctx, long n, iocb** cbs) {
+  return static_cast<int>(syscall(__NR_io_submit, ctx, n, cbs));
+}
+int IoGetevents(aio_context_t ctx, long min_nr, long max_nr, io_event* ev) {
+  return static_cast<int>(syscall(__NR_io_getevents, ctx, min_nr, max_nr, ev, nullptr));
+}
+
+enum Backend { kAuto = 0, kThreads = 1, kKernelAio = 2 };
 
 struct Request;
 
@@ -60,12 +79,34 @@ struct Request {
 
 class Engine {
  public:
+  // backend kKernelAio: fails (ok() false) where the kernel refuses an AIO context.
   Engine(int64_t block_size, int queue_depth, int thread_count, bool single_submit,
-         bool overlap_events, bool use_direct)
+         bool overlap_events, bool use_direct, int backend)
       : block_size_(block_size), queue_depth_(queue_depth), single_submit_(single_submit),
         overlap_events_(overlap_events), use_direct_(use_direct) {
-    int n = thread_count * queue_depth;
-    for (int i = 0; i < n; ++i) pool_.emplace_back([this] { Worker(); });
+    // buffered IO would run synchronously inside io_submit: threads serve it better
+    bool try_aio = backend == kKernelAio || (backend == kAuto && use_direct);
+    if (try_aio) {
+      for (int i = 0; i < thread_count; ++i) {
+        aio_context_t ctx = 0;
+        if (IoSetup(static_cast<unsigned>(queue_depth), &ctx) < 0) break;
+        ctxs_.push_back(ctx);
+      }
+      if (static_cast<int>(ctxs_.size()) < thread_count) {
+        for (aio_context_t c : ctxs_) IoDestroy(c);
+        ctxs_.clear();
+      }
+    }
+    if (backend == kKernelAio && ctxs_.empty()) {
+      ok_ = false;
+      return;
+    }
+    if (!ctxs_.empty()) {
+      for (aio_context_t c : ctxs_) pool_.emplace_back([this, c] { AioWorker(c); });
+    } else {
+      int n = thread_count * queue_depth;
+      for (int i = 0; i < n; ++i) pool_.emplace_back([this] { Worker(); });
+    }
   }
 
   ~Engine() {
@@ -75,7 +116,11 @@ class Engine {
     }
     cv_work_.notify_all();
     for (auto& t : pool_) t.join();
+    for (aio_context_t c : ctxs_) IoDestroy(c);
   }
+
+  bool ok() const { return ok_; }
+  int backend() const { return ctxs_.empty() ? kThreads : kKernelAio; }
 
   // Returns 0 when queued, else -errno (open failed; nothing queued).
   int Submit(bool write, char* buf, int64_t nbytes, const char* path, int64_t offset,
@@ -207,37 +252,143 @@ class Engine {
         b = queue_.front();
         queue_.pop_front();
       }
-      Request* req = b.req;
-      std::string what;
-      int e = 0;
-      int64_t ran = 1;
-      if (b.len < 0) {  // single_submit: the whole request, block by block, in order
-        for (const Block& blk : req->blocks) {
-          int64_t pos = 0;
-          int64_t step = blk.direct ? std::max<int64_t>(kDirectAlign, (block_size_ / kDirectAlign) * kDirectAlign)
-                                    : block_size_;
-          while (pos < blk.len && e == 0) {
-            Block piece{req, blk.buf + pos, std::min(step, blk.len - pos), blk.off + pos, blk.direct};
-            e = DoIO(req, piece, &what);
-            pos += piece.len;
-          }
-          if (e) break;
+      RunBlocking(b);
+    }
+  }
+
+  // A queue entry run with blocking pread/pwrite: one block, or (single_submit) a whole request.
+  void RunBlocking(const Block& b) {
+    Request* req = b.req;
+    std::string what;
+    int e = 0;
+    int64_t ran = 1;
+    if (b.len < 0) {  // single_submit: the whole request, block by block, in order
+      for (const Block& blk : req->blocks) {
+        int64_t pos = 0;
+        int64_t step = blk.direct ? std::max<int64_t>(kDirectAlign, (block_size_ / kDirectAlign) * kDirectAlign)
+                                  : block_size_;
+        while (pos < blk.len && e == 0) {
+          Block piece{req, blk.buf + pos, std::min(step, blk.len - pos), blk.off + pos, blk.direct};
+          e = DoIO(req, piece, &what);
+          pos += piece.len;
         }
-        ran = req->left;  // every block of the request is accounted for, even after an error
-      } else {
-        e = DoIO(req, b, &what);
+        if (e) break;
       }
-      std::lock_guard<std::mutex> g(mu_);
-      if (e && !req->err) {
-        req->err = e;
-        req->what = what;
+      ran = req->left;  // every block of the request is accounted for, even after an error
+    } else {
+      e = DoIO(req, b, &what);
+    }
+    Complete(req, e, what, ran, b.len >= 0);
+  }
+
+  void Complete(Request* req, int e, const std::string& what, int64_t ran, bool wave_block) {
+    std::lock_guard<std::mutex> g(mu_);
+    if (e && !req->err) {
+      req->err = e;
+      req->what = what;
+    }
+    req->left -= ran;
+    if (wave_block && !overlap_events_ && --req->wave_left == 0 && req->next < req->blocks.size()) {
+      QueueWave(req);
+      cv_work_.notify_all();
+    }
+    if (req->left == 0) Finish(req);
+  }
+
+  // One submitting thread of the kernel AIO backend: keeps up to queue_depth O_DIRECT blocks in
+  // flight on its context; buffered blocks and single_submit requests run blocking, in turn.
+  void AioWorker(aio_context_t ctx) {
+    const int qd = queue_depth_;
+    std::vector<iocb> cbs(qd);
+    std::vector<Block> held(qd);
+    std::vector<int> free_slots;
+    for (int i = qd - 1; i >= 0; --i) free_slots.push_back(i);
+    std::vector<io_event> events(qd);
+    int inflight = 0;
+    for (;;) {
+      std::vector<int> fresh;
+      bool blocking = false;
+      Block blk{};
+      bool more = false;
+      {
+        std::unique_lock<std::mutex> g(mu_);
+        if (inflight == 0) {
+          cv_work_.wait(g, [this] { return stop_ || !queue_.empty(); });
+          if (stop_ && queue_.empty()) return;
+        }
+        while (!free_slots.empty() && !queue_.empty()) {
+          Block b = queue_.front();
+          queue_.pop_front();
+          if (b.len < 0 || !b.direct) {
+            blk = b;
+            blocking = true;
+            break;
+          }
+          int s = free_slots.back();
+          free_slots.pop_back();
+          held[s] = b;
+          fresh.push_back(s);
+        }
+        more = !queue_.empty();
       }
-      req->left -= ran;
-      if (b.len >= 0 && !overlap_events_ && --req->wave_left == 0 && req->next < req->blocks.size()) {
-        QueueWave(req);
-        cv_work_.notify_all();
+      std::vector<iocb*> ptrs;
+      for (int s : fresh) {
+        const Block& b = held[s];
+        iocb& cb = cbs[s];
+        std::memset(&cb, 0, sizeof(cb));
+        cb.aio_data = static_cast<uint64_t>(s);
+        cb.aio_lio_opcode = b.req->write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+        cb.aio_fildes = static_cast<uint32_t>(b.req->fd_direct);
+        cb.aio_buf = reinterpret_cast<uint64_t>(b.buf);
+        cb.aio_nbytes = static_cast<uint64_t>(b.len);
+        cb.aio_offset = b.off;
+        ptrs.push_back(&cb);
       }
-      if (req->left == 0) Finish(req);
+      size_t sent = 0;
+      while (sent < ptrs.size()) {
+        int r = IoSubmit(ctx, static_cast<long>(ptrs.size() - sent), ptrs.data() + sent);
+        if (r > 0) {
+          sent += static_cast<size_t>(r);
+          continue;
+        }
+        if (r < 0 && errno == EINTR) continue;
+        break;  // the kernel takes no more now (EAGAIN, ...): run the rest blocking
+      }
+      inflight += static_cast<int>(sent);
+      for (size_t k = sent; k < ptrs.size(); ++k) {
+        int s = fresh[k];
+        Block b = held[s];
+        free_slots.push_back(s);
+        RunBlocking(b);
+      }
+      if (blocking) RunBlocking(blk);
+      if (inflight == 0) continue;
+      // wait for at least one completion unless more work could be submitted right away
+      long min_nr = (free_slots.empty() || !more) ? 1 : 0;
+      int n = IoGetevents(ctx, min_nr, qd, events.data());
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        n = 0;  // cannot happen with a valid context; retried on the next turn
+      }
+      for (int k = 0; k < n; ++k) {
+        int s = static_cast<int>(events[k].data);
+        Block b = held[s];
+        free_slots.push_back(s);
+        --inflight;
+        int64_t res = events[k].res;
+        std::string what;
+        int e = 0;
+        if (res < 0) {
+          e = static_cast<int>(-res);
+          what = std::string(b.req->write ? "pwrite(" : "pread(") + b.req->path + ") at offset " +
+                 std::to_string(b.off) + " failed: " + strerror(e);
+        } else if (res < b.len) {
+          // short transfer (end of file on a read): finish buffered, which names the problem
+          Block rest{b.req, b.buf + res, b.len - res, b.off + res, false};
+          e = DoIO(b.req, rest, &what);
+        }
+        Complete(b.req, e, what, 1, true);
+      }
     }
   }
 
@@ -246,6 +397,8 @@ class Engine {
   const bool single_submit_;
   const bool overlap_events_;
   const bool use_direct_;
+  bool ok_ = true;
+  std::vector<aio_context_t> ctxs_;
   std::mutex mu_;
   std::condition_variable cv_work_;
   std::condition_variable cv_done_;
@@ -262,12 +415,21 @@ class Engine {
 
 extern "C" {
 
+// backend: 0 auto (kernel AIO for O_DIRECT when available, else threads), 1 threads,
+// 2 kernel AIO (nullptr where the kernel refuses it).
 void* ds_aio_create(int64_t block_size, int queue_depth, int thread_count, int single_submit,
-                    int overlap_events, int use_direct) {
+                    int overlap_events, int use_direct, int backend) {
   if (block_size <= 0 || queue_depth <= 0 || thread_count <= 0) return nullptr;
-  return new Engine(block_size, queue_depth, thread_count, single_submit != 0,
-                    overlap_events != 0, use_direct != 0);
+  auto* e = new Engine(block_size, queue_depth, thread_count, single_submit != 0,
+                       overlap_events != 0, use_direct != 0, backend);
+  if (!e->ok()) {
+    delete e;
+    return nullptr;
+  }
+  return e;
 }
+
+int ds_aio_backend(void* h) { return static_cast<Engine*>(h)->backend(); }
 
 void ds_aio_destroy(void* h) { delete static_cast<Engine*>(h); }
 
