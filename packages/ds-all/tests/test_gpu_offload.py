@@ -52,3 +52,46 @@ def test_offloaded_zero3_trains_like_the_device_optimizer():
     # the fp32 masters live on the host only; ZeRO's device copies were freed
     assert all(b.master.untyped_storage().size() == 0 for b in zero.trainable)
     assert all(b.local_shard.is_pinned() for b in zero.buckets if b.shard_params)
+
+
+def _train_nvme(nvme_dir: str | None, steps: int = 4):
+    """ZeRO-3 bf16 on CUDA, optimizer on the CPU (pinned), parameter shards in pinned host
+    memory (nvme_dir None) or on NVMe through NvmeParamStore."""
+    import ds_offload
+    import ds_zero
+
+    torch.manual_seed(0)
+    model = TinyGPT(layers=4).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    options = ds_zero.ZeroOptions(stage=3, param_dtype=torch.bfloat16,
+                                  param_persistence_threshold=0, host_param_shards=True)  # fmt: skip
+    store = None
+    if nvme_dir is not None:
+        store = ds_offload.NvmeParamStore({"device": "nvme", "nvme_path": nvme_dir,
+                                           "pin_memory": True, "max_in_cpu": 0, "buffer_count": 2})  # fmt: skip
+    stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": True})
+    zero = ds_zero.wrap(model, opt, options, stepper=stepper, param_store=store)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step, 4)
+        loss = zero(x.cuda(), y.cuda())
+        zero.backward(loss.float())
+        zero.step()
+        losses.append(float(loss))
+    torch.cuda.synchronize()
+    return zero, losses
+
+
+def test_nvme_parameter_shards_on_cuda_train_like_host_shards(tmp_path):
+    """Asynchronous pinned copies out of the store's buffers (released with a CUDA event) and
+    read-ahead on a real device: bitwise the losses and weights of host shards."""
+    ref, ref_losses = _train_nvme(None)
+    zero, losses = _train_nvme(str(tmp_path))
+    assert losses == ref_losses
+    want = ref.full_state_dict()
+    for k, v in zero.full_state_dict().items():
+        assert torch.equal(v, want[k]), k
+    stats = zero.param_store.stats
+    assert stats.on_nvme > 0 and stats.prefetched > 0
+    assert all(s.buffer.is_pinned() for s in zero.param_store.slots)
+    zero.close()
