@@ -142,22 +142,38 @@ def test_low_precision_param_shards(tmp_path, device):
     stepper.close()
 
 
-def test_grad_scale_with_early_copies():
-    # grad_ready(early_copy=True) copies unscaled grads; step(grad_scale=) applies the factor
-    stepper = OffloadStepper({"device": "cpu"})
-    driver = FlatDriver(tiny_model(), 2)
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+@pytest.mark.parametrize("grad_buffers", [0, 2])
+def test_grad_scale_with_early_copies(tmp_path, device, grad_buffers):
+    """grad_ready(early_copy=True) copies unscaled grads as they arrive (backward order: last
+    partition first; one partition never arrives early), step(grad_scale=) applies the factor;
+    a skipped step (skip_step) forgets its early copies."""
+    stepper = OffloadStepper(_config(device, tmp_path, buffer_count=2), grad_buffers=grad_buffers)
+    driver = FlatDriver(tiny_model(), 7)
     stepper.setup(driver.parts, [{"lr": LR, "weight_decay": 0.1}])
     from _zero_like import batch
 
+    parts = driver.parts
     for s in range(STEPS):
         x, y = batch(s)
+        if s == 2:  # an overflowed step: garbage copied early, then skipped
+            (torch.nn.functional.mse_loss(driver.model(x), y) * 1e9).backward()
+            for part, g in zip(parts, driver.grads()):
+                stepper.grad_ready(part.index, g, early_copy=True)
+            stepper.skip_step()
+            for p in driver.params:
+                p.grad = None
         (torch.nn.functional.mse_loss(driver.model(x), y) * 1024.0).backward()
         grads = driver.grads()
-        for part, g in zip(driver.parts, grads):
+        # backward order, last partition first; partition 0 never arrives early
+        for arrived, (part, g) in enumerate(reversed(list(zip(parts, grads))[1:])):
             stepper.grad_ready(part.index, g, early_copy=True)
-            g.fill_(float("nan"))  # the stepper must not read the device gradient again
+            if grad_buffers == 0 or arrived < grad_buffers:
+                g.fill_(float("nan"))  # copied already: the stepper must not read it again
         stepper.step(grads, grad_scale=torch.tensor(1 / 1024.0))
+        assert stepper._order[0] == parts[-1].index  # updated in arrival order
         driver.sync()
+    stepper.close()
     torch.testing.assert_close(driver.flat, _reference(), atol=1e-6, rtol=0)
 
 

@@ -671,3 +671,41 @@ def test_param_shard_store_is_unused_when_masters_stay_on_the_device():
     zero.backward(zero(x, y))
     zero.step()
     assert [c for c, _ in store.calls if c != "flush"] == []
+
+
+def test_offload_style_stepper_gets_gradients_during_backward_and_the_factor_in_step():
+    """A stepper with ``accepts_grad_scale`` (ds-offload's) receives each partition's final
+    gradient from inside backward (early_copy=True), unscaled, and the clip factor in step."""
+    events: list[tuple[str, int | None]] = []
+
+    class ScaledSGD(_HostSGDStepper):
+        accepts_grad_scale = True
+
+        def grad_ready(self, index, grad, early_copy=False):
+            events.append(("ready" if early_copy else "late", index))
+
+        def step(self, grads, grad_scale=None):
+            events.append(("step", None))
+            factor = 1.0 if grad_scale is None else float(grad_scale)
+            super().step([g * factor for g in grads])
+
+    model, ref = make_model(), make_model()
+    opts = ds_zero.ZeroOptions(stage=2, gradient_clipping=0.05, reduce_bucket_size=2000)
+    zero = ds_zero.wrap(model, None, opts, stepper=ScaledSGD())
+    ref_params = list(ref.parameters())
+    for s in range(3):
+        x, y = batch(s, 0, 0)
+        events.clear()
+        zero.backward(zero(x, y))
+        during = [e for e in events if e[0] == "ready"]
+        assert len(during) == len(zero.trainable) > 1  # all inside backward, before step()
+        assert zero.step()
+        assert zero.grad_norm > 0.05  # clipping is active: the factor matters
+        assert events[-1] == ("step", None) and not any(e[0] == "late" for e in events)
+        ref(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(ref_params, 0.05)
+        with torch.no_grad():
+            for p in ref_params:
+                p -= 0.1 * p.grad
+                p.grad = None
+    assert_close_state(zero.full_state_dict(), ref.state_dict(), rtol=1e-5, atol=1e-6)

@@ -108,6 +108,12 @@ class OffloadStepper:
         self.grad_buffers = grad_buffers
         self._grad_host: dict[int, torch.Tensor] = {}  # one per partition (no pool)
         self._grad_pool: list[torch.Tensor] = []  # or the rotating buffers
+        # early copies of this step (grad_ready(early_copy=True)), in arrival order
+        self._arrived: list[int] = []
+        self._arrived_set: set[int] = set()
+        self._offloaded_set: set[int] = set()
+        self._order: list[int] = []  # update order of the last step (prefetch plan)
+        self._prefetched: list[int] | None = None
         self._lp_host: dict[int, torch.Tensor] = {}
         self._grad_events: dict[int, Any] = {}
         self._device_optim: torch.optim.Optimizer | None = None
@@ -136,6 +142,8 @@ class OffloadStepper:
             raise ValueError(f"OffloadStepper: partitions live on several devices: {devices}")
         self._copier = Copier(next(iter(devices)) if devices else torch.device("cpu"))
         self._split_by_ratio()
+        self._offloaded_set = set(self.offloaded)
+        self._order = list(self.offloaded)
         pin = self.config.pin_memory
         if self.config.device is OffloadDevice.nvme:
             nvme = NvmeStore(self.config.nvme_path, self.config.buffer_count, pin, self.aio_config)  # type: ignore[arg-type]
@@ -226,14 +234,40 @@ class OffloadStepper:
     # ------------------------------------------------------------------ per step
     def grad_ready(self, index: int, grad: torch.Tensor, early_copy: bool = False) -> None:
         """Called as partition ``index``'s reduced gradient is final. With ``early_copy`` (a
-        caller that will pass ``grad_scale`` to ``step`` instead of scaling gradients in place)
-        the device-to-host copy starts now, overlapping the rest of backward."""
+        caller that will pass ``grad_scale`` to ``step`` instead of scaling gradients in place,
+        and call ``skip_step`` when it skips one) the device-to-host copy starts now,
+        overlapping the rest of backward: into the partition's own buffer, or with the
+        rotating pool into the next free one (the first ``grad_buffers`` arrivals; the step
+        then updates partitions in arrival order, the others as buffers free up)."""
         if self._phase is Phase.IDLE and self._swaps:
-            self.store.prefetch(self.offloaded)  # NVMe reads overlap the rest of backward
+            # NVMe reads overlap the rest of backward, in the order the last step used
+            self.store.prefetch(self._order)
+            self._prefetched = list(self._order)
         self._phase = Phase.GRADS_ARRIVING
-        if early_copy and index in self._grad_host:
-            assert self._copier is not None
+        if not early_copy or index not in self._offloaded_set or index in self._arrived_set:
+            return
+        assert self._copier is not None
+        self._arrived.append(index)
+        self._arrived_set.add(index)
+        if self._grad_pool:
+            slot = len(self._arrived) - 1
+            if slot < len(self._grad_pool):
+                dst = self._grad_pool[slot][: grad.numel()]
+                self._grad_events[index] = self._copier.to_host(dst, grad)
+        else:
             self._grad_events[index] = self._copier.to_host(self._grad_host[index], grad)
+
+    def skip_step(self) -> None:
+        """The caller skips this step (fp16 overflow): forget copies started by grad_ready."""
+        if self._copier is not None:
+            for event in self._grad_events.values():
+                self._copier.wait(event)  # the buffers are reused by the next step's copies
+        self._grad_events.clear()
+        self._arrived.clear()
+        self._arrived_set.clear()
+        if self._swaps:
+            self.store.flush()
+        self._phase = Phase.IDLE
 
     @torch.no_grad()
     def step(
@@ -260,7 +294,16 @@ class OffloadStepper:
                 )
         scale = None if grad_scale is None else float(grad_scale)
         pool = self._grad_pool
-        order = self.offloaded
+        if scale is None:
+            # the caller scaled the gradients in place after any early copy: copy them again
+            for event in self._grad_events.values():
+                copier.wait(event)
+            self._grad_events.clear()
+            self._arrived.clear()
+            self._arrived_set.clear()
+        # partitions whose copies started in backward first (in arrival order), then the rest
+        order = self._arrived + [i for i in self.offloaded if i not in self._arrived_set]
+        self._order = order
 
         def queue_copy(pos: int) -> None:
             i = order[pos]
@@ -268,15 +311,15 @@ class OffloadStepper:
             dst = pool[pos % len(pool)][: g.numel()] if pool else self._grad_host[i]
             self._grad_events[i] = copier.to_host(dst, g)
 
-        # 1. queue the gradient copies: every one (except those started by grad_ready), or as
-        # many as there are pool buffers (each later one when its buffer's Adam is done)
+        # 1. queue the gradient copies not started by grad_ready: every one, or with the pool
+        # as many as it has buffers (each later one when its buffer's Adam is done)
         for pos, i in enumerate(order):
             if pool and pos >= len(pool):
                 break
-            if pool or scale is None or i not in self._grad_events:
+            if i not in self._grad_events:
                 queue_copy(pos)
-        if self._swaps and self._phase is Phase.IDLE:
-            self.store.prefetch(self.offloaded)
+        if self._swaps and (self._phase is Phase.IDLE or self._prefetched != order):
+            self.store.prefetch(order)  # the NVMe reads in the order of the updates
         # 2. device-resident partitions (ratio < 1) step on the device meanwhile
         self._step_on_device(by_index, scale)
         # 3. CPU Adam per partition as its gradient lands; results stream back
@@ -296,6 +339,9 @@ class OffloadStepper:
             self.store.flush()
         finally:
             self._grad_events.clear()
+            self._arrived.clear()
+            self._arrived_set.clear()
+            self._prefetched = None
             self._phase = Phase.IDLE
         copier.finish()
 

@@ -37,12 +37,15 @@ class GradReducer:
         local_accumulation: bool,
         max_inflight: int,
         on_issued: Callable[[Bucket], None],
+        on_final: Callable[[Bucket], None] | None = None,
     ) -> None:
         self.order: list[Bucket] = [b for b in buckets if b.trainable]
         self.reduce_dtype = reduce_dtype
         self.local_accumulation = local_accumulation
         self.max_inflight = max_inflight
         self.on_issued = on_issued
+        # called once a bucket's gradient of the accumulation boundary is reduced (final)
+        self.on_final = on_final
         self.state = ReducerState.IDLE
         self.sync = True
         self._remaining: dict[int, int] = {}
@@ -90,6 +93,8 @@ class GradReducer:
     def _finish_one(self) -> None:
         pending = self._inflight.popleft()
         pending.bucket.finish_reduce(pending)
+        if self.sync and self.on_final is not None:
+            self.on_final(pending.bucket)
 
     def finish(self) -> None:
         """End of backward: reduce what unused parameters held back, then drain."""

@@ -129,6 +129,12 @@ class Zero:
             for k, b in enumerate(self.trainable)
         ]
         self.stepper.setup(self.partitions, self._group_options)
+        # A stepper that takes the unscale/clip factor in step() (an offload stepper) gets each
+        # partition's gradient as soon as its reduction finishes, so its device-to-host copy
+        # overlaps the rest of backward; ZeRO then never scales the gradients in place.
+        self._stream_grads = bool(getattr(self.stepper, "accepts_grad_scale", False))
+        self._partition_of = {b.index: k for k, b in enumerate(self.trainable)}
+        self._streamed: set[int] = set()
         if not self.stepper.masters_on_device:
             # the stepper holds the fp32 masters (CPU / NVMe): read and write them through it
             commit = self.stepper.state_loaded  # one object: GatheredParameters calls it once
@@ -141,6 +147,7 @@ class Zero:
             local_accumulation=opts.stage <= 1,
             max_inflight=opts.max_inflight_reductions if opts.overlap_comm else 0,
             on_issued=self._on_reduce_issued,
+            on_final=self._on_grad_final if self._stream_grads else None,
         )
         self._install_hooks(model)
 
@@ -329,6 +336,12 @@ class Zero:
         self._on_backward_start()
         self.reducer.param_ready(param)
 
+    def _on_grad_final(self, bucket: Bucket) -> None:
+        k = self._partition_of[bucket.index]
+        if bucket.grad_shard is not None and k not in self._streamed:
+            self._streamed.add(k)
+            self.stepper.grad_ready(k, bucket.grad_shard, early_copy=True)  # type: ignore[call-arg]
+
     def _on_reduce_issued(self, bucket: Bucket) -> None:
         if bucket.shard_params:
             bucket.release()
@@ -406,7 +419,11 @@ class Zero:
         self.phase = Phase.ACCUMULATING
         grads = self._grads()
         for part, g in zip(self.partitions, grads):
-            self.stepper.grad_ready(part.index, g)
+            if not self._stream_grads:
+                self.stepper.grad_ready(part.index, g)
+            elif part.index not in self._streamed:  # no gradient this step (zeros): copy now
+                self._streamed.add(part.index)
+                self.stepper.grad_ready(part.index, g, early_copy=True)  # type: ignore[call-arg]
         sq = self._global_sq_norm(grads)
         scale = self.scaler.scale
         if self.param_dtype == torch.float16 or scale != 1.0:
@@ -419,12 +436,18 @@ class Zero:
         norm = sq.sqrt() / scale
         self._grad_norm = norm
         clip = self.options.gradient_clipping
+        coef: torch.Tensor | float | None = None
         if clip > 0:
             coef = (clip / (norm + 1e-6)).clamp(max=1.0) / scale
-            torch._foreach_mul_(grads, coef)
         elif scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / scale)
-        self.stepper.step(grads)
+            coef = 1.0 / scale
+        if self._stream_grads:
+            self.stepper.step(grads, grad_scale=coef)  # type: ignore[call-arg]
+            self._streamed.clear()
+        else:
+            if coef is not None:
+                torch._foreach_mul_(grads, coef)
+            self.stepper.step(grads)
         if self.param_store is not None:
             self.param_store.flush()  # a failed shard write is this step's error, not a later one
         self.zero_grad()
@@ -434,6 +457,12 @@ class Zero:
 
     def zero_grad(self) -> None:
         """Drop reduced gradients and local accumulation buffers."""
+        if self._streamed:
+            # gradients already handed to the stepper for a step that will not happen
+            self._streamed.clear()
+            skip = getattr(self.stepper, "skip_step", None)
+            if skip is not None:
+                skip()
         for b in self.buckets:
             b.grad_shard = None
             b.accum = None
