@@ -163,3 +163,38 @@ def test_offload_param_needs_stage_3_and_nvme_falls_back_to_cpu():
     with pytest.warns(UserWarning, match="kept in CPU memory instead"):
         engine, _ = _stage3_run({"device": "nvme", "nvme_path": "/tmp"}, False)
     assert engine.zero.options.host_param_shards
+
+
+def test_zero3_cpu_offload_holds_14_host_bytes_per_parameter():
+    """ZeRO-3 + offload_optimizer cpu + offload_param cpu, bf16: per parameter the host holds
+    the fp32 master and two moments (12 bytes) and the bf16 shard (2); CPU Adam writes into the
+    shard itself, and gradients pass through 4 rotating buffers of the largest partition."""
+    import ds_all
+
+    torch.manual_seed(0)
+    cfg = config(3, 4)
+    cfg["bf16"] = {"enabled": True}
+    cfg["zero_optimization"].update(
+        stage3_param_persistence_threshold=0, reduce_bucket_size=10**9,
+        offload_optimizer={"device": "cpu", "pin_memory": False},
+        offload_param={"device": "cpu", "pin_memory": False},
+    )  # fmt: skip
+    engine, _, _, _ = ds_all.initialize(
+        model=TinyGPT(layers=8), config=cfg, dist_init_required=False
+    )
+    stepper = engine.zero.stepper
+    n = sum(b.layout.shard_numel for b in engine.zero.trainable)
+    state = sum(
+        t.numel() * t.element_size() for d in stepper.store.state.values() for t in d.values()
+    )
+    shards = sum(b.local_shard.numel() * 2 for b in engine.zero.trainable)
+    staging = {t.data_ptr() for t in stepper._lp_host.values()}
+    assert staging == {b.local_shard.data_ptr() for b in engine.zero.trainable}  # no copies
+    assert state == 12 * n and shards == 2 * n
+    pool = sum(t.numel() * 4 for t in stepper._grad_pool)
+    largest = max(b.layout.shard_numel for b in engine.zero.trainable)
+    assert len(stepper._grad_pool) == 4 and pool == 16 * largest and not stepper._grad_host
+    assert pool < 4 * n  # less than one fp32 gradient buffer per partition would take
+    x, y = batch(0, 4)
+    engine.backward(engine(x, y))
+    engine.step()  # and it trains
