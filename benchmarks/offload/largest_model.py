@@ -39,21 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-PEERS_CANDIDATES = [ROOT / "shared" / "peers", Path("/work/shared/peers")]
+from _paths import ROOT, peers_dir, pythonpath  # next to this file
+
 T, V = 1024, 32768
-
-
-def _peers_dir(arg: str | None) -> Path:
-    for p in [Path(arg)] if arg else PEERS_CANDIDATES:
-        if (p / "tinygpt.py").is_file():
-            return p
-    raise SystemExit(f"tinygpt.py not found in {PEERS_CANDIDATES}; pass --peers-dir")
-
-
-def _pythonpath() -> str:
-    paths = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
 
 
 CONFIGS = ("cpu", "infinity", "param-nvme", "split")
@@ -108,7 +96,7 @@ def _host_peak_gb() -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    sys.path.insert(0, str(_peers_dir(args.peers_dir)))
+    sys.path.insert(0, str(peers_dir(args.peers_dir)))
     from tinygpt import GPT, batch
 
     cfg = ds_config(args, args.config)
@@ -170,7 +158,7 @@ def _trial(engine: str, config: str, layers: int, args: argparse.Namespace, time
            "--max-in-cpu", str(args.max_in_cpu)]  # fmt: skip
     if args.peers_dir:
         cmd += ["--peers-dir", args.peers_dir]
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), MASTER_ADDR="127.0.0.1",
+    env = dict(os.environ, PYTHONPATH=pythonpath(), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(29500 + layers), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))  # fmt: skip
     print("+", " ".join(cmd), flush=True)

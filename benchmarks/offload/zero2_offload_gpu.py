@@ -20,27 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-PEERS_CANDIDATES = [ROOT / "shared" / "peers", Path("/work/shared/peers")]
-
-
-def _peers_dir(arg: str | None) -> Path:
-    for p in [Path(arg)] if arg else PEERS_CANDIDATES:
-        if (p / "tinygpt.py").is_file():
-            return p
-    raise SystemExit(f"tinygpt.py not found in {PEERS_CANDIDATES}; pass --peers-dir")
-
-
-def _pythonpath() -> str:
-    paths = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
+from _paths import ROOT, peers_dir, pythonpath  # next to this file
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    sys.path.insert(0, str(_peers_dir(args.peers_dir)))
+    sys.path.insert(0, str(peers_dir(args.peers_dir)))
     from tinygpt import GPT, batch
 
     import ds_offload
@@ -119,7 +106,7 @@ def main() -> None:
         return
     env = dict(
         os.environ,
-        PYTHONPATH=_pythonpath(),
+        PYTHONPATH=pythonpath(),
         TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
     )
     tr = [
@@ -137,7 +124,7 @@ def main() -> None:
     ours = _run([*tr, __file__, "--worker", *fwd], env)
     peer = None
     if not args.skip_peer:
-        peer_script = _peers_dir(args.peers_dir) / "ds_peer_gpu.py"
+        peer_script = peers_dir(args.peers_dir) / "ds_peer_gpu.py"
         peer = _run(
             [
                 *tr,

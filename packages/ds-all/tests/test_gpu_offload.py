@@ -31,6 +31,10 @@ def _train(offload: bool, steps: int = 4):
                                   param_persistence_threshold=0, host_param_shards=offload)  # fmt: skip
     stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": True}) if offload else None
     zero = ds_zero.wrap(model, opt, options, stepper=stepper)
+    return zero, _steps(zero, steps)
+
+
+def _steps(zero, steps: int) -> list[float]:
     losses = []
     for step in range(steps):
         x, y = batch(step, 4)
@@ -39,7 +43,7 @@ def _train(offload: bool, steps: int = 4):
         zero.step()
         losses.append(float(loss))
     torch.cuda.synchronize()
-    return zero, losses
+    return losses
 
 
 def test_offloaded_zero3_trains_like_the_device_optimizer():
@@ -71,15 +75,7 @@ def _train_nvme(nvme_dir: str | None, steps: int = 4):
                                            "pin_memory": True, "max_in_cpu": 0, "buffer_count": 2})  # fmt: skip
     stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": True})
     zero = ds_zero.wrap(model, opt, options, stepper=stepper, param_store=store)
-    losses = []
-    for step in range(steps):
-        x, y = batch(step, 4)
-        loss = zero(x.cuda(), y.cuda())
-        zero.backward(loss.float())
-        zero.step()
-        losses.append(float(loss))
-    torch.cuda.synchronize()
-    return zero, losses
+    return zero, _steps(zero, steps)
 
 
 def test_nvme_parameter_shards_on_cuda_train_like_host_shards(tmp_path):

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from _faults import disk_full_after
 from _zero_like import FlatDriver, offload_train, tiny_model
 
 from ds_offload import NvmePathError, OffloadStepper, _nvme
@@ -148,15 +149,7 @@ def test_disk_filling_up_during_reservation_needs_no_root(tmp_path, monkeypatch)
     # third posix_fallocate fails with ENOSPC (failure injection where no small filesystem can be
     # mounted); nothing is left behind and the masters survive, so a retry elsewhere works
     real = os.posix_fallocate
-    calls = []
-
-    def full_after_two(fd, off, size):
-        calls.append(size)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd, off, size)
-
-    monkeypatch.setattr(_nvme.os, "posix_fallocate", full_after_two)
+    calls = disk_full_after(monkeypatch, 2)
     parts = _lp_parts()
     before = [p.master.clone() for p in parts]
     with pytest.raises(NvmePathError, match=r"nvme_path=.* is full: reserving \d+ bytes"):

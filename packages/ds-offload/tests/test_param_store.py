@@ -3,11 +3,11 @@ buffer counts, learned read-ahead, write-backs, max_in_cpu, and its errors."""
 
 from __future__ import annotations
 
-import errno
 import os
 
 import pytest
 import torch
+from _faults import disk_full_after
 
 from ds_offload import NvmeParamStore, NvmePathError, _nvme
 
@@ -141,16 +141,7 @@ def test_full_disk_at_add_names_the_path_and_leaves_nothing(tmp_path, monkeypatc
 
 
 def test_disk_filling_up_between_shards(tmp_path, monkeypatch):
-    real = os.posix_fallocate
-    calls = []
-
-    def full_after_two(fd, off, size):
-        calls.append(size)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(fd, off, size)
-
-    monkeypatch.setattr(_nvme.os, "posix_fallocate", full_after_two)
+    disk_full_after(monkeypatch, 2)
     store = _store(tmp_path)
     store.add(0, torch.zeros(5000))
     store.add(1, torch.zeros(5000))
