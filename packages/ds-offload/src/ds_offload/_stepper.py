@@ -163,8 +163,11 @@ class OffloadStepper:
             ]
         for i in self.offloaded:
             part = by_index[i]
-            master_host = part.master.detach().reshape(-1).to("cpu", torch.float32)
-            self.store.add(i, master_host)
+            # the store copies from the master itself (device or host): no intermediate host
+            # copy, and an NVMe store reads it only when writing the swap file at finish_setup
+            # (holding host copies of every partition until then would need 4 bytes per
+            # parameter of host memory that NVMe offload exists to save)
+            self.store.add(i, part.master.detach().reshape(-1))
             n = part.master.numel()
             if not self._grad_pool:
                 self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
