@@ -9,7 +9,7 @@ import pytest
 import torch
 from _faults import disk_full_after
 
-from ds_offload import NvmeParamStore, NvmePathError, _nvme
+from ds_offload import NvmeParamStore, NvmePathError, OffloadWarning, _nvme
 
 SIZES = [1, 7, 1000, 1024, 4097, 30_001]  # unaligned, page-sized and larger shards
 
@@ -110,10 +110,13 @@ def test_a_write_while_acquired_and_misuse_are_errors(tmp_path):
         store.acquire(0)
 
 
-def test_shard_larger_than_buffer_size_names_the_key(tmp_path):
+def test_shard_larger_than_buffer_size_warns_once_and_sizes_the_buffers(tmp_path):
     store = _store(tmp_path, buffer_size=100)
-    with pytest.raises(ValueError, match=r"offload_param.buffer_size is 100 elements .* 101"):
+    with pytest.warns(OffloadWarning, match=r"offload_param.buffer_size is 100 elements .* 101"):
         store.add(0, torch.zeros(101))
+    store.add(1, torch.arange(150, dtype=torch.float32))  # no second warning
+    assert torch.equal(store.read(1), torch.arange(150, dtype=torch.float32))
+    assert store.slots[0].buffer.numel() == 150 * 4
     store.close()
 
 

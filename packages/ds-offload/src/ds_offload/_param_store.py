@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ds_offload._aio import AsyncIO
+from ds_offload._errors import OffloadWarning
 from ds_offload._nvme import SwapDir, check_nvme_path
 from ds_offload._options import AioOptions, OffloadDevice, OffloadParamOptions, coerce
 from ds_offload._pinned import DIRECT_ALIGN, aligned_empty
@@ -79,7 +81,8 @@ class NvmeParamStore:
     """Parameter shards in swap files under ``nvme_path`` (see module docstring).
 
     config: an ``offload_param`` section (dict, pydantic model or ``OffloadParamOptions``) with
-        ``device: nvme``; uses nvme_path, pin_memory, buffer_count, buffer_size (largest shard,
+        ``device: nvme``; uses nvme_path, pin_memory, buffer_count, buffer_size (largest shard
+        expected; a larger one sizes the buffers with a warning,
         in elements) and max_in_cpu (elements kept in host memory).
     aio: the ``aio`` section (block_size, queue_depth, thread_count, ...).
     """
@@ -107,6 +110,7 @@ class NvmeParamStore:
         # resident shards released with a copy still in flight: waited for before a write
         self._resident_ready: dict[int, Any] = {}
         self._closed = False
+        self._warned_size = False
 
     # ------------------------------------------------------------------ setup
     def add(self, key: int, values: torch.Tensor) -> None:
@@ -123,11 +127,18 @@ class NvmeParamStore:
             self.shards[key] = shard
             self.stats.resident += 1
             return
-        if shard.numel > self.options.buffer_size:
-            raise ValueError(
+        if shard.numel > self.options.buffer_size and not self._warned_size:
+            # DeepSpeed swaps single parameters, each within buffer_size; ds-zero swaps a unit's
+            # whole bucket shard (a transformer block), which can be larger: the buffers are
+            # sized for the largest shard instead of failing on a DeepSpeed config
+            self._warned_size = True
+            warnings.warn(
                 f"{KEY}.buffer_size is {self.options.buffer_size} elements but a parameter shard "
-                f"has {shard.numel}; raise buffer_size to at least {shard.numel} (or use more "
-                "ranks / smaller ZeRO buckets: stage3 units)"
+                f"(one ZeRO-3 bucket of this rank) has {shard.numel}; the {self.options.buffer_count} "
+                "buffers are sized for the largest shard instead. Set buffer_size to at least "
+                "that to silence this",
+                OffloadWarning,
+                stacklevel=2,
             )
         padded = -(-shard.nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
         try:
