@@ -62,7 +62,7 @@ for p in "$@"; do
       ;;
     largest)  # LARGEST_RUNS: space-separated ENGINE:CONFIG=L1,L2 (see largest_model.py)
       runs=()
-      for r in ${LARGEST_RUNS:-deepspeed:cpu=28,30,32 ours:cpu=36,38,40 ours:split=56,60}; do
+      for r in ${LARGEST_RUNS:-deepspeed:cpu=28,30,32 ours:cpu=36,38 ours:split=48,52}; do
         runs+=(--run "$r")
       done
       phase largest python3 benchmarks/offload/largest_model.py --peers-dir shared/peers \

@@ -1,7 +1,7 @@
 """The largest GPT one GPU trains with ZeRO-3 + offload: ours (ds_all) vs DeepSpeed, same host.
 
     python benchmarks/offload/largest_model.py \
-        --run deepspeed:cpu=28,30,32 --run ours:cpu=36,38,40 --run ours:split=56,60,64
+        --run deepspeed:cpu=28,30,32 --run ours:cpu=36,38 --run ours:split=48,52
 
 Each ``--run ENGINE:CONFIG=L1,L2,...`` tries those block counts in order until the first
 failure. Configs (DeepSpeed JSON, the same file for both engines where both accept it): ZeRO
@@ -10,9 +10,10 @@ stage 3, bf16, AdamW, clipping 1.0, pinned memory, and
 * ``cpu``: offload_optimizer and offload_param on the CPU (ZeRO-Offload);
 * ``infinity``: both on NVMe at ``--nvme-path`` (ZeRO-Infinity);
 * ``param-nvme``: parameters on NVMe, optimizer state on the CPU;
-* ``split`` (ours only: ds_offload's ``max_in_cpu`` extension of offload_optimizer): parameters
-  on NVMe, optimizer state in host memory up to ``--max-in-cpu`` elements (default: what
-  MemAvailable holds at 12 bytes each, less ``--host-reserve-gb``) and on NVMe beyond.
+* ``split`` (ours only: ds_offload's ``max_in_cpu`` extension of offload_optimizer): parameter
+  shards in host memory, optimizer state in host memory up to ``--max-in-cpu`` elements and on
+  NVMe beyond (default, per size: what MemAvailable holds at 12 bytes an element after the bf16
+  shards' 2 bytes a parameter and ``--host-reserve-gb``).
 
 The model is the peers' tinygpt GPT with d=``--dim`` (4096: 201M
 parameters per block) and a varying number of blocks; vocab 32768, sequence 1024, micro-batch
@@ -55,9 +56,16 @@ def _mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def default_max_in_cpu(reserve_gb: float) -> int:
-    """Optimizer elements the host holds at 12 bytes each (fp32 master + two moments)."""
-    return max(0, int((_mem_available() - reserve_gb * 2**30) / 12))
+def gpt_params(d: int, layers: int) -> int:
+    """Parameters of tinygpt's GPT: blocks (ln1, ln2, qkv, proj, fc1, fc2), embeddings, head."""
+    return layers * (12 * d * d + 13 * d) + 2 * V * d + T * d + 2 * d
+
+
+def default_max_in_cpu(reserve_gb: float, params: int) -> int:
+    """Optimizer elements the host holds at 12 bytes each (fp32 master + two moments) besides
+    the bf16 parameter shards (2 bytes a parameter)."""
+    free = _mem_available() - reserve_gb * 2**30 - 2 * params
+    return max(0, min(params, int(free / 12)))
 
 
 def ds_config(args: argparse.Namespace, config: str) -> dict:
@@ -70,8 +78,13 @@ def ds_config(args: argparse.Namespace, config: str) -> dict:
         return s
 
     opt_dev, param_dev = {"cpu": ("cpu", "cpu"), "infinity": ("nvme", "nvme"),
-                          "param-nvme": ("cpu", "nvme"), "split": ("nvme", "nvme")}[config]  # fmt: skip
-    opt_extra = {"max_in_cpu": args.max_in_cpu} if config == "split" else {}
+                          "param-nvme": ("cpu", "nvme"), "split": ("nvme", "cpu")}[config]  # fmt: skip
+    opt_extra = {}
+    if config == "split":
+        budget = args.max_in_cpu
+        if budget < 0:
+            budget = default_max_in_cpu(args.host_reserve_gb, gpt_params(args.dim, args.layers))
+        opt_extra = {"max_in_cpu": budget}
     return {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
@@ -144,6 +157,7 @@ def worker(args: argparse.Namespace) -> None:
     dt = sum(timed) / len(timed)
     print(json.dumps({
         "engine": args.worker, "layers": L, "params_B": round(n / 1e9, 3), "step_s": round(dt, 3),
+        "offload": {k: cfg["zero_optimization"][k] for k in ("offload_optimizer", "offload_param")},
         "tflops": round(6 * n * B * T / dt / 1e12, 1), "tok_s": round(B * T / dt),
         "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "host_peak_rss_gb": _host_peak_gb(), "build_s": round(build_s, 1),
@@ -252,8 +266,6 @@ def main() -> None:
         return
     runs = _parse_runs(args.run or ["deepspeed:cpu=28,30,32", "ours:cpu=36,38,40"])
     os.makedirs(args.nvme_path, exist_ok=True)
-    if args.max_in_cpu < 0:
-        args.max_in_cpu = default_max_in_cpu(args.host_reserve_gb)
     start = time.monotonic()
     name = f"largest-offload-{args.device_name}-{time.strftime('%Y%m%d')}.json"
     results = ROOT / "benchmarks" / "results"
@@ -269,7 +281,7 @@ def main() -> None:
             print(json.dumps(trial), flush=True)
             trials.append(trial)
             out = {"scenario": "largest GPT on one GPU, ZeRO-3 + offload", "device": args.device_name,
-                   "configs": {c: ds_config(args, c) for c in CONFIGS}, "dim": args.dim, "batch": args.batch, "seq": T,
+                   "configs": {c: ds_config(args, c) for c in CONFIGS if c != "split"}, "dim": args.dim, "batch": args.batch, "seq": T,
                    "trials": trials, "summary": _summary(trials),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
             text = json.dumps(out, indent=2)
