@@ -8,6 +8,8 @@ from ds_offload._report import offload_report
 def test_offload_section_names_the_engine_and_its_reason():
     r = offload_report()
     assert r["aio engine"] in ("native", "python") and r["aio engine reason"]
+    want = {"native": ("kernel-aio", "threads"), "python": ("python",)}[r["aio engine"]]
+    assert r["aio backend (O_DIRECT)"] in want
     assert any(k.startswith("O_DIRECT in ") for k in r)
     assert r["memlock limit"] == "unlimited" or r["memlock limit"].endswith(" bytes")
 
@@ -20,6 +22,7 @@ def test_forced_fallback_is_reported(monkeypatch):
     try:
         r = offload_report()
         assert r["aio engine"] == "python" and "DS_KERNELS_FORCE_FALLBACK" in r["aio engine reason"]
+        assert r["aio backend (O_DIRECT)"] == "python"
     finally:
         monkeypatch.delenv("DS_KERNELS_FORCE_FALLBACK")
         _aio_build.forget()
