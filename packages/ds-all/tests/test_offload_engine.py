@@ -198,3 +198,14 @@ def test_zero3_cpu_offload_holds_14_host_bytes_per_parameter():
     x, y = batch(0, 4)
     engine.backward(engine(x, y))
     engine.step()  # and it trains
+
+
+def test_engine_close_removes_the_offload_swap_files(tmp_path):
+    engine, _ = _train(3, {"stage3_param_persistence_threshold": 0,
+                           "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)},
+                           "offload_param": {"device": "nvme", "nvme_path": str(tmp_path),
+                                             "max_in_cpu": 0}}, steps=1)  # fmt: skip
+    made = sorted(p.name.split("_")[2] for p in tmp_path.iterdir())
+    assert made == ["optim", "param"]  # one swap directory each
+    engine.close()
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +252,44 @@ def test_runs_without_pydantic():
         [sys.executable, "-c", NO_PYDANTIC], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+_KILLED_RUN = """
+import os, sys
+from pathlib import Path
+from ds_offload._nvme import SwapDir
+d = SwapDir(Path(sys.argv[1]), "zero_optimization.offload_optimizer.nvme_path", "optim")
+d.reserve({"part0.bin": 8192})
+print(d.dir, flush=True)
+os._exit(0)  # like SIGKILL: no cleanup runs
+"""
+
+
+def test_swap_dirs_of_killed_runs_are_removed_by_the_next_run(tmp_path, caplog):
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_RUN)
+    root = tmp_path / "nvme"
+    root.mkdir()
+    out = subprocess.run([sys.executable, str(script), str(root)], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    left = Path(out.strip())
+    assert (left / "part0.bin").exists()  # the killed run left its swap file behind
+    live = _nvme.SwapDir(root, "k", "optim")  # a live run's directory is kept
+    assert not left.exists() and "removed 1 swap directory" in caplog.text
+    again = _nvme.SwapDir(root, "k", "optim")
+    assert live.dir.exists() and again.dir.exists()
+    for d in (live, again):
+        d.close()
+        assert not d.dir.exists()
+    assert list(root.iterdir()) == []
+
+
+def test_swap_dir_dropped_without_close_is_removed(tmp_path):
+    import gc
+
+    d = _nvme.SwapDir(tmp_path, "k", "param")
+    path = d.dir
+    d.reserve({"x.bin": 4096})
+    del d
+    gc.collect()
+    assert not path.exists()

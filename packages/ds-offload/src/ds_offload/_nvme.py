@@ -7,13 +7,19 @@ missing, and later writes go into already reserved blocks instead of failing mid
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import logging
 import os
 import shutil
 import uuid
+import weakref
 from pathlib import Path
 
 from ds_offload._errors import NvmePathError
+
+log = logging.getLogger("ds_offload")
 
 
 def check_nvme_path(path: str | os.PathLike[str] | None, key: str) -> Path:
@@ -40,14 +46,63 @@ def check_nvme_path(path: str | os.PathLike[str] | None, key: str) -> Path:
     return p
 
 
+LOCK = ".lock"
+
+
+def _owner_gone(directory: Path) -> bool:
+    """True when no process holds the directory's lock (its owner exited or was killed). A
+    lock, not a pid: it also holds across containers and pid namespaces on one machine."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR)
+    except OSError:
+        return False  # no lock file: not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False  # held: a live run
+    finally:
+        os.close(fd)  # also drops the lock we may have taken
+
+
+def remove_stale(root: Path, tag: str) -> list[Path]:
+    """Remove swap directories under ``root`` whose owning process is gone (a run killed with
+    SIGKILL cannot clean up, and each would keep its whole offloaded state on the drive)."""
+    removed = []
+    try:
+        entries = [e for e in root.iterdir() if e.name.startswith(f"ds_offload_{tag}_")]
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.is_dir() and _owner_gone(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _cleanup(directory: str, lock_fd: int) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(lock_fd)
+
+
 class SwapDir:
-    """A private directory of swap files under an nvme_path, removed on ``close``."""
+    """A private directory of swap files under an nvme_path, removed on ``close``, at
+    interpreter exit, or, if this process is killed, by the next run using the same path."""
 
     def __init__(self, root: Path, key: str, tag: str) -> None:
         self.key = key
+        stale = remove_stale(root, tag)
+        if stale:
+            log.warning("ds_offload: removed %d swap director%s left by runs that ended under %s",
+                        len(stale), "y" if len(stale) == 1 else "ies", root)  # fmt: skip
         self.dir = root / f"ds_offload_{tag}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True)
         self.files: list[Path] = []
+        lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for this object's lifetime
+        # runs at close() or, if the owner forgets, when it is collected or at interpreter exit
+        self._remove = weakref.finalize(self, _cleanup, str(self.dir), lock_fd)
 
     def reserve(self, sizes: dict[str, int]) -> dict[str, Path]:
         """Create every file at its final size with its blocks allocated; all or nothing."""
@@ -85,4 +140,4 @@ class SwapDir:
         return made
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove()

@@ -621,7 +621,9 @@ class Zero:
             self.stepper.state_loaded()
 
     def close(self) -> None:
-        """Remove hooks (the module keeps its flat-buffer parameters)."""
+        """Remove hooks (the module keeps its flat-buffer parameters) and close the stepper and
+        the parameter-shard store where they have ``close`` (an offload stepper's swap files
+        are removed: the optimizer state is gone after this, save a checkpoint first)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -630,6 +632,9 @@ class Zero:
         if self.param_store is not None:
             self.param_store.close()
             self.param_store = None
+        close_stepper = getattr(self.stepper, "close", None)
+        if callable(close_stepper):
+            close_stepper()
 
 
 def wrap(
