@@ -20,7 +20,8 @@ def _store(path, **extra) -> NvmeParamStore:
 
 
 def _files(root) -> list[str]:
-    return sorted(f for _, _, fs in os.walk(root) for f in fs)
+    """The swap files under ``root`` (not the swap directories' lock files)."""
+    return sorted(f for _, _, fs in os.walk(root) for f in fs if f.endswith(".bin"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
