@@ -186,7 +186,7 @@ def test_report_lists_every_op(cpu_op, capsys, monkeypatch):
 
     rep = ds_kernels.report()
     ops = {o["op"]: o for o in rep["ops"]}
-    assert set(ops) == {"cpu_optim", "fused_optim"}
+    assert {"cpu_optim", "fused_optim"} <= set(ops)  # plus other packages' (entry points)
     assert ops["cpu_optim"]["built"] and ops["cpu_optim"]["compatible"]
     assert rep["cxx"]["path"] and rep["torch"] == torch.__version__
     assert main(["--json"]) == 0

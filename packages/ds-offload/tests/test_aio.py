@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from ds_offload import AioConfig, AioError, AsyncIO, _aio, _aio_build, aligned_empty
+from ds_offload import AioConfig, AioError, AsyncIO, _aio_build, aligned_empty
 
 # the C++ engine on each backend (kernel AIO contexts, the blocking-thread pool) and Python
 ENGINES = {
@@ -149,9 +149,8 @@ def test_from_config_and_aliases():
 def test_forced_fallback_warns_once(monkeypatch, tmp_path):
     monkeypatch.setenv("DS_KERNELS_FORCE_FALLBACK", "aio")
     _aio_build.forget()
-    monkeypatch.setattr(_aio, "_warned_fallback", type(_aio._warned_fallback)())
     try:
-        with pytest.warns(UserWarning, match="pure-Python engine"):
+        with pytest.warns(UserWarning, match="op 'aio' uses its pure-Python IO engine"):
             a = AsyncIO()
         assert a.engine == "python"
         with warnings.catch_warnings():
@@ -169,6 +168,20 @@ def test_native_engine_builds_here():
     # source file.
     res = _aio_build.build_library()
     assert res.library is not None, res.reason
+
+
+def test_aio_is_a_ds_kernels_op():
+    """Built through ds-kernels' registry (kind LIBRARY): listed by op_status / ds-report,
+    cached in its cache, and the same library AsyncIO loads."""
+    import ds_kernels
+
+    res = _aio_build.build_library()
+    status = ds_kernels.op_status("aio")
+    assert status.compatible and status.built and status.loaded in ("cached", "jit", "prebuilt")
+    assert str(res.library) == status.detail
+    from ds_offload._aio_op import AIO_OP
+
+    assert AIO_OP.kind is ds_kernels.OpKind.LIBRARY
 
 
 def test_aligned_empty_is_aligned():

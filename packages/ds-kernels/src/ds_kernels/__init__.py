@@ -8,8 +8,8 @@
 from ds_kernels._aot import AotResult, build_all
 from ds_kernels._cpu_optimizers import CPUAdagrad, CPUAdam, CPULion
 from ds_kernels._fused_optimizers import FusedAdam, FusedLamb, FusedLion
-from ds_kernels._ops import load
-from ds_kernels._registry import Backend, KernelBuildWarning, OpStatus
+from ds_kernels._ops import load, register_op
+from ds_kernels._registry import Backend, KernelBuildWarning, OpImpl, OpKind, OpSpec, OpStatus
 from ds_kernels._report import format_report, report
 from ds_kernels._version import __version__
 
@@ -23,12 +23,16 @@ __all__ = [
     "FusedLamb",
     "FusedLion",
     "KernelBuildWarning",
+    "OpImpl",
+    "OpKind",
+    "OpSpec",
     "OpStatus",
     "__version__",
     "build_all",
     "format_report",
     "load",
     "op_status",
+    "register_op",
     "report",
 ]
 

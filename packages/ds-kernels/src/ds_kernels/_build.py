@@ -1,4 +1,5 @@
-"""Building C++ ops: JIT with torch.utils.cpp_extension + ninja, and finding earlier builds.
+"""Building C++ ops: JIT with torch.utils.cpp_extension + ninja (CPP ops) or the host compiler
+alone (LIBRARY ops: plain C ABI libraries), and finding earlier builds.
 
 A finished build lives in ``<root>/<facts.key>/`` with the shared library and a
 ``manifest.json`` written last (atomically), so a directory without a manifest is never used.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,6 +149,39 @@ def jit_build(
     lib = Path(str(lib_path)) if lib_path else build_dir / f"{facts.op}.so"
     if not lib.is_file():
         raise BuildError(f"build reported success but {lib} does not exist")
+    write_manifest(build_dir, lib, facts, compiler, time.time() - started)
+    return lib
+
+
+def plain_build(
+    facts: BuildFacts,
+    sources: list[Path],
+    cflags: list[str],
+    ldflags: list[str],
+    compiler: Compiler,
+    root: Path,
+) -> Path:
+    """Compile a plain C/C++ shared library (C ABI, no torch headers: a LIBRARY op) with the
+    host compiler alone, no ninja, into ``root/<facts.key>/lib<op>.so``. Published by atomic
+    rename, so ranks building at once never load a half-written library. Raises BuildError."""
+    assert compiler.path is not None
+    build_dir = root / facts.key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lib = build_dir / f"libds_{facts.op}.so"  # not libaio.so: that is the system library's name
+    started = time.time()
+    fd, tmp = tempfile.mkstemp(prefix=f".lib{facts.op}.", suffix=".so", dir=build_dir)
+    os.close(fd)
+    cmd = [compiler.path, *cflags, "-shared", "-fPIC", *map(str, sources), "-o", tmp, *ldflags]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.unlink(tmp)
+        raise BuildError(f"{type(exc).__name__}: {exc}") from exc
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise BuildError(f"{' '.join(cmd[:2])} ... exited {proc.returncode}:\n"
+                         f"{_tail(proc.stderr or proc.stdout)}")  # fmt: skip
+    os.replace(tmp, lib)
     write_manifest(build_dir, lib, facts, compiler, time.time() - started)
     return lib
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from importlib import metadata
 from pathlib import Path
 
-from ds_kernels._registry import OpImpl, OpKind, OpRegistry, OpSpec
+from ds_kernels._registry import KernelBuildWarning, OpImpl, OpKind, OpRegistry, OpSpec
 
 
 def _bind_cpu_optim(lib: Path) -> OpImpl:
@@ -59,10 +61,28 @@ FUSED_OPTIM = OpSpec(
 )
 
 
+OPS_GROUP = "ds_kernels.ops"
+OWN_OPS = frozenset({CPU_OPTIM.name, FUSED_OPTIM.name})  # the rest come from other packages
+
+
 def _make_default() -> OpRegistry:
     reg = OpRegistry()
     reg.register(CPU_OPTIM)
     reg.register(FUSED_OPTIM)
+    # Other packages' ops (e.g. ds-offload's async IO library) through the entry-point group
+    # ``ds_kernels.ops``: each names an OpSpec, so ds-report lists them and load() builds them
+    # with the same cache, prebuilt roots and fallback rules, without importing those packages
+    # until the op is loaded.
+    for ep in sorted(metadata.entry_points(group=OPS_GROUP), key=lambda e: e.name):
+        try:
+            spec = ep.load()
+            reg.register(spec() if callable(spec) else spec)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not hide the other ops
+            warnings.warn(
+                f"ds_kernels: op entry point {ep.name!r} ({ep.value}) failed to load: {exc}",
+                KernelBuildWarning,
+                stacklevel=2,
+            )
     return reg
 
 
@@ -80,6 +100,13 @@ def set_default_registry(registry: OpRegistry | None) -> None:
     """Replace (or with None, reset) the default registry; for tests."""
     global _default
     _default = registry
+
+
+def register_op(spec: OpSpec) -> None:
+    """Add another package's op to the default registry at run time (an entry point in the
+    group ``ds_kernels.ops`` does the same at first use, and is what ds-report sees).
+    Registering a spec under a name the registry has from an entry point replaces it."""
+    default_registry().register(spec, replace=True)
 
 
 def load(name: str) -> OpImpl:

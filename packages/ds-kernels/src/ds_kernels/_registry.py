@@ -40,7 +40,8 @@ class Backend(enum.Enum):
 
 
 class OpKind(enum.Enum):
-    CPP = "cpp"
+    CPP = "cpp"  # torch C++ extension source, built with cpp_extension + ninja, bound by ctypes
+    LIBRARY = "library"  # plain C/C++ with a C ABI (no torch headers): host compiler alone
     TRITON = "triton"
 
 
@@ -59,19 +60,25 @@ class OpSpec:
     summary: str
     kind: OpKind
     fallback: Callable[[], OpImpl]
-    # CPP ops: sources under csrc/, flags, and how to wrap the built library.
+    # CPP / LIBRARY ops: sources (under csrc/, or absolute paths for another package's op),
+    # flags, and how to wrap the built library.
     sources: tuple[str, ...] = ()
     extra_cflags: tuple[str, ...] = ()
     extra_ldflags: tuple[str, ...] = ()
     bind: Callable[[Path], OpImpl] | None = None
-    # TRITON ops: returns a reason the native path cannot run here, or None; then `native()`.
+    # A reason the native path cannot run here, or None (TRITON ops: then `native()`; CPP and
+    # LIBRARY ops: checked before any build, e.g. an OS the source does not support).
     unavailable: Callable[[], str | None] | None = None
     native: Callable[[], OpImpl] | None = None
+    # what the fallback is, for the warning ("pure-PyTorch fallback", "pure-Python engine")
+    fallback_name: str = "pure-PyTorch fallback"
 
     def source_paths(self) -> list[Path]:
-        return [CSRC / s for s in self.sources]
+        return [Path(s) if Path(s).is_absolute() else CSRC / s for s in self.sources]
 
     def cflags(self) -> list[str]:
+        if self.kind is OpKind.LIBRARY:
+            return list(self.extra_cflags)  # its own flags: no torch, no OpenMP unless asked
         return [*_toolchain.host_cxx_flags(), *self.extra_cflags]
 
 
@@ -101,10 +108,13 @@ class OpRegistry:
         # One lock per registry: two threads loading the same op must not build it twice.
         self._lock = threading.RLock()
 
-    def register(self, spec: OpSpec) -> None:
-        if spec.name in self._specs:
+    def register(self, spec: OpSpec, replace: bool = False) -> None:
+        if spec.name in self._specs and not replace:
             raise ValueError(f"op {spec.name!r} is already registered")
+        if spec.kind is not OpKind.TRITON and spec.bind is None:
+            raise ValueError(f"op {spec.name!r}: a {spec.kind.value} op needs bind=")
         self._specs[spec.name] = spec
+        self._loaded.pop(spec.name, None)
 
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -138,6 +148,9 @@ class OpRegistry:
             return self._fallback(spec, f"{FORCE_FALLBACK_ENV} asks for the fallback")
         if spec.kind is OpKind.TRITON:
             return self._load_triton(spec)
+        why = spec.unavailable() if spec.unavailable is not None else None
+        if why is not None:
+            return self._fallback(spec, why)
         return self._load_cpp(spec)
 
     def _fallback(self, spec: OpSpec, why: str) -> OpImpl:
@@ -145,7 +158,7 @@ class OpRegistry:
         op.backend = Backend.FALLBACK
         op.detail = why
         warnings.warn(
-            f"ds_kernels op {spec.name!r} uses its pure-PyTorch fallback (slower): {why}",
+            f"ds_kernels op {spec.name!r} uses its {spec.fallback_name} (slower): {why}",
             KernelBuildWarning,
             stacklevel=4,
         )
@@ -188,14 +201,20 @@ class OpRegistry:
         else:
             yield Backend.CACHED, _build.find_compatible(facts, [cache])
 
+    @staticmethod
+    def _facts(spec: OpSpec, compiler: _toolchain.Compiler | None) -> _toolchain.BuildFacts:
+        facts = _toolchain.build_facts(
+            spec.name, spec.source_paths(), spec.cflags(), compiler, uses_cuda=False
+        )
+        if spec.kind is OpKind.LIBRARY:
+            # no torch headers, no CPU-specific flags of ours: a build survives torch upgrades
+            facts = dataclasses.replace(facts, torch="none", python="any", cpu_isa=())
+        return facts
+
     def _load_cpp(self, spec: OpSpec) -> OpImpl:
-        sources = spec.source_paths()
-        flags = spec.cflags()
         compiler = _toolchain.find_compiler()
         have_compiler = compiler.path is not None
-        facts = _toolchain.build_facts(
-            spec.name, sources, flags, compiler if have_compiler else None, uses_cuda=False
-        )
+        facts = self._facts(spec, compiler if have_compiler else None)
         prebuilt = _build.prebuilt_roots()
         cache = _build.cache_root()
         # An ahead-of-time build is used whenever its runtime facts match (it may come from
@@ -204,14 +223,11 @@ class OpRegistry:
         for backend, lib in self._candidates(facts, prebuilt, cache, have_compiler):
             if lib is not None and (op := self._bind(spec, lib, backend)):
                 return op
-        missing = missing_build_tools(compiler)
+        missing = missing_build_tools(compiler, needs_ninja=spec.kind is OpKind.CPP)
         if missing:
             return self._fallback(spec, missing)
         try:
-            lib = _build.jit_build(
-                facts, sources, flags, list(spec.extra_ldflags), compiler, cache,
-                verbose=os.environ.get("DS_KERNELS_VERBOSE") == "1",
-            )  # fmt: skip
+            lib = self._compile(spec, facts, compiler, cache)
         except _build.BuildError as exc:
             return self._fallback(
                 spec,
@@ -222,23 +238,33 @@ class OpRegistry:
             return self._fallback(spec, f"the freshly built {lib} could not be loaded")
         return op
 
+    @staticmethod
+    def _compile(
+        spec: OpSpec, facts: _toolchain.BuildFacts, compiler: _toolchain.Compiler, root: Path
+    ) -> Path:
+        sources, flags, ldflags = spec.source_paths(), spec.cflags(), list(spec.extra_ldflags)
+        if spec.kind is OpKind.LIBRARY:
+            return _build.plain_build(facts, sources, flags, ldflags, compiler, root)
+        return _build.jit_build(
+            facts, sources, flags, ldflags, compiler, root,
+            verbose=os.environ.get("DS_KERNELS_VERBOSE") == "1",
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ AOT and status
     def build(self, name: str, root: Path) -> Path:
         """Ahead-of-time build of a C++ op into `root`; raises BuildError on failure."""
         spec = self.spec(name)
-        if spec.kind is not OpKind.CPP:
-            raise ValueError(f"op {name!r} is a {spec.kind.value} op; only C++ ops are prebuilt")
+        if spec.kind is OpKind.TRITON:
+            raise ValueError(f"op {name!r} is a triton op; only C++ ops are prebuilt")
         compiler = _toolchain.find_compiler()
-        missing = missing_build_tools(compiler)
+        missing = missing_build_tools(compiler, needs_ninja=spec.kind is OpKind.CPP)
         if missing:
             raise _build.BuildError(missing)
-        sources = spec.source_paths()
-        flags = spec.cflags()
-        facts = _toolchain.build_facts(name, sources, flags, compiler, uses_cuda=False)
+        facts = self._facts(spec, compiler)
         existing = _build.find_exact(facts, [root])
         if existing is not None:
             return existing
-        return _build.jit_build(facts, sources, flags, list(spec.extra_ldflags), compiler, root)
+        return self._compile(spec, facts, compiler, root)
 
     def status(self, name: str) -> OpStatus:
         spec = self.spec(name)
@@ -249,26 +275,27 @@ class OpRegistry:
             why = spec.unavailable()
             ok = why is None
             return OpStatus(name, spec.summary, ok, ok, loaded_value, why or "Triton")
+        why = spec.unavailable() if spec.unavailable is not None else None
+        if why is not None:
+            return OpStatus(name, spec.summary, False, False, loaded_value, why)
         compiler = _toolchain.find_compiler()
         have = compiler.path is not None
-        facts = _toolchain.build_facts(
-            name, spec.source_paths(), spec.cflags(), compiler if have else None, uses_cuda=False
-        )
+        facts = self._facts(spec, compiler if have else None)
         cands = self._candidates(facts, _build.prebuilt_roots(), _build.cache_root(), have)
         lib = next((found for _, found in cands if found is not None), None)
-        missing = missing_build_tools(compiler)
+        missing = missing_build_tools(compiler, needs_ninja=spec.kind is OpKind.CPP)
         compatible = lib is not None or not missing
         detail = str(lib) if lib is not None else (missing or "not built yet (JIT on first use)")
         return OpStatus(name, spec.summary, compatible, lib is not None, loaded_value, detail)
 
 
-def missing_build_tools(compiler: _toolchain.Compiler) -> str | None:
+def missing_build_tools(compiler: _toolchain.Compiler, needs_ninja: bool = True) -> str | None:
     """Why a JIT build cannot start here, with the fix; None when it can."""
     if compiler.path is None:
         return (
             f"no C++ compiler: {compiler.requested!r} was not found on PATH "
             "(install g++/clang++ or set CXX to one)"
         )
-    if not _toolchain.ninja_available():
+    if needs_ninja and not _toolchain.ninja_available():
         return "ninja was not found (pip install ninja)"
     return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,26 +26,17 @@ from ds_offload._pinned import aligned_empty
 if TYPE_CHECKING:
     pass
 
-_warned_fallback = threading.Event()
-
 
 def _engine_for(choice: str, native_backend: str, **knobs: Any) -> NativeEngine | PythonEngine:
     if choice == "python":
         return PythonEngine(**knobs)
+    # ds-kernels' registry builds (or finds) the library; where it cannot, it has warned once
+    # (KernelBuildWarning naming what is missing) and the Python engine is used
     built = _aio_build.build_library()
     if built.library is not None:
         return NativeEngine(built.library, backend=native_backend, **knobs)
     if choice == "native":
         raise RuntimeError(f"ds_offload: the native IO engine is unavailable: {built.reason}")
-    if not _warned_fallback.is_set():
-        _warned_fallback.set()
-        from ds_kernels import KernelBuildWarning
-
-        warnings.warn(
-            f"ds_offload: async IO uses the pure-Python engine (slower): {built.reason}",
-            KernelBuildWarning,
-            stacklevel=4,
-        )
     return PythonEngine(**knobs)
 
 
