@@ -162,7 +162,7 @@ def plain_build(
     root: Path,
 ) -> Path:
     """Compile a plain C/C++ shared library (C ABI, no torch headers: a LIBRARY op) with the
-    host compiler alone, no ninja, into ``root/<facts.key>/lib<op>.so``. Published by atomic
+    host compiler alone, no ninja, into ``root/<facts.key>/libds_<op>.so``. Published by atomic
     rename, so ranks building at once never load a half-written library. Raises BuildError."""
     assert compiler.path is not None
     build_dir = root / facts.key
