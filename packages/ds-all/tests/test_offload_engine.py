@@ -209,3 +209,24 @@ def test_engine_close_removes_the_offload_swap_files(tmp_path):
     assert made == ["optim", "param"]  # one swap directory each
     engine.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_logs_where_the_offloaded_state_lives(tmp_path, caplog):
+    import logging
+
+    from ds_all._engine import _offload_plan
+
+    caplog.set_level(logging.INFO, logger="ds_all")
+    engine, _ = _train(3, {"stage3_param_persistence_threshold": 0,
+                           "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path),
+                                                 "max_in_cpu": 4000},
+                           "offload_param": {"device": "cpu"}}, steps=1)  # fmt: skip
+    plan = _offload_plan(engine.zero)
+    n = sum(b.layout.shard_numel for b in engine.zero.trainable)
+    assert plan["optimizer_state_host"] + plan["optimizer_state_nvme"] == 12 * n
+    assert 0 < plan["optimizer_state_host"] < 12 * n  # split by max_in_cpu
+    assert plan["param_shards_host"] == 4 * n  # fp32 shards (no bf16 in this config)
+    assert plan["optimizer_swap_buffers"] > 0 and plan["gradient_buffers"] > 0
+    line = next(r.getMessage() for r in caplog.records if "offload (rank 0)" in r.getMessage())
+    assert "of host memory" in line and "on NVMe" in line and "optimizer state nvme" in line
+    engine.close()

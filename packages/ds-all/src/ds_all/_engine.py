@@ -117,6 +117,40 @@ def _offload_stepper(cfg: DeepSpeedConfig, optimizer: torch.optim.Optimizer) -> 
     return OffloadStepper(section, optimizer=kind, aio=cfg.aio or None)
 
 
+def _offload_plan(zero: ds_zero.Zero) -> dict[str, int]:
+    """Where this rank's offloaded model state lives, in bytes (empty without offload)."""
+    plan: dict[str, int] = {}
+    for holder in (zero.stepper, zero.param_store):
+        report = getattr(holder, "host_memory", None)
+        if callable(report):
+            plan.update(report())
+    host_shards = sum(
+        b.local_shard.numel() * b.local_shard.element_size()
+        for b in zero.buckets
+        if b.host_shard and b.local_shard is not None
+    )
+    if host_shards:
+        plan["param_shards_host"] = plan.get("param_shards_host", 0) + host_shards
+    return plan
+
+
+def _log_offload_plan(zero: ds_zero.Zero, rank: int) -> None:
+    plan = _offload_plan(zero)
+    if not plan or rank != 0:
+        return
+    host = sum(v for k, v in plan.items() if not k.endswith("_nvme"))
+    nvme = sum(v for k, v in plan.items() if k.endswith("_nvme"))
+    parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in plan.items() if v)
+    log.info("offload (rank 0): %s of host memory, %s on NVMe: %s", _size(host), _size(nvme), parts)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def _count_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """Tokens in a batch: elements of the first integer tensor argument (token ids)."""
     for a in (*args, *kwargs.values()):
@@ -158,6 +192,7 @@ class DeepSpeedEngine(nn.Module):
         )  # fmt: skip
         self.module = model
         self.optimizer = basic
+        _log_offload_plan(self.zero, self.global_rank)
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.timers = Timers(config.wall_clock_breakdown)
         self.monitor = MonitorMaster(config, self.global_rank)

@@ -344,6 +344,16 @@ class NvmeParamStore:
     def nvme_bytes(self) -> int:
         return sum(s.nbytes for s in self.shards.values() if s.file is not None)
 
+    def host_memory(self) -> dict[str, int]:
+        """Bytes by place: shards kept in host memory (max_in_cpu), on NVMe, and the buffers
+        (allocated at first use, sized for the largest NVMe shard)."""
+        biggest = max((s.nbytes for s in self.shards.values() if s.file is not None), default=0)
+        return {
+            "param_shards_host": sum(s.nbytes for s in self.shards.values() if s.file is None),
+            "param_shards_nvme": self.nvme_bytes(),
+            "param_buffers": self.options.buffer_count * biggest if biggest else 0,
+        }
+
     def close(self) -> None:
         if self._closed:
             return

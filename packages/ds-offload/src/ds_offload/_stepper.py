@@ -115,6 +115,7 @@ class OffloadStepper:
         self._order: list[int] = []  # update order of the last step (prefetch plan)
         self._prefetched: list[int] | None = None
         self._lp_host: dict[int, torch.Tensor] = {}
+        self._staging_bytes = 0  # of the _lp_host buffers this stepper allocated
         self._grad_events: dict[int, Any] = {}
         self._device_optim: torch.optim.Optimizer | None = None
         self._copier: Copier | None = None
@@ -180,6 +181,7 @@ class OffloadStepper:
                     self._lp_host[i] = shard.reshape(-1)
                 else:
                     self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
+                    self._staging_bytes += n * shard.element_size()
         if self._swaps:
             # may fail (full disk, IO error): before any device master is freed below, so a
             # failed setup leaves ZeRO's masters as they were (nothing lost, retry possible)
@@ -410,6 +412,23 @@ class OffloadStepper:
                 writer(part.master.reshape(-1))
             elif part.param_shard is not None:
                 part.param_shard.reshape(-1).copy_(part.master.reshape(-1))
+
+    def host_memory(self) -> dict[str, int]:
+        """Bytes this stepper holds, by place: optimizer state in host memory and on NVMe, the
+        NVMe swap buffers, gradient buffers and low-precision staging buffers (for the engine's
+        one-line offload summary)."""
+        sizes = {p.index: p.master.numel() * 12 for p in self.partitions}  # master + 2 moments
+        on_nvme = sum(sizes[i] for i in self.offloaded if self.store.swapped(i))
+        nvme = self.store.nvme if isinstance(self.store, SplitStore) else self.store
+        swap_buffers = [slot.buffer for slot in getattr(nvme, "slots", [])]
+        grads = [*self._grad_pool, *self._grad_host.values()]
+        return {
+            "optimizer_state_host": sum(sizes[i] for i in self.offloaded) - on_nvme,
+            "optimizer_state_nvme": on_nvme,
+            "optimizer_swap_buffers": sum(t.numel() * t.element_size() for t in swap_buffers),
+            "gradient_buffers": sum(t.numel() * t.element_size() for t in grads),
+            "staging_buffers": self._staging_bytes,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self, index: int) -> dict[str, torch.Tensor]:
