@@ -211,12 +211,24 @@ def test_engine_close_removes_the_offload_swap_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_engine_logs_where_the_offloaded_state_lives(tmp_path, caplog):
+def test_engine_logs_where_the_offloaded_state_lives(tmp_path):
     import logging
 
     from ds_all._engine import _offload_plan
 
-    caplog.set_level(logging.INFO, logger="ds_all")
+    class Keep(logging.Handler):  # on ds_all's own logger: it does not propagate to the root
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    keep = Keep()
+    logger = logging.getLogger("ds_all")
+    logger.addHandler(keep)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     engine, _ = _train(3, {"stage3_param_persistence_threshold": 0,
                            "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path),
                                                  "max_in_cpu": 4000},
@@ -227,6 +239,8 @@ def test_engine_logs_where_the_offloaded_state_lives(tmp_path, caplog):
     assert 0 < plan["optimizer_state_host"] < 12 * n  # split by max_in_cpu
     assert plan["param_shards_host"] == 4 * n  # fp32 shards (no bf16 in this config)
     assert plan["optimizer_swap_buffers"] > 0 and plan["gradient_buffers"] > 0
-    line = next(r.getMessage() for r in caplog.records if "offload (rank 0)" in r.getMessage())
+    logger.removeHandler(keep)
+    logger.setLevel(level)
+    line = next(r.getMessage() for r in keep.records if "offload (rank 0)" in r.getMessage())
     assert "of host memory" in line and "on NVMe" in line and "optimizer state nvme" in line
     engine.close()
