@@ -48,14 +48,6 @@ T, V = 1024, 32768
 CONFIGS = ("cpu", "infinity", "param-nvme", "split")
 
 
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
-
-
 def gpt_params(d: int, layers: int) -> int:
     """Parameters of tinygpt's GPT: blocks (ln1, ln2, qkv, proj, fc1, fc2), embeddings, head."""
     return layers * (12 * d * d + 13 * d) + 2 * V * d + T * d + 2 * d
@@ -64,7 +56,9 @@ def gpt_params(d: int, layers: int) -> int:
 def default_max_in_cpu(reserve_gb: float, params: int) -> int:
     """Optimizer elements the host holds at 12 bytes each (fp32 master + two moments) besides
     the bf16 parameter shards (2 bytes a parameter)."""
-    free = _mem_available() - reserve_gb * 2**30 - 2 * params
+    from ds_accel import CPUAccelerator  # host memory (MemAvailable), whatever the device
+
+    free = CPUAccelerator().available_memory() - reserve_gb * 2**30 - 2 * params
     return max(0, min(params, int(free / 12)))
 
 

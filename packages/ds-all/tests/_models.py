@@ -60,10 +60,9 @@ def config(stage: int, micro: int, gas: int = 1, **extra) -> dict:
     return cfg
 
 
-def reference(
-    steps: int, world: int, micro: int, gas: int
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Plain PyTorch: the same model, optimizer, clipping and schedule on the whole global batch."""
+def plain_setup() -> tuple[TinyGPT, torch.optim.Optimizer, object]:
+    """The model, optimizer and schedule of ``config`` in plain PyTorch (seeded as the engine
+    tests seed theirs)."""
     from ds_all import WarmupLR
 
     torch.manual_seed(0)
@@ -72,6 +71,14 @@ def reference(
     sched = WarmupLR(
         opt, warmup_min_lr=0.0, warmup_max_lr=1e-2, warmup_num_steps=3, warmup_type="linear"
     )
+    return model, opt, sched
+
+
+def reference(
+    steps: int, world: int, micro: int, gas: int
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Plain PyTorch: the same model, optimizer, clipping and schedule on the whole global batch."""
+    model, opt, sched = plain_setup()
     losses = []
     for step in range(steps):
         total = 0.0

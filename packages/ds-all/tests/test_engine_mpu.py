@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _models import TinyGPT, batch, config  # noqa: E402
+from _models import TinyGPT, batch, config, plain_setup  # noqa: E402
 
 from ds_comm.testing import run_distributed  # noqa: E402
 
@@ -78,14 +78,7 @@ def _rank_main(stage: int):
 
 
 def _plain(rank: int):
-    from ds_all import WarmupLR
-
-    torch.manual_seed(0)
-    model = TinyGPT()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    sched = WarmupLR(
-        opt, warmup_min_lr=0.0, warmup_max_lr=1e-2, warmup_num_steps=3, warmup_type="linear"
-    )
+    model, opt, sched = plain_setup()
     losses = []
     for step in range(STEPS):
         loss = model(*_data(rank, step))

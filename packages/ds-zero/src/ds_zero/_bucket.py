@@ -94,7 +94,8 @@ class Bucket:
         self.host_shard = host_shard and shard_params
         self.pin_host_shard = pin_host_shard
         # where the compute-dtype shard lives instead of ``local_shard`` (NVMe offload); only
-        # for trainable stage-3 buckets whose fp32 master the stepper holds off the device
+        # for trainable stage-3 buckets (the caller passes it only when the stepper holds the
+        # fp32 masters off the device; otherwise gathers read the on-device master)
         self.shard_store = shard_store if shard_params and optim_group is not None else None
         self.device = self.params[0].device
         self.layout: FlatLayout = make_layout([p.numel() for p in self.params], self.world, align)
@@ -173,8 +174,6 @@ class Bucket:
             off, n = lay.offsets[i], lay.numels[i]
             p.data = flat[off : off + n].view(self.shapes[i])
             setattr(p, SLOT_ATTR, ParamSlot(self, i))
-        if self.shard_store is not None and not keep_local_shard:
-            self.shard_store = None  # the master stays on the device: gathers read it directly
         if self.shard_store is not None:
             s_lo, s_hi = lay.shard_range(self.rank)
             self.shard_store.add(self.index, flat[s_lo:s_hi])

@@ -214,7 +214,8 @@ class Zero:
             replication=1 if (stage >= 1 or shard_params) else group_size(group),
             host_shard=self.options.host_param_shards,
             pin_host_shard=self.options.pin_param_shards,
-            shard_store=self.param_store,
+            # with on-device masters gathers read the master: nothing for a store to hold
+            shard_store=None if self.stepper.masters_on_device else self.param_store,
         )
         bucket.build(full_value, keep_local_shard=not self.stepper.masters_on_device)
         self.buckets.append(bucket)
