@@ -214,7 +214,69 @@ def _summary(trials: list[dict]) -> dict:
         o, d = best.get(f"ours:{c}"), best.get(f"deepspeed:{c}")
         if o and d:
             out[f"params_ratio_vs_deepspeed_{c}"] = round(o["params_B"] / d["params_B"], 3)
+    # Speed where both trained the same size and config: the fair side-by-side of step time.
+    done = {(t["engine"], t["config"], t["layers"]): t for t in trials if t.get("ok")}
+    for (engine, config, layers), o in sorted(done.items()):
+        d = done.get(("deepspeed", config, layers))
+        if engine == "ours" and d:
+            out[f"tok_s_ratio_vs_deepspeed_{config}_L{layers}"] = round(o["tok_s"] / d["tok_s"], 3)
     return out
+
+
+def _report(args: argparse.Namespace, trials: list[dict], path: Path, **extra: object) -> None:
+    out = {"scenario": "largest GPT on one GPU, ZeRO-3 + offload", "device": args.device_name,
+           "configs": {c: ds_config(args, c) for c in CONFIGS if c != "split"}, "dim": args.dim,
+           "batch": args.batch, "seq": T, "trials": trials, "summary": _summary(trials),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}  # fmt: skip
+    path.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One report from the JSON of several invocations (one lease, commands of at most 10
+    minutes each): their trials in the given order, the summary recomputed over all of them."""
+    trials: list[dict] = []
+    runs: list[str] = []
+    for f in args.merge:
+        data = json.loads(Path(f).read_text())
+        if data.get("device") != args.device_name or data.get("dim") != args.dim:
+            raise SystemExit(f"--merge {f}: device {data.get('device')!r} / dim {data.get('dim')} "
+                             f"differ from --device-name {args.device_name!r} / --dim {args.dim}")  # fmt: skip
+        trials += data["trials"]
+        runs.append(data["date"])
+    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        f"largest-offload-{args.device_name}-{time.strftime('%Y%m%d')}.json")  # fmt: skip
+    _report(args, trials, path, merged_runs_dated=runs)
+    _plot(trials, path.with_suffix(".png"), args.device_name, args.dim)
+    print(json.dumps(_summary(trials), indent=2))
+
+
+def _plot(trials: list[dict], path: Path, device: str, dim: int) -> None:
+    """TFLOP/s against model size per engine:config; a cross where a size failed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", flush=True)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in sorted({f"{t['engine']}:{t['config']}" for t in trials}):
+        rows = [t for t in trials if f"{t['engine']}:{t['config']}" == key]
+        ok = sorted((t["params_B"], t["tflops"]) for t in rows if t.get("ok"))
+        (line,) = ax.plot([p for p, _ in ok], [f for _, f in ok], "o-", label=key)
+        for t in rows:
+            if not t.get("ok"):  # no size measured: place it by its parameter count
+                ax.plot(gpt_params(dim, t["layers"]) / 1e9, 0, "x", color=line.get_color(),
+                        markersize=10, mew=2)  # fmt: skip
+    ax.set_xlabel("parameters (billions); x: failed (host out of memory)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(f"Largest GPT trained with ZeRO-3 offload, {device}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", flush=True)
 
 
 def _parse_runs(specs: list[str]) -> list[tuple[str, str, list[int]]]:
@@ -254,9 +316,15 @@ def main() -> None:
     ap.add_argument("--peers-dir", default=None)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a smoke run of the driver (DS_ACCELERATOR=cpu for DeepSpeed)")  # fmt: skip
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine the reports of several invocations into one (no trials run)")  # fmt: skip
+    ap.add_argument("--out", default=None, help="--merge: the combined report's path")
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.merge:
+        merge(args)
         return
     runs = _parse_runs(args.run or ["deepspeed:cpu=28,30,32", "ours:cpu=36,38,40"])
     os.makedirs(args.nvme_path, exist_ok=True)
@@ -274,14 +342,9 @@ def main() -> None:
             trial = _trial(engine, config, layers, args, min(args.trial_timeout_s, left))
             print(json.dumps(trial), flush=True)
             trials.append(trial)
-            out = {"scenario": "largest GPT on one GPU, ZeRO-3 + offload", "device": args.device_name,
-                   "configs": {c: ds_config(args, c) for c in CONFIGS if c != "split"}, "dim": args.dim, "batch": args.batch, "seq": T,
-                   "trials": trials, "summary": _summary(trials),
-                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-            text = json.dumps(out, indent=2)
-            (results / name).write_text(text + "\n")
+            _report(args, trials, results / name)
             if os.environ.get("OUT"):
-                Path(os.environ["OUT"], name).write_text(text + "\n")
+                _report(args, trials, Path(os.environ["OUT"], name))
             if not trial.get("ok"):
                 break
     print(json.dumps(_summary(trials), indent=2))
