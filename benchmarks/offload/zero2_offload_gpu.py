@@ -42,12 +42,12 @@ def worker(args: argparse.Namespace) -> None:
     model = GPT(vocab=V, d=d, h=d // 128, L=L, T=T).cuda()
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # holds the param-group options only
-    threads = args.cpu_threads or max(
-        1, (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    )
+    # 0: ds_offload's default, this rank's share of the cores (what ds_all's engine uses)
     stepper = ds_offload.OffloadStepper(
-        {"device": "cpu", "pin_memory": True, "ratio": args.ratio}, num_threads=threads
+        {"device": "cpu", "pin_memory": True, "ratio": args.ratio, "num_threads": args.cpu_threads},
+        grad_buffers=args.grad_buffers,
     )
+    threads = stepper.num_threads
     zero = ds_zero.wrap(
         model,
         opt,
@@ -72,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
             "tflops_per_gpu": round(6 * n * B * T / dt / 1e12, 1),
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "loss": round(loss.item(), 3), "cpu_adam_threads": threads, "ratio": args.ratio,
+            "grad_buffers": args.grad_buffers,
         }), flush=True)  # fmt: skip
     dist.destroy_process_group()
 
@@ -97,6 +98,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ratio", type=float, default=1.0)
     ap.add_argument("--cpu-threads", type=int, default=0)
+    ap.add_argument("--grad-buffers", type=int, default=4,
+                    help="ds_offload's rotating host gradient buffers (0: one per partition)")  # fmt: skip
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--peers-dir", default=None)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--device-name", default="2xH200")
@@ -118,7 +122,8 @@ def main() -> None:
     ]
     # "--d" would be an ambiguous prefix of torchrun options, even after the script name
     fwd = ["--steps", str(args.steps), "--dim", str(args.d), "--layers", str(args.layers),
-           "--batch", str(args.batch), "--ratio", str(args.ratio), "--cpu-threads", str(args.cpu_threads)]  # fmt: skip
+           "--batch", str(args.batch), "--ratio", str(args.ratio), "--cpu-threads", str(args.cpu_threads),
+           "--grad-buffers", str(args.grad_buffers)]  # fmt: skip
     if args.peers_dir:
         fwd += ["--peers-dir", args.peers_dir]
     ours = _run([*tr, __file__, "--worker", *fwd], env)
@@ -144,7 +149,7 @@ def main() -> None:
         out["tok_s_ratio_vs_deepspeed"] = round(ours["tok_s"] / peer["tok_s"], 3)
     text = json.dumps(out, indent=2)
     print(text)
-    name = f"zero2-offload-{args.device_name}-{time.strftime('%Y%m%d')}.json"
+    name = f"zero2-offload-{args.device_name}-{time.strftime('%Y%m%d')}{args.tag}.json"
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / name).write_text(text + "\n")

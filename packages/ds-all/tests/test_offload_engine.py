@@ -231,8 +231,9 @@ def test_engine_logs_where_the_offloaded_state_lives(tmp_path):
     logger.setLevel(logging.INFO)
     engine, _ = _train(3, {"stage3_param_persistence_threshold": 0,
                            "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path),
-                                                 "max_in_cpu": 4000},
+                                                 "max_in_cpu": 4000, "num_threads": 2},
                            "offload_param": {"device": "cpu"}}, steps=1)  # fmt: skip
+    assert engine.zero.stepper.num_threads == 2  # ds_offload's extension key reaches CPU Adam
     plan = _offload_plan(engine.zero)
     n = sum(b.layout.shard_numel for b in engine.zero.trainable)
     assert plan["optimizer_state_host"] + plan["optimizer_state_nvme"] == 12 * n
@@ -243,4 +244,5 @@ def test_engine_logs_where_the_offloaded_state_lives(tmp_path):
     logger.setLevel(level)
     line = next(r.getMessage() for r in keep.records if "offload (rank 0)" in r.getMessage())
     assert "of host memory" in line and "on NVMe" in line and "optimizer state nvme" in line
+    assert line.endswith("; CPU optimizer threads 2")
     engine.close()

@@ -141,7 +141,11 @@ def _log_offload_plan(zero: ds_zero.Zero, rank: int) -> None:
     host = sum(v for k, v in plan.items() if not k.endswith("_nvme"))
     nvme = sum(v for k, v in plan.items() if k.endswith("_nvme"))
     parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in plan.items() if v)
-    log.info("offload (rank 0): %s of host memory, %s on NVMe: %s", _size(host), _size(nvme), parts)
+    threads = getattr(zero.stepper, "num_threads", None)
+    log.info(
+        "offload (rank 0): %s of host memory, %s on NVMe: %s%s", _size(host), _size(nvme), parts,
+        f"; CPU optimizer threads {threads}" if threads else "",
+    )  # fmt: skip
 
 
 def _size(n: int) -> str:

@@ -20,6 +20,7 @@ from ds_offload._param import ParamOffloader
 from ds_offload._param_store import NvmeParamStore
 from ds_offload._pinned import aligned_empty, memlock_limit
 from ds_offload._stepper import OffloadStepper
+from ds_offload._threads import cpu_optimizer_threads
 from ds_offload._version import __version__
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ParamOffloader",
     "__version__",
     "aligned_empty",
+    "cpu_optimizer_threads",
     "memlock_limit",
 ]
 

@@ -99,6 +99,12 @@ class OffloadOptimizerConfig(_OffloadBase):
         description="ds_offload extension, device nvme: elements of optimizer partitions kept "
         "in CPU memory (the first partitions), the rest swapped to nvme_path",
     )
+    num_threads: int = Field(
+        0,
+        ge=0,
+        description="ds_offload extension: CPU optimizer threads of this process (0: its share "
+        "of the usable cores; OMP_NUM_THREADS when above 1)",
+    )
 
     @property
     def pipeline(self) -> bool:

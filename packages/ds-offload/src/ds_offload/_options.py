@@ -79,12 +79,16 @@ class OffloadOptimizerOptions(_OffloadOptions):
     # ds_offload extension (DeepSpeed has no such key): with device nvme, the first partitions
     # totalling at most this many elements keep their state in CPU memory, the rest are swapped
     max_in_cpu: int = 0
+    # ds_offload extension: CPU optimizer threads of this process (0: its share of the cores,
+    # see ds_offload.cpu_optimizer_threads). DeepSpeed takes OpenMP's default.
+    num_threads: int = 0
 
     def __post_init__(self) -> None:
         where = "zero_optimization.offload_optimizer"
         self._check(where)
         _positive(where, "buffer_count", self.buffer_count, allow_zero=True)
         _positive(where, "max_in_cpu", self.max_in_cpu, allow_zero=True)
+        _positive(where, "num_threads", self.num_threads, allow_zero=True)
         if not 0.0 <= float(self.ratio) <= 1.0:
             raise ValueError(f"{where}.ratio must be in [0, 1], got {self.ratio!r}")
         if self.max_in_cpu and self.device is not OffloadDevice.nvme:

@@ -28,6 +28,7 @@ from ds_offload._hparams import check_kind, read_hparams
 from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions, coerce
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore, SplitStore
+from ds_offload._threads import cpu_optimizer_threads
 
 
 class _Partition(Protocol):
@@ -61,7 +62,8 @@ class OffloadStepper:
         ``decoupled_weight_decay`` overrides it per group.
     aio: the ``aio`` section used for NVMe swapping.
     defaults: hyper-parameters for keys the group options lack (lr, betas, eps, weight_decay).
-    num_threads: CPU Adam threads (0: torch.get_num_threads()).
+    num_threads: CPU Adam threads (0: the section's ``num_threads``, and where that is 0 too,
+        this process's share of the cores: ``cpu_optimizer_threads``).
     grad_buffers: host buffers (each the size of the largest partition) that the gradients'
         device-to-host copies rotate through, ``grad_buffers`` partitions ahead of the CPU Adam;
         0, or where they would not be smaller than one buffer per partition: one per partition.
@@ -98,7 +100,7 @@ class OffloadStepper:
         self.aio_config: AioOptions = coerce(AioOptions, aio, "aio")
         self.kind = check_kind(optimizer)
         self.defaults = dict(defaults or {})
-        self.num_threads = num_threads
+        self.num_threads: int = cpu_optimizer_threads(num_threads or config.num_threads)
         self.partitions: list[_Partition] = []
         self.group_options: Sequence[dict[str, Any]] = []
         self.offloaded: list[int] = []  # partition indices stepped on the CPU
