@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(
 def sixteen_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                 "SLURM_NTASKS_PER_NODE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 
@@ -31,6 +33,16 @@ def test_one_process_takes_every_usable_core(sixteen_cores):
 def test_local_ranks_share_the_cores(sixteen_cores, local, want):
     sixteen_cores.setenv("LOCAL_WORLD_SIZE", str(local))
     assert cpu_optimizer_threads() == want
+
+
+@pytest.mark.parametrize(
+    "var", ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"]
+)
+def test_mpi_and_slurm_launches_share_the_cores_too(sixteen_cores, var):
+    sixteen_cores.setenv(var, "4")
+    assert cpu_optimizer_threads() == 4
+    sixteen_cores.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's / ds-launch's name comes first
+    assert cpu_optimizer_threads() == 8
 
 
 def test_torchruns_default_of_one_thread_is_not_a_request(sixteen_cores):

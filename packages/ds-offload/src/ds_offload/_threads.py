@@ -19,6 +19,24 @@ def _env_int(name: str) -> int:
     return int(value) if value.isdigit() else 0
 
 
+# Ranks on this node, by launcher: torchrun / ds-launch, OpenMPI, MPICH (hydra), SLURM (srun).
+_LOCAL_SIZE_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_NTASKS_PER_NODE",
+)
+
+
+def local_ranks() -> int:
+    """Processes of this job on this node (1 where no launcher says)."""
+    for name in _LOCAL_SIZE_VARS:
+        n = _env_int(name)  # SLURM's "2(x3)" form is not a number and is skipped
+        if n:
+            return n
+    return 1
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity set: taskset, cpuset, a launcher's binding)."""
     if hasattr(os, "sched_getaffinity"):
@@ -30,7 +48,8 @@ def cpu_optimizer_threads(requested: int = 0) -> int:
     """Threads for the CPU optimizer: ``requested`` when > 0; else ``OMP_NUM_THREADS`` when it
     is above 1 (a launcher that binds cores to ranks, e.g. ``ds-launch --bind_cores_to_rank``,
     sets it to each rank's share), capped at the usable cores; else the usable cores divided
-    by ``LOCAL_WORLD_SIZE`` (the ranks on this node, which share those cores)."""
+    by the ranks on this node, which share those cores (``LOCAL_WORLD_SIZE``, or OpenMPI's,
+    MPICH's or SLURM's variable for it)."""
     if requested < 0:
         raise ValueError(
             f"zero_optimization.offload_optimizer.num_threads must be >= 0 (0: automatic), got "
@@ -42,4 +61,4 @@ def cpu_optimizer_threads(requested: int = 0) -> int:
     omp = _env_int("OMP_NUM_THREADS")
     if omp > 1:
         return min(omp, cores)
-    return max(1, cores // max(1, _env_int("LOCAL_WORLD_SIZE")))
+    return max(1, cores // local_ranks())
