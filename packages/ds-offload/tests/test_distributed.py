@@ -36,4 +36,16 @@ def test_cpu_and_nvme_offload_ranks(tmp_path, world_size):
     _run(tmp_path, world_size, "nvme")
 
 
+@distributed_test(world_size=2, timeout=60)
+def test_two_local_ranks_share_the_cores_under_torchruns_default(world_size):
+    import os
+
+    from ds_offload import OffloadStepper
+    from ds_offload._threads import usable_cores
+
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2"  # set by the launcher of the ranks
+    os.environ["OMP_NUM_THREADS"] = "1"  # what torchrun sets for several processes
+    assert OffloadStepper({"device": "cpu"}).num_threads == max(1, usable_cores() // 2)
+
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
