@@ -151,6 +151,35 @@ def test_thread_count_does_not_change_results(cpu_op):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("adamw", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 0.37, 3.0])
+def test_adam_grad_scale_is_the_step_on_the_scaled_gradient(backend, cpu_op, adamw, scale):
+    """op.adam(grad_scale=s) on g is op.adam on g * s (bitwise: the compiled op rounds s to
+    float once, as torch's mul_ does), and the caller's gradients are left as they were."""
+    op = cpu_op if backend == "compiled" else TorchCpuOptim()
+    gen = torch.Generator().manual_seed(3)
+    p0 = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    kept = [g.clone() for g in grads]
+
+    def step(params, gs, grad_scale):
+        m = [torch.zeros_like(t) for t in params]
+        v = [torch.zeros_like(t) for t in params]
+        out = [torch.empty_like(t, dtype=torch.bfloat16) for t in params]
+        op.adam(params, gs, m, v, out, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.1, decoupled=adamw, bias_correction1=[0.1] * len(params),
+                bias_correction2_sqrt=[0.0316] * len(params), grad_scale=grad_scale)  # fmt: skip
+        return params, m, v, out
+
+    got = step([t.clone() for t in p0], grads, scale)
+    want = step([t.clone() for t in p0], [g.mul(scale) for g in kept], 1.0)
+    for a, b in zip(got, want):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    for g, k in zip(grads, kept):
+        assert torch.equal(g, k)
+
+
 def test_bias_correction_off_matches_fallback(cpu_op):
     a, b = make_params(), make_params()
     run_steps(ds_kernels.CPUAdam(a, lr=1e-2, bias_correction=False), a, 5)

@@ -78,9 +78,12 @@ class TorchCpuOptim(OpImpl):
         bias_correction1: Sequence[float],
         bias_correction2_sqrt: Sequence[float],
         num_threads: int = 0,
+        grad_scale: float = 1.0,
     ) -> None:
         _check_outs(outs, params)
         for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            if grad_scale != 1.0:
+                g = g * grad_scale  # the caller's gradient stays as it is, as in the library
             if decoupled:
                 p.mul_(1 - lr * weight_decay)
             elif weight_decay != 0:
@@ -177,6 +180,7 @@ class CompiledCpuOptim(OpImpl):
             dbl,
             i32,
             i32,
+            dbl,
         ]
         lib.ds_adagrad_step.restype = ctypes.c_int
         lib.ds_adagrad_step.argtypes = [i32, pp, pp, pp, vp, i32, i64p, dblp, dbl, dbl, i32]
@@ -219,6 +223,7 @@ class CompiledCpuOptim(OpImpl):
         bias_correction1: Sequence[float],
         bias_correction2_sqrt: Sequence[float],
         num_threads: int = 0,
+        grad_scale: float = 1.0,
     ) -> None:
         if not params:
             return
@@ -229,6 +234,7 @@ class CompiledCpuOptim(OpImpl):
             len(params), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
             out_arr, kind, numel, _doubles(bias_correction1), _doubles(bias_correction2_sqrt),
             lr, beta1, beta2, eps, weight_decay, int(decoupled), self._threads(num_threads),
+            float(grad_scale),
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"cpu_optim: ds_adam_step returned {rc}")

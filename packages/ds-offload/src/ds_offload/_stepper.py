@@ -335,10 +335,9 @@ class OffloadStepper:
                 part, g = by_index[i]
                 copier.wait(self._grad_events.pop(i))
                 grad = pool[pos % len(pool)][: g.numel()] if pool else self._grad_host[i]
-                if scale is not None and scale != 1.0:
-                    grad.mul_(scale)
                 state = self.store.acquire(i)
-                self._cpu_adam(part, state, grad)
+                # the unscale x clip factor is applied inside CPU Adam's pass over the state
+                self._cpu_adam(part, state, grad, 1.0 if scale is None else scale)
                 if pool and pos + len(pool) < len(order):
                     queue_copy(pos + len(pool))  # the buffer is free: Adam has consumed it
                 self._write_back(part, state)
@@ -353,7 +352,11 @@ class OffloadStepper:
         copier.finish()
 
     def _cpu_adam(
-        self, part: _Partition, state: dict[str, torch.Tensor], grad: torch.Tensor
+        self,
+        part: _Partition,
+        state: dict[str, torch.Tensor],
+        grad: torch.Tensor,
+        grad_scale: float = 1.0,
     ) -> None:
         h = read_hparams(self.kind, self.group_options[part.group_index], self.defaults)
         step = self.steps[part.index]
@@ -365,7 +368,7 @@ class OffloadStepper:
             [lp] if lp is not None else None,
             lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
             decoupled=h.decoupled, bias_correction1=[bc1], bias_correction2_sqrt=[bc2],
-            num_threads=self.num_threads,
+            num_threads=self.num_threads, grad_scale=grad_scale,
         )  # fmt: skip
 
     def _write_back(self, part: _Partition, state: dict[str, torch.Tensor]) -> None:

@@ -160,6 +160,11 @@ def _rank_main(spec: _RankSpec) -> None:
         with open(os.path.join(spec.workdir, f"rank{spec.rank}.out"), "wb") as f:
             pickle.dump(result, f)
     except BaseException:  # noqa: BLE001 - every failure, SystemExit included, is reported
+        # when it failed, on the machine-wide monotonic clock: a rank that raises takes its
+        # peers' collectives down with it, often before the supervisor looks, and the report
+        # must still name the first failure (file mtimes are too coarse to order them)
+        with open(os.path.join(spec.workdir, f"rank{spec.rank}.failed_at"), "w") as f:
+            f.write(repr(time.monotonic()))
         with open(os.path.join(spec.workdir, f"rank{spec.rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         code = 1
@@ -215,6 +220,15 @@ def _outcome(proc: multiprocessing.process.BaseProcess, workdir: str, rank: int)
     if os.path.exists(os.path.join(workdir, f"rank{rank}.err")):
         return _RankOutcome.RAISED
     return _RankOutcome.DIED
+
+
+def _failed_at(workdir: str, rank: int) -> float:
+    """When ``rank`` recorded its failure (monotonic clock); +inf for a rank that died without
+    recording one (killed by a signal, os._exit elsewhere), which sorts it last."""
+    try:
+        return float(_read(os.path.join(workdir, f"rank{rank}.failed_at")))
+    except ValueError:
+        return float("inf")
 
 
 def _describe(proc, workdir: str, rank: int, outcome: _RankOutcome) -> str:
@@ -296,6 +310,7 @@ def _supervise(procs, workdir: str, timeout: float, fn) -> list[Any]:
             r for r, o in enumerate(outcomes) if o in (_RankOutcome.RAISED, _RankOutcome.DIED)
         ]
         if failed:
+            failed.sort(key=lambda r: _failed_at(workdir, r))  # first failure first
             _stop_all(procs, alive_first_dump=True)
             report = []
             for r, p in enumerate(procs):
@@ -306,8 +321,8 @@ def _supervise(procs, workdir: str, timeout: float, fn) -> list[Any]:
                 )
                 report.append(_describe(p, workdir, r, o))
             raise DistributedTestError(
-                f"{name}: rank(s) {failed} of {len(procs)} failed; the other ranks were stopped.\n"
-                + "\n".join(report)
+                f"{name}: rank(s) {failed} of {len(procs)} failed, rank {failed[0]} first; the "
+                "other ranks were stopped.\n" + "\n".join(report)
             )
         if all(o == _RankOutcome.PASSED for o in outcomes):
             results = []

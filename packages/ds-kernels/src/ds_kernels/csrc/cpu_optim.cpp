@@ -140,6 +140,11 @@ struct ChunkList {
 // and rounded to float once, as torch.optim does.
 struct AdamHyper {
   double lr, beta1, beta2, eps, weight_decay;
+  // Factor on every gradient element before use (unscale x clip coefficient of an offloaded
+  // step). Folded into the one pass over the state: multiplying the host gradients first would
+  // be one more read and write of 8 bytes per element in a memory-bound step. Rounded to float
+  // once, as torch's grad.mul_(scale) rounds its scalar, so the results are bitwise the same.
+  double grad_scale;
 };
 
 template <bool ADAMW, int OUT>
@@ -154,10 +159,11 @@ void adam_chunk(float* __restrict p, const float* __restrict g, float* __restric
   const float bc2s = static_cast<float>(bias_correction2_sqrt);
   const float eps = static_cast<float>(h.eps);
   const float wd = static_cast<float>(h.weight_decay);
+  const float gs = static_cast<float>(h.grad_scale);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    float gi = g[i];
+    float gi = g[i] * gs;  // exact when gs == 1
     if constexpr (ADAMW) {
       pi = pi * decay;
     } else {
@@ -300,8 +306,9 @@ int ds_cpu_optim_has_openmp() {
 int ds_adam_step(int32_t n, float** p, float** g, float** m, float** v, void** out,
                  int32_t out_kind, const int64_t* numel, const double* bias_correction1,
                  const double* bias_correction2_sqrt, double lr, double beta1, double beta2,
-                 double eps, double weight_decay, int32_t decoupled, int32_t threads) {
-  const AdamHyper h{lr, beta1, beta2, eps, weight_decay};
+                 double eps, double weight_decay, int32_t decoupled, int32_t threads,
+                 double grad_scale) {
+  const AdamHyper h{lr, beta1, beta2, eps, weight_decay, grad_scale};
   const int t = resolve_threads(threads);
   const int kind = out ? out_kind : kOutNone;
 #define DS_ADAM(ADAMW, OUT) \
