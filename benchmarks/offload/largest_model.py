@@ -26,7 +26,11 @@ ones, TFLOP/s (6 * params * tokens / time), peak GPU memory and peak host RSS.
 Sizes are tried in the given order per engine until the first failure. The JSON
 (benchmarks/results/largest-offload-<device>-<yyyymmdd>.json, and $OUT) is rewritten after every
 trial, so a run cut short by a time limit keeps what it measured; ``--deadline-s`` stops starting
-trials that would not finish in time.
+trials that would not finish in time. Ladders split over several commands (a GPU lease runs
+at most 10 minutes per command) are combined afterwards, with the summary recomputed and a PNG
+chart of TFLOP/s against size:
+
+    python benchmarks/offload/largest_model.py --merge a.json b.json --device-name 1xNVIDIA-H200
 """
 
 from __future__ import annotations
