@@ -97,9 +97,9 @@ def _param_store(cfg: DeepSpeedConfig) -> Any:
 def _offload_stepper(cfg: DeepSpeedConfig, optimizer: torch.optim.Optimizer) -> Any:
     """ds_offload's stepper when zero_optimization.offload_optimizer puts the optimizer on the
     CPU or NVMe; None otherwise (the optimizer then steps on the device)."""
-    section = cfg.zero_config().offload_optimizer
-    if not section or section.get("device", "none") in ("none", None):
+    if not _optimizer_offloaded(cfg):
         return None
+    section = cfg.zero_config().offload_optimizer
     try:
         from ds_offload import OffloadStepper
     except ImportError:

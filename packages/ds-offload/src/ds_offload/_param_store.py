@@ -62,7 +62,7 @@ class _Shard:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass
@@ -156,8 +156,12 @@ class NvmeParamStore:
         self.stats.on_nvme += 1
         self.stats.writes += 1
 
+    def _largest_nvme_shard(self) -> int:
+        """Bytes of the largest shard in a swap file (what each buffer must hold); 0: none."""
+        return max((s.nbytes for s in self.shards.values() if s.file is not None), default=0)
+
     def _make_slots(self) -> None:
-        biggest = max((s.nbytes for s in self.shards.values() if s.file is not None), default=0)
+        biggest = self._largest_nvme_shard()
         if biggest == 0:
             return
         for _ in range(self.options.buffer_count):
@@ -188,13 +192,28 @@ class NvmeParamStore:
         slot.state, slot.key = SlotState.FREE, -1
         return slot
 
-    def _settle(self, slot: _Slot) -> None:
-        """Finish whatever is in flight on the buffer (read, write-back, the caller's copy)."""
+    def _claim_slot(self) -> _Slot:
+        """A buffer for a shard that none holds: the least recently used one not held."""
+        slot = self._free_slot(keep=set())
+        if slot is None:
+            raise RuntimeError(
+                f"NvmeParamStore: all {KEY}.buffer_count={self.options.buffer_count} buffers "
+                "are held (acquired and not released); raise buffer_count"
+            )
+        return slot
+
+    @staticmethod
+    def _finish_io(slot: _Slot) -> None:
+        """Wait for the buffer's read or write-back in flight (one handle serves both)."""
         if slot.state is SlotState.READING or slot.writing:
             slot.aio.wait()
             slot.writing = False
             if slot.state is SlotState.READING:
                 slot.state = SlotState.VALID
+
+    def _settle(self, slot: _Slot) -> None:
+        """Finish whatever is in flight on the buffer (read, write-back, the caller's copy)."""
+        self._finish_io(slot)
         if slot.ready is not None:
             slot.ready.synchronize()
             slot.ready = None
@@ -221,17 +240,11 @@ class NvmeParamStore:
         if slot is not None:
             self.stats.hits += 1
         else:
-            slot = self._free_slot(keep=set())
-            if slot is None:
-                raise RuntimeError(
-                    f"NvmeParamStore: all {KEY}.buffer_count={self.options.buffer_count} "
-                    "buffers are held (acquired and not released); raise buffer_count"
-                )
+            slot = self._claim_slot()
             self._start_read(slot, key, ahead=False)
         if slot.state is SlotState.READING:
-            slot.aio.wait()  # also finishes a write-back queued on the same handle
-            slot.writing = False
-            slot.state = SlotState.VALID
+            # not _settle: the caller's copy out of the buffer's previous use need not finish
+            self._finish_io(slot)
         slot.held = True
         slot.last_use = next(self._clock)
         self._prefetch(predicted, current=key)
@@ -302,12 +315,7 @@ class NvmeParamStore:
                 f"NvmeParamStore.write: key {key} is acquired; release it before writing"
             )
         if slot is None:
-            slot = self._free_slot(keep=set())
-            if slot is None:
-                raise RuntimeError(
-                    f"NvmeParamStore: all {KEY}.buffer_count={self.options.buffer_count} "
-                    "buffers are held; raise buffer_count"
-                )
+            slot = self._claim_slot()
         else:
             self._settle(slot)  # the buffer's previous write-back must finish before changing it
         view = self._view(slot, shard)
@@ -320,11 +328,7 @@ class NvmeParamStore:
 
     def flush(self) -> None:
         for slot in self.slots:
-            if slot.writing or slot.state is SlotState.READING:
-                slot.aio.wait()
-                slot.writing = False
-                if slot.state is SlotState.READING:
-                    slot.state = SlotState.VALID
+            self._finish_io(slot)
 
     # ------------------------------------------------------------------ misc
     def read(self, key: int) -> torch.Tensor:
@@ -347,7 +351,7 @@ class NvmeParamStore:
     def host_memory(self) -> dict[str, int]:
         """Bytes by place: shards kept in host memory (max_in_cpu), on NVMe, and the buffers
         (allocated at first use, sized for the largest NVMe shard)."""
-        biggest = max((s.nbytes for s in self.shards.values() if s.file is not None), default=0)
+        biggest = self._largest_nvme_shard()
         return {
             "param_shards_host": sum(s.nbytes for s in self.shards.values() if s.file is None),
             "param_shards_nvme": self.nvme_bytes(),

@@ -256,13 +256,17 @@ class OffloadStepper:
         assert self._copier is not None
         self._arrived.append(index)
         self._arrived_set.add(index)
+        pos = len(self._arrived) - 1  # its place in the step's update order
+        if not self._grad_pool or pos < len(self._grad_pool):
+            dst = self._grad_buffer(pos, index, grad.numel())
+            self._grad_events[index] = self._copier.to_host(dst, grad)
+
+    def _grad_buffer(self, pos: int, index: int, numel: int) -> torch.Tensor:
+        """The host buffer of the gradient updated ``pos``-th in a step (partition ``index``):
+        its own buffer, or with the pool the rotating one of that place."""
         if self._grad_pool:
-            slot = len(self._arrived) - 1
-            if slot < len(self._grad_pool):
-                dst = self._grad_pool[slot][: grad.numel()]
-                self._grad_events[index] = self._copier.to_host(dst, grad)
-        else:
-            self._grad_events[index] = self._copier.to_host(self._grad_host[index], grad)
+            return self._grad_pool[pos % len(self._grad_pool)][:numel]
+        return self._grad_host[index]
 
     def skip_step(self) -> None:
         """The caller skips this step (fp16 overflow): forget copies started by grad_ready."""
@@ -312,11 +316,13 @@ class OffloadStepper:
         order = self._arrived + [i for i in self.offloaded if i not in self._arrived_set]
         self._order = order
 
+        def host_grad(pos: int) -> torch.Tensor:
+            i = order[pos]
+            return self._grad_buffer(pos, i, by_index[i][1].numel())
+
         def queue_copy(pos: int) -> None:
             i = order[pos]
-            g = by_index[i][1]
-            dst = pool[pos % len(pool)][: g.numel()] if pool else self._grad_host[i]
-            self._grad_events[i] = copier.to_host(dst, g)
+            self._grad_events[i] = copier.to_host(host_grad(pos), by_index[i][1])
 
         # 1. queue the gradient copies not started by grad_ready: every one, or with the pool
         # as many as it has buffers (each later one when its buffer's Adam is done)
@@ -332,12 +338,11 @@ class OffloadStepper:
         # 3. CPU Adam per partition as its gradient lands; results stream back
         try:
             for pos, i in enumerate(order):
-                part, g = by_index[i]
+                part = by_index[i][0]
                 copier.wait(self._grad_events.pop(i))
-                grad = pool[pos % len(pool)][: g.numel()] if pool else self._grad_host[i]
                 state = self.store.acquire(i)
                 # the unscale x clip factor is applied inside CPU Adam's pass over the state
-                self._cpu_adam(part, state, grad, 1.0 if scale is None else scale)
+                self._cpu_adam(part, state, host_grad(pos), 1.0 if scale is None else scale)
                 if pool and pos + len(pool) < len(order):
                     queue_copy(pos + len(pool))  # the buffer is free: Adam has consumed it
                 self._write_back(part, state)
