@@ -13,9 +13,13 @@ import torch.distributed as dist
 
 import ds_all
 from ds_all._config_base import ConfigError
-from ds_all._fault_flow import CallCounter, explain_divergence
-from ds_all._fault_signal import SignalFlag
-from ds_all._fault_stack import collective_from_traceback, where
+from ds_all.fault import (
+    CallCounter,
+    SignalFlag,
+    collective_from_traceback,
+    explain_divergence,
+    where,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fault_scripts"))
 from train import TinyLM, batch  # noqa: E402

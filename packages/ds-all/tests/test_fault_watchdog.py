@@ -15,8 +15,7 @@ from ds_comm.testing import distributed_test
 
 
 def _watchdog(exits: list[int]):
-    from ds_all._fault_store import open_store
-    from ds_all._fault_watchdog import Watchdog, groups_of
+    from ds_all.fault import Watchdog, groups_of, open_store
 
     return Watchdog(
         open_store(5.0), dist.get_rank(), dist.get_world_size(), groups_of(None), timeout_s=60.0,
@@ -72,7 +71,7 @@ def test_diagnosis_names_the_stalled_rank_and_abort_stops_the_others():
 _EXIT_WITHOUT_STOP = """
 import datetime, sys, time
 import torch.distributed as dist
-from ds_all._fault_watchdog import Watchdog
+from ds_all.fault import Watchdog
 
 server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 client = dist.TCPStore("127.0.0.1", server.port, is_master=False, wait_for_workers=False,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ds_all._config_base import ConfigError, Section, suggest, validate_section
-from ds_all._fault_config import FaultToleranceSection  # issue 12 (ours)
+from ds_all.fault import FaultToleranceSection
 
 
 class FP16Section(Section):
@@ -214,7 +214,7 @@ class DeepSpeedConfig(Section):
     csv_monitor: CSVMonitorSection = Field(default_factory=CSVMonitorSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
-    # ours (issue 12): collective timeout, stall watchdog, control-flow check; _fault_config.py
+    # ours: collective timeout, stall watchdog, control-flow check; ds_all/fault/_config.py
     fault_tolerance: FaultToleranceSection = Field(default_factory=FaultToleranceSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     activation_checkpointing: ActivationCheckpointingSection = Field(

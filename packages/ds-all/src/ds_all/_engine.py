@@ -20,7 +20,7 @@ import ds_zero
 from ds_accel import get_accelerator
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
-from ds_all._fault import on_step_boundary  # issue 12
+from ds_all.fault import on_step_boundary
 from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
 from ds_all._schedulers import build_scheduler

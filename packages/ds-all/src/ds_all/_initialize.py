@@ -15,7 +15,7 @@ from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._dataloader import make_dataloader
 from ds_all._engine import DeepSpeedEngine
-from ds_all._fault import attach as _attach_fault_tolerance  # issue 12
+from ds_all.fault import attach as _attach_fault_tolerance
 
 log = logging.getLogger("ds_all")
 

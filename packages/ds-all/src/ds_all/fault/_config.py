@@ -15,7 +15,7 @@ class FaultToleranceSection(Section):
     path = "fault_tolerance"
     #: collective timeout in seconds, passed to init_distributed; None: torch's default
     #: (10 min for NCCL, 30 min for gloo). A rank that stops taking part makes the others fail
-    #: after this long, with a message naming it (see ds_all/_fault_watchdog.py).
+    #: after this long, with a message naming it (see ds_all/fault/_watchdog.py).
     comms_timeout: float | None = None
     #: per-rank heartbeat thread (through the rendezvous store) that names a stalled rank and
     #: the collective on a timeout, and stops the whole job instead of leaving survivors hanging

@@ -10,28 +10,30 @@ What each piece is for:
   the RNG state, scheduler and step counters: the loss curve continues bitwise.
 * ``checkpoint.save_on_signal``: SIGTERM (the launcher forwards it on preemption) saves at the
   next step boundary on every rank and exits 0; the next launch resumes from it.
-* ``fault_tolerance.watchdog``: see ``_fault_watchdog``.
-* ``fault_tolerance.check_control_flow``: see ``_fault_flow``.
+* ``fault_tolerance.watchdog``: see ``_watchdog``.
+* ``fault_tolerance.check_control_flow``: see ``_control_flow``.
+
+The engine is reached through :class:`~ds_all.fault._host.FaultHost` (a Protocol), so this
+package never imports the engine module.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ds_all._config_base import ConfigError
-from ds_all._fault_config import FaultToleranceSection
-from ds_all._fault_flow import CallCounter, explain_divergence
-from ds_all._fault_signal import SignalFlag
-from ds_all._fault_store import open_store
-from ds_all._fault_watchdog import Watchdog, groups_of
-
-if TYPE_CHECKING:
-    from ds_all._engine import DeepSpeedEngine
+from ds_all.fault._config import FaultToleranceSection
+from ds_all.fault._control_flow import CallCounter, explain_divergence
+from ds_all.fault._host import FaultHost
+from ds_all.fault._signal import SignalFlag
+from ds_all.fault._store import open_store
+from ds_all.fault._watchdog import Watchdog, groups_of
 
 log = logging.getLogger("ds_all")
 
@@ -48,7 +50,7 @@ def _default_timeout_s() -> float:
 class FaultTolerance:
     """The engine's fault-tolerance state (``engine.fault``)."""
 
-    def __init__(self, engine: DeepSpeedEngine, config: Any) -> None:
+    def __init__(self, engine: FaultHost, config: Any) -> None:
         ft: FaultToleranceSection = getattr(config, "fault_tolerance", None) or (
             FaultToleranceSection()
         )
@@ -98,8 +100,6 @@ class FaultTolerance:
             if self.engine.global_rank == 0:
                 log.info("auto-resume: no checkpoint in %s yet; starting at step 0", self.save_dir)
             return None
-        import os
-
         self.resumed_tag = os.path.basename(path)
         self.client_state = client
         if self.engine.global_rank == 0:
@@ -165,13 +165,14 @@ class FaultTolerance:
             self.flow = None
 
 
-def attach(engine: DeepSpeedEngine, config: Any) -> FaultTolerance:
+def attach(engine: FaultHost, config: Any) -> FaultTolerance:
     """Build the engine's fault tolerance (``engine.fault``); runs auto-resume if configured."""
-    engine.fault = FaultTolerance(engine, config)  # type: ignore[attr-defined]
-    return engine.fault  # type: ignore[attr-defined]
+    fault = FaultTolerance(engine, config)
+    engine.fault = fault  # type: ignore[attr-defined]  # the engine's optional attribute
+    return fault
 
 
-def on_step_boundary(engine: DeepSpeedEngine) -> None:
+def on_step_boundary(engine: FaultHost) -> None:
     fault: FaultTolerance | None = getattr(engine, "fault", None)
     if fault is not None:
         fault.on_step_boundary()

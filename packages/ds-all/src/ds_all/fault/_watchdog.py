@@ -39,9 +39,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ds_all._fault_flow import CallCounter, explain_divergence
-from ds_all._fault_stack import collective_from_traceback, thread_where
-from ds_all._fault_store import try_get
+from ds_all.fault._control_flow import CallCounter, explain_divergence
+from ds_all.fault._stack import collective_from_traceback, thread_where
+from ds_all.fault._store import try_get
 
 EXIT_STALLED = 1  # exit status of a rank stopped by the watchdog
 
