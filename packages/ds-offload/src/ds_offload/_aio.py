@@ -111,7 +111,8 @@ class AsyncIO:
     def from_config(cls, config: Any, **overrides: Any) -> AsyncIO:
         """A handle with the knobs of an ``aio`` config section (dict, ``AioConfig`` or
         ``AioOptions``)."""
-        from ds_offload._options import AioOptions, coerce
+        from ds_offload._coerce import coerce
+        from ds_offload._options import AioOptions
 
         config = coerce(AioOptions, config, "aio")
         knobs = dict(

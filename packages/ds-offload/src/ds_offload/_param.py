@@ -22,12 +22,12 @@ from torch import nn
 from torch.autograd import Variable
 
 from ds_offload._aio import AsyncIO
+from ds_offload._coerce import coerce
 from ds_offload._options import (
     AioOptions,
     OffloadDevice,
     OffloadOptimizerOptions,
     OffloadParamOptions,
-    coerce,
 )
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore

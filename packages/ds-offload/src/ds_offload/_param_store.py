@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from ds_offload._aio import AsyncIO
+from ds_offload._coerce import coerce
 from ds_offload._errors import OffloadWarning
 from ds_offload._nvme import SwapDir, check_nvme_path
-from ds_offload._options import AioOptions, OffloadDevice, OffloadParamOptions, coerce
+from ds_offload._options import AioOptions, OffloadDevice, OffloadParamOptions
 from ds_offload._pinned import DIRECT_ALIGN, aligned_empty
 
 KEY = "zero_optimization.offload_param"

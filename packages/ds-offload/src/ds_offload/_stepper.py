@@ -23,9 +23,10 @@ from typing import Any, Protocol
 
 import torch
 
+from ds_offload._coerce import coerce
 from ds_offload._copies import Copier
 from ds_offload._hparams import check_kind, read_hparams
-from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions, coerce
+from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore, SplitStore
 from ds_offload._threads import cpu_optimizer_threads
