@@ -4,15 +4,14 @@
 
 Each of the C++ engine's backends (``--backends kernel-aio,threads``) is measured beside dd.
 
-Writes benchmarks/results/aio-<device>-<yyyymmdd>.json (and $OUT/ when set). Reads are O_DIRECT
+Writes benchmarks/results/aio-<device>-<yyyymmdd>.json (and $OUT/ when set) in the shared
+results schema (benchmarks/_results.py). Reads are O_DIRECT
 on both sides (no page cache). Each figure is the best of --repeats runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import socket
 import subprocess
@@ -28,6 +27,9 @@ for pkg in ("ds-kernels", "ds-accel"):
 import torch  # noqa: E402
 
 from ds_offload import AsyncIO, aligned_empty  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 
 def _dd(args: list[str]) -> float:
@@ -116,38 +118,40 @@ def main() -> None:
     best = {k: round(max(v), 3) for k, v in res.items()}
     # the headline: the engine's default choice (kernel AIO where available) against dd
     head = backends[0]
-    best["aio_write"], best["aio_read"] = best[f"aio_{head}_write"], best[f"aio_{head}_read"]
-    out = {
-        "scenario": "aio",
-        "device": args.device_name,
-        "dir": str(d),
-        "size_mb": args.size_mb,
-        "block_mb": args.block_mb,
-        "queue_depth": args.queue_depth,
-        "thread_count": args.thread_count,
-        "engine": args.engine,
-        "backends": {b: h.backend for b, h in handles.items()},
-        "gbps_best": best,
-        "gbps_all": {k: [round(x, 3) for x in v] for k, v in res.items()},
-        "ratio_write_vs_dd": round(best["aio_write"] / best["dd_write"], 3),
-        "ratio_read_vs_dd": round(best["aio_read"] / best["dd_read"], 3),
-        "ratio_vs_dd_per_backend": {
-            b: {
-                "write": round(best[f"aio_{b}_write"] / best["dd_write"], 3),
-                "read": round(best[f"aio_{b}_read"] / best["dd_read"], 3),
-            }
-            for b in backends
-        },  # fmt: skip
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    runs = [{"system": "dd (O_DIRECT)", "write_gbps": best["dd_write"],
+             "read_gbps": best["dd_read"], "peak_mem_gb": None}]  # fmt: skip
+    ratios = {
+        "ds-offload/dd write_gbps": round(best[f"aio_{head}_write"] / best["dd_write"], 3),
+        "ds-offload/dd read_gbps": round(best[f"aio_{head}_read"] / best["dd_read"], 3),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    name = f"aio-{args.device_name}-{time.strftime('%Y%m%d')}.json"
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / name).write_text(text + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], name).write_text(text + "\n")
+    for b in backends:
+        system = f"ds-offload AsyncIO ({b})"
+        runs.append({"system": system, "write_gbps": best[f"aio_{b}_write"],
+                     "read_gbps": best[f"aio_{b}_read"], "peak_mem_gb": None})  # fmt: skip
+        for op in ("write", "read"):
+            ratios[f"{system}/dd {op}_gbps"] = round(best[f"aio_{b}_{op}"] / best[f"dd_{op}"], 3)
+    path = write_results(
+        scenario="aio",
+        device=args.device_name,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        path=ROOT
+        / "benchmarks"
+        / "results"
+        / f"aio-{args.device_name}-{time.strftime('%Y%m%d')}.json",
+        metric=["write_gbps", "read_gbps"],
+        dir=str(d),
+        size_mb=args.size_mb,
+        block_mb=args.block_mb,
+        queue_depth=args.queue_depth,
+        thread_count=args.thread_count,
+        engine=args.engine,
+        backends={b: h.backend for b, h in handles.items()},
+        gbps_all={k: [round(x, 3) for x in v] for k, v in res.items()},
+        runs=runs,
+        ratios=ratios,
+    )
+    print(path.read_text())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
