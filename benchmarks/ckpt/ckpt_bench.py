@@ -13,7 +13,8 @@ gpu (2 ranks, the 1.34B GPT of BENCHMARKS.md, bf16, AdamW, ZeRO stage 1 or 2):
   plus dd O_DIRECT on the same disk, all in one session.
 
 Load timings are cold: the page cache of the checkpoint files is dropped first
-(posix_fadvise DONTNEED after fsync). Results: JSON to benchmarks/results/ (and --out-dir).
+(posix_fadvise DONTNEED after fsync). Results: JSON to benchmarks/results/ (and --out-dir), in the shared
+results schema (benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "packages", "ds-ckpt", "src"))
 import ds_ckpt  # noqa: E402
 import ds_ckpt._load as ds_ckpt_load  # noqa: E402  (private knob, toggled to compare read paths)
 from ds_ckpt import Fragment  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, ".."))  # the shared results writer
+from _results import runs_from_columns, write_results  # noqa: E402
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -90,14 +94,42 @@ def device_name() -> str:
         return "cpu"
 
 
+SYSTEMS = {"ours": "ds-ckpt", "torch": "torch.save/torch.load", "ds": "deepspeed"}
+
+
 def write_result(res: dict, scenario: str, out_dir: str | None) -> None:
+    """The shared results schema (benchmarks/_results.py): each system's medians (``ours_save_s``
+    -> the ds-ckpt run's ``save_s``) and GB/s become its run; dd stays a disk reference."""
+    columns: dict[str, dict[str, float]] = {}
+    extra = {}
+    for key, value in res.items():
+        if key == "median_s":
+            for k, v in value.items():
+                who, what = k.split("_", 1)
+                columns.setdefault(what, {})[SYSTEMS[who]] = v
+        elif key.endswith("_GBps") and key.split("_", 1)[0] in SYSTEMS:
+            who, what = key.split("_", 1)
+            columns.setdefault(what, {})[SYSTEMS[who]] = value
+        elif key not in ("scenario", "device", "ratios"):
+            extra[key] = value
     dev = re.sub(r"[^A-Za-z0-9_.-]", "", res["device"]).lower()
     name = f"{scenario}-{dev}-{datetime.date.today():%Y%m%d}.json"
-    for d in filter(None, [os.path.join(HERE, "..", "results"), out_dir]):
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, name), "w") as f:
-            json.dump(res, f, indent=1)
-        print("wrote", os.path.join(d, name))
+    path = write_results(
+        scenario=scenario,
+        device=res["device"],
+        date=datetime.date.today().isoformat(),
+        path=os.path.join(HERE, "..", "results", name),
+        metric=[m for m in ("save_s", "load_s", "load_cold_s") if m in columns],
+        runs=runs_from_columns(columns),
+        ratios=res["ratios"],
+        copy_to_out=False,
+        **extra,
+    )
+    print("wrote", path)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copy(path, os.path.join(out_dir, name))
+        print("wrote", os.path.join(out_dir, name))
 
 
 # ---- cpu -------------------------------------------------------------------------------------
