@@ -2,6 +2,7 @@
 
     >>> import ds_comm
     >>> ds_comm.init_distributed()            # torchrun / ds-launch / mpirun / srun
+    >>> ds_comm.require_initialized_if_launched("my_pkg.Thing")  # refuse lone launched ranks
     >>> ds_comm.all_reduce(t)                 # torch.distributed names, logged
     >>> ds_comm.get_comms_logger().enable(); ...; ds_comm.log_summary()
 
@@ -52,6 +53,12 @@ from ds_comm._compressed import (
 )
 from ds_comm._discovery import DiscoveryError, DistEnv, Source, discover, first_slurm_host
 from ds_comm._init import destroy_process_group, init_distributed
+from ds_comm._launch_check import (
+    LaunchedRank,
+    NotInitializedError,
+    launched_rank,
+    require_initialized_if_launched,
+)
 from ds_comm._logger import (
     CommsLogger,
     OpKind,
@@ -78,7 +85,9 @@ __all__ = [
     "DiscoveryError",
     "DistEnv",
     "ErrorFeedback",
+    "LaunchedRank",
     "MpiComm",
+    "NotInitializedError",
     "OneBitAdam",
     "OneBitLamb",
     "OpKind",
@@ -111,6 +120,7 @@ __all__ = [
     "irecv",
     "is_initialized",
     "isend",
+    "launched_rank",
     "log_summary",
     "make_compressed_comm",
     "new_group",
@@ -122,6 +132,7 @@ __all__ = [
     "reduce_scatter_coalesced",
     "reduce_scatter_single",
     "reduce_scatter_tensor",
+    "require_initialized_if_launched",
     "scatter",
     "send",
     "set_comms_logger",

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ds_comm
 from ds_moe._config import GateConfig, NoisyGatePolicy, check_ep_size
 from ds_moe._dispatch import dispatch_and_combine, make_plan
 from ds_moe._experts import GroupedMLPExperts, LoopExperts, build_local_experts, mlp_parts
@@ -72,6 +73,8 @@ class MoE(nn.Module):
         grouped_experts: bool | None = None,
     ) -> None:
         super().__init__()
+        # Without a process group every rank would hold all experts and train alone.
+        ds_comm.require_initialized_if_launched("ds_moe.MoE")
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size!r} must be a positive int")
         if not isinstance(expert, nn.Module):

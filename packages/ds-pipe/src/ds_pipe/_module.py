@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import ds_comm
 from ds_pipe import _comm
 from ds_pipe._layers import LayerSpec, TiedLayerSpec
 from ds_pipe._partition import partition
@@ -63,6 +64,8 @@ class PipelineModule(nn.Module):
         stage_id: int | None = None,
     ) -> None:
         super().__init__()
+        # Without a process group every rank would build and train the whole model alone.
+        ds_comm.require_initialized_if_launched("ds_pipe.PipelineModule")
         layers = list(layers)
         if not layers:
             raise ValueError("PipelineModule needs at least one layer")

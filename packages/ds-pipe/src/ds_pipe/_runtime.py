@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+import ds_comm
 from ds_pipe import _comm
 from ds_pipe._grid import PipelineGrid
 from ds_pipe._meta import META_LEN, PayloadMeta, StageIOError
@@ -104,6 +105,7 @@ class PipelineRuntime:
     ) -> None:
         if not isinstance(module, PipelineModule):
             raise TypeError(f"PipelineRuntime needs a PipelineModule, got {type(module).__name__}")
+        ds_comm.require_initialized_if_launched("ds_pipe.PipelineRuntime")
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.module = module

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
+import ds_comm
 from ds_zero._bucket import ParamsState, slot_of
 from ds_zero._dist import global_rank_of, group_rank, group_size
 
@@ -105,9 +106,22 @@ class Init:
     ``GatheredParameters(..., modifier_rank=0)``.
     """
 
-    def __init__(self, dp_group: ProcessGroup | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        dp_group: ProcessGroup | None = None,
+        enabled: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if enabled:
+            # Without a process group every rank would hold whole parameters of its own.
+            ds_comm.require_initialized_if_launched("ds_zero.Init")
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"ds_zero.Init: dtype must be None, float32, bfloat16 or float16, got {dtype}")
         self.group = dp_group
         self.enabled = enabled
+        # floating-point parameters are cast to it before partitioning (None: kept as built),
+        # so a bf16 run's fp32 masters start from the bf16 values, as DeepSpeed's do
+        self.dtype = dtype
         self._patched: list[tuple[type, Any]] = []
         self._depth: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._orig_init_subclass: Any = None
@@ -125,6 +139,8 @@ class Init:
             if depth == 0:
                 for p in module.parameters(recurse=False):
                     if getattr(p, INIT_ATTR, None) is None and slot_of(p) is None:
+                        if self.dtype is not None and p.is_floating_point():
+                            p.data = p.data.to(self.dtype)
                         _partition_param(p, self.group)
 
         init._ds_zero_wrapped = True  # type: ignore[attr-defined]

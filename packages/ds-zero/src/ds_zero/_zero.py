@@ -21,6 +21,7 @@ from torch.autograd import Variable
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
+import ds_comm
 from ds_zero._bucket import Bucket, ParamsState, slot_of
 from ds_zero._dist import group_rank, group_size
 from ds_zero._fragment import Fragment
@@ -72,6 +73,8 @@ class Zero:
         norm_group: ProcessGroup | None = None,
         param_store: ParamShardStore | None = None,
     ) -> None:
+        # Without a process group every rank would be a world of one and train alone.
+        ds_comm.require_initialized_if_launched("ds_zero.wrap")
         self.module = model
         self.options = options or ZeroOptions()
         self.dp_group = dp_group
@@ -109,6 +112,8 @@ class Zero:
         self.skipped_steps = 0
         self._stepped_at = 0
         self._in_backward = False
+        self._boundary_override: bool | None = None
+        self._boundary = False
         self._grad_norm: torch.Tensor | None = None
         self._norm_weights: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
@@ -324,11 +329,20 @@ class Zero:
         return cast(args), cast(kwargs)
 
     # ---- backward --------------------------------------------------------------------------
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """Whether the following backward passes end an accumulation window (None: counted
+        from ``gradient_accumulation_steps``). A caller that steps only at the end of each
+        window (DeepSpeed's ``engine.set_gradient_accumulation_boundary``) sets it per pass."""
+        self._boundary_override = is_boundary
+
     def _on_backward_start(self, queue: bool = True) -> None:
         if self._in_backward:
             return
         self._in_backward = True
-        boundary = (self.micro_steps + 1) % self.options.gradient_accumulation_steps == 0
+        boundary = self._boundary_override
+        if boundary is None:
+            boundary = (self.micro_steps + 1) % self.options.gradient_accumulation_steps == 0
+        self._boundary = boundary
         self.reducer.start(sync=boundary)
         if queue:
             Variable._execution_engine.queue_callback(self._finish_backward)
@@ -355,17 +369,20 @@ class Zero:
             self.scheduler.finish_backward()
         self._in_backward = False
         self.micro_steps += 1
-        gas = self.options.gradient_accumulation_steps
-        self.phase = Phase.READY if self.micro_steps % gas == 0 else Phase.ACCUMULATING
+        self.phase = Phase.READY if self._boundary else Phase.ACCUMULATING
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of ``loss`` scaled by the loss scale and divided by the accumulation steps."""
-        factor = self.scaler.scale / self.options.gradient_accumulation_steps
+    def backward(
+        self, loss: torch.Tensor, *, retain_graph: bool = False, scale_wrt_gas: bool = True
+    ) -> None:
+        """Backward of ``loss`` scaled by the loss scale and, with ``scale_wrt_gas``, divided
+        by the accumulation steps (False: the caller already averaged over the window)."""
+        gas = self.options.gradient_accumulation_steps if scale_wrt_gas else 1
+        factor = self.scaler.scale / gas
         before = self.micro_steps
-        (loss * factor if factor != 1 else loss).backward()
+        (loss * factor if factor != 1 else loss).backward(retain_graph=retain_graph)
         if self.micro_steps == before:
             # no hook fired (nothing trainable received a gradient): still take part in the
             # collectives every other rank issues
