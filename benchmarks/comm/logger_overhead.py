@@ -11,7 +11,8 @@ median of per-call latencies ignores the calls a context switch hit:
 
 The overhead is median(per-call latency of the variant) / median(per-call latency of torch) - 1
 over all calls of all trials; per-trial ratios of block means are kept in the JSON too.
-Writes benchmarks/results/comm-logger-overhead-cpu-<yyyymmdd>.json (and $OUT/ if set).
+Writes benchmarks/results/comm-logger-overhead-cpu-<yyyymmdd>.json (and $OUT/ if set), in the shared
+results schema (benchmarks/_results.py).
 
     python benchmarks/comm/logger_overhead.py [--iters 2000] [--trials 21] [--numel 256]
 """
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,15 @@ import torch
 
 from ds_comm.testing import run_distributed
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import RESULTS_DIR, write_results  # noqa: E402
+
 VARIANTS = ("torch", "ds_comm_off", "ds_comm_on")
+SYSTEMS = {
+    "torch": "torch.distributed.all_reduce",
+    "ds_comm_off": "ds_comm.all_reduce (logger off)",
+    "ds_comm_on": "ds_comm.all_reduce (logger on)",
+}
 
 
 def _bench(iters: int, trials: int, numel: int) -> dict:
@@ -124,29 +133,44 @@ def main() -> None:
             "median_block_ratio_vs_torch": statistics.median(tr[v] / tr["torch"] for tr in trials),
         }
     layer_us = _layer_cost_us(a.numel)
-    today = _dt.date.today().strftime("%Y%m%d")
-    out = {
-        "scenario": "comm-logger-overhead",
-        "device": f"cpu ({platform.processor() or platform.machine()}), gloo, 2 ranks, 1 thread",
-        "torch": torch.__version__,
-        "numel": a.numel,
-        "dtype": "float32",
-        "iters_per_trial": a.iters,
-        "trials": a.trials,
-        "calls_per_variant": res["calls_per_variant"],
-        "load_average_at_end": os.getloadavg(),
-        "summary": summary,
-        "claim_logger_off_overhead_below_2pct": summary["ds_comm_off"]["overhead_pct"] < 2.0,
-        "layer_cost_us_per_call_no_backend": layer_us,
-        "layer_cost_pct_of_torch_call": layer_us / summary["torch"]["median_us_per_call"] * 100,
-        "per_trial_s": trials,
+    today = _dt.date.today()
+    runs = [
+        {
+            "system": SYSTEMS[v],
+            "us_per_call": s["median_us_per_call"],
+            "overhead_pct": s["overhead_pct"],
+            "median_block_ratio_vs_torch": s["median_block_ratio_vs_torch"],
+            "peak_mem_gb": None,
+        }
+        for v, s in summary.items()
+    ]
+    ratios = {
+        f"{SYSTEMS[v]}/{SYSTEMS['torch']} us_per_call": s["ratio_vs_torch"]
+        for v, s in summary.items()
+        if v != "torch"
     }
-    text = json.dumps(out, indent=2)
-    root = Path(__file__).resolve().parents[1] / "results"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"comm-logger-overhead-cpu-{today}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"comm-logger-overhead-cpu-{today}.json").write_text(text)
+    write_results(
+        scenario="comm-logger-overhead",
+        device=f"cpu ({platform.processor() or platform.machine()}), gloo, 2 ranks, 1 thread",
+        date=today.isoformat(),
+        path=RESULTS_DIR / f"comm-logger-overhead-cpu-{today:%Y%m%d}.json",
+        metric="us_per_call",
+        torch=torch.__version__,
+        numel=a.numel,
+        dtype="float32",
+        iters_per_trial=a.iters,
+        trials=a.trials,
+        calls_per_variant=res["calls_per_variant"],
+        load_average_at_end=os.getloadavg(),
+        claim_logger_off_overhead_below_2pct=summary["ds_comm_off"]["overhead_pct"] < 2.0,
+        layer_cost_us_per_call_no_backend=layer_us,
+        layer_cost_pct_of_torch_call=layer_us / summary["torch"]["median_us_per_call"] * 100,
+        per_trial_s=trials,
+        variants={SYSTEMS[v]: v for v in summary},
+        runs=runs,
+        ratios=ratios,
+    )
+    out = {"layer_cost_pct_of_torch_call": layer_us / summary["torch"]["median_us_per_call"] * 100}
     print(
         f"layer cost without communication: {layer_us:.2f} us/call "
         f"({out['layer_cost_pct_of_torch_call']:.2f}% of a torch all_reduce here)"

@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import runs_from_columns, write_results  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -172,24 +175,20 @@ def main() -> int:
         "load_average_at_end": os.getloadavg(),
         "date": datetime.date.today().isoformat(),
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"cpu-adam-{device}-{datetime.date.today():%Y%m%d}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in (
-                    "device",
-                    "median_ms",
-                    "speedup_of_ds_kernels_over",
-                    "max_rel_diff_vs_torch",
-                    "skipped",
-                )
-            },
-            indent=2,
-        )
+    tables = ("median_ms", "min_ms", "all_ms", "effective_gb_per_s", "fraction_of_copy_bw",
+              "max_rel_diff_vs_torch")  # fmt: skip
+    columns = {("step_ms" if k == "median_ms" else k): result.pop(k) for k in tables}
+    speedups = result.pop("speedup_of_ds_kernels_over")
+    out = write_results(
+        path=args.out_dir / f"cpu-adam-{device}-{datetime.date.today():%Y%m%d}.json",
+        metric="step_ms",
+        runs=runs_from_columns(columns),
+        ratios={f"ds_kernels.CPUAdam/{n} step_ms": v for n, v in speedups.items()},
+        **result,
     )
+    print(json.dumps({"device": device, "step_ms": columns["step_ms"], "speedups": speedups,
+                      "max_rel_diff_vs_torch": columns["max_rel_diff_vs_torch"],
+                      "skipped": skipped}, indent=2))  # fmt: skip
     print(f"wrote {out}")
     return 0
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import re
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import runs_from_columns, write_results  # noqa: E402
 
 # Spec-sheet HBM bandwidth (TB/s), for the "% of peak" column.
 PEAK_TBPS = {"H200": 4.8, "H100 80GB HBM3": 3.35, "H100 SXM": 3.35, "H100 PCIe": 2.0, "A100": 2.0}
@@ -200,13 +201,20 @@ def main() -> int:
         "backend": opts["ds_kernels.FusedAdam"].backend,
         "date": datetime.date.today().isoformat(),
     }
-    text = json.dumps(result, indent=2) + "\n"
+    tables = ("median_ms", "min_ms", "achieved_tbps", "fraction_of_copy_bw",
+              "fraction_of_spec_peak", "max_rel_diff_vs_torch_fused")  # fmt: skip
+    columns = {("step_ms" if k == "median_ms" else k): result.pop(k) for k in tables}
+    columns = {k: v for k, v in columns.items() if v is not None}
+    speedups = result.pop("speedup_of_ds_kernels_over")
     fname = f"fused-adam-{slug(name)}-{datetime.date.today():%Y%m%d}.json"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / fname).write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], fname).write_text(text)
-    print(text)
+    out = write_results(
+        path=args.out_dir / fname,
+        metric="step_ms",
+        runs=runs_from_columns(columns),
+        ratios={f"ds_kernels.FusedAdam/{n} step_ms": v for n, v in speedups.items()},
+        **result,
+    )
+    print(out.read_text())
     return 0
 
 

@@ -27,6 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from cpu_adam_bench import cpu_model, slug  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import runs_from_columns, write_results  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -113,11 +116,17 @@ def main() -> int:
                      "deepspeed": ds_version},
         "load_average_at_end": os.getloadavg(), "date": datetime.date.today().isoformat(),
     }  # fmt: skip
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"host-step-{device}-{datetime.date.today():%Y%m%d}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("device", "median_ms", "speedup_of_fused_over",
-                                             "skipped")}, indent=2))  # fmt: skip
+    speedups = result.pop("speedup_of_fused_over")
+    columns = {"step_ms": result.pop("median_ms"), "all_ms": result.pop("all_ms")}
+    out = write_results(
+        path=args.out_dir / f"host-step-{device}-{datetime.date.today():%Y%m%d}.json",
+        metric="step_ms",
+        runs=runs_from_columns(columns),
+        ratios={f"fused/{n} step_ms": v for n, v in speedups.items()},
+        **result,
+    )
+    print(json.dumps({"device": device, "step_ms": columns["step_ms"], "speedups": speedups,
+                      "skipped": skipped}, indent=2))  # fmt: skip
     print(f"wrote {out}")
     return 0
 
