@@ -303,7 +303,13 @@ def test_accumulation_communicates_only_on_the_boundary_and_reduction_overlaps(w
     are issued asynchronously while backward still runs (before the first block's backward).
     overlap_comm=False waits for each bucket but trains bitwise the same."""
     rank = dist.get_rank()
-    reduce_ops = ("all_reduce", "reduce_scatter_tensor")
+    # torch 2.12+ names the tensor reduce-scatter reduce_scatter_single (the old name warns)
+    rs = (
+        "reduce_scatter_single"
+        if hasattr(dist, "reduce_scatter_single")
+        else "reduce_scatter_tensor"
+    )
+    reduce_ops = ("all_reduce", rs)
     originals = {n: getattr(dist, n) for n in reduce_ops}
     calls: list[tuple[str, bool]] = []
     recording = [False]
@@ -351,7 +357,7 @@ def test_accumulation_communicates_only_on_the_boundary_and_reduction_overlaps(w
                         if stage <= 1 and not boundary:
                             assert calls == [], (stage, m, calls)
                         else:
-                            kind = "all_reduce" if stage == 0 else "reduce_scatter_tensor"
+                            kind = "all_reduce" if stage == 0 else rs
                             assert calls and all(c == (kind, True) for c in calls), calls
                             # reductions already issued while backward was still running
                             assert seen_before_block0 and seen_before_block0[0] > 0, (stage, m)

@@ -1,7 +1,7 @@
 """One flat bucket of parameters: its compute buffer, fp32 master partition and reduced grads.
 
-A bucket is the unit of every collective: one ``all_gather_into_tensor`` to assemble (stage 3) or
-refresh (stages 1-2) its parameters, one ``reduce_scatter_tensor`` (stages 1-3) or ``all_reduce``
+A bucket is the unit of every collective: one ``all_gather_single`` to assemble (stage 3) or
+refresh (stages 1-2) its parameters, one ``reduce_scatter_single`` (stages 1-3) or ``all_reduce``
 (stage 0) for its gradients. Module parameters are views into the bucket's flat buffer, so a
 collective writes straight into them and freeing the buffer's storage frees every parameter at
 once (stage 3), while the parameters keep their shapes.
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from ds_zero._dist import group_rank, group_size
+from ds_zero._dist import all_gather_single, group_rank, group_size, reduce_scatter_single
 from ds_zero._layout import FlatLayout, make_layout
 from ds_zero._shard_store import ParamShardStore
 
@@ -228,7 +228,7 @@ class Bucket:
         if self.world == 1:
             self.state = ParamsState.GATHERED
             return
-        self._work = dist.all_gather_into_tensor(self.flat, mine, group=self.group, async_op=True)
+        self._work = all_gather_single(self.flat, mine, group=self.group, async_op=True)
         self.state = ParamsState.GATHERING
 
     def wait_gathered(self) -> None:
@@ -252,9 +252,7 @@ class Bucket:
         if self.shard_params or not self.shard_state or self.world == 1:
             return None
         lo, hi = self.layout.shard_range(self.rank)
-        return dist.all_gather_into_tensor(
-            self.flat, self.flat[lo:hi], group=self.group, async_op=True
-        )
+        return all_gather_single(self.flat, self.flat[lo:hi], group=self.group, async_op=True)
 
     # ---- gradients -------------------------------------------------------------------------
     def has_grads(self) -> bool:
@@ -298,7 +296,7 @@ class Bucket:
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             return PendingReduce(self, work, flat, flat)
         out = torch.empty(self.layout.shard_numel, dtype=dtype, device=self.device)
-        work = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+        work = reduce_scatter_single(out, flat, group=self.group, async_op=True)
         return PendingReduce(self, work, out, flat)
 
     @torch.no_grad()

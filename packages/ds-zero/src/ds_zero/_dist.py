@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
@@ -16,6 +19,35 @@ def group_rank(group: ProcessGroup | None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 0
     return dist.get_rank(group)
+
+
+def all_gather_single(
+    output: torch.Tensor,
+    input_: torch.Tensor,
+    group: ProcessGroup | None = None,
+    async_op: bool = False,
+) -> Any:
+    """All-gather ``input_`` of every rank into ``output`` (one flat tensor).
+
+    torch 2.12+ names this ``all_gather_single`` and warns (FutureWarning, on every call) for the
+    old ``all_gather_into_tensor``; torch 2.6-2.11 have only the old name. Looked up per call so
+    tests can wrap torch's function."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input_, group=group, async_op=async_op)
+
+
+def reduce_scatter_single(
+    output: torch.Tensor,
+    input_: torch.Tensor,
+    group: ProcessGroup | None = None,
+    async_op: bool = False,
+) -> Any:
+    """Sum ``input_`` over the ranks and keep this rank's ``output.numel()`` slice.
+
+    torch 2.12+'s ``reduce_scatter_single``, torch 2.6-2.11's ``reduce_scatter_tensor`` (the
+    old name warns on torch 2.12+), as for :func:`all_gather_single`."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input_, group=group, async_op=async_op)
 
 
 def global_rank_of(group: ProcessGroup | None, rank_in_group: int) -> int:

@@ -16,7 +16,7 @@ from torch.distributed import ProcessGroup
 
 import ds_comm
 from ds_zero._bucket import ParamsState, slot_of
-from ds_zero._dist import global_rank_of, group_rank, group_size
+from ds_zero._dist import all_gather_single, global_rank_of, group_rank, group_size
 
 INIT_ATTR = "_ds_zero_init"
 
@@ -65,7 +65,7 @@ def _gather_init_into(p: nn.Parameter, info: InitShard) -> None:
         p.data.reshape(-1).copy_(info.shard[: info.numel])
         return
     full = torch.empty(info.shard.numel() * world, dtype=info.shard.dtype, device=info.shard.device)
-    dist.all_gather_into_tensor(full, info.shard, group=info.group)
+    all_gather_single(full, info.shard, group=info.group)
     p.data.reshape(-1).copy_(full[: info.numel])
 
 
@@ -80,7 +80,7 @@ def full_value(p: nn.Parameter) -> torch.Tensor:
     if world == 1:
         full.copy_(info.shard)
     else:
-        dist.all_gather_into_tensor(full, info.shard, group=info.group)
+        all_gather_single(full, info.shard, group=info.group)
     delattr(p, INIT_ATTR)
     return full[: info.numel].view(p.shape)
 

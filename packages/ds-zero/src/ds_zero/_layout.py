@@ -4,7 +4,7 @@ A bucket concatenates parameters into one flat buffer. Every parameter starts at
 ``align`` elements (aligned starts keep matmul operands on vector boundaries), and the total is
 padded to a multiple of ``world_size * align`` so that every rank owns one equal, aligned,
 contiguous shard ``[rank * shard, (rank + 1) * shard)``. Equal shards are what
-``all_gather_into_tensor`` / ``reduce_scatter_tensor`` need, so a bucket needs one collective.
+``all_gather_single`` / ``reduce_scatter_single`` need, so a bucket needs one collective.
 Pure functions, no process group: tested in one process.
 """
 

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 import ds_comm
 from ds_zero._bucket import Bucket, ParamsState, slot_of
-from ds_zero._dist import group_rank, group_size
+from ds_zero._dist import all_gather_single, group_rank, group_size
 from ds_zero._fragment import Fragment
 from ds_zero._init import full_value
 from ds_zero._layout import split_into_buckets
@@ -588,7 +588,7 @@ class Zero:
                 full = master = master.to(b.device)
                 if b.shard_state and b.world > 1:
                     full = torch.empty(b.layout.padded_numel, device=b.device)
-                    dist.all_gather_into_tensor(full, master.contiguous(), group=b.group)
+                    all_gather_single(full, master.contiguous(), group=b.group)
             else:
                 was = b.state
                 b.gather()
