@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import signal
@@ -25,6 +24,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 RANK_SCRIPT = r"""
 import os, sys, time
@@ -135,24 +137,35 @@ def main() -> None:
     finally:
         os.unlink(script)
     device = f"cpu-{os.cpu_count()}core"
-    doc = {
-        "scenario": "launcher",
-        "device": device,
-        "machine": platform.platform(),
-        "python": platform.python_version(),
-        "nproc": NPROC,
-        "reps": args.reps,
-        "date": datetime.date.today().isoformat(),
-        "results": results,
-    }
-    name = f"launcher-{device}-{datetime.date.today():%Y%m%d}.json"
-    root = Path(__file__).resolve().parents[1] / "results"
-    root.mkdir(exist_ok=True)
-    for target in [root / name] + (
-        [Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else []
-    ):
-        target.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {target}")
+    runs, ratios = [], {}
+    for peer in peers:
+        run: dict = {"system": peer}
+        for mode, metric in (("startup", "startup_s"), ("fail_fast", "exit_after_failure_s")):
+            s = results[mode][peer]
+            key = "median_" + metric.replace("startup_s", "wall_s")
+            run[metric] = s[key]
+            run[mode] = {k: v for k, v in s.items() if k not in (key, "ratio_peer_over_ds_launch")}
+            if "ratio_peer_over_ds_launch" in s:
+                ratios[f"{peer}/ds-launch {metric}"] = s["ratio_peer_over_ds_launch"]
+        if run["startup_s"] is None and run["exit_after_failure_s"] is None:
+            run["error"] = "no run of this launcher finished (see exit_codes)"
+        runs.append({**run, "peak_mem_gb": None})
+    target = write_results(
+        scenario="launcher",
+        device=device,
+        date=datetime.date.today().isoformat(),
+        path=Path(__file__).resolve().parents[1]
+        / "results"
+        / f"launcher-{device}-{datetime.date.today():%Y%m%d}.json",
+        metric=["startup_s", "exit_after_failure_s"],
+        machine=platform.platform(),
+        python=platform.python_version(),
+        nproc=NPROC,
+        reps=args.reps,
+        runs=runs,
+        ratios=ratios,
+    )
+    print(f"wrote {target}")
     for mode, summary in results.items():
         for peer, s in summary.items():
             brief = {k: v for k, v in s.items() if k != "runs"}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import statistics
@@ -40,6 +39,9 @@ for _src in sorted((ROOT / "packages").glob("*/src"), reverse=True):
     sys.path.insert(0, str(_src))
 
 import ds_moe  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -207,7 +209,8 @@ def main(argv=None):
             "iters": args.iters,
             "repeats": args.repeats,
         },  # fmt: skip
-        "results": [],
+        "note_tokens_per_s": "tokens per second per GPU",
+        "runs": [],
     }
     if device.type == "cpu":
         # CPU timings on a shared machine: record how busy it was (1/5/15-minute load averages)
@@ -247,12 +250,12 @@ def main(argv=None):
             t = torch.tensor([statistics.median(times[name])], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             step = t.item()
-            report["results"].append({
-                "impl": name, "k": k, "step_s": round(step, 5),
+            report["runs"].append({
+                "system": f"{name} k={k}", "impl": name, "k": k, "step_s": round(step, 5),
+                "tokens_per_s": round(args.tokens / step),
+                "peak_mem_gb": round(peaks[name], 2) if device.type == "cuda" else None,
                 "step_s_rank0_turns": [round(v, 5) for v in times[name]],
-                "tok_s_per_gpu": round(args.tokens / step),
                 "expert_tflops_per_gpu": round(flops / step / 1e12, 1),
-                "peak_gb": round(peaks[name], 2) if device.type == "cuda" else None,
             })  # fmt: skip
         del layers, x
         if device.type == "cuda":
@@ -260,26 +263,28 @@ def main(argv=None):
 
     ratios = {}
     for k in args.k:
-        by = {r["impl"]: r for r in report["results"] if r["k"] == k}
+        by = {r["impl"]: r for r in report["runs"] if r["k"] == k}
         if "deepspeed" in by:
-            ratios[f"k{k}"] = {name: round(r["tok_s_per_gpu"] / by["deepspeed"]["tok_s_per_gpu"], 3)
-                               for name, r in by.items() if name != "deepspeed"}  # fmt: skip
-    report["speedup_vs_deepspeed"] = ratios
+            for name, r in by.items():
+                if name != "deepspeed":
+                    ratios[f"{r['system']}/deepspeed k={k} tokens_per_s"] = round(
+                        r["tokens_per_s"] / by["deepspeed"]["tokens_per_s"], 3
+                    )
+    report["ratios"] = ratios
     report["goal"] = "ds-moe tok/s per GPU >= 1.5x deepspeed for k=1 and k=2"
 
     if rank == 0:
-        text = json.dumps(report, indent=1)
-        print(text, flush=True)
         stamp = datetime.date.today().strftime("%Y%m%d")
         name = f"moe-layer-{device_slug(device)}-{stamp}.json"
-        outs = [ROOT / "benchmarks" / "results"]
+        path = write_results(
+            path=ROOT / "benchmarks" / "results" / name, copy_to_out=False, **report
+        )
+        print(path.read_text(), flush=True)
         extra = args.out or os.environ.get("OUT")
         if extra:
-            outs.append(pathlib.Path(extra))
-        for d in outs:
-            d.mkdir(parents=True, exist_ok=True)
-            (d / name).write_text(text + "\n")
-            print(f"[moe_bench] wrote {d / name}", flush=True)
+            pathlib.Path(extra).mkdir(parents=True, exist_ok=True)
+            (pathlib.Path(extra) / name).write_text(path.read_text())
+        print(f"[moe_bench] wrote {path}" + (f" and {extra}/{name}" if extra else ""), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -46,6 +46,9 @@ from pathlib import Path
 
 from _paths import ROOT, peers_dir, pythonpath  # next to this file
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
+
 T, V = 1024, 32768
 
 
@@ -227,12 +230,31 @@ def _summary(trials: list[dict]) -> dict:
     return out
 
 
+def _runs(trials: list[dict]) -> list[dict]:
+    """The results schema's runs: per engine:config, its largest success (or why none)."""
+    best: dict[str, dict] = {}
+    for t in trials:
+        key = f"{t['engine']}:{t['config']}"
+        if t.get("ok") and t["params_B"] > best.get(key, {}).get("params_B", 0):
+            best[key] = t
+        best.setdefault(key, {})
+    return [
+        {"system": key, "step_s": t["step_s"], "tokens_per_s": t["tok_s"],
+         "peak_mem_gb": t["gpu_peak_gb"], "params_B": t["params_B"], "layers": t["layers"],
+         "tflops": t["tflops"], "host_peak_rss_gb": t["host_peak_rss_gb"]}
+        if t else {"system": key, "error": "every size tried failed", "peak_mem_gb": None}
+        for key, t in best.items()
+    ]  # fmt: skip
+
+
 def _report(args: argparse.Namespace, trials: list[dict], path: Path, **extra: object) -> None:
-    out = {"scenario": "largest GPT on one GPU, ZeRO-3 + offload", "device": args.device_name,
-           "configs": {c: ds_config(args, c) for c in CONFIGS if c != "split"}, "dim": args.dim,
-           "batch": args.batch, "seq": T, "trials": trials, "summary": _summary(trials),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}  # fmt: skip
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    ratios = {k: v for k, v in _summary(trials).items() if not isinstance(v, dict)}
+    write_results(
+        scenario="largest GPT on one GPU, ZeRO-3 + offload", device=args.device_name,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"), path=path, copy_to_out=False,
+        configs={c: ds_config(args, c) for c in CONFIGS if c != "split"}, dim=args.dim,
+        batch=args.batch, seq=T, trials=trials, **extra, runs=_runs(trials), ratios=ratios,
+    )  # fmt: skip
 
 
 def merge(args: argparse.Namespace) -> None:

@@ -18,9 +18,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from _paths import ROOT, peers_dir, pythonpath  # next to this file
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -143,18 +145,28 @@ def main() -> None:
             ],
             env,
         )
-    out = {"scenario": "zero2-offload", "device": args.device_name, "ours": ours, "deepspeed": peer,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    if ours and peer and "tok_s" in ours and "tok_s" in peer:
-        out["tok_s_ratio_vs_deepspeed"] = round(ours["tok_s"] / peer["tok_s"], 3)
-    text = json.dumps(out, indent=2)
-    print(text)
+    runs, ratios = [], {}
+    for system, r in (("ds_zero-z2+ds_offload-cpu", ours), ("deepspeed-z2-offload", peer)):
+        if r is None:  # --skip-peer
+            continue
+        if "step_s" in r:
+            rest = {k: v for k, v in r.items() if k not in ("peer", "step_s", "tok_s", "peak_gb")}
+            runs.append({"system": r["peer"], "step_s": r["step_s"], "tokens_per_s": r["tok_s"],
+                         "peak_mem_gb": r["peak_gb"], **rest})  # fmt: skip
+        else:
+            runs.append({"system": system, "error": r.get("error", "no result line"),
+                         "stderr_tail": r.get("stderr_tail"), "peak_mem_gb": None})  # fmt: skip
+    if len(runs) == 2 and "tokens_per_s" in runs[0] and "tokens_per_s" in runs[1]:
+        ratios[f"{runs[0]['system']}/{runs[1]['system']} tokens_per_s"] = round(
+            runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"], 3
+        )
+    extra = {"deepspeed": "not run (--skip-peer)"} if args.skip_peer else {}
     name = f"zero2-offload-{args.device_name}-{time.strftime('%Y%m%d')}{args.tag}.json"
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / name).write_text(text + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], name).write_text(text + "\n")
+    path = write_results(
+        scenario="zero2-offload", device=args.device_name, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        path=ROOT / "benchmarks" / "results" / name, runs=runs, ratios=ratios, **extra,
+    )  # fmt: skip
+    print(path.read_text())
 
 
 if __name__ == "__main__":
