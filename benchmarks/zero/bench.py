@@ -99,7 +99,7 @@ def main() -> None:
         zero.step()
     sync()
     dt = (time.perf_counter() - t0) / (args.steps - 3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # CPU: not measured
     if rank == 0:
         print(
             json.dumps(
@@ -110,7 +110,7 @@ def main() -> None:
                     "step_s": round(dt, 4),
                     "tok_s": round(B * T * world / dt),
                     "tflops_per_gpu": round(6 * n * B * T / dt / 1e12, 1),
-                    "peak_gb": round(peak, 2),
+                    "peak_gb": None if peak is None else round(peak, 2),
                     "loss": round(loss.item(), 3),
                 }
             ),

@@ -4,7 +4,8 @@ micro-batch 8, fp32, AdamW lr 1e-3, clip 1.0), 2 ranks, alternating runs in one 
 
     python benchmarks/zero/cpu_compare.py --steps 30
 
-Writes benchmarks/results/zero-cpu-<nproc>xcpu-<yyyymmdd>.json (and a copy under $OUT if set).
+Writes benchmarks/results/zero-cpu-<nproc>xcpu-<yyyymmdd>.json (and a copy under $OUT if set), in
+the shared results schema (benchmarks/_results.py).
 Step times are only comparable within one run of this script (shared cores, ratios only).
 """
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import write_results  # noqa: E402
 from run import HERE, ROOT, env_for_runs, free_port, has_deepspeed, peers_dir, run_one  # noqa: E402
 
 
@@ -81,13 +82,10 @@ def main() -> None:
         "runs": runs,
         "ratios": ratios,
     }  # fmt: skip
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"zero-cpu-{args.nproc}xcpu-{date.strftime('%Y%m%d')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_results(
+        path=args.out_dir / f"zero-cpu-{args.nproc}xcpu-{date.strftime('%Y%m%d')}.json", **result
+    )
     print(f"wrote {path}")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
 
 
 if __name__ == "__main__":

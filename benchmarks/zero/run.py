@@ -9,9 +9,8 @@ micro-batch 8 per GPU, bf16, AdamW, clip 1.0):
   zero2: ds-zero stage 2, PyTorch DDP, DeepSpeed ZeRO-2
   zero3: ds-zero stage 3, PyTorch FSDP2 (bf16 params, fp32 reduce), DeepSpeed ZeRO-3
 Every run is a ``torchrun --nproc_per_node N`` subprocess (peers from the peers folder are run,
-not copied). Writes benchmarks/results/<scenario>-<device>-<yyyymmdd>.json as
-{"scenario", "device", "date", "runs": [{"system", "step_s", "tokens_per_s", "peak_mem_gb", ...}],
-"ratios"} plus a PNG chart beside it, and copies both under $OUT when that is set. A peer that
+not copied). Writes benchmarks/results/<scenario>-<device>-<yyyymmdd>.json in the shared results
+schema (benchmarks/_results.py) plus a PNG chart beside it, and copies both under $OUT when that is set. A peer that
 cannot run (DeepSpeed not installed) is recorded with the reason instead of numbers.
 """
 
@@ -30,6 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 SCENARIOS = {
     "zero1": [
@@ -124,7 +125,7 @@ def run_one(system: str, cmd: list[str], env: dict[str, str], timeout: int, log:
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"system": system, "error": f"timed out after {timeout} s"}
+        return {"system": system, "error": f"timed out after {timeout} s", "peak_mem_gb": None}
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     for line in reversed(proc.stdout.splitlines()):
@@ -143,7 +144,8 @@ def run_one(system: str, cmd: list[str], env: dict[str, str], timeout: int, log:
             }
     tail = (proc.stdout + proc.stderr)[-3000:]
     print(tail, file=sys.stderr)
-    return {"system": system, "error": f"exit code {proc.returncode}", "log_tail": tail[-800:]}
+    return {"system": system, "error": f"exit code {proc.returncode}", "log_tail": tail[-800:],
+            "peak_mem_gb": None}  # fmt: skip
 
 
 def device_name(nproc: int) -> tuple[str, str]:
@@ -166,9 +168,10 @@ def ratios(runs: list[dict]) -> dict[str, float]:
                 out[f"{o['system']}/{p['system']} tokens_per_s"] = round(
                     o["tokens_per_s"] / p["tokens_per_s"], 3
                 )
-                out[f"{o['system']}/{p['system']} peak_mem_gb"] = round(
-                    o["peak_mem_gb"] / p["peak_mem_gb"], 3
-                )
+                if o["peak_mem_gb"] and p["peak_mem_gb"]:  # None: not measured (CPU)
+                    out[f"{o['system']}/{p['system']} peak_mem_gb"] = round(
+                        o["peak_mem_gb"] / p["peak_mem_gb"], 3
+                    )
     return out
 
 
@@ -187,7 +190,7 @@ def chart(result: dict, png: Path) -> bool:
     colors = ["tab:green" if n.startswith("ds-zero") else "tab:gray" for n in names]
     a.bar(names, [r["tokens_per_s"] for r in runs], color=colors)
     a.set_title("tokens/s (higher is better)")
-    b.bar(names, [r["peak_mem_gb"] for r in runs], color=colors)
+    b.bar(names, [r["peak_mem_gb"] or 0 for r in runs], color=colors)  # None: not measured
     b.set_title("peak GPU memory GB (lower is better)")
     for ax in (a, b):
         ax.tick_params(axis="x", rotation=30)
@@ -224,7 +227,8 @@ def main() -> None:
             if kind == "ds":
                 ds_ok = has_deepspeed(env) if ds_ok is None else ds_ok
                 if not ds_ok:
-                    runs.append({"system": system, "skipped": "deepspeed is not installed"})
+                    runs.append({"system": system, "skipped": "deepspeed is not installed",
+                                 "peak_mem_gb": None})  # fmt: skip
                     continue
             log = args.out_dir / "logs" / f"{scenario}-{slug}-{system}.log"
             runs.append(run_one(system, command(kind, extra, args, peers), env, args.timeout, log))
@@ -251,8 +255,7 @@ def main() -> None:
         }
         args.out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{scenario}-{slug}-{date.strftime('%Y%m%d')}"
-        path = args.out_dir / f"{stem}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        path = write_results(path=args.out_dir / f"{stem}.json", copy_to_out=False, **result)
         png = args.out_dir / f"{stem}.png"
         drawn = chart(result, png)
         print(f"[run.py] wrote {path}" + (f" and {png}" if drawn else ""))
