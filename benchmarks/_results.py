@@ -219,7 +219,7 @@ def write_results(
     target = default_path(scenario, device, date) if path is None else Path(path)
     if target.is_dir():
         target = target / default_path(scenario, device, date).name
-    text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+    text = json.dumps(doc, indent=1, allow_nan=False, default=str) + "\n"  # Paths as text
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     out = os.environ.get("OUT")

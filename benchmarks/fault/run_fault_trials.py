@@ -1,4 +1,4 @@
-"""Reliability trials for ds-all's fault tolerance (issue 12), CPU, gloo, 2 ranks.
+"""Reliability trials for ds-all's fault tolerance, CPU, gloo, 2 ranks.
 
     python benchmarks/fault/run_fault_trials.py [--trials 10] [--out DIR]
 
@@ -13,7 +13,8 @@
   exit non-zero within comms_timeout (30 s) + 30 s, naming the stalled rank.
 * diverge: ZeRO-3 with blocks.1 called twice on one rank: error naming the module.
 
-Writes benchmarks/results/fault-trials-cpu-<yyyymmdd>.json (and a copy under $OUT if set).
+Writes benchmarks/results/fault-trials-cpu-<yyyymmdd>.json (and a copy under $OUT if set), in the
+shared results schema (benchmarks/_results.py): one run per trial, its kind in ``trial``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "packages" / "ds-all" / "tests" / "fault_scripts"))
 import experiments as ex  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
+
+# each trial kind's time: kill -> resumed training, signal -> exit, stall/divergence -> all exited
+METRICS = ["kill_to_resumed_start_s", "signal_to_exit_s", "exit_after_stall_s_max",
+           "exit_after_divergence_s_max"]  # fmt: skip
 
 
 def _summary_of_logs(logs: dict, needle: str) -> dict:
@@ -123,10 +131,26 @@ def main() -> None:
     }  # fmt: skip
     day = datetime.date.today().strftime("%Y%m%d")
     name = "fault-trials" if a.only is None else "fault-" + a.only.replace(",", "-")
-    dest = REPO / "benchmarks" / "results" / f"{name}-cpu-{day}.json"
-    dest.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    if os.environ.get("OUT"):
-        shutil.copy(dest, os.environ["OUT"])
+    runs = []
+    for kind in ("kill", "sigterm", "stall", "diverge"):
+        for t in result.pop(kind):
+            run = {"system": "ds-launch + ds-all", "trial": kind, **t}
+            # the time to detection is the last rank's exit: max over the ranks that exited
+            for per_rank in ("exit_after_stall_s", "exit_after_divergence_s"):
+                if per_rank in t:
+                    done = [v for v in t[per_rank].values() if v is not None]
+                    run[per_rank + "_max"] = max(done) if done else None
+            if not any(isinstance(run.get(m), (int, float)) for m in METRICS):
+                run["error"] = "no time recorded (a rank did not exit)"
+            runs.append({**run, "peak_mem_gb": None})
+    dest = write_results(
+        path=REPO / "benchmarks" / "results" / f"{name}-cpu-{day}.json",
+        date=datetime.date.today().isoformat(),
+        metric=METRICS,
+        runs=runs,
+        ratios={},
+        **result,
+    )
     print(json.dumps(result["summary"], indent=1))
     print(f"wrote {dest}")
     if a.out is None:
