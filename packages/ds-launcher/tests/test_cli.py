@@ -78,13 +78,13 @@ def test_program_flags_and_explicit_master(tmp_path, no_default_hostfile):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["--master_port", "0", "t.py"], "--master_port must be a TCP port (1-65535), got 0"),
+        (["--master_port", "0", "t.py"], "--master_port: expected a whole number from 1 to 65535, got 0"),
         (["--master_port", "65536", "t.py"], "got 65536"),
         (["--bind_core_list", "0-x", "t.py"], "--bind_core_list '0-x'"),
         (["--bind_core_list", "3-1", "t.py"], "runs backwards"),
-        (["--max_restarts", "-1", "t.py"], "--max_restarts must be 0 or more"),
+        (["--max_restarts", "-1", "t.py"], "--max_restarts: expected a whole number of at least 0, got -1"),
     ],
-)
+)  # fmt: skip
 def test_bad_values_are_caught_before_anything_starts(no_default_hostfile, argv, needle):
     with pytest.raises(LauncherError) as info:
         _resolve(argv, {"DS_ACCELERATOR": "cpu"})

@@ -53,6 +53,20 @@ def test_duplicate_host_names_both_lines(tmp_path):
         read_hostfile(path)
 
 
+def test_duplicate_hosts_differing_only_in_case_name_both_spellings(tmp_path):
+    """LOCALHOST and localhost are one machine: two nodes would share its devices."""
+    path = tmp_path / "hf"
+    path.write_text("localhost slots=1\n# other\nWorker-1 slots=2\nLOCALHOST slots=1\n")
+    with pytest.raises(HostfileError) as info:
+        read_hostfile(path)
+    assert str(info.value).startswith(
+        f"{path}:4: 'LOCALHOST slots=1': host 'LOCALHOST' is listed twice (first on line 1 as "
+        "'localhost', host names are case-insensitive)"
+    )
+    with pytest.raises(HostfileError, match=r"hf:2: .*'worker-1'.*line 1 as 'Worker-1'"):
+        parse_hostfile("Worker-1 slots=1\nworker-1 slots=1\n", "hf")
+
+
 def test_line_numbers_count_newlines_only():
     """Form feeds, U+2028 and friends end no line: the number is what an editor shows."""
     text = "a slots=1\x0c\r\n# note \u2028 still line 2\r\nb slots=x\n"
@@ -72,7 +86,11 @@ def test_missing_and_empty_files(tmp_path):
 _host = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,20}", fullmatch=True)
 
 
-@given(st.dictionaries(_host, st.integers(1, 4096), min_size=1, max_size=8))
+@given(
+    st.lists(_host, min_size=1, max_size=8, unique_by=str.lower).flatmap(
+        lambda names: st.fixed_dictionaries({n: st.integers(1, 4096) for n in names})
+    )
+)
 def test_format_parse_round_trip(hosts):
     assert parse_hostfile(format_hostfile(hosts)) == hosts
 

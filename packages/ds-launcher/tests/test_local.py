@@ -337,13 +337,19 @@ def test_no_ssh_starts_only_this_nodes_ranks(tmp_path):
         (["-H", "hf_two", "--launcher_args", "'unclosed", "x.py"], "--launcher_args"),
         (["--launcher_args", "-v", "x.py"], "--launcher_args is for the ssh"),
         (["-i", "-oProxyCommand=x", "x.py"], "starts with '-'"),
-        (["--master_port", "70000", "x.py"], "--master_port must be a TCP port"),
+        (["--master_port", "70000", "x.py"], "--master_port: expected a whole number from 1 to"),
+        (["--num_gpu", "2", "x.py"], "unknown option '--num_gpu'; did you mean --num_gpus?"),
+        (["-H", "hf_case", "x.py"], "hf_case:2: 'WORKER-0 slots=1': host 'WORKER-0' is listed"),
+        (["-i", "localhost:0,0", "x.py"], "slot 0 is listed twice"),
+        (["--master_addr", "bad host", "x.py"], "argument --master_addr: 'bad host' is neither"),
+        (["--term_timeout", "-1", "x.py"], "argument --term_timeout: expected a finite number"),
         (["--bind_core_list", "100000", "x.py"], "names core(s) 100000 that this process cannot"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path, args, needle):
     (tmp_path / "hf_bad").write_text("worker-0 slots=1\nworker-1 slots=two\n")
     (tmp_path / "hf_two").write_text("worker-0 slots=1\nworker-1 slots=1\n")
+    (tmp_path / "hf_case").write_text("worker-0 slots=1\nWORKER-0 slots=1\n")
     res = run_launcher(args, tmp_path)
     assert res.returncode == 2
     assert needle in res.stderr

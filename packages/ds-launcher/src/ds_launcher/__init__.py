@@ -10,13 +10,16 @@ from ds_launcher._errors import EnvFileError, HostfileError, LauncherError
 from ds_launcher._hostfile import format_hostfile, parse_hostfile, read_hostfile
 from ds_launcher._resources import select_resources
 from ds_launcher._version import __version__
+from ds_launcher._watchdog import HEARTBEAT_ENV, heartbeat
 
 __all__ = [
+    "HEARTBEAT_ENV",
     "EnvFileError",
     "HostfileError",
     "LauncherError",
     "__version__",
     "format_hostfile",
+    "heartbeat",
     "main",
     "parse_env_file",
     "parse_hostfile",

@@ -45,6 +45,8 @@ def agent_argv(call: AgentCall) -> list[str]:
     argv += ["--world_info", plan.world.encode()]
     argv += ["--master_addr", plan.master_addr, "--master_port", str(plan.master_port)]
     argv += ["--term_timeout", repr(plan.term_timeout)]
+    if plan.rank_timeout is not None:
+        argv += ["--rank_timeout", repr(plan.rank_timeout)]
     if call.node_rank is not None:
         argv += ["--node_rank", str(call.node_rank)]
     if call.node_host is not None:
@@ -74,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--master_addr", required=True)
     p.add_argument("--master_port", type=int, required=True)
     p.add_argument("--term_timeout", type=float, default=5.0)
+    p.add_argument("--rank_timeout", type=float)
     p.add_argument("--node_rank", type=int)
     p.add_argument("--node_host")
     p.add_argument("--visible_var")
@@ -110,6 +113,7 @@ def parse_agent_argv(argv: list[str], python: str | None = None) -> AgentCall:
         bind_cores_to_rank=ns.bind_cores_to_rank,
         bind_core_list=ns.bind_core_list,
         term_timeout=ns.term_timeout,
+        rank_timeout=ns.rank_timeout,
     )
     return AgentCall(
         plan=plan,
@@ -182,7 +186,7 @@ def _install_signal_handlers(stop: StopRequest) -> None:
 
 
 def run_agent(call: AgentCall) -> int:
-    from ds_launcher._node import rank_members
+    from ds_launcher._node import heartbeat_dir, rank_members
 
     plan = call.plan
     stop = StopRequest()
@@ -194,24 +198,27 @@ def run_agent(call: AgentCall) -> int:
     parent_visible = None
     if plan.visible_var and env.get(plan.visible_var, "").strip():
         parent_visible = tuple(v.strip() for v in env[plan.visible_var].split(","))
-    if call.from_mpi_env:
-        members = [_mpi_member(plan, env)]
-    else:
-        node_rank = call.node_rank
-        if node_rank is None:
-            if call.node_host is None:
-                raise LauncherError("agent: give --node_rank or --node_host")
-            node_rank = plan.world.node_rank_of(call.node_host)
-        if not 0 <= node_rank < len(plan.world.nodes):
-            raise LauncherError(
-                f"agent: --node_rank {node_rank} is outside 0..{len(plan.world.nodes) - 1}"
-            )
-        members = rank_members(plan, node_rank, env, parent_visible, StdinMode.DEVNULL)
-    result = run_group(members, term_timeout=plan.term_timeout, stop=stop)
+    with heartbeat_dir(plan) as beats:
+        if call.from_mpi_env:
+            members = [_mpi_member(plan, env, beats)]
+        else:
+            node_rank = call.node_rank
+            if node_rank is None:
+                if call.node_host is None:
+                    raise LauncherError("agent: give --node_rank or --node_host")
+                node_rank = plan.world.node_rank_of(call.node_host)
+            if not 0 <= node_rank < len(plan.world.nodes):
+                raise LauncherError(
+                    f"agent: --node_rank {node_rank} is outside 0..{len(plan.world.nodes) - 1}"
+                )
+            members = rank_members(plan, node_rank, env, parent_visible, StdinMode.DEVNULL, beats)
+        result = run_group(
+            members, term_timeout=plan.term_timeout, rank_timeout=plan.rank_timeout, stop=stop
+        )
     return result.exit_code
 
 
-def _mpi_member(plan: NodePlan, env: dict[str, str]) -> Member:
+def _mpi_member(plan: NodePlan, env: dict[str, str], beats: str | None) -> Member:
     from ds_launcher._node import core_shares, rank_member
 
     ids = mpi_rank_env(env, plan.world)
@@ -233,7 +240,7 @@ def _mpi_member(plan: NodePlan, env: dict[str, str]) -> Member:
     env["NODE_RANK"] = env["GROUP_RANK"] = node
     shares = core_shares(plan, int(ids["LOCAL_WORLD_SIZE"]))
     cores = shares[int(ids["LOCAL_RANK"])] if shares is not None else None
-    return rank_member(plan, env, cores, StdinMode.DEVNULL)
+    return rank_member(plan, env, cores, StdinMode.DEVNULL, plan.world.hosts[int(node)], beats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ds_launcher._devices import Accelerator, detect_accelerator, parse_core_list
 from ds_launcher._envfile import collect_exports, default_env_files
 from ds_launcher._errors import LauncherError
 from ds_launcher._hostfile import read_hostfile
-from ds_launcher._node import rank_members
+from ds_launcher._node import heartbeat_dir, rank_members
+from ds_launcher._options import DEFAULT_HOSTFILE, DEFAULT_MULTINODE_PORT, options
+from ds_launcher._options import build_parser as _build_parser
+from ds_launcher._options import split_argv as _split_argv
 from ds_launcher._plan import NodePlan, Program, World
 from ds_launcher._resources import select_resources, slots_to_resources
 from ds_launcher._runners import (
@@ -38,78 +40,16 @@ from ds_launcher._runners import (
 from ds_launcher._supervisor import GroupResult, Member, Outcome, StdinMode, StopRequest, run_group
 from ds_launcher._version import __version__
 
-DEFAULT_HOSTFILE = "/job/hostfile"
-DEFAULT_MULTINODE_PORT = 29500
-
-# (flags, argparse keyword arguments). Kept as data so that the argv splitter below knows which
-# options take a value: the first word that is neither an option nor an option's value is the
-# script, and everything after it belongs to the script, untouched.
-_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("-H", "--hostfile"), dict(help=f"hostfile ('host slots=N' lines); default {DEFAULT_HOSTFILE} when it exists, else this machine")),
-    (("-i", "--include"), dict(help="hosts/slots to use, e.g. 'worker-1:0,1@worker-2'")),
-    (("-e", "--exclude"), dict(help="hosts/slots to leave out, same syntax as --include")),
-    (("--num_nodes",), dict(type=int, help="use the first N hosts")),
-    (("--num_gpus", "--num_accelerators"), dict(type=int, dest="num_gpus", help="use the first N slots of each host (on a CPU machine: the number of processes)")),
-    (("--master_addr",), dict(help="address of rank 0; default 127.0.0.1 on one machine; with ssh/pdsh the first address 'hostname -I' prints on the first host (as DeepSpeed), else the first host's name")),
-    (("--master_port",), dict(type=int, help=f"rendezvous port; default a free port on one machine, else {DEFAULT_MULTINODE_PORT}")),
-    (("--launcher",), dict(type=str.lower, choices=RUNNERS, help="how to start the nodes; default local on one machine, else ssh")),
-    (("--launcher_args",), dict(default="", help="extra options for the runner (ssh, pdsh, mpirun, mpiexec, srun), split like a shell would")),
-    (("--no_ssh",), dict(action="store_true", help="start only this node's ranks (run ds-launch on every node yourself, with --node_rank)")),
-    (("--node_rank",), dict(type=int, help="this node's index in the hostfile selection, with --no_ssh")),
-    (("--force_multi",), dict(action="store_true", help="use a multi-node runner even for a single host")),
-    (("--module",), dict(action="store_true", help="run the script as a module (python -m)")),
-    (("--no_python",), dict(action="store_true", help="run the script as an executable, not with python")),
-    (("--no_local_rank",), dict(action="store_true", help="accepted for DeepSpeed compatibility; ds-launch never appends --local_rank (ranks read LOCAL_RANK)")),
-    (("--env_file",), dict(action="append", default=[], help="extra VAR=VALUE file exported to every rank (repeatable); .ds_env/.deepspeed_env are read from home and the working directory")),
-    (("--max_restarts",), dict(type=int, default=0, help="restart the whole group this many times after a failure, on a fresh port")),
-    (("--log_dir",), dict(help="also write each rank's output to <log_dir>/rank_<N>.log")),
-    (("--bind_cores_to_rank",), dict(action="store_true", help="pin each local rank to an equal share of the cores; sets OMP_NUM_THREADS")),
-    (("--bind_core_list",), dict(help="cores to share out with --bind_cores_to_rank, e.g. 0-15,32-47")),
-    (("--term_timeout",), dict(type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks")),
-    (("--version",), dict(action="version", version=f"ds-launch {__version__}")),
-]  # fmt: skip
+_TABLE = options(__version__, RUNNERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ds-launch",
-        usage="ds-launch [options] script.py [script args...]",
-        description="Launch a distributed PyTorch program on one or more machines.",
-        allow_abbrev=False,
-    )
-    for flags, kwargs in _OPTIONS:
-        parser.add_argument(*flags, **kwargs)
-    return parser
+    return _build_parser(_TABLE)
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(launcher options, [script, *script args]). An explicit `--` may precede the script.
-
-    Option values are glued to their option (`--launcher_args=-v`, `-Hfile`) so that argparse
-    accepts values that start with '-', such as `--launcher_args --oversubscribe`.
-    """
-    takes_value = {
-        flag: kwargs.get("action") not in ("store_true", "version")
-        for flags, kwargs in _OPTIONS
-        for flag in flags
-    }
-    options: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if word == "--":
-            return options, argv[i + 1 :]
-        if not word.startswith("-") or word == "-":
-            return options, argv[i:]
-        # Unknown options stay with the launcher's part: argparse reports them.
-        if takes_value.get(word, False) and i + 1 < len(argv):
-            glue = "=" if word.startswith("--") else ""
-            options.append(word + glue + argv[i + 1])
-            i += 2
-        else:
-            options.append(word)
-            i += 1
-    return options, []
+    """(launcher options, [script, *script args]); see `_options.split_argv`."""
+    return _split_argv(argv, _TABLE)
 
 
 def free_port() -> int:
@@ -121,7 +61,7 @@ def free_port() -> int:
 def is_this_machine(host: str) -> bool:
     names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
     names.add(socket.gethostname().split(".")[0])
-    return host in names
+    return host.lower() in {name.lower() for name in names}  # DNS names are case-insensitive
 
 
 @dataclass(frozen=True)
@@ -182,8 +122,6 @@ def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str])
                 "openmpi, mpich or slurm, or select one host"
             )
         node_rank = 0
-    if ns.master_port is not None and not 1 <= ns.master_port <= 65535:
-        raise LauncherError(f"--master_port must be a TCP port (1-65535), got {ns.master_port}")
     if ns.bind_core_list is not None:
         parse_core_list(ns.bind_core_list)  # syntax errors here, not once per node
     on_one_machine = runner == "local" and not ns.no_ssh
@@ -210,6 +148,7 @@ def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str])
         bind_cores_to_rank=ns.bind_cores_to_rank or ns.bind_core_list is not None,
         bind_core_list=ns.bind_core_list,
         term_timeout=ns.term_timeout,
+        rank_timeout=ns.rank_timeout,
     )
     if ns.module and ns.no_python:
         raise LauncherError("--module and --no_python cannot be used together")
@@ -218,8 +157,6 @@ def resolve(ns: argparse.Namespace, program: list[str], environ: dict[str, str])
             "--launcher_args is for the ssh, pdsh, openmpi, mpich and slurm runners; "
             "this run uses the local runner, which has no command to pass them to"
         )
-    if ns.max_restarts < 0:
-        raise LauncherError(f"--max_restarts must be 0 or more, got {ns.max_restarts}")
     return _Resolved(plan, accel, runner, node_rank, exports, ns.master_port is not None)
 
 
@@ -263,13 +200,26 @@ def _run_once(r: _Resolved, launcher_args: tuple[str, ...], stop: StopRequest) -
     if r.runner == "local":
         base_env = dict(os.environ)
         base_env.update(r.exports)
-        members = rank_members(plan, r.node_rank, base_env, r.accel.parent_visible)
-        return run_group(members, term_timeout=plan.term_timeout, stop=stop)
+        with heartbeat_dir(plan) as beats:
+            members = rank_members(
+                plan, r.node_rank, base_env, r.accel.parent_visible, heartbeat_dir=beats
+            )
+            return run_group(
+                members, term_timeout=plan.term_timeout, rank_timeout=plan.rank_timeout, stop=stop
+            )
     inp = RunnerInput(plan, r.exports, dict(os.environ), os.getcwd(), launcher_args)
     if r.runner in ("ssh", "pdsh"):
         _require_tool(r.runner)
         members = ssh_members(inp) if r.runner == "ssh" else pdsh_members(inp)
-        return run_group(members, term_timeout=plan.term_timeout, stop=stop)
+        # Each node's agent judges its own ranks (and names the hung one). Across nodes, only
+        # exits are visible here: a node still running well after another finished is hung,
+        # with its agent's own grace first so that the agent's message names the rank.
+        node_timeout = (
+            plan.rank_timeout + plan.term_timeout + 5.0 if plan.rank_timeout is not None else None
+        )
+        return run_group(
+            members, term_timeout=plan.term_timeout, rank_timeout=node_timeout, stop=stop
+        )
     with tempfile.TemporaryDirectory(prefix="ds-launch-") as tmp:
         if r.runner == "openmpi":
             _require_tool("mpirun")
@@ -372,7 +322,7 @@ def launch(argv: list[str]) -> int:
                 print(f"ds-launch: restart {attempt} of {ns.max_restarts}", file=sys.stderr)
             print(_describe(r), file=sys.stderr, flush=True)
             result = _run_once(r, launcher_args, stop)
-            if result.outcome is not Outcome.MEMBER_FAILED:
+            if result.outcome not in (Outcome.MEMBER_FAILED, Outcome.HUNG):
                 return result.exit_code
         return result.exit_code
 

@@ -41,7 +41,9 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> dict[str, int]:
     comment, a blank line or `hostname slots=N` (an optional trailing `# comment` is allowed).
     """
     hosts: dict[str, int] = {}
-    first_line: dict[str, int] = {}
+    # Keyed by the lower-cased name: DNS names are case-insensitive, so `LOCALHOST` and
+    # `localhost` are one machine and must not become two nodes with overlapping devices.
+    first_seen: dict[str, tuple[str, int]] = {}
     # Lines end at '\n' only (and '\r\n'), so the line numbers in errors are the ones editors,
     # grep and `sed -n Np` show; str.splitlines would also break at \v, \f, \x1c-\x1e, \x85,
     # U+2028 and U+2029 and shift every later number.
@@ -74,13 +76,15 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> dict[str, int]:
                 f"{where}: slots must be a whole number from 1 to 999999, got {value!r} "
                 "(remove the line to leave the host out)"
             )
-        if host in hosts:
+        if host.lower() in first_seen:
+            first, first_lineno = first_seen[host.lower()]
+            spelling = "" if first == host else f" as {first!r}, host names are case-insensitive"
             raise HostfileError(
-                f"{where}: host {host!r} is listed twice (first on line {first_line[host]}); "
+                f"{where}: host {host!r} is listed twice (first on line {first_lineno}{spelling}); "
                 "list each host once with its total slots"
             )
         hosts[host] = int(value)
-        first_line[host] = lineno
+        first_seen[host.lower()] = (host, lineno)
     return hosts
 
 

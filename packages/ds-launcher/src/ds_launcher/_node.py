@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ds_launcher._devices import available_cores, core_pool, split_cores, visible_value
 from ds_launcher._plan import NodePlan, rank_env
 from ds_launcher._supervisor import Member, StdinMode
+from ds_launcher._watchdog import HEARTBEAT_ENV
 
 # Runs as `python -c _BIND_TRAMPOLINE <cores> <argv...>`: pins itself, then becomes the rank, so
 # the rank is bound before it starts any thread (Popen's preexec_fn is unsafe with our threads).
@@ -26,11 +30,24 @@ def core_shares(plan: NodePlan, local_world_size: int) -> list[tuple[int, ...]] 
     return split_cores(pool, local_world_size)
 
 
+@contextmanager
+def heartbeat_dir(plan: NodePlan) -> Iterator[str | None]:
+    """A private directory for this node's heartbeat files while its ranks run (None without
+    --rank_timeout). Local, not the log dir: beats must not go through a shared filesystem."""
+    if plan.rank_timeout is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ds-launch-heartbeat-") as path:
+        yield path
+
+
 def rank_member(
     plan: NodePlan,
     env: dict[str, str],
     cores: tuple[int, ...] | None,
     stdin: StdinMode,
+    host: str | None = None,
+    heartbeat_dir: str | None = None,
 ) -> Member:
     """The process of one rank; `env` already holds its RANK and the rest of the contract."""
     argv = plan.program.argv()
@@ -38,6 +55,9 @@ def rank_member(
         env.setdefault("OMP_NUM_THREADS", str(len(cores)))
         argv = [plan.program.python, "-c", _BIND_TRAMPOLINE, ",".join(map(str, cores)), *argv]
     rank = int(env["RANK"])
+    beat = Path(heartbeat_dir) / f"rank_{rank}" if heartbeat_dir is not None else None
+    if beat is not None:
+        env[HEARTBEAT_ENV] = str(beat)
     return Member(
         name=f"rank {rank}",
         argv=argv,
@@ -45,6 +65,8 @@ def rank_member(
         prefix=f"[rank {rank}] ".encode(),
         log_path=Path(plan.log_dir) / f"rank_{rank}.log" if plan.log_dir else None,
         stdin=stdin,
+        host=host,
+        heartbeat=beat,
     )
 
 
@@ -54,6 +76,7 @@ def rank_members(
     base_env: dict[str, str],
     parent_visible: tuple[str, ...] | None = None,
     stdin: StdinMode = StdinMode.INHERIT,
+    heartbeat_dir: str | None = None,
 ) -> list[Member]:
     """One Member per slot of node `node_rank`, with the rank environment and device assignment.
 
@@ -71,5 +94,6 @@ def rank_members(
             # DeepSpeed and torchrun, so ranks can still reach their peers' devices (P2P/IPC).
             env[plan.visible_var] = visible_value(slots, parent_visible)
         cores = shares[local_rank] if shares is not None else None
-        members.append(rank_member(plan, env, cores, stdin))
+        host = plan.world.hosts[node_rank]
+        members.append(rank_member(plan, env, cores, stdin, host, heartbeat_dir))
     return members

@@ -92,6 +92,7 @@ class NodePlan:
     bind_cores_to_rank: bool = False
     bind_core_list: str | None = None
     term_timeout: float = 5.0
+    rank_timeout: float | None = None  # the watchdog's limit (see _watchdog); None: no watchdog
 
 
 def rank_env(plan: NodePlan, node_rank: int, local_rank: int) -> dict[str, str]:

@@ -17,11 +17,37 @@ def slots_to_resources(hosts: dict[str, int]) -> ResourceMap:
     return {host: list(range(n)) for host, n in hosts.items()}
 
 
+def _parse_slots(slot_text: str, where: str) -> list[int]:
+    slots: list[int] = []
+    for item in slot_text.split(","):
+        item = item.strip()
+        if item.startswith("-") and item[1:].isascii() and item[1:].isdigit():
+            raise HostfileError(f"{where}: slot {item} is negative; slots count from 0")
+        if not (item.isascii() and item.isdigit()):
+            raise HostfileError(
+                f"{where}: slot {item!r} is not a whole number; write slots as 'host:0,1,2'"
+            )
+        if int(item) in slots:
+            # DeepSpeed drops the repeat, so `host:0,0` silently became one rank, not two.
+            raise HostfileError(
+                f"{where}: slot {int(item)} is listed twice; name each slot once "
+                "(one rank runs per slot)"
+            )
+        slots.append(int(item))
+    return slots
+
+
 def parse_filter(spec: str, flag: str) -> dict[str, list[int] | None]:
-    """Parse `worker-1:0,1@worker-2` into {host: [slots] or None (all slots)}."""
+    """Parse `worker-1:0,1@worker-2` into {host: [slots] or None (all slots)}.
+
+    A host may appear in several entries with disjoint slots (`a:0@a:1`, as DeepSpeed allows),
+    but nothing may be selected twice, and two spellings of one host (`a@A`: host names are
+    case-insensitive) are an error naming both.
+    """
     if not spec.strip():
         raise HostfileError(f"{flag} is empty; give hosts like 'worker-1:0,1@worker-2'")
     out: dict[str, list[int] | None] = {}
+    spelling: dict[str, str] = {}  # lower-cased name -> the first spelling used
     for part in spec.split("@"):
         part = part.strip()
         where = f"{flag} {spec!r}, entry {part!r}"
@@ -29,41 +55,55 @@ def parse_filter(spec: str, flag: str) -> dict[str, list[int] | None]:
             raise HostfileError(f"{where}: empty entry; separate hosts with a single '@'")
         host, sep, slot_text = part.partition(":")
         check_hostname(host, where)
+        first = spelling.setdefault(host.lower(), host)
+        if first != host:
+            raise HostfileError(
+                f"{where}: host {host!r} is also named as {first!r}; host names are "
+                "case-insensitive, so both are the same machine: name it once"
+            )
         if not sep:
-            if host in out and out[host] is not None:
-                raise HostfileError(f"{where}: host {host!r} is named both with and without slots")
+            if host in out:
+                raise HostfileError(
+                    f"{where}: host {host!r} is named twice; name it once "
+                    "(without slots for all of its slots)"
+                )
             out[host] = None
             continue
-        slots: list[int] = []
-        for item in slot_text.split(","):
-            item = item.strip()
-            if not (item.isascii() and item.isdigit()):
-                raise HostfileError(
-                    f"{where}: slot {item!r} is not a whole number; write slots as 'host:0,1,2'"
-                )
-            slots.append(int(item))
+        slots = _parse_slots(slot_text, where)
         previous = out.get(host, [])
         if previous is None:
             raise HostfileError(f"{where}: host {host!r} is named both with and without slots")
+        twice = sorted(set(previous) & set(slots))
+        if twice:
+            raise HostfileError(
+                f"{where}: slot(s) {twice} of host {host!r} are named twice; name each slot once"
+            )
         out[host] = sorted(set(previous) | set(slots))
     return out
 
 
-def _check_known(
+def _match_hosts(
     wanted: dict[str, list[int] | None], available: ResourceMap, flag: str, source: str
-) -> None:
+) -> dict[str, list[int] | None]:
+    """`wanted` keyed by the spelling of `available` (names match case-insensitively, as DNS
+    does), after checking that every host and slot it names exists."""
+    by_lower = {host.lower(): host for host in available}
+    matched: dict[str, list[int] | None] = {}
     for host, slots in wanted.items():
-        if host not in available:
+        if host.lower() not in by_lower:
             raise HostfileError(
                 f"{flag} names host {host!r}, which is not in {source} "
                 f"(hosts there: {', '.join(available) or 'none'})"
             )
+        known = by_lower[host.lower()]
         for slot in slots or []:
-            if slot not in available[host]:
+            if slot not in available[known]:
                 raise HostfileError(
                     f"{flag} names slot {slot} of host {host!r}, but {source} gives that host "
-                    f"slots {available[host]}"
+                    f"slots {available[known]}"
                 )
+        matched[known] = slots
+    return matched
 
 
 def select_resources(
@@ -90,16 +130,14 @@ def select_resources(
         )
     chosen: ResourceMap = {host: list(slots) for host, slots in available.items()}
     if include is not None:
-        wanted = parse_filter(include, "--include")
-        _check_known(wanted, available, "--include", source)
+        wanted = _match_hosts(parse_filter(include, "--include"), available, "--include", source)
         chosen = {
             host: list(slots) if wanted[host] is None else list(wanted[host])  # type: ignore[arg-type]
             for host, slots in available.items()
             if host in wanted
         }
     elif exclude is not None:
-        unwanted = parse_filter(exclude, "--exclude")
-        _check_known(unwanted, available, "--exclude", source)
+        unwanted = _match_hosts(parse_filter(exclude, "--exclude"), available, "--exclude", source)
         chosen = {}
         for host, slots in available.items():
             drop = unwanted.get(host, [])

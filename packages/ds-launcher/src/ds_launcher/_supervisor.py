@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from ds_launcher._watchdog import ProgressWatchdog
+
+# Exit code when --rank_timeout finds a hung rank: the convention of coreutils' `timeout`.
+HANG_EXIT_CODE = 124
+
 
 class GracefulStop(enum.Enum):
     """How a member is first asked to stop, before SIGKILL."""
@@ -44,12 +49,15 @@ class Member:
     log_path: Path | None = None  # every output line is also appended here (unprefixed)
     stdin: StdinMode = StdinMode.INHERIT
     graceful: GracefulStop = GracefulStop.SIGTERM
+    host: str | None = None  # where a rank runs, for messages (node members name it already)
+    heartbeat: Path | None = None  # the file the member touches to show progress
 
 
 class Outcome(enum.Enum):
     SUCCEEDED = "succeeded"  # every member exited 0
     MEMBER_FAILED = "member_failed"  # a member exited non-zero; the others were stopped
     STOPPED = "stopped"  # a stop was requested (signal to the launcher, lost ssh connection)
+    HUNG = "hung"  # a member made no progress within the rank timeout; all were stopped
 
 
 @dataclass
@@ -201,17 +209,25 @@ def run_group(
     members: list[Member],
     *,
     term_timeout: float = 5.0,
+    rank_timeout: float | None = None,
     stop: StopRequest | None = None,
     stdout: IO[bytes] | None = None,
     stderr: IO[bytes] | None = None,
 ) -> GroupResult:
-    """Start all members; return when all exit 0, one fails, or `stop` is requested.
+    """Start all members; return when all exit 0, one fails, one hangs, or `stop` is requested.
 
-    On failure or stop, the remaining members get their graceful stop, then SIGKILL after
+    On failure, hang or stop, the remaining members get their graceful stop, then SIGKILL after
     `term_timeout` seconds; the result's exit code is the failed member's (128+N for signal N),
-    or 128+signum for a stop caused by a signal.
+    HANG_EXIT_CODE for a hang (see `_watchdog`: no progress for `rank_timeout` seconds), or
+    128+signum for a stop caused by a signal.
     """
     stop = stop or StopRequest()
+    watchdog = (
+        ProgressWatchdog(rank_timeout, [m.heartbeat for m in members])
+        if rank_timeout is not None
+        else None
+    )
+    next_check = 0.0
     out = _Output(stdout or sys.stdout.buffer)
     err = _Output(stderr or sys.stderr.buffer)
     exits: queue.Queue[tuple[int, int]] = queue.Queue()
@@ -236,9 +252,14 @@ def run_group(
                     code = 128 + stop.signum if stop.signum else 1
                     result = GroupResult(Outcome.STOPPED, code)
                     err.write(f"ds-launch: {stop.reason}; stopping all processes\n".encode())
+                elif watchdog is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.1  # a stat per member, ten times a second
+                    result = _check_hang(watchdog, running, remaining, err)
                 continue
             running[index].exited = True
             remaining -= 1
+            if watchdog is not None:
+                watchdog.member_exited(running[index].member.name, code)
             if code != 0:
                 name = running[index].member.name
                 result = GroupResult(Outcome.MEMBER_FAILED, exit_code_of(code), name)
@@ -257,6 +278,24 @@ def run_group(
             if run.log is not None:
                 run.log.close()
     return result or GroupResult(Outcome.SUCCEEDED, 0)
+
+
+def _check_hang(
+    watchdog: ProgressWatchdog, running: list[_Running], remaining: int, err: _Output
+) -> GroupResult | None:
+    hang = watchdog.poll([i for i, run in enumerate(running) if not run.exited])
+    if hang is None:
+        return None
+    member = running[hang.index].member
+    where = f" on host {member.host}" if member.host else ""
+    others = remaining - 1
+    stopping = f"; stopping it and the other {others} process(es)" if others else "; stopping it"
+    err.write(
+        f"ds-launch: {member.name}{where} made no progress for {hang.idle_s:.1f} s since "
+        f"{hang.since} (--rank_timeout {watchdog.timeout:g}){stopping}; exit code "
+        f"{HANG_EXIT_CODE}\n".encode()
+    )
+    return GroupResult(Outcome.HUNG, HANG_EXIT_CODE, member.name)
 
 
 def _stop_all(running: list[_Running], exits: queue.Queue[tuple[int, int]], grace: float) -> None:
