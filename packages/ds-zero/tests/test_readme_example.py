@@ -1,0 +1,16 @@
+"""The README's example runs as written (torchrun, 2 ranks, gloo) and its ranks agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_comm.testing import run_readme_example
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs_and_ranks_agree():
+    run = run_readme_example(README)
+    assert run.example.nproc == 2
+    lines = run.assert_ranks_agree()
+    assert [line.split(" ")[0] for line in lines] == ["last", "weights"], lines
