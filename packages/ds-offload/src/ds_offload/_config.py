@@ -9,9 +9,17 @@ Unknown keys are errors (a misspelt key would otherwise silently disable offload
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ds_offload._options import (
     AioOptions,
@@ -92,7 +100,12 @@ class OffloadOptimizerConfig(_OffloadBase):
     pipeline_read: bool = False
     pipeline_write: bool = False
     fast_init: bool = False
-    ratio: float = Field(1.0, ge=0.0, le=1.0, description="fraction of partitions offloaded")
+    ratio: float | Literal["auto"] = Field(
+        1.0,
+        description="DeepSpeed's fraction of the optimizer state offloaded to the CPU (the last "
+        'part of the model; the rest is stepped on the device); "auto" (ds_offload '
+        "extension): chosen from the free device memory at setup",
+    )
     max_in_cpu: int = Field(
         0,
         ge=0,
@@ -105,6 +118,40 @@ class OffloadOptimizerConfig(_OffloadBase):
         description="ds_offload extension: CPU optimizer threads of this process (0: its share "
         "of the usable cores; OMP_NUM_THREADS when above 1)",
     )
+
+    overlap: bool = Field(
+        True,
+        description="ds_offload extension: CPU updates on a worker thread, the next forward "
+        "starts on each partition once it is updated (exact); false: step() returns when done",
+    )
+    delayed_update: bool = Field(
+        False,
+        description="ds_offload extension: one-step-delayed parameter update (ZeRO-Offload DPU); "
+        "changes the math: each forward/backward uses the parameters before the previous update",
+    )
+    super_offload: bool = Field(
+        False, description="DeepSpeed SuperOffload: here the overlapped exact step (the default)"
+    )
+    cpuadam_cores_perc: float = Field(
+        0.8, ge=0.0, le=1.0, description="with super_offload: share of the cores for CPU Adam"
+    )
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= float(value) <= 1.0:
+            raise ValueError('ratio must be in [0, 1] or "auto"')
+        return value
+
+    @model_validator(mode="after")
+    def _delayed_needs_cpu(self) -> OffloadOptimizerConfig:
+        if self.delayed_update and self.device is not OffloadDevice.cpu:
+            raise ValueError(
+                "delayed_update needs device 'cpu': the delayed update keeps a second "
+                "low-precision copy of the parameters in host memory, which NVMe offload exists "
+                "to avoid; set device to 'cpu' or remove delayed_update"
+            )
+        return self
 
     @property
     def pipeline(self) -> bool:

@@ -75,13 +75,27 @@ class OffloadOptimizerOptions(_OffloadOptions):
     pipeline_read: bool = False
     pipeline_write: bool = False
     fast_init: bool = False
-    ratio: float = 1.0
+    # DeepSpeed's: the fraction of the optimizer state offloaded (the last part of the model in
+    # parameter order; the rest is stepped on the device). "auto" (ds_offload extension): chosen
+    # from the device memory free at setup
+    ratio: float | str = 1.0
     # ds_offload extension (DeepSpeed has no such key): with device nvme, the first partitions
     # totalling at most this many elements keep their state in CPU memory, the rest are swapped
     max_in_cpu: int = 0
     # ds_offload extension: CPU optimizer threads of this process (0: its share of the cores,
     # see ds_offload.cpu_optimizer_threads). DeepSpeed takes OpenMP's default.
     num_threads: int = 0
+    # ds_offload extension: the CPU updates run on a worker thread and the next forward starts
+    # on each partition as soon as it is updated (same math); False: step() returns when done
+    overlap: bool = True
+    # ds_offload extension: one-step-delayed parameter update (ZeRO-Offload's DPU): step N's
+    # CPU update runs during step N+1's forward/backward, which use the parameters before it
+    delayed_update: bool = False
+    # DeepSpeed's SuperOffload switch and the share of the cores its CPU Adam uses; here it
+    # selects the overlapped exact step (the default) and, unless num_threads is set, that
+    # share of this process's cores for CPU Adam
+    super_offload: bool = False
+    cpuadam_cores_perc: float = 0.8
 
     def __post_init__(self) -> None:
         where = "zero_optimization.offload_optimizer"
@@ -89,8 +103,21 @@ class OffloadOptimizerOptions(_OffloadOptions):
         _positive(where, "buffer_count", self.buffer_count, allow_zero=True)
         _positive(where, "max_in_cpu", self.max_in_cpu, allow_zero=True)
         _positive(where, "num_threads", self.num_threads, allow_zero=True)
-        if not 0.0 <= float(self.ratio) <= 1.0:
-            raise ValueError(f"{where}.ratio must be in [0, 1], got {self.ratio!r}")
+        if self.ratio != "auto" and (
+            isinstance(self.ratio, (str, bool)) or not 0.0 <= float(self.ratio) <= 1.0
+        ):
+            raise ValueError(f'{where}.ratio must be in [0, 1] or "auto", got {self.ratio!r}')
+        if not 0.0 <= float(self.cpuadam_cores_perc) <= 1.0:
+            raise ValueError(
+                f"{where}.cpuadam_cores_perc must be in [0, 1], got {self.cpuadam_cores_perc!r}"
+            )
+        if self.delayed_update and self.device is not OffloadDevice.cpu:
+            raise ValueError(
+                f"{where}.delayed_update needs device 'cpu' (got {self.device.value!r}): the "
+                "delayed update keeps a second low-precision copy of the parameters in host "
+                "memory, which NVMe offload exists to avoid; set device to 'cpu' or remove "
+                "delayed_update"
+            )
         if self.max_in_cpu and self.device is not OffloadDevice.nvme:
             raise ValueError(
                 f"{where}.max_in_cpu splits optimizer state between CPU memory and NVMe; it needs "

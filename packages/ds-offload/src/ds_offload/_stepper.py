@@ -2,17 +2,24 @@
 
 It implements ds_zero's ``PartitionStepper`` protocol structurally (ds_offload does not import
 ds_zero): ``setup(partitions, group_options)``, ``grad_ready(index, grad)``, ``step(grads)``,
-``state_tensors(index)``, ``state_loaded()`` and the attribute ``masters_on_device``.
+``state_tensors(index)``, ``state_loaded()`` and the attribute ``masters_on_device``; and its
+streaming extensions: ``accepts_grad_scale`` (``grad_ready(early_copy=)``, ``step(grad_scale=)``,
+``skip_step``) and ``overlaps_step`` (``step(wait=False)``, ``wait_partition``,
+``partition_ready``, ``prefer_order``, ``synchronize``).
 
-One step, per offloaded partition, in order: its reduced gradient is copied to a pinned host
-buffer on a side stream (all copies are queued first, so they run while the CPU works on earlier
-partitions); the CPU Adam of ds_kernels updates the fp32 master and states in one pass and writes
-the compute-dtype result into a pinned buffer; that buffer is copied back into the partition's
-parameter shard on another side stream while the CPU moves on to the next partition. With NVMe,
-the partition's state is read ahead and written back behind the update (see ``_state``).
+One step, per offloaded partition, in update order: its reduced gradient is copied to a pinned
+host buffer on a side stream (started during backward where the caller streams them); the CPU
+Adam of ds_kernels updates the fp32 master and states in one pass and writes the compute-dtype
+result into a pinned buffer (or a host parameter shard); that buffer is copied back into the
+partition's parameter shard on another side stream while the CPU moves on. With ``overlap``
+(default) this runs on a worker thread and ``step(wait=False)`` returns at once: the caller's
+next forward waits, partition by partition, only for the values it reads (``wait_partition``),
+so the update of the last layers overlaps the forward of the first ones; the arithmetic is the
+same. With ``delayed_update`` the update of step N runs during step N+1's forward/backward and
+its values are published at step N+1 (a one-step-stale gradient: different math).
 
-``ratio`` < 1 keeps the last partitions (by element count) on the device, updated there by
-torch's AdamW: partial offload trades device memory for CPU time.
+``ratio`` < 1 keeps the first partitions in model order on the device (twin-flow, see
+``_twin``), stepped there by a fused optimizer while the CPU steps the others.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptio
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore, SplitStore
 from ds_offload._threads import cpu_optimizer_threads
+from ds_offload._twin import DeviceFlow, model_order, resolve_ratio, split
+from ds_offload._worker import JobState, UpdateJob, UpdateWorker
 
 
 class _Partition(Protocol):
@@ -52,24 +61,28 @@ class Phase(enum.Enum):
 
     IDLE = "idle"  # between steps: host grad buffers hold nothing of value
     GRADS_ARRIVING = "grads_arriving"  # grad_ready calls are copying gradients to the host
+    UPDATING = "updating"  # step() returned; the worker thread is still updating partitions
 
 
 class OffloadStepper:
     """Optimizer state of ZeRO's fp32 partitions held on the CPU or NVMe, stepped by CPU Adam.
 
-    config: an ``offload_optimizer`` section (dict, pydantic model or options: device cpu|nvme, nvme_path,
-        pin_memory, ratio, buffer_count, ...).
+    config: an ``offload_optimizer`` section (dict, pydantic model or options: device cpu|nvme,
+        nvme_path, pin_memory, ratio, buffer_count, overlap, delayed_update, ...).
     optimizer: "adamw" (decoupled weight decay) or "adam" (L2); a group option
         ``decoupled_weight_decay`` overrides it per group.
     aio: the ``aio`` section used for NVMe swapping.
     defaults: hyper-parameters for keys the group options lack (lr, betas, eps, weight_decay).
     num_threads: CPU Adam threads (0: the section's ``num_threads``, and where that is 0 too,
-        this process's share of the cores: ``cpu_optimizer_threads``).
+        this process's share of the cores: ``cpu_optimizer_threads``; with ``super_offload``,
+        ``cpuadam_cores_perc`` of that share).
     grad_buffers: host buffers (each the size of the largest partition) that the gradients'
         device-to-host copies rotate through, ``grad_buffers`` partitions ahead of the CPU Adam;
         0, or where they would not be smaller than one buffer per partition: one per partition.
         A copy is much faster than the Adam of its partition, so a few buffers hide it fully,
         and the host holds 4 bytes per parameter less than with one buffer per partition.
+        ``delayed_update`` always uses one buffer per partition (the next step's gradients
+        arrive while the previous update still reads its own).
     """
 
     masters_on_device = False
@@ -101,14 +114,22 @@ class OffloadStepper:
         self.aio_config: AioOptions = coerce(AioOptions, aio, "aio")
         self.kind = check_kind(optimizer)
         self.defaults = dict(defaults or {})
-        self.num_threads: int = cpu_optimizer_threads(num_threads or config.num_threads)
+        threads = num_threads or config.num_threads
+        if not threads and config.super_offload:
+            # SuperOffload's cpuadam_cores_perc: the rest of the cores stay with PyTorch
+            threads = max(1, int(config.cpuadam_cores_perc * cpu_optimizer_threads(0)))
+        self.num_threads: int = cpu_optimizer_threads(threads)
+        self.delayed: bool = config.delayed_update
+        # ds_zero (>= 0.1.5) reads this: it then calls step(wait=False) and waits per partition
+        self.overlaps_step: bool = config.overlap or self.delayed
         self.partitions: list[_Partition] = []
         self.group_options: Sequence[dict[str, Any]] = []
+        self.ratio: float = 1.0  # the offloaded fraction in use ("auto" resolved at setup)
         self.offloaded: list[int] = []  # partition indices stepped on the CPU
         self.on_device: list[int] = []  # partition indices kept on the device (ratio < 1)
         self.steps: dict[int, torch.Tensor] = {}  # per partition, 1-element fp32 step count
         self.store: CpuStore | NvmeStore | SplitStore
-        self.grad_buffers = grad_buffers
+        self.grad_buffers = 0 if self.delayed else grad_buffers
         self._grad_host: dict[int, torch.Tensor] = {}  # one per partition (no pool)
         self._grad_pool: list[torch.Tensor] = []  # or the rotating buffers
         # early copies of this step (grad_ready(early_copy=True)), in arrival order
@@ -116,14 +137,22 @@ class OffloadStepper:
         self._arrived_set: set[int] = set()
         self._offloaded_set: set[int] = set()
         self._order: list[int] = []  # update order of the last step (prefetch plan)
+        self._preferred: list[int] = []  # update order asked by the caller (the next forward's)
         self._prefetched: list[int] | None = None
         self._lp_host: dict[int, torch.Tensor] = {}
-        self._staging_bytes = 0  # of the _lp_host buffers this stepper allocated
+        self._staging_bytes = 0  # of the _lp_host / delayed staging buffers this stepper made
         self._grad_events: dict[int, Any] = {}
-        self._device_optim: torch.optim.Optimizer | None = None
+        self._device_flow: DeviceFlow | None = None
         self._copier: Copier | None = None
         self._phase = Phase.IDLE
         self._op: Any = None
+        self._by_index: dict[int, _Partition] = {}
+        self._worker: UpdateWorker | None = None
+        self._job: UpdateJob | None = None  # the last step's CPU work (may still run)
+        # delayed_update: compute-dtype results of the last update, not yet published
+        self._delayed_out: dict[int, torch.Tensor] = {}
+        self._staged: list[int] = []
+        self._publish_events: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ setup
     def setup(
@@ -145,9 +174,19 @@ class OffloadStepper:
         if len(devices) > 1:
             raise ValueError(f"OffloadStepper: partitions live on several devices: {devices}")
         self._copier = Copier(next(iter(devices)) if devices else torch.device("cpu"))
-        self._split_by_ratio()
+        self.ratio = resolve_ratio(self.config.ratio, self.partitions)
+        self.offloaded, self.on_device = split(self.partitions, self.ratio)
         self._offloaded_set = set(self.offloaded)
-        self._order = list(self.offloaded)
+        by_index = {p.index: p for p in self.partitions}
+        self._by_index = by_index
+        # CPU updates in model order by default: the next forward needs the first layers first
+        self._order = sorted(self.offloaded, key=lambda i: model_order(by_index[i]))
+        if self.delayed and any(_writer(by_index[i]) is not None for i in self.offloaded):
+            raise ValueError(
+                "zero_optimization.offload_optimizer.delayed_update does not support parameter "
+                "shards in a parameter-shard store (offload_param device 'nvme'); use "
+                "offload_param device 'cpu' or remove delayed_update"
+            )
         pin = self.config.pin_memory
         if self.config.device is OffloadDevice.nvme:
             nvme = NvmeStore(self.config.nvme_path, self.config.buffer_count, pin, self.aio_config)  # type: ignore[arg-type]
@@ -158,7 +197,6 @@ class OffloadStepper:
             )
         else:
             self.store = CpuStore(pin)
-        by_index = {p.index: p for p in self.partitions}
         sizes = [by_index[i].master.numel() for i in self.offloaded]
         pool = min(self.grad_buffers, len(sizes))
         if pool and pool * max(sizes) < sum(sizes):
@@ -177,12 +215,14 @@ class OffloadStepper:
                 self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
-                if shard.device.type == "cpu" and shard.is_contiguous():
+                if shard.device.type == "cpu" and shard.is_contiguous() and not self.delayed:
                     # a host shard (stage 3 parameter offload): CPU Adam writes the rounded
                     # values into it directly; a staging copy would be 2 more bytes per
                     # parameter of host memory and one more pass over them
                     self._lp_host[i] = shard.reshape(-1)
                 else:
+                    # delayed_update: the shard is read by the forward running during the
+                    # update, so the update writes here and the values are published later
                     self._lp_host[i] = aligned_empty(n, shard.dtype, pin=pin)
                     self._staging_bytes += n * shard.element_size()
         if self._swaps:
@@ -200,44 +240,90 @@ class OffloadStepper:
                 part.master.untyped_storage().resize_(0)
         for part in self.partitions:
             self.steps[part.index] = torch.zeros(1, dtype=torch.float32)
-        self._setup_device_optimizer(by_index)
+        if self.on_device:
+            self._device_flow = DeviceFlow(
+                [by_index[i] for i in self.on_device],
+                self.group_options,
+                self.kind,
+                self.defaults,
+                self.steps,
+            )
+        if self.overlaps_step and self.offloaded:
+            copier = self._copier
 
-    def _split_by_ratio(self) -> None:
-        total = sum(p.master.numel() for p in self.partitions)
-        budget = self.config.ratio * total
-        done = 0
-        self.offloaded, self.on_device = [], []
-        for part in self.partitions:
-            n = part.master.numel()
-            # offload a partition while at least half of it fits in the remaining budget
-            if done + n / 2 <= budget and self.config.ratio > 0:
-                self.offloaded.append(part.index)
-                done += n
-            else:
-                self.on_device.append(part.index)
+            def on_start() -> None:
+                copier.set_thread_device()
+                torch.set_grad_enabled(False)  # grad mode is per thread
 
-    def _setup_device_optimizer(self, by_index: dict[int, _Partition]) -> None:
-        if not self.on_device:
-            return
-        groups: dict[int, list[torch.Tensor]] = {}
-        for i in self.on_device:
-            groups.setdefault(by_index[i].group_index, []).append(by_index[i].master)
-        param_groups = [{"params": ps, "_gi": gi} for gi, ps in groups.items()]
-        opt = torch.optim.AdamW(param_groups, lr=1e-3)
-        for i in self.on_device:
-            # state made now so that the step counter is shared with ``self.steps``
-            master = by_index[i].master
-            opt.state[master] = {
-                "step": self.steps[i].view(()),
-                "exp_avg": torch.zeros_like(master),
-                "exp_avg_sq": torch.zeros_like(master),
-            }
-        self._device_optim = opt
+            self._worker = UpdateWorker("ds-offload-cpu-adam", on_start)
 
     @property
     def _swaps(self) -> bool:
         """Some partitions' state is in swap files (reads to prefetch, writes to flush)."""
         return isinstance(self.store, (NvmeStore, SplitStore))
+
+    @property
+    def _asynchronous(self) -> bool:
+        """The CPU work may run on the worker thread while the caller goes on. Not where an
+        updated partition is handed to a parameter-shard store (its writer is not safe to call
+        while the caller's gathers read the store)."""
+        return self._worker is not None and not any(
+            _writer(self._by_index[i]) is not None for i in self.offloaded
+        )
+
+    # ------------------------------------------------------------------ overlap protocol
+    def prefer_order(self, indices: Sequence[int]) -> None:
+        """The caller's forward reads partitions in this order: the CPU updates them in it, so
+        the next forward can start on the first ones while the CPU does the rest. Unknown or
+        device-resident indices are ignored; the offloaded ones not listed go last."""
+        self._finish_job()
+        seen: set[int] = set()
+        order = []
+        for i in indices:
+            if i in self._offloaded_set and i not in seen:
+                seen.add(i)
+                order.append(i)
+        order += [i for i in self._order if i not in seen]
+        self._preferred = order
+        self._order = list(order)
+
+    def partition_ready(self, index: int) -> bool:
+        """True when partition ``index``'s updated values are in place (or on their way to the
+        device behind an event that ``wait_partition`` hands to the caller's stream)."""
+        job = self._job
+        return job is None or job.is_published(index)
+
+    def wait_partition(self, index: int) -> None:
+        """Block until partition ``index``'s values of the last step are in place, and make the
+        calling thread's current stream wait for their copy to the device."""
+        job = self._job
+        if job is None:
+            return
+        event = job.wait(index)
+        if event is not None:
+            assert self._copier is not None
+            self._copier.stream_waits(event)
+
+    def synchronize(self) -> None:
+        """Block until the last step's CPU work is done and its copies are ordered before the
+        current stream's later work. With ``delayed_update`` the last update's values stay
+        staged until the next step publishes them (the masters hold them already)."""
+        self._finish_job()
+
+    def _finish_job(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        job.wait_all()  # raises the worker's error, if any
+        assert self._copier is not None
+        for event in job.device_events.values():
+            self._copier.stream_waits(event)
+        self._job = None
+        if self._phase is Phase.UPDATING:
+            self._phase = Phase.IDLE
+
+    def _job_running(self) -> bool:
+        return self._job is not None and self._job.state is not JobState.DONE
 
     # ------------------------------------------------------------------ per step
     def grad_ready(self, index: int, grad: torch.Tensor, early_copy: bool = False) -> None:
@@ -245,22 +331,42 @@ class OffloadStepper:
         caller that will pass ``grad_scale`` to ``step`` instead of scaling gradients in place,
         and call ``skip_step`` when it skips one) the device-to-host copy starts now,
         overlapping the rest of backward: into the partition's own buffer, or with the
-        rotating pool into the next free one (the first ``grad_buffers`` arrivals; the step
-        then updates partitions in arrival order, the others as buffers free up)."""
-        if self._phase is Phase.IDLE and self._swaps:
-            # NVMe reads overlap the rest of backward, in the order the last step used
-            self.store.prefetch(self._order)
-            self._prefetched = list(self._order)
-        self._phase = Phase.GRADS_ARRIVING
+        rotating pool into the buffer of its place in the update order when that place is
+        among the first ``grad_buffers``."""
+        if self._phase is not Phase.GRADS_ARRIVING:
+            if self.delayed:
+                if self._job_running():
+                    # the last update still reads the host gradient buffers: copy at step()
+                    return
+                self._finish_job()
+            else:
+                self._finish_job()  # normally done already: the forward waited for it
+            if self._swaps:
+                # NVMe reads overlap the rest of backward, in the order the last step used
+                self.store.prefetch(self._order)
+                self._prefetched = list(self._order)
+            self._phase = Phase.GRADS_ARRIVING
         if not early_copy or index not in self._offloaded_set or index in self._arrived_set:
             return
         assert self._copier is not None
+        pos = self._position(index)
+        if pos is None:
+            return  # its buffer is taken until the Adam of an earlier partition: copy later
         self._arrived.append(index)
         self._arrived_set.add(index)
-        pos = len(self._arrived) - 1  # its place in the step's update order
-        if not self._grad_pool or pos < len(self._grad_pool):
-            dst = self._grad_buffer(pos, index, grad.numel())
-            self._grad_events[index] = self._copier.to_host(dst, grad)
+        dst = self._grad_buffer(pos, index, grad.numel())
+        self._grad_events[index] = self._copier.to_host(dst, grad)
+
+    def _position(self, index: int) -> int | None:
+        """The place of an arriving partition in this step's update order, or None when its
+        host buffer is not free before the step (a pool place beyond the pool's size)."""
+        if self._preferred:
+            pos = self._preferred.index(index)
+        else:
+            pos = len(self._arrived)  # no preferred order: updates follow arrivals
+        if self._grad_pool and pos >= len(self._grad_pool):
+            return None
+        return pos
 
     def _grad_buffer(self, pos: int, index: int, numel: int) -> torch.Tensor:
         """The host buffer of the gradient updated ``pos``-th in a step (partition ``index``):
@@ -279,23 +385,29 @@ class OffloadStepper:
         self._arrived_set.clear()
         if self._swaps:
             self.store.flush()
-        self._phase = Phase.IDLE
+        if self._phase is Phase.GRADS_ARRIVING:
+            self._phase = Phase.IDLE
 
     @torch.no_grad()
     def step(
-        self, grads: Sequence[torch.Tensor], grad_scale: float | torch.Tensor | None = None
+        self,
+        grads: Sequence[torch.Tensor],
+        grad_scale: float | torch.Tensor | None = None,
+        *,
+        wait: bool = True,
     ) -> None:
         """Update every partition with its final gradient (same order as the partitions) and
         write the results into ``param_shard`` (or into ``master`` where ``param_shard`` is
         None). ``grad_scale``: a factor the gradients still need (unscale and clip), applied on
-        the host; with it, copies started by ``grad_ready(early_copy=True)`` are reused."""
+        the host; with it, copies started by ``grad_ready(early_copy=True)`` are reused.
+        ``wait=False`` (a caller that calls ``wait_partition`` before reading a partition's
+        parameters, see ``overlaps_step``): return once the work is queued; the CPU updates run
+        on the worker thread. The gradients may be freed by the caller on return."""
         if len(grads) != len(self.partitions):
             raise ValueError(
                 f"OffloadStepper.step: got {len(grads)} gradients for {len(self.partitions)} "
                 "partitions (pass one per partition, in partition order)"
             )
-        assert self._copier is not None
-        copier = self._copier
         by_index = {p.index: (p, g) for p, g in zip(self.partitions, grads)}
         for i in self.offloaded:
             part, g = by_index[i]
@@ -304,8 +416,10 @@ class OffloadStepper:
                     f"OffloadStepper.step: gradient {i} has {g.numel()} elements, its partition "
                     f"{part.master.numel()}"
                 )
+        self._finish_job()  # delayed: the last update ends before its values are published
+        assert self._copier is not None
+        copier = self._copier
         scale = None if grad_scale is None else float(grad_scale)
-        pool = self._grad_pool
         if scale is None:
             # the caller scaled the gradients in place after any early copy: copy them again
             for event in self._grad_events.values():
@@ -313,49 +427,135 @@ class OffloadStepper:
             self._grad_events.clear()
             self._arrived.clear()
             self._arrived_set.clear()
-        # partitions whose copies started in backward first (in arrival order), then the rest
-        order = self._arrived + [i for i in self.offloaded if i not in self._arrived_set]
+        if self._preferred:
+            order = list(self._preferred)
+        else:
+            # partitions whose copies started in backward first (in arrival order), the rest
+            # in model order
+            order = self._arrived + [i for i in self._order if i not in self._arrived_set]
         self._order = order
-
-        def host_grad(pos: int) -> torch.Tensor:
-            i = order[pos]
-            return self._grad_buffer(pos, i, by_index[i][1].numel())
-
-        def queue_copy(pos: int) -> None:
-            i = order[pos]
-            self._grad_events[i] = copier.to_host(host_grad(pos), by_index[i][1])
-
+        if self._swaps and (self._phase is not Phase.GRADS_ARRIVING or self._prefetched != order):
+            self.store.prefetch(order)  # the NVMe reads in the order of the updates
+        ready = copier.record()  # the gradients are final on the current stream
+        pool = len(self._grad_pool)
+        # gradients the worker still has to copy; the references keep them alive until then
+        pending: list[torch.Tensor | None] = [by_index[i][1] for i in order]
         # 1. queue the gradient copies not started by grad_ready: every one, or with the pool
         # as many as it has buffers (each later one when its buffer's Adam is done)
         for pos, i in enumerate(order):
-            if pool and pos >= len(pool):
+            if pool and pos >= pool:
                 break
             if i not in self._grad_events:
-                queue_copy(pos)
-        if self._swaps and (self._phase is Phase.IDLE or self._prefetched != order):
-            self.store.prefetch(order)  # the NVMe reads in the order of the updates
-        # 2. device-resident partitions (ratio < 1) step on the device meanwhile
-        self._step_on_device(by_index, scale)
+                self._grad_events[i] = copier.to_host(
+                    self._grad_buffer(pos, i, by_index[i][1].numel()), by_index[i][1], ready
+                )
+            pending[pos] = None
+        # 2. device-resident partitions (ratio < 1): their fused update is queued on the
+        # device now and runs there while the CPU steps the others
+        if self._device_flow is not None:
+            self._device_flow.step({i: by_index[i][1] for i in self.on_device}, scale, _writer)
         # 3. CPU Adam per partition as its gradient lands; results stream back
+        publish = list(self._staged) if self.delayed else []
+        job = UpdateJob(publish if self.delayed else order)
+        grad_events = dict(self._grad_events)
+        self._grad_events.clear()
+        self._arrived.clear()
+        self._arrived_set.clear()
+        self._prefetched = None
+
+        def body() -> None:
+            self._run_updates(job, order, pending, grad_events, ready, scale, publish)
+
+        self._job = job
+        if self.delayed:
+            self._staged = list(order)
+        if self._asynchronous and (not wait or self.delayed):
+            self._phase = Phase.UPDATING
+            assert self._worker is not None
+            self._worker.submit(job, body)
+            if wait:
+                # a caller that does not wait per partition: the last update's values must be
+                # in place before it returns (the new update runs on behind it)
+                for i in publish:
+                    copier.stream_waits(job.wait(i))
+            return
+        self._phase = Phase.IDLE
+        try:
+            body()
+        except BaseException:
+            self._job = None
+            raise
+        job.finished.set()
+        job.state = JobState.DONE
+        self._finish_job()
+
+    def _run_updates(
+        self,
+        job: UpdateJob,
+        order: list[int],
+        pending: list[torch.Tensor | None],
+        grad_events: dict[int, Any],
+        ready: Any,
+        scale: float | None,
+        publish: list[int],
+    ) -> None:
+        """The CPU side of one step (on the worker thread, or inline): publish the previous
+        delayed update, then for each partition in ``order``: wait for its gradient on the
+        host, CPU Adam, queue the copy of a later gradient into the freed pool buffer, write
+        the result back (or stage it when delayed), publish."""
+        assert self._copier is not None
+        copier = self._copier
+        for i in publish:
+            job.publish(i, self._publish(i))
+        pool = len(self._grad_pool)
         try:
             for pos, i in enumerate(order):
-                part = by_index[i][0]
-                copier.wait(self._grad_events.pop(i))
+                part = self._by_index[i]
+                copier.wait(grad_events.pop(i))
+                if self.delayed:
+                    # the staged values of this partition are being copied out: let them go
+                    copier.wait(self._publish_events.pop(i, None))
                 state = self.store.acquire(i)
                 # the unscale x clip factor is applied inside CPU Adam's pass over the state
-                self._cpu_adam(part, state, host_grad(pos), 1.0 if scale is None else scale)
-                if pool and pos + len(pool) < len(order):
-                    queue_copy(pos + len(pool))  # the buffer is free: Adam has consumed it
-                self._write_back(part, state)
+                self._cpu_adam(part, state, self._grad_buffer(pos, i, part.master.numel()),
+                               1.0 if scale is None else scale)  # fmt: skip
+                nxt = pos + pool
+                if pool and nxt < len(order):
+                    # the buffer is free: Adam has consumed it
+                    j = order[nxt]
+                    src = pending[nxt]
+                    assert src is not None
+                    grad_events[j] = copier.to_host(
+                        self._grad_buffer(nxt, j, src.numel()), src, ready
+                    )
+                    pending[nxt] = None
+                if not self.delayed:
+                    job.publish(i, self._write_back(part, state))
                 self.store.release(i)
             self.store.flush()
         finally:
-            self._grad_events.clear()
-            self._arrived.clear()
-            self._arrived_set.clear()
-            self._prefetched = None
-            self._phase = Phase.IDLE
-        copier.finish()
+            for event in grad_events.values():
+                copier.wait(event)  # never leave a copy running into a buffer reused later
+            # the pinned sources of this step's copies are rewritten at the next step
+            copier.h2d_done()
+
+    def _publish(self, index: int) -> Any:
+        """delayed_update: copy the staged result of partition ``index`` to where the forward
+        reads it; returns the device event of that copy (None: done)."""
+        assert self._copier is not None
+        part = self._by_index[index]
+        staged = self._lp_host.get(index)
+        if part.param_shard is None:
+            # fp32 stages 0-2: the device master is the parameter storage; the host master
+            # holds the values (rewritten by the next update only after this copy is done)
+            src = self.store.tensors(index)["master"]
+            dst = part.master.reshape(-1)
+        else:
+            assert staged is not None
+            src, dst = staged, part.param_shard.reshape(-1)
+        event = self._copier.to_device(dst, src)
+        self._publish_events[index] = event
+        return event
 
     def _cpu_adam(
         self,
@@ -377,52 +577,30 @@ class OffloadStepper:
             num_threads=self.num_threads, grad_scale=grad_scale,
         )  # fmt: skip
 
-    def _write_back(self, part: _Partition, state: dict[str, torch.Tensor]) -> None:
+    def _write_back(self, part: _Partition, state: dict[str, torch.Tensor]) -> Any:
+        """Put the updated values where ZeRO reads them; returns the device event of the copy
+        (None: in place already)."""
         assert self._copier is not None
         lp = self._lp_host.get(part.index)
         writer = _writer(part)
         if writer is not None:
             writer(state["master"])  # copies before returning: the NVMe slot may be reused next
-            return
+            return None
         if part.param_shard is None and part.master.is_meta:
-            return  # the store is the only copy (parameter offload reads parameters from it)
+            return None  # the store is the only copy (parameter offload reads it from there)
         if part.param_shard is not None:
             dst = part.param_shard.reshape(-1)
             src = lp if lp is not None else state["master"]
             if src.data_ptr() == dst.data_ptr():
-                return  # CPU Adam wrote into the host shard itself
+                return None  # CPU Adam wrote into the host shard itself
         else:
             # fp32 stages 0-2: ZeRO's master is the parameter storage itself
             dst, src = part.master.reshape(-1), state["master"]
-        if self.store.swapped(part.index) and not self._copier.is_cpu and lp is None:
-            # the NVMe slot buffer is reused right after: copy synchronously from it
-            dst.copy_(src)
-        else:
-            self._copier.to_device(dst, src)
-
-    def _step_on_device(
-        self, by_index: dict[int, tuple[_Partition, torch.Tensor]], scale: float | None
-    ) -> None:
-        opt = self._device_optim
-        if opt is None:
-            return
-        for g in opt.param_groups:
-            h = read_hparams(self.kind, self.group_options[g["_gi"]], self.defaults)
-            g.update(lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps, weight_decay=h.weight_decay)
-            if not h.decoupled and h.weight_decay:
-                raise ValueError("ratio < 1 supports AdamW only (decoupled weight decay)")
-        for i in self.on_device:
-            part, grad = by_index[i]
-            part.master.grad = grad if scale is None else grad * scale
-        opt.step()
-        for i in self.on_device:
-            part, _ = by_index[i]
-            part.master.grad = None
-            writer = _writer(part)
-            if writer is not None:
-                writer(part.master.reshape(-1))
-            elif part.param_shard is not None:
-                part.param_shard.reshape(-1).copy_(part.master.reshape(-1))
+        event = self._copier.to_device(dst, src)
+        if self.store.swapped(part.index) and lp is None:
+            # the NVMe slot buffer is reused right after: the copy must be done
+            self._copier.wait(event)
+        return event
 
     def host_memory(self) -> dict[str, int]:
         """Bytes this stepper holds, by place: optimizer state in host memory and on NVMe, the
@@ -445,21 +623,18 @@ class OffloadStepper:
     def state_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Live tensors: "master", "exp_avg", "exp_avg_sq" (the master's numel) and "step"
         (1 element). Fill them in place, then call ``state_loaded``."""
+        self._finish_job()
         if index in self.on_device:
-            part = next(p for p in self.partitions if p.index == index)
-            assert self._device_optim is not None
-            st = self._device_optim.state[part.master]
-            return {
-                "master": part.master,
-                "exp_avg": st["exp_avg"],
-                "exp_avg_sq": st["exp_avg_sq"],
-                "step": self.steps[index],
-            }
+            assert self._device_flow is not None
+            part = self._by_index[index]
+            return {**self._device_flow.state(part), "step": self.steps[index]}
         return {**self.store.tensors(index), "step": self.steps[index]}
 
     @torch.no_grad()
     def state_loaded(self) -> None:
         """Checkpoint data was written into ``state_tensors``: refresh parameters from it."""
+        self._finish_job()
+        self._staged = []  # the loaded masters are the values to use from now on
         for part in self.partitions:
             if part.index in self.offloaded:
                 master = self.store.tensors(part.index)["master"]
@@ -472,11 +647,20 @@ class OffloadStepper:
             dst = part.param_shard if part.param_shard is not None else part.master
             if not dst.is_meta and dst.data_ptr() != master.data_ptr():
                 dst.reshape(-1).copy_(master)
+        if self._device_flow is not None:
+            self._device_flow.loaded()
         self.store.loaded()
 
     def close(self) -> None:
-        """Release host buffers and remove NVMe swap files."""
-        self.store.close()
+        """Finish the last step's work, stop the worker thread, release host buffers and remove
+        NVMe swap files."""
+        try:
+            self._finish_job()
+        finally:
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
+            self.store.close()
 
 
 def _sole_owner(t: torch.Tensor) -> bool:
