@@ -213,3 +213,44 @@ def test_openmpi_mpirun_gloo_allreduce(tmp_path):
         assert rec["sum"] == 1.0 and rec["world_size"] == 2
         assert rec["env"]["LOCAL_RANK"] == str(rank) and rec["env"]["LOCAL_WORLD_SIZE"] == "2"
         assert rec["env"]["NODE_RANK"] == "0"
+
+
+def test_ssh_rank_timeout_names_the_hung_rank_and_its_host(sshd, tmp_path):
+    """Rank 3 (on node-b) stops beating while the others beat on: node-b's agent stops its
+    node and says which rank hung; ds-launch stops node-a and exits 124."""
+    _two_nodes(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_launcher(
+        [*_common(), "--launcher_args", sshd.ssh_args, "--rank_timeout", "1", "--term_timeout",
+         "1", str(SCRIPTS / "hang.py"), str(out), "stop_beating"],
+        tmp_path,
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 124, res.stdout + res.stderr
+    assert "rank 3 on host node-b made no progress" in res.stderr
+    assert "since its last heartbeat (limit 1 s: --rank_timeout)" in res.stderr
+    assert "node 1 (node-b) exited with code 124" in res.stderr
+    pids = read_pids(out)
+    assert len(pids) == 4 and wait_gone(pids, timeout=5) == []
+
+
+def test_ssh_rank_timeout_catches_a_node_still_running_after_another_finished(sshd, tmp_path):
+    """One rank per node: node-a's rank exits 0 after the collective, node-b's hangs. node-b's
+    agent has no peer whose exit it could see, so ds-launch judges the node."""
+    _two_nodes(tmp_path, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_launcher(
+        [*_common(), "--launcher_args", sshd.ssh_args, "--rank_timeout", "1", "--term_timeout",
+         "1", str(SCRIPTS / "hang.py"), str(out), "gloo"],
+        tmp_path,
+        timeout=90,
+    )  # fmt: skip
+    assert res.returncode == 124, res.stdout + res.stderr
+    assert "node 1 (node-b) made no progress for 7." in res.stderr
+    assert "since node 0 (node-a) exited with code 0 (limit 7 s: --rank_timeout 1 plus 6 s" in (
+        res.stderr
+    )
+    pids = read_pids(out)
+    assert len(pids) == 2 and wait_gone(pids, timeout=5) == []

@@ -111,7 +111,7 @@ def test_a_rank_hanging_after_its_peers_finished_stops_the_job(tmp_path):
     res, took, pids = _launch(tmp_path, "1", "gloo")
     assert res.returncode == HANG_EXIT_CODE, res.stdout + res.stderr
     assert "ds-launch: rank 1 on host localhost made no progress for 1." in res.stderr
-    assert "since rank 0 exited with code 0 (--rank_timeout 1)" in res.stderr
+    assert "since rank 0 exited with code 0 (limit 1 s: --rank_timeout)" in res.stderr
     assert len(pids) == 2 and wait_gone(pids, timeout=2) == []
     assert took < 30
 

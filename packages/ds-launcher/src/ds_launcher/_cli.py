@@ -214,11 +214,16 @@ def _run_once(r: _Resolved, launcher_args: tuple[str, ...], stop: StopRequest) -
         # Each node's agent judges its own ranks (and names the hung one). Across nodes, only
         # exits are visible here: a node still running well after another finished is hung,
         # with its agent's own grace first so that the agent's message names the rank.
-        node_timeout = (
-            plan.rank_timeout + plan.term_timeout + 5.0 if plan.rank_timeout is not None else None
-        )
+        if plan.rank_timeout is None:
+            return run_group(members, term_timeout=plan.term_timeout, stop=stop)
+        grace = plan.term_timeout + 5.0
         return run_group(
-            members, term_timeout=plan.term_timeout, rank_timeout=node_timeout, stop=stop
+            members,
+            term_timeout=plan.term_timeout,
+            rank_timeout=plan.rank_timeout + grace,
+            timeout_source=f"--rank_timeout {plan.rank_timeout:g} plus {grace:g} s for the "
+            "node's own watchdog to report first",
+            stop=stop,
         )
     with tempfile.TemporaryDirectory(prefix="ds-launch-") as tmp:
         if r.runner == "openmpi":

@@ -210,6 +210,7 @@ def run_group(
     *,
     term_timeout: float = 5.0,
     rank_timeout: float | None = None,
+    timeout_source: str = "--rank_timeout",
     stop: StopRequest | None = None,
     stdout: IO[bytes] | None = None,
     stderr: IO[bytes] | None = None,
@@ -219,7 +220,8 @@ def run_group(
     On failure, hang or stop, the remaining members get their graceful stop, then SIGKILL after
     `term_timeout` seconds; the result's exit code is the failed member's (128+N for signal N),
     HANG_EXIT_CODE for a hang (see `_watchdog`: no progress for `rank_timeout` seconds), or
-    128+signum for a stop caused by a signal.
+    128+signum for a stop caused by a signal. `timeout_source` says in the hang message where
+    the limit comes from.
     """
     stop = stop or StopRequest()
     watchdog = (
@@ -254,7 +256,7 @@ def run_group(
                     err.write(f"ds-launch: {stop.reason}; stopping all processes\n".encode())
                 elif watchdog is not None and time.monotonic() >= next_check:
                     next_check = time.monotonic() + 0.1  # a stat per member, ten times a second
-                    result = _check_hang(watchdog, running, remaining, err)
+                    result = _check_hang(watchdog, running, remaining, err, timeout_source)
                 continue
             running[index].exited = True
             remaining -= 1
@@ -281,7 +283,11 @@ def run_group(
 
 
 def _check_hang(
-    watchdog: ProgressWatchdog, running: list[_Running], remaining: int, err: _Output
+    watchdog: ProgressWatchdog,
+    running: list[_Running],
+    remaining: int,
+    err: _Output,
+    source: str,
 ) -> GroupResult | None:
     hang = watchdog.poll([i for i, run in enumerate(running) if not run.exited])
     if hang is None:
@@ -292,7 +298,7 @@ def _check_hang(
     stopping = f"; stopping it and the other {others} process(es)" if others else "; stopping it"
     err.write(
         f"ds-launch: {member.name}{where} made no progress for {hang.idle_s:.1f} s since "
-        f"{hang.since} (--rank_timeout {watchdog.timeout:g}){stopping}; exit code "
+        f"{hang.since} (limit {watchdog.timeout:g} s: {source}){stopping}; exit code "
         f"{HANG_EXIT_CODE}\n".encode()
     )
     return GroupResult(Outcome.HUNG, HANG_EXIT_CODE, member.name)
