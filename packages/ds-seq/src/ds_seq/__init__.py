@@ -1,0 +1,56 @@
+"""Sequence parallelism (DeepSpeed-Ulysses) and ALST-style tiled compute for long sequences.
+
+>>> attn = ds_seq.DistributedAttention(local_attention, sp_group)   # q, k, v: [b, s/p, h, d]
+>>> out = attn(q, k, v, batch_dim_idx=0)                             # [b, s/p, h, d]
+"""
+
+from ds_seq._dataloader import UlyssesSPDataLoaderAdapter, shift_labels
+from ds_seq._exchange import SeqExchange, exchange, seq_exchange
+from ds_seq._groups import SequenceParallelGroups, build_sequence_parallel_groups
+from ds_seq._heads import head_splits
+from ds_seq._hf import UlyssesSPAttentionHF
+from ds_seq._layer import DistributedAttention, heads_from_sequence, sequence_from_heads
+from ds_seq._loss import (
+    loss_sum_and_count,
+    sequence_parallel_causal_lm_loss,
+    sequence_parallel_loss,
+)
+from ds_seq._offload import checkpoint_offload, enable_checkpoint_offload
+from ds_seq._tiled import (
+    SequenceTiledCompute,
+    TiledFusedLogitsLoss,
+    TiledMLP,
+    enable_tiled_mlp,
+    sequence_tiled_compute,
+    tiled_causal_lm_loss_sum,
+    tiled_mlp_forward,
+)
+from ds_seq._version import __version__
+
+__all__ = [
+    "DistributedAttention",
+    "SeqExchange",
+    "SequenceParallelGroups",
+    "SequenceTiledCompute",
+    "TiledFusedLogitsLoss",
+    "TiledMLP",
+    "UlyssesSPAttentionHF",
+    "UlyssesSPDataLoaderAdapter",
+    "__version__",
+    "build_sequence_parallel_groups",
+    "checkpoint_offload",
+    "enable_checkpoint_offload",
+    "enable_tiled_mlp",
+    "exchange",
+    "head_splits",
+    "heads_from_sequence",
+    "loss_sum_and_count",
+    "seq_exchange",
+    "sequence_from_heads",
+    "sequence_parallel_causal_lm_loss",
+    "sequence_parallel_loss",
+    "sequence_tiled_compute",
+    "shift_labels",
+    "tiled_causal_lm_loss_sum",
+    "tiled_mlp_forward",
+]
