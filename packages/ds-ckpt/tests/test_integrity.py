@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ds_ckpt
+import ds_ckpt._load
 from ds_ckpt import Fragment
 
 
@@ -69,7 +70,8 @@ def _data_file(root, tag):
     return f
 
 
-def test_flipped_byte_is_caught_by_hash_and_names_the_file(tmp_path):
+def test_flipped_byte_is_caught_by_default_and_names_the_file(tmp_path, monkeypatch):
+    _save(tmp_path, "step0", 0)
     _save(tmp_path, "step1", 1)
     f = _data_file(tmp_path, "step1")
     raw = bytearray(f.read_bytes())
@@ -77,10 +79,19 @@ def test_flipped_byte_is_caught_by_hash_and_names_the_file(tmp_path):
     pos = m["tensors"]["w"]["fragments"][0]["byte_start"] + 37
     raw[pos] ^= 0x01
     f.write_bytes(bytes(raw))
+    with pytest.raises(
+        ds_ckpt.CheckpointCorruptError,
+        match=rf"{f.name}: CRC mismatch in tensor 'w', elements \[0, 64\).*load an older tag.*"
+        r"other complete tags.*\['step0'\]",
+    ):
+        _load_w(tmp_path)
+    # the opt-in SHA-256 catches it on its own too (the CRC check switched off)
+    monkeypatch.setattr(ds_ckpt._load, "_VERIFY_CHECKSUMS", False)
     with pytest.raises(ds_ckpt.CheckpointCorruptError, match=rf"{f.name}: SHA-256 mismatch.*'w'"):
         _load_w(tmp_path, verify_hashes=True)
     from ds_ckpt._cli import main
 
+    assert main(["verify", str(tmp_path), "--no-hashes"]) == 1
     assert main(["verify", str(tmp_path)]) == 1
 
 

@@ -70,7 +70,7 @@ def test_files_are_plain_safetensors_and_manifest_is_json(tmp_path):
     state = make_state()
     _save_layout(tmp_path, "step1", state, [replicated_ranges(state)])
     m = json.loads((tmp_path / "step1" / "manifest.json").read_text())
-    assert m["format"] == "ds-ckpt" and m["format_version"] == 1
+    assert m["format"] == "ds-ckpt" and m["format_version"] == 2
     rec = m["tensors"]["layers.0.norm.weight"]
     assert rec["dtype"] == "BF16" and rec["shape"] == [12]
     fr = rec["fragments"][0]
@@ -136,22 +136,37 @@ def test_layouts_cover_the_whole_state():
 
 
 def test_load_reads_only_the_needed_bytes(tmp_path, monkeypatch):
-    big = torch.arange(1 << 20, dtype=torch.float32)
-    ds_ckpt.save(tmp_path, "t", [Fragment.whole("big", big)])
+    """A partial load reads the wanted range widened to the stored piece's 1 MiB CRC chunks
+    (to verify them), nothing more; with verification off (the benchmark's switch) exactly
+    the wanted bytes."""
+    import ds_ckpt._load as ld
     import ds_ckpt._stfile as stf
 
+    big = torch.arange(1 << 22, dtype=torch.float32)  # 16 MiB: 16 chunks
+    ds_ckpt.save(tmp_path, "t", [Fragment.whole("big", big)])
     seen = []
     real = os.preadv
 
     def spy(fd, bufs, off):
-        seen.append(sum(len(b) for b in bufs))
+        seen.append((off, sum(len(b) for b in bufs)))
         return real(fd, bufs, off)
 
     monkeypatch.setattr(stf.os, "preadv", spy)
+    mib = 1 << 20
+    for a, n, chunks in [(5000, 1000, 1), (mib // 4 - 10, 20, 2), (mib // 4, 3 * mib // 4, 3)]:
+        seen.clear()
+        out = torch.zeros(n)
+        ds_ckpt.load(tmp_path, "t", [Fragment("big", (1 << 22,), torch.float32, a, n, out)])
+        assert torch.equal(out, big[a : a + n])
+        reads = [(o, k) for o, k in seen if k != 8 and o >= 4096]  # not the header reads
+        assert sum(k for _, k in reads) == chunks * mib, (a, n, reads)
+        assert all((o - 4096) % mib == 0 for o, _ in reads)
+    monkeypatch.setattr(ld, "_VERIFY_CHECKSUMS", False)
+    seen.clear()
     out = torch.zeros(1000)
-    ds_ckpt.load(tmp_path, "t", [Fragment("big", (1 << 20,), torch.float32, 5000, 1000, out)])
+    ds_ckpt.load(tmp_path, "t", [Fragment("big", (1 << 22,), torch.float32, 5000, 1000, out)])
     assert torch.equal(out, big[5000:6000])
-    assert sum(seen) == 4000
+    assert sum(k for o, k in seen if k != 8 and o >= 4096) == 4000
 
 
 def test_cast_on_load_only_when_asked(tmp_path):

@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import threading
+import zlib
 
 import pytest
 import torch
@@ -19,14 +20,16 @@ import ds_ckpt._stfile as stf
 from ds_ckpt import Fragment
 from ds_ckpt._cli import main
 from ds_ckpt._dtypes import to_st
+from ds_ckpt._manifest import signed_json
 
 
 def _write(path, tensors, **kw):
     ents = [(f"k{i}", to_st(t.dtype), t.numel(), t.element_size()) for i, t in enumerate(tensors)]
     header, placed = stf.layout(ents)
-    size, digests = stf.write_file(
+    size, digests, header_crc = stf.write_file(
         str(path), placed, header, [t.reshape(-1) for t in tensors], **kw
     )
+    assert header_crc == f"{zlib.crc32(header):08x}"
     return size, digests, len(header) + sum(e.nbytes for e in placed)
 
 
@@ -34,11 +37,17 @@ def _sha(t):
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def _crcs(t, chunk=1 << 20):
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return "".join(f"{zlib.crc32(raw[i : i + chunk]):08x}" for i in range(0, len(raw), chunk))
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_edge_dtypes_and_unaligned_tails(tmp_path, direct):
     """Empty tensors, bool and bf16 at odd byte positions, tails just off a sector boundary:
     the file is exactly header + data long (O_DIRECT padding truncated), reads back with the
-    safetensors library, and every digest is the SHA-256 of the tensor's bytes."""
+    safetensors library, and every digest is the SHA-256 and the chunk CRCs of the tensor's
+    bytes."""
     g = torch.Generator().manual_seed(0)
     for tail in (4095, 4096, 4097):
         ts = [
@@ -54,7 +63,7 @@ def test_edge_dtypes_and_unaligned_tails(tmp_path, direct):
         with safe_open(str(path), "pt") as f:
             for i, t in enumerate(ts):
                 assert torch.equal(f.get_tensor(f"k{i}").reshape(t.shape), t)
-        assert digests == [_sha(t) for t in ts]
+        assert digests == [(_sha(t), _crcs(t)) for t in ts]
 
 
 @pytest.mark.parametrize("delta", [-4096, 4097])
@@ -153,10 +162,13 @@ def test_malformed_header_entry_is_corruption_naming_the_file(tmp_path, entry):
 
 
 def _edit_manifest(root, edit):
+    """Edit a manifest and sign it again, as a buggy writer would have written it: the checks
+    below the manifest checksum must hold on their own."""
     p = root / "t" / "manifest.json"
     m = json.loads(p.read_text())
+    m.pop("manifest_crc32")
     edit(m["tensors"]["w"])
-    p.write_text(json.dumps(m))
+    p.write_bytes(signed_json(m))
 
 
 def test_manifest_dtype_not_matching_the_stored_bytes_is_an_error(tmp_path):

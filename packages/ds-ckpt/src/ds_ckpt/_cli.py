@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ds_ckpt._dtypes import CLI_DTYPES
@@ -48,13 +49,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit status after the reader of our stdout went away (`ds-ckpt inspect DIR | head`): what a
+# process killed by SIGPIPE reports through a shell (128 + 13), as `cat file | head` does.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return _run(args)
-    except (CheckpointError, ValueError, TypeError) as e:
-        print(f"ds-ckpt {args.cmd}: error: {e}", file=sys.stderr)
-        return 1
+        args = _parser().parse_args(argv)
+        try:
+            code = _run(args)
+        except (CheckpointError, ValueError, TypeError, OSError) as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            print(f"ds-ckpt {args.cmd}: error: {e}", file=sys.stderr)
+            code = 1
+        sys.stdout.flush()  # a closed pipe surfaces here for output still buffered
+        return code
+    except BrokenPipeError:
+        # Python would print a traceback and, at exit, "Exception ignored ... BrokenPipeError"
+        # when flushing stdout again; point stdout at /dev/null so that final flush succeeds.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def _run(args: argparse.Namespace) -> int:

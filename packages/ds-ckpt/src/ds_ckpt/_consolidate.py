@@ -14,9 +14,9 @@ import torch
 from ds_ckpt._commit import fsync_dir
 from ds_ckpt._dtypes import from_st, itemsize, to_st
 from ds_ckpt._fragment import global_numel
-from ds_ckpt._load import _check_files, open_checkpoint
+from ds_ckpt._load import _check_files, _range_tasks, _TaskRunner, open_checkpoint
 from ds_ckpt._plan import RangeIndex, Stored
-from ds_ckpt._stfile import byte_view, layout, pread_into, write_all
+from ds_ckpt._stfile import byte_view, layout, write_all
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -32,12 +32,27 @@ def consolidate(
 ) -> dict[str, int]:
     """Write the full tensors of a checkpoint to one safetensors file at `out`.
 
-    Optimizer state (names starting with 'optimizer.') is left out unless include_optimizer.
+    Every byte read is verified as load() verifies it (manifest, header and chunk CRCs); a
+    mismatch raises CheckpointCorruptError naming the file and tensor, and `out` is not
+    written. Optimizer state (names starting with 'optimizer.') is left out unless
+    include_optimizer.
     `dtype` converts floating-point tensors (integer/bool tensors keep theirs). The file is
     written to a temporary name and renamed, so `out` is never half-written. Returns
     {"tensors": n, "bytes": size}.
     """
+    out = os.fspath(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(
+            f"consolidate: the output directory {parent} (of {out}) does not exist; create it "
+            "first or choose another --out"
+        )
+    if os.path.isdir(out):
+        raise ValueError(
+            f"consolidate: {out} is a directory; give the path of the .safetensors file to write"
+        )
     tag_dir, m = open_checkpoint(dir, tag)
+    crc_chunk = m.chunk_bytes if m.verified else 0
     names = [n for n in m.tensors if include_optimizer or not n.startswith("optimizer.")]
     if not names:
         raise ValueError(
@@ -54,16 +69,21 @@ def consolidate(
         for n in names
     ]
     header, placed = layout(entries, [m.tensors[n].shape for n in names])
-    out = os.fspath(out)
     tmp = out + ".tmp"
     fds: dict[str, int] = {}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    runner = _TaskRunner(tag_dir, fds, {}, crc_chunk)
     try:
         write_all(fd, memoryview(header))
         for n, e in zip(names, placed):
             rec = m.tensors[n]
             idx = RangeIndex(
-                n, e.numel, [Stored(f.file, f.offset, f.numel, f.byte_start) for f in rec.fragments]
+                n,
+                e.numel,
+                [
+                    Stored(f.file, f.offset, f.numel, f.byte_start, f.sha256, f.crc32)
+                    for f in rec.fragments
+                ],
             )
             src_isz = itemsize(src_dt[n])
             step = max(1, chunk_bytes // max(src_isz, e.itemsize))
@@ -74,12 +94,17 @@ def consolidate(
                 for r in idx.reads(a, k, src_isz):
                     if r.file not in fds:
                         fds[r.file] = os.open(os.path.join(tag_dir, r.file), os.O_RDONLY)
-                    pread_into(
-                        fds[r.file],
+                    # the same verified reads as load(): every chunk CRC of what is read
+                    for t in _range_tasks(
+                        r.file,
+                        r.stored,
                         r.byte_start,
                         view[r.dst * src_isz : (r.dst + r.numel) * src_isz],
-                        path=os.path.join(tag_dir, r.file),
-                    )
+                        n,
+                        src_isz,
+                        crc_chunk if r.stored.crc32 is not None else 0,
+                    ):
+                        runner.run(t)
                 chunk = buf[:k] if out_dt[n] == src_dt[n] else buf[:k].to(out_dt[n])
                 write_all(fd, byte_view(chunk))
         os.fsync(fd)

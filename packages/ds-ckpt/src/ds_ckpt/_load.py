@@ -8,7 +8,9 @@ range are found by bisection and read with pread straight into the destination t
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,13 +19,14 @@ from typing import Any
 import torch
 
 from ds_accel import get_accelerator
-from ds_ckpt._commit import resolve_tag
+from ds_ckpt._checksum import crc_hex, expected
+from ds_ckpt._commit import complete_tags, resolve_tag
 from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError, CheckpointMismatchError
 from ds_ckpt._fragment import FragmentLike, check_fragments, global_numel
 from ds_ckpt._jsonstate import decode
 from ds_ckpt._manifest import MANIFEST, Manifest, TensorRecord, read_manifest
-from ds_ckpt._plan import RangeIndex, Read, Stored
+from ds_ckpt._plan import RangeIndex, Stored
 from ds_ckpt._stfile import (
     _DIRECT_MIN,
     DirectReader,
@@ -43,13 +46,29 @@ _READ_THREADS = 8
 _READ_CHUNK = 16 * 1024 * 1024
 _DIRECT_READS = False
 _DIRECT_READ_MIN = 1024 * 1024  # below this a buffered pread is as good and copies less
+# Loads check the chunk CRCs of every byte they read. Only the benchmark turns this off, to
+# time the read path without verification against the same code.
+_VERIFY_CHECKSUMS = True
+
+_log = logging.getLogger("ds_ckpt")
 
 
 @dataclass
 class _Task:
-    read: Read
-    view: memoryview  # destination bytes
+    """Read bytes [span_start, +span_len) of `file`, verify their chunk CRCs, and deliver the
+    wanted bytes [want_start, +len(view)) (inside the span) to `view`. The span is the wanted
+    range widened to whole CRC chunks of the stored piece; when they differ (at most one chunk,
+    at either end of a range) the span goes through a scratch buffer."""
+
+    file: str
+    span_start: int
+    span_len: int
+    want_start: int
+    view: memoryview  # destination of the wanted bytes
     name: str
+    stored: Stored
+    itemsize: int
+    chunk_bytes: int  # 0: no CRCs to check (a version-1 checkpoint, or verification off)
 
 
 # Staged reads (device, strided or cast destinations) go through two pinned buffers of this size
@@ -124,7 +143,7 @@ def _check_files(tag_dir: str, m: Manifest, files: set[str]) -> None:
                 f"{path}: size {size} bytes, the manifest says {m.files[fname]}; the file is "
                 "truncated or was replaced"
             )
-        start, header = read_header(path)
+        start, header, header_crc = read_header(path)
         for name, fr in by_file[fname]:
             # Reads use numel * itemsize from the manifest: a record whose nbytes disagrees, or
             # whose range runs past the file, would read a neighbour's bytes without an error.
@@ -144,6 +163,13 @@ def _check_files(tag_dir: str, m: Manifest, files: set[str]) -> None:
                     f"{path}: header entry {fr.key!r} (tensor {name!r}) does not match the "
                     "manifest's byte range; the file or the manifest is corrupt"
                 )
+        # after the structural checks (which say more precisely what is wrong): any other byte
+        # of the header (dtype, shape, metadata, padding) differs from what was saved
+        if m.verified and header_crc != m.headers.get(fname):
+            raise CheckpointCorruptError(
+                f"{path}: CRC mismatch in the safetensors header (bytes [0, {start})): the file "
+                "is corrupt; restore it or load an older tag"
+            )
 
 
 def _header_range(h: Any) -> tuple[int, int] | None:
@@ -167,12 +193,40 @@ def load(
 ) -> Any:
     """Fill each wanted fragment's tensor with its range of checkpoint `tag` (default: latest).
 
-    Only the needed byte ranges are read. Sizes and header positions of the files read are
-    always checked; verify_hashes=True also checks the SHA-256 of every stored piece touched.
-    cast=True allows a destination dtype that differs from the saved one. Returns client_state.
-    No collectives: every rank loads independently.
+    Only the needed byte ranges are read, and every byte read is verified: the manifest's own
+    checksum, each file's size and header checksum, and the CRC-32 of every 1 MiB chunk of the
+    stored pieces the ranges touch (a range that starts or ends inside a chunk reads that whole
+    chunk). verify_hashes=True also checks the SHA-256 of every stored piece touched (reading
+    whole pieces). A mismatch is a CheckpointCorruptError naming the file, the tensor and the
+    elements. cast=True allows a destination dtype that differs from the saved one. Returns
+    client_state. No collectives: every rank loads independently.
     """
-    tag_dir, m = open_checkpoint(dir, tag)
+    root = os.fspath(dir)
+    t = resolve_tag(root, tag)
+    try:
+        return _load(root, t, want, verify_hashes=verify_hashes, cast=cast)
+    except CheckpointCorruptError as e:
+        raise CheckpointCorruptError(f"{e}{_other_tags_hint(root, t)}") from None
+
+
+def _other_tags_hint(root: str, bad: str) -> str:
+    """Which complete tags a user could load instead (the error path only: reads manifests)."""
+    tags = [t for _, t in complete_tags(root) if t != bad]
+    if not tags:
+        return f" (no other complete checkpoint in {root})"
+    return f" (other complete tags in {root}, newest last: {tags[-3:]})"
+
+
+def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool, cast: bool):
+    tag_dir, m = open_checkpoint(root, tag)
+    if not m.verified:
+        _log.warning(
+            "%s: saved by ds-ckpt < 0.1.3 without checksums: loaded UNVERIFIED (a corrupt byte "
+            "would go unnoticed%s); save it again to add checksums",
+            tag_dir,
+            "; verify_hashes=True checks its SHA-256" if not verify_hashes else "",
+        )
+    chunk = m.chunk_bytes if m.verified and _VERIFY_CHECKSUMS else 0
     frags = check_fragments(want, for_load=True)
     indexes: dict[str, RangeIndex] = {}
     direct: list[_Task] = []
@@ -183,22 +237,23 @@ def load(
         out = []
         for r in indexes[name].reads(offset, numel, isz):
             touched[(r.file, r.stored.byte_start)] = (name, r.stored)
-            for c in range(0, r.numel * isz, _READ_CHUNK):  # threads share a big read
-                n = min(_READ_CHUNK, r.numel * isz - c)
-                out.append(
-                    _Task(
-                        Read(r.file, r.byte_start + c, n, 0, r.stored),
-                        view[r.dst * isz + c : r.dst * isz + c + n],
-                        name,
-                    )
-                )
+            n = r.numel * isz
+            out += _range_tasks(
+                r.file,
+                r.stored,
+                r.byte_start,
+                view[r.dst * isz : r.dst * isz + n],
+                name,
+                isz,
+                chunk if r.stored.crc32 is not None else 0,
+            )
         return out
 
     for f in frags:
         rec = _record(m, tag_dir, f, cast)
         if f.name not in indexes:
             stored = [
-                Stored(fr.file, fr.offset, fr.numel, fr.byte_start, fr.sha256)
+                Stored(fr.file, fr.offset, fr.numel, fr.byte_start, fr.sha256, fr.crc32)
                 for fr in rec.fragments
             ]
             try:
@@ -215,7 +270,7 @@ def load(
             for a in range(0, f.numel, step):
                 k = min(step, f.numel - a)
                 units.append(_Unit(f.name, f.offset + a, k, saved, dst[a : a + k]))
-    files = {t.read.file for t in direct}
+    files = {t.file for t in direct}
     for u in units:
         files |= {r.file for r in indexes[u.name].reads(u.offset, u.numel, 1)}
     _check_files(tag_dir, m, files)
@@ -225,18 +280,9 @@ def load(
         for fn in files
         if _DIRECT_READS and m.files[fn] >= _DIRECT_MIN
     }
-    reader = DirectReader(_READ_CHUNK)
+    run = _TaskRunner(tag_dir, fds, dfds, chunk).run
     pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="ds-ckpt-read")
     try:
-
-        def run(t: _Task) -> None:
-            path = os.path.join(tag_dir, t.read.file)
-            dfd = dfds.get(t.read.file)
-            if dfd is not None and len(t.view) >= _DIRECT_READ_MIN:
-                reader.read(dfd, t.read.byte_start, t.view, path=path)
-            else:
-                pread_into(fds[t.read.file], t.read.byte_start, t.view, path=path)
-
         list(pool.map(run, direct))
         if units:
             _staged(units, tasks_for, lambda ts: list(pool.map(run, ts)))
@@ -261,6 +307,112 @@ def load(
             if fd is not None:
                 os.close(fd)
     return decode(m.client_state)
+
+
+class _TaskRunner:
+    """Runs _Tasks from any thread: reads the span (into a per-thread scratch buffer when it is
+    wider than the wanted range), verifies its chunk CRCs, then delivers the wanted bytes."""
+
+    def __init__(
+        self, tag_dir: str, fds: dict[str, int], dfds: dict[str, int | None], chunk: int
+    ) -> None:
+        self.tag_dir, self.fds, self.dfds, self.chunk = tag_dir, fds, dfds, chunk
+        self.reader = DirectReader(max(_READ_CHUNK, chunk))
+        self.local = threading.local()
+
+    def run(self, t: _Task) -> None:
+        path = os.path.join(self.tag_dir, t.file)
+        if t.span_start == t.want_start and t.span_len == len(t.view):
+            buf = t.view
+        else:
+            scratch = getattr(self.local, "buf", None)
+            if scratch is None or len(scratch) < t.span_len:
+                scratch = self.local.buf = memoryview(bytearray(max(t.span_len, self.chunk)))
+            buf = scratch[: t.span_len]
+        dfd = self.dfds.get(t.file)
+        if dfd is not None and len(buf) >= _DIRECT_READ_MIN:
+            self.reader.read(dfd, t.span_start, buf, path=path)
+        else:
+            pread_into(self.fds[t.file], t.span_start, buf, path=path)
+        if t.chunk_bytes:
+            _verify_span(t, buf, path)
+        if buf is not t.view:
+            lo = t.want_start - t.span_start
+            t.view[:] = buf[lo : lo + len(t.view)]
+
+
+def _range_tasks(
+    file: str,
+    s: Stored,
+    a: int,
+    view: memoryview,
+    name: str,
+    isz: int,
+    chunk: int,
+) -> list[_Task]:
+    """Tasks reading bytes [a, a + len(view)) of stored piece `s` into `view`.
+
+    Without CRCs (chunk 0): requests of _READ_CHUNK bytes. With CRCs: the range is widened to
+    the piece's chunk boundaries; a partial chunk at either end is its own task (read whole
+    into scratch, verified, the wanted part copied out), the whole chunks in between are read
+    straight into `view` in requests of about _READ_CHUNK bytes and verified there.
+    """
+    b = a + len(view)
+    if not chunk:
+        return [
+            _Task(
+                file,
+                a + c,
+                min(_READ_CHUNK, b - a - c),
+                a + c,
+                view[c : c + _READ_CHUNK],
+                name,
+                s,
+                isz,
+                0,
+            )
+            for c in range(0, b - a, _READ_CHUNK)
+        ]
+    base, end = s.byte_start, s.byte_start + s.numel * isz
+
+    def floor(x: int) -> int:  # start of the chunk holding byte x
+        return base + (x - base) // chunk * chunk
+
+    out: list[_Task] = []
+    pos = a
+    head = floor(a)
+    if head != a:  # the range starts inside a chunk
+        ce = min(head + chunk, end)
+        wb = min(b, ce)
+        out.append(_Task(file, head, ce - head, a, view[: wb - a], name, s, isz, chunk))
+        pos = wb
+    whole_end = b if b == end or (b - base) % chunk == 0 else floor(b)
+    step = max(chunk, _READ_CHUNK // chunk * chunk)
+    for x in range(pos, whole_end, step):
+        y = min(whole_end, x + step)
+        out.append(_Task(file, x, y - x, x, view[x - a : y - a], name, s, isz, chunk))
+    pos = max(pos, whole_end)
+    if pos < b:  # the range ends inside a chunk (pos is that chunk's start)
+        ce = min(pos + chunk, end)
+        out.append(_Task(file, pos, ce - pos, pos, view[pos - a :], name, s, isz, chunk))
+    return out
+
+
+def _verify_span(t: _Task, buf: memoryview, path: str) -> None:
+    """Compare the CRC of each chunk of a span read into `buf` with the manifest's."""
+    s, c = t.stored, t.chunk_bytes
+    first = (t.span_start - s.byte_start) // c
+    for j in range(0, t.span_len, c):
+        k = first + j // c
+        part = buf[j : j + c]
+        if crc_hex(part) != expected(s.crc32, k):
+            lo = s.byte_start + k * c
+            e0 = s.offset + (k * c) // t.itemsize
+            e1 = s.offset + (k * c + len(part)) // t.itemsize
+            raise CheckpointCorruptError(
+                f"{path}: CRC mismatch in tensor {t.name!r}, elements [{e0}, {e1}) (file bytes "
+                f"[{lo}, {lo + len(part)})): the file is corrupt; restore it or load an older tag"
+            )
 
 
 def _staged(units: list[_Unit], tasks_for, run_all) -> None:

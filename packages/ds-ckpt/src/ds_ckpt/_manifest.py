@@ -2,6 +2,12 @@
 
 Rank 0 writes it last, inside the temporary directory, so a tag directory that has a readable
 manifest is complete by construction.
+
+Format version 2 signs the manifest itself: the file starts with `{"manifest_crc32":"XXXXXXXX",`
+and the CRC-32 covers every byte after that prefix, so any change to the rest (client_state,
+world_size, a fragment's byte range or checksums, even whitespace) is detected before the JSON
+is trusted; a damaged prefix makes a version-2 manifest unsigned, which is refused too. The file
+stays plain JSON (the checksum is its first key). Version 1 (no checksums) is still read.
 """
 
 from __future__ import annotations
@@ -12,11 +18,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ds_ckpt._checksum import ALGO, CHUNK_BYTES, check_crcs_field, crc_hex
 from ds_ckpt._errors import CheckpointCorruptError
 
 FORMAT = "ds-ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FIRST_CHECKSUMMED_VERSION = 2
 MANIFEST = "manifest.json"
+_SIG_KEY = "manifest_crc32"
+_SIG_PREFIX = b'{"' + _SIG_KEY.encode() + b'":"'
+_SIG_SUFFIX = b'",'
+_SIG_LEN = len(_SIG_PREFIX) + 8 + len(_SIG_SUFFIX)
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,199}$")
 
 
@@ -41,6 +53,7 @@ class FragmentRecord:
     byte_start: int
     nbytes: int
     sha256: str | None  # None: saved with hashes=False
+    crc32: str | None = None  # chunk CRCs, 8 hex chars each (see _checksum); None: version 1
 
     @property
     def end(self) -> int:
@@ -57,6 +70,10 @@ class FragmentRecord:
         if self.sha256 is not None and not isinstance(self.sha256, str):
             return f"sha256 must be a hex string or null, got {self.sha256!r}"
         return None
+
+    def check_crcs(self, chunk_bytes: int) -> str | None:
+        """What is wrong with the chunk CRCs of a version-2 record, or None."""
+        return check_crcs_field(self.crc32, self.nbytes, chunk_bytes)
 
 
 @dataclass
@@ -77,16 +94,30 @@ class Manifest:
     rank_states: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    # {"algo": "crc32", "chunk_bytes": n}: how the fragments' `crc32` fields were computed
+    checksum: dict[str, Any] | None = field(
+        default_factory=lambda: {"algo": ALGO, "chunk_bytes": CHUNK_BYTES}
+    )
+    headers: dict[str, str] = field(default_factory=dict)  # file -> CRC of its header bytes
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False)
+    def to_bytes(self) -> bytes:
+        return signed_json(asdict(self))
+
+    @property
+    def verified(self) -> bool:
+        """Whether the pieces carry chunk CRCs (version 2+), i.e. loads verify what they read."""
+        return self.format_version >= FIRST_CHECKSUMMED_VERSION
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self.checksum["chunk_bytes"]) if self.checksum else CHUNK_BYTES
 
     def nbytes(self) -> int:
         return sum(self.files.values())
 
 
 def write_manifest(path: str, m: Manifest) -> None:
-    data = m.to_json().encode()
+    data = m.to_bytes()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
@@ -97,16 +128,43 @@ def write_manifest(path: str, m: Manifest) -> None:
         os.close(fd)
 
 
+def signed_json(obj: dict[str, Any]) -> bytes:
+    """The signed file content of a manifest dict: the CRC as first key, over all the bytes
+    after it."""
+    rest = json.dumps(obj, indent=1).encode()[1:]  # drop the opening brace; the prefix has it
+    return _SIG_PREFIX + crc_hex(rest).encode() + _SIG_SUFFIX + rest
+
+
+def _check_signature(path: str, data: bytes) -> bool:
+    """Whether `data` is signed; raise when it is signed and the bytes do not match."""
+    if not (
+        data.startswith(_SIG_PREFIX) and data[_SIG_LEN - len(_SIG_SUFFIX) : _SIG_LEN] == _SIG_SUFFIX
+    ):
+        return False
+    claimed = data[len(_SIG_PREFIX) : len(_SIG_PREFIX) + 8].decode("ascii", errors="replace")
+    got = crc_hex(data[_SIG_LEN:])
+    if got != claimed:
+        raise CheckpointCorruptError(
+            f"{path}: checksum mismatch (the file says {claimed}, its bytes give {got}): the "
+            "manifest was edited or corrupted; restore it from a copy or load an older tag"
+        )
+    return True
+
+
 def read_manifest(tag_dir: str) -> Manifest:
-    """Parse and validate `<tag_dir>/manifest.json`; errors name the file and what is wrong."""
+    """Parse, verify and validate `<tag_dir>/manifest.json`; errors name the file and what is
+    wrong."""
     path = os.path.join(tag_dir, MANIFEST)
     try:
         with open(path, "rb") as f:
-            raw = json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"{path}: missing; {tag_dir} is not a complete ds-ckpt checkpoint"
         ) from None
+    signed = _check_signature(path, data)
+    try:
+        raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointCorruptError(f"{path}: not valid JSON ({e})") from None
     try:
@@ -117,6 +175,13 @@ def read_manifest(tag_dir: str) -> Manifest:
                 f"{path}: format_version {raw['format_version']} is newer than this ds-ckpt "
                 f"reads ({FORMAT_VERSION}); upgrade ds-ckpt"
             )
+        if (raw["format_version"] >= FIRST_CHECKSUMMED_VERSION) != signed:
+            raise CheckpointCorruptError(
+                f"{path}: format_version {raw['format_version']} manifest "
+                f"{'with' if signed else 'without'} a valid '{_SIG_KEY}' first line; the "
+                "manifest is damaged or was edited; restore it or load an older tag"
+            )
+        raw.pop(_SIG_KEY, None)
         tensors = {
             name: TensorRecord(
                 shape=[int(s) for s in t["shape"]],
@@ -135,6 +200,8 @@ def read_manifest(tag_dir: str) -> Manifest:
             rank_states=raw.get("rank_states") or {},
             format=raw["format"],
             format_version=int(raw["format_version"]),
+            checksum=raw.get("checksum"),
+            headers={str(k): str(v) for k, v in (raw.get("headers") or {}).items()},
         )
     except CheckpointCorruptError:
         raise
@@ -142,9 +209,28 @@ def read_manifest(tag_dir: str) -> Manifest:
         raise CheckpointCorruptError(
             f"{path}: malformed manifest ({type(e).__name__}: {e})"
         ) from None
+    if m.verified:
+        c = m.checksum
+        if (
+            not isinstance(c, dict)
+            or c.get("algo") != ALGO
+            or type(c.get("chunk_bytes")) is not int
+            or c["chunk_bytes"] <= 0
+        ):
+            raise CheckpointCorruptError(
+                f'{path}: \'checksum\' must be {{"algo": "{ALGO}", "chunk_bytes": n > 0}}, '
+                f"got {c!r}; the manifest is corrupt or from a newer ds-ckpt"
+            )
+        missing = sorted(set(m.files) - set(m.headers))
+        if missing:
+            raise CheckpointCorruptError(
+                f"{path}: no header checksum for file(s) {missing}; the manifest is corrupt"
+            )
     for name, t in m.tensors.items():
         for fr in t.fragments:
             bad = fr.check_types()
+            if bad is None and m.verified:
+                bad = fr.check_crcs(m.chunk_bytes)
             if bad is not None:
                 raise CheckpointCorruptError(
                     f"{path}: tensor {name!r}, fragment at element {fr.offset!r}: {bad}"

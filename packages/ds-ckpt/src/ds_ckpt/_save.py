@@ -295,30 +295,36 @@ def _write_rank_file(
 ) -> dict:
     """Write this rank's pieces to one safetensors file; return its index for the manifest."""
     if not pieces:
-        return {"file": None, "size": 0, "records": []}
+        return {"file": None, "size": 0, "header_crc32": None, "records": []}
     name = _file_name(rank)
     entries = [
         (f"{p.name}@{p.offset}", to_st(t.dtype), p.numel, t.element_size())
         for p, t in zip(pieces, data)
     ]
     header, placed = layout(entries)
-    size, hashes = write_file(os.path.join(tmp, name), placed, header, data, hashes=hashed)
+    size, digests, header_crc = write_file(
+        os.path.join(tmp, name), placed, header, data, hashes=hashed
+    )
     records = [
         {
             "name": p.name,
-            **asdict(FragmentRecord(name, e.key, p.offset, p.numel, e.byte_start, e.nbytes, h)),
+            **asdict(
+                FragmentRecord(name, e.key, p.offset, p.numel, e.byte_start, e.nbytes, sha, crcs)
+            ),
         }
-        for p, e, h in zip(pieces, placed, hashes)
+        for p, e, (sha, crcs) in zip(pieces, placed, digests)
     ]
-    return {"file": name, "size": size, "records": records}
+    return {"file": name, "size": size, "header_crc32": header_crc, "records": records}
 
 
 def _manifest(job: _Job, infos: list[dict], world: int) -> Manifest:
     tensors: dict[str, TensorRecord] = {}
     files: dict[str, int] = {}
+    headers: dict[str, str] = {}
     for info in infos:
         if info.get("file"):
             files[info["file"]] = info["size"]
+            headers[info["file"]] = info["header_crc32"]
         for rec in info["records"]:
             rec = dict(rec)
             name = rec.pop("name")
@@ -340,6 +346,7 @@ def _manifest(job: _Job, infos: list[dict], world: int) -> Manifest:
         rank_states={
             str(r): i["rank_state"] for r, i in enumerate(infos) if i.get("rank_state") is not None
         },
+        headers=headers,
     )
 
 
@@ -373,8 +380,10 @@ def save(
 
     Each rank passes the fragments it holds; replicated ranges are written once. `client_state`
     (rank 0's is kept) and `rank_state` (kept per rank) must be JSON-encodable (see encode()).
-    hashes=False skips SHA-256 (sizes and headers are still checked on load); hashing is
-    CPU-bound and can cost more than the disk on a busy host. With async_=True the data is
+    Every stored piece always gets CRC-32s per 1 MiB chunk, and the manifest a CRC of its own
+    bytes, which every load checks; hashes=False skips only the optional SHA-256 (checked by
+    load(verify_hashes=True) and `ds-ckpt verify`), which is CPU-bound and can cost more than
+    the disk on a busy host. With async_=True the data is
     snapshotted to CPU memory, written in the background, and
     committed by the next save() or by finalize().
     """

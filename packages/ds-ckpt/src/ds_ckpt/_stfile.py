@@ -2,7 +2,7 @@
 
 We write the format ourselves (8-byte little-endian header length, JSON header, raw data) rather
 than through `safetensors.torch.save_file` so that (1) the data streams from the caller's
-tensors to the file with no intermediate copy, (2) SHA-256 is computed while writing, and
+tensors to the file with no intermediate copy, (2) checksums (chunk CRCs, optional SHA-256) are computed while writing, and
 (3) byte positions are known before writing, for the manifest. The files are ordinary
 safetensors files; tests open them with the safetensors library.
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_ckpt._checksum import CHUNK_BYTES, PieceDigest, crc_hex, digest
 from ds_ckpt._errors import CheckpointCorruptError
 
 # The data section starts on a page boundary: aligned reads are cheaper and O_DIRECT-ready.
@@ -81,13 +82,6 @@ def write_all(fd: int, view: memoryview) -> None:
     off = 0
     while off < len(view):
         off += os.write(fd, view[off : off + _CHUNK])
-
-
-def _sha256(view: memoryview) -> str:
-    h = hashlib.sha256()
-    for off in range(0, len(view), _CHUNK):
-        h.update(view[off : off + _CHUNK])
-    return h.hexdigest()
 
 
 _DIRECT_BLOCK = 32 * 1024 * 1024  # bytes per write syscall (a multiple of the 4 KiB sector)
@@ -187,10 +181,10 @@ def _pwrite_all(fd: int, mv: memoryview, at: int) -> None:
         done += os.pwrite(fd, mv[done:], at + done)
 
 
-def _hash_update(h, view: memoryview, after: Future | None) -> None:
-    if after is not None:  # updates of one entry must be applied in order
+def _digest_update(d: PieceDigest, view: memoryview, after: Future | None) -> None:
+    if after is not None:  # updates of one piece must be applied in order
         after.result()
-    h.update(view)
+    d.update(view)
 
 
 def write_file(
@@ -202,15 +196,17 @@ def write_file(
     hash_pool: ThreadPoolExecutor | None = None,
     hashes: bool = True,
     direct: bool | None = None,
-) -> tuple[int, list[str | None]]:
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[int, list[tuple[str | None, str]], str]:
     """Write `header` then the bytes of each contiguous tensor of `data` (CPU or device);
-    fsync; return (size, sha256 per entry, None for each when hashes=False).
+    fsync; return (size, (sha256 or None, chunk CRCs) per entry, CRC of the header bytes).
 
-    Hashes run on `hash_pool` threads while the data is written (hashlib, the copies and the
-    write syscalls release the GIL): a CPU tensor is hashed whole from its own memory, a
-    device tensor piece by piece from the buffered copy, in order. Large files are written
-    with O_DIRECT (direct=None: when the file system allows it): no page-cache copy, no
-    dirty-page throttling.
+    The chunk CRCs (see _checksum) are always computed; SHA-256 only with hashes=True. Both run
+    on `hash_pool` threads while the data is written (zlib, hashlib, the copies and the write
+    syscalls release the GIL): a CPU tensor is digested whole from its own memory, a device
+    tensor piece by piece from the buffered copy, in order. Large files are written with
+    O_DIRECT (direct=None: when the file system allows it): no page-cache copy, no dirty-page
+    throttling.
     """
     own_pool = hash_pool is None
     pool = hash_pool or ThreadPoolExecutor(
@@ -225,25 +221,23 @@ def write_file(
     pinned = any(t.device.type != "cpu" for t in data)
     fd = _open_for_write(path, direct if direct is not None else total >= _DIRECT_MIN)
     whole: dict[int, Future] = {}
-    chained: dict[int, tuple[object, Future | None]] = {}
+    chained: dict[int, tuple[PieceDigest, Future | None]] = {}
     try:
         out = _StreamWriter(fd, total, direct=_is_direct(fd), pinned=pinned)
         try:
             out.put(torch.frombuffer(bytearray(header), dtype=torch.uint8))
             for i, t in enumerate(data):
                 flat = t.reshape(-1).view(torch.uint8)
-                if not hashes:
-                    out.put(flat)
-                elif t.device.type == "cpu":
-                    whole[i] = pool.submit(_sha256, byte_view(flat))
+                if t.device.type == "cpu":
+                    whole[i] = pool.submit(digest, byte_view(flat), chunk_bytes, sha256=hashes)
                     out.put(flat)
                 else:
-                    chained[i] = (hashlib.sha256(), None)
+                    chained[i] = (PieceDigest(chunk_bytes, sha256=hashes), None)
 
                     def seg(view: memoryview, i: int = i) -> Future:
-                        h, prev = chained[i]
-                        fut = pool.submit(_hash_update, h, view, prev)
-                        chained[i] = (h, fut)
+                        d, prev = chained[i]
+                        fut = pool.submit(_digest_update, d, view, prev)
+                        chained[i] = (d, fut)
                         return fut
 
                     out.put(flat, seg)
@@ -255,18 +249,18 @@ def write_file(
         size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-        digests: list[str | None] = [None] * len(entries)
+        digests: list[tuple[str | None, str]] = [(None, "")] * len(entries)
         try:
             for i, f in whole.items():
                 digests[i] = f.result()
-            for i, (h, last) in chained.items():
+            for i, (d, last) in chained.items():
                 if last is not None:
                     last.result()
-                digests[i] = h.hexdigest()
+                digests[i] = d.finish()
         finally:
             if own_pool:
                 pool.shutdown()
-    return size, digests
+    return size, digests, crc_hex(header)
 
 
 def _open_for_write(path: str, direct: bool) -> int:
@@ -285,8 +279,9 @@ def _is_direct(fd: int) -> bool:
     return hasattr(os, "O_DIRECT") and bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
-def read_header(path: str) -> tuple[int, dict[str, dict]]:
-    """(data start, header dict) of a safetensors file, validated; errors name the file."""
+def read_header(path: str) -> tuple[int, dict[str, dict], str]:
+    """(data start, header dict, CRC of the header bytes) of a safetensors file, validated;
+    errors name the file."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -313,7 +308,7 @@ def read_header(path: str) -> tuple[int, dict[str, dict]]:
     if not isinstance(header, dict):
         raise CheckpointCorruptError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
-    return 8 + n, header
+    return 8 + n, header, crc_hex(head + raw)
 
 
 def pread_into(fd: int, byte_start: int, view: memoryview, *, path: str) -> None:

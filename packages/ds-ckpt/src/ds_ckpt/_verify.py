@@ -5,17 +5,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ds_ckpt._checksum import PieceDigest, expected
 from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError
 from ds_ckpt._fragment import global_numel
 from ds_ckpt._load import _check_files, open_checkpoint
+from ds_ckpt._manifest import FragmentRecord
 from ds_ckpt._plan import RangeIndex, Stored
-from ds_ckpt._stfile import sha256_range
+from ds_ckpt._stfile import pread_into
+
+_SLAB = 16 * 1024 * 1024  # bytes per read: bounded memory whatever the piece size
 
 
 def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = True) -> list[str]:
-    """Every problem found (empty when the checkpoint is intact): coverage, sizes, headers and,
-    with hashes=True, the SHA-256 of every stored piece. Each problem names its file."""
+    """Every problem found (empty when the checkpoint is intact): the manifest checksum,
+    coverage, sizes, header checksums, the CRC of every chunk of every stored piece and, with
+    hashes=True, the SHA-256 of every stored piece (where the save computed them). Each problem
+    names its file."""
     tag_dir, m = open_checkpoint(dir, tag)
     problems: list[str] = []
     for name, t in m.tensors.items():
@@ -33,7 +39,7 @@ def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = Tru
             _check_files(tag_dir, m, {fname})
         except CheckpointCorruptError as e:
             problems.append(str(e))
-    if not hashes or problems:
+    if problems:
         return problems
     for fname in sorted(m.files):
         path = os.path.join(tag_dir, fname)
@@ -41,18 +47,46 @@ def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = Tru
         try:
             for name, t in m.tensors.items():
                 for f in t.fragments:
-                    if (
-                        f.file == fname
-                        and f.sha256 is not None
-                        and sha256_range(fd, f.byte_start, f.nbytes, path=path) != f.sha256
-                    ):
-                        problems.append(
-                            f"{path}: SHA-256 mismatch in tensor {name!r} elements "
-                            f"[{f.offset}, {f.offset + f.numel})"
-                        )
+                    if f.file == fname:
+                        problems += _check_piece(fd, path, name, f, m.chunk_bytes, hashes)
         finally:
             os.close(fd)
     return problems
+
+
+def _check_piece(
+    fd: int, path: str, name: str, f: FragmentRecord, chunk: int, hashes: bool
+) -> list[str]:
+    """Read one stored piece once, in bounded slabs, and compare its chunk CRCs and SHA-256."""
+    sha = hashes and f.sha256 is not None
+    if f.crc32 is None and not sha:
+        return []
+    d = PieceDigest(chunk, sha256=sha)
+    slab = max(chunk, _SLAB // chunk * chunk)
+    buf = memoryview(bytearray(min(slab, f.nbytes)))
+    for pos in range(0, f.nbytes, slab):
+        k = min(slab, f.nbytes - pos)
+        pread_into(fd, f.byte_start + pos, buf[:k], path=path)
+        d.update(buf[:k])
+    got_sha, got_crcs = d.finish()
+    out = []
+    if f.crc32 is not None and got_crcs != f.crc32:
+        bad = next(
+            i for i in range(len(got_crcs) // 8) if expected(got_crcs, i) != expected(f.crc32, i)
+        )
+        isz = f.nbytes // f.numel if f.numel else 1
+        e0 = f.offset + bad * chunk // isz
+        e1 = f.offset + min(f.nbytes, (bad + 1) * chunk) // isz
+        out.append(
+            f"{path}: CRC mismatch in tensor {name!r}, elements [{e0}, {e1}) (file bytes "
+            f"[{f.byte_start + bad * chunk}, {f.byte_start + min(f.nbytes, (bad + 1) * chunk)}))"
+        )
+    if sha and got_sha != f.sha256:
+        out.append(
+            f"{path}: SHA-256 mismatch in tensor {name!r} elements [{f.offset}, "
+            f"{f.offset + f.numel})"
+        )
+    return out
 
 
 def summary(dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any]:
