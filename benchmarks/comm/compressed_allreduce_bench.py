@@ -10,17 +10,18 @@ model: 2(n-1)/n * 4N for fp32 all-reduce; 2(n-1)/n * N/8 signs + 2(n-1) fp32 sca
 compressed one), effective bandwidth (fp32 tensor bytes / time: how fast the *tensor* is averaged)
 and wire bandwidth (wire bytes / time). Also the relative error of one compressed call against the
 exact mean. Rank 0 writes benchmarks/results/comm-compressed-allreduce-<device>-<yyyymmdd>.json
-and a copy under $OUT when set.
+(the shared results schema, benchmarks/_results.py) and a copy under $OUT when set.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import re
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 import ds_comm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 
 def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
@@ -113,33 +117,36 @@ def main() -> None:
     if r == 0:
         name = torch.cuda.get_device_name(device) if cuda else "cpu-gloo-smoke"
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        today = _dt.date.today().strftime("%Y%m%d")
-        out = {
-            "scenario": "comm-compressed-allreduce",
-            "device": f"{n} x {name}",
-            "torch": torch.__version__,
-            "backend": dist.get_backend(),
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-            "tensor_MiB": a.mb,
-            "numel": numel,
-            "iters": a.iters,
-            "results": res,
-            "speedup_compressed_vs_nccl": res["nccl_all_reduce"]["median_s"]
-            / res["compressed_allreduce"]["median_s"],
-            "wire_bytes_ratio_nccl_over_compressed": wire["fp32_allreduce"]
-            / (wire["signs"] + wire["scales"]),
-            "one_call_relative_error": rel_err,
-            "input_copy_median_s": copy_s,
-        }
-        text = json.dumps(out, indent=2)
-        fname = f"comm-compressed-allreduce-{slug}-{today}.json"
+        today = _dt.date.today()
+        systems = {"nccl_all_reduce": f"{dist.get_backend()} all_reduce (fp32)",
+                   "compressed_allreduce": "ds_comm.compressed_allreduce (1-bit)"}  # fmt: skip
+        runs = [{"system": systems[k], "step_s": v.pop("median_s"), "peak_mem_gb": None, **v}
+                for k, v in res.items()]  # fmt: skip
+        fname = f"comm-compressed-allreduce-{slug}-{today:%Y%m%d}.json"
         root = Path(__file__).resolve().parents[1] / "results"
-        if cuda:  # smoke runs do not go into the results folder
-            root.mkdir(parents=True, exist_ok=True)
-            (root / fname).write_text(text)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], fname).write_text(text)
-        print(text)
+        # smoke runs (CPU) do not go into the results folder, only to $OUT
+        path = write_results(
+            scenario="comm-compressed-allreduce",
+            device=f"{n} x {name}",
+            date=today.isoformat(),
+            path=(root if cuda else Path(os.environ.get("OUT") or tempfile.mkdtemp())) / fname,
+            torch=torch.__version__,
+            backend=dist.get_backend(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            tensor_MiB=a.mb,
+            numel=numel,
+            iters=a.iters,
+            one_call_relative_error=rel_err,
+            input_copy_median_s=copy_s,
+            runs=runs,
+            ratios={
+                f"{runs[1]['system']}/{runs[0]['system']} speed": runs[0]["step_s"]
+                / runs[1]["step_s"],
+                "wire bytes fp32/compressed": wire["fp32_allreduce"]
+                / (wire["signs"] + wire["scales"]),
+            },
+        )
+        print(path.read_text())
     ds_comm.destroy_process_group()
 
 

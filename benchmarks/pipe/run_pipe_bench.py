@@ -21,9 +21,12 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 # (tag, extra pipe_bench.py arguments)
 OURS = [
@@ -144,32 +147,39 @@ def main() -> None:
     ratios = {}
     for peer in ("deepspeed-pipe", "torch-pipelining-1f1b"):
         ps = step_s(runs.get(peer, {}))
-        if ps:
-            ratios[f"speedup_vs_{peer}"] = {
-                tag: round(ps / step_s(r), 3)
-                for tag, r in runs.items()
-                if tag.startswith("ds-pipe") and step_s(r)
-            }
+        for tag, r in runs.items():
+            if ps and tag.startswith("ds-pipe") and step_s(r):
+                ratios[f"{tag}/{peer} speed"] = round(ps / step_s(r), 3)
     import torch
 
     device = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    today = datetime.date.today().strftime("%Y%m%d")
-    result = {
-        "scenario": "pipe-gpt1.3b",
-        "device": f"{args.nproc}x {device}",
-        "date": today,
-        "model": "GPT d=2048 L=24 vocab=32768 seq=1024 (1.34B), 2 stages, 8 micro-batches of 4",
-        "runs": runs,
-        "ratios": ratios,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    name = f"pipe-gpt1.3b-{device}-{today}.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(result, f, indent=1)
-    results_dir = os.path.join(REPO, "benchmarks", "results")
-    if os.path.isdir(results_dir) and torch.cuda.is_available():  # never file CPU smoke runs
-        shutil.copy(os.path.join(args.out, name), os.path.join(results_dir, name))
-    print(json.dumps(result, indent=1))
+    today = datetime.date.today()
+    rows = []
+    for tag, r in runs.items():
+        row = {"system": tag, **{k: v for k, v in r.items() if k != "peer"}}
+        if "tok_s" in row:  # the peers' scripts name it tok_s
+            row["tokens_per_s"] = row.pop("tok_s")
+        per_rank = r.get("peak_mem_gb_per_rank")
+        row["peak_mem_gb"] = max(per_rank) if per_rank else None
+        if step_s(r) is None and "error" not in row:
+            row["error"] = "the run printed no step time"
+        rows.append(row)
+    name = f"pipe-gpt1.3b-{device}-{today:%Y%m%d}.json"
+    # CPU smoke runs go to --out only, never into benchmarks/results/
+    results_dir = Path(REPO, "benchmarks", "results")
+    path = write_results(
+        scenario="pipe-gpt1.3b",
+        device=f"{args.nproc}x {device}",
+        date=today.isoformat(),
+        path=Path(args.out) / name,
+        copy_to_out=False,
+        model="GPT d=2048 L=24 vocab=32768 seq=1024 (1.34B), 2 stages, 8 micro-batches of 4",
+        runs=rows,
+        ratios=ratios,
+    )
+    if results_dir.is_dir() and torch.cuda.is_available():
+        shutil.copy(path, results_dir / name)
+    print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ host, for the 1.34B GPT of shared/BENCHMARKS.md and a model about 4x larger, in 
 
 Each point is one ``benchmarks/zero/run.py zero3 --nproc N`` (micro-batch fixed per GPU, so the
 work per GPU is constant: weak scaling). Writes
-benchmarks/results/scaling-zero3-<device>-<yyyymmdd>.json with, per model, system and GPU count,
+benchmarks/results/scaling-zero3-<device>-<yyyymmdd>.json (the shared results schema,
+benchmarks/_results.py: one run per system, model and GPU count) with, per model, system and GPU count,
 tokens/s per GPU and the weak-scaling efficiency (tokens/s per GPU at N over that at the
 smallest N measured), the ratios against FSDP2 and DeepSpeed at every point, and a PNG chart;
 copies both under $OUT when set. GPU counts above the devices present are skipped and listed.
@@ -27,6 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _results import write_results  # noqa: E402
 
 # name -> (dim, layers): 1.3b is BENCHMARKS.md's GPT; 5b has d=4096 and 26 layers, 5.5B params
 # (4.1x); tiny is for CPU smoke runs
@@ -162,6 +165,22 @@ def main() -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     device = next((p["device"] for p in points if "device" in p), args.device)
     date = datetime.date.today()
+    summary = summarize(points)
+    runs = [
+        {**run, "system": f"{run['system']} {pt['model']} x{pt['nproc']}", "model": pt["model"],
+         "nproc": pt["nproc"]}
+        for pt in points for run in pt.get("runs", [])
+    ] + [
+        {"system": f"{pt['model']} x{pt['nproc']}", "model": pt["model"], "nproc": pt["nproc"],
+         "error": pt["error"], "peak_mem_gb": None}
+        for pt in points if "error" in pt
+    ]  # fmt: skip
+    ratios = {
+        f"{name} {model} x{n} tokens_per_s": v
+        for model, table in summary.items()
+        for name, by_n in table.items() if "/" in name
+        for n, v in by_n.items()
+    }  # fmt: skip
     result = {
         "scenario": "scaling-zero3",
         "device": device,
@@ -179,13 +198,17 @@ def main() -> None:
             "skipped_gpus": skipped,
         },  # fmt: skip
         "goals": GOALS,
-        "points": points,
-        "summary": summarize(points),
+        "summary": summary,
     }
     slug = f"{max(run_counts)}x{device.split(' x ')[-1].replace(' ', '-').lower()}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"scaling-zero3-{slug}-{date:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_results(
+        path=args.out_dir / f"scaling-zero3-{slug}-{date:%Y%m%d}.json",
+        copy_to_out=False,
+        **result,
+        runs=runs,
+        ratios=ratios,
+    )
     png = path.with_suffix(".png")
     drawn = chart(result["summary"], png)
     print(json.dumps(result["summary"], indent=1))
