@@ -36,6 +36,7 @@ def _calls(draw):
         bind_cores_to_rank=draw(st.booleans()),
         bind_core_list=draw(st.sampled_from([None, "0-3,8"])),
         term_timeout=draw(st.floats(0.1, 60)),
+        rank_timeout=draw(st.one_of(st.none(), st.floats(0.001, 1e6))),
     )
     return AgentCall(
         plan,

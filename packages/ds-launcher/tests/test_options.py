@@ -70,6 +70,7 @@ def test_accepted_values_and_deepspeeds_minus_one_defaults():
         ("worker-1.cluster.example.com", "worker-1.cluster.example.com"),
         ("worker-1.cluster.", "worker-1.cluster."),
         ("3com.net", "3com.net"),
+        ("trainer_1", "trainer_1"),  # as hostfiles allow: container and ssh-alias names
         ("a" * 63 + "." + "b" * 63, "a" * 63 + "." + "b" * 63),
         ("", None),  # DeepSpeed's default: infer it
     ],
@@ -83,7 +84,7 @@ def test_master_addr_accepts_addresses_and_rfc1123_names(value, parsed):
     [
         ("10.0.0.256", "looks like an IPv4 address but is not one"),
         ("2130706433", "looks like an IPv4 address"),
-        ("worker_1", "neither an IP address (IPv4 or IPv6) nor a host name (RFC 1123"),
+        ("worker/1", "neither an IP address (IPv4 or IPv6) nor a host name (RFC 1123"),
         ("-oProxyCommand=x", "neither"),
         ("host name", "neither"),
         ("a..b", "neither"),

@@ -69,8 +69,10 @@ def seconds(text: str) -> float:
     return value
 
 
-# RFC 1123 labels: letters, digits and '-', 1-63 characters, no '-' at either end.
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# RFC 1123 labels: letters, digits and '-', 1-63 characters, no '-' at either end. '_' is
+# allowed too, as in hostfiles: the default MASTER_ADDR can be a hostfile name, container and
+# ssh-alias names use it, and resolvers (glibc, Docker's DNS) accept it.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def host_or_address(text: str) -> str | None:
@@ -97,7 +99,7 @@ def host_or_address(text: str) -> str | None:
         )
     raise argparse.ArgumentTypeError(
         f"{text!r} is neither an IP address (IPv4 or IPv6) nor a host name (RFC 1123: "
-        "dot-separated labels of letters, digits and '-', each 1-63 characters and not "
+        "dot-separated labels of letters, digits, '-' and '_', each 1-63 characters and not "
         "starting or ending with '-', at most 253 characters in all)"
     )
 
