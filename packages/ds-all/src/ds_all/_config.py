@@ -7,20 +7,31 @@ owned by other packages are validated by those packages' models (``zero_optimiza
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from ds_all._config_base import ConfigError, Section, suggest, validate_section
+from ds_all._config_base import (
+    AUTO,
+    ConfigError,
+    Section,
+    check_scalar,
+    find_non_finite,
+    scalar_kinds,
+    suggest,
+    validate_section,
+)
+from ds_all._config_file import check_depth, read_config_file
 from ds_all.fault import FaultToleranceSection
 
 
 class FP16Section(Section):
     path = "fp16"
+    auto_is_default = True
     enabled: bool = False
     auto_cast: bool = False
     loss_scale: float = 0.0  # 0 = dynamic loss scaling
@@ -46,6 +57,14 @@ class FP16Section(Section):
             raise ConfigError(f"fp16.{info.field_name} must be >= 1, got {v}")
         return v
 
+    @field_validator("fp16_master_weights_and_grads")
+    @classmethod
+    def _fp32_master(cls, v: bool) -> bool:
+        if v:
+            raise ConfigError("fp16.fp16_master_weights_and_grads=true is not supported: ds-zero "
+                              "keeps fp32 master weights and gradients; remove the key")  # fmt: skip
+        return v
+
     @field_validator("loss_scale")
     @classmethod
     def _non_negative(cls, v: float) -> float:
@@ -64,10 +83,22 @@ class FP16Section(Section):
 
 class BF16Section(Section):
     path = "bf16"
+    auto_is_default = True
     enabled: bool = False
     immediate_grad_update: bool = False
     check_grad_overflow: bool = False
     ignored = {"bf16_master_weights_and_grads", "bf16_optimizer_states"}
+
+
+def _params_without_auto(v: Any, path: str) -> Any:
+    # "auto" is dropped here (the default stands in, so that zero.Init and the client's own
+    # config pass can load the file) and reported by DeepSpeedConfig.unresolved_auto, which
+    # initialize() refuses: DeepSpeed would hand the string "auto" to the optimizer.
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{path}: expected a JSON object of parameters, got {v!r}")
+    return {k: x for k, x in v.items() if not (isinstance(x, str) and x == AUTO)}
 
 
 class OptimizerSection(Section):
@@ -79,9 +110,14 @@ class OptimizerSection(Section):
     @field_validator("params", mode="before")
     @classmethod
     def _drop_auto(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: x for k, x in v.items() if x != "auto"}
-        return v
+        return _params_without_auto(v, "optimizer.params")
+
+    def check_values(self) -> None:
+        """Kinds, ranges and names of the params for this optimizer type (ConfigError)."""
+        from ds_all._optimizers import resolve_optimizer
+
+        find_non_finite(self.params, "optimizer.params")
+        resolve_optimizer(self.type, self.params)
 
 
 class SchedulerSection(Section):
@@ -92,13 +128,21 @@ class SchedulerSection(Section):
     @field_validator("params", mode="before")
     @classmethod
     def _drop_auto(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: x for k, x in v.items() if x != "auto"}
-        return v
+        return _params_without_auto(v, "scheduler.params")
+
+    def check_values(self, partial: bool) -> None:
+        """Kinds, ranges and contradictions of the params for this schedule (ConfigError);
+        ``partial``: some were "auto" (dropped), so the relations between them wait for the
+        client to fill them in."""
+        from ds_all._schedulers import resolve_scheduler
+
+        find_non_finite(self.params, "scheduler.params")
+        resolve_scheduler(self.type, self.params, partial=partial)
 
 
 class CommsLoggerSection(Section):
     path = "comms_logger"
+    auto_is_default = True
     enabled: bool = False
     verbose: bool = False
     prof_all: bool = True
@@ -107,6 +151,7 @@ class CommsLoggerSection(Section):
 
 
 class MonitorSection(Section):
+    auto_is_default = True
     enabled: bool = False
     output_path: str = ""
     job_name: str = "DeepSpeedJobName"
@@ -122,6 +167,7 @@ class CSVMonitorSection(MonitorSection):
 
 class WandbSection(Section):
     path = "wandb"
+    auto_is_default = True
     enabled: bool = False
     group: str | None = None
     team: str | None = None
@@ -190,11 +236,15 @@ class DeepSpeedConfig(Section):
     path = ""
     deprecated = {"bfloat16": "bf16"}
     ignored = _IGNORED_TOP
+    # Accelerate writes Infinity to mean "never print"; DeepSpeed takes any number here
+    non_finite_ok = frozenset({"steps_per_print"})
 
     train_batch_size: int | None = None
     train_micro_batch_size_per_gpu: int | None = None
     gradient_accumulation_steps: int | None = None
-    steps_per_print: int = 10
+    #: a step count, a float (DeepSpeed prints when global_steps % steps_per_print == 0), or
+    #: Infinity / null: never print (held as math.inf, so the modulo never hits)
+    steps_per_print: int | float | None = 10
     wall_clock_breakdown: bool = False
     prescale_gradients: bool = False
     gradient_predivide_factor: float = 1.0
@@ -234,16 +284,28 @@ class DeepSpeedConfig(Section):
 
     @field_validator("steps_per_print")
     @classmethod
-    def _spp(cls, v: int) -> int:
+    def _spp(cls, v: float | None) -> float:
+        if v is None:
+            return math.inf
+        if math.isnan(v):
+            raise ConfigError("steps_per_print: NaN is not a step count; use Infinity (or null) "
+                              "to never print, or a number of steps")  # fmt: skip
         if v < 1:
-            raise ConfigError(f"steps_per_print must be >= 1, got {v}")
-        return v
+            raise ConfigError(f"steps_per_print must be >= 1 (Infinity: never print), got {v}")
+        return int(v) if math.isfinite(v) and float(v).is_integer() else v
 
     @field_validator("gradient_clipping")
     @classmethod
     def _clip(cls, v: float) -> float:
         if v < 0:
             raise ConfigError(f"gradient_clipping must be >= 0 (0 disables clipping), got {v}")
+        return v
+
+    @field_validator("gradient_predivide_factor")
+    @classmethod
+    def _predivide(cls, v: float) -> float:
+        if v <= 0:
+            raise ConfigError(f"gradient_predivide_factor must be > 0, got {v}")
         return v
 
     @field_validator("zero_optimization", mode="before")
@@ -278,31 +340,70 @@ class DeepSpeedConfig(Section):
             raise ConfigError("fp16.enabled and bf16.enabled are both true; enable at most one")
         return self
 
+    #: dotted keys whose value was "auto" where DeepSpeed has no default for it (see load)
+    _auto: tuple[str, ...] = PrivateAttr(default=())
+
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(
-        cls, config: str | os.PathLike[str] | dict[str, Any] | DeepSpeedConfig
+        cls,
+        config: str | os.PathLike[str] | dict[str, Any] | DeepSpeedConfig,
+        *,
+        require_resolved: bool = False,
     ) -> DeepSpeedConfig:
+        """Validate a config (a JSON file's path, a dict, or a loaded config).
+
+        "auto" values are accepted here, as DeepSpeed's config parser accepts them (Hugging
+        Face builds ``zero.Init`` from a config whose scheduler steps are still "auto"); with
+        ``require_resolved`` (``initialize()``), one left where DeepSpeed has no default for
+        it is a ConfigError naming the key, see :meth:`require_resolved`.
+        """
         if isinstance(config, DeepSpeedConfig):
+            if require_resolved:
+                config.require_resolved()
             return config
         if isinstance(config, (str, os.PathLike)):
             path = Path(config)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist; pass --deepspeed_config "
                                   "with the path of a JSON file, or config=dict(...)")  # fmt: skip
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config file {str(path)!r} is not valid JSON: line {e.lineno} "
-                                  f"column {e.colno}: {e.msg}") from None  # fmt: skip
+            data = read_config_file(path)
         elif isinstance(config, dict):
+            check_depth(config, "config")
             data = config
         else:
             raise ConfigError(f"config must be a path or a dict, not {type(config).__name__}")
         cfg = validate_section(cls, data)
         assert isinstance(cfg, DeepSpeedConfig)
+        cfg._auto = _unresolved_auto(data)
+        if cfg.optimizer is not None:
+            cfg.optimizer.check_values()
+        if cfg.scheduler is not None:
+            cfg.scheduler.check_values(partial=any(k.startswith("scheduler.") for k in cfg._auto))
         cfg._validate_owned_sections()
+        if require_resolved:
+            cfg.require_resolved()
         return cfg
+
+    @property
+    def unresolved_auto(self) -> tuple[str, ...]:
+        """Keys given as "auto" that a client (Trainer, Accelerate) normally fills in, and that
+        DeepSpeed cannot use as they are: top-level values, optimizer and scheduler params, and
+        sections other than DeepSpeed's pydantic ones (fp16, bf16, zero_optimization, monitors,
+        comms_logger, where "auto" means the default, here as there)."""
+        return self._auto
+
+    def require_resolved(self) -> None:
+        """ConfigError when "auto" values remain where DeepSpeed has no default for them."""
+        if not self._auto:
+            return
+        keys = ", ".join(self._auto)
+        verb = "is" if len(self._auto) == 1 else "are"
+        raise ConfigError(
+            f'{keys} {verb} "auto": Hugging Face Trainer and Accelerate replace "auto" with a '
+            "value from their own arguments before they call initialize(); without them, write "
+            "the value into the config"
+        )
 
     def _validate_owned_sections(self) -> None:
         # Sections owned by other packages: validated by their models, errors keep the key path.
@@ -314,15 +415,22 @@ class DeepSpeedConfig(Section):
     def zero_config(self) -> Any:
         from ds_zero import ZeroConfig
 
-        # "auto" (Hugging Face) means the section's default, as everywhere else in the config.
-        data = {k: v for k, v in self.zero_optimization.items() if v != "auto"}
+        # "auto" means the section's default, as in DeepSpeed's pydantic zero config.
+        data = {k: v for k, v in self.zero_optimization.items() if v != AUTO}
+        _check_owned_scalars(ZeroConfig, data, "zero_optimization")
+        for key in ("offload_optimizer", "offload_param"):
+            if isinstance(data.get(key), dict):
+                data[key] = {k: v for k, v in data[key].items() if v != AUTO}
+                _check_offload_scalars(key, data[key])
         return _owned(ZeroConfig, data, "zero_optimization")
 
     def aio_config(self) -> Any:
+        find_non_finite(self.aio, "aio")
         try:
             from ds_offload import AioConfig
         except ImportError:
             return dict(self.aio)
+        _check_owned_scalars(AioConfig, self.aio, "aio")
         return _owned(AioConfig, self.aio, "aio")
 
     # ---------------------------------------------------------------- batch triangle
@@ -415,6 +523,75 @@ def _zero_deprecated(section: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"zero_optimization.{old} and its replacement zero_optimization.{new} "
                               f"are both set; keep only {new!r}")  # fmt: skip
         out[new] = out.pop(old)
+    return out
+
+
+def _check_owned_scalars(model: Any, data: dict[str, Any], path: str) -> None:
+    """The scalar checks of our own sections (no booleans or strings for numbers, no NaN or
+    Infinity), applied to a section another package's pydantic model validates."""
+    fields = {}
+    for name, field in model.model_fields.items():
+        fields[name] = field
+        for alias in (field.alias, getattr(field.validation_alias, "choices", None)):
+            if isinstance(alias, str):
+                fields[alias] = field
+            elif isinstance(alias, list):
+                fields.update({a: field for a in alias if isinstance(a, str)})
+    for key, value in data.items():
+        if key in fields:
+            check_scalar(f"{path}.{key}", value, scalar_kinds(fields[key].annotation))
+        find_non_finite(value, f"{path}.{key}")
+
+
+def _check_offload_scalars(key: str, data: dict[str, Any]) -> None:
+    try:
+        from ds_offload import OffloadOptimizerConfig, OffloadParamConfig
+    except ImportError:
+        return  # ds_offload validates the section itself when it is used
+    model = OffloadOptimizerConfig if key == "offload_optimizer" else OffloadParamConfig
+    _check_owned_scalars(model, data, f"zero_optimization.{key}")
+
+
+def _unresolved_auto(data: dict[str, Any]) -> tuple[str, ...]:
+    """Dotted keys given as "auto" where DeepSpeed itself has no default for "auto" (see
+    DeepSpeedConfig.unresolved_auto)."""
+    from ds_all._config_base import _literals
+
+    found: list[str] = []
+    fields = DeepSpeedConfig.model_fields
+    for key, value in data.items():
+        key = DeepSpeedConfig.deprecated.get(key, key)
+        field = fields.get(key)
+        if field is None:
+            continue  # an ignored section (warned) or an error already raised
+        if isinstance(value, str) and value == AUTO:
+            if AUTO not in _literals(field):
+                found.append(key)
+            continue
+        if not isinstance(value, dict) or key in ("zero_optimization", "amp"):
+            continue  # zero_optimization: DeepSpeed's pydantic model takes "auto" as the default
+        section = next((a for a in _section_types(field.annotation)), None)
+        if key == "aio" or section is None or section.auto_is_default:
+            continue
+        if section in (OptimizerSection, SchedulerSection):
+            params = value.get("params") or {}
+            if isinstance(params, dict):
+                found += [f"{key}.params.{k}" for k, v in params.items() if v == AUTO]
+            continue
+        for k, v in value.items():
+            sub = section.model_fields.get(k)
+            if isinstance(v, str) and v == AUTO and (sub is None or AUTO not in _literals(sub)):
+                found.append(f"{key}.{k}")
+    return tuple(found)
+
+
+def _section_types(annotation: Any) -> list[type[Section]]:
+    from typing import get_args
+
+    out = []
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, Section):
+            out.append(t)
     return out
 
 

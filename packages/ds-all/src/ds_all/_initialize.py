@@ -79,7 +79,7 @@ def initialize(
         raise ConfigError(
             "initialize(): no config; pass config=<path or dict> or args with --deepspeed_config"
         )
-    cfg = DeepSpeedConfig.load(config)
+    cfg = DeepSpeedConfig.load(config, require_resolved=True)
     if dist_init_required is None:
         dist_init_required = _launched()
     if dist_init_required:

@@ -10,6 +10,8 @@ import os
 import warnings
 from typing import Any, Protocol
 
+from ds_all._paths import check_output_dir, make_output_dir
+
 
 class Monitor(Protocol):
     def write_events(self, events: list[tuple[str, float, int]]) -> None: ...
@@ -22,7 +24,7 @@ class CSVMonitor:
 
     def __init__(self, output_path: str, job_name: str) -> None:
         self.folder = os.path.join(output_path or "csv_monitor", job_name)
-        os.makedirs(self.folder, exist_ok=True)
+        make_output_dir(self.folder, "csv_monitor.output_path")
 
     def write_events(self, events: list[tuple[str, float, int]]) -> None:
         for name, value, step in events:
@@ -43,13 +45,15 @@ class TensorBoardMonitor:
 
     def __init__(self, output_path: str, job_name: str) -> None:
         self.writer: Any = None
+        log_dir = os.path.join(output_path or "runs", job_name)
+        check_output_dir(log_dir, "tensorboard.output_path")
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             warnings.warn("tensorboard.enabled is true but tensorboard is not installed "
                           "(pip install tensorboard); TensorBoard events are not written", stacklevel=2)  # fmt: skip
             return
-        self.writer = SummaryWriter(log_dir=os.path.join(output_path or "runs", job_name))
+        self.writer = SummaryWriter(log_dir=log_dir)
 
     def write_events(self, events: list[tuple[str, float, int]]) -> None:
         if self.writer is None:

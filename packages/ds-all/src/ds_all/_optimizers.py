@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ds_all._config_base import ConfigError
+from ds_all._optimizer_params import check_values
 
 # DeepSpeed's names (lower-cased) -> how to build them.
 _DS_NAMES = ("adam", "adamw", "lamb", "lion", "adagrad", "onebitadam", "onebitlamb", "zerooneadam")
@@ -77,9 +78,10 @@ def _check_params(cls: Any, params: dict[str, Any], type_name: str) -> None:
             )
 
 
-def build_optimizer(type_name: str, params: dict[str, Any], model_parameters: Iterable[Any],
-                    device_type: str) -> torch.optim.Optimizer:  # fmt: skip
-    """An optimizer over ``model_parameters`` from DeepSpeed's optimizer type and params.
+def resolve_optimizer(type_name: str, params: dict[str, Any],
+                      device_type: str = "cpu") -> tuple[type, dict[str, Any]]:  # fmt: skip
+    """The class DeepSpeed's optimizer ``type`` names and the keyword arguments to build it
+    with, every value checked (ConfigError naming ``optimizer.params.<key>``).
 
     Adam follows DeepSpeed: ``adam_w_mode`` (default true) selects decoupled weight decay,
     ``torch_adam`` asks for torch's implementation. Lamb and Lion come from ds-kernels, the
@@ -88,28 +90,27 @@ def build_optimizer(type_name: str, params: dict[str, Any], model_parameters: It
     params = dict(params)
     key = type_name.lower().replace("_", "")
     torch_opts = _torch_optimizers()
+    cls: Any
     if key in ("adam", "adamw"):
-        adam_w_mode = (
-            params.pop("adam_w_mode", True) if key == "adam" else params.pop("adam_w_mode", True)
-        )
+        adam_w_mode = params.pop("adam_w_mode", True)
+        if not isinstance(adam_w_mode, bool):
+            raise ConfigError(
+                f"optimizer.params.adam_w_mode: expected true or false, got {adam_w_mode!r}"
+            )
         params.pop("torch_adam", None)
         params.pop("fused", None)
         _pop_ds_only("adam", params, type_name)
         cls = torch.optim.AdamW if (adam_w_mode or key == "adamw") else torch.optim.Adam
         if device_type == "cuda":
             params.setdefault("fused", True)
-        _check_params(cls, params, type_name)
-        return cls(model_parameters, **params)
-    if key in ("lamb", "lion"):
+    elif key in ("lamb", "lion"):
         _pop_ds_only(key, params, type_name)
         cls = _from_module("ds_kernels", "FusedLamb" if key == "lamb" else "FusedLion")
         if cls is None:
             raise ConfigError(
                 f"optimizer.type {type_name!r} needs ds-kernels (pip install ds-kernels)"
             )
-        _check_params(cls, params, type_name)
-        return cls(model_parameters, **params)
-    if key in ("onebitadam", "onebitlamb", "zerooneadam"):
+    elif key in ("onebitadam", "onebitlamb", "zerooneadam"):
         name = {
             "onebitadam": "OneBitAdam",
             "onebitlamb": "OneBitLamb",
@@ -118,14 +119,20 @@ def build_optimizer(type_name: str, params: dict[str, Any], model_parameters: It
         cls = _from_module("ds_comm", name)
         if cls is None:
             raise ConfigError(f"optimizer.type {type_name!r} needs ds-comm's {name}")
-        _check_params(cls, params, type_name)
-        return cls(model_parameters, **params)
-    if key in torch_opts:
+    elif key in torch_opts:
         cls = torch_opts[key]
-        _check_params(cls, params, type_name)
-        return cls(model_parameters, **params)
-    known = sorted({"Adam", "AdamW", "Lamb", "Lion", "Adagrad", "OneBitAdam", "OneBitLamb", "ZeroOneAdam"}
-                   | {c.__name__ for c in torch_opts.values()})  # fmt: skip
-    near = difflib.get_close_matches(type_name, known, n=1)
-    hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(known)}"
-    raise ConfigError(f"optimizer.type {type_name!r} is not a known optimizer; {hint}")
+    else:
+        known = sorted({"Adam", "AdamW", "Lamb", "Lion", "Adagrad", "OneBitAdam", "OneBitLamb", "ZeroOneAdam"}
+                       | {c.__name__ for c in torch_opts.values()})  # fmt: skip
+        near = difflib.get_close_matches(type_name, known, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(known)}"
+        raise ConfigError(f"optimizer.type {type_name!r} is not a known optimizer; {hint}")
+    _check_params(cls, params, type_name)
+    return cls, check_values(cls, params, type_name)
+
+
+def build_optimizer(type_name: str, params: dict[str, Any], model_parameters: Iterable[Any],
+                    device_type: str) -> torch.optim.Optimizer:  # fmt: skip
+    """An optimizer over ``model_parameters`` from DeepSpeed's optimizer type and params."""
+    cls, kwargs = resolve_optimizer(type_name, params, device_type)
+    return cls(model_parameters, **kwargs)

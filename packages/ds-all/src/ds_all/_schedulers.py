@@ -7,12 +7,16 @@ parameter group.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from ds_all._config_base import ConfigError
+from ds_all._scheduler_params import check_scheduler_params
 
 log = logging.getLogger("ds_all")
 
@@ -36,7 +40,7 @@ def _per_group(optimizer: Any, value: float | Sequence[float], name: str) -> lis
     n = len(optimizer.param_groups)
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"scheduler.params.{name}: expected {n} values (one per parameter "
+            raise ConfigError(f"scheduler.params.{name}: expected {n} values (one per parameter "
                              f"group), got {len(value)}")  # fmt: skip
         return [float(v) for v in value]
     return [float(value)] * n
@@ -53,10 +57,10 @@ def _set_lrs(optimizer: Any, lrs: list[float]) -> list[float]:
 
 def _check_warmup(warmup_num_steps: Any, warmup_type: str) -> str:
     if not isinstance(warmup_num_steps, int) or warmup_num_steps <= 0:
-        raise ValueError(f"scheduler.params.warmup_num_steps must be a positive integer, got "
+        raise ConfigError(f"scheduler.params.warmup_num_steps must be a positive integer, got "
                          f"{warmup_num_steps!r}")  # fmt: skip
     if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
-        raise ValueError(f"scheduler.params.warmup_type must be 'log' or 'linear', got "
+        raise ConfigError(f"scheduler.params.warmup_type must be 'log' or 'linear', got "
                          f"{warmup_type!r}")  # fmt: skip
     return warmup_type
 
@@ -146,7 +150,7 @@ class WarmupDecayLR(WarmupLR):
         last_batch_iteration: int = -1,
     ) -> None:
         if not isinstance(total_num_steps, int) or total_num_steps <= 0:
-            raise ValueError(f"scheduler.params.total_num_steps must be a positive integer, got "
+            raise ConfigError(f"scheduler.params.total_num_steps must be a positive integer, got "
                              f"{total_num_steps!r}")  # fmt: skip
         self.total_num_steps = total_num_steps
         super().__init__(optimizer, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type,
@@ -179,7 +183,7 @@ class WarmupCosineLR(_Schedule):
         self.optimizer = _torch_optimizer(optimizer)
         self.warmup_type = _check_warmup(warmup_num_steps, warmup_type)
         if not isinstance(total_num_steps, int) or total_num_steps <= 0:
-            raise ValueError(f"scheduler.params.total_num_steps must be a positive integer, got "
+            raise ConfigError(f"scheduler.params.total_num_steps must be a positive integer, got "
                              f"{total_num_steps!r}")  # fmt: skip
         self.total_num_steps = total_num_steps
         self.warmup_min_ratio = float(warmup_min_ratio)
@@ -230,7 +234,7 @@ class LRRangeTest(_Schedule):
     ) -> None:
         self.optimizer = _torch_optimizer(optimizer)
         if lr_range_test_step_size <= 0:
-            raise ValueError("scheduler.params.lr_range_test_step_size must be positive, got "
+            raise ConfigError("scheduler.params.lr_range_test_step_size must be positive, got "
                              f"{lr_range_test_step_size!r}")  # fmt: skip
         self.min_lr = _per_group(self.optimizer, lr_range_test_min_lr, "lr_range_test_min_lr")
         self.step_size = lr_range_test_step_size
@@ -273,7 +277,7 @@ class OneCycle(_Schedule):
     ) -> None:
         self.optimizer = _torch_optimizer(optimizer)
         if cycle_first_step_size <= 0:
-            raise ValueError("scheduler.params.cycle_first_step_size must be positive")
+            raise ConfigError("scheduler.params.cycle_first_step_size must be positive")
         first = float(cycle_first_step_size)
         second = float(cycle_second_step_size) if cycle_second_step_size is not None else first
         self.first_step_size, self.second_step_size = first, second
@@ -365,31 +369,22 @@ SCHEDULERS: dict[str, type[_Schedule]] = {
 }
 
 
-def build_scheduler(name: str, optimizer: Any, params: dict[str, Any]) -> _Schedule:
-    """A schedule from the config's ``scheduler {type, params}``; errors name the bad key."""
-    import inspect
-
+def resolve_scheduler(name: str, params: dict[str, Any],
+                      partial: bool = False) -> tuple[type[_Schedule], dict[str, Any]]:  # fmt: skip
+    """The schedule class named ``name`` and its checked parameters (ConfigError naming the
+    key: unknown name or key, wrong kind, out of range, contradicting another parameter).
+    ``partial``: some parameters are still to be filled in; check only the ones given."""
     if name not in SCHEDULERS:
-        import difflib
-
-        near = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
+        near = difflib.get_close_matches(str(name), list(SCHEDULERS), n=1)
         hint = f" did you mean {near[0]!r}?" if near else ""
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.type {name!r} is not a known schedule ({', '.join(SCHEDULERS)});{hint}"
         )
     cls = SCHEDULERS[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "optimizer"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        import difflib
+    return cls, check_scheduler_params(name, cls, params, partial)
 
-        hints = []
-        for k in unknown:
-            near = difflib.get_close_matches(k, sorted(accepted), n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        raise ValueError(f"scheduler.params for {name}: unknown key(s) {', '.join(hints)}; "
-                         f"accepted: {', '.join(sorted(accepted))}")  # fmt: skip
-    try:
-        return cls(optimizer, **params)
-    except TypeError as e:
-        raise ValueError(f"scheduler.params for {name}: {e}") from None
+
+def build_scheduler(name: str, optimizer: Any, params: dict[str, Any]) -> _Schedule:
+    """A schedule from the config's ``scheduler {type, params}``; errors name the bad key."""
+    cls, kwargs = resolve_scheduler(name, params)
+    return cls(optimizer, **kwargs)

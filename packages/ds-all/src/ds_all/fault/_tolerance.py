@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ds_all._config_base import ConfigError
+from ds_all._paths import check_output_dir
 from ds_all.fault._config import FaultToleranceSection
 from ds_all.fault._control_flow import CallCounter, explain_divergence
 from ds_all.fault._host import FaultHost
@@ -61,6 +62,8 @@ class FaultTolerance:
                     f"checkpoint.{key} needs checkpoint.save_dir: add "
                     '"save_dir": "<directory shared by all ranks>" to the "checkpoint" section'
                 )
+        if ck.save_dir:
+            check_output_dir(ck.save_dir, "checkpoint.save_dir")
         self.engine = engine
         self.save_dir: str | None = ck.save_dir
         self.multi = dist.is_available() and dist.is_initialized() and engine.world_size > 1
