@@ -117,7 +117,9 @@ def test_a_rank_hanging_after_its_peers_finished_stops_the_job(tmp_path):
 
 
 def test_a_rank_that_stops_beating_stops_the_job_while_its_peers_run(tmp_path):
-    res, _, pids = _launch(tmp_path, "1", "stop_beating", ranks="3")
+    # 1.5 s rather than less: a beating rank stalled that long by a loaded machine would be
+    # judged first.
+    res, _, pids = _launch(tmp_path, "1.5", "stop_beating", ranks="3")
     assert res.returncode == HANG_EXIT_CODE, res.stdout + res.stderr
     assert "rank 2 on host localhost made no progress" in res.stderr
     assert "since its last heartbeat" in res.stderr
@@ -126,11 +128,11 @@ def test_a_rank_that_stops_beating_stops_the_job_while_its_peers_run(tmp_path):
 
 
 def test_a_rank_that_keeps_beating_outlives_the_timeout(tmp_path):
-    """Rank 1 runs 2.5 s past rank 0's exit with a 1 s timeout: its beats are progress."""
-    res, took, _ = _launch(tmp_path, "1", "slow_but_beating", "2.5")
+    """Rank 1 runs 3.2 s past rank 0's exit with a 1.5 s timeout: its beats are progress."""
+    res, took, _ = _launch(tmp_path, "1.5", "slow_but_beating", "3.2")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no progress" not in res.stderr
-    assert took >= 2.5
+    assert took >= 3.2
 
 
 def test_a_hang_counts_as_a_failure_for_max_restarts(tmp_path):

@@ -14,8 +14,9 @@ import difflib
 import ipaddress
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 from ds_launcher._errors import LauncherError
@@ -145,17 +146,19 @@ def options(version: str, runners: tuple[str, ...]) -> tuple[Option, ...]:
 
 # DeepSpeed runner flags that ds-launch does not implement: refused with the reason, never
 # silently ignored (a row of `options` replaces an entry here when one is implemented).
-NOT_IMPLEMENTED: dict[str, str] = {
-    "--autotuning": "the autotuner is not part of ds-launch; run the job without it",
-    "--no_ssh_check": "ds-launch runs no ssh pre-check to skip; drop the flag",
-    "--save_pid": "ds-launch writes no pid file; use the launcher's own pid ($!)",
-    "--enable_each_rank_log": "use --log_dir DIR (one DIR/rank_N.log per rank)",
-    "--ssh_port": "pass it to ssh with --launcher_args '-p PORT'",
-    "--venv_script": "activate the environment in your login shell profile, or use --env_file",
-    "--log_level": "ds-launch prints only its start line, failures and stops",
-    "--quiet": "ds-launch prints only its start line, failures and stops",
-    "-q": "ds-launch prints only its start line, failures and stops",
-}
+NOT_IMPLEMENTED: Mapping[str, str] = MappingProxyType(
+    {
+        "--autotuning": "the autotuner is not part of ds-launch; run the job without it",
+        "--no_ssh_check": "ds-launch runs no ssh pre-check to skip; drop the flag",
+        "--save_pid": "ds-launch writes no pid file; use the launcher's own pid ($!)",
+        "--enable_each_rank_log": "use --log_dir DIR (one DIR/rank_N.log per rank)",
+        "--ssh_port": "pass it to ssh with --launcher_args '-p PORT'",
+        "--venv_script": "activate the environment in your login shell profile, or use --env_file",
+        "--log_level": "ds-launch prints only its start line, failures and stops",
+        "--quiet": "ds-launch prints only its start line, failures and stops",
+        "-q": "ds-launch prints only its start line, failures and stops",
+    }
+)
 
 
 class _Parser(argparse.ArgumentParser):
