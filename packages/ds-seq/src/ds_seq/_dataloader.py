@@ -93,8 +93,13 @@ class UlyssesSPDataLoaderAdapter:
                 if value.dim() < 2 or value.shape[1] != seqlen:
                     raise ValueError(f"{key}'s shape {tuple(value.shape)} must match input_ids's shape "
                                      f"{tuple(batch['input_ids'].shape)} in its first two dims")  # fmt: skip
-                parts = [value.new_zeros((value.shape[0], n, *value.shape[2:])) for n in lens]
-                dist.all_gather(parts, value.contiguous(), group=self.sp_group)
+                # gloo (unlike NCCL) gathers only equal shapes: pad to the longest, then trim
+                longest = max(lens)
+                padded = value.new_zeros((value.shape[0], longest, *value.shape[2:]))
+                padded[:, :seqlen] = value
+                parts = [torch.empty_like(padded) for _ in lens]
+                dist.all_gather(parts, padded, group=self.sp_group)
+                parts = [p[:, :n] for p, n in zip(parts, lens, strict=True)]
             else:
                 parts = [None] * ws
                 dist.all_gather_object(parts, value, group=self.sp_group)
