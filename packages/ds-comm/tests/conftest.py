@@ -1,15 +1,10 @@
-import pytest
-import torch
+from ds_comm.testing import GPU_MARKER_HELP, skip_missing_gpus
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs an accelerator (run on a GPU machine)")
+    config.addinivalue_line("markers", GPU_MARKER_HELP)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    # per test: @pytest.mark.gpu needs one CUDA device, @pytest.mark.gpu(n=2) two
+    skip_missing_gpus(items)

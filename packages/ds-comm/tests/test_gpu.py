@@ -50,6 +50,6 @@ def _nccl_body():
     ds_comm.destroy_process_group()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.gpu(n=2)
 def test_nccl_collectives_and_compressed_allreduce_two_gpus():
     run_distributed(_nccl_body, 2, backend=None, timeout=300)

@@ -3,18 +3,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from ds_comm.testing import GPU_MARKER_HELP, skip_missing_gpus  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA GPUs (run on a GPU machine)")
+    config.addinivalue_line("markers", GPU_MARKER_HELP)
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.device_count() >= 2:
-        return
-    skip = pytest.mark.skip(reason="needs 2 CUDA GPUs")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    # per test: @pytest.mark.gpu needs one CUDA device, @pytest.mark.gpu(n=2) two
+    skip_missing_gpus(items)

@@ -1,4 +1,5 @@
-"""Tier 3: the same parity checks on 2 GPUs with NCCL (skipped without 2 GPUs).
+"""Tier 3: parity checks on CUDA: the stages on 2 GPUs with NCCL (``gpu(n=2)``, skipped below 2
+GPUs), host parameter shards on one GPU (``gpu``, runs on a one-GPU machine).
 
 PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python -m pytest packages/ds-zero/tests/test_gpu.py -q
 """
@@ -14,7 +15,7 @@ import ds_zero
 from ds_comm.testing import distributed_test
 
 
-@pytest.mark.gpu
+@pytest.mark.gpu(n=2)
 @distributed_test(world_size=2, backend="nccl", timeout=300)
 def test_gpu_stages_match_reference(world_size):
     torch.cuda.set_device(dist.get_rank())
@@ -45,7 +46,6 @@ def test_gpu_stages_match_reference(world_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @distributed_test(world_size=1, backend="nccl", timeout=300)
 def test_gpu_host_param_shards_match_device_shards(world_size):
     """offload_param cpu on a real device: stage-3 shards in pinned host memory, copied to the
