@@ -32,7 +32,7 @@ import torch
 
 from ds_offload._coerce import coerce
 from ds_offload._copies import Copier
-from ds_offload._hparams import check_kind, read_hparams
+from ds_offload._hparams import AdamHparams, check_kind, read_hparams
 from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions
 from ds_offload._pinned import aligned_empty
 from ds_offload._state import CpuStore, NvmeStore, SplitStore
@@ -455,6 +455,14 @@ class OffloadStepper:
         if self._device_flow is not None:
             self._device_flow.step({i: by_index[i][1] for i in self.on_device}, scale, _writer)
         # 3. CPU Adam per partition as its gradient lands; results stream back
+        # hyper-parameters as they are now: an LR scheduler stepped right after step() returns
+        # must not reach the update still running on the worker
+        hparams = {
+            i: read_hparams(
+                self.kind, self.group_options[self._by_index[i].group_index], self.defaults
+            )
+            for i in order
+        }
         publish = list(self._staged) if self.delayed else []
         job = UpdateJob(publish if self.delayed else order)
         grad_events = dict(self._grad_events)
@@ -464,7 +472,7 @@ class OffloadStepper:
         self._prefetched = None
 
         def body() -> None:
-            self._run_updates(job, order, pending, grad_events, ready, scale, publish)
+            self._run_updates(job, order, pending, grad_events, ready, scale, publish, hparams)
 
         self._job = job
         if self.delayed:
@@ -498,6 +506,7 @@ class OffloadStepper:
         ready: Any,
         scale: float | None,
         publish: list[int],
+        hparams: dict[int, AdamHparams],
     ) -> None:
         """The CPU side of one step (on the worker thread, or inline): publish the previous
         delayed update, then for each partition in ``order``: wait for its gradient on the
@@ -517,8 +526,8 @@ class OffloadStepper:
                     copier.wait(self._publish_events.pop(i, None))
                 state = self.store.acquire(i)
                 # the unscale x clip factor is applied inside CPU Adam's pass over the state
-                self._cpu_adam(part, state, self._grad_buffer(pos, i, part.master.numel()),
-                               1.0 if scale is None else scale)  # fmt: skip
+                grad = self._grad_buffer(pos, i, part.master.numel())
+                self._cpu_adam(part, state, grad, hparams[i], 1.0 if scale is None else scale)
                 nxt = pos + pool
                 if pool and nxt < len(order):
                     # the buffer is free: Adam has consumed it
@@ -562,9 +571,9 @@ class OffloadStepper:
         part: _Partition,
         state: dict[str, torch.Tensor],
         grad: torch.Tensor,
+        h: AdamHparams,
         grad_scale: float = 1.0,
     ) -> None:
-        h = read_hparams(self.kind, self.group_options[part.group_index], self.defaults)
         step = self.steps[part.index]
         step += 1
         bc1, bc2 = h.bias_corrections(int(step.item()))

@@ -112,6 +112,11 @@ class Bucket:
         # into it. None: ``self.master`` is authoritative.
         self.master_source: Callable[[], torch.Tensor] | None = None
         self.master_commit: Callable[[], None] | None = None
+        # An overlapping stepper may still be writing this rank's shard after a step:
+        # ``before_read`` blocks until it is in place, ``read_ready`` says whether it is (a
+        # prefetch skips a shard that is not). None: always ready.
+        self.before_read: Callable[[], None] | None = None
+        self.read_ready: Callable[[], bool] | None = None
         self._work: object | None = None
         self._gaps = self._padding_ranges()
 
@@ -212,6 +217,8 @@ class Bucket:
         """Issue the all-gather of a sharded bucket (async); no-op if already gathered."""
         if self.state is not ParamsState.SHARDED:
             return
+        if self.before_read is not None:
+            self.before_read()
         self._alloc_flat()
         lo, hi = self.layout.shard_range(self.rank)
         mine = self.flat[lo:hi]
@@ -230,6 +237,10 @@ class Bucket:
             return
         self._work = all_gather_single(self.flat, mine, group=self.group, async_op=True)
         self.state = ParamsState.GATHERING
+
+    def readable(self) -> bool:
+        """This rank's shard holds the last step's values (an overlapping stepper is done)."""
+        return self.read_ready is None or self.read_ready()
 
     def wait_gathered(self) -> None:
         if self.state is ParamsState.GATHERING:

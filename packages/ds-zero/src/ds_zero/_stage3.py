@@ -102,6 +102,8 @@ class Stage3Scheduler:
         )
         if need == 0 or need > self.options.prefetch_bucket_size:
             return
+        if not all(b.readable() for b in self.unit_buckets[unit]):
+            return  # its shards are still being updated: gathered (waiting) when it runs
         if self.live_numel() + need > self.options.max_live_parameters:
             return
         self.gather_now(unit)

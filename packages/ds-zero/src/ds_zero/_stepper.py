@@ -30,6 +30,9 @@ class MasterPartition:
         master values (1-D, any device) to it after each step and in ``state_loaded``, instead
         of writing a ``param_shard``: the compute-dtype shard lives in a ``ParamShardStore``.
         It reads the tensor before returning.
+    order: position of the partition's first parameter in ``model.parameters()`` (DeepSpeed's
+        parameter order: offload ``ratio`` keeps the first part of the model on the device);
+        -1 where unknown.
     """
 
     index: int
@@ -37,6 +40,7 @@ class MasterPartition:
     master: torch.Tensor
     param_shard: torch.Tensor | None
     param_writer: Callable[[torch.Tensor], None] | None = None
+    order: int = -1
 
 
 @runtime_checkable

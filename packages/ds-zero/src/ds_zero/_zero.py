@@ -29,6 +29,7 @@ from ds_zero._init import full_value
 from ds_zero._layout import split_into_buckets
 from ds_zero._loss_scaler import LossScaleOptions, LossScaler, make_loss_scaler
 from ds_zero._options import ZeroOptions
+from ds_zero._overlap import StepOverlap
 from ds_zero._reducer import GradReducer
 from ds_zero._shard_store import ParamShardStore
 from ds_zero._stage3 import Stage3Scheduler
@@ -123,6 +124,7 @@ class Zero:
         self._unbucketed: list[nn.Parameter] = []
         self._build_buckets(model, named, group_of)
         self.trainable = [b for b in self.buckets if b.trainable]
+        position = {id(p): i for i, (_, p) in enumerate(named)}
         self.partitions = [
             MasterPartition(
                 k,
@@ -130,6 +132,7 @@ class Zero:
                 b.master,
                 b.param_shard_view(),  # type: ignore[arg-type]
                 param_writer=b.write_shard if b.shard_store is not None else None,
+                order=min(position[id(p)] for p in b.params),
             )
             for k, b in enumerate(self.trainable)
         ]
@@ -155,6 +158,14 @@ class Zero:
             on_final=self._on_grad_final if self._stream_grads else None,
         )
         self._install_hooks(model)
+        # A stepper that overlaps its update with the next forward (an offload stepper's CPU
+        # Adam on a worker thread): step() returns at once, reads of a partition wait for it
+        self._overlap: StepOverlap | None = None
+        if self._stream_grads and getattr(self.stepper, "overlaps_step", False):
+            units = self._units if opts.stage == 3 else find_units(model, opts.stage3_units)
+            self._overlap = StepOverlap(
+                model, self.stepper, self.trainable, units, unit_params(model, units)
+            )
 
     # ---- construction ------------------------------------------------------------------
     def _optimizer_groups(
@@ -460,7 +471,13 @@ class Zero:
         elif scale != 1.0:
             coef = 1.0 / scale
         if self._stream_grads:
-            self.stepper.step(grads, grad_scale=coef)  # type: ignore[call-arg]
+            # never scaled in place here: 1.0 tells the stepper its early copies are final
+            factor = 1.0 if coef is None else coef
+            if self._overlap is not None:
+                self.stepper.step(grads, grad_scale=factor, wait=False)  # type: ignore[call-arg]
+                self._overlap.after_step()
+            else:
+                self.stepper.step(grads, grad_scale=factor)  # type: ignore[call-arg]
             self._streamed.clear()
         else:
             if coef is not None:
@@ -469,7 +486,7 @@ class Zero:
         if self.param_store is not None:
             self.param_store.flush()  # a failed shard write is this step's error, not a later one
         self.zero_grad()
-        self._refresh_params()
+        self._refresh_params(trainable=self._overlap is None)
         self.global_steps += 1
         return True
 
@@ -487,15 +504,27 @@ class Zero:
             for p in b.params:
                 p.grad = None
 
-    def _refresh_params(self) -> None:
-        works = [w for b in self.buckets if (w := b.refresh_replicated()) is not None]
+    def _refresh_params(self, trainable: bool = True) -> None:
+        """All-gather updated replicated buckets (``trainable=False``: an overlapping stepper
+        is still updating those; they are refreshed as the next forward reaches them)."""
+        buckets = [b for b in self.buckets if trainable or not b.trainable]
+        works = [w for b in buckets if (w := b.refresh_replicated()) is not None]
         for w in works:
             w.wait()  # type: ignore[attr-defined]
+
+    def synchronize(self) -> None:
+        """Wait until the last step's update is complete everywhere (a stepper that overlaps
+        its update with the next forward finishes it and replicated parameters are refreshed).
+        Reading ``module`` parameters outside a forward right after ``step()`` needs this;
+        checkpoints and state dicts call it themselves."""
+        if self._overlap is not None:
+            self._overlap.synchronize()
 
     # ---- state: fragments and full state dicts -----------------------------------------------
     def state_fragments(self) -> list[Fragment]:
         """This rank's fp32 master weights and optimizer states, each piece once across ranks
         (stage 0 splits the replicated state evenly so ranks write disjoint pieces)."""
+        self.synchronize()
         out: list[Fragment] = []
         for k, b in enumerate(self.trainable):
             tensors = self.stepper.state_tensors(k)
@@ -561,6 +590,7 @@ class Zero:
     def load_state_fragments(self, fill: Callable[[list[Fragment]], None]) -> None:
         """``fill`` writes checkpoint data into the destination fragments given to it (this
         rank's whole master range: everything at stage 0); parameters are then refreshed."""
+        self.synchronize()
         dests: list[Fragment] = []
         for k, b in enumerate(self.trainable):
             tensors = self.stepper.state_tensors(k)
@@ -580,6 +610,7 @@ class Zero:
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Consolidated weights on every rank (a collective): trainable parameters from the fp32
         masters (cast to ``dtype`` if given), frozen ones from the model."""
+        self.synchronize()
         out: dict[str, torch.Tensor] = {}
         for b in self.buckets:
             if b.trainable:
@@ -611,6 +642,7 @@ class Zero:
         missing += [self.names[id(p)] for p in self._unbucketed if self.names[id(p)] not in state]
         if missing:
             raise KeyError(f"load_full_state_dict: missing keys {missing[:5]} (of {len(missing)})")
+        self.synchronize()
         for b in self.buckets:
             lay = b.layout
             targets = [(b.live_master() if b.trainable else None, b.master_range)]
@@ -642,6 +674,10 @@ class Zero:
         """Remove hooks (the module keeps its flat-buffer parameters) and close the stepper and
         the parameter-shard store where they have ``close`` (an offload stepper's swap files
         are removed: the optimizer state is gone after this, save a checkpoint first)."""
+        if self._overlap is not None:
+            self._overlap.synchronize()
+            self._overlap.remove()
+            self._overlap = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
