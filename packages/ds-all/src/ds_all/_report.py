@@ -11,9 +11,17 @@ PACKAGES = ("ds-accel", "ds-comm", "ds-kernels", "ds-zero", "ds-offload", "ds-pi
             "ds-launcher", "ds-ckpt", "ds-all")  # fmt: skip
 
 
+def _installed_ds_packages() -> list[str]:
+    """The known packages first, then any other installed ``ds-*`` distribution."""
+    others = sorted(
+        {d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"]} - set(PACKAGES)
+    )
+    return list(PACKAGES) + [n for n in others if n.startswith("ds-")]
+
+
 def packages_report() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for dist in PACKAGES:
+    for dist in _installed_ds_packages():
         try:
             version = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -2,7 +2,9 @@
 
 Nothing is built unless ``--build`` is given (then every op is loaded, building as needed).
 Other packages add sections through the entry-point group ``ds_report.sections``: each entry
-is a callable returning a JSON-able dict, printed under the entry's name.
+is a callable returning a JSON-able dict, printed under a header naming the entry and the
+distribution that registered it, one labelled line per value (nested dicts and lists become
+indented labelled lines, never a Python dict dump).
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ def _section_entry_points() -> list[metadata.EntryPoint]:
     return sorted(metadata.entry_points(group=SECTIONS_GROUP), key=lambda ep: ep.name)
 
 
-def _sections() -> dict[str, Any]:
+def _sections() -> tuple[dict[str, Any], dict[str, str]]:
+    """Each section's dict, and the distribution (package) that registered it."""
     out: dict[str, Any] = {}
+    packages: dict[str, str] = {}
     for ep in _section_entry_points():
+        dist = getattr(ep, "dist", None)
+        packages[ep.name] = dist.name if dist is not None else "unknown package"
         try:
             out[ep.name] = ep.load()()
         except Exception as exc:  # noqa: BLE001 - one broken section must not hide the rest
             out[ep.name] = {"error": f"{type(exc).__name__}: {exc}"}
-    return out
+    return out, packages
 
 
 def report(build: bool = False) -> dict[str, Any]:
@@ -88,6 +94,8 @@ def report(build: bool = False) -> dict[str, Any]:
                 "detail": st.detail,
             }
         )
+    # after the ops: a section may register more ops (entry points) in the registry
+    sections, section_packages = _sections()
     return {
         "ds_kernels": __version__,
         "torch": torch.__version__,
@@ -106,15 +114,74 @@ def report(build: bool = False) -> dict[str, Any]:
         "cache_dir": str(_build.cache_root()),
         "prebuilt_dirs": [str(p) for p in _build.prebuilt_roots()],
         "ops": ops,
-        "sections": _sections(),
+        "sections": sections,
+        "section_packages": section_packages,
     }
+
+
+_LABEL_WIDTH = 20
+
+
+def _scalar(v: Any) -> str:
+    if v is True:
+        return "yes"
+    if v is False:
+        return "no"
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def _labelled(key: str, value: Any, indent: str = "") -> list[str]:
+    """``key ..... value`` lines: a small flat dict is one line of ``k: v`` pairs, a larger or
+    nested dict (or a list of dicts) opens an indented block under its key, a list of scalars is
+    one comma-separated line."""
+    label = f"{indent}{key}"
+    if (
+        isinstance(value, dict)
+        and 0 < len(value) <= 4
+        and not any(isinstance(v, (dict, list, tuple)) for v in value.values())
+    ):
+        # a small flat record stays on one line: "installed: yes, version: 0.1.3"
+        text = ", ".join(f"{k}: {_scalar(v)}" for k, v in value.items())
+        return [f"{label} {'.' * max(2, _LABEL_WIDTH - len(label))} {text}"]
+    if isinstance(value, dict):
+        if not value:
+            return [f"{label} {'.' * max(2, _LABEL_WIDTH - len(label))} (none)"]
+        lines = [label]
+        for k, v in value.items():
+            lines += _labelled(str(k), v, indent + "  ")
+        return lines
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        lines = [label]
+        for i, v in enumerate(value):
+            lines += _labelled(f"[{i}]", v, indent + "  ")
+        return lines
+    if isinstance(value, (list, tuple)):
+        text = ", ".join(_scalar(v) for v in value) or "(none)"
+    else:
+        text = _scalar(value)
+    return [f"{label} {'.' * max(2, _LABEL_WIDTH - len(label))} {text}"]
+
+
+def format_section(name: str, package: str, section: Any) -> list[str]:
+    """One ``ds_report.sections`` entry as text: a header naming the section and its package,
+    then one labelled line per value."""
+    lines = [f"[{name}] from {package}"]
+    if isinstance(section, dict):
+        for k, v in section.items():
+            lines += _labelled(str(k), v)
+    else:
+        lines += _labelled("value", section)
+    return lines
 
 
 def format_report(rep: dict[str, Any]) -> str:
     acc = rep["accelerator"]
     lines = [
-        "ds-kernels report",
+        "ds-report",
         "-" * 60,
+        "[kernels] from ds-kernels: toolchain and ops",
         f"ds_kernels ........ {rep['ds_kernels']}",
         f"torch ............. {rep['torch']} (cuda {rep['torch_cuda']})",
         f"accelerator ....... {acc.get('accelerator', acc.get('error'))} "
@@ -137,12 +204,10 @@ def format_report(rep: dict[str, Any]) -> str:
             f"{'yes' if op['built'] else 'no':<8}{op['state']}"
         )
         lines.append(f"{'':<14}{op['detail']}")
+    packages = rep.get("section_packages", {})
     for name, section in rep.get("sections", {}).items():
-        lines += ["-" * 60, f"[{name}]"]
-        if isinstance(section, dict):
-            lines += [f"{k} {'.' * max(2, 18 - len(str(k)))} {v}" for k, v in section.items()]
-        else:
-            lines.append(str(section))
+        lines.append("-" * 60)
+        lines += format_section(name, packages.get(name, "unknown package"), section)
     return "\n".join(lines)
 
 
