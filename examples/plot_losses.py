@@ -25,7 +25,7 @@ def main(log_path: str, png_path: str) -> None:
         if pts:
             ax.plot(*zip(*pts), label=label, color=color, linewidth=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (cross-entropy, nats/char)")
+    ax.set_ylabel("rank 0 training loss (cross-entropy, nats/char)")
     ax.set_title("Character GPT on the project's docs: 2 ranks, ZeRO-3")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -33,7 +33,7 @@ def main(log_path: str, png_path: str) -> None:
     fig.savefig(png_path, dpi=120)
     first, last = rows[0]["loss"], rows[-1]["loss"]
     print(
-        f"loss {first:.3f} -> {last:.3f} over {rows[-1]['step']} steps; curve written to {png_path}"
+        f"rank0 loss {first:.3f} -> {last:.3f} over {rows[-1]['step']} steps; curve written to {png_path}"
     )
 
 

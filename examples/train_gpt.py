@@ -3,7 +3,12 @@
 Launched by ``nox -s demo`` as ``ds-launch --num_gpus 2 examples/train_gpt.py ...`` (2 CPU ranks,
 ZeRO-3 from ds_config.json; on a GPU machine the same command uses the GPUs). It trains with a
 progress bar, saves a checkpoint every --save_every steps and at the end; with --resume it loads
-the newest checkpoint and continues. Rank 0 appends (step, loss) to --log and the demo plots it.
+the newest checkpoint and continues. Rank 0 appends (step, its own loss) to --log and the demo
+plots it.
+
+Two losses appear, labelled: the progress bar shows ``rank0 loss`` (rank 0's micro-batch loss of
+that step, which is what the log holds), and the engine's line every ``steps_per_print`` steps
+shows ``mean loss over N ranks`` (all-reduced over the data-parallel ranks, so it differs).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class Progress:
         bar = "#" * int(done * self.width)
         rate = (step - self.start) / max(1e-9, time.perf_counter() - self.t0)
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        print(f"train [{bar:<{self.width}}] {step}/{self.total} ({done:4.0%}) loss {loss:.3f} "
+        print(f"train [{bar:<{self.width}}] {step}/{self.total} ({done:4.0%}) rank0 loss {loss:.3f} "
               f"{rate:.2f} step/s eta {eta:4.0f}s", flush=True)  # fmt: skip
 
 
@@ -110,7 +115,8 @@ def main() -> None:
             )
     if show:
         print(
-            f"done: step {engine.global_steps}, last loss {loss_value:.4f}, checkpoints in {args.save_dir}",
+            f"done: step {engine.global_steps}, last rank0 loss {loss_value:.4f}, "
+            f"checkpoints in {args.save_dir}",
             flush=True,
         )
     engine.close()
