@@ -341,7 +341,10 @@ class DeepSpeedEngine(nn.Module):
             elapsed = max(1e-9, time.perf_counter() - self._window_start)
             parts = [f"step {self.global_steps}"]
             if self._last_loss is not None:
-                parts.append(f"loss {self._last_loss:.4f}")
+                # all-reduced over the data-parallel ranks: say so, a script's own progress
+                # line usually shows rank 0's loss only
+                label = f"mean loss over {self.world_size} ranks" if self.world_size > 1 else "loss"
+                parts.append(f"{label} {self._last_loss:.4f}")
             parts.append(f"lr {self.get_lr()[0]:.3e}")
             parts.append(f"{self._window_samples / elapsed:.1f} samples/s")
             if self._window_tokens:
