@@ -5,7 +5,10 @@ engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=
 loss = engine(batch); engine.backward(loss); engine.step()
 """
 
-from ds_all import checkpointing
+# DeepSpeed's module tree (ds_all.runtime, ds_all.utils, ...): each module re-exports the
+# package that implements it. comm and zero are imported here, as DeepSpeed's __init__ does,
+# because clients call deepspeed.comm.* and deepspeed.zero.* after a bare `import deepspeed`.
+from ds_all import accelerator, checkpointing, comm, ops, runtime, utils, zero  # noqa: E402
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._engine import DeepSpeedEngine
@@ -19,9 +22,7 @@ from ds_all._schedulers import (
     build_scheduler,
 )
 from ds_all._version import __version__
-
-# DeepSpeed's module paths that scripts import from
-from ds_zero import GatheredParameters, Init  # noqa: E402  (re-exported as deepspeed.zero.*)
+from ds_all.zero import GatheredParameters, Init  # noqa: E402
 
 __all__ = [
     "ConfigError",
@@ -35,9 +36,15 @@ __all__ = [
     "WarmupDecayLR",
     "WarmupLR",
     "__version__",
+    "accelerator",
     "add_config_arguments",
     "build_scheduler",
     "checkpointing",
+    "comm",
     "init_distributed",
     "initialize",
+    "ops",
+    "runtime",
+    "utils",
+    "zero",
 ]

@@ -1,5 +1,16 @@
-"""``deepspeed.zero`` names: ``Init`` and ``GatheredParameters`` come from ds_zero."""
+"""``deepspeed.zero``: ``Init``, ``GatheredParameters`` and the external-parameter registry,
+with DeepSpeed's signatures, over ds_zero."""
 
-from ds_zero import GatheredParameters, Init
+from ds_all.runtime.zero.partition_parameters import (
+    GatheredParameters,
+    Init,
+    register_external_parameter,
+    unregister_external_parameter,
+)
 
-__all__ = ["GatheredParameters", "Init"]
+__all__ = [
+    "GatheredParameters",
+    "Init",
+    "register_external_parameter",
+    "unregister_external_parameter",
+]

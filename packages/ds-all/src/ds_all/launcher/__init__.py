@@ -1,0 +1,1 @@
+"""``deepspeed.launcher``: the launcher under DeepSpeed's path (ds_launcher's ``ds-launch``)."""

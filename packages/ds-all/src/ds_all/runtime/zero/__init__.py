@@ -1,0 +1,19 @@
+"""``deepspeed.runtime.zero``: ZeRO under DeepSpeed's path (ds_zero's)."""
+
+from ds_all.runtime.zero import partition_parameters
+from ds_all.runtime.zero.partition_parameters import (
+    GatheredParameters,
+    Init,
+    ZeroParamStatus,
+    register_external_parameter,
+    unregister_external_parameter,
+)
+
+__all__ = [
+    "GatheredParameters",
+    "Init",
+    "ZeroParamStatus",
+    "partition_parameters",
+    "register_external_parameter",
+    "unregister_external_parameter",
+]

@@ -1,0 +1,26 @@
+"""``deepspeed.utils``: logger, process groups, ZeRO-3 leaf modules, ``zero_to_fp32``.
+
+Submodules other features add land here too; ``zero_to_fp32`` is imported on use (it reads
+checkpoints through ds_ckpt)."""
+
+from ds_all.utils import groups
+from ds_all.utils.logging import log_dist, logger, set_log_level_from_string
+from ds_all.utils.z3_leaf_module import (
+    get_z3_leaf_modules,
+    set_z3_leaf_module,
+    set_z3_leaf_modules,
+    unset_z3_leaf_modules,
+    z3_leaf_module,
+)
+
+__all__ = [
+    "get_z3_leaf_modules",
+    "groups",
+    "log_dist",
+    "logger",
+    "set_log_level_from_string",
+    "set_z3_leaf_module",
+    "set_z3_leaf_modules",
+    "unset_z3_leaf_modules",
+    "z3_leaf_module",
+]
