@@ -4,6 +4,7 @@ corpus of bad configs each rejected with an error naming the key."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -123,7 +124,7 @@ def test_auto_values_take_defaults_and_hf_config_loads():
     cfg = DeepSpeedConfig.load(hf)
     assert cfg.fp16.enabled is False and cfg.bf16.enabled is False
     assert cfg.optimizer.params == {} and cfg.scheduler.params == {}
-    assert cfg.gradient_clipping == 0.0
+    assert cfg.gradient_clipping == 1.0  # DeepSpeed 0.19.8's default
     assert cfg.zero_config() is not None
 
 
@@ -145,13 +146,15 @@ def test_deprecated_alias_warns():
 
 
 def test_defaults_are_deepspeeds_documented_defaults():
-    """An empty section means DeepSpeed's documented defaults (docs/config-json)."""
+    """An empty section means DeepSpeed 0.19.8's defaults (deepspeed/runtime/constants.py and
+    its config models)."""
     cfg = DeepSpeedConfig.load({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}})
     f = cfg.fp16
     assert (f.loss_scale, f.initial_scale_power, f.loss_scale_window) == (0.0, 16, 1000)
     assert (f.hysteresis, f.min_loss_scale, f.consecutive_hysteresis) == (2, 1.0, False)
-    assert cfg.steps_per_print == 10
-    assert cfg.gradient_clipping == 0.0  # 0 = no clipping
+    # DeepSpeed 0.19.8's code (its docs lag): no progress line, clipping at a global norm of 1
+    assert cfg.steps_per_print == math.inf
+    assert cfg.gradient_clipping == 1.0
     assert cfg.wall_clock_breakdown is False and cfg.bf16.enabled is False
     assert cfg.zero_config().stage == 0
     assert cfg.resolve_batch(1) == (1, 1, 1)  # gradient_accumulation_steps defaults to 1

@@ -190,6 +190,19 @@ class CheckpointSection(Section):
     async_save: bool = False
     verify_hashes: bool = False
 
+    @field_validator("use_node_local_storage")
+    @classmethod
+    def _node_local(cls, v: bool) -> bool:
+        if v:
+            warnings.warn(
+                "checkpoint.use_node_local_storage has no effect in ds_all: each rank writes its "
+                "own shards into save_dir, and a load reads every shard it needs from there, so "
+                "save_dir must be storage all ranks can read (on one node any local directory is)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return v
+
 
 class PipelineSection(Section):
     path = "pipeline"
@@ -225,7 +238,7 @@ _IGNORED_TOP = {
     "sparse_attention", "memory_breakdown", "dump_state", "zero_force_ds_cpu_optimizer",
     "curriculum_learning", "eigenvalue", "progressive_layer_drop", "nebula", "quantize_training",
     "weight_quantization", "hybrid_engine", "timers", "aml", "comet", "use_data_before_expert_parallel_",
-    "graph_harvesting", "torch_autocast", "compile", "sequence_parallel_size", "seq_parallel_communication_data_type",
+    "graph_harvesting", "torch_autocast", "compile", "seq_parallel_communication_data_type",
     "zero_allow_comm_data_type_fp32", "disable_allgather", "sparse_gradients",
 }  # fmt: skip
 
@@ -243,16 +256,20 @@ class DeepSpeedConfig(Section):
     train_micro_batch_size_per_gpu: int | None = None
     gradient_accumulation_steps: int | None = None
     #: a step count, a float (DeepSpeed prints when global_steps % steps_per_print == 0), or
-    #: Infinity / null: never print (held as math.inf, so the modulo never hits)
-    steps_per_print: int | float | None = 10
+    #: Infinity / null: never print (held as math.inf, so the modulo never hits). DeepSpeed
+    #: 0.19.8's default is null (its docs still say 10): no progress line unless asked for.
+    steps_per_print: int | float | None = math.inf
     wall_clock_breakdown: bool = False
     prescale_gradients: bool = False
     gradient_predivide_factor: float = 1.0
-    gradient_clipping: float = 0.0
+    #: DeepSpeed 0.19.8's default is 1.0 (clip the global gradient norm at 1); 0 disables
+    gradient_clipping: float = 1.0
     zero_allow_untested_optimizer: bool = False
     communication_data_type: Literal["fp32", "fp16", "bf16"] | None = None
     seed: int | None = None
     dataloader_drop_last: bool = False
+    #: Ulysses sequence parallelism (ds-seq): sp x dp = world; ZeRO spans the sp x dp ranks
+    sequence_parallel_size: int = 1
     optimizer: OptimizerSection | None = None
     scheduler: SchedulerSection | None = None
     fp16: FP16Section = Field(default_factory=FP16Section)
@@ -293,6 +310,15 @@ class DeepSpeedConfig(Section):
         if v < 1:
             raise ConfigError(f"steps_per_print must be >= 1 (Infinity: never print), got {v}")
         return int(v) if math.isfinite(v) and float(v).is_integer() else v
+
+    @field_validator("sequence_parallel_size")
+    @classmethod
+    def _sp(cls, v: int) -> int:
+        if v < 1:
+            raise ConfigError(
+                f"sequence_parallel_size must be >= 1 (1: no sequence parallelism), got {v}"
+            )
+        return v
 
     @field_validator("gradient_clipping")
     @classmethod
