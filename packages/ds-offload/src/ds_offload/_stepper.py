@@ -314,13 +314,13 @@ class OffloadStepper:
         job = self._job
         if job is None:
             return
-        job.wait_all()  # raises the worker's error, if any
+        self._job = None  # its error (if any) is raised once, here
+        if self._phase is Phase.UPDATING:
+            self._phase = Phase.IDLE
+        job.wait_all()
         assert self._copier is not None
         for event in job.device_events.values():
             self._copier.stream_waits(event)
-        self._job = None
-        if self._phase is Phase.UPDATING:
-            self._phase = Phase.IDLE
 
     def _job_running(self) -> bool:
         return self._job is not None and self._job.state is not JobState.DONE
