@@ -89,3 +89,38 @@ def test_consolidate_memory_is_bounded(tmp_path):
     assert grew < 48 << 20, f"consolidate grew RSS by {grew / 2**20:.0f} MB"
     got = load_file(str(tmp_path / "m.safetensors"))
     assert got["w3"].dtype == torch.bfloat16 and bool((got["w3"] == 3).all())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{root}"],
+        ["verify", "{root}"],
+        ["consolidate", "{root}", "--out", "{out}"],
+        ["--help"],
+    ],
+    ids=["inspect", "verify", "consolidate", "help"],
+)
+def test_closed_stdout_is_quiet_exit_141(ckpt, tmp_path, args):
+    """`ds-ckpt inspect DIR | head` must not end in a BrokenPipeError traceback: the reader of
+    stdout is gone before the command writes (closed at once), as after `head` has its lines."""
+    import os
+
+    root, _ = ckpt
+    argv = [a.format(root=root, out=tmp_path / "m.safetensors") for a in args]
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # no reader: every write to the pipe fails with EPIPE
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "ds_ckpt._cli", *argv],
+            stdout=w_fd,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(w_fd)
+    # argparse swallows the write error of --help itself and exits 0; that is quiet too
+    assert p.returncode in ((0, 141) if args == ["--help"] else (141,)), p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.stderr == ""

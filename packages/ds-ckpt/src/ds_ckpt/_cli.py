@@ -56,7 +56,11 @@ EXIT_BROKEN_PIPE = 141
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit:  # --help, usage errors: what was printed must reach stdout first
+            sys.stdout.flush()
+            raise
         try:
             code = _run(args)
         except (CheckpointError, ValueError, TypeError, OSError) as e:

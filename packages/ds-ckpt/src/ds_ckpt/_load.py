@@ -281,11 +281,23 @@ def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool,
         if _DIRECT_READS and m.files[fn] >= _DIRECT_MIN
     }
     run = _TaskRunner(tag_dir, fds, dfds, chunk).run
-    pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="ds-ckpt-read")
+    pools: list[ThreadPoolExecutor] = []
+
+    def run_all(tasks: list[_Task]) -> None:
+        # Loads of one request or less (tiny models, a few small tensors, each rank's scalars)
+        # run inline: starting eight threads would cost more than the reads.
+        if sum(t.span_len for t in tasks) <= _READ_CHUNK:
+            for t in tasks:
+                run(t)
+            return
+        if not pools:
+            pools.append(ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="ds-ckpt-read"))
+        list(pools[0].map(run, tasks))
+
     try:
-        list(pool.map(run, direct))
+        run_all(direct)
         if units:
-            _staged(units, tasks_for, lambda ts: list(pool.map(run, ts)))
+            _staged(units, tasks_for, run_all)
         if verify_hashes:
             for (fn, _), (name, st) in touched.items():
                 nbytes = st.numel * itemsize(from_st(m.tensors[name].dtype))
@@ -302,7 +314,8 @@ def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool,
                         "restore it or load an older tag"
                     )
     finally:
-        pool.shutdown()
+        for pool in pools:
+            pool.shutdown()
         for fd in [*fds.values(), *dfds.values()]:
             if fd is not None:
                 os.close(fd)
