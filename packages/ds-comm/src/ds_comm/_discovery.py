@@ -35,6 +35,19 @@ MPI_MARKER_VARS = (
     "MPI_LOCALNRANKS",
 )
 DEFAULT_PORT = 29500
+# (world-size variable, rank variable, launcher) as each launcher exports them, first match wins
+# (mpirun inside an srun allocation reports mpirun). Read without any rendezvous or MPI call to
+# tell a lone process from one rank of several (``require_initialized_if_launched``). srun sets
+# the step's task count; SLURM_NTASKS alone is also set in the batch script of `sbatch -n N`,
+# where one python process meant as N ranks is the same mistake.
+WORLD_SIZE_VARS = (
+    ("WORLD_SIZE", "RANK", "torchrun/ds-launch"),
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "Open MPI's mpirun"),
+    ("PMI_SIZE", "PMI_RANK", "mpirun (MPICH / Intel MPI, PMI)"),
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MVAPICH's mpirun"),
+    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "srun (SLURM)"),
+    ("SLURM_NTASKS", "SLURM_PROCID", "SLURM (srun/sbatch)"),
+)
 
 
 class DiscoveryError(RuntimeError):

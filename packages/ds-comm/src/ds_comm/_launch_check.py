@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ds_comm._discovery import WORLD_SIZE_VARS
+
 
 class NotInitializedError(RuntimeError):
     """A launched rank of a multi-process job created a distributed object without a process
@@ -34,20 +36,6 @@ class LaunchedRank:
     launcher: str  #: who sets that variable, for the error message
 
 
-# (world-size variable, rank variable, launcher). Order matters only when several are set at once
-# (mpirun inside an srun allocation): the first match is the one reported.
-_SOURCES = (
-    ("WORLD_SIZE", "RANK", "torchrun/ds-launch"),
-    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "Open MPI's mpirun"),
-    ("PMI_SIZE", "PMI_RANK", "mpirun (MPICH / Intel MPI, PMI)"),
-    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MVAPICH's mpirun"),
-    # srun sets the step's task count; SLURM_NTASKS alone is also set for the batch script of
-    # `sbatch -n N`, where a single python process intended as N ranks is the same mistake.
-    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "srun (SLURM)"),
-    ("SLURM_NTASKS", "SLURM_PROCID", "SLURM (srun/sbatch)"),
-)
-
-
 def _as_int(value: str | None) -> int | None:
     if value is None:
         return None
@@ -61,7 +49,7 @@ def launched_rank(env: Mapping[str, str] | None = None) -> LaunchedRank | None:
     """The multi-rank layout a launcher announced to this process, or None for a lone process
     (no launcher variable set, or a world size of 1)."""
     env = os.environ if env is None else env
-    for size_var, rank_var, launcher in _SOURCES:
+    for size_var, rank_var, launcher in WORLD_SIZE_VARS:
         world = _as_int(env.get(size_var))
         if world is None:
             continue
