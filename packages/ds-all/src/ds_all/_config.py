@@ -446,7 +446,13 @@ class DeepSpeedConfig(Section):
         _check_owned_scalars(ZeroConfig, data, "zero_optimization")
         for key in ("offload_optimizer", "offload_param"):
             if isinstance(data.get(key), dict):
-                data[key] = {k: v for k, v in data[key].items() if v != AUTO}
+                # offload_optimizer.ratio "auto" is ds_offload's own value (chosen from the
+                # free device memory), not DeepSpeed's "use the default"
+                data[key] = {
+                    k: v
+                    for k, v in data[key].items()
+                    if v != AUTO or (key, k) == ("offload_optimizer", "ratio")
+                }
                 _check_offload_scalars(key, data[key])
         return _owned(ZeroConfig, data, "zero_optimization")
 

@@ -55,6 +55,19 @@ _UNSUPPORTED = {
     "zenflow": None,
 }
 
+# ZenFlow (DeepSpeed 0.19.8) steps the topk_ratio most important gradient columns on the GPU every
+# step and folds the rest into a CPU update every update_interval steps, overlapped with the
+# next steps (overlap_step): a different optimizer, not a placement of Adam. Its pieces that
+# keep Adam's math map onto offload_optimizer's modes, which the message names.
+_ZENFLOW_REFUSED = (
+    "zero_optimization.zenflow is not supported by ds-zero (ZenFlow's top-k column selection "
+    "and interval updates are not implemented); remove the zenflow section and use "
+    'zero_optimization.offload_optimizer: {"device": "cpu"} (the CPU update overlaps the next '
+    'forward, same math as Adam), add "delayed_update": true for ZenFlow\'s overlap_step '
+    '(each update runs during the next forward/backward, one step stale), or "ratio": 0.5 to '
+    "step part of the model on the GPU"
+)
+
 
 class ZeroConfig(BaseModel):
     """DeepSpeed's ``zero_optimization`` section."""
@@ -129,6 +142,8 @@ class ZeroConfig(BaseModel):
                 near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ValueError(f"zero_optimization: unknown key {key!r}{hint}")
+        if data.get("zenflow") is not None:
+            raise ValueError(_ZENFLOW_REFUSED)
         for key, default in _UNSUPPORTED.items():
             if key in data and data[key] != default:
                 raise ValueError(
