@@ -3,7 +3,9 @@
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
 #   bash benchmarks/gpu_session.sh PHASE...
-#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | largest | tests | tests:ds-x,ds-y
+#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | overlap | largest | tests | tests:ds-x,ds-y
+#   overlap: the offloaded step's modes vs DeepSpeed's, one GPU, scenarios offload-overlap-zero3
+#            and -zero2 (OVERLAP_DEADLINE_S, default 470, bounds both)
 #   largest: LARGEST_RUNS ("deepspeed:cpu=28,30 ours:split=56,60": engine:config=block ladders,
 #            d=4096), LARGEST_DEADLINE_S (default 540)
 #
@@ -59,6 +61,11 @@ for p in "$@"; do
     offload)
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \
         --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"
+      ;;
+    overlap)
+      phase overlap python3 benchmarks/offload/offload_overlap_gpu.py --scenarios zero3 zero2 \
+        --peers-dir shared/peers --device-name "1x$GPUNAME" \
+        --deadline-s "${OVERLAP_DEADLINE_S:-470}"
       ;;
     largest)  # LARGEST_RUNS: space-separated ENGINE:CONFIG=L1,L2 (see largest_model.py)
       runs=()

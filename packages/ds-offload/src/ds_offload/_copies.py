@@ -16,6 +16,9 @@ class Copier:
         self.is_cpu = device.type == "cpu"
         self.d2h: Any = None
         self.h2d: Any = None
+        # when a list: each copy appends ("d2h"|"h2d", bytes, start event, end event), timed on
+        # its own stream (benchmarks' transfer rates); None (default) adds no events
+        self.log: list[tuple[str, int, Any, Any]] | None = None
         if not self.is_cpu:
             from ds_accel import get_accelerator
 
@@ -46,7 +49,9 @@ class Copier:
         else:
             self.d2h.wait_stream(self._acc.current_stream(self.device.index))
         with self._acc.stream(self.d2h):
+            start = self._timed_start()
             dst.copy_(src, non_blocking=True)
+            self._timed_end("d2h", src, start)
             src.record_stream(self.d2h)
             event = self._acc.Event()
             event.record(self.d2h)
@@ -59,10 +64,26 @@ class Copier:
             dst.copy_(src)
             return None
         with self._acc.stream(self.h2d):
+            start = self._timed_start()
             dst.copy_(src, non_blocking=True)
+            self._timed_end("h2d", src, start)
             event = self._acc.Event()
             event.record(self.h2d)
         return event
+
+    def _timed_start(self) -> Any:
+        if self.log is None:
+            return None
+        start = self._acc.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def _timed_end(self, kind: str, src: torch.Tensor, start: Any) -> None:
+        if start is None or self.log is None:
+            return
+        end = self._acc.Event(enable_timing=True)
+        end.record()
+        self.log.append((kind, src.numel() * src.element_size(), start, end))
 
     def stream_waits(self, event: Any) -> None:
         """The calling thread's current stream waits for ``event`` (no host wait)."""
