@@ -21,11 +21,14 @@ from ds_all._config_base import (
     Section,
     check_scalar,
     find_non_finite,
+    literals,
     scalar_kinds,
     suggest,
     validate_section,
 )
 from ds_all._config_file import check_depth, read_config_file
+from ds_all._optimizers import resolve_optimizer
+from ds_all._schedulers import resolve_scheduler
 from ds_all.fault import FaultToleranceSection
 
 
@@ -114,8 +117,6 @@ class OptimizerSection(Section):
 
     def check_values(self) -> None:
         """Kinds, ranges and names of the params for this optimizer type (ConfigError)."""
-        from ds_all._optimizers import resolve_optimizer
-
         find_non_finite(self.params, "optimizer.params")
         resolve_optimizer(self.type, self.params)
 
@@ -134,8 +135,6 @@ class SchedulerSection(Section):
         """Kinds, ranges and contradictions of the params for this schedule (ConfigError);
         ``partial``: some were "auto" (dropped), so the relations between them wait for the
         client to fill them in."""
-        from ds_all._schedulers import resolve_scheduler
-
         find_non_finite(self.params, "scheduler.params")
         resolve_scheduler(self.type, self.params, partial=partial)
 
@@ -587,8 +586,6 @@ def _check_offload_scalars(key: str, data: dict[str, Any]) -> None:
 def _unresolved_auto(data: dict[str, Any]) -> tuple[str, ...]:
     """Dotted keys given as "auto" where DeepSpeed itself has no default for "auto" (see
     DeepSpeedConfig.unresolved_auto)."""
-    from ds_all._config_base import _literals
-
     found: list[str] = []
     fields = DeepSpeedConfig.model_fields
     for key, value in data.items():
@@ -597,7 +594,7 @@ def _unresolved_auto(data: dict[str, Any]) -> tuple[str, ...]:
         if field is None:
             continue  # an ignored section (warned) or an error already raised
         if isinstance(value, str) and value == AUTO:
-            if AUTO not in _literals(field):
+            if AUTO not in literals(field):
                 found.append(key)
             continue
         if not isinstance(value, dict) or key in ("zero_optimization", "amp"):
@@ -612,7 +609,7 @@ def _unresolved_auto(data: dict[str, Any]) -> tuple[str, ...]:
             continue
         for k, v in value.items():
             sub = section.model_fields.get(k)
-            if isinstance(v, str) and v == AUTO and (sub is None or AUTO not in _literals(sub)):
+            if isinstance(v, str) and v == AUTO and (sub is None or AUTO not in literals(sub)):
                 found.append(f"{key}.{k}")
     return tuple(found)
 

@@ -143,14 +143,14 @@ class Section(BaseModel):
             if key not in valid:
                 raise ConfigError(f"{full}: unknown key; {suggest(key, sorted(valid))}")
             kinds = scalar_kinds(fields[key].annotation)
-            if isinstance(value, str) and value == AUTO and AUTO not in _literals(fields[key]):
+            if isinstance(value, str) and value == AUTO and AUTO not in literals(fields[key]):
                 continue  # the default stands in for "auto" (unresolved_auto reports it)
             check_scalar(full, value, kinds, key in cls.non_finite_ok)
             out[key] = value
         return out
 
 
-def _literals(field: Any) -> tuple[Any, ...]:
+def literals(field: Any) -> tuple[Any, ...]:
     found: list[Any] = []
     stack = [field.annotation]
     while stack:
