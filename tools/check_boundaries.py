@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "ds-pipe": {"ds-comm", "ds-accel"},
     "ds-moe": {"ds-comm", "ds-accel"},
     "ds-ckpt": {"ds-accel"},
+    "ds-profile": set(),
     "ds-launcher": set(),
     "ds-all": {
         "ds-accel",
@@ -36,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
         "ds-moe",
         "ds-launcher",
         "ds-ckpt",
+        "ds-profile",
     },  # fmt: skip
 }
 
