@@ -6,6 +6,14 @@ cpu (one process, run on the development machine):
   of the same size on the same disk, and against torch.save/torch.load (the writer DeepSpeed
   uses) of the same state.
 
+cpu-load (the cost of the checksums every load verifies):
+    python benchmarks/ckpt/ckpt_bench.py cpu-load --gb 1.5 --reps 5 --dir /tmp/ckpt_bench
+  cold and warm loads of the same ~GB fp32 state by three systems, each load in a fresh
+  process, the order rotated every rep: the previous release's code (git --baseline-rev,
+  default 42c427d: ds-ckpt 0.1.2, no checksums) loading its own checkpoint, this code with
+  the checksum verification switched off (the benchmark-only switch `_load._VERIFY_CHECKSUMS`), and
+  this code as users run it (every chunk checksum verified).
+
 gpu (2 ranks, the 1.34B GPT of BENCHMARKS.md, bf16, AdamW, ZeRO stage 1 or 2):
     torchrun --nproc_per_node 2 benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --dir $OUT/ckpt
   DeepSpeed 0.19.8 engine.save_checkpoint/load_checkpoint against ds_ckpt save/load of the same
@@ -36,7 +44,13 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "packages", "ds-ckpt", "src"))
+# CKPT_BENCH_SRC: the cpu-load workers import another revision's ds_ckpt from there
+sys.path.insert(
+    0,
+    os.environ.get("CKPT_BENCH_SRC")
+    or os.path.join(HERE, "..", "..", "packages", "ds-ckpt", "src"),
+)
+sys.path.insert(1, os.path.join(HERE, ".."))  # benchmarks/: the shared results writer
 import ds_ckpt  # noqa: E402
 import ds_ckpt._load as ds_ckpt_load  # noqa: E402  (private knob, toggled to compare read paths)
 from ds_ckpt import Fragment  # noqa: E402
@@ -448,18 +462,167 @@ def bench_gpu(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ---- cpu-load: what always-on verification costs a load ------------------------------------
+N_TENSORS = 24
+
+
+def _numel(gb: float) -> int:
+    return int(gb * 1e9 / 4 / N_TENSORS)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One save, or one cold + one warm load, of the cpu-load state in this fresh process; the
+    timings as one JSON line on stdout."""
+    import resource
+
+    numel = _numel(args.gb)
+    if args.op == "save":
+        g = torch.Generator().manual_seed(0)
+        frs = [
+            Fragment.whole(f"layers.{i}.weight", torch.randn(numel, generator=g))
+            for i in range(N_TENSORS)
+        ]
+        ds_ckpt.save(args.dir, "t", frs)
+        print(json.dumps({"version": ds_ckpt.__version__}))
+        return
+    if args.no_verify:
+        ds_ckpt_load._VERIFY_CHECKSUMS = False
+    dst = [torch.zeros(numel) for _ in range(N_TENSORS)]  # zeroed: page faults not timed
+    frs = [Fragment.whole(f"layers.{i}.weight", t) for i, t in enumerate(dst)]
+    evict(files_under(os.path.join(args.dir, "t")))
+    out = {"version": ds_ckpt.__version__}
+    for what in ("cold_s", "warm_s"):
+        t0 = time.perf_counter()
+        ds_ckpt.load(args.dir, "t", frs)
+        out[what] = time.perf_counter() - t0
+    out["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    print(json.dumps(out))
+
+
+def _run_worker(src: str | None, *argv: str) -> dict:
+    env = dict(os.environ)
+    env.pop("CKPT_BENCH_SRC", None)
+    if src is not None:
+        env["CKPT_BENCH_SRC"] = src
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "_worker", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"worker {argv} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _source_at(rev: str, into: str) -> str:
+    """packages/ds-ckpt/src of git revision `rev`, extracted read-only into `into`."""
+    repo = os.path.join(HERE, "..", "..")
+    arch = subprocess.run(
+        ["git", "-C", repo, "archive", rev, "packages/ds-ckpt/src"], capture_output=True, check=True
+    ).stdout
+    os.makedirs(into, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", into], input=arch, check=True)
+    return os.path.join(into, "packages", "ds-ckpt", "src")
+
+
+def bench_cpu_load(args: argparse.Namespace) -> None:
+    from _results import write_results
+
+    root = args.dir
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    old_src = _source_at(args.baseline_rev, os.path.join(root, "src"))
+    dirs = {"old": os.path.join(root, "old"), "new": os.path.join(root, "new")}
+    versions = {
+        "old": _run_worker(old_src, "save", "--dir", dirs["old"], "--gb", str(args.gb))["version"],
+        "new": _run_worker(None, "save", "--dir", dirs["new"], "--gb", str(args.gb))["version"],
+    }
+    nbytes = _numel(args.gb) * 4 * N_TENSORS
+    systems = [
+        (f"ds-ckpt {versions['old']} ({args.baseline_rev}, no checksums)", old_src, "old", []),
+        (f"ds-ckpt {versions['new']}, checksum verification off", None, "new", ["--no-verify"]),
+        (f"ds-ckpt {versions['new']} default (XXH3-64 chunks verified)", None, "new", []),
+    ]
+    samples: dict[str, list[dict]] = {name: [] for name, *_ in systems}
+    load_avg = [os.getloadavg()]
+    for rep in range(args.reps):
+        k = rep % len(systems)
+        for name, src, d, extra in systems[k:] + systems[:k]:  # rotate: no order bias
+            samples[name].append(
+                _run_worker(src, "load", "--dir", dirs[d], "--gb", str(args.gb), *extra)
+            )
+        load_avg.append(os.getloadavg())
+        print(f"rep {rep}:", {n: round(v[-1]["cold_s"], 3) for n, v in samples.items()})
+    runs = []
+    for name, _, _, _ in systems:
+        cold = [x["cold_s"] for x in samples[name]]
+        warm = [x["warm_s"] for x in samples[name]]
+        runs.append(
+            {
+                "system": name,
+                "load_s": statistics.median(cold),
+                "load_warm_s": statistics.median(warm),
+                "load_GBps": nbytes / statistics.median(cold) / 1e9,
+                "load_warm_GBps": nbytes / statistics.median(warm) / 1e9,
+                "peak_mem_gb": max(x["maxrss_gb"] for x in samples[name]),
+                "all_load_s": cold,
+                "all_load_warm_s": warm,
+            }
+        )
+    prev, off, default = runs
+    path = write_results(
+        scenario="ckpt-load-verify-cpu",
+        device=device_name(),
+        runs=runs,
+        ratios={
+            "previous/default load_s (cold)": prev["load_s"] / default["load_s"],
+            "verification-off/default load_s (cold)": off["load_s"] / default["load_s"],
+            "previous/default load_warm_s": prev["load_warm_s"] / default["load_warm_s"],
+            "verification-off/default load_warm_s": off["load_warm_s"] / default["load_warm_s"],
+        },
+        metric=["load_s", "load_warm_s"],
+        bytes=nbytes,
+        tensors=N_TENSORS,
+        reps=args.reps,
+        baseline_rev=args.baseline_rev,
+        load_avg_per_rep=load_avg,
+        note="each load in a fresh process (destination tensors zeroed before timing), cold = "
+        "page cache of the checkpoint dropped with posix_fadvise, warm = the same load again; "
+        "order of the three systems rotated every rep; medians over reps. The 2-core machine "
+        "was shared with other engineers' jobs (load_avg_per_rep), so ratios within this run "
+        "are what to compare.",
+        torch=torch.__version__,
+    )
+    print(json.dumps(runs, indent=1))
+    print("wrote", path)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        w = argparse.ArgumentParser(prog="ckpt_bench.py _worker")
+        w.add_argument("op", choices=["save", "load"])
+        w.add_argument("--dir", required=True)
+        w.add_argument("--gb", type=float, required=True)
+        w.add_argument("--no-verify", action="store_true")
+        worker(w.parse_args(sys.argv[2:]))
+        return
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("mode", choices=["cpu", "gpu"])
+    p.add_argument("mode", choices=["cpu", "cpu-load", "gpu"])
     p.add_argument("--dir", required=True, help="scratch directory on the disk under test")
-    p.add_argument("--gb", type=float, default=1.5, help="cpu: state size in GB")
+    p.add_argument("--gb", type=float, default=1.5, help="cpu, cpu-load: state size in GB")
     p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="gpu: ZeRO stage")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--baseline-rev", default="42c427d", help="cpu-load: git revision of the previous code"
+    )
     p.add_argument("--out-dir", default=None, help="also write the JSON here")
     args = p.parse_args()
-    bench_cpu(args) if args.mode == "cpu" else bench_gpu(args)
+    {"cpu": bench_cpu, "cpu-load": bench_cpu_load, "gpu": bench_gpu}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tier 1-2: corruption is detected by default (chunk CRCs, header CRCs, signed manifest).
+"""Tier 1-2: corruption is detected by default (chunk, header and manifest checksums).
 
 The main test saves a small checkpoint with two real gloo ranks (two data files), then flips
 one random byte of one random file of the tag directory 200 times (fixed seed) and requires a
@@ -27,7 +27,7 @@ TRIALS = 200
 
 def _state():
     state = make_state()
-    # a parameter of two 1 MiB CRC chunks (and its Adam moments), split across the two ranks'
+    # a parameter of two 1 MiB checksum chunks (and its Adam moments), split across the two ranks'
     # files mid-chunk
     g = torch.Generator().manual_seed(3)
     state["big"] = torch.randn(300_000, generator=g)
@@ -127,7 +127,7 @@ def test_partial_loads_verify_exactly_the_chunks_they_read(tmp_path):
     for a, n in [(per_chunk - 1, 2), (2 * per_chunk - 1, 1), (100, 2 * per_chunk), (0, 600_000)]:
         with pytest.raises(
             ds_ckpt.CheckpointCorruptError,
-            match=rf"{f.name}: CRC mismatch in tensor 'w', elements \[{per_chunk}, "
+            match=rf"{f.name}: checksum \(xxh3_64\) mismatch in tensor 'w', elements \[{per_chunk}, "
             rf"{2 * per_chunk}\).*load an older tag",
         ):
             load(a, n)
@@ -139,7 +139,7 @@ def test_partial_loads_verify_exactly_the_chunks_they_read(tmp_path):
         lambda s: s.replace('"world": 1', '"world": 2'),  # client_state
         lambda s: s.replace('"world_size": 1', '"world_size": 2'),
         lambda s: s.replace('"tag": "t"', '"tag":  "t"'),  # whitespace only
-        lambda s: s.replace('{"manifest_crc32":"', '{"manifest_crc33":"'),  # the signature key
+        lambda s: s.replace('{"manifest_xxh3_64":"', '{"manifest_xxh3_65":"'),  # the signature key
         lambda s: s.replace('"format_version": 2', '"format_version": 1'),  # pose as unverified
     ],
 )
@@ -149,7 +149,9 @@ def test_edited_manifest_is_detected(tmp_path, edit):
     text = p.read_text()
     assert edit(text) != text
     p.write_text(edit(text))
-    with pytest.raises(ds_ckpt.CheckpointCorruptError, match=r"manifest\.json: .*(checksum|crc)"):
+    with pytest.raises(
+        ds_ckpt.CheckpointCorruptError, match=r"manifest\.json: .*(checksum|manifest_xxh3_64)"
+    ):
         ds_ckpt.load(tmp_path, "t", [Fragment.whole("w", torch.zeros(10))])
     assert main(["verify", str(tmp_path)]) == 1
     assert main(["inspect", str(tmp_path)]) == 1
@@ -159,13 +161,13 @@ def _as_version_1(tag_dir):
     """Rewrite a checkpoint's manifest as ds-ckpt 0.1.2 wrote it: no checksums, unsigned."""
     p = tag_dir / "manifest.json"
     m = json.loads(p.read_text())
-    m.pop("manifest_crc32")
+    m.pop("manifest_xxh3_64")
     m.pop("checksum")
     m.pop("headers")
     m["format_version"] = 1
     for t in m["tensors"].values():
         for fr in t["fragments"]:
-            fr.pop("crc32")
+            fr.pop("chunk_hashes")
     p.write_text(json.dumps(m, indent=1))
 
 

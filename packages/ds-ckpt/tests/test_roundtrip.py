@@ -136,7 +136,7 @@ def test_layouts_cover_the_whole_state():
 
 
 def test_load_reads_only_the_needed_bytes(tmp_path, monkeypatch):
-    """A partial load reads the wanted range widened to the stored piece's 1 MiB CRC chunks
+    """A partial load reads the wanted range widened to the stored piece's 1 MiB checksum chunks
     (to verify them), nothing more; with verification off (the benchmark's switch) exactly
     the wanted bytes."""
     import ds_ckpt._load as ld

@@ -8,10 +8,10 @@ import json
 import os
 import struct
 import threading
-import zlib
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 
 import ds_ckpt
@@ -26,10 +26,10 @@ from ds_ckpt._manifest import signed_json
 def _write(path, tensors, **kw):
     ents = [(f"k{i}", to_st(t.dtype), t.numel(), t.element_size()) for i, t in enumerate(tensors)]
     header, placed = stf.layout(ents)
-    size, digests, header_crc = stf.write_file(
+    size, digests, header_hash = stf.write_file(
         str(path), placed, header, [t.reshape(-1) for t in tensors], **kw
     )
-    assert header_crc == f"{zlib.crc32(header):08x}"
+    assert header_hash == xxhash.xxh3_64_hexdigest(header)
     return size, digests, len(header) + sum(e.nbytes for e in placed)
 
 
@@ -37,16 +37,16 @@ def _sha(t):
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _crcs(t, chunk=1 << 20):
+def _chunk_hashes(t, chunk=1 << 20):
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return "".join(f"{zlib.crc32(raw[i : i + chunk]):08x}" for i in range(0, len(raw), chunk))
+    return "".join(xxhash.xxh3_64_hexdigest(raw[i : i + chunk]) for i in range(0, len(raw), chunk))
 
 
 @pytest.mark.parametrize("direct", [False, True])
 def test_edge_dtypes_and_unaligned_tails(tmp_path, direct):
     """Empty tensors, bool and bf16 at odd byte positions, tails just off a sector boundary:
     the file is exactly header + data long (O_DIRECT padding truncated), reads back with the
-    safetensors library, and every digest is the SHA-256 and the chunk CRCs of the tensor's
+    safetensors library, and every digest is the SHA-256 and the chunk XXH3-64s of the tensor's
     bytes."""
     g = torch.Generator().manual_seed(0)
     for tail in (4095, 4096, 4097):
@@ -63,7 +63,7 @@ def test_edge_dtypes_and_unaligned_tails(tmp_path, direct):
         with safe_open(str(path), "pt") as f:
             for i, t in enumerate(ts):
                 assert torch.equal(f.get_tensor(f"k{i}").reshape(t.shape), t)
-        assert digests == [(_sha(t), _crcs(t)) for t in ts]
+        assert digests == [(_sha(t), _chunk_hashes(t)) for t in ts]
 
 
 @pytest.mark.parametrize("delta", [-4096, 4097])
@@ -166,7 +166,7 @@ def _edit_manifest(root, edit):
     below the manifest checksum must hold on their own."""
     p = root / "t" / "manifest.json"
     m = json.loads(p.read_text())
-    m.pop("manifest_crc32")
+    m.pop("manifest_xxh3_64")
     edit(m["tensors"]["w"])
     p.write_bytes(signed_json(m))
 

@@ -1,85 +1,95 @@
-"""The fast checksums every checkpoint carries: CRC-32 per fixed-size chunk of each stored piece.
+"""The fast checksums every checkpoint carries: XXH3-64 per fixed-size chunk of each stored
+piece, of each file's header, and of the manifest itself.
 
-Why CRC-32 (zlib's, IEEE polynomial): it is in the standard library (no dependency), runs at
-about 4 GB/s per core on the development machine (SHA-256: 1.8 GB/s) and releases the GIL, so
-the read threads verify in parallel; and unlike a 64-bit hash it *guarantees* detection of any
-error burst of up to 32 bits, so every flipped byte is caught, not merely almost every one.
+Why XXH3-64 (the `xxhash` package): every load verifies every byte it reads, so the checksum
+must cost little next to the read itself, page cache included. Measured on the 2-core
+development machine (one core, 64 MiB buffers): XXH3-64 28 GB/s, CRC-32C 13-16 GB/s
+(google-crc32c / crc32c), zlib's CRC-32 4.1 GB/s, SHA-256 1.8 GB/s; with zlib's CRC-32 a small
+load took about twice as long as without verification on that machine. XXH3 releases the GIL,
+so the read threads verify in parallel. A 64-bit digest misses a random corruption of a chunk
+with probability 2^-64 (a 32-bit CRC: 2^-32 for errors longer than 32 bits); SHA-256 remains
+the opt-in cryptographic check (`save(hashes=True)`, `load(verify_hashes=True)`).
 
 Why chunks: a rank that loads part of a stored piece (another data-parallel degree, another
-ZeRO stage) must be able to verify what it reads without reading the rest of the piece. Each
-piece's bytes are cut into `chunk_bytes` chunks counted from the piece's first byte; a reader
-verifies every chunk its range overlaps, reading at most one extra partial chunk at each end.
-The manifest stores each piece's chunk CRCs as one hex string (8 characters per chunk).
+ZeRO stage) must verify what it reads without reading the rest of the piece. Each piece's bytes
+are cut into `chunk_bytes` chunks counted from the piece's first byte; a reader verifies every
+chunk its range overlaps, reading at most one extra partial chunk at each end. The manifest
+stores each piece's chunk digests as one hex string (16 characters per chunk).
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
 
-ALGO = "crc32"
-CHUNK_BYTES = 1 << 20  # 1 MiB: at most 2 MiB read in excess per range; 8 manifest bytes per MiB
-_HEX = 8
+import xxhash
 
-
-def crc(data: memoryview | bytes, value: int = 0) -> int:
-    """CRC-32 of `data` continuing from `value` (zlib.crc32, GIL released for large buffers)."""
-    return zlib.crc32(data, value)
+ALGO = "xxh3_64"
+CHUNK_BYTES = 1 << 20  # 1 MiB: at most 2 MiB read in excess per range; 16 manifest bytes per MiB
+HEX = 16  # hex characters per digest
 
 
-def crc_hex(data: memoryview | bytes) -> str:
-    return f"{zlib.crc32(data):08x}"
+def digest_hex(data: memoryview | bytes) -> str:
+    """XXH3-64 of `data` as 16 hex characters (the GIL is released while hashing)."""
+    return xxhash.xxh3_64_hexdigest(data)
 
 
 def chunk_count(nbytes: int, chunk_bytes: int) -> int:
     return -(-nbytes // chunk_bytes)
 
 
-def expected(crcs: str, k: int) -> str:
-    """The stored CRC of chunk `k` (hex)."""
-    return crcs[k * _HEX : (k + 1) * _HEX]
+def expected(digests: str, k: int) -> str:
+    """The stored digest of chunk `k` (hex)."""
+    return digests[k * HEX : (k + 1) * HEX]
 
 
-def check_crcs_field(crcs: object, nbytes: int, chunk_bytes: int) -> str | None:
-    """What is wrong with a piece's CRC string (a damaged or foreign manifest), or None."""
-    if not isinstance(crcs, str):
-        return f"crc32 must be a hex string, got {type(crcs).__name__}"
-    want = chunk_count(nbytes, chunk_bytes) * _HEX
-    if len(crcs) != want:
-        return f"crc32 holds {len(crcs) // _HEX} chunk CRCs, {want // _HEX} expected"
+def check_digests_field(digests: object, nbytes: int, chunk_bytes: int) -> str | None:
+    """What is wrong with a piece's chunk digest string (a damaged or foreign manifest), or
+    None."""
+    if not isinstance(digests, str):
+        return f"chunk_hashes must be a hex string, got {type(digests).__name__}"
+    want = chunk_count(nbytes, chunk_bytes)
+    if len(digests) != want * HEX:
+        return f"chunk_hashes holds {len(digests) / HEX:g} chunk digests, {want} expected"
     return None
 
 
 class PieceDigest:
-    """Incremental digests of one stored piece, fed its bytes in order (possibly in segments of
-    any size): the CRC of every `chunk_bytes` chunk and, optionally, the SHA-256 of it all."""
+    """Digests of one stored piece fed its bytes in order, in segments of any size: the XXH3-64
+    of every `chunk_bytes` chunk and, optionally, the SHA-256 of it all."""
 
     def __init__(self, chunk_bytes: int = CHUNK_BYTES, *, sha256: bool = False) -> None:
         self.chunk_bytes = chunk_bytes
         self.sha = hashlib.sha256() if sha256 else None
-        self.crcs: list[str] = []
-        self.cur = 0  # CRC of the open chunk so far
-        self.fill = 0  # bytes in the open chunk
+        self.digests: list[str] = []
+        self.open: xxhash.xxh3_64 | None = None  # state of a chunk received in part so far
+        self.fill = 0  # bytes of the open chunk received
 
     def update(self, view: memoryview) -> None:
         if self.sha is not None:
             self.sha.update(view)
-        pos, n = 0, len(view)
+        pos, n, c = 0, len(view), self.chunk_bytes
         while pos < n:
-            k = min(self.chunk_bytes - self.fill, n - pos)
-            self.cur = zlib.crc32(view[pos : pos + k], self.cur)
-            self.fill += k
+            k = min(c - self.fill, n - pos)
+            if self.fill == 0 and k == c:  # a whole chunk at once: the one-shot function
+                self.digests.append(xxhash.xxh3_64_hexdigest(view[pos : pos + k]))
+            else:
+                if self.open is None:
+                    self.open = xxhash.xxh3_64()
+                self.open.update(view[pos : pos + k])
+                self.fill += k
+                if self.fill == c:
+                    self._close()
             pos += k
-            if self.fill == self.chunk_bytes:
-                self.crcs.append(f"{self.cur:08x}")
-                self.cur = self.fill = 0
+
+    def _close(self) -> None:
+        self.digests.append(self.open.hexdigest())
+        self.open, self.fill = None, 0
 
     def finish(self) -> tuple[str | None, str]:
-        """(SHA-256 hex or None, concatenated chunk CRCs hex)."""
-        if self.fill:
-            self.crcs.append(f"{self.cur:08x}")
-            self.cur = self.fill = 0
-        return (self.sha.hexdigest() if self.sha is not None else None), "".join(self.crcs)
+        """(SHA-256 hex or None, the concatenated chunk digests)."""
+        if self.open is not None:
+            self._close()
+        return (self.sha.hexdigest() if self.sha is not None else None), "".join(self.digests)
 
 
 def digest(view: memoryview, chunk_bytes: int = CHUNK_BYTES, *, sha256: bool) -> tuple:

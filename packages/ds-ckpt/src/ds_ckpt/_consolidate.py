@@ -32,7 +32,7 @@ def consolidate(
 ) -> dict[str, int]:
     """Write the full tensors of a checkpoint to one safetensors file at `out`.
 
-    Every byte read is verified as load() verifies it (manifest, header and chunk CRCs); a
+    Every byte read is verified as load() verifies it (manifest, header and chunk checksums); a
     mismatch raises CheckpointCorruptError naming the file and tensor, and `out` is not
     written. Optimizer state (names starting with 'optimizer.') is left out unless
     include_optimizer.
@@ -52,7 +52,7 @@ def consolidate(
             f"consolidate: {out} is a directory; give the path of the .safetensors file to write"
         )
     tag_dir, m = open_checkpoint(dir, tag)
-    crc_chunk = m.chunk_bytes if m.verified else 0
+    sum_chunk = m.chunk_bytes if m.verified else 0
     names = [n for n in m.tensors if include_optimizer or not n.startswith("optimizer.")]
     if not names:
         raise ValueError(
@@ -72,7 +72,7 @@ def consolidate(
     tmp = out + ".tmp"
     fds: dict[str, int] = {}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    runner = _TaskRunner(tag_dir, fds, {}, crc_chunk)
+    runner = _TaskRunner(tag_dir, fds, {}, sum_chunk)
     try:
         write_all(fd, memoryview(header))
         for n, e in zip(names, placed):
@@ -81,7 +81,7 @@ def consolidate(
                 n,
                 e.numel,
                 [
-                    Stored(f.file, f.offset, f.numel, f.byte_start, f.sha256, f.crc32)
+                    Stored(f.file, f.offset, f.numel, f.byte_start, f.sha256, f.chunk_hashes)
                     for f in rec.fragments
                 ],
             )
@@ -94,7 +94,7 @@ def consolidate(
                 for r in idx.reads(a, k, src_isz):
                     if r.file not in fds:
                         fds[r.file] = os.open(os.path.join(tag_dir, r.file), os.O_RDONLY)
-                    # the same verified reads as load(): every chunk CRC of what is read
+                    # the same verified reads as load(): every chunk checksum of what is read
                     for t in _range_tasks(
                         r.file,
                         r.stored,
@@ -102,7 +102,7 @@ def consolidate(
                         view[r.dst * src_isz : (r.dst + r.numel) * src_isz],
                         n,
                         src_isz,
-                        crc_chunk if r.stored.crc32 is not None else 0,
+                        sum_chunk if r.stored.chunk_hashes is not None else 0,
                     ):
                         runner.run(t)
                 chunk = buf[:k] if out_dt[n] == src_dt[n] else buf[:k].to(out_dt[n])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ds_accel import get_accelerator
-from ds_ckpt._checksum import crc_hex, expected
+from ds_ckpt._checksum import ALGO, digest_hex, expected
 from ds_ckpt._commit import complete_tags, resolve_tag
 from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError, CheckpointMismatchError
@@ -46,7 +46,7 @@ _READ_THREADS = 8
 _READ_CHUNK = 16 * 1024 * 1024
 _DIRECT_READS = False
 _DIRECT_READ_MIN = 1024 * 1024  # below this a buffered pread is as good and copies less
-# Loads check the chunk CRCs of every byte they read. Only the benchmark turns this off, to
+# Loads check the chunk checksums of every byte they read. Only the benchmark turns this off, to
 # time the read path without verification against the same code.
 _VERIFY_CHECKSUMS = True
 
@@ -55,9 +55,9 @@ _log = logging.getLogger("ds_ckpt")
 
 @dataclass
 class _Task:
-    """Read bytes [span_start, +span_len) of `file`, verify their chunk CRCs, and deliver the
+    """Read bytes [span_start, +span_len) of `file`, verify their chunk checksums, and deliver the
     wanted bytes [want_start, +len(view)) (inside the span) to `view`. The span is the wanted
-    range widened to whole CRC chunks of the stored piece; when they differ (at most one chunk,
+    range widened to whole checksum chunks of the stored piece; when they differ (at most one chunk,
     at either end of a range) the span goes through a scratch buffer."""
 
     file: str
@@ -68,7 +68,7 @@ class _Task:
     name: str
     stored: Stored
     itemsize: int
-    chunk_bytes: int  # 0: no CRCs to check (a version-1 checkpoint, or verification off)
+    chunk_bytes: int  # 0: no checksums to check (a version-1 checkpoint, or verification off)
 
 
 # Staged reads (device, strided or cast destinations) go through two pinned buffers of this size
@@ -143,7 +143,7 @@ def _check_files(tag_dir: str, m: Manifest, files: set[str]) -> None:
                 f"{path}: size {size} bytes, the manifest says {m.files[fname]}; the file is "
                 "truncated or was replaced"
             )
-        start, header, header_crc = read_header(path)
+        start, header, header_hash = read_header(path)
         for name, fr in by_file[fname]:
             # Reads use numel * itemsize from the manifest: a record whose nbytes disagrees, or
             # whose range runs past the file, would read a neighbour's bytes without an error.
@@ -165,10 +165,10 @@ def _check_files(tag_dir: str, m: Manifest, files: set[str]) -> None:
                 )
         # after the structural checks (which say more precisely what is wrong): any other byte
         # of the header (dtype, shape, metadata, padding) differs from what was saved
-        if m.verified and header_crc != m.headers.get(fname):
+        if m.verified and header_hash != m.headers.get(fname):
             raise CheckpointCorruptError(
-                f"{path}: CRC mismatch in the safetensors header (bytes [0, {start})): the file "
-                "is corrupt; restore it or load an older tag"
+                f"{path}: checksum ({ALGO}) mismatch in the safetensors header (bytes [0, "
+                f"{start})): the file is corrupt; restore it or load an older tag"
             )
 
 
@@ -194,7 +194,7 @@ def load(
     """Fill each wanted fragment's tensor with its range of checkpoint `tag` (default: latest).
 
     Only the needed byte ranges are read, and every byte read is verified: the manifest's own
-    checksum, each file's size and header checksum, and the CRC-32 of every 1 MiB chunk of the
+    checksum, each file's size and header checksum, and the XXH3-64 of every 1 MiB chunk of the
     stored pieces the ranges touch (a range that starts or ends inside a chunk reads that whole
     chunk). verify_hashes=True also checks the SHA-256 of every stored piece touched (reading
     whole pieces). A mismatch is a CheckpointCorruptError naming the file, the tensor and the
@@ -245,7 +245,7 @@ def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool,
                 view[r.dst * isz : r.dst * isz + n],
                 name,
                 isz,
-                chunk if r.stored.crc32 is not None else 0,
+                chunk if r.stored.chunk_hashes is not None else 0,
             )
         return out
 
@@ -253,7 +253,7 @@ def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool,
         rec = _record(m, tag_dir, f, cast)
         if f.name not in indexes:
             stored = [
-                Stored(fr.file, fr.offset, fr.numel, fr.byte_start, fr.sha256, fr.crc32)
+                Stored(fr.file, fr.offset, fr.numel, fr.byte_start, fr.sha256, fr.chunk_hashes)
                 for fr in rec.fragments
             ]
             try:
@@ -324,7 +324,7 @@ def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool,
 
 class _TaskRunner:
     """Runs _Tasks from any thread: reads the span (into a per-thread scratch buffer when it is
-    wider than the wanted range), verifies its chunk CRCs, then delivers the wanted bytes."""
+    wider than the wanted range), verifies its chunk checksums, then delivers the wanted bytes."""
 
     def __init__(
         self, tag_dir: str, fds: dict[str, int], dfds: dict[str, int | None], chunk: int
@@ -365,7 +365,7 @@ def _range_tasks(
 ) -> list[_Task]:
     """Tasks reading bytes [a, a + len(view)) of stored piece `s` into `view`.
 
-    Without CRCs (chunk 0): requests of _READ_CHUNK bytes. With CRCs: the range is widened to
+    Without checksums (chunk 0): requests of _READ_CHUNK bytes. With them: the range is widened to
     the piece's chunk boundaries; a partial chunk at either end is its own task (read whole
     into scratch, verified, the wanted part copied out), the whole chunks in between are read
     straight into `view` in requests of about _READ_CHUNK bytes and verified there.
@@ -412,18 +412,18 @@ def _range_tasks(
 
 
 def _verify_span(t: _Task, buf: memoryview, path: str) -> None:
-    """Compare the CRC of each chunk of a span read into `buf` with the manifest's."""
+    """Compare the checksum of each chunk of a span read into `buf` with the manifest's."""
     s, c = t.stored, t.chunk_bytes
     first = (t.span_start - s.byte_start) // c
     for j in range(0, t.span_len, c):
         k = first + j // c
         part = buf[j : j + c]
-        if crc_hex(part) != expected(s.crc32, k):
+        if digest_hex(part) != expected(s.chunk_hashes, k):
             lo = s.byte_start + k * c
             e0 = s.offset + (k * c) // t.itemsize
             e1 = s.offset + (k * c + len(part)) // t.itemsize
             raise CheckpointCorruptError(
-                f"{path}: CRC mismatch in tensor {t.name!r}, elements [{e0}, {e1}) (file bytes "
+                f"{path}: checksum ({ALGO}) mismatch in tensor {t.name!r}, elements [{e0}, {e1}) (file bytes "
                 f"[{lo}, {lo + len(part)})): the file is corrupt; restore it or load an older tag"
             )
 

@@ -3,8 +3,8 @@
 Rank 0 writes it last, inside the temporary directory, so a tag directory that has a readable
 manifest is complete by construction.
 
-Format version 2 signs the manifest itself: the file starts with `{"manifest_crc32":"XXXXXXXX",`
-and the CRC-32 covers every byte after that prefix, so any change to the rest (client_state,
+Format version 2 signs the manifest itself: the file starts with `{"manifest_xxh3_64":"<16 hex>",`
+and that XXH3-64 covers every byte after the prefix, so any change to the rest (client_state,
 world_size, a fragment's byte range or checksums, even whitespace) is detected before the JSON
 is trusted; a damaged prefix makes a version-2 manifest unsigned, which is refused too. The file
 stays plain JSON (the checksum is its first key). Version 1 (no checksums) is still read.
@@ -18,17 +18,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ds_ckpt._checksum import ALGO, CHUNK_BYTES, check_crcs_field, crc_hex
+from ds_ckpt._checksum import ALGO, CHUNK_BYTES, HEX, check_digests_field, digest_hex
 from ds_ckpt._errors import CheckpointCorruptError
 
 FORMAT = "ds-ckpt"
 FORMAT_VERSION = 2
 FIRST_CHECKSUMMED_VERSION = 2
 MANIFEST = "manifest.json"
-_SIG_KEY = "manifest_crc32"
+_SIG_KEY = "manifest_xxh3_64"
 _SIG_PREFIX = b'{"' + _SIG_KEY.encode() + b'":"'
 _SIG_SUFFIX = b'",'
-_SIG_LEN = len(_SIG_PREFIX) + 8 + len(_SIG_SUFFIX)
+_SIG_LEN = len(_SIG_PREFIX) + HEX + len(_SIG_SUFFIX)
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,199}$")
 
 
@@ -53,7 +53,8 @@ class FragmentRecord:
     byte_start: int
     nbytes: int
     sha256: str | None  # None: saved with hashes=False
-    crc32: str | None = None  # chunk CRCs, 8 hex chars each (see _checksum); None: version 1
+    # XXH3-64 of each 1 MiB chunk, 16 hex chars each (see _checksum); None: version 1
+    chunk_hashes: str | None = None
 
     @property
     def end(self) -> int:
@@ -71,9 +72,9 @@ class FragmentRecord:
             return f"sha256 must be a hex string or null, got {self.sha256!r}"
         return None
 
-    def check_crcs(self, chunk_bytes: int) -> str | None:
-        """What is wrong with the chunk CRCs of a version-2 record, or None."""
-        return check_crcs_field(self.crc32, self.nbytes, chunk_bytes)
+    def check_digests(self, chunk_bytes: int) -> str | None:
+        """What is wrong with the chunk digests of a version-2 record, or None."""
+        return check_digests_field(self.chunk_hashes, self.nbytes, chunk_bytes)
 
 
 @dataclass
@@ -94,18 +95,18 @@ class Manifest:
     rank_states: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
-    # {"algo": "crc32", "chunk_bytes": n}: how the fragments' `crc32` fields were computed
+    # {"algo": "xxh3_64", "chunk_bytes": n}: how the fragments' `chunk_hashes` were computed
     checksum: dict[str, Any] | None = field(
         default_factory=lambda: {"algo": ALGO, "chunk_bytes": CHUNK_BYTES}
     )
-    headers: dict[str, str] = field(default_factory=dict)  # file -> CRC of its header bytes
+    headers: dict[str, str] = field(default_factory=dict)  # file -> digest of its header bytes
 
     def to_bytes(self) -> bytes:
         return signed_json(asdict(self))
 
     @property
     def verified(self) -> bool:
-        """Whether the pieces carry chunk CRCs (version 2+), i.e. loads verify what they read."""
+        """Whether the pieces carry chunk checksums (version 2+), i.e. loads verify what they read."""
         return self.format_version >= FIRST_CHECKSUMMED_VERSION
 
     @property
@@ -129,10 +130,10 @@ def write_manifest(path: str, m: Manifest) -> None:
 
 
 def signed_json(obj: dict[str, Any]) -> bytes:
-    """The signed file content of a manifest dict: the CRC as first key, over all the bytes
+    """The signed file content of a manifest dict: its digest as first key, over all the bytes
     after it."""
     rest = json.dumps(obj, indent=1).encode()[1:]  # drop the opening brace; the prefix has it
-    return _SIG_PREFIX + crc_hex(rest).encode() + _SIG_SUFFIX + rest
+    return _SIG_PREFIX + digest_hex(rest).encode() + _SIG_SUFFIX + rest
 
 
 def _check_signature(path: str, data: bytes) -> bool:
@@ -141,8 +142,8 @@ def _check_signature(path: str, data: bytes) -> bool:
         data.startswith(_SIG_PREFIX) and data[_SIG_LEN - len(_SIG_SUFFIX) : _SIG_LEN] == _SIG_SUFFIX
     ):
         return False
-    claimed = data[len(_SIG_PREFIX) : len(_SIG_PREFIX) + 8].decode("ascii", errors="replace")
-    got = crc_hex(data[_SIG_LEN:])
+    claimed = data[len(_SIG_PREFIX) : len(_SIG_PREFIX) + HEX].decode("ascii", errors="replace")
+    got = digest_hex(data[_SIG_LEN:])
     if got != claimed:
         raise CheckpointCorruptError(
             f"{path}: checksum mismatch (the file says {claimed}, its bytes give {got}): the "
@@ -230,7 +231,7 @@ def read_manifest(tag_dir: str) -> Manifest:
         for fr in t.fragments:
             bad = fr.check_types()
             if bad is None and m.verified:
-                bad = fr.check_crcs(m.chunk_bytes)
+                bad = fr.check_digests(m.chunk_bytes)
             if bad is not None:
                 raise CheckpointCorruptError(
                     f"{path}: tensor {name!r}, fragment at element {fr.offset!r}: {bad}"

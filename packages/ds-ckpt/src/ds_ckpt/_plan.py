@@ -138,7 +138,7 @@ class Stored:
     numel: int
     byte_start: int  # absolute position in the file
     sha256: str | None = None
-    crc32: str | None = None  # chunk CRCs (see _checksum); None: a version-1 checkpoint
+    chunk_hashes: str | None = None  # chunk digests (see _checksum); None: version 1
 
 
 @dataclass(frozen=True)

@@ -295,26 +295,26 @@ def _write_rank_file(
 ) -> dict:
     """Write this rank's pieces to one safetensors file; return its index for the manifest."""
     if not pieces:
-        return {"file": None, "size": 0, "header_crc32": None, "records": []}
+        return {"file": None, "size": 0, "header_hash": None, "records": []}
     name = _file_name(rank)
     entries = [
         (f"{p.name}@{p.offset}", to_st(t.dtype), p.numel, t.element_size())
         for p, t in zip(pieces, data)
     ]
     header, placed = layout(entries)
-    size, digests, header_crc = write_file(
+    size, digests, header_hash = write_file(
         os.path.join(tmp, name), placed, header, data, hashes=hashed
     )
     records = [
         {
             "name": p.name,
             **asdict(
-                FragmentRecord(name, e.key, p.offset, p.numel, e.byte_start, e.nbytes, sha, crcs)
+                FragmentRecord(name, e.key, p.offset, p.numel, e.byte_start, e.nbytes, sha, chunks)
             ),
         }
-        for p, e, (sha, crcs) in zip(pieces, placed, digests)
+        for p, e, (sha, chunks) in zip(pieces, placed, digests)
     ]
-    return {"file": name, "size": size, "header_crc32": header_crc, "records": records}
+    return {"file": name, "size": size, "header_hash": header_hash, "records": records}
 
 
 def _manifest(job: _Job, infos: list[dict], world: int) -> Manifest:
@@ -324,7 +324,7 @@ def _manifest(job: _Job, infos: list[dict], world: int) -> Manifest:
     for info in infos:
         if info.get("file"):
             files[info["file"]] = info["size"]
-            headers[info["file"]] = info["header_crc32"]
+            headers[info["file"]] = info["header_hash"]
         for rec in info["records"]:
             rec = dict(rec)
             name = rec.pop("name")
@@ -380,7 +380,7 @@ def save(
 
     Each rank passes the fragments it holds; replicated ranges are written once. `client_state`
     (rank 0's is kept) and `rank_state` (kept per rank) must be JSON-encodable (see encode()).
-    Every stored piece always gets CRC-32s per 1 MiB chunk, and the manifest a CRC of its own
+    Every stored piece always gets an XXH3-64 per 1 MiB chunk, and the manifest one of its own
     bytes, which every load checks; hashes=False skips only the optional SHA-256 (checked by
     load(verify_hashes=True) and `ds-ckpt verify`), which is CPU-bound and can cost more than
     the disk on a busy host. With async_=True the data is

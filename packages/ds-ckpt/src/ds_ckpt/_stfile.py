@@ -2,7 +2,7 @@
 
 We write the format ourselves (8-byte little-endian header length, JSON header, raw data) rather
 than through `safetensors.torch.save_file` so that (1) the data streams from the caller's
-tensors to the file with no intermediate copy, (2) checksums (chunk CRCs, optional SHA-256) are computed while writing, and
+tensors to the file with no intermediate copy, (2) checksums (chunk XXH3-64s, optional SHA-256) are computed while writing, and
 (3) byte positions are known before writing, for the manifest. The files are ordinary
 safetensors files; tests open them with the safetensors library.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_ckpt._checksum import CHUNK_BYTES, PieceDigest, crc_hex, digest
+from ds_ckpt._checksum import CHUNK_BYTES, PieceDigest, digest, digest_hex
 from ds_ckpt._errors import CheckpointCorruptError
 
 # The data section starts on a page boundary: aligned reads are cheaper and O_DIRECT-ready.
@@ -199,9 +199,9 @@ def write_file(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> tuple[int, list[tuple[str | None, str]], str]:
     """Write `header` then the bytes of each contiguous tensor of `data` (CPU or device);
-    fsync; return (size, (sha256 or None, chunk CRCs) per entry, CRC of the header bytes).
+    fsync; return (size, (sha256 or None, chunk digests) per entry, digest of the header bytes).
 
-    The chunk CRCs (see _checksum) are always computed; SHA-256 only with hashes=True. Both run
+    The chunk digests (see _checksum) are always computed; SHA-256 only with hashes=True. Both run
     on `hash_pool` threads while the data is written (zlib, hashlib, the copies and the write
     syscalls release the GIL): a CPU tensor is digested whole from its own memory, a device
     tensor piece by piece from the buffered copy, in order. Large files are written with
@@ -260,7 +260,7 @@ def write_file(
         finally:
             if own_pool:
                 pool.shutdown()
-    return size, digests, crc_hex(header)
+    return size, digests, digest_hex(header)
 
 
 def _open_for_write(path: str, direct: bool) -> int:
@@ -280,7 +280,7 @@ def _is_direct(fd: int) -> bool:
 
 
 def read_header(path: str) -> tuple[int, dict[str, dict], str]:
-    """(data start, header dict, CRC of the header bytes) of a safetensors file, validated;
+    """(data start, header dict, digest of the header bytes) of a safetensors file, validated;
     errors name the file."""
     try:
         with open(path, "rb") as f:
@@ -308,7 +308,7 @@ def read_header(path: str) -> tuple[int, dict[str, dict], str]:
     if not isinstance(header, dict):
         raise CheckpointCorruptError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
-    return 8 + n, header, crc_hex(head + raw)
+    return 8 + n, header, digest_hex(head + raw)
 
 
 def pread_into(fd: int, byte_start: int, view: memoryview, *, path: str) -> None:

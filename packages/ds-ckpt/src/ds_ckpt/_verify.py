@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ds_ckpt._checksum import PieceDigest, expected
+from ds_ckpt._checksum import ALGO, HEX, PieceDigest, expected
 from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError
 from ds_ckpt._fragment import global_numel
@@ -19,7 +19,7 @@ _SLAB = 16 * 1024 * 1024  # bytes per read: bounded memory whatever the piece si
 
 def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = True) -> list[str]:
     """Every problem found (empty when the checkpoint is intact): the manifest checksum,
-    coverage, sizes, header checksums, the CRC of every chunk of every stored piece and, with
+    coverage, sizes, header checksums, the checksum of every chunk of every stored piece and, with
     hashes=True, the SHA-256 of every stored piece (where the save computed them). Each problem
     names its file."""
     tag_dir, m = open_checkpoint(dir, tag)
@@ -57,9 +57,9 @@ def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = Tru
 def _check_piece(
     fd: int, path: str, name: str, f: FragmentRecord, chunk: int, hashes: bool
 ) -> list[str]:
-    """Read one stored piece once, in bounded slabs, and compare its chunk CRCs and SHA-256."""
+    """Read one stored piece once, in bounded slabs, and compare its chunk checksums and SHA-256."""
     sha = hashes and f.sha256 is not None
-    if f.crc32 is None and not sha:
+    if f.chunk_hashes is None and not sha:
         return []
     d = PieceDigest(chunk, sha256=sha)
     slab = max(chunk, _SLAB // chunk * chunk)
@@ -68,17 +68,19 @@ def _check_piece(
         k = min(slab, f.nbytes - pos)
         pread_into(fd, f.byte_start + pos, buf[:k], path=path)
         d.update(buf[:k])
-    got_sha, got_crcs = d.finish()
+    got_sha, got_chunks = d.finish()
     out = []
-    if f.crc32 is not None and got_crcs != f.crc32:
+    if f.chunk_hashes is not None and got_chunks != f.chunk_hashes:
         bad = next(
-            i for i in range(len(got_crcs) // 8) if expected(got_crcs, i) != expected(f.crc32, i)
+            i
+            for i in range(len(got_chunks) // HEX)
+            if expected(got_chunks, i) != expected(f.chunk_hashes, i)
         )
         isz = f.nbytes // f.numel if f.numel else 1
         e0 = f.offset + bad * chunk // isz
         e1 = f.offset + min(f.nbytes, (bad + 1) * chunk) // isz
         out.append(
-            f"{path}: CRC mismatch in tensor {name!r}, elements [{e0}, {e1}) (file bytes "
+            f"{path}: checksum ({ALGO}) mismatch in tensor {name!r}, elements [{e0}, {e1}) (file bytes "
             f"[{f.byte_start + bad * chunk}, {f.byte_start + min(f.nbytes, (bad + 1) * chunk)}))"
         )
     if sha and got_sha != f.sha256:
