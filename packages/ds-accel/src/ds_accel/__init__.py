@@ -8,6 +8,7 @@ from ds_accel._base import Accelerator, cpu_isa
 from ds_accel._cpu import CPUAccelerator
 from ds_accel._cuda import CUDAAccelerator
 from ds_accel._mps import MPSAccelerator
+from ds_accel._peak import ENV_PEAK, peak_flops
 from ds_accel._registry import (
     ENTRY_POINT_GROUP,
     ENV_VAR,
@@ -23,6 +24,7 @@ from ds_accel._version import __version__
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "ENV_PEAK",
     "ENV_VAR",
     "Accelerator",
     "AcceleratorError",
@@ -34,6 +36,7 @@ __all__ = [
     "get_accelerator",
     "get_accelerator_by_name",
     "known_accelerators",
+    "peak_flops",
     "report",
     "reset_accelerator",
     "set_accelerator",
