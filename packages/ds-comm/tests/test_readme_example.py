@@ -21,6 +21,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_example_runs_and_ranks_agree():
     run = run_readme_example(README)
     assert run.example.nproc == 2
+    assert set(run.rank_stdout) == {0, 1}  # each rank's own output, read from torchrun's files
     lines = run.assert_ranks_agree()
     assert lines[0] == "mean [0.5, 1.5, 2.5, 3.5] gathered [0.0, 0.0, 1.0, 1.0]"
     cosine = float(lines[1].rsplit(" ", 1)[1])

@@ -16,6 +16,9 @@ session so that a timeout kills every rank it started.
 
 Distributed examples print one line per rank, ``rank R: <text>``; :meth:`ExampleRun.rank_lines`
 collects them and :meth:`ExampleRun.assert_ranks_agree` checks every rank printed the same.
+Under torchrun each rank's output goes to its own file (``--redirects 3``, also echoed to the
+console with a ``[default<R>]:`` prefix by ``--tee 3``), so lines of different ranks are never
+interleaved mid-line when they are read back.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = re.compile(r"^<!--\s*readme-example(?P<args>[^>]*?)\s*-->\s*$")
@@ -65,14 +68,19 @@ class ExampleRun:
     example: ReadmeExample
     stdout: str
     stderr: str
+    #: each rank's own stdout (multi-rank examples; empty for one process)
+    rank_stdout: dict[int, str] = field(default_factory=dict)
 
     def rank_lines(self) -> dict[int, list[str]]:
-        """The ``rank R: text`` lines of stdout, per rank, in the order each rank printed."""
+        """The ``rank R: text`` lines, per rank, in the order each rank printed (read from each
+        rank's own output when the example ran under torchrun, else from stdout)."""
+        texts = list(self.rank_stdout.values()) if self.rank_stdout else [self.stdout]
         out: dict[int, list[str]] = {}
-        for line in self.stdout.splitlines():
-            m = _RANK_LINE.match(line.strip())
-            if m:
-                out.setdefault(int(m["rank"]), []).append(m["text"])
+        for text in texts:
+            for line in text.splitlines():
+                m = _RANK_LINE.match(line.strip())
+                if m:
+                    out.setdefault(int(m["rank"]), []).append(m["text"])
         return out
 
     def assert_ranks_agree(self) -> list[str]:
@@ -183,6 +191,12 @@ def run_readme_example(
                 "--standalone",
                 "--nproc_per_node",
                 str(example.nproc),
+                "--log-dir",
+                str(Path(tmp) / "logs"),
+                "--redirects",
+                "3",
+                "--tee",
+                "3",
                 str(script),
             ]
         proc = subprocess.Popen(
@@ -207,10 +221,21 @@ def run_readme_example(
             if proc.poll() is None:  # pragma: no cover - only when communicate itself failed
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        rank_stdout = _rank_outputs(Path(tmp) / "logs")
     if proc.returncode != 0:
         raise ReadmeExampleError(
             f"{example.readme}: the example exited with {proc.returncode}\n"
             f"--- script ---\n{example.source}\n--- stdout ---\n{stdout[-4000:]}\n"
             f"--- stderr ---\n{stderr[-6000:]}"
         )
-    return ExampleRun(example, stdout, stderr)
+    return ExampleRun(example, stdout, stderr, rank_stdout)
+
+
+def _rank_outputs(log_dir: Path) -> dict[int, str]:
+    """torchrun's per-rank stdout files: ``<log_dir>/<run id>/attempt_<n>/<rank>/stdout.log``
+    (one node, so the local rank is the rank); the last attempt wins."""
+    out: dict[int, str] = {}
+    for path in sorted(log_dir.glob("*/attempt_*/*/stdout.log")):
+        if path.parent.name.isdigit():
+            out[int(path.parent.name)] = path.read_text(encoding="utf-8", errors="replace")
+    return out

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import ds_comm
 import ds_zero
 from ds_accel import get_accelerator
 from ds_all._config_base import ConfigError
@@ -107,6 +108,12 @@ class Init(ds_zero.Init):
             config_dict_or_path = config
         if dtype is None and config_dict_or_path is not None:
             dtype = _config_dtype(config_dict_or_path)
+        if enabled and ds_comm.launched_rank() is not None and not ds_comm.is_initialized():
+            # DeepSpeed's Init initialises the process group itself when a launcher started
+            # this process as one of several ranks (scripts rely on it before initialize())
+            from ds_all._initialize import init_distributed
+
+            init_distributed()
         group = data_parallel_group or sequence_data_parallel_group
         if group is None and mpu is not None:
             group = mpu.get_data_parallel_group()
