@@ -57,6 +57,8 @@ def _momentum(key: str, v: Any) -> float:
 def _lr(key: str, v: Any) -> Any:
     """A learning rate, or a list of one per parameter group."""
     if isinstance(v, (list, tuple)):
+        if not v:
+            raise ConfigError(f"{key}: an empty list; give one number, or one per parameter group")
         return [_non_negative(f"{key}[{i}]", x) for i, x in enumerate(v)]
     return _non_negative(key, v)
 
