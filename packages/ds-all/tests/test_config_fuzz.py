@@ -8,12 +8,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from ds_all import ConfigError, DeepSpeedConfig
-from ds_all._optimizers import build_optimizer
-from ds_all._schedulers import build_scheduler
+pytest.importorskip("hypothesis")  # the test extra installs it
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ds_all import ConfigError, DeepSpeedConfig  # noqa: E402
+from ds_all._optimizers import build_optimizer  # noqa: E402
+from ds_all._schedulers import build_scheduler  # noqa: E402
 
 SCALARS = st.one_of(
     st.none(),
