@@ -152,8 +152,8 @@ def _converge(delayed: bool, steps: int = 300) -> list[float]:
 
 def test_delayed_update_converges_like_the_exact_step():
     exact, delayed = _converge(False), _converge(True)
-    assert exact[:2] == delayed[:2]  # step 1 runs on the initial parameters either way
-    assert exact[2] != delayed[2]  # from then on the gradients are one update stale
+    assert exact[0] == delayed[0]  # the first forward runs on the initial parameters
+    assert delayed[1] != exact[1]  # the delayed second forward still does
     assert exact[-1] < 0.8 * exact[0]  # it learns
     final_exact, final_delayed = sum(exact[-20:]) / 20, sum(delayed[-20:]) / 20
     assert final_delayed == pytest.approx(final_exact, rel=0.01)
