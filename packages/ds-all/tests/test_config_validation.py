@@ -483,3 +483,70 @@ def test_csv_monitor_directory_is_created(tmp_path):
     engine, *_ = ds_all.initialize(model=model, config=config)
     assert (tmp_path / "new" / "logs" / "j").is_dir()
     engine.close()
+
+
+# ------------------------------------------------------------------ the clients' own config passes
+HF_TEMPLATE = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                              "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                       "warmup_num_steps": "auto",
+                                                       "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto",
+                          "stage3_max_live_parameters": 1e9,
+                          "stage3_gather_16bit_weights_on_model_save": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trainer_fills_every_auto_of_its_template(tmp_path):
+    """Hugging Face's documented ZeRO-3 template through Trainer's own config passes: loadable
+    between them (zero.Init time, scheduler steps still "auto"), resolved after them."""
+    deepspeed = pytest.importorskip("transformers.integrations.deepspeed")
+    transformers = pytest.importorskip("transformers")
+    hf = deepspeed.HfTrainerDeepSpeedConfig(json.loads(json.dumps(HF_TEMPLATE)))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-4, warmup_steps=3, max_steps=10, report_to=[], use_cpu=True,
+    )  # fmt: skip
+    hf.trainer_config_process(args)
+    cfg = DeepSpeedConfig.load(hf.config)
+    assert cfg.unresolved_auto == ("scheduler.params.warmup_num_steps",
+                                   "scheduler.params.total_num_steps")  # fmt: skip
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    )
+    hf.trainer_config_finalize(args, model, 10)
+    cfg = DeepSpeedConfig.load(hf.config, require_resolved=True)
+    assert cfg.optimizer.params["lr"] == 1e-4 and cfg.scheduler.params["total_num_steps"] == 10
+    assert cfg.gradient_clipping == 1.0 and cfg.resolve_batch(1) == (4, 2, 2)
+    assert cfg.zero_config().reduce_bucket_size == 32 * 32
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_accelerate_plugin_config_resolves():
+    """Accelerate's DeepSpeedPlugin writes steps_per_print Infinity and fills "auto" with
+    what _prepare_deepspeed passes it."""
+    utils = pytest.importorskip("accelerate.utils")
+    plugin = utils.DeepSpeedPlugin(hf_ds_config={
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}},
+        "gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+    })  # fmt: skip
+    assert plugin.deepspeed_config["steps_per_print"] == math.inf
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        DeepSpeedConfig.load(plugin.deepspeed_config, require_resolved=True)
+    plugin.deepspeed_config_process(must_match=False, **{
+        "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 4,
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save": False,
+        "optimizer.params.lr": 1e-3, "optimizer.params.weight_decay": 0.0,
+    })  # fmt: skip
+    cfg = DeepSpeedConfig.load(plugin.deepspeed_config, require_resolved=True)
+    assert cfg.steps_per_print == math.inf and cfg.resolve_batch(1) == (4, 2, 2)
