@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "ds-pipe": {"ds-comm", "ds-accel"},
     "ds-moe": {"ds-comm", "ds-accel"},
     "ds-ckpt": {"ds-accel"},
+    "ds-seq": {"ds-comm", "ds-accel"},
     "ds-profile": set(),
     "ds-launcher": set(),
     "ds-all": {
@@ -38,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "ds-launcher",
         "ds-ckpt",
         "ds-profile",
+        "ds-seq",
     },  # fmt: skip
 }
 

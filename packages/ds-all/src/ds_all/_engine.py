@@ -175,6 +175,7 @@ class DeepSpeedEngine(nn.Module):
         model_parameters: Any = None,
         lr_scheduler: Any = None,
         dp_group: Any = None,
+        sequence_parallel: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -184,7 +185,13 @@ class DeepSpeedEngine(nn.Module):
         self.world_size = dist.get_world_size(dp_group) if initialized else 1
         self.global_rank = dist.get_rank() if initialized else 0
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self._train_batch, self._micro, self._gas = config.resolve_batch(self.world_size)
+        # sequence parallelism (ds_all/_sequence.py): dp_group spans the sp x dp ranks; a batch
+        # is counted per data-parallel replica
+        self.sequence_parallel_size = getattr(sequence_parallel, "sequence_parallel_size", 1)
+        self.seq_parallel_group = getattr(sequence_parallel, "sp_group", None)
+        self._train_batch, self._micro, self._gas = config.resolve_batch(
+            self.world_size // self.sequence_parallel_size
+        )
         if self.accelerator.name == "cuda":
             self.accelerator.set_device(self.local_rank % max(1, self.accelerator.device_count()))
         self.device = torch.device(self.accelerator.current_device_name())
@@ -246,6 +253,9 @@ class DeepSpeedEngine(nn.Module):
         return build_scheduler(cfg.type, self.optimizer, cfg.params)
 
     # ---------------------------------------------------------------- batch facts
+    def get_sequence_parallel_group(self) -> Any:
+        return self.seq_parallel_group
+
     def train_batch_size(self) -> int:
         return self._train_batch
 
@@ -297,7 +307,8 @@ class DeepSpeedEngine(nn.Module):
             )
         self.timers.start("backward")
         self._losses.append(loss.detach())
-        self.zero.backward(loss)
+        sp = self.sequence_parallel_size
+        self.zero.backward(loss * sp if sp > 1 else loss)  # summed over sp ranks, see _sequence.py
         self.timers.stop("backward")
         return loss
 

@@ -15,6 +15,7 @@ from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._dataloader import make_dataloader
 from ds_all._engine import DeepSpeedEngine
+from ds_all._sequence import sequence_parallel_groups, zero_group
 from ds_all.fault import attach as _attach_fault_tolerance
 
 log = logging.getLogger("ds_all")
@@ -85,7 +86,11 @@ def initialize(
     if dist_init_required:
         # issue 12: fault_tolerance.comms_timeout (seconds) is the collective timeout
         init_distributed(timeout=cfg.fault_tolerance.comms_timeout)
-    dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+    seq = sequence_parallel_groups(cfg, mpu)  # ds-seq's sp x dp groups, or None
+    if seq is not None:
+        dp_group = zero_group(seq)
+    else:
+        dp_group = mpu.get_data_parallel_group() if mpu is not None else None
     if cfg.activation_checkpointing.cpu_checkpointing:
         # The config's section takes effect without a separate checkpointing.configure() call;
         # only when set, so that a script's own configure(...) is not reset by a default config.
@@ -93,11 +98,14 @@ def initialize(
 
         checkpointing.configure(deepspeed_config=cfg)
     if _is_pipeline(model):
+        if seq is not None:
+            raise ConfigError("sequence_parallel_size > 1 with a PipelineModule: sequence parallelism is not "
+                              "supported with pipeline parallelism; set \"sequence_parallel_size\": 1")  # fmt: skip
         from ds_all._pipe_engine import PipelineEngine
 
         pipe = PipelineEngine(model, cfg, optimizer, model_parameters, lr_scheduler)
         return pipe, pipe.optimizer, None, pipe.lr_scheduler
-    engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group)
+    engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group, seq)
     _attach_fault_tolerance(engine, cfg)  # issue 12: watchdog, save on SIGTERM, auto-resume
     loader = None
     if training_data is not None:

@@ -1,0 +1,1 @@
+"""``deepspeed.sequence``: DeepSpeed-Ulysses sequence parallelism (implemented by ds-seq)."""

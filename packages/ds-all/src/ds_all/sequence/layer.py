@@ -1,0 +1,5 @@
+"""``deepspeed.sequence.layer``: ``DistributedAttention`` (ds-seq's)."""
+
+from ds_seq import DistributedAttention
+
+__all__ = ["DistributedAttention"]
