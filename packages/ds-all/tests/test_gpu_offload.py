@@ -91,3 +91,66 @@ def test_nvme_parameter_shards_on_cuda_train_like_host_shards(tmp_path):
     assert stats.on_nvme > 0 and stats.prefetched > 0
     assert all(s.buffer.is_pinned() for s in zero.param_store.slots)
     zero.close()
+
+
+def _train_mode(stage: int, offload: dict, host_shards: bool = False, bf16: bool = True,
+                steps: int = 5):  # fmt: skip
+    """ZeRO ``stage`` on CUDA with an offload stepper configured by ``offload`` (cpu, pinned)."""
+    import ds_offload
+    import ds_zero
+
+    torch.manual_seed(0)
+    model = TinyGPT(layers=4).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    options = ds_zero.ZeroOptions(
+        stage=stage, param_dtype=torch.bfloat16 if bf16 else torch.float32,
+        param_persistence_threshold=0, host_param_shards=host_shards, gradient_clipping=1.0,
+        reduce_bucket_size=4000,
+    )  # fmt: skip
+    stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": True, **offload})
+    zero = ds_zero.wrap(model, opt, options, stepper=stepper)
+    return zero, _steps(zero, steps)
+
+
+@pytest.mark.parametrize("stage,host_shards", [(2, False), (3, False), (3, True)])
+def test_overlapped_offload_on_cuda_is_bitwise_the_sequential_step(stage, host_shards):
+    """Side-stream copies with events, CPU Adam on the worker thread, the next forward waiting
+    per partition: the same bits as the step that finishes before returning."""
+    ref, ref_losses = _train_mode(stage, {"overlap": False}, host_shards)
+    zero, losses = _train_mode(stage, {}, host_shards)
+    assert zero._overlap is not None and zero.stepper._worker is not None
+    assert losses == ref_losses
+    want = ref.full_state_dict()
+    for k, v in zero.full_state_dict().items():
+        assert torch.equal(v, want[k]), k
+    zero.close()
+    ref.close()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_twin_flow_on_cuda_matches_all_on_cpu(stage):
+    """ratio 0.5: the first half of the model stepped by ds_kernels' FusedAdam on the GPU while
+    CPU Adam steps the rest; fp32 so the two are comparable to rounding."""
+    ref, ref_losses = _train_mode(stage, {"ratio": 1.0}, bf16=False)
+    zero, losses = _train_mode(stage, {"ratio": 0.5}, bf16=False)
+    stepper = zero.stepper
+    assert stepper.on_device and stepper.offloaded
+    assert type(stepper._device_flow.optimizer).__name__ == "FusedAdam"
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    want = ref.full_state_dict()
+    for k, v in zero.full_state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=k)
+    zero.close()
+    ref.close()
+
+
+def test_delayed_update_and_auto_ratio_on_cuda():
+    exact, exact_losses = _train_mode(2, {})
+    delayed, losses = _train_mode(2, {"delayed_update": True})
+    assert losses[0] == exact_losses[0] and losses[1] != exact_losses[1]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    auto, _ = _train_mode(3, {"ratio": "auto"})
+    # a tiny model fits in half of the free memory: "auto" keeps everything on the device
+    assert auto.stepper.ratio == 0.0 and not auto.stepper.offloaded
+    for z in (exact, delayed, auto):
+        z.close()
