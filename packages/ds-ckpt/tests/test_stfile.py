@@ -187,3 +187,25 @@ def test_manifest_fragment_field_types_are_checked(tmp_path, field, value):
     _edit_manifest(tmp_path, lambda t: t["fragments"][0].update({field: value}))
     with pytest.raises(ds_ckpt.CheckpointCorruptError, match=rf"manifest\.json: .*{field}"):
         ds_ckpt.load_tensor(tmp_path, "w")
+
+
+def test_chunk_digests_do_not_depend_on_how_the_bytes_arrive():
+    """Device tensors are digested segment by segment as the writer's buffers fill (buffer
+    boundaries fall anywhere in a chunk); the result must equal the digest of the whole."""
+    from ds_ckpt._checksum import PieceDigest, digest
+
+    raw = memoryview(bytes(range(256)) * 1000)  # 256000 bytes
+    chunk = 4096
+    want = digest(raw, chunk, sha256=True)
+    assert want[1] == _chunk_hashes(torch.frombuffer(bytearray(raw), dtype=torch.uint8), chunk)
+    g = torch.Generator().manual_seed(0)
+    for sizes in ([1] * 5000, [4095, 1, 4096, 8193], [chunk * 3], [100_000, 7]):
+        d = PieceDigest(chunk, sha256=True)
+        pos = 0
+        for n in sizes:
+            d.update(raw[pos : pos + n])
+            pos += n
+        cuts = sorted(torch.randint(pos, len(raw), (5,), generator=g).tolist())
+        for a, b in zip([pos, *cuts], [*cuts, len(raw)]):
+            d.update(raw[a:b])
+        assert d.finish() == want, sizes
