@@ -1,6 +1,6 @@
 """One noxfile for the monorepo: sessions parametrized over the packages.
 
-    nox                       lint, boundaries, isolation and every package's tests (what CI runs)
+    nox                       lint, boundaries, isolation, every package's tests, then the summary
     nox -s "tests(package='ds-zero')"   one package's tests
     nox -s demo               the main job: a small GPT on 2 CPU ranks (needs ds-all)
     nox -s bench -- NAME...   CPU benchmarks beside their peers (see CPU_BENCHES)
@@ -8,70 +8,44 @@
 torch is big (about 30 s to install per environment on 2 cores), so it is installed once into a
 base environment and exposed to every package environment through a ``.pth`` file: each package
 environment is still fresh and gets only its own package, its declared dependencies and its test
-extra installed, but torch 2.13.0 (CPU build) is shared rather than copied ten times.
+extra installed, but torch 2.13.0 (CPU build) is shared rather than copied once per package.
+Likewise each package's wheel is built once into .nox/_wheels (rebuilt when a file of the package
+changes) and every environment installs from there with tools/install.py, the README's install
+command, instead of rebuilding its siblings from source. Packages are discovered under packages/
+(tools/_packages.py): a new package needs no edit here.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
 import nox
-import tomllib
+import nox.command
 
 ROOT = Path(__file__).resolve().parent
-PACKAGES_DIR = ROOT / "packages"
-PACKAGES = sorted(p.name for p in PACKAGES_DIR.iterdir() if (p / "pyproject.toml").exists())
+sys.path.insert(0, str(ROOT / "tools"))
+import _packages as pk  # noqa: E402  (the packages as data: discovered, never listed here)
+
+PKGS = pk.discover()
+PACKAGES = list(PKGS)  # folder names under packages/, sorted
 TORCH = "torch==2.13.0"
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 BASE_ENV = ROOT / ".nox" / "_torch_base"
+BUILD_ENV = ROOT / ".nox" / "_build"
+WHEELS = ROOT / ".nox" / "_wheels"
 REPORTS = ROOT / ".nox" / "_reports"
+TOOLS = ROOT / "tools"
 
-nox.options.sessions = ["lint", "boundaries", "isolation", "tests"]
+nox.options.sessions = ["lint", "boundaries", "isolation", "tests", "summary"]
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 
-# ----------------------------------------------------------------------------- metadata
-def _name(req: str) -> str:
-    return re.split(r"[\s\[<>=!~;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
-
-
-def _project(pkg: str) -> dict:
-    return tomllib.loads((PACKAGES_DIR / pkg / "pyproject.toml").read_text())["project"]
-
-
-def _siblings(reqs: list[str]) -> list[str]:
-    return [_name(r) for r in reqs if _name(r) in PACKAGES]
-
-
-def _closure(pkg: str, with_test: bool) -> list[str]:
-    """The package and every sibling it needs (through dependencies, plus its test extra)."""
-    seen: list[str] = []
-    todo = [pkg]
-    first = True
-    while todo:
-        cur = todo.pop()
-        if cur in seen:
-            continue
-        seen.append(cur)
-        meta = _project(cur)
-        todo += _siblings(meta.get("dependencies", []))
-        if first and with_test:
-            todo += _siblings(meta.get("optional-dependencies", {}).get("test", []))
-        first = False
-    return seen
-
-
-def _needs_torch(pkgs: list[str]) -> bool:
-    for p in pkgs:
-        meta = _project(p)
-        reqs = meta.get("dependencies", []) + meta.get("optional-dependencies", {}).get("test", [])
-        if any(_name(r) == "torch" for r in reqs):
-            return True
-    return False
+def _needs_torch(pkgs: list[pk.Package], test: bool) -> bool:
+    reqs = [r for p in pkgs for r in (*p.dependencies, *(p.test_requires if test else ()))]
+    return any(pk.req_name(r) == "torch" for r in reqs)
 
 
 # ----------------------------------------------------------------------------- torch base env
@@ -90,24 +64,48 @@ def _ensure_torch_base(session: nox.Session) -> Path:
     return Path(str(out).strip().splitlines()[-1])
 
 
-def _link_torch(session: nox.Session) -> None:
+def _link_torch(session: nox.Session, python: str = "python") -> None:
+    """Expose the base environment's torch to ``python``'s environment through a .pth file."""
     site = _ensure_torch_base(session)
     out = session.run(
-        "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
-    )
+        python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        silent=True, external=python != "python",
+    )  # fmt: skip
     venv_site = Path(str(out).strip().splitlines()[-1])
     (venv_site / "_ds_torch_base.pth").write_text(f"{site}\n")
 
 
-def _install_local(session: nox.Session, pkgs: list[str], test_extra_of: str | None) -> None:
-    """Install local packages (non-editable wheels built with hatchling) in one pip call, so pip
-    satisfies sibling ranges such as ds-comm>=0.1,<0.2 from the tree, never from an index."""
-    session.install("-q", "hatchling>=1.24")
-    args = []
-    for p in pkgs:
-        path = str(PACKAGES_DIR / p)
-        args.append(f"{path}[test]" if p == test_extra_of else path)
-    session.install("-q", "--no-build-isolation", *args)
+# ----------------------------------------------------------------------------- wheels
+def _wheels(session: nox.Session, pkgs: list[pk.Package]) -> None:
+    """Build the wheels of ``pkgs`` into .nox/_wheels once: a wheel newer than every file of its
+    package is kept, so each package is built once per change, not once per environment that
+    needs it. One small environment holds hatchling for every build."""
+    py = BUILD_ENV / "bin" / "python"
+    marker = BUILD_ENV / ".hatchling"
+    if not marker.exists():
+        session.run(sys.executable, "-m", "venv", "--clear", str(BUILD_ENV), external=True)
+        session.run(str(py), "-m", "pip", "install", "-q", "hatchling>=1.24", external=True)
+        marker.write_text("ok\n")
+    session.run(str(py), str(TOOLS / "build_wheels.py"), "--no-build-isolation", "--dist",
+                str(WHEELS), *[p.folder for p in pkgs], external=True)  # fmt: skip
+
+
+def _install(
+    session: nox.Session, package: str, test: bool, python: str = "python", *also: str
+) -> None:
+    """The README's install command (tools/install.py) from the prebuilt wheels: third-party
+    requirements (and ``also``) from the index in one pip call, every ds-* package from the tree
+    (pip --no-index) in a second. In a reused environment the tree's packages are reinstalled
+    (pip keeps an installed version as it is, even when its files changed)."""
+    args = [str(TOOLS / "install.py"), "--no-build", "--dist", str(WHEELS), "--python", python]
+    args += ["--test"] * test + [f"--with={r}" for r in also]
+    marker = None
+    if python == "python":
+        marker = Path(session.virtualenv.location) / ".ds-installed"
+        args += ["--force-reinstall"] * marker.exists()
+    session.run(python, *args, package, "--", "-q", external=python != "python")
+    if marker is not None:
+        marker.write_text("the tree's packages are installed here\n")
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -116,50 +114,47 @@ def _install_local(session: nox.Session, pkgs: list[str], test_extra_of: str | N
 def tests(session: nox.Session, package: str) -> None:
     """One package's tests in its own environment: the package, its declared dependencies and
     its test extra only. GPU tests (marker gpu) run only with DS_TEST_GPU=1."""
-    pkgs = _closure(package, with_test=True)
-    if _needs_torch(pkgs):
+    report = REPORTS / (package + ".xml")
+    report.unlink(missing_ok=True)  # a session that fails before pytest leaves no stale report
+    pkgs = pk.closure(PKGS[package], PKGS, with_test=True)
+    if _needs_torch(pkgs, test=True):
         _link_torch(session)
-    session.install("-q", "pytest-timeout>=2.3")
-    _install_local(session, pkgs, test_extra_of=package)
+    _wheels(session, pkgs)
+    _install(session, package, True, "python", "pytest-timeout>=2.3")
     marker = [] if os.environ.get("DS_TEST_GPU") == "1" else ["-m", "not gpu"]
-    session.chdir(PACKAGES_DIR / package)
+    session.chdir(PKGS[package].path)
     session.run(
         "python", "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--timeout=900",
-        f"--junitxml={REPORTS / (package + '.xml')}",
+        f"--junitxml={report}", "--durations=10",
         "-o", "markers=gpu: needs an accelerator (run with DS_TEST_GPU=1 on a GPU machine)",
         *marker, *session.posargs, success_codes=[0, 5],
     )  # fmt: skip
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=False)
 def isolation(session: nox.Session) -> None:
-    """Each package's wheel installed alone (with only its declared dependencies) in a fresh
-    environment, and every public name imported."""
-    dist = ROOT / ".nox" / "_wheels"
-    session.install("-q", "build", "hatchling>=1.24")
-    session.run("rm", "-rf", str(dist), external=True)
-    for p in PACKAGES:
-        session.run("python", "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(dist), str(PACKAGES_DIR / p))  # fmt: skip
-    wheels = {p: next(dist.glob(p.replace("-", "_") + "-*.whl")) for p in PACKAGES}
-    for p in PACKAGES:
-        env = ROOT / ".nox" / "_isolation" / p
-        session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
+    """Each package installed alone by the README's command (tools/install.py: its wheel and
+    its declared dependencies only) in a fresh environment, and every public name imported.
+    Every package is tried; the failures are listed at the end."""
+    _wheels(session, list(PKGS.values()))
+    failed = []
+    for p in PKGS.values():
+        env = ROOT / ".nox" / "_isolation" / p.folder
         py = str(env / "bin" / "python")
-        closure = _closure(p, with_test=False)
-        if _needs_torch(closure):
-            site = _ensure_torch_base(session)
-            purelib = session.run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                                  external=True, silent=True)  # fmt: skip
-            Path(str(purelib).strip().splitlines()[-1], "_ds_torch_base.pth").write_text(
-                f"{site}\n"
-            )
-        session.run(
-            py, "-m", "pip", "install", "-q", *[str(wheels[c]) for c in closure], external=True
-        )
-        session.run(
-            py, str(ROOT / "tools" / "import_public.py"), p.replace("-", "_"), external=True
-        )
+        try:
+            session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
+            if _needs_torch(pk.closure(p, PKGS), test=False):
+                _link_torch(session, py)
+            _install(session, p.folder, test=False, python=py)
+            if not p.imports:
+                session.warn(f"{p.folder}: no package with an __init__.py under src/")
+                failed.append(p.folder)
+            for module in p.imports:
+                session.run(py, str(TOOLS / "import_public.py"), module, external=True)
+        except nox.command.CommandFailed:
+            failed.append(p.folder)
+    if failed:
+        session.error(f"installed alone, these packages failed to install or import: {failed}")
 
 
 @nox.session(python=PYTHON)
@@ -210,7 +205,8 @@ def bench(session: nox.Session) -> None:
     if unknown:
         session.error(f"unknown benchmark(s) {unknown}; choose from {sorted(CPU_BENCHES)}")
     _link_torch(session)
-    _install_local(session, _closure("ds-all", with_test=False), test_extra_of=None)
+    _wheels(session, pk.closure(PKGS["ds-all"], PKGS))
+    _install(session, "ds-all", test=False)
     session.install("-q", "matplotlib", "deepspeed==0.19.8")
     session.chdir(ROOT)
     scratch = ROOT / ".nox" / "_bench_scratch"  # the project's disk: /tmp may be a tmpfs
@@ -232,7 +228,8 @@ def demo(session: nox.Session) -> None:
     character GPT learns the project's docs with ZeRO-3, checkpoints, resumes in new processes,
     and the loss curve is written to out/demo/loss.png."""
     _link_torch(session)
-    _install_local(session, _closure("ds-all", with_test=False), test_extra_of=None)
+    _wheels(session, pk.closure(PKGS["ds-all"], PKGS))
+    _install(session, "ds-all", test=False)
     session.install("-q", "matplotlib")
     out = ROOT / "out" / "demo"
     session.run("rm", "-rf", str(out), external=True)
@@ -259,3 +256,11 @@ def demo(session: nox.Session) -> None:
     session.run(
         "python", "examples/plot_losses.py", str(out / "losses.jsonl"), str(out / "loss.png")
     )
+
+
+@nox.session(python=False)
+def summary(session: nox.Session) -> None:
+    """The closing lines of a run: passed/failed/skipped per package and in all (from the junit
+    reports of the tests sessions), the slowest tests and each package's test time."""
+    session.run(sys.executable, str(TOOLS / "summarize_junit.py"), str(REPORTS),
+                "--expect", ",".join(PACKAGES), external=True)  # fmt: skip
