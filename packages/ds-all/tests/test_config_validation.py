@@ -116,6 +116,11 @@ BAD = [
     ),
     ({"aio": {"block_size": NAN}}, "aio.block_size", "finite"),
     (_sched("WarmupLR", warmup_max_lr=INF), "scheduler.params.warmup_max_lr", "finite"),
+    (
+        {"fault_tolerance": {"comms_timeout": 10, "heartbeat_interval": 30}},
+        "fault_tolerance.heartbeat_interval",
+        "less than",
+    ),
     # booleans and quoted numbers are not numbers
     ({"train_batch_size": True}, "train_batch_size", "boolean"),
     ({"train_micro_batch_size_per_gpu": False}, "train_micro_batch_size_per_gpu", "boolean"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from ds_all._config_base import ConfigError, Section
 
@@ -35,3 +35,16 @@ class FaultToleranceSection(Section):
                 f"fault_tolerance.{info.field_name} must be a positive number of seconds, got {v}"
             )
         return v
+
+    @model_validator(mode="after")
+    def _beats_within_timeout(self) -> FaultToleranceSection:
+        timeout, beat = self.comms_timeout, self.heartbeat_interval
+        if timeout is not None and beat is not None and beat >= timeout:
+            # the diagnosis of a timed-out collective reads the heartbeats: with no beat
+            # within the timeout, every rank would look stalled
+            raise ConfigError(
+                f"fault_tolerance.heartbeat_interval ({beat:g} s) must be less than "
+                f"fault_tolerance.comms_timeout ({timeout:g} s); leave heartbeat_interval out "
+                "to use min(2 s, comms_timeout / 10)"
+            )
+        return self
