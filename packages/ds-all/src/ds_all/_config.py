@@ -28,6 +28,7 @@ from ds_all._config_base import (
 )
 from ds_all._config_file import check_depth, read_config_file
 from ds_all._optimizers import resolve_optimizer
+from ds_all._profiling_config import AutotuningDict, FlopsProfilerSection
 from ds_all._schedulers import resolve_scheduler
 from ds_all.fault import FaultToleranceSection
 
@@ -233,7 +234,7 @@ class DataTypesSection(Section):
 #: DeepSpeed sections this project accepts and ignores, with a warning (not errors: scripts
 #: written for DeepSpeed carry them routinely).
 _IGNORED_TOP = {
-    "flops_profiler", "autotuning", "elasticity", "compression_training", "data_efficiency",
+    "elasticity", "compression_training", "data_efficiency",
     "sparse_attention", "memory_breakdown", "dump_state", "zero_force_ds_cpu_optimizer",
     "curriculum_learning", "eigenvalue", "progressive_layer_drop", "nebula", "quantize_training",
     "weight_quantization", "hybrid_engine", "timers", "aml", "comet", "use_data_before_expert_parallel_",
@@ -288,6 +289,9 @@ class DeepSpeedConfig(Section):
     )
     data_types: DataTypesSection = Field(default_factory=DataTypesSection)
     amp: dict[str, Any] = Field(default_factory=dict)
+    # ds-profile: the profile printed at profile_step, TFLOP/s and MFU; autotuning trials
+    flops_profiler: FlopsProfilerSection = Field(default_factory=FlopsProfilerSection)
+    autotuning: AutotuningDict = Field(default_factory=dict)
 
     @field_validator(
         "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"

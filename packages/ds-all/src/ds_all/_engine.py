@@ -25,6 +25,7 @@ from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
 from ds_all._schedulers import build_scheduler
 from ds_all._timers import Timers
+from ds_all._profiling import EngineProfiling
 
 log = logging.getLogger("ds_all")
 
@@ -218,6 +219,7 @@ class DeepSpeedEngine(nn.Module):
         self._window_samples = 0
         self._window_tokens = 0
         self._last_loss: float | None = None
+        self._profiling = EngineProfiling(self)  # flops_profiler, TFLOP/s + MFU, autotuning
 
     # ---------------------------------------------------------------- construction
     def _build_optimizer(
@@ -290,7 +292,9 @@ class DeepSpeedEngine(nn.Module):
         self.timers.start("forward")
         if self.module.training:
             self._tokens += _count_tokens(args, kwargs)
+        self._profiling.before_forward(self)
         out = self.zero(*args, **kwargs)
+        self._profiling.after_forward(self)
         self.timers.stop("forward")
         return out
 
@@ -331,6 +335,7 @@ class DeepSpeedEngine(nn.Module):
             self._window_tokens += self._tokens * self.world_size
             self._tokens = 0
             self._after_boundary()
+            self._profiling.after_boundary(self)
             on_step_boundary(self)  # issue 12: save on SIGTERM, control-flow check
         self.timers.stop("step")
 
@@ -360,6 +365,7 @@ class DeepSpeedEngine(nn.Module):
             parts.append(f"{self._window_samples / elapsed:.1f} samples/s")
             if self._window_tokens:
                 parts.append(f"{self._window_tokens / elapsed:.0f} tokens/s")
+            parts += self._profiling.throughput_parts(self, self._window_samples, elapsed)
             if self.zero.grad_norm is not None:
                 parts.append(f"grad_norm {self.zero.grad_norm:.3f}")
             if self.config.fp16.enabled:
