@@ -15,7 +15,7 @@ from ds_seq._loss import (
     sequence_parallel_causal_lm_loss,
     sequence_parallel_loss,
 )
-from ds_seq._offload import checkpoint_offload, enable_checkpoint_offload
+from ds_seq._offload import HiddenStatesOffload, checkpoint_offload, enable_checkpoint_offload
 from ds_seq._tiled import (
     SequenceTiledCompute,
     TiledFusedLogitsLoss,
@@ -29,6 +29,7 @@ from ds_seq._version import __version__
 
 __all__ = [
     "DistributedAttention",
+    "HiddenStatesOffload",
     "SeqExchange",
     "SequenceParallelGroups",
     "SequenceTiledCompute",

@@ -26,30 +26,89 @@ from torch import Tensor, nn
 MIN_OFFLOAD_BYTES = 1024
 
 
-def _to_host(t: Tensor, force: bool) -> tuple[Tensor, torch.device | None]:
-    """(host copy, device to restore to) or (t, None) when ``t`` stays where it is."""
-    if t.numel() * t.element_size() < MIN_OFFLOAD_BYTES or (t.device.type == "cpu" and not force):
-        return t, None
-    pin = t.device.type == "cuda"
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-    host.copy_(t.detach(), non_blocking=pin)
-    return host, t.device
+class HiddenStatesOffload:
+    """Keeps checkpointed layer inputs in pinned host memory between forward and backward.
+
+    One object per model (``enable_checkpoint_offload`` makes it): it owns a pool of pinned host
+    buffers reused from step to step (page-locking memory is slow, and a long sequence needs
+    gigabytes a layer) and, on CUDA, a side stream for the device-to-host copies so that they
+    overlap the next layer's forward. ``checkpoint`` is its checkpoint function.
+    """
+
+    def __init__(
+        self, min_offload_bytes: int = MIN_OFFLOAD_BYTES, offload_cpu_inputs: bool = False
+    ) -> None:
+        self.min_offload_bytes = min_offload_bytes
+        # copy CPU tensors too (a CPU run has nothing to offload; tests use it)
+        self.offload_cpu_inputs = offload_cpu_inputs
+        self._pool: dict[tuple[tuple[int, ...], torch.dtype], list[Tensor]] = {}
+        self._stream: Any = None
+
+    def checkpoint(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args)`` as an activation checkpoint (transformers' signature for
+        ``_gradient_checkpointing_func``); ``torch.utils.checkpoint`` keywords are ignored:
+        this is always a reentrant-style checkpoint."""
+        for name in ("use_reentrant", "preserve_rng_state", "determinism_check", "debug"):
+            kwargs.pop(name, None)
+        if kwargs:
+            raise TypeError(f"checkpoint: unexpected keyword arguments {sorted(kwargs)}; bind them into the "
+                            "function (functools.partial)")  # fmt: skip
+        return _OffloadedCheckpoint.apply(function, self, *args)
+
+    def pooled_bytes(self) -> int:
+        """Host memory the pool holds now (buffers waiting for reuse)."""
+        return sum(t.numel() * t.element_size() for ts in self._pool.values() for t in ts)
+
+    # ---- used by _OffloadedCheckpoint -------------------------------------------------------
+    def offload(self, t: Tensor) -> tuple[Tensor, torch.device | None]:
+        """(host copy, device to restore to), or (t, None) when ``t`` stays where it is."""
+        if t.numel() * t.element_size() < self.min_offload_bytes:
+            return t, None
+        if t.device.type == "cpu":
+            return (t.detach().clone(), t.device) if self.offload_cpu_inputs else (t, None)
+        key = (tuple(t.shape), t.dtype)
+        free = self._pool.get(key)
+        host = (
+            free.pop()
+            if free
+            else torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        )
+        if t.device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=t.device)
+            current = torch.cuda.current_stream(t.device)
+            # after the kernel that wrote t, and after the copy back that last read this buffer
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                host.copy_(t.detach(), non_blocking=True)
+            t.record_stream(self._stream)  # t's memory is not reused before the copy ends
+        else:
+            host.copy_(t.detach())
+        return host, t.device
+
+    def restore(self, host: Tensor, device: torch.device) -> Tensor:
+        if device.type == "cpu":
+            return host
+        if self._stream is not None:
+            torch.cuda.current_stream(device).wait_stream(self._stream)
+        out = host.to(device, non_blocking=True)
+        # later copies into this buffer are ordered after this one (offload waits on the stream)
+        self._pool.setdefault((tuple(host.shape), host.dtype), []).append(host)
+        return out
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, run: Callable[..., Any], force: bool, *args: Any) -> Any:  # type: ignore[override]
+    def forward(ctx: Any, run: Callable[..., Any], store: HiddenStatesOffload, *args: Any) -> Any:  # type: ignore[override]
         ctx.run = run
+        ctx.store = store
         ctx.grad_flags = [isinstance(a, Tensor) and a.requires_grad for a in args]
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = None
         devices = {a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"}
         if devices:
             ctx.cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in devices]
-        kept: list[Any] = []
-        for a in args:
-            kept.append(_to_host(a, force) if isinstance(a, Tensor) else (a, None))
-        ctx.kept = kept
+        ctx.kept = [store.offload(a) if isinstance(a, Tensor) else (a, None) for a in args]
         with torch.no_grad():
             return run(*args)
 
@@ -58,7 +117,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         inputs = []
         for (value, device), needs in zip(ctx.kept, ctx.grad_flags, strict=True):
             if isinstance(value, Tensor):
-                restored = value.to(device, non_blocking=True) if device is not None else value
+                restored = ctx.store.restore(value, device) if device is not None else value
                 value = restored.detach().requires_grad_(needs)
             inputs.append(value)
         ctx.kept = None
@@ -83,23 +142,22 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 
 def checkpoint_offload(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``function(*args)`` as an activation checkpoint whose tensor arguments are kept in host
-    memory until backward. ``use_reentrant`` and other ``torch.utils.checkpoint`` keywords are
-    accepted and ignored (this is always a reentrant-style checkpoint); ``offload_cpu_inputs``
-    (default False) also copies arguments that already live on the CPU (for tests)."""
+    """``function(*args)`` as an activation checkpoint whose tensor arguments wait for backward
+    in host memory (a one-off :class:`HiddenStatesOffload`, no buffer reuse across calls; use
+    ``enable_checkpoint_offload`` or your own ``HiddenStatesOffload`` for a model).
+    ``offload_cpu_inputs=True`` copies CPU tensors too (for tests)."""
     force = bool(kwargs.pop("offload_cpu_inputs", False))
-    for name in ("use_reentrant", "preserve_rng_state", "determinism_check", "debug"):
-        kwargs.pop(name, None)
-    if kwargs:
-        raise TypeError(f"checkpoint_offload: unexpected keyword arguments {sorted(kwargs)}; bind them "
-                        "into the function (functools.partial)")  # fmt: skip
-    return _OffloadedCheckpoint.apply(function, force, *args)
+    return HiddenStatesOffload(offload_cpu_inputs=force).checkpoint(function, *args, **kwargs)
 
 
-def enable_checkpoint_offload(model: nn.Module) -> int:
+def enable_checkpoint_offload(
+    model: nn.Module, offload: HiddenStatesOffload | None = None
+) -> HiddenStatesOffload:
     """Turn on activation checkpointing of a transformers model (if it is not on yet) with
-    :func:`checkpoint_offload` as the checkpoint function of its layers: the hidden states
-    between layers wait for backward in host memory. Returns how many layers use it."""
+    ``offload.checkpoint`` (a new :class:`HiddenStatesOffload` by default) as the checkpoint
+    function of its layers: the hidden states between layers wait for backward in pinned host
+    memory. Returns the offload object (its buffer pool lives as long as the model's layers)."""
+    offload = offload or HiddenStatesOffload()
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if callable(enable) and not getattr(model, "is_gradient_checkpointing", False):
         enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -108,11 +166,11 @@ def enable_checkpoint_offload(model: nn.Module) -> int:
         if hasattr(module, "_gradient_checkpointing_func") or getattr(
             module, "gradient_checkpointing", False
         ):
-            module._gradient_checkpointing_func = checkpoint_offload  # type: ignore[assignment]
+            module._gradient_checkpointing_func = offload.checkpoint  # type: ignore[assignment]
             count += int(bool(getattr(module, "gradient_checkpointing", False)))
     if count == 0:
         raise ValueError(
             f"enable_checkpoint_offload: {type(model).__name__} has no layer with gradient "
             "checkpointing; wrap the layers yourself with ds_seq.checkpoint_offload(layer, hidden)"
         )
-    return count
+    return offload
