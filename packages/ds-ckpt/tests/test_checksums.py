@@ -127,8 +127,8 @@ def test_partial_loads_verify_exactly_the_chunks_they_read(tmp_path):
     for a, n in [(per_chunk - 1, 2), (2 * per_chunk - 1, 1), (100, 2 * per_chunk), (0, 600_000)]:
         with pytest.raises(
             ds_ckpt.CheckpointCorruptError,
-            match=rf"{f.name}: checksum \(xxh3_64\) mismatch in tensor 'w', elements \[{per_chunk}, "
-            rf"{2 * per_chunk}\).*load an older tag",
+            match=rf"{f.name}: checksum \(xxh3_64\) mismatch in tensor 'w', elements "
+            rf"\[{per_chunk}, {2 * per_chunk}\).*load an older tag",
         ):
             load(a, n)
 

@@ -55,10 +55,10 @@ _log = logging.getLogger("ds_ckpt")
 
 @dataclass
 class _Task:
-    """Read bytes [span_start, +span_len) of `file`, verify their chunk checksums, and deliver the
-    wanted bytes [want_start, +len(view)) (inside the span) to `view`. The span is the wanted
-    range widened to whole checksum chunks of the stored piece; when they differ (at most one chunk,
-    at either end of a range) the span goes through a scratch buffer."""
+    """Read bytes [span_start, +span_len) of `file`, verify their chunk checksums, and deliver
+    the wanted bytes [want_start, +len(view)) (inside the span) to `view`. The span is the
+    wanted range widened to whole checksum chunks of the stored piece; when they differ (at most
+    one chunk, at either end of a range) the span goes through a scratch buffer."""
 
     file: str
     span_start: int
@@ -365,8 +365,8 @@ def _range_tasks(
 ) -> list[_Task]:
     """Tasks reading bytes [a, a + len(view)) of stored piece `s` into `view`.
 
-    Without checksums (chunk 0): requests of _READ_CHUNK bytes. With them: the range is widened to
-    the piece's chunk boundaries; a partial chunk at either end is its own task (read whole
+    Without checksums (chunk 0): requests of _READ_CHUNK bytes. With them: the range is widened
+    to the piece's chunk boundaries; a partial chunk at either end is its own task (read whole
     into scratch, verified, the wanted part copied out), the whole chunks in between are read
     straight into `view` in requests of about _READ_CHUNK bytes and verified there.
     """
@@ -423,8 +423,9 @@ def _verify_span(t: _Task, buf: memoryview, path: str) -> None:
             e0 = s.offset + (k * c) // t.itemsize
             e1 = s.offset + (k * c + len(part)) // t.itemsize
             raise CheckpointCorruptError(
-                f"{path}: checksum ({ALGO}) mismatch in tensor {t.name!r}, elements [{e0}, {e1}) (file bytes "
-                f"[{lo}, {lo + len(part)})): the file is corrupt; restore it or load an older tag"
+                f"{path}: checksum ({ALGO}) mismatch in tensor {t.name!r}, elements [{e0}, "
+                f"{e1}) (file bytes [{lo}, {lo + len(part)})): the file is corrupt; restore it or "
+                "load an older tag"
             )
 
 

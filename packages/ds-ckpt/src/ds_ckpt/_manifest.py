@@ -106,7 +106,7 @@ class Manifest:
 
     @property
     def verified(self) -> bool:
-        """Whether the pieces carry chunk checksums (version 2+), i.e. loads verify what they read."""
+        """Whether the pieces carry chunk checksums (version 2+): loads verify what they read."""
         return self.format_version >= FIRST_CHECKSUMMED_VERSION
 
     @property

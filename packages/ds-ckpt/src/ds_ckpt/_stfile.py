@@ -2,9 +2,10 @@
 
 We write the format ourselves (8-byte little-endian header length, JSON header, raw data) rather
 than through `safetensors.torch.save_file` so that (1) the data streams from the caller's
-tensors to the file with no intermediate copy, (2) checksums (chunk XXH3-64s, optional SHA-256) are computed while writing, and
-(3) byte positions are known before writing, for the manifest. The files are ordinary
-safetensors files; tests open them with the safetensors library.
+tensors to the file with no intermediate copy, (2) checksums (chunk XXH3-64s, optional SHA-256)
+are computed while writing, and (3) byte positions are known before writing, for the
+manifest. The files are ordinary safetensors files; tests open them with the safetensors
+library.
 """
 
 from __future__ import annotations

@@ -80,8 +80,9 @@ def _check_piece(
         e0 = f.offset + bad * chunk // isz
         e1 = f.offset + min(f.nbytes, (bad + 1) * chunk) // isz
         out.append(
-            f"{path}: checksum ({ALGO}) mismatch in tensor {name!r}, elements [{e0}, {e1}) (file bytes "
-            f"[{f.byte_start + bad * chunk}, {f.byte_start + min(f.nbytes, (bad + 1) * chunk)}))"
+            f"{path}: checksum ({ALGO}) mismatch in tensor {name!r}, elements [{e0}, {e1}) "
+            f"(file bytes [{f.byte_start + bad * chunk}, "
+            f"{f.byte_start + min(f.nbytes, (bad + 1) * chunk)}))"
         )
     if sha and got_sha != f.sha256:
         out.append(
