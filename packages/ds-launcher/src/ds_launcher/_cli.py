@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ds_launcher._autotuning import run_autotuning
 from ds_launcher._devices import Accelerator, detect_accelerator, parse_core_list
 from ds_launcher._envfile import collect_exports, default_env_files
 from ds_launcher._errors import LauncherError
@@ -309,6 +310,8 @@ def launch(argv: list[str]) -> int:
     options, program = split_argv(argv)
     ns = build_parser().parse_args(options)
     r = resolve(ns, program, dict(os.environ))
+    if ns.autotuning:
+        return run_autotuning(ns.autotuning, r.plan.world.size, options, program)
     try:
         launcher_args = tuple(shlex.split(ns.launcher_args))
     except ValueError as exc:

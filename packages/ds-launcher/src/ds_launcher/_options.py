@@ -140,6 +140,7 @@ def options(version: str, runners: tuple[str, ...]) -> tuple[Option, ...]:
         Option(("--bind_core_list",), dict(help="cores to share out with --bind_cores_to_rank, e.g. 0-15,32-47")),
         Option(("--term_timeout",), dict(type=seconds, default=5.0, help="seconds between SIGTERM and SIGKILL when stopping ranks (default 5)")),
         Option(("--rank_timeout",), dict(type=seconds, help="ds-launch extension: stop the job when a rank makes no progress for this many seconds, counted from its last heartbeat (ds_launcher.heartbeat()) or from the first rank's successful exit")),
+        Option(("--autotuning",), dict(default="", choices=("tune", "run"), help="run the autotuner (ds-profile) on the job: 'tune' writes the best config, 'run' also starts the job with it")),
         Option(("--version",), dict(action="version", version=f"ds-launch {version}")),
     )  # fmt: skip
 
@@ -148,7 +149,6 @@ def options(version: str, runners: tuple[str, ...]) -> tuple[Option, ...]:
 # silently ignored (a row of `options` replaces an entry here when one is implemented).
 NOT_IMPLEMENTED: Mapping[str, str] = MappingProxyType(
     {
-        "--autotuning": "the autotuner is not part of ds-launch; run the job without it",
         "--no_ssh_check": "ds-launch runs no ssh pre-check to skip; drop the flag",
         "--save_pid": "ds-launch writes no pid file; use the launcher's own pid ($!)",
         "--enable_each_rank_log": "use --log_dir DIR (one DIR/rank_N.log per rank)",
