@@ -219,7 +219,7 @@ def _write_report(result: Result, settings: AutotuneSettings, store: TrialStore,
                      f"{r['grad_accum']:>5} {'y' if r['checkpointing'] else 'n':>3} {r['estimate_gib']:>8} "
                      f"{r['status']:>9} {v:>24}")  # fmt: skip
     summary = (f"autotuning: {len(result.outcomes)} trials ({result.launched} launched now), "
-               f"{len(result.rejected)} ruled out by the memory estimator (budget {budget / 2**30:.2f} GiB), "
+               f"{len(result.rejected)} ruled out by the memory estimator (budget {budget / 2**30:.3g} GiB), "
                f"{result.seconds:.1f} s; best: {result.best.name if result.best else 'none'}")  # fmt: skip
     text = "\n".join(lines + [summary])
     (results_dir / "summary.txt").write_text(text + "\n")
