@@ -14,7 +14,13 @@ import torch
 from ds_ckpt._commit import fsync_dir
 from ds_ckpt._dtypes import from_st, itemsize, to_st
 from ds_ckpt._fragment import global_numel
-from ds_ckpt._load import _check_files, _range_tasks, _TaskRunner, open_checkpoint
+from ds_ckpt._load import (
+    _check_files,
+    _range_tasks,
+    _TaskRunner,
+    open_checkpoint,
+    warn_unverified,
+)
 from ds_ckpt._plan import RangeIndex, Stored
 from ds_ckpt._stfile import byte_view, layout, write_all
 
@@ -52,6 +58,10 @@ def consolidate(
             f"consolidate: {out} is a directory; give the path of the .safetensors file to write"
         )
     tag_dir, m = open_checkpoint(dir, tag)
+    if not m.verified:
+        warn_unverified(
+            tag_dir, "consolidate reads it UNVERIFIED", "; `ds-ckpt verify` checks SHA-256"
+        )
     sum_chunk = m.chunk_bytes if m.verified else 0
     names = [n for n in m.tensors if include_optimizer or not n.startswith("optimizer.")]
     if not names:

@@ -209,6 +209,17 @@ def load(
         raise CheckpointCorruptError(f"{e}{_other_tags_hint(root, t)}") from None
 
 
+def warn_unverified(tag_dir: str, what: str, hint: str = "") -> None:
+    """The one log line for a version-1 checkpoint, which has no checksums to verify."""
+    _log.warning(
+        "%s: saved by ds-ckpt < 0.1.3 without checksums, so %s (a corrupt byte could go "
+        "unnoticed%s); save it again to add checksums",
+        tag_dir,
+        what,
+        hint,
+    )
+
+
 def _other_tags_hint(root: str, bad: str) -> str:
     """Which complete tags a user could load instead (the error path only: reads manifests)."""
     tags = [t for _, t in complete_tags(root) if t != bad]
@@ -220,12 +231,7 @@ def _other_tags_hint(root: str, bad: str) -> str:
 def _load(root: str, tag: str, want: list[FragmentLike], *, verify_hashes: bool, cast: bool):
     tag_dir, m = open_checkpoint(root, tag)
     if not m.verified:
-        _log.warning(
-            "%s: saved by ds-ckpt < 0.1.3 without checksums: loaded UNVERIFIED (a corrupt byte "
-            "would go unnoticed%s); save it again to add checksums",
-            tag_dir,
-            "; verify_hashes=True checks its SHA-256" if not verify_hashes else "",
-        )
+        warn_unverified(tag_dir, "this load is UNVERIFIED", "; verify_hashes=True checks SHA-256")
     chunk = m.chunk_bytes if m.verified and _VERIFY_CHECKSUMS else 0
     frags = check_fragments(want, for_load=True)
     indexes: dict[str, RangeIndex] = {}

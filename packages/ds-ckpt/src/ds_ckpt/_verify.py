@@ -9,7 +9,7 @@ from ds_ckpt._checksum import ALGO, HEX, PieceDigest, expected
 from ds_ckpt._dtypes import from_st, itemsize
 from ds_ckpt._errors import CheckpointCorruptError
 from ds_ckpt._fragment import global_numel
-from ds_ckpt._load import _check_files, open_checkpoint
+from ds_ckpt._load import _check_files, open_checkpoint, warn_unverified
 from ds_ckpt._manifest import FragmentRecord
 from ds_ckpt._plan import RangeIndex, Stored
 from ds_ckpt._stfile import pread_into
@@ -23,6 +23,9 @@ def verify(dir: str | os.PathLike, tag: str | None = None, *, hashes: bool = Tru
     hashes=True, the SHA-256 of every stored piece (where the save computed them). Each problem
     names its file."""
     tag_dir, m = open_checkpoint(dir, tag)
+    if not m.verified:
+        sha = "; SHA-256 is checked where the save stored it" if hashes else ""
+        warn_unverified(tag_dir, "verify checks its sizes and layout only", sha)
     problems: list[str] = []
     for name, t in m.tensors.items():
         try:
