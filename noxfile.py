@@ -18,6 +18,7 @@ command, instead of rebuilding its siblings from source. Packages are discovered
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -153,6 +154,8 @@ def isolation(session: nox.Session) -> None:
                 session.run(py, str(TOOLS / "import_public.py"), module, external=True)
         except nox.command.CommandFailed:
             failed.append(p.folder)
+        else:  # recreated by every run: a passing one need not stay on disk
+            shutil.rmtree(env, ignore_errors=True)
     if failed:
         session.error(f"installed alone, these packages failed to install or import: {failed}")
 
