@@ -205,3 +205,13 @@ def test_sequence_parallel_size_errors_name_the_key():
             model=_Model(), optimizer=_sgd, config={"train_batch_size": 1, "sequence_parallel_size": 2},
             dist_init_required=False,
         )  # fmt: skip
+
+
+def test_deepspeed_module_paths_reexport_ds_seq():
+    import ds_seq
+    from ds_all.runtime.sequence_parallel import ulysses_sp
+    from ds_all.sequence.layer import DistributedAttention
+
+    assert DistributedAttention is ds_seq.DistributedAttention
+    for name in ulysses_sp.__all__:
+        assert getattr(ulysses_sp, name) is getattr(ds_seq, name), name
