@@ -1,5 +1,7 @@
 """Block-sparse attention with DeepSpeed's API: sparsity layouts and ``SparseSelfAttention``."""
 
+from ._attention import SparseSelfAttention, dense_masked_attention
+from ._block_mask import TILE, layout_block_mask
 from ._sparsity_config import (
     BigBirdSparsityConfig,
     BSLongformerSparsityConfig,
@@ -11,11 +13,15 @@ from ._sparsity_config import (
 )
 
 __all__ = [
+    "TILE",
     "BigBirdSparsityConfig",
     "BSLongformerSparsityConfig",
     "DenseSparsityConfig",
     "FixedSparsityConfig",
     "LocalSlidingWindowSparsityConfig",
+    "SparseSelfAttention",
     "SparsityConfig",
     "VariableSparsityConfig",
+    "dense_masked_attention",
+    "layout_block_mask",
 ]
