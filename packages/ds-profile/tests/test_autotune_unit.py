@@ -160,6 +160,15 @@ def test_job_argv_replaces_config_and_maps_args():
                         "--per_device_train_batch_size", "2", "--gas", "4", "--gradient_checkpointing"]  # fmt: skip
     with pytest.raises(ValueError, match="--deepspeed_config"):
         Job((), "train.py", ("--lr", "1")).config_path()
+    # DeepSpeed's `--deepspeed` switch before `--deepspeed_config FILE`, and the `=` form
+    switch = Job((), "t.py", ("--deepspeed", "--deepspeed_config", "a.json", "--x"))
+    assert switch.config_path() == "a.json"
+    assert switch.argv("b.json", {})[-4:] == ["--deepspeed", "--deepspeed_config", "b.json", "--x"]
+    glued = Job((), "t.py", ("--deepspeed_config=a.json",))
+    assert (
+        glued.config_path() == "a.json"
+        and glued.argv("b.json", {})[-1] == "--deepspeed_config=b.json"
+    )
 
 
 def test_png_is_valid():

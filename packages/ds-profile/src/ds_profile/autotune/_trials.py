@@ -38,29 +38,40 @@ class Job:
     script: str
     script_args: tuple[str, ...]
 
-    def config_path(self) -> str:
-        args = list(self.script_args)
+    def _config_slot(self) -> tuple[int, bool] | None:
+        """(index, glued) of the config file argument: the word after ``--deepspeed_config``
+        (or its ``=`` form), else after ``--deepspeed`` when that is a file name (Hugging
+        Face's ``--deepspeed ds.json``; a bare ``--deepspeed`` switch is left alone)."""
+        args = self.script_args
         for flag in CONFIG_FLAGS:
             for i, a in enumerate(args):
-                if a == flag and i + 1 < len(args):
-                    return args[i + 1]
+                if a == flag and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                    return i + 1, False
                 if a.startswith(flag + "="):
-                    return a.split("=", 1)[1]
-        raise ValueError(
-            "autotuning: the script's arguments name no config file; pass it as "
-            "--deepspeed_config ds_config.json (or --deepspeed ds_config.json)"
-        )
+                    return i, True
+        return None
+
+    def config_path(self) -> str:
+        slot = self._config_slot()
+        if slot is None:
+            raise ValueError(
+                "autotuning: the script's arguments name no config file; pass it as "
+                "--deepspeed_config ds_config.json (or --deepspeed ds_config.json)"
+            )
+        i, glued = slot
+        return self.script_args[i].split("=", 1)[1] if glued else self.script_args[i]
 
     def argv(self, config_path: str, overrides: dict[str, str]) -> list[str]:
         """ds-launch's argv with the config replaced and ``overrides`` (flag -> value; value ""
         for a bare switch) set in the script's arguments."""
         args = list(self.script_args)
-        for flag in CONFIG_FLAGS:
-            for i, a in enumerate(args):
-                if a == flag and i + 1 < len(args):
-                    args[i + 1] = config_path
-                elif a.startswith(flag + "="):
-                    args[i] = f"{flag}={config_path}"
+        slot = self._config_slot()
+        if slot is None:
+            raise ValueError(
+                "autotuning: the script's arguments name no config file (--deepspeed_config)"
+            )
+        i, glued = slot
+        args[i] = f"{args[i].split('=', 1)[0]}={config_path}" if glued else config_path
         for flag, value in overrides.items():
             if flag in args:
                 i = args.index(flag)
