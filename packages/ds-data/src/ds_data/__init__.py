@@ -6,6 +6,17 @@ from ._curriculum import SCHEDULE_TYPES, CurriculumScheduler
 from ._errors import DataConfigError
 from ._ltd_schedule import RandomLTDScheduler
 from ._pld import ProgressiveLayerDrop
+from ._random_ltd import (
+    RandomLayerTokenDrop,
+    bert_sample_tokens,
+    convert_to_random_ltd,
+    gather_tokens,
+    gpt_sample_tokens,
+    random_ltd_initialize,
+    remove_random_ltd_state_dict,
+    save_without_random_ltd,
+    scatter_tokens,
+)
 from ._version import __version__
 
 __all__ = [
@@ -14,5 +25,14 @@ __all__ = [
     "DataConfigError",
     "ProgressiveLayerDrop",
     "RandomLTDScheduler",
+    "RandomLayerTokenDrop",
+    "bert_sample_tokens",
+    "convert_to_random_ltd",
+    "gather_tokens",
+    "gpt_sample_tokens",
+    "random_ltd_initialize",
+    "remove_random_ltd_state_dict",
+    "save_without_random_ltd",
+    "scatter_tokens",
     "__version__",
 ]
