@@ -9,6 +9,7 @@ from ds_kernels._aot import AotResult, build_all
 from ds_kernels._cpu_optimizers import CPUAdagrad, CPUAdam, CPULion
 from ds_kernels._fused_optimizers import FusedAdam, FusedLamb, FusedLion
 from ds_kernels._ops import load, register_op
+from ds_kernels._quantize import dequantize_blockwise, quantize_blockwise
 from ds_kernels._registry import Backend, KernelBuildWarning, OpImpl, OpKind, OpSpec, OpStatus
 from ds_kernels._report import format_report, report
 from ds_kernels._version import __version__
@@ -29,9 +30,11 @@ __all__ = [
     "OpStatus",
     "__version__",
     "build_all",
+    "dequantize_blockwise",
     "format_report",
     "load",
     "op_status",
+    "quantize_blockwise",
     "register_op",
     "report",
 ]

@@ -61,14 +61,39 @@ FUSED_OPTIM = OpSpec(
 )
 
 
+def _quant_native() -> OpImpl:
+    from ds_kernels._quant_op import TritonQuantizer
+
+    return TritonQuantizer()
+
+
+def _quant_fallback() -> OpImpl:
+    from ds_kernels._quant_op import TorchQuantizer
+
+    return TorchQuantizer()
+
+
+QUANTIZER = OpSpec(
+    name="quantizer",
+    summary="block-wise symmetric int8/int4 quantize and dequantize (Triton)",
+    kind=OpKind.TRITON,
+    fallback=_quant_fallback,
+    unavailable=_fused_unavailable,  # the same condition: Triton plus a CUDA device
+    native=_quant_native,
+)
+
+
 OPS_GROUP = "ds_kernels.ops"
-OWN_OPS = frozenset({CPU_OPTIM.name, FUSED_OPTIM.name})  # the rest come from other packages
+OWN_OPS = frozenset(
+    {CPU_OPTIM.name, FUSED_OPTIM.name, QUANTIZER.name}
+)  # the rest come from other packages
 
 
 def _make_default() -> OpRegistry:
     reg = OpRegistry()
     reg.register(CPU_OPTIM)
     reg.register(FUSED_OPTIM)
+    reg.register(QUANTIZER)
     # Other packages' ops (e.g. ds-offload's async IO library) through the entry-point group
     # ``ds_kernels.ops``: each names an OpSpec, so ds-report lists them and load() builds them
     # with the same cache, prebuilt roots and fallback rules, without importing those packages

@@ -1,0 +1,161 @@
+"""The ``quantizer`` op: symmetric block-wise int8 / int4 quantization with fp32 scales.
+
+Layout (the same for every implementation, so a tensor quantized by one is dequantized by any):
+
+- the input is viewed as rows along its last dimension (a 1-D tensor is one row of ``n``);
+  each row is cut into ``ceil(n / block)`` blocks, the last one padded with zeros;
+- per block ``scale = absmax / qmax`` in fp32 (``qmax`` 127 for int8, 7 for int4) and
+  ``q = floor(x * (qmax / absmax) + 0.5)`` clamped to ``[-qmax, qmax]``; an all-zero block has
+  scale 0 and all-zero codes. ``-128`` / ``-8`` are never produced, so the code range is
+  symmetric (no bias towards negative values);
+- int8 codes have the input's shape (``int8``); int4 codes are packed two per byte (``uint8``,
+  the even element in the low nibble), ``ceil(n / 2)`` bytes per row;
+- scales have shape ``(*leading, ceil(n / block))``.
+
+Round-trip error: ``|x - dequantize(quantize(x))| <= scale / 2`` element-wise, plus the rounding
+of the output dtype. ``floor(y + 0.5)`` instead of round-half-even makes the Triton kernel and the
+fallback produce the same codes for the same fp32 products.
+
+``TorchQuantizer`` (fallback) is vectorised: one pass of torch ops over the padded
+``(rows, blocks, block)`` view, no Python loop over blocks. ``TritonQuantizer`` runs one
+program per block on CUDA tensors and the fallback on any other device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_kernels._registry import Backend, OpImpl
+
+QMAX = {8: 127, 4: 7}
+DEFAULT_BLOCK = 4096
+
+
+def check_args(bits: int, block: int) -> None:
+    if bits not in QMAX:
+        raise ValueError(f"quantizer: bits must be 8 or 4, got {bits!r}")
+    if block < 2 or block & (block - 1) or block > 65536:
+        raise ValueError(f"quantizer: block must be a power of two in [2, 65536], got {block!r}")
+
+
+def code_numel(n: int, bits: int) -> int:
+    """Bytes of codes for a row of ``n`` values."""
+    return n if bits == 8 else (n + 1) // 2
+
+
+def num_blocks(n: int, block: int) -> int:
+    return max(1, -(-n // block))
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    n = x.shape[-1] if x.dim() else 1
+    lead = tuple(x.shape[:-1]) if x.dim() else ()
+    return x.reshape(-1, n), lead, n
+
+
+class TorchQuantizer(OpImpl):
+    """Pure-PyTorch implementation (any device), the reference for the kernels."""
+
+    backend = Backend.FALLBACK
+
+    @torch.no_grad()
+    def quantize(
+        self, x: torch.Tensor, bits: int = 8, block: int = DEFAULT_BLOCK
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_args(bits, block)
+        rows, lead, n = _rows(x)
+        nb = num_blocks(n, block)
+        xf = rows.float()
+        if nb * block != n:
+            xf = torch.nn.functional.pad(xf, (0, nb * block - n))
+        xb = xf.view(rows.shape[0], nb, block)
+        qmax = QMAX[bits]
+        absmax = xb.abs().amax(dim=-1)
+        scales = absmax / qmax
+        inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
+        q = torch.floor(xb * inv.unsqueeze(-1) + 0.5).clamp_(-qmax, qmax).to(torch.int8)
+        q = q.view(rows.shape[0], nb * block)
+        if bits == 8:
+            codes = q[:, :n]
+        else:
+            u = (q & 0xF).to(torch.uint8)  # two's complement nibble
+            packed = u[:, 0::2] | (u[:, 1::2] << 4)
+            codes = packed[:, : code_numel(n, 4)]
+        return codes.reshape(*lead, codes.shape[-1]).contiguous(), scales.reshape(*lead, nb)
+
+    @torch.no_grad()
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        bits: int = 8,
+        block: int = DEFAULT_BLOCK,
+        n: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        check_args(bits, block)
+        crow, lead, c = _rows(codes)
+        nb = scales.shape[-1]
+        n = (c if bits == 8 else 2 * c) if n is None else n
+        if code_numel(n, bits) != c or num_blocks(n, block) != nb:
+            raise ValueError(
+                f"dequantize: {c} code bytes and {nb} scales per row do not describe {n} values "
+                f"at bits={bits}, block={block}"
+            )
+        if bits == 8:
+            q = crow.to(torch.int8).float()
+        else:
+            b = crow.to(torch.uint8).to(torch.int16)
+            lo = ((b & 0xF) ^ 8) - 8  # sign-extend the nibble
+            hi = ((b >> 4) ^ 8) - 8
+            q = torch.stack((lo, hi), dim=-1).reshape(crow.shape[0], 2 * c)[:, :n].float()
+        if nb * block != n:
+            q = torch.nn.functional.pad(q, (0, nb * block - n))
+        out = q.view(crow.shape[0], nb, block) * scales.reshape(-1, nb, 1).float()
+        out = out.reshape(crow.shape[0], nb * block)[:, :n].to(dtype)
+        return out.reshape(*lead, n)
+
+
+class TritonQuantizer(TorchQuantizer):
+    """Triton kernels on CUDA tensors (one program per block); the fallback elsewhere."""
+
+    backend = Backend.TRITON
+
+    def quantize(
+        self, x: torch.Tensor, bits: int = 8, block: int = DEFAULT_BLOCK
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not x.is_cuda or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return super().quantize(x, bits, block)
+        check_args(bits, block)
+        from ds_kernels._quant_triton import quantize_rows
+
+        rows, lead, n = _rows(x.contiguous())
+        codes, scales = quantize_rows(rows, bits, block)
+        return codes.reshape(*lead, codes.shape[-1]), scales.reshape(*lead, scales.shape[-1])
+
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        bits: int = 8,
+        block: int = DEFAULT_BLOCK,
+        n: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        if not codes.is_cuda or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return super().dequantize(codes, scales, bits, block, n, dtype)
+        check_args(bits, block)
+        from ds_kernels._quant_triton import dequantize_rows
+
+        crow, lead, c = _rows(codes.contiguous())
+        nb = scales.shape[-1]
+        n = (c if bits == 8 else 2 * c) if n is None else n
+        if code_numel(n, bits) != c or num_blocks(n, block) != nb:
+            raise ValueError(
+                f"dequantize: {c} code bytes and {nb} scales per row do not describe {n} values "
+                f"at bits={bits}, block={block}"
+            )
+        out = dequantize_rows(
+            crow, scales.reshape(-1, nb).float().contiguous(), bits, block, n, dtype
+        )
+        return out.reshape(*lead, n)

@@ -1,0 +1,130 @@
+"""Block-wise quantize/dequantize: layout, round-trip error bounds (property-tested), GPU kernels
+against the pure-PyTorch reference."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ds_kernels
+from ds_kernels._quant_op import QMAX, TorchQuantizer
+
+REF = TorchQuantizer()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# the output dtype's own rounding on top of the quantization error (half an ulp, relative)
+EPS = {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds_kernels.KernelBuildWarning)
+        yield
+
+
+def _check_bound(x, bits, block):
+    codes, scales = ds_kernels.quantize_blockwise(x, bits=bits, block=block)
+    n = x.shape[-1]
+    assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert codes.shape[-1] == (n if bits == 8 else (n + 1) // 2)
+    assert scales.dtype == torch.float32 and scales.shape[-1] == -(-n // block)
+    back = ds_kernels.dequantize_blockwise(
+        codes, scales, bits=bits, block=block, numel=n, dtype=x.dtype
+    )
+    assert back.shape == x.shape and back.dtype == x.dtype
+    xf = x.float().reshape(-1, n)
+    nb = scales.shape[-1]
+    per_elem = scales.reshape(-1, nb).repeat_interleave(block, dim=1)[:, :n]
+    # scale = absmax / qmax exactly where the block's absmax lives
+    absmax = torch.nn.functional.pad(xf.abs(), (0, nb * block - n)).view(-1, nb, block).amax(-1)
+    torch.testing.assert_close(scales.reshape(-1, nb), absmax / QMAX[bits], rtol=1e-6, atol=0)
+    err = (back.float().reshape(-1, n) - xf).abs()
+    # the output dtype rounds too: half an ulp of the value, or of the subnormal step
+    fi = torch.finfo(x.dtype)
+    bound = per_elem / 2 * (1 + 1e-5) + xf.abs() * EPS[x.dtype] * 2 + fi.tiny * fi.eps
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    rows=st.integers(1, 3),
+    bits=st.sampled_from([8, 4]),
+    block=st.sampled_from([2, 16, 64, 256, 1024]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+    magnitude=st.sampled_from([1e-6, 1.0, 1e3]),
+)
+def test_round_trip_error_bound(n, rows, bits, block, dtype, seed, magnitude):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, n, generator=g) * magnitude).to(dtype)
+    if rows == 1:
+        x = x.reshape(n)  # 1-D input: one row
+    _check_bound(x, bits, block)
+
+
+@given(n=st.integers(1, 600), bits=st.sampled_from([8, 4]))
+@settings(max_examples=30, deadline=None)
+def test_codes_are_exact_for_representable_values(n, bits):
+    # values that are integer multiples of absmax/qmax come back exactly
+    qmax = QMAX[bits]
+    g = torch.Generator().manual_seed(n)
+    ints = torch.randint(-qmax, qmax + 1, (n,), generator=g).float()
+    ints[0] = qmax  # absmax of the (only) block is qmax * 0.25
+    x = ints * 0.25
+    codes, scales = ds_kernels.quantize_blockwise(x, bits=bits, block=1024)
+    back = ds_kernels.dequantize_blockwise(codes, scales, bits=bits, block=1024, numel=n)
+    assert torch.equal(back, x)
+
+
+def test_zero_block_and_symmetric_range():
+    x = torch.zeros(10)
+    codes, scales = ds_kernels.quantize_blockwise(x, block=4)
+    assert torch.equal(scales, torch.zeros(3)) and torch.equal(
+        codes, torch.zeros(10, dtype=torch.int8)
+    )
+    x = torch.tensor([-1.0, 1.0, -0.5, 0.0])
+    codes, _ = ds_kernels.quantize_blockwise(x, bits=8, block=4)
+    assert codes.tolist() == [-127, 127, -63, 0]  # floor(-63.5 + 0.5) = -63
+    codes4, _ = ds_kernels.quantize_blockwise(x, bits=4, block=4)
+    # int4 codes -7, 7, -3, 0 packed low nibble first: 0x79 (7<<4 | 9), 0x0D (0<<4 | 13)
+    assert codes4.tolist() == [0x79, 0x0D]
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        ds_kernels.quantize_blockwise(torch.ones(4), bits=2)
+    with pytest.raises(ValueError, match="block must be a power of two"):
+        ds_kernels.quantize_blockwise(torch.ones(4), block=100)
+    codes, scales = ds_kernels.quantize_blockwise(torch.ones(9), bits=4, block=4)
+    with pytest.raises(ValueError, match="do not describe"):
+        ds_kernels.dequantize_blockwise(codes, scales, bits=4, block=4, numel=3)
+
+
+def test_op_is_registered_with_a_fallback():
+    status = ds_kernels.op_status("quantizer")
+    assert status.name == "quantizer"
+    op = ds_kernels.load("quantizer")
+    if not torch.cuda.is_available():
+        assert op.backend is ds_kernels.Backend.FALLBACK
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_kernels_match_the_reference(bits, dtype):
+    op = ds_kernels.load("quantizer")
+    assert op.backend is ds_kernels.Backend.TRITON, op.detail
+    for n in (1, 7, 4095, 4096, 4097, 100_003):
+        x = torch.randn(3, n, device="cuda").to(dtype) * 3
+        codes, scales = op.quantize(x, bits, 4096)
+        rc, rs = REF.quantize(x, bits, 4096)
+        torch.testing.assert_close(scales, rs, rtol=1e-6, atol=0)
+        back = op.dequantize(codes, scales, bits, 4096, n, dtype)
+        ref_back = REF.dequantize(rc, rs, bits, 4096, n, dtype)
+        # a product exactly on a rounding edge may round differently: at most one code step
+        step = rs.repeat_interleave(4096, dim=1)[:, :n]
+        assert bool(((back.float() - ref_back.float()).abs() <= step * 1.01 + 1e-6).all())
+        _check_bound(x, bits, 4096)
