@@ -55,7 +55,9 @@ def _gate(stepper) -> None:
     stepper.step = step
 
 
-def _train(stage: int, offload: dict, param_offload: bool = False, bf16: bool = True, steps=4):
+def _train(
+    stage: int, offload: dict, param_offload: bool = False, bf16: bool = True, steps=4, clip=0.5
+):
     import torch.distributed as dist
 
     import ds_all
@@ -63,7 +65,7 @@ def _train(stage: int, offload: dict, param_offload: bool = False, bf16: bool = 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)
-    cfg = config(stage, 4)
+    cfg = config(stage, 4, gradient_clipping=clip)
     cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", **offload}
     if param_offload:
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
@@ -73,7 +75,10 @@ def _train(stage: int, offload: dict, param_offload: bool = False, bf16: bool = 
     stepper = engine.zero.stepper
     if offload.get("overlap", True):
         assert engine.zero._overlap is not None  # ZeRO waits per partition
-        _gate(stepper)
+        # without clipping (bf16, no loss scale) updates start as gradients arrive
+        assert engine.zero._final_grads == (clip == 0)
+        if clip:
+            _gate(stepper)
     losses = []
     for step in range(steps):
         x, y = batch(step, 4 * world)
@@ -87,9 +92,9 @@ def _train(stage: int, offload: dict, param_offload: bool = False, bf16: bool = 
     return losses, state
 
 
-def _compare_overlap(stage: int, param_offload: bool) -> None:
-    want = _train(stage, {"overlap": False}, param_offload)
-    got = _train(stage, {}, param_offload)
+def _compare_overlap(stage: int, param_offload: bool, clip: float = 0.5) -> None:
+    want = _train(stage, {"overlap": False}, param_offload, clip=clip)
+    got = _train(stage, {}, param_offload, clip=clip)
     assert got[0] == want[0], (stage, param_offload)
     for k, v in want[1].items():
         assert torch.equal(got[1][k], v), (stage, param_offload, k)
@@ -106,14 +111,17 @@ def _compare_ratio(stage: int) -> None:
 def _two_rank_checks() -> None:
     for stage, param_offload in [(1, False), (2, False), (3, False), (3, True)]:
         _compare_overlap(stage, param_offload)
+    for stage, param_offload in [(2, False), (3, True)]:  # updates started in backward
+        _compare_overlap(stage, param_offload, clip=0.0)
     for stage in (2, 3):
         _compare_ratio(stage)
 
 
 def test_overlapped_step_is_bitwise_the_sequential_step_and_twin_flow_matches_all_cpu():
     """Two ranks (one spawn for all cases): overlapped == sequential at stages 1, 2, 3 and 3
-    with parameter offload (bf16, bitwise); ratio 0.5 == ratio 1.0 at stages 2 and 3 (fp32,
-    to rounding)."""
+    with parameter offload (bf16, bitwise), and without clipping (each update starts in
+    backward) at stages 2 and 3; ratio 0.5 == ratio 1.0 at stages 2 and 3 (fp32, to
+    rounding)."""
     run_distributed(_two_rank_checks, 2, timeout=240)
 
 

@@ -39,12 +39,14 @@ class Gate:
         stepper.wait_partition = wait_partition
 
 
-def _train(stepper, driver, steps, overlapped, on_step=None):
-    """``overlapped``: step(wait=False), then wait per partition before the next forward."""
+def _train(stepper, driver, steps, overlapped, on_step=None, final=False):
+    """``overlapped``: step(wait=False), then wait per partition before the next forward.
+    ``final``: gradients handed over as final (no factor): updates start in grad_ready."""
     gate = Gate(stepper) if overlapped else None
     for s in range(steps):
         if overlapped and s > 0:
-            assert not stepper.partition_ready(stepper._order[0])  # the update is held back
+            held = stepper._order[0] if not final else driver.parts[0].index
+            assert not stepper.partition_ready(held)  # the update is held back
             for part in driver.parts:
                 stepper.wait_partition(part.index)
             gate.caller_waits.clear()
@@ -52,8 +54,8 @@ def _train(stepper, driver, steps, overlapped, on_step=None):
         nn.functional.mse_loss(driver.model(x), y).backward()
         grads = driver.grads()
         for part, g in zip(driver.parts, grads):
-            stepper.grad_ready(part.index, g, early_copy=True)
-        stepper.step(grads, grad_scale=0.5, wait=not overlapped)
+            stepper.grad_ready(part.index, g, early_copy=True, final=final)
+        stepper.step(grads, grad_scale=1.0 if final else 0.5, wait=not overlapped)
         if on_step is not None:
             on_step(s)
         driver.sync()
@@ -63,11 +65,11 @@ def _train(stepper, driver, steps, overlapped, on_step=None):
     return driver
 
 
-def _run(overlapped, lp_dtype=None, grad_buffers=2, steps=4, on_step=None):
+def _run(overlapped, lp_dtype=None, grad_buffers=2, steps=4, on_step=None, final=False):
     stepper = OffloadStepper({"device": "cpu", "overlap": overlapped}, grad_buffers=grad_buffers)
     driver = FlatDriver(tiny_model(), 5, lp_dtype=lp_dtype)
     stepper.setup(driver.parts, [dict(GROUP)])
-    _train(stepper, driver, steps, overlapped, on_step)
+    _train(stepper, driver, steps, overlapped, on_step, final)
     masters = [stepper.state_tensors(p.index)["master"].clone() for p in driver.parts]
     shards = [p.param_shard.clone() for p in driver.parts if p.param_shard is not None]
     stepper.close()
@@ -80,6 +82,32 @@ def test_overlapped_step_is_bitwise_the_inline_step(lp_dtype, grad_buffers):
     want = _run(False, lp_dtype, grad_buffers)
     got = _run(True, lp_dtype, grad_buffers)
     assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1] + got[2], want[1] + want[2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_buffers", [0, 2])
+def test_final_gradients_start_their_update_in_grad_ready(grad_buffers):
+    """No clipping, no loss scale: each update starts as its gradient arrives (before step);
+    same bits as the inline step, pool places beyond the pool copied by the worker."""
+    want = _run(False, torch.bfloat16, grad_buffers, final=True)
+    stepper = OffloadStepper({"device": "cpu"}, grad_buffers=grad_buffers)
+    driver = FlatDriver(tiny_model(), 5, lp_dtype=torch.bfloat16)
+    stepper.setup(driver.parts, [dict(GROUP)])
+    started = []
+    inner = stepper._cpu_adam
+    stepper._cpu_adam = lambda part, *a, **k: (started.append(part.index), inner(part, *a, **k))
+    x, y = batch(0)
+    nn.functional.mse_loss(driver.model(x), y).backward()
+    grads = driver.grads()
+    for part, g in zip(driver.parts, grads):
+        stepper.grad_ready(part.index, g, early_copy=True, final=True)
+    stepper.wait_partition(driver.parts[-1].index)  # updated before step() is called
+    assert started == [p.index for p in driver.parts]
+    with pytest.raises(RuntimeError, match="final"):
+        stepper.step(grads, grad_scale=0.5)
+    stepper.close()
+    got = _run(True, torch.bfloat16, grad_buffers, final=True)
     for a, b in zip(got[1] + got[2], want[1] + want[2]):
         assert torch.equal(a, b)
 

@@ -25,6 +25,7 @@ its values are published at step N+1 (a one-step-stale gradient: different math)
 from __future__ import annotations
 
 import enum
+import queue
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -153,6 +154,13 @@ class OffloadStepper:
         self._delayed_out: dict[int, torch.Tensor] = {}
         self._staged: list[int] = []
         self._publish_events: dict[int, Any] = {}
+        # gradients that need no factor (grad_ready(final=True)): the update of each partition
+        # starts as soon as its gradient is on the host, during backward; the worker takes
+        # (place, index, gradient not yet copied, event) items from this queue until None
+        self.accepts_final_grads: bool = not self.delayed
+        self._stream: queue.SimpleQueue[tuple[int, int, torch.Tensor | None, Any] | None] | None = (
+            None
+        )
 
     # ------------------------------------------------------------------ setup
     def setup(
@@ -314,6 +322,11 @@ class OffloadStepper:
         job = self._job
         if job is None:
             return
+        if self._stream is not None:
+            raise RuntimeError(
+                "OffloadStepper: final gradients of this step are still arriving (grad_ready("
+                "final=True)); call step() or skip_step() before reading the optimizer state"
+            )
         self._job = None  # its error (if any) is raised once, here
         if self._phase is Phase.UPDATING:
             self._phase = Phase.IDLE
@@ -326,13 +339,21 @@ class OffloadStepper:
         return self._job is not None and self._job.state is not JobState.DONE
 
     # ------------------------------------------------------------------ per step
-    def grad_ready(self, index: int, grad: torch.Tensor, early_copy: bool = False) -> None:
+    def grad_ready(
+        self, index: int, grad: torch.Tensor, early_copy: bool = False, final: bool = False
+    ) -> None:
         """Called as partition ``index``'s reduced gradient is final. With ``early_copy`` (a
         caller that will pass ``grad_scale`` to ``step`` instead of scaling gradients in place,
         and call ``skip_step`` when it skips one) the device-to-host copy starts now,
         overlapping the rest of backward: into the partition's own buffer, or with the
         rotating pool into the buffer of its place in the update order when that place is
-        among the first ``grad_buffers``."""
+        among the first ``grad_buffers``. With ``final`` too (the caller will pass no factor
+        but 1 and never skip this step: no clipping, no loss scaling) the partition's update
+        starts on the worker thread as soon as its gradient is on the host, in arrival order,
+        while backward goes on (the arithmetic is the same)."""
+        if final and early_copy and self._streams(index):
+            self._stream_grad(index, grad)
+            return
         if self._phase is not Phase.GRADS_ARRIVING:
             if self.delayed:
                 if self._job_running():
@@ -357,6 +378,107 @@ class OffloadStepper:
         dst = self._grad_buffer(pos, index, grad.numel())
         self._grad_events[index] = self._copier.to_host(dst, grad)
 
+    def _streams(self, index: int) -> bool:
+        return (
+            self.accepts_final_grads
+            and self._asynchronous
+            and not self._swaps  # NVMe reads follow the planned order
+            and index in self._offloaded_set
+        )
+
+    def _stream_grad(self, index: int, grad: torch.Tensor) -> None:
+        """An arriving final gradient: copy it (or leave the copy to the worker when the pool's
+        buffer of its place is still in use) and queue its update."""
+        assert self._copier is not None and self._worker is not None
+        if self._stream is None:  # the first arrival of this step: start the job
+            self._finish_job()
+            hparams = {
+                i: read_hparams(
+                    self.kind, self.group_options[self._by_index[i].group_index], self.defaults
+                )
+                for i in self.offloaded
+            }
+            stream: queue.SimpleQueue = queue.SimpleQueue()
+            job = UpdateJob(())
+            self._stream, self._job = stream, job
+            self._arrived.clear()
+            self._arrived_set.clear()
+            self._phase = Phase.GRADS_ARRIVING
+            self._worker.submit(job, lambda: self._run_stream(job, stream, hparams))
+        if index in self._arrived_set:
+            return
+        assert self._job is not None
+        pos = len(self._arrived)
+        self._arrived.append(index)
+        self._arrived_set.add(index)
+        self._job.expect(index)
+        if not self._grad_pool or pos < len(self._grad_pool):
+            event = self._copier.to_host(self._grad_buffer(pos, index, grad.numel()), grad)
+            self._stream.put((pos, index, None, event))
+        else:
+            self._stream.put((pos, index, grad, self._copier.record()))
+
+    def _run_stream(
+        self, job: UpdateJob, stream: queue.SimpleQueue, hparams: dict[int, AdamHparams]
+    ) -> None:
+        """Worker side of streamed final gradients: update each partition as it arrives."""
+        assert self._copier is not None
+        copier = self._copier
+        try:
+            while (item := stream.get()) is not None:
+                pos, i, grad, event = item
+                part = self._by_index[i]
+                buf = self._grad_buffer(pos, i, part.master.numel())
+                if grad is not None:
+                    # the pool buffer of this place was read by the Adam ``pool`` places ago,
+                    # which this thread has finished
+                    event = copier.to_host(buf, grad, event)
+                    del grad, item
+                copier.wait(event)
+                state = self.store.acquire(i)
+                self._cpu_adam(part, state, buf, hparams[i], 1.0)
+                job.publish(i, self._write_back(part, state))
+                self.store.release(i)
+            self.store.flush()
+        finally:
+            copier.h2d_done()
+
+    def _finish_stream(
+        self, by_index: dict[int, tuple[_Partition, torch.Tensor]], scale: float | None, wait: bool
+    ) -> None:
+        """step() of a step whose gradients were streamed as final: queue the partitions that
+        did not arrive (no gradient this step: zeros), the device half, and the end."""
+        assert self._stream is not None and self._job is not None and self._copier is not None
+        if scale not in (None, 1.0):
+            self._end_stream()
+            raise RuntimeError(
+                f"OffloadStepper.step: grad_scale={scale} for gradients handed over as final "
+                "(grad_ready(final=True) promises that no factor is applied)"
+            )
+        ready = self._copier.record()
+        for i in self._order:
+            if i in self._arrived_set:
+                continue
+            pos = len(self._arrived)
+            self._arrived.append(i)
+            self._arrived_set.add(i)
+            self._job.expect(i)
+            self._stream.put((pos, i, by_index[i][1], ready))
+        if self._device_flow is not None:
+            self._device_flow.step({i: by_index[i][1] for i in self.on_device}, scale, _writer)
+        self._end_stream()
+        self._phase = Phase.UPDATING
+        if wait:
+            self._finish_job()
+
+    def _end_stream(self) -> None:
+        """No more partitions for the streamed job: the worker finishes the queued ones."""
+        if self._stream is not None:
+            self._stream.put(None)
+            self._stream = None
+        self._arrived.clear()
+        self._arrived_set.clear()
+
     def _position(self, index: int) -> int | None:
         """The place of an arriving partition in this step's update order, or None when its
         host buffer is not free before the step (a pool place beyond the pool's size)."""
@@ -376,7 +498,14 @@ class OffloadStepper:
         return self._grad_host[index]
 
     def skip_step(self) -> None:
-        """The caller skips this step (fp16 overflow): forget copies started by grad_ready."""
+        """The caller skips this step (fp16 overflow): forget copies started by grad_ready.
+        Partitions whose final gradients already streamed in are updated (a final gradient is
+        a promise that the step is taken); the others keep their values."""
+        if self._stream is not None:
+            self._end_stream()
+            self._phase = Phase.IDLE
+            self._finish_job()
+            return
         if self._copier is not None:
             for event in self._grad_events.values():
                 self._copier.wait(event)  # the buffers are reused by the next step's copies
@@ -416,6 +545,9 @@ class OffloadStepper:
                     f"OffloadStepper.step: gradient {i} has {g.numel()} elements, its partition "
                     f"{part.master.numel()}"
                 )
+        if self._stream is not None:
+            self._finish_stream(by_index, None if grad_scale is None else float(grad_scale), wait)
+            return
         self._finish_job()  # delayed: the last update ends before its values are published
         assert self._copier is not None
         copier = self._copier
@@ -664,6 +796,7 @@ class OffloadStepper:
         """Finish the last step's work, stop the worker thread, release host buffers and remove
         NVMe swap files."""
         try:
+            self._end_stream()
             self._finish_job()
         finally:
             if self._worker is not None:

@@ -38,6 +38,25 @@ class UpdateJob:
         self.finished = threading.Event()
         self.state = JobState.QUEUED
         self.error: BaseException | None = None
+        self._lock = threading.Lock()  # expect() against close(): no event left unset
+
+    def expect(self, index: int) -> None:
+        """Caller side, for a job that learns its partitions as it runs (gradients streamed
+        during backward): partition ``index`` will be published."""
+        with self._lock:
+            event = threading.Event()
+            if self.state is JobState.DONE:
+                event.set()  # the job ended (failed): waiters must not hang
+            self.published[index] = event
+
+    def close(self, error: BaseException | None) -> None:
+        """Worker side: the job is over; every waiter wakes up (and sees ``error``)."""
+        with self._lock:
+            self.error = error
+            for event in self.published.values():
+                event.set()
+            self.state = JobState.DONE
+        self.finished.set()
 
     def publish(self, index: int, device_event: Any = None) -> None:
         """Worker side: partition ``index``'s new values are where readers look for them."""
@@ -95,15 +114,12 @@ class UpdateWorker:
                 return
             job, body = item
             job.state = JobState.RUNNING
+            error = None
             try:
                 body()
             except BaseException as exc:  # raised again in the waiting thread
-                job.error = exc
-            finally:
-                for event in job.published.values():
-                    event.set()  # waiters wake up (and see the error, if any)
-                job.state = JobState.DONE
-                job.finished.set()
+                error = exc
+            job.close(error)
 
     def close(self) -> None:
         if self._thread.is_alive():

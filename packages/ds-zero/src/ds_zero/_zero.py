@@ -143,6 +143,17 @@ class Zero:
         self._stream_grads = bool(getattr(self.stepper, "accepts_grad_scale", False))
         self._partition_of = {b.index: k for k, b in enumerate(self.trainable)}
         self._streamed: set[int] = set()
+        # No factor will ever be applied and no step skipped (no clipping, no loss scaling, no
+        # fp16 overflow check): a stepper that takes final gradients starts each partition's
+        # update as its gradient arrives, during backward
+        self._final_grads = (
+            self._stream_grads
+            and bool(getattr(self.stepper, "accepts_final_grads", False))
+            and opts.gradient_clipping <= 0
+            and self.param_dtype != torch.float16
+            and not self.scaler.dynamic
+            and self.scaler.scale == 1.0
+        )
         if not self.stepper.masters_on_device:
             # the stepper holds the fp32 masters (CPU / NVMe): read and write them through it
             commit = self.stepper.state_loaded  # one object: GatheredParameters calls it once
@@ -366,7 +377,13 @@ class Zero:
         k = self._partition_of[bucket.index]
         if bucket.grad_shard is not None and k not in self._streamed:
             self._streamed.add(k)
-            self.stepper.grad_ready(k, bucket.grad_shard, early_copy=True)  # type: ignore[call-arg]
+            self._hand_over(k, bucket.grad_shard)
+
+    def _hand_over(self, k: int, grad: torch.Tensor) -> None:
+        if self._final_grads:
+            self.stepper.grad_ready(k, grad, early_copy=True, final=True)  # type: ignore[call-arg]
+        else:
+            self.stepper.grad_ready(k, grad, early_copy=True)  # type: ignore[call-arg]
 
     def _on_reduce_issued(self, bucket: Bucket) -> None:
         if bucket.shard_params:
@@ -452,7 +469,7 @@ class Zero:
                 self.stepper.grad_ready(part.index, g)
             elif part.index not in self._streamed:  # no gradient this step (zeros): copy now
                 self._streamed.add(part.index)
-                self.stepper.grad_ready(part.index, g, early_copy=True)  # type: ignore[call-arg]
+                self._hand_over(part.index, g)
         sq = self._global_sq_norm(grads)
         scale = self.scaler.scale
         if self.param_dtype == torch.float16 or scale != 1.0:
