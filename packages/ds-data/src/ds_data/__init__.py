@@ -2,8 +2,10 @@
 curriculum sampler, random-LTD, progressive layer drop) and block-sparse attention
 (``ds_data.sparse_attention``)."""
 
+from ._analyzer import DataAnalyzer
 from ._curriculum import SCHEDULE_TYPES, CurriculumScheduler
 from ._errors import DataConfigError
+from ._index_file import IndexedRows, find_fit_int_dtype, write_rows
 from ._ltd_schedule import RandomLTDScheduler
 from ._pld import ProgressiveLayerDrop
 from ._random_ltd import (
@@ -17,22 +19,28 @@ from ._random_ltd import (
     save_without_random_ltd,
     scatter_tokens,
 )
+from ._sampler import DeepSpeedDataSampler
 from ._version import __version__
 
 __all__ = [
     "SCHEDULE_TYPES",
     "CurriculumScheduler",
+    "DataAnalyzer",
     "DataConfigError",
+    "DeepSpeedDataSampler",
+    "IndexedRows",
     "ProgressiveLayerDrop",
     "RandomLTDScheduler",
     "RandomLayerTokenDrop",
     "bert_sample_tokens",
     "convert_to_random_ltd",
+    "find_fit_int_dtype",
     "gather_tokens",
     "gpt_sample_tokens",
     "random_ltd_initialize",
     "remove_random_ltd_state_dict",
     "save_without_random_ltd",
     "scatter_tokens",
+    "write_rows",
     "__version__",
 ]
