@@ -74,7 +74,9 @@ def test_an_explicit_count_wins(sixteen_cores):
 
 def test_the_stepper_takes_the_sections_num_threads_then_its_argument(sixteen_cores):
     sixteen_cores.setenv("LOCAL_WORLD_SIZE", "4")
-    assert OffloadStepper({"device": "cpu"}).num_threads == 4
+    assert OffloadStepper({"device": "cpu", "overlap": False}).num_threads == 4
+    # overlapped (the default): one core of the share stays with the thread launching kernels
+    assert OffloadStepper({"device": "cpu"}).num_threads == 3
     assert OffloadStepper({"device": "cpu", "num_threads": 2}).num_threads == 2
     assert OffloadStepper({"device": "cpu", "num_threads": 2}, num_threads=5).num_threads == 5
 

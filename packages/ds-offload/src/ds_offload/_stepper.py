@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import queue
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -119,10 +120,15 @@ class OffloadStepper:
         if not threads and config.super_offload:
             # SuperOffload's cpuadam_cores_perc: the rest of the cores stay with PyTorch
             threads = max(1, int(config.cpuadam_cores_perc * cpu_optimizer_threads(0)))
-        self.num_threads: int = cpu_optimizer_threads(threads)
         self.delayed: bool = config.delayed_update
-        # ds_zero (>= 0.1.5) reads this: it then calls step(wait=False) and waits per partition
+        # ds_zero (>= 0.1.4) reads this: it then calls step(wait=False) and waits per partition
         self.overlaps_step: bool = config.overlap or self.delayed
+        auto = cpu_optimizer_threads(threads)
+        if not threads and self.overlaps_step and auto > 2:
+            # the caller's thread keeps launching the next forward's kernels meanwhile: leave
+            # it a core (CPU Adam's result does not depend on its thread count)
+            auto -= 1
+        self.num_threads: int = auto
         self.partitions: list[_Partition] = []
         self.group_options: Sequence[dict[str, Any]] = []
         self.ratio: float = 1.0  # the offloaded fraction in use ("auto" resolved at setup)
@@ -189,6 +195,11 @@ class OffloadStepper:
         self._by_index = by_index
         # CPU updates in model order by default: the next forward needs the first layers first
         self._order = sorted(self.offloaded, key=lambda i: model_order(by_index[i]))
+        if self.delayed and any(by_index[i].master.is_meta for i in self.offloaded):
+            raise ValueError(
+                "zero_optimization.offload_optimizer.delayed_update does not support parameters "
+                "read from the optimizer store itself (ParamOffloader); remove delayed_update"
+            )
         if self.delayed and any(_writer(by_index[i]) is not None for i in self.offloaded):
             raise ValueError(
                 "zero_optimization.offload_optimizer.delayed_update does not support parameter "
@@ -264,6 +275,8 @@ class OffloadStepper:
                 torch.set_grad_enabled(False)  # grad mode is per thread
 
             self._worker = UpdateWorker("ds-offload-cpu-adam", on_start)
+            # a stepper dropped without close() does not leave its thread waiting forever
+            weakref.finalize(self, self._worker.stop)
 
     @property
     def _swaps(self) -> bool:

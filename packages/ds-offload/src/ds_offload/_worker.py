@@ -121,6 +121,11 @@ class UpdateWorker:
                 error = exc
             job.close(error)
 
+    def stop(self) -> None:
+        """Let the thread end after the jobs queued so far (no wait): for a stepper that is
+        garbage-collected without ``close``."""
+        self._queue.put(None)
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
