@@ -20,12 +20,15 @@ import ds_zero
 from ds_accel import get_accelerator
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
-from ds_all.fault import on_step_boundary
+from ds_all._data_efficiency import DataEfficiency, DataEfficiencyEngineMixin
+from ds_all._engine_config import EngineConfig
+from ds_all._engine_export import consolidated_state_dict, module_state_dict, write_state_dict
 from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
+from ds_all._profiling import EngineProfiling
 from ds_all._schedulers import build_scheduler
 from ds_all._timers import Timers
-from ds_all._profiling import EngineProfiling
+from ds_all.fault import on_step_boundary
 
 log = logging.getLogger("ds_all")
 
@@ -156,6 +159,19 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _shared_params(module: nn.Module) -> list[list[str]]:
+    """[alias, saved name] for each tied parameter name beyond the first (the checkpoint holds
+    a tied tensor once, under the name ``named_parameters()`` gives it)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append([name, first[id(p)]])
+        else:
+            first[id(p)] = name
+    return out
+
+
 def _count_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """Tokens in a batch: elements of the first integer tensor argument (token ids)."""
     for a in (*args, *kwargs.values()):
@@ -164,7 +180,7 @@ def _count_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return 0
 
 
-class DeepSpeedEngine(nn.Module):
+class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
     """``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``; checkpoints through
     ds_ckpt; LR schedules, throughput and loss lines, monitors."""
 
@@ -179,7 +195,9 @@ class DeepSpeedEngine(nn.Module):
         sequence_parallel: Any = None,
     ) -> None:
         super().__init__()
-        self.config = config
+        # DeepSpeed's pair: `config` the dict clients read, `_config` the validated object
+        self._config = config
+        self.config = EngineConfig(config)
         self.accelerator = get_accelerator()
         self.dp_group = dp_group
         initialized = dist.is_available() and dist.is_initialized()
@@ -204,6 +222,9 @@ class DeepSpeedEngine(nn.Module):
         )  # fmt: skip
         self.module = model
         self.optimizer = basic
+        # clients (Accelerate) read optimizer.overflow after each boundary step, as on
+        # DeepSpeed's ZeRO optimizer: True when the step was skipped (fp16 overflow)
+        self.optimizer.overflow = False  # type: ignore[attr-defined]
         _log_offload_plan(self.zero, self.global_rank)
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.timers = Timers(config.wall_clock_breakdown)
@@ -213,6 +234,9 @@ class DeepSpeedEngine(nn.Module):
         self.micro_steps = 0
         self.skipped_steps = 0
         self._step_applied = False
+        #: set_gradient_accumulation_boundary's value; None: counted from the step() calls
+        self._boundary_override: bool | None = None
+        self._destroyed = False
         self._losses: list[torch.Tensor] = []
         self._tokens = 0
         self._window_start = time.perf_counter()
@@ -220,6 +244,8 @@ class DeepSpeedEngine(nn.Module):
         self._window_tokens = 0
         self._last_loss: float | None = None
         self._profiling = EngineProfiling(self)  # flops_profiler, TFLOP/s + MFU, autotuning
+        # curriculum_learning, progressive_layer_drop, random-LTD, curriculum sampling (ds-data)
+        self._data_efficiency = DataEfficiency(config, self._train_batch, self._micro)
 
     # ---------------------------------------------------------------- construction
     def _build_optimizer(
@@ -284,8 +310,38 @@ class DeepSpeedEngine(nn.Module):
         return self.zero.loss_scale
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        """True when the coming ``step()`` ends an accumulation window."""
+        """True when the coming backward/``step()`` ends an accumulation window: the value
+        set by ``set_gradient_accumulation_boundary`` if any, else every
+        ``gradient_accumulation_steps``-th ``step()`` call (DeepSpeed counts step() calls)."""
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self._gas == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """Declare whether the next backward passes end the accumulation window, for callers
+        that call ``step()`` only once per window (Accelerate, Hugging Face Trainer): each
+        backward with ``True`` reduces the gradients and the following ``step()`` applies them
+        and advances the LR schedule and ``global_steps`` once."""
+        self._boundary_override = bool(is_boundary)
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """``zero_optimization.stage3_gather_16bit_weights_on_model_save``."""
+        return bool(self._config.zero_config().stage3_gather_16bit_weights_on_model_save)
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return self.zero.options.stage == 3
+
+    def zero_optimization(self) -> bool:
+        return self.zero.options.stage > 0
+
+    def bfloat16_enabled(self) -> bool:
+        return bool(self._config.bf16.enabled)
+
+    def fp16_enabled(self) -> bool:
+        return bool(self._config.fp16.enabled)
+
+    def gradient_clipping(self) -> float:
+        return float(self._config.gradient_clipping)
 
     # ---------------------------------------------------------------- training
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -293,6 +349,7 @@ class DeepSpeedEngine(nn.Module):
         if self.module.training:
             self._tokens += _count_tokens(args, kwargs)
         self._profiling.before_forward(self)
+        kwargs = self._data_efficiency.forward_kwargs(self.module.training, self.global_steps, kwargs)
         out = self.zero(*args, **kwargs)
         self._profiling.after_forward(self)
         self.timers.stop("forward")
@@ -301,29 +358,35 @@ class DeepSpeedEngine(nn.Module):
     def backward(
         self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True
     ) -> torch.Tensor:
-        """Backward of ``loss`` (divided by the accumulation steps, as DeepSpeed does)."""
+        """Backward of ``loss``, divided by the accumulation steps unless ``scale_wrt_gas`` is
+        False (the caller already averaged over the window); returns the loss as scaled, as
+        DeepSpeed does. ``retain_graph`` keeps the graph for another backward."""
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(f"engine.backward expects a scalar loss tensor, got "
                              f"{getattr(loss, 'shape', type(loss).__name__)}")  # fmt: skip
-        if retain_graph or not scale_wrt_gas:
-            raise NotImplementedError(
-                "engine.backward: retain_graph and scale_wrt_gas=False are not supported"
-            )
         self.timers.start("backward")
+        # the engine owns the boundary (step-count or set_gradient_accumulation_boundary);
+        # ZeRO reduces and marks the step ready accordingly
+        self.zero.set_gradient_accumulation_boundary(self.is_gradient_accumulation_boundary())
         self._losses.append(loss.detach())
         sp = self.sequence_parallel_size
-        self.zero.backward(loss * sp if sp > 1 else loss)  # summed over sp ranks, see _sequence.py
+        self.zero.backward(
+            loss * sp if sp > 1 else loss,  # summed over sp ranks, see _sequence.py
+            retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas,
+        )  # fmt: skip
         self.timers.stop("backward")
-        return loss
+        return loss / self._gas if scale_wrt_gas else loss
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """Optimizer step at the accumulation boundary (clipping, loss scale, scheduler)."""
         self.timers.start("step")
         boundary = self.is_gradient_accumulation_boundary()
-        applied = self.zero.step()
+        applied = self.zero.step() if boundary else False
         self.micro_steps += 1
         self._step_applied = applied
         if boundary:
+            self._data_efficiency.on_boundary(self.global_steps)  # PLD theta, as DeepSpeed
+            self.optimizer.overflow = not applied  # type: ignore[attr-defined]
             if applied:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step(**(lr_kwargs or {}))
@@ -336,7 +399,7 @@ class DeepSpeedEngine(nn.Module):
             self._tokens = 0
             self._after_boundary()
             self._profiling.after_boundary(self)
-            on_step_boundary(self)  # issue 12: save on SIGTERM, control-flow check
+            on_step_boundary(self)  # fault tolerance: save on SIGTERM, control-flow check
         self.timers.stop("step")
 
     def _after_boundary(self) -> None:
@@ -401,6 +464,10 @@ class DeepSpeedEngine(nn.Module):
             ],
             "world_size": self.world_size,
             "zero_stage": self.zero.options.stage,
+            "data_efficiency": self._data_efficiency.state_dict(),
+            # for offline consolidation (zero_to_fp32): tied names and frozen parameters
+            "shared_params": _shared_params(self.module),
+            "frozen_params": [n for n, p in self.module.named_parameters() if not p.requires_grad],
         }
 
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict[str, Any] | None = None,
@@ -450,6 +517,7 @@ class DeepSpeedEngine(nn.Module):
             self.micro_steps = int(eng.get("micro_steps", 0))
             self.skipped_steps = int(eng.get("skipped_steps", 0))
             self.zero.global_steps = int(eng.get("zero_global_steps", self.global_steps))
+            self._data_efficiency.load_state_dict(eng.get("data_efficiency"))
             if load_optimizer_states:
                 for g, saved in zip(self.optimizer.param_groups, eng.get("param_groups", [])):
                     g.update(
@@ -467,6 +535,54 @@ class DeepSpeedEngine(nn.Module):
             if rng is not None:
                 ds_ckpt.restore_rng_state(rng)
         return tag_dir, state.get("client_state", {})
+
+    # ---------------------------------------------------------------- whole-model weights
+    def module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+        """The module's weights as independent CPU tensors (stages 0-2; stage 3: use
+        ``_zero3_consolidated_16bit_state_dict``)."""
+        if self.zero.options.stage == 3:
+            raise ValueError("module_state_dict: at ZeRO stage 3 parameters are partitioned; use "
+                             "engine._zero3_consolidated_16bit_state_dict() (a collective)")  # fmt: skip
+        return module_state_dict(self.module, exclude_frozen_parameters)
+
+    def _zero3_consolidated_16bit_state_dict(
+        self, exclude_frozen_parameters: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """Stage 3: the whole model in the compute dtype (16-bit under bf16/fp16) on the CPU of
+        rank 0, None on other ranks. A collective: every rank must call it."""
+        if self.zero.options.stage != 3:
+            raise ValueError("_zero3_consolidated_16bit_state_dict requires ZeRO stage 3; at stages "
+                             "0-2 the module holds whole weights: engine.module_state_dict()")  # fmt: skip
+        return consolidated_state_dict(self.zero, self.module, exclude_frozen_parameters)
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:  # fmt: skip
+        """Write the model's weights in the compute dtype to ``save_dir/save_filename`` (rank 0;
+        every rank must call it). At stage 3 only with
+        ``stage3_gather_16bit_weights_on_model_save`` (else nothing is written and it returns
+        False, as DeepSpeed does). ``.safetensors`` names are written as safetensors."""
+        path = os.path.join(save_dir, save_filename)
+        if self.zero.options.stage == 3:
+            if not self.zero_gather_16bit_weights_on_model_save():
+                log.info("did not save %s: zero_optimization.stage3_gather_16bit_weights_on_model_save "
+                         "is false", path)  # fmt: skip
+                return False
+            state = self._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters)
+        else:
+            state = self.module_state_dict(exclude_frozen_parameters)
+        if self.global_rank == 0 and state is not None:
+            write_state_dict(state, path)
+        if self.world_size > 1:
+            dist.barrier(group=self.dp_group)
+        return True
+
+    def destroy(self) -> None:
+        """Release what the engine holds beyond the model (hooks, offload buffers and swap
+        files, monitors, the watchdog); the model keeps its current weights. Idempotent."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self.close()
 
     def close(self) -> None:
         ds_ckpt.finalize()

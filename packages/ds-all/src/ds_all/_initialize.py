@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -30,20 +31,80 @@ def _setup_logging() -> None:
         log.propagate = False
 
 
-def init_distributed(dist_backend: str | None = None, **kwargs: Any) -> None:
-    """Initialise torch.distributed through ds_comm when the process was launched as a rank
-    (ds-launch, torchrun, mpirun, srun); a lone process runs with a world of one."""
+def init_distributed(
+    dist_backend: str | None = None,
+    auto_mpi_discovery: bool = True,
+    distributed_port: int = 29500,
+    verbose: bool = True,
+    timeout: timedelta | float | None = None,
+    init_method: str | None = None,
+    dist_init_required: bool | None = None,
+    config: Any = None,
+    rank: int = -1,
+    world_size: int = -1,
+) -> None:
+    """DeepSpeed's ``init_distributed``: the default process group, through ds_comm when the
+    process was launched as a rank (ds-launch, torchrun, mpirun, srun); a process started with
+    plain ``python`` becomes a world of one (rank 0), as DeepSpeed's does under MPI discovery.
+
+    ``timeout`` defaults to ``DEEPSPEED_TIMEOUT`` minutes when set; ``rank``/``world_size``
+    go with an explicit ``init_method`` (``tcp://host:port``); ``config`` is accepted (the
+    comms logger is configured by initialize())."""
+    del verbose, config
     if dist.is_available() and dist.is_initialized():
+        return
+    if dist_init_required is False:
+        raise RuntimeError(
+            "init_distributed(dist_init_required=False) but torch.distributed is not "
+            "initialised; initialise it first or pass dist_init_required=True"
+        )
+    if timeout is None and os.environ.get("DEEPSPEED_TIMEOUT"):
+        timeout = timedelta(minutes=float(os.environ["DEEPSPEED_TIMEOUT"]))
+    if init_method is not None and rank >= 0 and world_size >= 1:
+        kwargs = {"timeout": _as_timedelta(timeout)} if timeout is not None else {}
+        dist.init_process_group(_backend(dist_backend), init_method=init_method, rank=rank,
+                                world_size=world_size, **kwargs)  # fmt: skip
+        return
+    if not _launched(auto_mpi_discovery):
+        _init_world_of_one(dist_backend, distributed_port)
         return
     from ds_comm import init_distributed as _init
 
-    _init(dist_backend=dist_backend, **kwargs)
+    _init(dist_backend=dist_backend, auto_mpi_discovery=auto_mpi_discovery, timeout=timeout,
+          init_method=init_method)  # fmt: skip
 
 
-def _launched() -> bool:
+def _as_timedelta(timeout: timedelta | float) -> timedelta:
+    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+
+
+def _backend(name: str | None) -> str:
+    from ds_accel import get_accelerator
+
+    return name or get_accelerator().communication_backend_name()
+
+
+def _init_world_of_one(dist_backend: str | None, port: int) -> None:
+    """A process group of this process alone. The rendezvous is an in-process store, so no port
+    is bound (two such scripts can run side by side); the launcher variables are set as a
+    launcher would, for code that reads them."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):  # fmt: skip
+        os.environ.setdefault(key, value)
+    backend = _backend(dist_backend)
+    if backend != "gloo":
+        from ds_accel import get_accelerator
+
+        get_accelerator().set_device(0)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _launched(mpi: bool = True) -> bool:
     env = os.environ
     return (
-        "RANK" in env or "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "SLURM_PROCID" in env
+        "RANK" in env
+        or "SLURM_PROCID" in env
+        or (mpi and ("OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env))
     )
 
 
@@ -81,10 +142,13 @@ def initialize(
             "initialize(): no config; pass config=<path or dict> or args with --deepspeed_config"
         )
     cfg = DeepSpeedConfig.load(config, require_resolved=True)
+    # As DeepSpeed: a process group is created unless the caller says not to (a script run with
+    # plain python becomes a world of one, so clients' collectives and barriers work)
     if dist_init_required is None:
-        dist_init_required = _launched()
+        dist_init_required = not (dist.is_available() and dist.is_initialized())
     if dist_init_required:
-        # issue 12: fault_tolerance.comms_timeout (seconds) is the collective timeout
+        # fault_tolerance.comms_timeout (seconds) bounds every collective: a rank that stops
+        # answering fails the run instead of hanging it
         init_distributed(timeout=cfg.fault_tolerance.comms_timeout)
     seq = sequence_parallel_groups(cfg, mpu)  # ds-seq's sp x dp groups, or None
     if seq is not None:
@@ -101,14 +165,24 @@ def initialize(
         if seq is not None:
             raise ConfigError("sequence_parallel_size > 1 with a PipelineModule: sequence parallelism is not "
                               "supported with pipeline parallelism; set \"sequence_parallel_size\": 1")  # fmt: skip
+        from ds_all._data_efficiency import refuse_with_pipeline
         from ds_all._pipe_engine import PipelineEngine
+
+        refuse_with_pipeline(cfg)
 
         pipe = PipelineEngine(model, cfg, optimizer, model_parameters, lr_scheduler)
         return pipe, pipe.optimizer, None, pipe.lr_scheduler
     engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group, seq)
-    _attach_fault_tolerance(engine, cfg)  # issue 12: watchdog, save on SIGTERM, auto-resume
+    _attach_fault_tolerance(engine, cfg)  # watchdog, save on SIGTERM, auto-resume, if configured
     loader = None
     if training_data is not None:
+        # data_efficiency's curriculum sampler when enabled (ds-data), else the rank's shard
+        rank = dist.get_rank(dp_group) if engine.world_size > 1 else 0
+        loader = engine._data_efficiency.dataloader(
+            training_data, engine.train_micro_batch_size_per_gpu(), rank, engine.world_size,
+            engine.gradient_accumulation_steps(), engine.global_rank, collate_fn, cfg.dataloader_drop_last,
+        )  # fmt: skip
+    if training_data is not None and loader is None:
         loader = make_dataloader(training_data, engine.train_micro_batch_size_per_gpu(), engine.world_size,
                                  dist.get_rank(dp_group) if engine.world_size > 1 else 0, collate_fn,
                                  drop_last=cfg.dataloader_drop_last)  # fmt: skip

@@ -18,6 +18,16 @@ def find_units(
         chosen = [m for m in root.modules() if isinstance(m, policy)]
     else:
         chosen = [m for m in root.modules() if policy(m)]
+    # DeepSpeed's leaf flag (``_z3_leaf``, set by set_z3_leaf_modules): a flagged module is
+    # gathered whole, so nothing below it becomes a unit (MoE blocks run only some experts)
+    inside_leaf = {
+        id(sub)
+        for m in root.modules()
+        if getattr(m, "_z3_leaf", False)
+        for sub in m.modules()
+        if sub is not m
+    }
+    chosen = [m for m in chosen if id(m) not in inside_leaf]
     units: list[nn.Module] = [root]
     seen = {id(root)}
     for m in chosen:
@@ -34,7 +44,9 @@ def unit_params(root: nn.Module, units: list[nn.Module]) -> dict[int, list[nn.Pa
     out: dict[int, list[nn.Parameter]] = {id(u): [] for u in units}
 
     def walk(module: nn.Module, unit: nn.Module, seen: set[int]) -> None:
-        for p in module.parameters(recurse=False):
+        # parameters another module's code reads (DeepSpeed's register_external_parameter)
+        external = getattr(module, "ds_external_parameters", ())
+        for p in (*module.parameters(recurse=False), *external):
             if id(p) not in seen:
                 seen.add(id(p))
                 out[id(unit)].append(p)
