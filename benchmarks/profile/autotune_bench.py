@@ -49,8 +49,17 @@ MODELS = {
 
 
 def _pythonpath() -> str:
-    paths = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
+    """Every package's src/ but ds-deepspeed's: its `deepspeed` alias package would shadow the
+    real DeepSpeed the peer sessions import (and ours do not need it)."""
+    ours = [
+        str(p) for p in sorted((ROOT / "packages").glob("*/src")) if p.parent.name != "ds-deepspeed"
+    ]
+    inherited = [
+        p
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if p and "ds-deepspeed" not in p
+    ]
+    return os.pathsep.join(ours + inherited)
 
 
 def _env(work: Path) -> dict[str, str]:
