@@ -351,10 +351,22 @@ class _TaskRunner:
         dfd = self.dfds.get(t.file)
         if dfd is not None and len(buf) >= _DIRECT_READ_MIN:
             self.reader.read(dfd, t.span_start, buf, path=path)
-        else:
+            if t.chunk_bytes:
+                _verify_span(t, buf, 0, t.span_len, path)
+        elif not t.chunk_bytes:
             pread_into(self.fds[t.file], t.span_start, buf, path=path)
-        if t.chunk_bytes:
-            _verify_span(t, buf, path)
+        else:
+            # Hash each chunk right after copying it, while it is still in the CPU cache: on
+            # the 2-core machine that added a third of the time that hashing a whole 16 MiB
+            # read afterwards did (page-cache reads, one thread). WILLNEED first, so that the
+            # disk still sees one large read.
+            fd, c = self.fds[t.file], t.chunk_bytes
+            if t.span_len > c and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, t.span_start, t.span_len, os.POSIX_FADV_WILLNEED)
+            for j in range(0, t.span_len, c):
+                k = min(c, t.span_len - j)
+                pread_into(fd, t.span_start + j, buf[j : j + k], path=path)
+                _verify_span(t, buf, j, k, path)
         if buf is not t.view:
             lo = t.want_start - t.span_start
             t.view[:] = buf[lo : lo + len(t.view)]
@@ -417,13 +429,14 @@ def _range_tasks(
     return out
 
 
-def _verify_span(t: _Task, buf: memoryview, path: str) -> None:
-    """Compare the checksum of each chunk of a span read into `buf` with the manifest's."""
+def _verify_span(t: _Task, buf: memoryview, lo: int, n: int, path: str) -> None:
+    """Compare the checksum of each chunk in bytes [lo, lo + n) of a span read into `buf` (both
+    on chunk boundaries of the span) with the manifest's."""
     s, c = t.stored, t.chunk_bytes
     first = (t.span_start - s.byte_start) // c
-    for j in range(0, t.span_len, c):
+    for j in range(lo, lo + n, c):
         k = first + j // c
-        part = buf[j : j + c]
+        part = buf[j : min(j + c, lo + n)]
         if digest_hex(part) != expected(s.chunk_hashes, k):
             lo = s.byte_start + k * c
             e0 = s.offset + (k * c) // t.itemsize
