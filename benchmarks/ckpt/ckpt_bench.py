@@ -11,8 +11,9 @@ cpu-load (the cost of the checksums every load verifies):
   cold and warm loads of the same ~GB fp32 state by three systems, each load in a fresh
   process, the order rotated every rep: the previous release's code (git --baseline-rev,
   default 42c427d: ds-ckpt 0.1.2, no checksums) loading its own checkpoint, this code with
-  the checksum verification switched off (the benchmark-only switch `_load._VERIFY_CHECKSUMS`), and
-  this code as users run it (every chunk checksum verified).
+  the checksum verification switched off (the benchmark-only switch
+  `_load._VERIFY_CHECKSUMS`), and this code as users run it (every chunk checksum verified).
+  Wall and CPU seconds (all threads) of each load.
 
 gpu (2 ranks, the 1.34B GPT of BENCHMARKS.md, bf16, AdamW, ZeRO stage 1 or 2):
     torchrun --nproc_per_node 2 benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --dir $OUT/ckpt
@@ -21,8 +22,8 @@ gpu (2 ranks, the 1.34B GPT of BENCHMARKS.md, bf16, AdamW, ZeRO stage 1 or 2):
   plus dd O_DIRECT on the same disk, all in one session.
 
 Load timings are cold: the page cache of the checkpoint files is dropped first
-(posix_fadvise DONTNEED after fsync). Results: JSON to benchmarks/results/ (and --out-dir), in the shared
-results schema (benchmarks/_results.py).
+(posix_fadvise DONTNEED after fsync). Results: JSON to benchmarks/results/ (and --out-dir), in
+the shared results schema (benchmarks/_results.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ sys.path.insert(
     os.environ.get("CKPT_BENCH_SRC")
     or os.path.join(HERE, "..", "..", "packages", "ds-ckpt", "src"),
 )
-sys.path.insert(1, os.path.join(HERE, ".."))  # benchmarks/: the shared results writer
 import ds_ckpt  # noqa: E402
 import ds_ckpt._load as ds_ckpt_load  # noqa: E402  (private knob, toggled to compare read paths)
 from ds_ckpt import Fragment  # noqa: E402
@@ -491,10 +491,11 @@ def worker(args: argparse.Namespace) -> None:
     frs = [Fragment.whole(f"layers.{i}.weight", t) for i, t in enumerate(dst)]
     evict(files_under(os.path.join(args.dir, "t")))
     out = {"version": ds_ckpt.__version__}
-    for what in ("cold_s", "warm_s"):
-        t0 = time.perf_counter()
+    for what in ("cold", "warm"):
+        t0, c0 = time.perf_counter(), time.process_time()
         ds_ckpt.load(args.dir, "t", frs)
-        out[what] = time.perf_counter() - t0
+        # CPU seconds of all threads: what verification adds, whatever else the machine runs
+        out[f"{what}_s"], out[f"{what}_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     out["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps(out))
 
@@ -528,8 +529,6 @@ def _source_at(rev: str, into: str) -> str:
 
 
 def bench_cpu_load(args: argparse.Namespace) -> None:
-    from _results import write_results
-
     root = args.dir
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
@@ -559,6 +558,7 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
     for name, _, _, _ in systems:
         cold = [x["cold_s"] for x in samples[name]]
         warm = [x["warm_s"] for x in samples[name]]
+        cpu = {k: [x[f"{k}_cpu_s"] for x in samples[name]] for k in ("cold", "warm")}
         runs.append(
             {
                 "system": name,
@@ -566,9 +566,13 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
                 "load_warm_s": statistics.median(warm),
                 "load_GBps": nbytes / statistics.median(cold) / 1e9,
                 "load_warm_GBps": nbytes / statistics.median(warm) / 1e9,
+                "load_cpu_s": statistics.median(cpu["cold"]),
+                "load_warm_cpu_s": statistics.median(cpu["warm"]),
                 "peak_mem_gb": max(x["maxrss_gb"] for x in samples[name]),
                 "all_load_s": cold,
                 "all_load_warm_s": warm,
+                "all_load_cpu_s": cpu["cold"],
+                "all_load_warm_cpu_s": cpu["warm"],
             }
         )
     prev, off, default = runs
@@ -581,6 +585,8 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
             "verification-off/default load_s (cold)": off["load_s"] / default["load_s"],
             "previous/default load_warm_s": prev["load_warm_s"] / default["load_warm_s"],
             "verification-off/default load_warm_s": off["load_warm_s"] / default["load_warm_s"],
+            "previous/default load_cpu_s (cold)": prev["load_cpu_s"] / default["load_cpu_s"],
+            "verification-off/default load_cpu_s (cold)": off["load_cpu_s"] / default["load_cpu_s"],
         },
         metric=["load_s", "load_warm_s"],
         bytes=nbytes,
