@@ -262,24 +262,31 @@ class EngineProfiling:
         if self.autotune is not None and engine.module.training:
             self.autotune.after_forward(engine)
         if self._counting is not None:
-            self._counting.stop_profile()
-            self.fwd_flops = int(self._counting.get_total_flops())
-            self._counting.end_profile()
-            self._counting = None
-            self._count_pending = False
+            counting, self._counting, self._count_pending = self._counting, None, False
+            try:
+                counting.stop_profile()
+            except RuntimeError as exc:  # another library's dispatch mode is still open
+                log.warning("TFLOP/s and MFU left out: the forward could not be counted (%s)", exc)
+                return
+            self.fwd_flops = int(counting.get_total_flops())
+            counting.end_profile()
         elif self._reporting and self.fwd_flops is None:
             self.fwd_flops = int(self.report.get_total_flops())
 
     def after_boundary(self, engine: DeepSpeedEngine) -> None:
         if self._reporting:
-            self.report.stop_profile()
+            self._reporting = False
+            try:
+                self.report.stop_profile()
+            except RuntimeError as exc:
+                log.warning("flops_profiler: no profile printed (%s)", exc)
+                return
             self.report.print_model_profile(
                 profile_step=engine.global_steps, module_depth=self.cfg.module_depth,
                 top_modules=self.cfg.top_modules, detailed=self.cfg.detailed,
                 output_file=self.cfg.output_file,
             )  # fmt: skip
             self.report.end_profile()
-            self._reporting = False
         if self.autotune is not None:
             self.autotune.after_boundary(engine, self.fwd_flops)
 
