@@ -276,19 +276,22 @@ class EngineProfiling:
     def after_boundary(self, engine: DeepSpeedEngine) -> None:
         if self._reporting:
             self._reporting = False
-            try:
-                self.report.stop_profile()
-            except RuntimeError as exc:
-                log.warning("flops_profiler: no profile printed (%s)", exc)
-                return
-            self.report.print_model_profile(
-                profile_step=engine.global_steps, module_depth=self.cfg.module_depth,
-                top_modules=self.cfg.top_modules, detailed=self.cfg.detailed,
-                output_file=self.cfg.output_file,
-            )  # fmt: skip
-            self.report.end_profile()
+            self._print_report(engine)
         if self.autotune is not None:
             self.autotune.after_boundary(engine, self.fwd_flops)
+
+    def _print_report(self, engine: DeepSpeedEngine) -> None:
+        try:
+            self.report.stop_profile()
+        except RuntimeError as exc:  # another library's dispatch mode is still open
+            log.warning("flops_profiler: no profile printed (%s)", exc)
+            return
+        self.report.print_model_profile(
+            profile_step=engine.global_steps, module_depth=self.cfg.module_depth,
+            top_modules=self.cfg.top_modules, detailed=self.cfg.detailed,
+            output_file=self.cfg.output_file,
+        )  # fmt: skip
+        self.report.end_profile()
 
     def throughput_parts(self, engine: DeepSpeedEngine, samples: int, elapsed: float) -> list[str]:
         """'X TFLOP/s/device' and 'MFU Y%' for the progress line (empty before counting)."""
