@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "ds-ckpt": {"ds-accel"},
     "ds-seq": {"ds-comm", "ds-accel"},
     "ds-profile": set(),
+    "ds-data": set(),
     "ds-launcher": set(),
     "ds-all": {
         "ds-accel",
@@ -40,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
         "ds-ckpt",
         "ds-profile",
         "ds-seq",
+        "ds-data",
     },  # fmt: skip
 }
 

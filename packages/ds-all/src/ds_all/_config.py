@@ -234,9 +234,9 @@ class DataTypesSection(Section):
 #: DeepSpeed sections this project accepts and ignores, with a warning (not errors: scripts
 #: written for DeepSpeed carry them routinely).
 _IGNORED_TOP = {
-    "elasticity", "compression_training", "data_efficiency",
-    "sparse_attention", "memory_breakdown", "dump_state", "zero_force_ds_cpu_optimizer",
-    "curriculum_learning", "eigenvalue", "progressive_layer_drop", "nebula", "quantize_training",
+    "elasticity", "compression_training",
+    "memory_breakdown", "dump_state", "zero_force_ds_cpu_optimizer",
+    "eigenvalue", "nebula", "quantize_training",
     "weight_quantization", "hybrid_engine", "timers", "aml", "comet", "use_data_before_expert_parallel_",
     "graph_harvesting", "torch_autocast", "compile", "seq_parallel_communication_data_type",
     "zero_allow_comm_data_type_fp32", "disable_allgather", "sparse_gradients",
@@ -292,6 +292,11 @@ class DeepSpeedConfig(Section):
     # ds-profile: the profile printed at profile_step, TFLOP/s and MFU; autotuning trials
     flops_profiler: FlopsProfilerSection = Field(default_factory=FlopsProfilerSection)
     autotuning: AutotuningDict = Field(default_factory=dict)
+    # ds-data (checked by ds_all/_data_efficiency.py, applied by the engine)
+    curriculum_learning: dict[str, Any] = Field(default_factory=dict)
+    progressive_layer_drop: dict[str, Any] = Field(default_factory=dict)
+    data_efficiency: dict[str, Any] = Field(default_factory=dict)
+    sparse_attention: dict[str, Any] | None = None
 
     @field_validator(
         "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
@@ -440,6 +445,9 @@ class DeepSpeedConfig(Section):
         del zero_cfg
         if self.aio:
             self.aio_config()
+        from ds_all._data_efficiency import check_data_sections
+
+        check_data_sections(self)
 
     def zero_config(self) -> Any:
         from ds_zero import ZeroConfig

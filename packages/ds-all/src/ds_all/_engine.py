@@ -349,7 +349,9 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         if self.module.training:
             self._tokens += _count_tokens(args, kwargs)
         self._profiling.before_forward(self)
-        kwargs = self._data_efficiency.forward_kwargs(self.module.training, self.global_steps, kwargs)
+        kwargs = self._data_efficiency.forward_kwargs(
+            self.module.training, self.global_steps, kwargs
+        )
         out = self.zero(*args, **kwargs)
         self._profiling.after_forward(self)
         self.timers.stop("forward")

@@ -75,6 +75,9 @@ class CurriculumScheduler:
                 f"curriculum 'schedule_type' {kind!r} is not supported; use one of "
                 f"{', '.join(SCHEDULE_TYPES)}"
             )
+        for key, value in ((_MIN, lo), (_MAX, hi)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataConfigError(f"curriculum '{key}' must be a number, got {value!r}")
         self.custom_get_difficulty = None
         self.state = {_MIN: lo, _MAX: hi, _CURRENT: lo, _TYPE: kind}
         if kind == "custom":
