@@ -116,6 +116,7 @@ def test_autotuning_model_info(tmp_path):
                                          "model_info_path": str(path)}))  # fmt: skip
     with pytest.raises(SystemExit):
         _steps(engine, 3)
+    assert engine.global_steps == 0 and engine.micro_steps == 0  # exits after the first forward
     info = json.loads(path.read_text())
     assert info["num_params"] == sum(p.numel() for p in TinyGPT().parameters())
     # at least the hidden states of each block's MLP are saved for backward, per sample

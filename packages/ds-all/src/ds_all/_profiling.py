@@ -110,8 +110,9 @@ class AutotuneProbe:
     """An autotuning trial inside the training job (``autotuning.enabled``).
 
     With ``model_info.profile``: the first training forward measures the activation bytes of the
-    micro-batch, and the first step boundary writes ``model_info_path`` (parameters, activation
-    bytes per sample, device memory) and exits. Otherwise: the wall time from the boundary of
+    micro-batch, writes ``model_info_path`` (parameters, activation bytes per sample, device
+    memory) and exits before backward and the optimizer step (so the profile run needs no more
+    memory than one forward). Otherwise: the wall time from the boundary of
     step ``start_profile_step`` to that of ``end_profile_step`` gives the latency per step, the
     throughput (samples/s) and FLOP/s per device, written to ``metric_path``; then the job exits,
     as DeepSpeed's does.
@@ -143,12 +144,11 @@ class AutotuneProbe:
         else:
             engine.accelerator.synchronize()
             self.activation_bytes = max(0, engine.accelerator.memory_allocated() - self._act_before)
+        self._write_model_info(engine)
+        _exit(engine)
 
     def after_boundary(self, engine: DeepSpeedEngine, fwd_flops: int | None) -> None:
         s = self.settings
-        if s.model_info.profile:
-            self._write_model_info(engine)
-            _exit(engine)
         if engine.global_steps == s.start_profile_step:
             engine.accelerator.synchronize()
             self._t0 = time.perf_counter()

@@ -57,11 +57,18 @@ def _half(cfg: dict[str, Any]) -> bool:
 
 def _profile_run(job: Job, user_cfg: dict[str, Any], settings: AutotuneSettings, world: int,
                  exps_dir: Path, checkpointing: bool) -> dict[str, Any]:  # fmt: skip
-    """One launch at micro-batch 1 with the model-info profile on: the engine writes the
-    parameter count, the activation bytes of one sample and the device memory, then exits."""
+    """One launch at micro-batch 1 with the model-info profile on: after one forward the engine
+    writes the parameter count, the activation bytes of one sample and the device memory, then
+    exits. It runs in the space's leanest configuration (highest stage, most offload), so a
+    model that fits only with offload can still be profiled."""
     name = "profile_ac" if checkpointing else "profile"
-    stage = 3 if 3 in settings.zero_stages else max(settings.zero_stages)
-    cand = Candidate(stage, "none", 1, 1, checkpointing)
+    stage = max(settings.zero_stages)
+    offload = "none"
+    for kind in ("optimizer+param", "optimizer") if stage > 0 else ():
+        if kind in settings.offload and (kind != "optimizer+param" or stage == 3):
+            offload = kind
+            break
+    cand = Candidate(stage, offload, 1, 1, checkpointing)
     info_path = (exps_dir / name / "model_info.json").resolve()
     cfg = trial_config(user_cfg, cand, world, settings, str(exps_dir / name / "metric.json"))
     cfg["autotuning"] = {
