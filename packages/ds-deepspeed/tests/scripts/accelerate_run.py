@@ -13,7 +13,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import ds_config, samples, tiny_gpt2, which_deepspeed, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    ds_config,
+    reference,
+    samples,
+    tiny_gpt2,
+    which_deepspeed,
+    write_json,
+)
 
 STEPS, MICRO, GAS = 4, 2, 2
 
@@ -67,6 +74,10 @@ def main() -> None:
         "global_steps": global_steps, "after_save": after_save, "after_load": after_load,
         "unwrapped_type": type(unwrapped).__name__,
     }  # fmt: skip
+    if rank == 0 and world == 1 and os.environ.get("CLIENT_REFERENCE") == "1":
+        # plain PyTorch, same model/data/optimizer/schedule/clipping, in this process
+        ref = reference(STEPS, MICRO, GAS)
+        result["reference"] = {"losses": ref["losses"], "lrs": ref["lrs"]}
     if rank == 0:
         result["state"] = {k: v.float().flatten()[:8].tolist() for k, v in state.items()}
         result["state_keys"] = sorted(state)

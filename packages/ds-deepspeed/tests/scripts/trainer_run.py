@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import SEQ, samples, tiny_gpt2, which_deepspeed, write_json  # noqa: E402
@@ -48,6 +50,8 @@ def trainer(stage: int, out: str, max_steps: int) -> object:
         max_grad_norm=1.0, logging_steps=1, save_steps=HALF, save_strategy="steps",
         report_to=[], deepspeed=hf_config(stage), seed=0, data_seed=0, disable_tqdm=True,
         save_only_model=False, dataloader_num_workers=0,
+        # CPU ranks: Accelerate builds the gloo group itself only when told the run is on CPU
+        use_cpu=not torch.cuda.is_available(),
     )  # fmt: skip
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = samples(STEPS * GAS * MICRO * world)
