@@ -7,6 +7,16 @@
 >>> ds_tp.autotp(model, groups.tp_group, preset_model="llama")  # shard an existing model
 """
 
+from ds_tp._autotp import autotp, gather_full_state_dict
+from ds_tp._autotp_config import (
+    PRESETS,
+    AutoTPConfig,
+    PartitionType,
+    TPLayerSpec,
+    merge_autotp_configs,
+    preset_config,
+    resolve_partition_config,
+)
 from ds_tp._cross_entropy import vocab_parallel_cross_entropy
 from ds_tp._embedding import VocabParallelEmbedding
 from ds_tp._groups import TensorParallelGroups, build_tensor_parallel_groups
@@ -25,6 +35,15 @@ from ds_tp._shard import TPShard
 from ds_tp._version import __version__
 
 __all__ = [
+    "PRESETS",
+    "AutoTPConfig",
+    "PartitionType",
+    "TPLayerSpec",
+    "autotp",
+    "gather_full_state_dict",
+    "merge_autotp_configs",
+    "preset_config",
+    "resolve_partition_config",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "TPShard",

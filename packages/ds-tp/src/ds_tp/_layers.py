@@ -34,14 +34,15 @@ from ds_tp._mappings import (
 from ds_tp._shard import TPShard, check_divisible
 
 
-def mark_tp_param(param: nn.Parameter, shard: TPShard) -> None:
+def mark_tp_param(param: nn.Parameter, shard: TPShard, group: Any = None) -> None:
     """Tag a sharded parameter: Megatron's attributes (``tensor_model_parallel``,
     ``partition_dim``, ``partition_stride``) that clipping and checkpoint code read, and
-    ``ds_tp_shard`` with the full-tensor layout."""
+    ``ds_tp_shard`` with the full-tensor layout, ``ds_tp_group`` the group it is split over."""
     param.tensor_model_parallel = True  # type: ignore[attr-defined]
     param.partition_dim = shard.dim  # type: ignore[attr-defined]
     param.partition_stride = len(shard.sub_sizes)  # type: ignore[attr-defined]
     param.ds_tp_shard = shard  # type: ignore[attr-defined]
+    param.ds_tp_group = group  # type: ignore[attr-defined]
 
 
 def _sub_sizes(
@@ -62,7 +63,7 @@ def _shard_param(
     shard = TPShard(tuple(full.shape), dim, subs, group_rank(group), world)
     p = nn.Parameter(shard.shard(full.detach()), requires_grad=full.requires_grad)
     if world > 1:
-        mark_tp_param(p, shard)
+        mark_tp_param(p, shard, group)
     return p
 
 
