@@ -659,6 +659,10 @@ class OffloadStepper:
         the result back (or stage it when delayed), publish."""
         assert self._copier is not None
         copier = self._copier
+        if publish:
+            # the step's backward may still be running on the device and reading the
+            # parameters (or copying host shards in): publish behind it
+            copier.wait(ready)
         for i in publish:
             job.publish(i, self._publish(i))
         pool = len(self._grad_pool)
