@@ -1,0 +1,80 @@
+"""Lightning's DeepSpeedStrategy (CUDA only in Lightning) on one GPU with a tiny GPT-2: per-step
+losses next to the same training in plain PyTorch on the same GPU.
+
+Usage: python lightning_run.py STAGE OUT.json"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import LR, samples, tiny_gpt2, which_deepspeed, write_json  # noqa: E402
+
+STEPS, MICRO, GAS = 4, 2, 2
+
+
+def plain(device: torch.device) -> list[float]:
+    model = tiny_gpt2().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    data = samples(STEPS * GAS * MICRO)
+    losses = []
+    for step in range(STEPS):
+        total = 0.0
+        for k in range(GAS):
+            rows = data[(step * GAS + k) * MICRO : (step * GAS + k + 1) * MICRO]
+            ids = torch.stack([r["input_ids"] for r in rows]).to(device)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / GAS).backward()
+            total += float(loss) / GAS
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def main() -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from torch.utils.data import DataLoader
+
+    stage, out = int(sys.argv[1]), sys.argv[2]
+    losses: list[float] = []
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.window: list[float] = []
+
+        def configure_model(self) -> None:
+            # under zero.Init at stage 3 (Lightning's model_sharded_context)
+            if not hasattr(self, "gpt"):
+                self.gpt = tiny_gpt2()
+
+        def training_step(self, batch: dict[str, torch.Tensor], idx: int) -> torch.Tensor:
+            loss = self.gpt(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            self.window.append(float(loss.detach()) / GAS)
+            if len(self.window) == GAS:
+                losses.append(sum(self.window))
+                self.window = []
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.0)
+
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, strategy=DeepSpeedStrategy(stage=stage), max_steps=STEPS,
+        accumulate_grad_batches=GAS, precision="32-true", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    loader = DataLoader(samples(STEPS * GAS * MICRO), batch_size=MICRO, shuffle=False)
+    trainer.fit(Module(), loader)
+    write_json(out, {"deepspeed": which_deepspeed(), "losses": losses,
+                     "plain": plain(torch.device("cuda"))})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Lightning's DeepSpeedStrategy (stages 2 and 3) on one GPU: Lightning runs DeepSpeed only on
+CUDA. Losses against plain PyTorch on the same GPU (TF32 off: exact fp32 math)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lightning_deepspeed_strategy(tmp_path: Path, stage: int) -> None:
+    pytest.importorskip("lightning")
+    out = tmp_path / "lightning.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["NVIDIA_TF32_OVERRIDE"] = "0"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "lightning_run.py"), str(stage), str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-5000:]
+    r = json.loads(out.read_text())
+    assert r["deepspeed"].endswith("+dsall.0.1.0")
+    assert len(r["losses"]) == 4
+    assert r["losses"] == pytest.approx(r["plain"], abs=1e-4)
