@@ -127,7 +127,9 @@ def test_steps_per_print_line_breakdown_and_csv_monitor(tmp_path):
         assert fields[3].endswith(" samples/s") and float(fields[3].split()[0]) > 0
         # TinyGPT's first integer tensor is the (4, 8) token batch: 32 tokens per step
         assert fields[4].endswith(" tokens/s") and float(fields[4].split()[0]) > 0
-        assert fields[5].startswith("grad_norm ")
+        # forward FLOPs counted once (ds-profile) x 3 per micro-step, per device; no MFU on a CPU
+        assert fields[5].endswith(" TFLOP/s/device") and float(fields[5].split()[0]) >= 0
+        assert fields[6].startswith("grad_norm ")
     assert float(steps[1].split(" | ")[1].split()[1]) == pytest.approx(losses[3], abs=1e-4)
     tokens_per_sample = float(steps[1].split(" | ")[4].split()[0]) / float(
         steps[1].split(" | ")[3].split()[0]
