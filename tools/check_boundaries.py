@@ -43,6 +43,8 @@ ALLOWED: dict[str, set[str]] = {
         "ds-seq",
         "ds-data",
     },  # fmt: skip
+    # DeepSpeed's import name over ds-all; its `deepspeed` console script is ds-launch
+    "ds-deepspeed": {"ds-all", "ds-launcher"},
 }
 
 
