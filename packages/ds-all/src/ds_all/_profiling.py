@@ -235,7 +235,9 @@ class EngineProfiling:
             math.isfinite(float(_cfg(engine).steps_per_print or math.inf))
             or self.autotune is not None
         )
-        self._count_pending = self.rank0 and wants_rate
+        # a torch.compile'd module runs its graph without the per-op dispatch the count needs
+        compiled = hasattr(engine.module, "_orig_mod")
+        self._count_pending = self.rank0 and wants_rate and not compiled
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
         if peak is None and engine.device.type == "cuda":
             peak = peak_flops(_dtype(engine), torch.cuda.get_device_name(engine.device))
