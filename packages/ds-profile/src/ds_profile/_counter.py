@@ -40,7 +40,8 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-@dataclass
+# eq=False: a mode is compared (and may be hashed) by identity on torch's mode stack
+@dataclass(eq=False)
 class OpCounter(TorchDispatchMode):
     """Counts FLOPs/MACs of every ATen call while active.
 
