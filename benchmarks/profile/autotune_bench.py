@@ -167,7 +167,20 @@ def _deepspeed(
     pick = json.loads(optimal.read_text())
     stage = int((pick.get("zero_optimization") or {}).get("stage", 0))
     mbs = int(pick.get("train_micro_batch_size_per_gpu", 1))
-    return {"wall_s": wall, "stage": stage, "micro_batch": mbs, "config": pick}
+    gas = int(pick.get("gradient_accumulation_steps", 1))
+    # DeepSpeed's own measurement of its pick (its units: latency in ms per step; throughput =
+    # train_batch_size * 1e6 / latency, i.e. 1000x samples/s), kept raw next to ours
+    reported = None
+    for metrics in (d / "results").glob("*/metrics.json"):
+        exp_cfg = metrics.parent / "ds_config.json"
+        if not exp_cfg.exists():
+            continue
+        c = json.loads(exp_cfg.read_text())
+        if (int((c.get("zero_optimization") or {}).get("stage", 0)), int(c.get("train_micro_batch_size_per_gpu", 0)),
+                int(c.get("gradient_accumulation_steps", 1))) == (stage, mbs, gas):  # fmt: skip
+            reported = json.loads(metrics.read_text())
+    return {"wall_s": wall, "stage": stage, "micro_batch": mbs, "grad_accum": gas, "config": pick,
+            "deepspeed_reported": reported}  # fmt: skip
 
 
 def _grid_value(grid: dict[str, Any], **want: Any) -> float | None:
@@ -240,7 +253,8 @@ def main() -> None:
         }
         if "wall_s" in ds and "stage" in ds:
             ds_run.update(time_to_answer_s=round(ds["wall_s"], 1),
-                          pick={"stage": ds["stage"], "micro_batch": ds["micro_batch"]},
+                          pick={"stage": ds["stage"], "micro_batch": ds["micro_batch"], "grad_accum": ds["grad_accum"]},
+                          deepspeed_reported=ds.get("deepspeed_reported"),
                           best_samples_per_s=_grid_value(grid, stage=ds["stage"], offload="none",
                                                          micro_batch=ds["micro_batch"], checkpointing=False))  # fmt: skip
         else:
