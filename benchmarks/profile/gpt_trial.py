@@ -48,7 +48,9 @@ def main() -> None:
         import ds_all as ds
 
     torch.manual_seed(0)
-    model = GPT(vocab=args.vocab, d=args.d, h=args.d // 128, L=args.layers, T=args.seq)
+    # built on the GPU: initialising billions of weights on the host costs seconds per trial
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = GPT(vocab=args.vocab, d=args.d, h=args.d // 128, L=args.layers, T=args.seq)
     if args.gradient_checkpointing:
         for block in model.blocks:
             plain = block.forward
