@@ -16,6 +16,7 @@ import ds_all
 import ds_data
 from ds_all import ConfigError
 from ds_all._config import DeepSpeedConfig
+from ds_comm.testing import distributed_test
 
 CURRICULUM = {"enabled": True, "curriculum_type": "seqlen", "min_difficulty": 2, "max_difficulty": 8,
               "schedule_type": "fixed_linear",
@@ -236,3 +237,54 @@ def test_deepspeed_module_paths_are_ds_data():
     assert ProgressiveLayerDrop is ds_data.ProgressiveLayerDrop
     assert SparseSelfAttention is ds_data.sparse_attention.SparseSelfAttention
     assert BigBirdSparsityConfig is ds_data.sparse_attention.BigBirdSparsityConfig
+
+
+@distributed_test(world_size=[2])
+def test_two_ranks_analyze_together_and_draw_their_shares(tmp_path):
+    """2 gloo ranks: each maps half of the dataset, rank 0 reduces; each rank's loader yields its
+    half of every micro-batch of the single-process sampler's stream; the sparse-attention layout
+    is rank 0's on both ranks whatever their random state."""
+    import random
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    n = 48
+    difficulty = [(i * 5) % 12 + 1 for i in range(n)]
+    ds_data.DataAnalyzer(list(range(n)), num_workers=2, worker_id=rank, batch_size=5,
+                         metric_names=["d"],
+                         metric_functions=[lambda b: torch.tensor([difficulty[i] for i in b])],
+                         metric_types=["single_value_per_sample"],
+                         save_path=tmp_path / "a").run_map_reduce()  # fmt: skip
+    prefix = tmp_path / "a" / "d" / "d"
+    metric = {"difficulty_type": "value", "clustering_type": "schedule_based",
+              "min_difficulty": 4, "max_difficulty": 12, "schedule_type": "fixed_linear",
+              "schedule_config": {"total_curriculum_step": 4, "difficulty_step": 1},
+              "index_to_sample_path": f"{prefix}_index_to_sample",
+              "index_to_metric_path": f"{prefix}_index_to_metric"}  # fmt: skip
+    de = {"data_sampling": {"num_epochs": 1, "curriculum_learning": {
+        "enabled": True, "data_cluster_path": str(tmp_path / "c"),
+        "curriculum_metrics": {"d": metric}}}}  # fmt: skip
+    cfg = {**_config(data_efficiency=de), "gradient_accumulation_steps": 1}
+    torch.manual_seed(0)
+    _, _, loader, _ = ds_all.initialize(model=Recorder(), config=cfg, training_data=torch.arange(n),
+                                        dist_init_required=False)  # fmt: skip
+    mine = [b.tolist() for _, b in zip(range(6), loader)]
+    shares: list = [None, None]
+    dist.all_gather_object(shares, mine)
+    single_cfg = ds_data.data_efficiency_config(de)
+    single_cfg["data_sampling"]["curriculum_learning"]["data_cluster_path"] = str(
+        tmp_path / f"s{rank}"
+    )
+    single = ds_data.DeepSpeedDataSampler(single_cfg, n, micro_batch_size=4, data_parallel_rank=0,
+                                          data_parallel_size=1, global_rank=1)  # fmt: skip
+    expected = [b for _, b in zip(range(6), single)]
+    assert [shares[0][i] + shares[1][i] for i in range(6)] == expected
+    random.seed(100 + rank)  # different random blocks per rank until synchronised
+    module = ds_data.sparse_attention.SparseSelfAttention(
+        ds_data.sparse_attention.BigBirdSparsityConfig(2, 16, different_layout_per_head=True),
+        max_seq_length=256,
+    )
+    layouts: list = [None, None]
+    dist.all_gather_object(layouts, module.get_layout(256).tolist())
+    assert layouts[0] == layouts[1]
