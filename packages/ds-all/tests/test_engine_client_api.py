@@ -248,3 +248,33 @@ def test_z3_leaf_modules_are_gathered_whole() -> None:
     engine.backward(engine(*batch(0, MICRO)))
     engine.step()
     engine.close()
+
+
+def test_buffers_are_checkpointed_and_in_zero_to_fp32(tmp_path) -> None:
+    from torch import nn
+
+    import ds_all
+    from ds_all.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 1))
+
+    cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+           "zero_optimization": {"stage": 2}}  # fmt: skip
+    engine, _, _, _ = ds_all.initialize(model=build(), config=cfg, dist_init_required=False)
+    for _ in range(3):
+        engine.backward(engine(torch.randn(4, 8)).square().mean())
+        engine.step()
+    engine.save_checkpoint(str(tmp_path))
+    saved = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    engine.close()
+    fresh, _, _, _ = ds_all.initialize(model=build(), config=cfg, dist_init_required=False)
+    assert not torch.equal(fresh.module[1].running_mean, saved["1.running_mean"])
+    fresh.load_checkpoint(str(tmp_path))
+    for k, v in fresh.module.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path))
+    assert set(fp32) == set(saved)  # weights, running statistics and num_batches_tracked
+    assert int(fp32["1.num_batches_tracked"]) == 3
+    fresh.close()

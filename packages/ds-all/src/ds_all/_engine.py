@@ -21,6 +21,7 @@ from ds_accel import get_accelerator
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._data_efficiency import DataEfficiency, DataEfficiencyEngineMixin
+from ds_all._engine_buffers import buffer_fragments, load_buffers
 from ds_all._engine_config import EngineConfig
 from ds_all._engine_export import consolidated_state_dict, module_state_dict, write_state_dict
 from ds_all._monitor import MonitorMaster
@@ -479,7 +480,8 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": dict(client_state or {}), "engine": self._engine_state()}
         ds_ckpt.save(
-            save_dir, str(tag), self.zero.state_fragments(), state, group=self.dp_group,
+            save_dir, str(tag), self.zero.state_fragments() + buffer_fragments(self.module, self.zero.rank),
+            state, group=self.dp_group,
             async_=self.config.checkpoint.async_save, rank_state=ds_ckpt.capture_rng_state(),
             update_latest=save_latest,
         )  # fmt: skip
@@ -517,6 +519,7 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
             self.global_steps = int(eng.get("global_steps", 0))
             self.global_samples = int(eng.get("global_samples", 0))
             self.micro_steps = int(eng.get("micro_steps", 0))
+        load_buffers(self.module, load_dir, resolved, set(_manifest.tensors))
             self.skipped_steps = int(eng.get("skipped_steps", 0))
             self.zero.global_steps = int(eng.get("zero_global_steps", self.global_steps))
             self._data_efficiency.load_state_dict(eng.get("data_efficiency"))

@@ -19,7 +19,10 @@ from torch import nn
 
 import ds_ckpt
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# safetensors' dtype names, as the manifest records them
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 _OUT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
                "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}  # fmt: skip
 
@@ -34,7 +37,8 @@ class LazyTensor:
         self.shape: tuple[int, ...] = tuple(shape)
 
     def contiguous(self) -> torch.Tensor:
-        return ds_ckpt.load_tensor(self.checkpoint_dir, self.name, self.tag).float()
+        t = ds_ckpt.load_tensor(self.checkpoint_dir, self.name, self.tag)
+        return t.float() if t.is_floating_point() else t
 
 
 def _engine_state(manifest: ds_ckpt.Manifest) -> dict[str, Any]:
@@ -70,7 +74,10 @@ def get_fp32_state_dict_from_zero_checkpoint(
         frags = []
         for n in names:
             rec = manifest.tensors[n]
-            t = torch.empty(rec.shape, dtype=_DTYPES.get(rec.dtype, torch.float32))
+            if rec.dtype not in _DTYPES:
+                raise ValueError(f"zero_to_fp32: tensor {n!r} has dtype {rec.dtype}, which this "
+                                 "tool does not convert")  # fmt: skip
+            t = torch.empty(rec.shape, dtype=_DTYPES[rec.dtype])
             out[n] = t
             frags.append(ds_ckpt.Fragment.whole(n, t))
         ds_ckpt.load(root, resolved, frags)
