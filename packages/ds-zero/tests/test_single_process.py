@@ -155,7 +155,7 @@ def test_config_accepts_deepspeed_keys_and_suggests_fixes():
     with pytest.raises(ValueError, match="did you mean 'reduce_bucket_size'"):
         ds_zero.ZeroConfig.model_validate({"reduce_bucket_sise": 1})
     with pytest.raises(ValueError, match="not supported by ds-zero"):
-        ds_zero.ZeroConfig.model_validate({"zero_quantized_gradients": True})
+        ds_zero.ZeroConfig.model_validate({"mics_shard_size": 4})
     with pytest.raises(ValueError, match="stage"):
         ds_zero.ZeroConfig.model_validate({"stage": 4})
 

@@ -21,6 +21,7 @@ from torch.distributed import ProcessGroup
 from ds_zero._dist import all_gather_single, group_rank, group_size, reduce_scatter_single
 from ds_zero._layout import FlatLayout, make_layout
 from ds_zero._shard_store import ParamShardStore
+from ds_zero._zeropp import ZeroPP
 
 
 class ParamsState(enum.Enum):
@@ -119,6 +120,9 @@ class Bucket:
         self.read_ready: Callable[[], bool] | None = None
         self._work: object | None = None
         self._gaps = self._padding_ranges()
+        # ZeRO++ (quantized gathers, hpZ secondary partitions, quantized reduction) of a
+        # stage-3 bucket; None: plain all-gather and reduce-scatter
+        self.zeropp: ZeroPP | None = None
 
     # ---- construction -------------------------------------------------------------------
     def live_master(self) -> torch.Tensor | None:
@@ -222,7 +226,9 @@ class Bucket:
         self._alloc_flat()
         lo, hi = self.layout.shard_range(self.rank)
         mine = self.flat[lo:hi]
-        if self.shard_store is not None:
+        if self.zeropp is not None and self.zeropp.fills_own_part(self):
+            pass  # gathered from the hpZ secondary partitions or the quantized frozen shard
+        elif self.shard_store is not None:
             src = self.shard_store.acquire(self.index)
             asynchronous = mine.device.type != "cpu" and src.is_pinned()
             mine.copy_(src, non_blocking=asynchronous)
@@ -235,7 +241,10 @@ class Bucket:
         if self.world == 1:
             self.state = ParamsState.GATHERED
             return
-        self._work = all_gather_single(self.flat, mine, group=self.group, async_op=True)
+        work = self.zeropp.gather(self, mine) if self.zeropp is not None else None
+        if work is None:
+            work = all_gather_single(self.flat, mine, group=self.group, async_op=True)
+        self._work = work
         self.state = ParamsState.GATHERING
 
     def readable(self) -> bool:
@@ -253,6 +262,8 @@ class Bucket:
         if not self.shard_params or self.state is ParamsState.SHARDED:
             return
         self.wait_gathered()
+        if self.zeropp is not None:
+            self.zeropp.on_release(self)
         self._free_flat()
         self.state = ParamsState.SHARDED
 
@@ -306,6 +317,10 @@ class Bucket:
         if not self.shard_state:
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             return PendingReduce(self, work, flat, flat)
+        if self.zeropp is not None and self.zeropp.quantizes_reduce(self):
+            # qgZ: two int4 all-to-all hops, synchronous (the second needs the first's sums)
+            out = self.zeropp.reduce(flat, self.layout.shard_numel)
+            return PendingReduce(self, None, out, flat)
         out = torch.empty(self.layout.shard_numel, dtype=dtype, device=self.device)
         work = reduce_scatter_single(out, flat, group=self.group, async_op=True)
         return PendingReduce(self, work, out, flat)

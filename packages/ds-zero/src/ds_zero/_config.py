@@ -46,10 +46,6 @@ _NO_EFFECT = {
 }
 # DeepSpeed features ds-zero does not implement: an error when set to anything but the default
 _UNSUPPORTED = {
-    "zero_hpz_partition_size": 1,
-    "zero_quantized_weights": False,
-    "zero_quantized_nontrainable_weights": False,
-    "zero_quantized_gradients": False,
     "mics_shard_size": -1,
     "mics_hierarchical_params_gather": False,
     "zenflow": None,
@@ -86,6 +82,11 @@ class ZeroConfig(BaseModel):
     stage3_gather_16bit_weights_on_model_save: bool = False
     offload_optimizer: dict[str, Any] | None = None
     offload_param: dict[str, Any] | None = None
+    # ZeRO++ (stage 3): quantized weight gathers, quantized gradient reduction, hpZ
+    zero_quantized_weights: bool = False
+    zero_quantized_nontrainable_weights: bool = False
+    zero_quantized_gradients: bool = False
+    zero_hpz_partition_size: int = Field(1, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +156,26 @@ class ZeroConfig(BaseModel):
                 data.pop(key)
         return data
 
+    @model_validator(mode="after")
+    def _zeropp_needs_stage_3(self) -> ZeroConfig:
+        on = [
+            key
+            for key, value in (
+                ("zero_quantized_weights", self.zero_quantized_weights),
+                ("zero_quantized_nontrainable_weights", self.zero_quantized_nontrainable_weights),
+                ("zero_quantized_gradients", self.zero_quantized_gradients),
+                ("zero_hpz_partition_size", self.zero_hpz_partition_size > 1),
+            )
+            if value
+        ]
+        if on and self.stage != 3:
+            # DeepSpeed accepts and ignores them below stage 3; a key that does nothing is refused
+            raise ValueError(
+                f"zero_optimization.{', zero_optimization.'.join(on)} (ZeRO++) need stage 3, got "
+                f'stage {self.stage}: set "stage": 3 or remove them'
+            )
+        return self
+
     def to_options(
         self,
         *,
@@ -180,4 +201,8 @@ class ZeroConfig(BaseModel):
             gradient_accumulation_steps=gradient_accumulation_steps,
             gradient_clipping=gradient_clipping,
             loss_scaling=loss_scaling,
+            quantized_weights=self.zero_quantized_weights,
+            quantized_nontrainable_weights=self.zero_quantized_nontrainable_weights,
+            quantized_gradients=self.zero_quantized_gradients,
+            hpz_partition_size=self.zero_hpz_partition_size,
         )

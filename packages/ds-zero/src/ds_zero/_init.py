@@ -116,7 +116,9 @@ class Init:
             # Without a process group every rank would hold whole parameters of its own.
             ds_comm.require_initialized_if_launched("ds_zero.Init")
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"ds_zero.Init: dtype must be None, float32, bfloat16 or float16, got {dtype}")
+            raise ValueError(
+                f"ds_zero.Init: dtype must be None, float32, bfloat16 or float16, got {dtype}"
+            )
         self.group = dp_group
         self.enabled = enabled
         # floating-point parameters are cast to it before partitioning (None: kept as built),
@@ -239,6 +241,10 @@ class GatheredParameters:
                     commits[id(commit)] = commit
             for commit in commits.values():  # once per stepper, not once per parameter
                 commit()
+            for p in self.params:
+                slot = slot_of(p)
+                if slot is not None and slot.bucket.zeropp is not None:
+                    slot.bucket.zeropp.modified(slot.bucket)  # ZeRO++ copies are stale now
         for p in self.params:
             if getattr(p, INIT_ATTR, None) is not None:
                 _free(p.data)

@@ -49,6 +49,17 @@ class ZeroOptions:
         (ZeRO-Offload's ``offload_param: {device: cpu}``): the device holds parameters only
         while their unit is gathered; each gather first copies the shard to the device.
     pin_param_shards: page-lock those host shards (asynchronous copies), when a device exists.
+    quantized_weights: ZeRO++ qwZ (DeepSpeed's ``zero_quantized_weights``): stage-3 parameter
+        all-gathers carry block-wise int8 codes and fp32 scales, dequantized on arrival.
+    quantized_nontrainable_weights: qwZ for frozen parameters only, whose shards are also
+        stored quantized (``zero_quantized_nontrainable_weights``).
+    quantized_gradients: ZeRO++ qgZ (``zero_quantized_gradients``): stage-3 gradient
+        reduce-scatters become int4 all-to-alls, inside each node then across nodes.
+    hpz_partition_size: ZeRO++ hpZ (``zero_hpz_partition_size``): >1 keeps a secondary copy of
+        the parameters partitioned over groups of that many consecutive ranks, so gathers after
+        the forward stay inside the group.
+    ranks_per_node: ranks of one node for qgZ's hierarchy (None: ``LOCAL_WORLD_SIZE``, else the
+        accelerator's device count).
     """
 
     stage: int = 0
@@ -69,6 +80,21 @@ class ZeroOptions:
     max_inflight_reductions: int = 2
     host_param_shards: bool = False
     pin_param_shards: bool = True
+    quantized_weights: bool = False
+    quantized_nontrainable_weights: bool = False
+    quantized_gradients: bool = False
+    hpz_partition_size: int = 1
+    ranks_per_node: int | None = None
+
+    @property
+    def zeropp(self) -> bool:
+        """Whether any ZeRO++ feature is on."""
+        return (
+            self.quantized_weights
+            or self.quantized_nontrainable_weights
+            or self.quantized_gradients
+            or self.hpz_partition_size > 1
+        )
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -96,6 +122,28 @@ class ZeroOptions:
             )
         if self.max_inflight_reductions < 1:
             raise ValueError("ZeroOptions.max_inflight_reductions must be >= 1")
+        if self.hpz_partition_size < 0:
+            raise ValueError(
+                f"ZeroOptions.hpz_partition_size (zero_hpz_partition_size) must be >= 0, got "
+                f"{self.hpz_partition_size}"
+            )
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ZeroOptions.ranks_per_node must be >= 1, got {self.ranks_per_node}")
+        if self.zeropp and self.stage != 3:
+            on = [
+                key
+                for key, value in (
+                    ("zero_quantized_weights", self.quantized_weights),
+                    ("zero_quantized_nontrainable_weights", self.quantized_nontrainable_weights),
+                    ("zero_quantized_gradients", self.quantized_gradients),
+                    ("zero_hpz_partition_size", self.hpz_partition_size > 1),
+                )
+                if value
+            ]
+            raise ValueError(
+                f"{', '.join(on)} (ZeRO++) need stage 3, got stage {self.stage}: set "
+                '"stage": 3 or remove them (DeepSpeed ignores them below stage 3)'
+            )
         if self.host_param_shards and self.stage != 3:
             raise ValueError(
                 f"ZeroOptions.host_param_shards needs stage 3 (parameters partitioned), got stage "

@@ -35,6 +35,7 @@ from ds_zero._shard_store import ParamShardStore
 from ds_zero._stage3 import Stage3Scheduler
 from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
 from ds_zero._units import find_units, unit_params
+from ds_zero._zeropp import ZeroPP
 
 
 class Phase(enum.Enum):
@@ -122,6 +123,17 @@ class Zero:
         self.unit_buckets: dict[nn.Module, list[Bucket]] = {}
         self.scheduler: Stage3Scheduler | None = None
         self._unbucketed: list[nn.Parameter] = []
+        # ZeRO++ process groups are created here, on every rank in the same order
+        self.zeropp: ZeroPP | None = None
+        if opts.zeropp:
+            self.zeropp = ZeroPP(
+                dp_group=dp_group,
+                quantized_weights=opts.quantized_weights,
+                quantized_nontrainable_weights=opts.quantized_nontrainable_weights,
+                quantized_gradients=opts.quantized_gradients,
+                hpz_partition_size=opts.hpz_partition_size,
+                node_size=opts.ranks_per_node,
+            )
         self._build_buckets(model, named, group_of)
         self.trainable = [b for b in self.buckets if b.trainable]
         position = {id(p): i for i, (_, p) in enumerate(named)}
@@ -245,6 +257,9 @@ class Zero:
             shard_store=None if self.stepper.masters_on_device else self.param_store,
         )
         bucket.build(full_value, keep_local_shard=not self.stepper.masters_on_device)
+        if self.zeropp is not None:
+            bucket.zeropp = self.zeropp
+            self.zeropp.adopt(bucket)
         self.buckets.append(bucket)
         return bucket
 
@@ -500,6 +515,8 @@ class Zero:
             if coef is not None:
                 torch._foreach_mul_(grads, coef)
             self.stepper.step(grads)
+        if self.zeropp is not None:
+            self.zeropp.invalidate(self.trainable)  # hpZ copies hold the old parameters
         if self.param_store is not None:
             self.param_store.flush()  # a failed shard write is this step's error, not a later one
         self.zero_grad()
@@ -583,15 +600,21 @@ class Zero:
 
     def _frozen_fragments(self, for_load: bool) -> list[Fragment]:
         out = []
+        self._frozen_loaded: list[tuple[Bucket, torch.Tensor]] = []
         for b in self.buckets:
-            if b.trainable or b.local_shard is None:
+            shard = b.local_shard
+            if shard is None and self.zeropp is not None and not b.trainable:
+                shard = self.zeropp.frozen_shard(b)  # stored quantized
+                if for_load and shard is not None:
+                    self._frozen_loaded.append((b, shard))  # quantized again after the load
+            if b.trainable or shard is None:
                 continue
             lo, hi = b.layout.shard_range(b.rank)
             for i, name in enumerate(b.names):
                 hit = b.layout.intersect(i, lo, hi)
                 if hit is not None:
                     p_off, r_off, n = hit
-                    t = b.local_shard[r_off : r_off + n]
+                    t = shard[r_off : r_off + n]
                     out.append(Fragment(name, b.shapes[i], t.dtype, p_off, n, t))
         for p in self._unbucketed:
             flat = p.detach().reshape(-1)
@@ -620,6 +643,10 @@ class Zero:
             )
             dests.extend(self._scalar_fragments(tensors, b.names[first], master_n))
         fill(dests + self._frozen_fragments(for_load=True))
+        if self.zeropp is not None:
+            for b, values in self._frozen_loaded:
+                self.zeropp.store_frozen(b, values)
+            self.zeropp.invalidate(self.buckets, trainable_only=False)
         self.stepper.state_loaded()
         self._refresh_params()
 
@@ -665,6 +692,9 @@ class Zero:
             targets = [(b.live_master() if b.trainable else None, b.master_range)]
             if b.local_shard is not None:
                 targets.append((b.local_shard, lay.shard_range(b.rank)))
+            frozen = self.zeropp.frozen_shard(b) if self.zeropp is not None else None
+            if frozen is not None:
+                targets.append((frozen, lay.shard_range(b.rank)))
             if not b.shard_params:
                 targets.append((b.flat, (0, lay.padded_numel)))
             for i, name in enumerate(b.names):
@@ -681,6 +711,10 @@ class Zero:
                     if hit is not None:
                         p_off, t_off, n = hit
                         target[t_off : t_off + n].copy_(value[p_off : p_off + n])
+            if frozen is not None:
+                self.zeropp.store_frozen(b, frozen)  # type: ignore[union-attr]
+        if self.zeropp is not None:
+            self.zeropp.invalidate(self.buckets, trainable_only=False)
         for p in self._unbucketed:
             p.copy_(state[self.names[id(p)]])
         if not self.stepper.masters_on_device:
