@@ -20,7 +20,8 @@ ALLOWED: dict[str, set[str]] = {
     "ds-accel": set(),
     "ds-comm": {"ds-accel"},
     "ds-kernels": {"ds-accel"},
-    "ds-zero": {"ds-comm", "ds-accel"},
+    # ZeRO++ quantizes its weight gathers and gradient reductions with ds-kernels' op
+    "ds-zero": {"ds-comm", "ds-accel", "ds-kernels"},
     "ds-offload": {"ds-kernels", "ds-accel"},
     "ds-pipe": {"ds-comm", "ds-accel"},
     "ds-moe": {"ds-comm", "ds-accel"},
