@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "ds-moe": {"ds-comm", "ds-accel"},
     "ds-ckpt": {"ds-accel"},
     "ds-seq": {"ds-comm", "ds-accel"},
+    "ds-tp": {"ds-comm", "ds-accel"},
     "ds-profile": set(),
     "ds-data": set(),
     "ds-launcher": set(),
@@ -43,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "ds-profile",
         "ds-seq",
         "ds-data",
+        "ds-tp",
     },  # fmt: skip
     # DeepSpeed's import name over ds-all; its `deepspeed` console script is ds-launch
     "ds-deepspeed": {"ds-all", "ds-launcher"},

@@ -6,6 +6,8 @@ output, its input gradient and its weight shards' gradients with the full layer'
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,8 +34,10 @@ def _linears(group):
     rx = x.clone().requires_grad_()
     ref = row_full(F.gelu(col_full(rx)))
     (ref * probe).sum().backward()
-    col = ds_tp.ColumnParallelLinear.from_linear(col_full, group)
-    row = ds_tp.RowParallelLinear.from_linear(row_full, group, input_is_parallel=True)
+    col = ds_tp.ColumnParallelLinear.from_linear(copy.deepcopy(col_full), group)
+    row = ds_tp.RowParallelLinear.from_linear(
+        copy.deepcopy(row_full), group, input_is_parallel=True
+    )
     px = x.clone().requires_grad_()
     out = row(F.gelu(col(px)))
     (out * probe).sum().backward()
@@ -55,7 +59,9 @@ def _gather_output_fused_and_unfused_input_split():
     rx = x.clone().requires_grad_()
     ref = full(rx)
     (ref * probe).sum().backward()
-    col = ds_tp.ColumnParallelLinear.from_linear(full, group, gather_output=True, sub_sizes=(6, 6))
+    col = ds_tp.ColumnParallelLinear.from_linear(
+        copy.deepcopy(full), group, gather_output=True, sub_sizes=(6, 6)
+    )
     px = x.clone().requires_grad_()
     out = col(px)
     (out * probe).sum().backward()
@@ -72,7 +78,9 @@ def _gather_output_fused_and_unfused_input_split():
     rx = x.new_ones(2, 6).mul(torch.arange(6.0)).requires_grad_()
     ref = row_full(rx)
     ref.pow(2).sum().backward()
-    row = ds_tp.RowParallelLinear.from_linear(row_full, group, input_is_parallel=False)
+    row = ds_tp.RowParallelLinear.from_linear(
+        copy.deepcopy(row_full), group, input_is_parallel=False
+    )
     px = rx.detach().clone().requires_grad_()
     out = row(px)
     out.pow(2).sum().backward()
@@ -88,7 +96,7 @@ def _vocab_parallel_embedding_and_cross_entropy():
     ids = torch.tensor([[0, 1, 5, 9], [7, 3, 1, 4]])
     probe = torch.randn(2, 4, 4)
     (emb(ids) * probe).sum().backward()
-    pemb = ds_tp.VocabParallelEmbedding.from_embedding(emb, group)
+    pemb = ds_tp.VocabParallelEmbedding.from_embedding(copy.deepcopy(emb), group)
     out = pemb(ids)
     (out * probe).sum().backward()
     torch.testing.assert_close(out, emb(ids), **TOL)
@@ -126,8 +134,8 @@ def _sequence_parallel_block_equals_full():
     (ref * probe).sum().backward()
     pnorm = nn.LayerNorm(8)
     pnorm.load_state_dict(norm.state_dict())
-    pup = ds_tp.ColumnParallelLinear.from_linear(up, group, sequence_parallel=True)
-    pdown = ds_tp.RowParallelLinear.from_linear(down, group, sequence_parallel=True)
+    pup = ds_tp.ColumnParallelLinear.from_linear(copy.deepcopy(up), group, sequence_parallel=True)
+    pdown = ds_tp.RowParallelLinear.from_linear(copy.deepcopy(down), group, sequence_parallel=True)
     ds_tp.sequence_parallel_grad_hooks(pnorm, group)
     ds_tp.sequence_parallel_grad_hooks(pdown, group)
     px = ds_tp.scatter_to_sequence_region(x.clone().requires_grad_(), group, 1)

@@ -21,6 +21,7 @@ from ds_all._schedulers import (
     WarmupLR,
     build_scheduler,
 )
+from ds_all._tensor_parallel import tp_model_init
 from ds_all._version import __version__
 from ds_all.zero import GatheredParameters, Init  # noqa: E402
 
@@ -45,6 +46,7 @@ __all__ = [
     "initialize",
     "ops",
     "runtime",
+    "tp_model_init",
     "utils",
     "zero",
 ]

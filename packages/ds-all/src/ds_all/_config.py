@@ -30,6 +30,7 @@ from ds_all._config_file import check_depth, read_config_file
 from ds_all._optimizers import resolve_optimizer
 from ds_all._profiling_config import AutotuningDict, FlopsProfilerSection
 from ds_all._schedulers import resolve_scheduler
+from ds_all._tensor_parallel import TensorParallelSection
 from ds_all.fault import FaultToleranceSection
 
 
@@ -297,6 +298,8 @@ class DeepSpeedConfig(Section):
     progressive_layer_drop: dict[str, Any] = Field(default_factory=dict)
     data_efficiency: dict[str, Any] = Field(default_factory=dict)
     sparse_attention: dict[str, Any] | None = None
+    # AutoTP training (ds-tp), checked and applied by ds_all/_tensor_parallel.py
+    tensor_parallel: TensorParallelSection = Field(default_factory=TensorParallelSection)
 
     @field_validator(
         "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"

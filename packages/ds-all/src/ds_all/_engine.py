@@ -194,6 +194,9 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         lr_scheduler: Any = None,
         dp_group: Any = None,
         sequence_parallel: Any = None,
+        *,
+        norm_group: Any = None,
+        mpu: Any = None,
     ) -> None:
         super().__init__()
         # DeepSpeed's pair: `config` the dict clients read, `_config` the validated object
@@ -201,6 +204,7 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         self.config = EngineConfig(config)
         self.accelerator = get_accelerator()
         self.dp_group = dp_group
+        self.mpu = mpu  # DeepSpeed's engine.mpu: the model-parallel groups, when any
         initialized = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(dp_group) if initialized else 1
         self.global_rank = dist.get_rank() if initialized else 0
@@ -220,6 +224,7 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         self.zero = ds_zero.wrap(
             model, basic, _zero_options(config, self._gas), dp_group=dp_group,
             stepper=_offload_stepper(config, basic), param_store=_param_store(config),
+            norm_group=norm_group,  # tensor-parallel ranks: clipping over the whole model
         )  # fmt: skip
         self.module = model
         self.optimizer = basic

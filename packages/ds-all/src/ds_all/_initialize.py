@@ -17,6 +17,7 @@ from ds_all._config_base import ConfigError
 from ds_all._dataloader import make_dataloader
 from ds_all._engine import DeepSpeedEngine
 from ds_all._sequence import sequence_parallel_groups, zero_group
+from ds_all._tensor_parallel import mpu_norm_group, setup_tensor_parallel
 from ds_all.fault import attach as _attach_fault_tolerance
 
 log = logging.getLogger("ds_all")
@@ -165,6 +166,10 @@ def initialize(
         if seq is not None:
             raise ConfigError("sequence_parallel_size > 1 with a PipelineModule: sequence parallelism is not "
                               "supported with pipeline parallelism; set \"sequence_parallel_size\": 1")  # fmt: skip
+        if cfg.tensor_parallel.autotp_size > 1:
+            raise ConfigError("tensor_parallel.autotp_size > 1 with a PipelineModule: AutoTP shards whole "
+                              "models; build the stages from ds_tp layers over the topology's model "
+                              "axis (PipeModelDataParallelTopology) instead")  # fmt: skip
         from ds_all._data_efficiency import refuse_with_pipeline
         from ds_all._pipe_engine import PipelineEngine
 
@@ -172,7 +177,17 @@ def initialize(
 
         pipe = PipelineEngine(model, cfg, optimizer, model_parameters, lr_scheduler)
         return pipe, pipe.optimizer, None, pipe.lr_scheduler
-    engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group, seq)
+    # AutoTP (tensor_parallel section or tp_model_init): ZeRO reduces over the data-parallel
+    # group only and adds the tensor-parallel ranks' squared norms for clipping
+    tp = setup_tensor_parallel(model, cfg, mpu)
+    if tp is not None and seq is not None:
+        raise ConfigError("tensor_parallel.autotp_size > 1 with sequence_parallel_size > 1 is not "
+                          "supported; use one of them")  # fmt: skip
+    if tp is not None:
+        dp_group = tp.dp_group
+    norm_group = tp.tp_group if tp is not None else mpu_norm_group(model, mpu)
+    engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group, seq,
+                             norm_group=norm_group, mpu=tp.groups if tp is not None else mpu)  # fmt: skip
     _attach_fault_tolerance(engine, cfg)  # watchdog, save on SIGTERM, auto-resume, if configured
     loader = None
     if training_data is not None:

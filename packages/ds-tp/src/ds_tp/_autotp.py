@@ -216,9 +216,8 @@ def autotp(
             pname = plan.param_name.rpartition(".")[2]
             p = getattr(module, pname)
             shard = TPShard(tuple(p.shape), plan.dim, plan.sub_sizes, rank, world)
-            local = nn.Parameter(shard.shard(p.detach()), requires_grad=p.requires_grad)
-            mark_tp_param(local, shard, tp_group)
-            setattr(module, pname, local)
+            p.data = shard.shard(p.detach())  # same Parameter: optimizers built earlier hold it
+            mark_tp_param(p, shard, tp_group)
             experts[plan.module_name] = module
     for module in experts.values():
         _wrap_experts(module, tp_group)

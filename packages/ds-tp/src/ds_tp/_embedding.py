@@ -66,7 +66,7 @@ class VocabParallelEmbedding(nn.Module):
         cls, embedding: nn.Embedding, group: Any, *, sequence_parallel: bool = False,
         seq_dim: int = 1, name: str = "VocabParallelEmbedding",
     ) -> VocabParallelEmbedding:  # fmt: skip
-        """Shard an existing ``nn.Embedding`` (weights copied; the original is unchanged)."""
+        """Shard an existing ``nn.Embedding`` (its weight Parameter is reused, resized)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_from(embedding, group, sequence_parallel, seq_dim, name)

@@ -61,7 +61,13 @@ def _shard_param(
 ) -> nn.Parameter:
     world = group_size(group)
     shard = TPShard(tuple(full.shape), dim, subs, group_rank(group), world)
-    p = nn.Parameter(shard.shard(full.detach()), requires_grad=full.requires_grad)
+    if isinstance(full, nn.Parameter):
+        # the same Parameter object, resized to the slice (as DeepSpeed's AutoTP does): an
+        # optimizer or a ZeRO wrapper built over the model before sharding stays valid
+        p = full
+        p.data = shard.shard(full.detach())
+    else:
+        p = nn.Parameter(shard.shard(full.detach()), requires_grad=full.requires_grad)
     if world > 1:
         mark_tp_param(p, shard, group)
     return p
@@ -139,7 +145,8 @@ class ColumnParallelLinear(nn.Module):
         sub_sizes: tuple[int, ...] | None = None,
         name: str = "ColumnParallelLinear",
     ) -> ColumnParallelLinear:
-        """Shard an existing ``nn.Linear`` (its weights are copied; the original is unchanged)."""
+        """Shard an existing ``nn.Linear``: its Parameters are reused, resized to this rank's
+        slice (an optimizer built over them stays valid); drop the Linear afterwards."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_from(linear, group, gather_output, sequence_parallel, seq_dim, sub_sizes, name)
@@ -209,11 +216,9 @@ class RowParallelLinear(nn.Module):
         subs = _sub_sizes(f"{name} (in_features)", full.in_features, None, self.tp_world_size)
         self.weight = _shard_param(name, full.weight, 1, subs, group)
         # replicated: added once after the reduction
-        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
-        if self.bias is not None:
-            self.bias.requires_grad_(full.bias.requires_grad)
-            if sequence_parallel:
-                self.bias.sequence_parallel = True  # type: ignore[attr-defined]
+        self.bias = full.bias
+        if self.bias is not None and sequence_parallel:
+            self.bias.sequence_parallel = True  # type: ignore[attr-defined]
 
     @classmethod
     def from_linear(
@@ -226,8 +231,9 @@ class RowParallelLinear(nn.Module):
         seq_dim: int = 1,
         name: str = "RowParallelLinear",
     ) -> RowParallelLinear:
-        """Shard an existing ``nn.Linear`` (its weights are copied; the original is unchanged).
-        As DeepSpeed's AutoTP, the input defaults to the previous column layer's slice."""
+        """Shard an existing ``nn.Linear``: its Parameters are reused, the weight resized to
+        this rank's slice. As DeepSpeed's AutoTP, the input defaults to the previous column
+        layer's slice."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._init_from(linear, group, input_is_parallel, sequence_parallel, seq_dim, name)

@@ -233,12 +233,15 @@ class Zero:
                 f"parameter {self.names[id(p)]!r} has ds_expert=True but no ds_expert_dp_group; "
                 "ds-moe must set the expert data-parallel ProcessGroup on expert parameters"
             )
-        return (optim_group, id(group) if group is not None else None, group)
+        # ranks of the norm group holding the same values (tensor-parallel replicas of a
+        # norm weight): such a parameter's buckets count once in the clipping norm
+        replicas = int(getattr(p, "ds_norm_replicas", 1))
+        return (optim_group, id(group) if group is not None else None, group, replicas)
 
     def _new_bucket(
         self, params: list[nn.Parameter], key: tuple[Any, ...], shard_params: bool
     ) -> Bucket:
-        optim_group, _, group = key
+        optim_group, _, group, replicas = key
         stage = self.options.stage
         bucket = Bucket(
             len(self.buckets),
@@ -260,6 +263,7 @@ class Zero:
         if self.zeropp is not None:
             bucket.zeropp = self.zeropp
             self.zeropp.adopt(bucket)
+        bucket.norm_replicas = replicas
         self.buckets.append(bucket)
         return bucket
 
@@ -460,7 +464,8 @@ class Zero:
         if self._norm_weights is None:
             # built once: a host-to-device copy every step would stall the host on the stream
             self._norm_weights = torch.tensor(
-                [1.0 / b.replication for b in self.trainable], device=grads[0].device
+                [1.0 / (b.replication * b.norm_replicas) for b in self.trainable],
+                device=grads[0].device,
             )
         norms = torch._foreach_norm(grads)
         sq = (torch.stack(norms).float().pow(2) * self._norm_weights).sum()

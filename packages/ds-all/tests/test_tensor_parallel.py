@@ -1,0 +1,175 @@
+"""tensor_parallel.autotp_size on gloo ranks: tp=2 x dp=2 (4 ranks) with ZeRO 1 and 2 trains a
+Llama-shaped model with the losses and parameters of one process (fp32, 1e-5 relative),
+with gradient clipping active (the norm is over the whole model: sharded parameters' squares
+added over the tensor-parallel group, replicated ones counted once); plus the config's checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ds_all
+from ds_all import ConfigError
+from ds_comm.testing import run_distributed
+
+STEPS = 3
+CLIP = 0.3  # below the first steps' norms: clipping is active
+
+
+class _Block(nn.Module):
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(h)
+        self.self_attn = nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, n, nn.Linear(h, h, bias=False))
+        self.self_attn.num_heads = 4
+        self.mlp = nn.Module()
+        self.mlp.gate_proj, self.mlp.up_proj = nn.Linear(h, 2 * h), nn.Linear(h, 2 * h)
+        self.mlp.down_proj = nn.Linear(2 * h, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, s = self.self_attn, x.shape[0], x.shape[1]
+        y = self.input_layernorm(x)
+        q, k, v = (
+            getattr(a, n)(y).view(b, s, a.num_heads, -1).transpose(1, 2)
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
+        o = (
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            .transpose(1, 2)
+            .reshape(b, s, -1)
+        )
+        x = x + a.o_proj(o)
+        m = self.mlp
+        return x + m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))  # fmt: skip
+
+
+class _Model(nn.Module):
+    def __init__(self, h: int = 16, vocab: int = 32) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, h)
+        self.layers = nn.ModuleList([_Block(h), _Block(h)])
+        self.lm_head = nn.Linear(h, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _batch(step: int, replica: int) -> torch.Tensor:
+    return torch.randint(
+        0, 32, (2, 8), generator=torch.Generator().manual_seed(100 * step + replica)
+    )
+
+
+def _config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP, "zero_optimization": {"stage": stage},
+        "tensor_parallel": {"autotp_size": 2, "preset_model": "llama"},
+    }  # fmt: skip
+
+
+def _rank_main():
+    # both stages in one spawn of 4 ranks: starting them dominates the test's time
+    return [_train(stage) for stage in (1, 2)]
+
+
+def _train(stage: int):
+    import torch.distributed as dist
+
+    import ds_tp
+
+    torch.manual_seed(0)
+    model = _Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # built before sharding
+    engine, _, _, _ = ds_all.initialize(model=model, optimizer=opt, config=_config(stage))
+    assert engine.world_size == 2 and engine.train_batch_size() == 4  # dp=2, not the world
+    assert engine.module.layers[0].self_attn.num_heads == 2
+    replica = dist.get_rank() // 2  # tensor-parallel ranks of a replica read the same batch
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = engine(_batch(step, replica))
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        norms.append(engine.get_global_grad_norm())
+    state = ds_tp.gather_full_state_dict(engine.module)
+    engine.close()
+    return losses, norms, state
+
+
+def _plain():
+    torch.manual_seed(0)
+    model = _Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses, norms = [], []
+    for step in range(STEPS):
+        per_replica = []
+        for replica in (0, 1):
+            loss = model(_batch(step, replica)) / 2  # the data-parallel mean
+            loss.backward()
+            per_replica.append(float(loss.detach()) * 2)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(per_replica)
+    return losses, norms, model.state_dict()
+
+
+def test_tp2_dp2_zero1_and_zero2_equal_one_process():
+    results = run_distributed(_rank_main, 4, timeout=240)
+    ref_losses, ref_norms, ref_state = _plain()
+    for rank, per_stage in enumerate(results):
+        for losses, norms, state in per_stage:
+            assert losses == pytest.approx([pair[rank // 2] for pair in ref_losses], rel=1e-5)
+            assert norms == pytest.approx(ref_norms, rel=1e-5)
+            for k, v in ref_state.items():
+                torch.testing.assert_close(
+                    state[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+                )
+
+
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"autotp_size": 2, "tp_overlap_comm": True}, "tp_overlap_comm"),
+        ({"autotp_size": 2, "preset_model": "gpt9"}, "preset_model 'gpt9' is not a preset"),
+        ({"autotp_size": 2, "partition_config": {"layer_specs": [{"patterns": ["x"], "partition_type": "diag"}]}},
+         "not one of 'column'"),
+        ({"autotp_size": 2, "tp": {"tp_size": 4}}, r"tp.tp_size \(4\) does not match"),
+        ({"autotp_size": 2, "vocab_parallel_lm_head": True}, "vocab_parallel_lm_head"),
+    ],
+)  # fmt: skip
+def test_unsupported_tensor_parallel_settings_are_refused(section, match):
+    cfg = ds_all.DeepSpeedConfig.load({"train_batch_size": 1, "tensor_parallel": section})
+    with pytest.raises(ConfigError, match=match):
+        cfg.tensor_parallel.check_supported()
+
+
+def test_unknown_key_and_stage3_refused():
+    with pytest.raises(ConfigError, match="autotp: unknown key; did you mean 'autotp_size'"):
+        ds_all.DeepSpeedConfig.load({"train_batch_size": 1, "tensor_parallel": {"autotp": 2}})
+    from ds_all._tensor_parallel import setup_tensor_parallel
+
+    cfg = ds_all.DeepSpeedConfig.load({"train_batch_size": 1, "zero_optimization": {"stage": 3},
+                                       "tensor_parallel": {"autotp_size": 2}})  # fmt: skip
+    with pytest.raises(ConfigError, match="stage 3"):
+        setup_tensor_parallel(_Model(), cfg, None)
+    m = ds_all.tp_model_init(_Model(), tp_size=4, dtype=torch.float32)
+    cfg = ds_all.DeepSpeedConfig.load(
+        {"train_batch_size": 1, "tensor_parallel": {"autotp_size": 2}}
+    )
+    with pytest.raises(ConfigError, match=r"tp_model_init\(tp_size=4\) does not match"):
+        setup_tensor_parallel(m, cfg, None)
+    cfg = ds_all.DeepSpeedConfig.load({"train_batch_size": 1})
+    with pytest.raises(ConfigError, match="no tensor-parallel group source"):
+        setup_tensor_parallel(copy.deepcopy(m), cfg, None)
