@@ -173,3 +173,21 @@ def test_unknown_key_and_stage3_refused():
     cfg = ds_all.DeepSpeedConfig.load({"train_batch_size": 1})
     with pytest.raises(ConfigError, match="no tensor-parallel group source"):
         setup_tensor_parallel(copy.deepcopy(m), cfg, None)
+
+
+def test_deepspeed_module_paths():
+    from ds_all.module_inject.autotp_config import AutoTPPresets, TPLayerSpec
+    from ds_all.module_inject.layers import LinearAllreduce, LinearLayer
+    from ds_all.runtime.tensor_parallel import TPTrainingConfig, get_tensor_parallel_config
+
+    assert get_tensor_parallel_config({"tensor_parallel": {"autotp_size": 4}}).autotp_size == 4
+    assert TPTrainingConfig().autotp_size == 0 and TPTrainingConfig().dtype == torch.float16
+    assert AutoTPPresets.get_preset("llama").layer_specs and AutoTPPresets.get_preset("x") is None
+    assert isinstance(AutoTPPresets.get_preset("phi3").layer_specs[0], TPLayerSpec)
+    # without a model-parallel group the layers compute the Linear they were built from
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    for cls in (LinearAllreduce, LinearLayer):
+        lin = nn.Linear(8, 8)
+        want = lin(x)
+        torch.testing.assert_close(cls(lin, None)(x), want)

@@ -18,6 +18,7 @@ from ds_tp._autotp_config import (
     resolve_partition_config,
 )
 from ds_tp._cross_entropy import vocab_parallel_cross_entropy
+from ds_tp._deepspeed_layers import LinearAllreduce, LinearLayer
 from ds_tp._embedding import VocabParallelEmbedding
 from ds_tp._groups import TensorParallelGroups, build_tensor_parallel_groups
 from ds_tp._layers import ColumnParallelLinear, RowParallelLinear, mark_tp_param
@@ -45,6 +46,8 @@ __all__ = [
     "preset_config",
     "resolve_partition_config",
     "ColumnParallelLinear",
+    "LinearAllreduce",
+    "LinearLayer",
     "RowParallelLinear",
     "TPShard",
     "TensorParallelGroups",
