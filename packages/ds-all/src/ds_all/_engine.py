@@ -28,6 +28,7 @@ from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
 from ds_all._profiling import EngineProfiling
 from ds_all._schedulers import build_scheduler
+from ds_all._tensor_parallel import tp_checkpoint
 from ds_all._timers import Timers
 from ds_all.fault import on_step_boundary
 
@@ -484,9 +485,13 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         del exclude_frozen_parameters
         tag = tag or f"global_step{self.global_steps}"
         state = {"client_state": dict(client_state or {}), "engine": self._engine_state()}
+        frags = self.zero.state_fragments() + buffer_fragments(self.module, self.zero.rank)
+        tp = tp_checkpoint(self.module, self.mpu)  # shards saved as pieces of the full tensors
+        if tp is not None:
+            frags = tp.for_save(frags)
         ds_ckpt.save(
-            save_dir, str(tag), self.zero.state_fragments() + buffer_fragments(self.module, self.zero.rank),
-            state, group=self.dp_group,
+            save_dir, str(tag), frags,
+            state, group=self.dp_group if tp is None else None,
             async_=self.config.checkpoint.async_save, rank_state=ds_ckpt.capture_rng_state(),
             update_latest=save_latest,
         )  # fmt: skip
@@ -511,6 +516,9 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
 
         def fill(frags: list[Any]) -> None:
             want = [f for f in frags if not (weights_only and f.name.startswith("optimizer."))]
+            tp = tp_checkpoint(self.module, self.mpu)
+            if tp is not None:
+                want = tp.for_load(want)
             state.update(
                 ds_ckpt.load(
                     load_dir, resolved, want, verify_hashes=self.config.checkpoint.verify_hashes

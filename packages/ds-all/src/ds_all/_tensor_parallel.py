@@ -255,3 +255,37 @@ def mpu_norm_group(model: nn.Module, mpu: Any) -> Any:
     group = mpu.get_tensor_model_parallel_group()
     mark_replicated(model, size)
     return group
+
+
+@dataclass
+class TPCheckpoint:
+    """Checkpoint fragments of a tensor-parallel model as pieces of the full tensors (ds-tp's
+    layouts), so the checkpoint loads at any tensor-parallel size with no conversion."""
+
+    shards: dict[str, Any]
+    tp_rank: int
+
+    def for_save(self, fragments: list[Any]) -> list[Any]:
+        # replicated state (norms, buffers, step counters) is written by tensor-parallel rank 0
+        # only: a checkpoint holds every element once
+        import ds_tp
+
+        return ds_tp.full_tensor_fragments(
+            fragments, self.shards, keep_replicated=self.tp_rank == 0
+        )
+
+    def for_load(self, fragments: list[Any]) -> list[Any]:
+        import ds_tp
+
+        return ds_tp.full_tensor_fragments(fragments, self.shards)
+
+
+def tp_checkpoint(module: nn.Module, mpu: Any) -> TPCheckpoint | None:
+    """The rewriting for a model with tensor-parallel parameters; None without any."""
+    get = getattr(mpu, "get_tensor_model_parallel_world_size", None)
+    if not callable(get) or get() <= 1:
+        return None
+    import ds_tp
+
+    shards = ds_tp.shard_layouts(module)
+    return TPCheckpoint(shards, mpu.get_tensor_model_parallel_rank()) if shards else None

@@ -20,6 +20,7 @@ from ds_tp._autotp_config import (
 from ds_tp._cross_entropy import vocab_parallel_cross_entropy
 from ds_tp._deepspeed_layers import LinearAllreduce, LinearLayer
 from ds_tp._embedding import VocabParallelEmbedding
+from ds_tp._fragments import ShardFragment, full_tensor_fragments, shard_layouts
 from ds_tp._groups import TensorParallelGroups, build_tensor_parallel_groups
 from ds_tp._layers import ColumnParallelLinear, RowParallelLinear, mark_tp_param
 from ds_tp._mappings import (
@@ -49,12 +50,14 @@ __all__ = [
     "LinearAllreduce",
     "LinearLayer",
     "RowParallelLinear",
+    "ShardFragment",
     "TPShard",
     "TensorParallelGroups",
     "VocabParallelEmbedding",
     "__version__",
     "build_tensor_parallel_groups",
     "copy_to_tp_region",
+    "full_tensor_fragments",
     "gather_from_sequence_region",
     "gather_from_tp_region",
     "mark_tp_param",
@@ -63,5 +66,6 @@ __all__ = [
     "scatter_to_sequence_region",
     "scatter_to_tp_region",
     "sequence_parallel_grad_hooks",
+    "shard_layouts",
     "vocab_parallel_cross_entropy",
 ]
