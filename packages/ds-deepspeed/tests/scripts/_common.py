@@ -14,15 +14,17 @@ VOCAB, SEQ = 64, 16
 LR, WARMUP, CLIP = 1e-2, 4, 1.0
 
 
-def tiny_gpt2(seed: int = 0) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def tiny_gpt2(seed: int = 0, from_config: bool = False) -> Any:
+    """``from_config``: through ``AutoModelForCausalLM.from_config``, which builds the model
+    inside ``deepspeed.zero.Init`` when a ZeRO-3 config is active (Trainer's path)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
         vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    return AutoModelForCausalLM.from_config(config) if from_config else GPT2LMHeadModel(config)
 
 
 def samples(n: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:

@@ -55,7 +55,8 @@ def trainer(stage: int, out: str, max_steps: int) -> object:
     )  # fmt: skip
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = samples(STEPS * GAS * MICRO * world)
-    return Trainer(model=tiny_gpt2(), args=args, train_dataset=data)
+    # built after TrainingArguments, as users do: at stage 3 from_config runs zero.Init
+    return Trainer(model=tiny_gpt2(from_config=True), args=args, train_dataset=data)
 
 
 def losses(t: object) -> dict[int, float]:

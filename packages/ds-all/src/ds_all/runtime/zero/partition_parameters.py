@@ -7,6 +7,7 @@ import enum
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import ds_comm
@@ -63,6 +64,22 @@ def _config_dtype(config: Any) -> torch.dtype | None:
     return torch.float32
 
 
+def _check_qwz_in_config(config: Any, weights: bool, nontrainable: bool) -> None:
+    """ZeRO++ qwZ acts on the gathers of the engine that initialize() builds from the config
+    (Init's own partitioning is exact), so Init's flags must agree with the config's keys."""
+    from ds_all._config import DeepSpeedConfig
+
+    zero = DeepSpeedConfig.load(config).zero_optimization if config is not None else {}
+    for flag, key in ((weights, "zero_quantized_weights"),
+                      (nontrainable, "zero_quantized_nontrainable_weights")):  # fmt: skip
+        if flag and not zero.get(key):
+            raise ValueError(
+                f"zero.Init({key}=True): qwZ is applied by the engine initialize() builds; set "
+                f'"zero_optimization": {{"{key}": true}} in the config (and pass it to Init as '
+                "config_dict_or_path)"
+            )
+
+
 class Init(ds_zero.Init):
     """``with deepspeed.zero.Init(...):`` builds a model whose parameters are partitioned as
     each module finishes ``__init__`` (ds_zero's ``Init``), with DeepSpeed's arguments.
@@ -70,7 +87,8 @@ class Init(ds_zero.Init):
     The group is ``data_parallel_group``, else ``sequence_data_parallel_group``, else the data
     group of ``mpu``, else ``zero_param_parallel_group``'s data group, else the world. The
     parameter dtype is ``dtype``, else the config's (bf16/fp16/fp32), else the model's own
-    (DeepSpeed falls back to fp16 there). ``remote_device`` and ``pin_memory`` are accepted:
+    (DeepSpeed falls back to fp16 there). Without a process group one is created first
+    (``init_distributed``), as DeepSpeed's Init does. ``remote_device`` and ``pin_memory`` are accepted:
     shards stay on the device they were built on until ``initialize()`` places them as the
     config's ``offload_param`` says; ``mem_efficient_linear`` has nothing to change (linear
     layers are not patched)."""
@@ -100,8 +118,8 @@ class Init(ds_zero.Init):
                 "build it inside `with deepspeed.zero.Init():` or let initialize() partition it"
             )
         if zero_quantized_weights or zero_quantized_nontrainable_weights:
-            raise ValueError("zero.Init: quantized weights (ZeRO++ qwZ) are not implemented; "
-                             "set zero_quantized_weights=False")  # fmt: skip
+            _check_qwz_in_config(config_dict_or_path if config_dict_or_path is not None else config,
+                                 zero_quantized_weights, zero_quantized_nontrainable_weights)  # fmt: skip
         if remote_device not in (None, "none", "cpu", "nvme", get_accelerator().device_name()):
             raise ValueError(f"zero.Init: remote_device {remote_device!r}: use None, 'cpu' or 'nvme'")  # fmt: skip
         if config_dict_or_path is None:
@@ -111,6 +129,12 @@ class Init(ds_zero.Init):
         if enabled and ds_comm.launched_rank() is not None and not ds_comm.is_initialized():
             # DeepSpeed's Init initialises the process group itself when a launcher started
             # this process as one of several ranks (scripts rely on it before initialize())
+            from ds_all._initialize import init_distributed
+
+            init_distributed()
+        if enabled and not (dist.is_available() and dist.is_initialized()):
+            # as DeepSpeed's Init: the process group is created here when the script has not
+            # (a world of one under plain python), since partitions need it
             from ds_all._initialize import init_distributed
 
             init_distributed()
