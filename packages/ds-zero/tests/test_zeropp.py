@@ -119,6 +119,13 @@ def test_bytes_per_step_against_plain_zero3(world_size):
     ranks = dist.get_process_group_ranks(zero.zeropp.hpz_group)
     assert len(ranks) == 2 and len({r // 2 for r in ranks}) == 1, ranks
     torch.testing.assert_close(g, plain_g)  # the same parameters: the same gradients
+    # the secondary partitions (1/2 of the bf16 parameters) are what the estimator adds
+    psi = sum(sum(b.layout.numels) for b in zero.buckets)
+    measured = ds_zero.model_state_bytes(zero).params
+    expected = ds_zero.memory_estimate(
+        psi, 3, world_size, param_dtype=torch.bfloat16, hpz_partition_size=2
+    ).params
+    assert expected == psi and abs(measured - expected) <= 0.05 * expected, (measured, expected)
 
     # all three: quantized gathers inside the node in backward, quantized reduction
     f, b, g, zero = seen["all"]

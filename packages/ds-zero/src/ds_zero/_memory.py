@@ -9,6 +9,8 @@ measurement: compute parameters of ``param_dtype``; reduced gradients in fp32 pa
 parameter storage at stages 0-2, and is the only parameter storage at stage 3); stage 3 keeps
 no compute-dtype shard (units are gathered from the master); stages 0-1 with gradient
 accumulation hold a whole accumulation buffer of ``reduce_dtype`` between micro-steps.
+ZeRO++'s hpZ (``hpz_partition_size`` h > 1, stage 3) adds its secondary partition, 1/h of the
+compute-dtype parameters, held from the forward until the optimizer step (counted in ``params``).
 Activations and transient gathered units are not model states and are not counted.
 """
 
@@ -47,10 +49,12 @@ def memory_estimate(
     reduce_dtype: torch.dtype = torch.float32,
     optimizer_state_bytes: int = 8,
     gradient_accumulation_steps: int = 1,
+    hpz_partition_size: int = 1,
 ) -> MemoryEstimate:
     """Model-state bytes per rank for ``model`` (or a parameter count) at ``stage`` on
     ``world_size`` ranks. ``optimizer_state_bytes`` per parameter: 8 for Adam/AdamW (two fp32
-    moments), 4 for SGD with momentum, 0 for plain SGD."""
+    moments), 4 for SGD with momentum, 0 for plain SGD. ``hpz_partition_size``: ZeRO++'s hpZ
+    group size (stage 3; the secondary partition costs ``param bytes * psi / h``)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"memory_estimate: stage must be 0-3, got {stage}")
     if world_size < 1:
@@ -64,6 +68,9 @@ def memory_estimate(
     fp32_params = param_dtype == torch.float32
     shard = psi / n if stage >= 1 else psi
     params = 0 if stage == 3 else p_bytes * psi
+    h = min(max(hpz_partition_size, 1), n)
+    if stage == 3 and h > 1:
+        params = p_bytes * psi / h  # hpZ's secondary partition
     master = 4 * (psi / n if stage == 3 else shard)
     if fp32_params and stage < 3:
         master = 0
@@ -92,6 +99,10 @@ def model_state_bytes(zero: object) -> MemoryEstimate:
     buckets = zero.buckets  # type: ignore[attr-defined]
     params = sum(nbytes(b.flat) + nbytes(b.local_shard) for b in buckets if not b.shard_params)
     params += sum(nbytes(b.local_shard) for b in buckets if b.shard_params and not b.host_shard)
+    zeropp = getattr(zero, "zeropp", None)
+    if zeropp is not None:  # hpZ secondary partitions, frozen shards stored quantized
+        params += sum(nbytes(t) for t in zeropp.secondary.values())
+        params += sum(nbytes(c) + nbytes(s) for c, s in zeropp.frozen.values())
     master = sum(nbytes(b.master) for b in buckets)
     grads = sum(nbytes(b.grad_shard) + nbytes(b.accum) for b in buckets)
     optimizer = 0
