@@ -3,7 +3,9 @@
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
 #   bash benchmarks/gpu_session.sh PHASE...
-#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | overlap | largest | tests | tests:ds-x,ds-y
+#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | overlap | largest | longseq | tests | tests:ds-x,ds-y
+#   longseq: longest sequence of a Llama-3.2-3B shape, ZeRO-3 offload, ours vs DeepSpeed ALST vs
+#            plain transformers (benchmarks/seq/long_seq.py; LONGSEQ_BUDGET_S per system)
 #   overlap: the offloaded step's modes vs DeepSpeed's, one GPU, scenarios offload-overlap-zero3
 #            and -zero2 (OVERLAP_DEADLINE_S, default 470, bounds both)
 #   largest: LARGEST_RUNS ("deepspeed:cpu=28,30 ours:split=56,60": engine:config=block ladders,
@@ -76,6 +78,11 @@ for p in "$@"; do
         "${runs[@]}" --nvme-path "$SCRATCH/nvme" --deadline-s "${LARGEST_DEADLINE_S:-540}" \
         --device-name "1x$GPUNAME"
       ;;
+    longseq)  # LONGSEQ_BUDGET_S: seconds per system's search (default 110); LONGSEQ_START (16384)
+      phase longseq python3 benchmarks/seq/long_seq.py --nproc "$NGPU" \
+        --systems deepspeed-alst ours hf-plain --start "${LONGSEQ_START:-16384}" --max-trials 6 \
+        --budget-s "${LONGSEQ_BUDGET_S:-110}" --trial-timeout 150 --device-name "${NGPU}x$GPUNAME"
+      ;;
     tests | tests:*)  # tests:ds-ckpt,ds-moe runs those packages only
       export DS_TEST_GPU=1
       sel=${p#tests}; sel=${sel#:}
@@ -85,7 +92,7 @@ for p in "$@"; do
           -m gpu -p no:cacheprovider "$pkg/tests"
       done
       ;;
-    *) echo "unknown phase $p (io | aio | ckpt | moe | offload | largest | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown phase $p (io | aio | ckpt | moe | offload | largest | longseq | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 rm -rf "$SCRATCH"

@@ -4,7 +4,9 @@
         --start 16384 --max-trials 6 --budget-s 110 --device-name 1xNVIDIA-H100
 
 Systems (the model: ``LlamaConfig`` hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate
-8192, vocab 128256, tied embeddings, random weights, bf16, SDPA attention; ZeRO stage 3 with
+8192, vocab 128256, random weights, bf16, SDPA attention; embeddings untied (3.6B parameters:
+DeepSpeed's TiledFusedLogitsLoss accumulates the lm_head gradient during forward, which ZeRO-3
+then meets twice in one bucket when lm_head shares the embedding's weight); ZeRO stage 3 with
 optimizer and parameters offloaded to the CPU, AdamW, clipping 1.0; micro-batch 1):
 
 * ``ours``: ds_all's engine; ds_seq's Ulysses attention (sp = GPUs), ``enable_tiled_mlp``,
@@ -23,8 +25,9 @@ Lengths: doubling from ``--start`` until a trial fails, then bisection (multiple
 process group (``torchrun --nproc_per_node N``, sp = N for the first two systems) that builds the
 model, trains ``--steps`` steps on random tokens and reports the tokens/s of the steps after the
 first, peak GPU memory (max allocated, rank 0) and the failure (out of memory, timeout, error).
-A system's search stops after ``--max-trials`` trials or ``--budget-s`` seconds (no trial
-starts that the remaining budget could not finish, judged by the last trial's wall time), so
+A system's search stops after ``--max-trials`` trials or ``--budget-s`` seconds (the first
+trial always runs, up to ``--trial-timeout``; no later trial starts that the remaining budget
+could not finish, judged by the last trial's wall time), so
 ``max_seq_len`` is a lower bound when ``bounded_by`` is not ``memory``. After the searches,
 ours runs once at DeepSpeed's longest length if it has no trial there (for the tokens/s ratio)
 when the budget allows.
@@ -64,7 +67,7 @@ def _llama_config(tiny: bool, seq_len: int):
         dims = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                     num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB)  # fmt: skip
     return LlamaConfig(**dims, max_position_embeddings=max(seq_len, 131072), rope_theta=500000.0,
-                       tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False)  # fmt: skip
+                       tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)  # fmt: skip
 
 
 def _build(cfg, device):
@@ -93,7 +96,7 @@ def _ds_config(sp: int, tiny: bool) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0}},
         "gradient_clipping": 1.0,
         "sequence_parallel_size": sp,
-        "steps_per_print": 1_000_000,
+        "steps_per_print": None,  # no progress lines (nor ds_all's FLOPs count)
     }
 
 
@@ -117,6 +120,7 @@ def _train_ours(args, cfg, device, rank: int, world: int):
     import ds_all
     import ds_seq
 
+    ds_all.init_distributed()  # the sequence-parallel groups are made before initialize()
     model = _build(cfg, device)
     mpu = None
     if world > 1:
@@ -182,6 +186,7 @@ def _train_deepspeed(args, cfg, device, rank: int, world: int, alst: bool):
     import torch
     from torch import nn
 
+    deepspeed.init_distributed()
     model = _build(cfg, device)
     mpu = None
     if alst:
@@ -308,8 +313,14 @@ def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
     if args.tiny:
         cmd.append("--tiny")
     env = dict(os.environ)
-    paths = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    # every package's src/ except ds-deepspeed's, whose `deepspeed` would shadow the real one
+    paths = [
+        str(p) for p in sorted((ROOT / "packages").glob("*/src")) if p.parent.name != "ds-deepspeed"
+    ]
+    inherited = [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "ds-deepspeed" not in p
+    ]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + inherited))
     env.setdefault(
         "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
     )  # ALST's advice, all systems
@@ -327,6 +338,9 @@ def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         failure = "timeout"
+    except BaseException:  # interrupted (SIGTERM/SIGINT): leave no trial running
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     wall = round(time.monotonic() - t0, 1)
     for line in (out or "").splitlines():
         if line.startswith("RESULT ") and failure is None:
@@ -334,8 +348,14 @@ def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
     text = out or ""
     if failure != "timeout" and ("out of memory" in text.lower() or "OutOfMemoryError" in text):
         failure = "oom"
+    # the ranks' own error lines (torchrun's summary ends the output and says little)
+    errors = [
+        ln
+        for ln in text.splitlines()
+        if ("Error" in ln or "error:" in ln) and "ChildFailedError" not in ln
+    ]
     return {"seq_len": seq_len, "ok": False, "failure": failure or "error", "wall_s": wall,
-            "tail": text[-1500:]}  # fmt: skip
+            "tail": "\n".join(dict.fromkeys(errors[:8])) or text[-1500:]}  # fmt: skip
 
 
 def search(system: str, args, budget_s: float, log) -> dict:
@@ -352,10 +372,17 @@ def search(system: str, args, budget_s: float, log) -> dict:
             bounded_by = "max_len"
             break
         remaining = deadline - time.monotonic()
-        if remaining < max(30.0, last_wall) or remaining <= 0:
+        if trials and (remaining < max(30.0, last_wall) or remaining <= 0):
             bounded_by = "budget"
             break
-        res = _trial(system, length, args, timeout=min(args.trial_timeout, remaining))
+        # the first trial always gets --trial-timeout (building the model and the offload state
+        # takes its time); later ones only what the budget has left
+        res = _trial(
+            system,
+            length,
+            args,
+            timeout=args.trial_timeout if not trials else min(args.trial_timeout, remaining),
+        )
         trials.append(res)
         last_wall = res["wall_s"]
         log(system, res)
@@ -441,6 +468,8 @@ def main() -> None:
     if args.trial:
         run_trial(args)
         return
+    # a SIGTERM (a time limit) unwinds like Ctrl-C, so the running trial is killed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.start % args.nproc or args.granularity % args.nproc:
         ap.error(f"--start and --granularity must be multiples of --nproc ({args.nproc})")
     device = args.device_name or (
