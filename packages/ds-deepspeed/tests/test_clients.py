@@ -36,14 +36,18 @@ def _torchrun(script: str, *args: str) -> list[str]:
             str(SCRIPTS / script), *args]  # fmt: skip
 
 
-def _trainer(tmp: Path, stage: int, ranks: int) -> dict:
-    out = tmp / f"trainer_s{stage}_w{ranks}"
+# DeepSpeed's lone process needs the launcher variables (its world of one goes through mpi4py)
+ALONE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+
+
+def _trainer(tmp: Path, stage: int, ranks: int, python: str = sys.executable, **env: str) -> dict:
+    out = tmp / f"trainer_s{stage}_w{ranks}_{Path(python).parent.parent.name}"
     argv = (
-        [sys.executable, str(SCRIPTS / "trainer_run.py"), str(stage), str(out)]
+        [python, str(SCRIPTS / "trainer_run.py"), str(stage), str(out)]
         if ranks == 1
         else _torchrun("trainer_run.py", str(stage), str(out))
     )
-    _run(argv, _env())
+    _run(argv, _env(**env), 1800)
     return json.loads((out / "result.json").read_text())
 
 
@@ -69,6 +73,13 @@ def test_trainer_zero2_and_zero3_plain_python(tmp_path: Path) -> None:
     # so the two runs start from different weights: both start near ln(vocab) and train
     for r in (s2, s3):
         assert abs(r["full"]["1"] - 4.159) < 0.5
+    reference_python = os.environ.get("DS_REFERENCE_PYTHON")
+    if reference_python:  # the same script with DeepSpeed 0.19.8: the same losses
+        for ours, stage in ((s2, 2), (s3, 3)):
+            theirs = _trainer(tmp_path, stage, 1, reference_python, MASTER_PORT="29548", **ALONE)
+            assert not theirs["deepspeed"].endswith("+dsall.0.1.0")
+            for step, loss in theirs["full"].items():
+                assert ours["full"][step] == pytest.approx(loss, abs=1e-5), (stage, step)
 
 
 def test_trainer_zero3_two_ranks(tmp_path: Path) -> None:
@@ -94,10 +105,8 @@ def test_accelerate_matches_pytorch_and_deepspeed(tmp_path: Path, stage: int) ->
     reference_python = os.environ.get("DS_REFERENCE_PYTHON")
     if not reference_python:
         return
-    # DeepSpeed 0.19.8 in its own environment, the same script; a lone process there needs the
-    # launcher variables (DeepSpeed's world of one goes through mpi4py)
-    theirs = _accelerate(tmp_path, stage, reference_python, RANK="0", WORLD_SIZE="1",
-                         LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")  # fmt: skip
+    # DeepSpeed 0.19.8 in its own environment, the same script
+    theirs = _accelerate(tmp_path, stage, reference_python, MASTER_PORT="29547", **ALONE)
     assert not theirs["deepspeed"].endswith("+dsall.0.1.0")
     assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-5)
     assert ours["lrs"] == pytest.approx(theirs["lrs"], rel=1e-12)
