@@ -63,9 +63,7 @@ class StepOverlap:
                 if slot is not None and id(slot.bucket) in partition_of:
                     reads.setdefault(partition_of[id(slot.bucket)])
             self._reads[id(unit)] = list(reads)
-            self._replicated[id(unit)] = [
-                k for k in reads if not self.trainable[k].shard_params
-            ]
+            self._replicated[id(unit)] = [k for k in reads if not self.trainable[k].shard_params]
         # replicated partitions whose values of the last step are not known to be in place
         self._stale: set[int] = set()
         self._order: list[nn.Module] = []
