@@ -33,7 +33,7 @@ def _check_bound(x, bits, block):
     back = ds_kernels.dequantize_blockwise(
         codes, scales, bits=bits, block=block, numel=n, dtype=x.dtype
     )
-    assert back.shape == x.shape and back.dtype == x.dtype
+    assert back.shape == x.shape and back.dtype == x.dtype and back.is_contiguous()
     xf = x.float().reshape(-1, n)
     nb = scales.shape[-1]
     per_elem = scales.reshape(-1, nb).repeat_interleave(block, dim=1)[:, :n]

@@ -134,6 +134,7 @@ def test_bytes_per_step_against_plain_zero3(world_size):
     assert zero.zeropp.secondary_bytes() > 0
     zero.step()
     assert zero.zeropp.secondary_bytes() == 0  # the step invalidates the secondary copies
+    _check_expert_buckets(rank)  # in the same processes: one spawn fewer
 
 
 def _noisy_batch(step, rank, vocab, t, b):
@@ -175,3 +176,42 @@ def test_convergence_matches_plain_zero3(world_size):
     assert final["plain"] < 1.6, final  # it learned (from ln 37 = 3.6 towards ln 3 = 1.1)
     for name in ("qwz", "qgz", "hpz", "all"):
         assert abs(final[name] - final["plain"]) <= 0.02 * final["plain"], final
+
+
+def _check_expert_buckets(rank):
+    """MoE: expert buckets (expert-dp groups {0, 2} and {1, 3}, across the two "nodes") get
+    qwZ; hpZ and qgZ apply to the data-parallel buckets only, and experts are still averaged
+    over their own group (as plain ZeRO-3 does, up to the quantization)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    edp = groups[rank % 2]
+    after = {}
+    for name in ("plain", "all"):
+        torch.manual_seed(rank % 2)  # experts differ across the expert-parallel ranks
+        expert = nn.Linear(64, 64)
+        torch.manual_seed(5)
+        shared = nn.Linear(64, 64)
+        model = nn.Sequential(shared, expert)
+        for p in expert.parameters():
+            p.ds_expert = True
+            p.ds_expert_dp_group = edp
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        opts = ds_zero.ZeroOptions(stage=3, param_persistence_threshold=0, **CONFIGS[name])
+        zero = ds_zero.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), opts)
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(rank))
+        zero.backward(zero(x).pow(2).mean())
+        if name == "all":
+            kinds = {
+                b.names[0][0]: (b.zeropp.quantizes_gather(b), b.zeropp.quantizes_reduce(b))
+                for b in zero.buckets
+            }
+            assert kinds == {"0": (True, True), "1": (True, False)}, kinds
+            assert set(zero.zeropp.secondary) == {b.index for b in zero.buckets if b.group is None}
+        assert zero.step()
+        after[name] = zero.full_state_dict()
+        zero.close()
+    for k, v in after["plain"].items():
+        update = (v - start[k]).norm()
+        assert (after["all"][k] - v).norm() <= 0.2 * update, k

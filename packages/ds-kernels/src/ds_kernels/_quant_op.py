@@ -112,7 +112,7 @@ class TorchQuantizer(OpImpl):
         if nb * block != n:
             q = torch.nn.functional.pad(q, (0, nb * block - n))
         out = q.view(crow.shape[0], nb, block) * scales.reshape(-1, nb, 1).float()
-        out = out.reshape(crow.shape[0], nb * block)[:, :n].to(dtype)
+        out = out.reshape(crow.shape[0], nb * block)[:, :n].to(dtype).contiguous()
         return out.reshape(*lead, n)
 
 

@@ -110,7 +110,7 @@ class _QuantGather:
         self.work.wait()  # type: ignore[attr-defined]
         codes, scales = _unpack(self.packed, self.part, torch.int8)
         values = _dequantize(codes, scales, WEIGHT_BITS, WEIGHT_BLOCK, self.part, self.out.dtype)
-        self.out.copy_(values.view(-1))
+        self.out.copy_(values.reshape(-1))
         return True
 
 
