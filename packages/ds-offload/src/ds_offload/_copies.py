@@ -105,11 +105,3 @@ class Copier:
     def wait(event: Any) -> None:
         if event is not None:
             event.synchronize()
-
-    def finish(self) -> None:
-        """Make the current stream wait for every host-to-device copy, and the host wait for
-        them too (their pinned sources are overwritten at the next step)."""
-        if self.is_cpu:
-            return
-        self._acc.current_stream(self.device.index).wait_stream(self.h2d)
-        self.h2d.synchronize()
