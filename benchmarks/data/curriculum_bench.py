@@ -164,9 +164,17 @@ def main() -> None:
                 "no-curriculum/seqlen-curriculum final_loss": base["final_loss"] / cur["final_loss"]},
         config={k: v for k, v in vars(args).items() if k != "device_name"},
         loss_floor_entropy=data.entropy,
+        load_average_1m=os_load(),
         note="same training-token budget; final_loss on 64 held-out full-length sequences",
     )  # fmt: skip
     print("wrote", path)
+
+
+def os_load() -> float | None:
+    """The machine's 1-minute load average when the run ended (other work skews tokens/s)."""
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def os_cpus() -> int:
