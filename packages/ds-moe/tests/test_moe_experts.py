@@ -88,17 +88,23 @@ def test_probe_failure_means_loop():
         _grouped_gemm._probe.cache_clear()
 
 
-def test_segment_bias_forward_backward():
-    y = torch.randn(7, 3, requires_grad=True)
-    b = torch.randn(3, 3, requires_grad=True)
-    sizes = [2, 0, 5]
-    out = _grouped_gemm.add_segment_bias(y.clone(), b, sizes)
-    ref = y + torch.cat([b[0].expand(2, 3), b[2].expand(5, 3)])
-    torch.testing.assert_close(out, ref)
-    g = torch.randn(7, 3)
+def test_group_bias_from_device_offsets_ignores_rows_after_the_last_group():
+    if not ds_moe.grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no CPU _grouped_mm in this torch")
+    y = torch.randn(9, 8)
+    y[7:] = float("nan")  # rows past offs[-1]: undefined, as the grouped kernel leaves them
+    y.requires_grad_()
+    b = torch.randn(3, 8, requires_grad=True)
+    offs = torch.tensor([2, 2, 7], dtype=torch.int32)
+    onehot = _grouped_gemm.group_onehot(offs, 9, y.dtype)
+    assert onehot.tolist() == [[1, 0, 0]] * 2 + [[0, 0, 1]] * 5 + [[0, 0, 0]] * 2
+    out = _grouped_gemm._GroupBias.apply(y.clone(), b, offs, onehot)
+    ref = y[:7] + torch.cat([b[0].expand(2, 8), b[2].expand(5, 8)])
+    torch.testing.assert_close(out[:7], ref)
+    g = torch.randn(9, 8)
+    g[7:] = float("nan")  # and so are their gradients
     out.backward(g)
-    torch.testing.assert_close(b.grad, torch.stack([g[:2].sum(0), torch.zeros(3), g[2:].sum(0)]))
-    torch.testing.assert_close(y.grad, g)
+    torch.testing.assert_close(b.grad, torch.stack([g[:2].sum(0), torch.zeros(8), g[2:7].sum(0)]))
 
 
 @pytest.mark.parametrize("grouped", [None, False])

@@ -19,7 +19,12 @@ import copy
 import torch
 from torch import nn
 
-from ds_moe._grouped_gemm import grouped_linear, grouped_mm_available, row_alignment
+from ds_moe._grouped_gemm import (
+    group_onehot,
+    grouped_linear,
+    grouped_mm_available,
+    row_alignment,
+)
 from ds_moe._params import deepcopy_keeping_marks
 
 #: element-wise activations that may run on the packed rows of all experts at once
@@ -111,13 +116,48 @@ class GroupedMLPExperts(nn.Module):
     def row_alignment(self, x: torch.Tensor) -> int:
         return row_alignment(x.device) if self._grouped_ok(x) else 1
 
-    def forward(self, x: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
-        offs = None
+    def forward(
+        self,
+        x: torch.Tensor,
+        group_sizes: list[int] | None = None,
+        *,
+        offs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows of local expert g are ``group_sizes[g]`` rows, or end at ``offs[g]``.
+
+        With ``offs`` (int32 on x's device) and the grouped kernel nothing syncs with the
+        host; rows after ``offs[-1]`` are left undefined in the output (nobody reads them).
+        """
         if self._grouped_ok(x) and x.shape[0] > 0:
-            ends = torch.tensor(group_sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            offs = ends.to(x.device, non_blocking=True)
-        h = self.activation(grouped_linear(x, self.w1, self.b1, group_sizes, offs))
-        return grouped_linear(h, self.w2, self.b2, group_sizes, offs)
+            if offs is None:
+                assert group_sizes is not None
+                ends = torch.tensor(group_sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                offs = ends.to(x.device, non_blocking=True)
+            onehot = None
+            if self.b1 is not None:
+                onehot = group_onehot(offs, x.shape[0], x.dtype)
+            h = self.activation(grouped_linear(x, self.w1, self.b1, offs, onehot=onehot))
+            return grouped_linear(h, self.w2, self.b2, offs, onehot=onehot)
+        sizes, tail = _host_sizes(x, group_sizes, offs)
+        h = self.activation(grouped_linear(x[: x.shape[0] - tail], self.w1, self.b1, None, sizes))
+        y = grouped_linear(h, self.w2, self.b2, None, sizes)
+        return torch.cat([y, y.new_zeros(tail, y.shape[1])]) if tail else y
+
+
+def _host_sizes(
+    x: torch.Tensor, group_sizes: list[int] | None, offs: torch.Tensor | None
+) -> tuple[list[int], int]:
+    """Group sizes on the host and the number of rows after the last group.
+
+    Only the loop implementations need them; from device ``offs`` this is one host sync
+    (the grouped kernel path never gets here).
+    """
+    if group_sizes is not None:
+        return list(group_sizes), x.shape[0] - sum(group_sizes)
+    assert offs is not None
+    ends = offs.tolist()
+    sizes = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+    return sizes, x.shape[0] - (ends[-1] if ends else 0)
 
 
 class LoopExperts(nn.Module):
@@ -139,9 +179,18 @@ class LoopExperts(nn.Module):
     def row_alignment(self, x: torch.Tensor) -> int:
         return 1
 
-    def forward(self, x: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        group_sizes: list[int] | None = None,
+        *,
+        offs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        sizes, tail = _host_sizes(x, group_sizes, offs)
         # Every expert runs, even on zero rows, so that hooks (ZeRO-3 gathers) fire on all ranks.
-        outs = [e(seg) for e, seg in zip(self.experts, x.split(group_sizes))]
+        outs = [e(seg) for e, seg in zip(self.experts, x[: x.shape[0] - tail].split(sizes))]
+        if tail:
+            outs.append(x.new_zeros(tail, outs[0].shape[1] if outs else x.shape[1]))
         return torch.cat(outs)
 
 

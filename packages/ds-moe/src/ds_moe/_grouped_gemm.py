@@ -12,17 +12,12 @@ import functools
 
 import torch
 
-#: rows per group are padded to this on CUDA: the CUTLASS kernels behind _grouped_mm want
-#: 16-byte aligned group starts and misbehave on empty groups in some releases (torchtitan
-#: pads to 8 for bf16; 16 also covers fp8-sized types)
-CUDA_ROW_ALIGN = 16
-
 
 @functools.cache
 def _probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
-    fn = getattr(torch, "_grouped_mm", None)
-    if fn is None:
+    if getattr(torch, "_grouped_mm", None) is None:
         return False
+    fn = _grouped_mm_fn()
     device = torch.device(device_type, device_index) if device_index is not None else device_type
     try:
         a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
@@ -42,29 +37,60 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def row_alignment(device: torch.device) -> int:
-    return CUDA_ROW_ALIGN if device.type == "cuda" else 1
+    """Rows per group are a multiple of this: 1, the kernels take any group size.
+
+    The 2d x 3d product (forward and input gradient) and the weight gradient (a column-major
+    x row-major 2d x 2d product) have no alignment rule on the grouped dimension and accept
+    empty groups, so groups are never padded.
+    """
+    return 1
+
+
+def _grouped_mm_fn():
+    # torch.nn.functional.grouped_mm is the public name in newer releases; same kernel
+    import torch.nn.functional as F
+
+    return getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def group_onehot(offs: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, G] 0/1 matrix: row r belongs to group g (rows past the last group: all zero).
+
+    Built on the device from the group ends, so a bias can be added per group with one GEMM
+    (``y.addmm_(onehot, bias)``) and summed per group in the backward without host sizes.
+    """
+    rows = torch.arange(num_rows, device=offs.device, dtype=offs.dtype)
+    group = torch.searchsorted(offs, rows, right=True)
+    ids = torch.arange(offs.numel(), device=offs.device, dtype=group.dtype)
+    return (group.unsqueeze(1) == ids).to(dtype)
 
 
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    group_sizes: list[int],
     offs: torch.Tensor | None,
+    group_sizes: list[int] | None = None,
+    onehot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y[rows of g] = x[rows of g] @ weight[g].T + bias[g]`` for ``weight`` [G, out, in].
 
-    ``offs`` (int32 cumulative group ends on x's device) selects the grouped kernel; None
-    runs the loop.
+    With ``offs`` (int32 group ends on x's device; rows after the last end are left
+    undefined) one grouped kernel runs, and the bias goes in by one in-place GEMM with
+    ``onehot`` (see ``group_onehot``); without, a loop over ``group_sizes`` (host ints).
     """
     if offs is not None:
-        y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
-    else:
-        parts = [seg @ weight[g].t() for g, seg in enumerate(x.split(group_sizes))]
-        y = torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+        y = _grouped_mm_fn()(x, weight.transpose(-2, -1), offs=offs)
+        if bias is not None:
+            assert onehot is not None
+            y = _GroupBias.apply(y, bias, offs, onehot)
+        return _ContiguousGrad.apply(y)
+    assert group_sizes is not None
+    # GEMM then bias add, rounded twice as on the grouped path (not F.linear's fused bias)
+    parts = [seg @ weight[g].t() for g, seg in enumerate(x.split(group_sizes))]
     if bias is not None:
-        return _SegmentBias.apply(y, bias, group_sizes)
-    return _ContiguousGrad.apply(y) if offs is not None else y
+        parts = [p + bias[g] for g, p in enumerate(parts)]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -83,28 +109,26 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-class _SegmentBias(torch.autograd.Function):
-    """Adds ``bias[g]`` to the rows of group g in place (the GEMM output is not needed again).
+class _GroupBias(torch.autograd.Function):
+    """``y[rows of g] += bias[g]`` in one GEMM; the backward sums the gradient per group.
 
-    Avoids materialising a [T, out] gathered bias; the backward sums the gradient per group.
+    The per-group sum is itself a grouped product (ones^T @ grad over each group's rows), so
+    it reads only the groups' rows: rows after ``offs[-1]`` hold undefined values (the grouped
+    kernels leave them unwritten) and must not reach the bias gradient, even times zero.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, bias: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
-        ctx.group_sizes = group_sizes
-        for g, seg in enumerate(y.split(group_sizes)):
-            if seg.shape[0]:
-                seg.add_(bias[g])
+    def forward(ctx, y, bias, offs, onehot):
+        ctx.save_for_backward(offs)
+        y.addmm_(onehot, bias)  # the GEMM's output is not needed again: add in place
         ctx.mark_dirty(y)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # dense: the GEMM's backward (_grouped_mm) rejects zero-stride gradients
+        (offs,) = ctx.saved_tensors
         grad = grad.contiguous()
-        parts = [seg.sum(0) for seg in grad.split(ctx.group_sizes)]
-        return grad, torch.stack(parts), None
-
-
-def add_segment_bias(y: torch.Tensor, bias: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
-    return _SegmentBias.apply(y, bias, group_sizes)
+        # 8 identical ones rows: a column-major operand with a 16-byte leading dimension
+        ones = grad.new_ones(grad.shape[0], 8).t()
+        sums = _grouped_mm_fn()(ones, grad, offs=offs)  # [G, 8, out]
+        return grad, sums[:, 0].contiguous(), None, None

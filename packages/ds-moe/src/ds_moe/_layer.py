@@ -14,6 +14,7 @@ from ds_moe._dispatch import dispatch_and_combine, make_plan
 from ds_moe._experts import GroupedMLPExperts, LoopExperts, build_local_experts, mlp_parts
 from ds_moe._gate import TopKGate
 from ds_moe._groups import ExpertGroups, create_expert_groups
+from ds_moe._local_dispatch import combine, local_layout, permute
 from ds_moe._params import mark_expert_params
 
 
@@ -38,7 +39,8 @@ class MoE(nn.Module):
     ``output`` has the input's shape; a token whose every choice was dropped gets zeros (it
     passes through the surrounding residual connection), or only the residual branch's
     contribution with ``use_residual``. ``l_aux`` is this rank's load-balancing loss (plus
-    z-loss); ``exp_counts`` is a CPU int64 tensor of tokens per expert before capacity.
+    z-loss); ``exp_counts`` is an int64 tensor on the input's device of tokens per expert
+    before capacity (DeepSpeed returns it on the CPU; ``.cpu()`` it where needed).
     """
 
     hidden_size: int
@@ -138,18 +140,25 @@ class MoE(nn.Module):
             )
         x = hidden_states.reshape(-1, self.hidden_size)
         routing = self.gate(x, used_token)
-        plan = make_plan(
-            routing,
-            self.ep_size,
-            self.ep_group,
-            self.num_local_experts,
-            self.experts.row_alignment(x),
-        )
-        out = dispatch_and_combine(x, routing, plan, self.experts, self.ep_group)
+        if self.ep_size == 1:
+            # Own experts only: static sizes, device-side group ends, no host sync.
+            layout = local_layout(routing)
+            y = self.experts(permute(x, layout), offs=layout.offs)
+            out = combine(y, routing, layout)
+        else:
+            # The all-to-all needs its split sizes on the host: one copy of the counts.
+            plan = make_plan(
+                routing,
+                self.ep_size,
+                self.ep_group,
+                self.num_local_experts,
+                self.experts.row_alignment(x),
+            )
+            out = dispatch_and_combine(x, routing, plan, self.experts, self.ep_group)
         out = out.view(hidden_states.shape)
         if self.use_residual:
             assert self.mlp is not None and self.coefficient is not None
             mixed = F.softmax(self.coefficient(hidden_states), dim=-1)
             out = out * mixed[..., 0:1] + self.mlp(hidden_states) * mixed[..., 1:2]
-        exp_counts = torch.tensor(plan.exp_counts, dtype=torch.int64)
-        return out, routing.l_aux, exp_counts
+        # On the input's device: a CPU copy (DeepSpeed's) would cost a host sync per forward.
+        return out, routing.l_aux, routing.exp_counts
