@@ -135,6 +135,7 @@ def test_bytes_per_step_against_plain_zero3(world_size):
     zero.step()
     assert zero.zeropp.secondary_bytes() == 0  # the step invalidates the secondary copies
     _check_expert_buckets(rank)  # in the same processes: one spawn fewer
+    _check_frozen_and_exact_reads(rank)
 
 
 def _noisy_batch(step, rank, vocab, t, b):
@@ -176,6 +177,39 @@ def test_convergence_matches_plain_zero3(world_size):
     assert final["plain"] < 1.6, final  # it learned (from ln 37 = 3.6 towards ln 3 = 1.1)
     for name in ("qwz", "qgz", "hpz", "all"):
         assert abs(final[name] - final["plain"]) <= 0.02 * final["plain"], final
+
+
+def _check_frozen_and_exact_reads(rank):
+    """Frozen parameters: stored as int8 + scales under quantized_nontrainable_weights (gathered
+    quantized, read back within the quantization bound); under quantized_weights alone they are
+    stored exactly and consolidated state dicts read them exactly (DeepSpeed's exact gathers)."""
+    from zero_helpers import batch, make_model, make_optimizer
+
+    import ds_comm
+
+    logger = ds_comm.get_comms_logger()
+    for key in ("quantized_weights", "quantized_nontrainable_weights"):
+        model = make_model(layers=2, frozen=True)
+        ref = {k: v.detach().bfloat16().float() for k, v in model.state_dict().items()}
+        zero = ds_zero.wrap(model, make_optimizer(model), _options(**{key: True}))
+        frozen = [b for b in zero.buckets if not b.trainable and b.shard_params]
+        stored = key == "quantized_nontrainable_weights"
+        assert frozen and all((b.local_shard is None) == stored for b in frozen)
+        assert bool(zero.zeropp.frozen) == stored
+        x, y = batch(0, 0, rank)
+        logger.enable()
+        logger.reset()
+        zero.backward(zero(x, y))
+        names = {s.name for s in logger.stats()}
+        logger.disable()
+        # only frozen buckets quantized (stored codes) / every gather quantized
+        assert names >= ({"zero3_qwz", "zero_all_gather"} if stored else {"zero3_all_gather_qwz"})
+        assert zero.step()
+        sd = zero.full_state_dict()
+        for name in ("pos.weight", "blocks.0.fc2.bias"):
+            err = (sd[name].float() - ref[name]).abs().max()
+            assert (err <= ref[name].abs().max() / 127) if stored else err == 0, (name, err)
+        zero.close()
 
 
 def _check_expert_buckets(rank):

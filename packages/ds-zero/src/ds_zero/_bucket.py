@@ -217,8 +217,10 @@ class Bucket:
         return self.master
 
     @torch.no_grad()
-    def gather(self) -> None:
-        """Issue the all-gather of a sharded bucket (async); no-op if already gathered."""
+    def gather(self, exact: bool = False) -> None:
+        """Issue the all-gather of a sharded bucket (async); no-op if already gathered.
+        ``exact``: the stored values, never ZeRO++'s quantized or secondary-partition gathers
+        (``GatheredParameters``, consolidated state dicts), as DeepSpeed's exact gathers."""
         if self.state is not ParamsState.SHARDED:
             return
         if self.before_read is not None:
@@ -226,7 +228,7 @@ class Bucket:
         self._alloc_flat()
         lo, hi = self.layout.shard_range(self.rank)
         mine = self.flat[lo:hi]
-        if self.zeropp is not None and self.zeropp.fills_own_part(self):
+        if self.zeropp is not None and self.zeropp.fills_own_part(self, exact):
             pass  # gathered from the hpZ secondary partitions or the quantized frozen shard
         elif self.shard_store is not None:
             src = self.shard_store.acquire(self.index)
@@ -241,7 +243,7 @@ class Bucket:
         if self.world == 1:
             self.state = ParamsState.GATHERED
             return
-        work = self.zeropp.gather(self, mine) if self.zeropp is not None else None
+        work = self.zeropp.gather(self, mine, exact) if self.zeropp is not None else None
         if work is None:
             work = all_gather_single(self.flat, mine, group=self.group, async_op=True)
         self._work = work

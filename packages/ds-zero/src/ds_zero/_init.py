@@ -221,7 +221,7 @@ class GatheredParameters:
         for b in buckets.values():
             if b.state is ParamsState.SHARDED:
                 self._released_after.append(b)
-            b.gather()
+            b.gather(exact=True)
         for b in buckets.values():
             b.wait_gathered()
 

@@ -671,7 +671,7 @@ class Zero:
                     all_gather_single(full, master.contiguous(), group=b.group)
             else:
                 was = b.state
-                b.gather()
+                b.gather(exact=True)
                 b.wait_gathered()
                 full = b.flat.clone()
                 if was is ParamsState.SHARDED:

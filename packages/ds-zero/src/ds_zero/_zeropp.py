@@ -202,16 +202,23 @@ class ZeroPP:
         self.secondary.pop(bucket.index, None)  # type: ignore[attr-defined]
 
     # ---- parameter gathers --------------------------------------------------------------
-    def fills_own_part(self, bucket: object) -> bool:
+    def fills_own_part(self, bucket: object, exact: bool = False) -> bool:
         """Whether ``gather`` produces this rank's part itself (no local copy needed first)."""
-        return bucket.index in self.secondary or bucket.index in self.frozen  # type: ignore[attr-defined]
+        idx = bucket.index  # type: ignore[attr-defined]
+        return (not exact and idx in self.secondary) or idx in self.frozen
 
     @torch.no_grad()
-    def gather(self, bucket: object, mine: torch.Tensor) -> object | None:
+    def gather(self, bucket: object, mine: torch.Tensor, exact: bool = False) -> object | None:
         """Start the all-gather of ``bucket.flat`` (``mine``: this rank's primary part, already
         filled unless ``fills_own_part``); returns the work, or None when the bucket's plain
-        all-gather applies."""
+        all-gather applies. ``exact``: the plain all-gather of the stored values (a frozen
+        shard stored quantized is dequantized into ``mine`` first)."""
         b = bucket
+        if exact:
+            stored = self.frozen_shard(b)
+            if stored is not None:
+                mine.copy_(stored)
+            return None
         flat: torch.Tensor = b.flat  # type: ignore[attr-defined]
         sec = self.secondary.get(b.index)  # type: ignore[attr-defined]
         quant = self.quantizes_gather(b)
