@@ -14,6 +14,30 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
+def _metadata_for_src_checkout(tmp: Path, env: dict[str, str]) -> None:
+    """Lightning finds DeepSpeed by its distribution metadata; run from src/ (no install, as on
+    the GPU machines) this package has none, so give the subprocess a dist-info of ours first
+    on its path (a real DeepSpeed installed there is then shadowed on purpose)."""
+    import importlib.metadata
+
+    import deepspeed
+
+    try:
+        installed = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed == deepspeed.__version__:
+        return
+    info = tmp / "meta" / f"deepspeed-{deepspeed.__version__}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: deepspeed\nVersion: {deepspeed.__version__}\n"
+    )
+    src = str(Path(deepspeed.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([str(info.parent), src, env.get("PYTHONPATH", "")])
+    env["DS_DEEPSPEED_ALLOW_SHADOW"] = "1"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lightning_deepspeed_strategy(tmp_path: Path, stage: int) -> None:
@@ -21,6 +45,7 @@ def test_lightning_deepspeed_strategy(tmp_path: Path, stage: int) -> None:
     out = tmp_path / "lightning.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["NVIDIA_TF32_OVERRIDE"] = "0"
+    _metadata_for_src_checkout(tmp_path, env)
     run = subprocess.run([sys.executable, str(SCRIPTS / "lightning_run.py"), str(stage), str(out)],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-5000:]
