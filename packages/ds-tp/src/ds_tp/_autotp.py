@@ -194,8 +194,8 @@ def autotp(
     attn_parents = {_parent_name(p.module_name) for p in plans if isinstance(
         model.get_submodule(p.module_name), nn.Linear)}  # fmt: skip
     _check_heads(model, world, attn_parents)
-    if world == 1:
-        return model
+    # at tp=1 the layers are still replaced (plain matmuls, no collectives): the model has the
+    # same structure at every size, and the wrappers' cost can be measured against the plain one
     rank = group_rank(tp_group)
     experts: dict[str, nn.Module] = {}
     for plan in plans:
