@@ -197,3 +197,33 @@ def test_flex_attention_masks_on_gpu_equal_cpu_path():
     got = cuda(*(t.cuda() for t in (q, k, v)), rpe=rpe.cuda(), key_padding_mask=kpm.cuda(),
                attn_mask=am.cuda())  # fmt: skip
     torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bert_sparse_self_attention_and_padding():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(hidden_size=32, num_attention_heads=4)
+    layer = sa.BertSparseSelfAttention(cfg, sa.BSLongformerSparsityConfig(4, 16))
+    ids = torch.randint(1, 50, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    pad, ids_p, mask_p, types_p, pos_p, _ = sa.SparseAttentionUtils.pad_to_block_size(
+        16, ids, mask, torch.zeros_like(ids), torch.arange(40).expand(2, 40), None, pad_token_id=0
+    )
+    assert (
+        pad == 8 and ids_p.shape == (2, 48) and mask_p[:, 40:].sum() == 0 and pos_p.shape == (2, 48)
+    )
+    hidden = torch.randn(2, 48, 32)
+    additive = (1.0 - mask_p[:, None, None, :].float()) * -10000.0  # BERT's extended mask
+    out = layer(hidden, additive)
+
+    def heads(x):
+        return x.view(2, 48, 4, 8).transpose(1, 2)
+
+    q, k, v = heads(layer.query(hidden)), heads(layer.key(hidden)), heads(layer.value(hidden))
+    bias = additive.expand(2, 4, 48, 48).masked_fill(
+        ~layer.sparse_self_attention.token_mask(48), float("-inf")
+    )
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(2, 48, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert sa.SparseAttentionUtils.unpad_sequence_output(pad, out).shape == (2, 40, 32)

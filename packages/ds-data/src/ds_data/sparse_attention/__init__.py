@@ -1,6 +1,7 @@
 """Block-sparse attention with DeepSpeed's API: sparsity layouts and ``SparseSelfAttention``."""
 
 from ._attention import SparseSelfAttention, dense_masked_attention
+from ._bert import BertSparseSelfAttention, SparseAttentionUtils
 from ._block_mask import TILE, layout_block_mask
 from ._sparsity_config import (
     BigBirdSparsityConfig,
@@ -14,11 +15,13 @@ from ._sparsity_config import (
 
 __all__ = [
     "TILE",
+    "BertSparseSelfAttention",
     "BigBirdSparsityConfig",
     "BSLongformerSparsityConfig",
     "DenseSparsityConfig",
     "FixedSparsityConfig",
     "LocalSlidingWindowSparsityConfig",
+    "SparseAttentionUtils",
     "SparseSelfAttention",
     "SparsityConfig",
     "VariableSparsityConfig",
