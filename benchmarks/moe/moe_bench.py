@@ -1,6 +1,7 @@
 """MoE layer forward+backward throughput: ds-moe against DeepSpeed's MoE, same process, same data.
 
-    torchrun --nproc_per_node 2 benchmarks/moe/moe_bench.py            # 2 GPUs, the issue's setup
+    torchrun --nproc_per_node 1 benchmarks/moe/moe_bench.py            # 1 GPU: ep=1
+    torchrun --nproc_per_node N benchmarks/moe/moe_bench.py            # N GPUs: ep=N
     torchrun --nproc_per_node 2 benchmarks/moe/moe_bench.py --device cpu --hidden 64 --tokens 512 \
         --dtype fp32 --iters 2 --repeats 1                             # CPU smoke run (gloo)
 
@@ -8,11 +9,19 @@ Setup (defaults; the peer is /work/shared/peers/ds_moe_bench.py): hidden d=2048,
 2-layer MLP d -> 4d -> d with GELU, 8 experts, expert parallelism over all ranks (ep = world),
 16,384 tokens per rank, bf16, capacity factor 1.25, loss = mean(out^2) + l_aux, top-1 and top-2.
 
-Implementations, timed in turns (ours, DeepSpeed, ours, ...) so clock and thermal drift hit all:
-- ``ds-moe``: grouped GEMM experts (torch._grouped_mm where available);
-- ``ds-moe-loop``: the same layer with the grouped kernel switched off (a GEMM per expert);
-- ``deepspeed``: deepspeed.moe.layer.MoE, when deepspeed imports (else run the peer script in
-  the same session and compare by hand).
+Systems (scenario ``moe-layer``), timed in turns (ours, DeepSpeed, ours, ...) so clock and
+thermal drift hit all:
+- ``ds-moe-top1``, ``ds-moe-top2``: grouped GEMM experts, capacity factor 1.25;
+- ``ds-moe-dropless-top2``: the same layer with ``drop_tokens=False`` (variable-size groups);
+- ``deepspeed-top1``, ``deepspeed-top2``: deepspeed.moe.layer.MoE, when deepspeed imports
+  (else run the peer script in the same session and compare by hand);
+- ``ds-moe-loop-top1``/``-top2`` on request (``--systems``): the grouped kernel switched off.
+
+Each run has ``step_s`` (forward + backward) and ``expert_tflops``: the expert MLPs' nominal
+FLOPs (6 * 2 * tokens * k * 2 * d * ffn, the same count for every system) per second. The
+card's reachable bf16 rate is measured in the same run with plain dense GEMMs of the same
+shapes (``gemm_peak_tflops``: the MLP's six GEMMs over tokens * k rows, forward and backward),
+and every run reports ``expert_gemm_share_of_peak`` = expert_tflops / gemm_peak_tflops.
 
 Rank 0 prints the JSON and writes it to benchmarks/results/moe-layer-<device>-<yyyymmdd>.json
 and, when $OUT is set, to $OUT/ as well. Before timing, ``--check`` (on by default) verifies on
@@ -34,9 +43,13 @@ import torch.distributed as dist
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# ds_moe and its siblings (ds_comm, ds_accel) from this checkout; harmless when on PYTHONPATH
+# ds_moe and its siblings (ds_comm, ds_accel) from this checkout; harmless when on PYTHONPATH.
+# Never ds-deepspeed's src: its ``deepspeed`` alias would stand in for the real DeepSpeed peer.
+_OUR_DEEPSPEED = str(ROOT / "packages" / "ds-deepspeed" / "src")
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _OUR_DEEPSPEED]
 for _src in sorted((ROOT / "packages").glob("*/src"), reverse=True):
-    sys.path.insert(0, str(_src))
+    if str(_src) != _OUR_DEEPSPEED:
+        sys.path.insert(0, str(_src))
 
 import ds_moe  # noqa: E402
 
@@ -44,6 +57,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
 from _results import write_results  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_SYSTEMS = (
+    "ds-moe-top1",
+    "ds-moe-top2",
+    "ds-moe-dropless-top2",
+    "deepspeed-top1",
+    "deepspeed-top2",
+)
 
 
 def parse_args(argv=None):
@@ -58,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3, help="timed turns per implementation")
-    p.add_argument("--impls", default="ds-moe,ds-moe-loop,deepspeed")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--out", default=None, help="extra output dir (default: $OUT if set)")
@@ -96,6 +116,56 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, ep=None, **kw):
     if not grouped_kernel:
         moe.experts.use_grouped_mm = False
     return moe
+
+
+def build_system(name, args, device, dtype):
+    """(layer, k) for a system name: [ds-moe|ds-moe-dropless|ds-moe-loop|deepspeed]-top<k>."""
+    impl, _, top = name.rpartition("-top")
+    if not top.isdigit():
+        raise SystemExit(f"--systems: {name!r} does not end in -top<k>")
+    k = int(top)
+    if impl == "ds-moe":
+        return build_ours(args, k, device, dtype), k
+    if impl == "ds-moe-dropless":
+        return build_ours(args, k, device, dtype, drop_tokens=False), k
+    if impl == "ds-moe-loop":
+        return build_ours(args, k, device, dtype, grouped_kernel=False), k
+    if impl == "deepspeed":
+        return build_deepspeed(args, k, device, dtype), k
+    raise SystemExit(f"--systems: unknown {name!r}; e.g. {', '.join(DEFAULT_SYSTEMS)}")
+
+
+def gemm_peak_tflops(args, k, device, dtype):
+    """TFLOP/s of plain dense GEMMs with the experts' shapes, forward and backward.
+
+    tokens * k rows through d -> ffn -> d, as one matrix (no routing, no grouping): the six
+    GEMMs an MLP's forward and backward run. This is the rate the expert GEMMs could reach
+    on this card in this run, the denominator of ``expert_gemm_share_of_peak``.
+    """
+    rows, d, f = args.tokens * k, args.d, args.ffn_mult * args.d
+    g = torch.Generator(device=device).manual_seed(7)
+    x = torch.randn(rows, d, generator=g, device=device).to(dtype)
+    w1 = torch.randn(d, f, generator=g, device=device).to(dtype)
+    w2 = torch.randn(f, d, generator=g, device=device).to(dtype)
+    dy = torch.randn(rows, d, generator=g, device=device).to(dtype)
+
+    def once():
+        h = x @ w1
+        _ = h @ w2
+        dh = dy @ w2.t()
+        _ = h.t() @ dy
+        _ = dh @ w1.t()
+        _ = x.t() @ dh
+
+    best = float("inf")
+    for i in range(args.warmup + args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        once()
+        sync(device)
+        if i >= args.warmup:
+            best = min(best, time.perf_counter() - t0)
+    return 6 * 2 * rows * d * f / best / 1e12
 
 
 def build_deepspeed(args, k, device, dtype):
@@ -162,6 +232,10 @@ def check_parity(args, device, dtype):
     return result
 
 
+def build_k(name):
+    return int(name.rpartition("-top")[2])
+
+
 def device_slug(device):
     world = dist.get_world_size()
     if device.type == "cuda":
@@ -175,9 +249,9 @@ def main(argv=None):
     device = init(args)
     dtype = DTYPES[args.dtype]
     rank, world = dist.get_rank(), dist.get_world_size()
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     ds_version = None
-    if "deepspeed" in impls:
+    if any(s.startswith("deepspeed-") for s in systems):
         try:
             import deepspeed
 
@@ -186,11 +260,11 @@ def main(argv=None):
         except Exception as exc:  # noqa: BLE001 - the peer is optional here
             if rank == 0:
                 print(f"[moe_bench] deepspeed unavailable ({exc!r}); timing ds-moe only; run "
-                      "/work/shared/peers/ds_moe_bench.py in the same session to compare", flush=True)  # fmt: skip
-            impls.remove("deepspeed")
+                      "shared/peers/ds_moe_bench.py in the same session to compare", flush=True)  # fmt: skip
+            systems = [s for s in systems if not s.startswith("deepspeed-")]
 
     report = {
-        "scenario": f"moe-layer-d{args.d}-e{args.experts}-ep{world}-t{args.tokens}",
+        "scenario": "moe-layer",
         "device": f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
@@ -210,6 +284,8 @@ def main(argv=None):
             "repeats": args.repeats,
         },  # fmt: skip
         "note_tokens_per_s": "tokens per second per GPU",
+        "note_expert_tflops": "expert MLP FLOPs 6*2*tokens*k*2*d*ffn (same count for every "
+        "system, whatever it pads or drops) per second per GPU",
         "runs": [],
     }
     if device.type == "cpu":
@@ -221,57 +297,63 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    builders = {
-        "ds-moe": lambda k: build_ours(args, k, device, dtype),
-        "ds-moe-loop": lambda k: build_ours(args, k, device, dtype, grouped_kernel=False),
-        "deepspeed": lambda k: build_deepspeed(args, k, device, dtype),
-    }
-    unknown = [i for i in impls if i not in builders]
-    if unknown:
-        raise SystemExit(f"--impls: unknown {unknown}; choose from {sorted(builders)}")
-    for k in args.k:
+    ks = sorted({build_k(s) for s in systems})
+    peak = {k: gemm_peak_tflops(args, k, device, dtype) for k in ks}
+    report["gemm_peak_tflops"] = {f"k{k}": round(v, 3) for k, v in peak.items()}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    for k in ks:
+        names = [s for s in systems if build_k(s) == k]
         torch.manual_seed(0)
-        layers = {name: builders[name](k) for name in impls}
+        layers = {name: build_system(name, args, device, dtype)[0] for name in names}
         gen = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(1, args.tokens, args.d, generator=gen, device=device).to(dtype)
         x.requires_grad_()
-        times = {name: [] for name in impls}
-        peaks = dict.fromkeys(impls, 0.0)
+        times = {name: [] for name in names}
+        peaks = dict.fromkeys(names, 0.0)
         for _ in range(args.repeats):
-            for name in impls:
+            for name in names:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 times[name].append(time_layer(layers[name], x, args, device))
                 if device.type == "cuda":
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**30)
         flops = 3 * 2 * args.tokens * k * (2 * args.d * args.ffn_mult * args.d)
-        for name in impls:
+        for name in names:
             # every rank's median, then the slowest rank: the layer is only as fast as it
             t = torch.tensor([statistics.median(times[name])], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             step = t.item()
+            tflops = flops / step / 1e12
             report["runs"].append({
-                "system": f"{name} k={k}", "impl": name, "k": k, "step_s": round(step, 5),
+                "system": name, "k": k, "step_s": round(step, 5),
                 "tokens_per_s": round(args.tokens / step),
                 "peak_mem_gb": round(peaks[name], 2) if device.type == "cuda" else None,
                 "step_s_rank0_turns": [round(v, 5) for v in times[name]],
-                "expert_tflops_per_gpu": round(flops / step / 1e12, 1),
+                "expert_tflops": round(tflops, 3),
+                "expert_gemm_share_of_peak": round(tflops / peak[k], 3),
             })  # fmt: skip
         del layers, x
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    by = {r["system"]: r for r in report["runs"]}
     ratios = {}
-    for k in args.k:
-        by = {r["impl"]: r for r in report["runs"] if r["k"] == k}
-        if "deepspeed" in by:
-            for name, r in by.items():
-                if name != "deepspeed":
-                    ratios[f"{r['system']}/deepspeed k={k} tokens_per_s"] = round(
-                        r["tokens_per_s"] / by["deepspeed"]["tokens_per_s"], 3
-                    )
+    for k in ks:
+        ds = by.get(f"deepspeed-top{k}")
+        for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-loop-top{k}"):
+            if ds and name in by:
+                ratios[f"{name}/deepspeed-top{k} step_s"] = round(
+                    ds["step_s"] / by[name]["step_s"], 3
+                )
+        if f"ds-moe-top{k}" in by and f"ds-moe-dropless-top{k}" in by:
+            ratios[f"ds-moe-dropless-top{k}/ds-moe-top{k} step_s"] = round(
+                by[f"ds-moe-top{k}"]["step_s"] / by[f"ds-moe-dropless-top{k}"]["step_s"], 3
+            )
     report["ratios"] = ratios
-    report["goal"] = "ds-moe tok/s per GPU >= 1.5x deepspeed for k=1 and k=2"
+    report["goal"] = ("ds-moe-top1/top2 >= 1.5x deepspeed (ratios above 1 favour ds-moe); "
+                      "expert_gemm_share_of_peak >= 0.6; dropless no slower than capacity 1.25")  # fmt: skip
 
     if rank == 0:
         stamp = datetime.date.today().strftime("%Y%m%d")
