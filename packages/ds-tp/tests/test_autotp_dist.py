@@ -1,6 +1,7 @@
 """Tier 2 (gloo, tp=2): models sharded by AutoTP train with the losses and parameters of one
 process (fp32, 1e-5 relative): a Llama-shaped model of our own (separate and fused gate_up_proj
-through partition_config), a tiny transformers Llama (preset llama), Qwen2 (preset qwen2),
+through partition_config), a tiny transformers Llama (preset llama; qwen2's preset is the same
+specs, Qwen2 the same module names),
 Phi-3 (fused qkv and gate_up_proj, preset phi3) and Mixtral (3-D grouped experts, preset
 mixtral). Sizes that do not divide the group are refused naming the layer."""
 
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import ds_tp  # noqa: E402
 from ds_comm.testing import distributed_test  # noqa: E402
 
-STEPS = 3
+STEPS = 2
 FUSED = {
     "use_default_specs": False,
     "layer_specs": [
@@ -103,7 +104,6 @@ def _hf_models(group):
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
     cases = [
         ("llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**small, attn_implementation="eager"))),
-        ("qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**small, attn_implementation="eager"))),
         ("phi3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**small, pad_token_id=0, attn_implementation="eager"))),
         ("mixtral", lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
             **small, num_local_experts=4, num_experts_per_tok=2, attn_implementation="eager"))),

@@ -62,6 +62,9 @@ class PipelineEngine(nn.Module):
         schedule = _SCHEDULES[config.pipeline.schedule]
         stage = config.zero_config().stage
         self.zero: ds_zero.Zero | None = None
+        if getattr(model, "tied", None) and topo is not None and topo.get_dim("model") > 1:
+            raise ConfigError("a PipelineModule with TiedLayerSpec and a tensor (model) axis in its "
+                              "topology is not supported: untie the layers or drop the model axis")  # fmt: skip
         if getattr(model, "tied", None):
             # ds-zero takes gradients in backward hooks, before ds-pipe sums tied weights over
             # their stages: tied models keep ds-pipe's own reduction, clipping and fp32 step
@@ -85,9 +88,17 @@ class PipelineEngine(nn.Module):
                 reduce_data_parallel=False,
             )  # fmt: skip
             grid = self.runtime.grid
+            norm_group = grid.pipe_group
+            if grid.model_parallel_size > 1:
+                # a tensor (model) axis: the norm spans every stage and slice of the replica;
+                # parameters the slices hold whole (not ds-tp shards) count once
+                from ds_all._tensor_parallel import mark_replicated
+
+                mark_replicated(model, grid.model_parallel_size)
+                norm_group = grid.model_parallel_group
             self.zero = ds_zero.wrap(
                 model, optimizer, _zero_options(config, self._gas),
-                dp_group=grid.data_parallel_group, norm_group=grid.pipe_group,
+                dp_group=grid.data_parallel_group, norm_group=norm_group,
             )  # fmt: skip
         self.lr_scheduler = (build_scheduler(config.scheduler.type, optimizer, config.scheduler.params)
                              if config.scheduler is not None and lr_scheduler is None else lr_scheduler)  # fmt: skip
