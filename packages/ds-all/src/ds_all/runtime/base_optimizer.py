@@ -2,8 +2,9 @@
 
 DeepSpeed's engine hands out its ZeRO optimizer (a ``ZeROOptimizer``); clients such as
 Accelerate use ``isinstance(opt, DeepSpeedOptimizer)`` to recognise an engine-owned optimizer.
-ds_all's engine hands out the user's ``torch.optim.Optimizer`` (ZeRO re-points it at the fp32
-master partitions), which is registered as a virtual subclass by the engine at initialize()."""
+ds_all's engine hands out the user's ``torch.optim.Optimizer`` itself (ZeRO re-points it at the
+fp32 master partitions), which such checks accept as an ``Optimizer``; these classes exist so
+that code importing them and testing against them keeps working."""
 
 from __future__ import annotations
 
