@@ -245,3 +245,44 @@ def test_checkpoint_reshards_between_tensor_parallel_sizes(tmp_path):
                 )
                 torch.testing.assert_close(after_b[k], after_a[k], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, w=where: f"{w} after a step: {m}")  # fmt: skip
+
+
+def _partitioned_main():
+    """partition_activations over the tensor-parallel group: gradients equal those of the
+    block without checkpointing (dropout masks repeat), and each rank keeps half the input."""
+    from ds_all import checkpointing
+    from ds_tp import build_tensor_parallel_groups
+
+    groups = build_tensor_parallel_groups(2)
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.3), nn.Linear(32, 8))
+    x = torch.randn(4, 5, 8)
+    out = {}
+    saved: list[int] = []
+    for mode in ("plain", "partitioned"):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        if mode == "plain":
+            y = block(xi)
+        else:
+            checkpointing.configure(groups, partition_activations=True)
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel()) or t, lambda t: t
+            ):
+                y = checkpointing.checkpoint(block, xi)
+            checkpointing.configure(partition_activations=False)
+            out["saved"] = saved
+        (y * torch.arange(8.0)).sum().backward()
+        out[mode] = (y.detach(), xi.grad, [p.grad.clone() for p in block.parameters()])
+    return out
+
+
+def test_partition_activations_over_the_tensor_parallel_group():
+    for out in run_distributed(_partitioned_main, 2, timeout=120):
+        (y0, gx0, gp0), (y1, gx1, gp1) = out["plain"], out["partitioned"]
+        torch.testing.assert_close(y1, y0)
+        torch.testing.assert_close(gx1, gx0)
+        for a, b in zip(gp1, gp0):
+            torch.testing.assert_close(a, b)
+        assert out["saved"] == [4 * 5 * 8 // 2]  # only this rank's half of the input is kept

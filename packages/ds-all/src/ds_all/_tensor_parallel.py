@@ -206,12 +206,6 @@ def setup_tensor_parallel(model: nn.Module, cfg: Any, mpu: Any) -> TensorParalle
             "and re-partition the tensor-parallel shards as if they were whole parameters (and "
             "checkpoint them as such); use stage 0, 1 or 2 with tensor parallelism"
         )
-    if getattr(cfg.activation_checkpointing, "partition_activations", False):
-        raise ConfigError(
-            "activation_checkpointing.partition_activations with tensor parallelism: splitting "
-            "checkpointed activations over the tensor-parallel group is not implemented; set it "
-            "to false (ds_tp's sequence parallelism splits the activations between layers instead)"
-        )
     if dist.get_world_size() % size:
         raise ConfigError(
             f"tensor_parallel.autotp_size {size} does not divide the world size "
@@ -229,6 +223,11 @@ def setup_tensor_parallel(model: nn.Module, cfg: Any, mpu: Any) -> TensorParalle
         except ValueError as e:
             raise ConfigError(f"tensor_parallel: {e}") from None
     mark_replicated(model, size)
+    if cfg.activation_checkpointing.partition_activations:
+        # ds_all.checkpointing.checkpoint keeps 1/tp of each checkpointed input per rank
+        from ds_all import checkpointing
+
+        checkpointing.configure(mpu_=groups, deepspeed_config=cfg)
     return TensorParallelSetup(groups, size)
 
 

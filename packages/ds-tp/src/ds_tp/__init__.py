@@ -17,6 +17,7 @@ from ds_tp._autotp_config import (
     preset_config,
     resolve_partition_config,
 )
+from ds_tp._checkpoint import partitioned_checkpoint
 from ds_tp._cross_entropy import vocab_parallel_cross_entropy
 from ds_tp._deepspeed_layers import LinearAllreduce, LinearLayer
 from ds_tp._embedding import VocabParallelEmbedding
@@ -44,6 +45,7 @@ __all__ = [
     "autotp",
     "gather_full_state_dict",
     "merge_autotp_configs",
+    "partitioned_checkpoint",
     "preset_config",
     "resolve_partition_config",
     "ColumnParallelLinear",
