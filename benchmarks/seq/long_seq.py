@@ -39,6 +39,7 @@ trial. ``--tiny`` runs the same flow with a small model on the CPU (a smoke test
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -268,6 +269,10 @@ def run_trial(args) -> None:
     """One length, inside torchrun: prints ``RESULT {json}`` on rank 0."""
     import torch
 
+    if sys.platform == "linux":  # die with torchrun, whatever kills it
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if args.tiny:
@@ -307,6 +312,26 @@ def run_trial(args) -> None:
 
 
 # -------------------------------------------------------------------------------- the search
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (torchrun puts its workers in sessions of their own,
+    so killing its process group is not enough)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    for p in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            str(Path(__file__).resolve()), "--trial", system, "--seq-len", str(seq_len), "--steps", str(args.steps)]  # fmt: skip
@@ -335,11 +360,11 @@ def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
         out, _ = proc.communicate(timeout=timeout)
         failure = None if proc.returncode == 0 else "error"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         out, _ = proc.communicate()
         failure = "timeout"
     except BaseException:  # interrupted (SIGTERM/SIGINT): leave no trial running
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         raise
     wall = round(time.monotonic() - t0, 1)
     for line in (out or "").splitlines():
