@@ -121,8 +121,11 @@ def tests(session: nox.Session, package: str) -> None:
     if _needs_torch(pkgs, test=True):
         _link_torch(session)
     _wheels(session, pkgs)
-    _install(session, package, True, "python", "pytest-timeout>=2.3")
-    marker = [] if os.environ.get("DS_TEST_GPU") == "1" else ["-m", "not gpu"]
+    gpu = os.environ.get("DS_TEST_GPU") == "1"
+    # A "gpu-test" extra holds what only GPU-marked tests need (Lightning): installed only then.
+    name = f"{package}[gpu-test]" if gpu and "gpu-test" in PKGS[package].extras else package
+    _install(session, name, True, "python", "pytest-timeout>=2.3")
+    marker = [] if gpu else ["-m", "not gpu"]
     session.chdir(PKGS[package].path)
     session.run(
         "python", "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "--timeout=900",
