@@ -1,7 +1,8 @@
 """tensor_parallel.autotp_size on gloo ranks: tp=2 x dp=2 (4 ranks) with ZeRO 1 and 2 trains a
 Llama-shaped model with the losses and parameters of one process (fp32, 1e-5 relative),
 with gradient clipping active (the norm is over the whole model: sharded parameters' squares
-added over the tensor-parallel group, replicated ones counted once); plus the config's checks."""
+added over the tensor-parallel group, replicated ones counted once), and its checkpoint loads at
+tp=4; checkpoints between tp=2 and tp=1 both ways; partition_activations; the config's checks."""
 
 from __future__ import annotations
 
@@ -70,20 +71,33 @@ def _batch(step: int, replica: int) -> torch.Tensor:
     )
 
 
-def _config(stage: int) -> dict:
+def _config(stage: int, tp: int = 2) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
         "gradient_clipping": CLIP, "zero_optimization": {"stage": stage},
-        "tensor_parallel": {"autotp_size": 2, "preset_model": "llama"},
+        "tensor_parallel": {"autotp_size": tp, "preset_model": "llama"},
     }  # fmt: skip
 
 
-def _rank_main():
+def _rank_main(root: str):
     # both stages in one spawn of 4 ranks: starting them dominates the test's time
-    return [_train(stage) for stage in (1, 2)]
+    trained = [_train(stage, root) for stage in (1, 2)]
+    # the stage-2 run's checkpoint (tp=2 x dp=2) loads at tp=4 (dp=1)
+    import ds_tp
+
+    torch.manual_seed(1)  # other initial weights: the load must replace them all
+    model = _Model()
+    engine, _, _, _ = ds_all.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=_config(2, tp=4)
+    )
+    engine.load_checkpoint(root, tag="tp2", load_optimizer_states=False)
+    assert engine.module.layers[0].mlp.up_proj.weight.shape == (8, 16)
+    at_tp4 = ds_tp.gather_full_state_dict(engine.module)
+    engine.close()
+    return trained, at_tp4
 
 
-def _train(stage: int):
+def _train(stage: int, root: str):
     import torch.distributed as dist
 
     import ds_tp
@@ -103,6 +117,8 @@ def _train(stage: int):
         losses.append(float(loss.detach()))
         norms.append(engine.get_global_grad_norm())
     state = ds_tp.gather_full_state_dict(engine.module)
+    if stage == 2:
+        engine.save_checkpoint(root, tag="tp2")
     engine.close()
     return losses, norms, state
 
@@ -125,10 +141,14 @@ def _plain():
     return losses, norms, model.state_dict()
 
 
-def test_tp2_dp2_zero1_and_zero2_equal_one_process():
-    results = run_distributed(_rank_main, 4, timeout=240)
+def test_tp2_dp2_zero1_and_zero2_equal_one_process(tmp_path):
+    results = run_distributed(_rank_main, 4, args=(str(tmp_path),), timeout=240)
     ref_losses, ref_norms, ref_state = _plain()
-    for rank, per_stage in enumerate(results):
+    for rank, (per_stage, at_tp4) in enumerate(results):
+        for k, v in ref_state.items():  # the tp=2 x dp=2 checkpoint, loaded at tp=4
+            torch.testing.assert_close(
+                at_tp4[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"tp4 {k}: {m}"
+            )
         for losses, norms, state in per_stage:
             assert losses == pytest.approx([pair[rank // 2] for pair in ref_losses], rel=1e-5)
             assert norms == pytest.approx(ref_norms, rel=1e-5)
