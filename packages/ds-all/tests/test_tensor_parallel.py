@@ -93,6 +93,11 @@ def _rank_main(root: str):
     engine.load_checkpoint(root, tag="tp2", load_optimizer_states=False)
     assert engine.module.layers[0].mlp.up_proj.weight.shape == (8, 16)
     at_tp4 = ds_tp.gather_full_state_dict(engine.module)
+    import torch.distributed as dist
+
+    # the first forward checks that the tensor-parallel ranks got the same batch
+    with pytest.raises(RuntimeError, match="got different batches"):
+        engine(_batch(0, dist.get_rank()))
     engine.close()
     return trained, at_tp4
 

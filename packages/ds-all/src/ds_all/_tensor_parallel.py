@@ -223,6 +223,7 @@ def setup_tensor_parallel(model: nn.Module, cfg: Any, mpu: Any) -> TensorParalle
         except ValueError as e:
             raise ConfigError(f"tensor_parallel: {e}") from None
     mark_replicated(model, size)
+    check_first_inputs(model, groups.get_tensor_model_parallel_group())
     if cfg.activation_checkpointing.partition_activations:
         # ds_all.checkpointing.checkpoint keeps 1/tp of each checkpointed input per rank
         from ds_all import checkpointing
@@ -288,3 +289,44 @@ def tp_checkpoint(module: nn.Module, mpu: Any) -> TPCheckpoint | None:
 
     shards = ds_tp.shard_layouts(module)
     return TPCheckpoint(shards, mpu.get_tensor_model_parallel_rank()) if shards else None
+
+
+def _digest(value: Any) -> list[float]:
+    """Shape and sums of every tensor in a (nested) batch: equal batches, equal digests."""
+    out: list[float] = []
+    if isinstance(value, torch.Tensor):
+        t = value.detach().double()
+        out += [
+            float(value.numel()),
+            *map(float, value.shape),
+            float(t.sum()),
+            float((t * t).sum()),
+        ]
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            out += _digest(v)
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            out += _digest(value[k])
+    return out
+
+
+def check_first_inputs(model: nn.Module, tp_group: Any) -> None:
+    """As DeepSpeed's AutoTP engine: the first forward checks that every rank of the
+    tensor-parallel group got the same batch (each computes a slice of the same step; different
+    batches would train silently wrong). One all-gather of a few numbers, once."""
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        handle.remove()
+        mine = _digest([list(args), kwargs])
+        world = dist.get_world_size(tp_group)
+        digests: list[Any] = [None] * world
+        dist.all_gather_object(digests, mine, group=tp_group)
+        if any(d != digests[0] for d in digests):
+            raise RuntimeError(
+                "tensor parallelism: the ranks of a tensor-parallel group got different batches "
+                "in their first forward; every rank of the group must read the same data (shard "
+                "the data over the data-parallel group: engine.mpu.get_data_parallel_rank())"
+            )
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
