@@ -211,7 +211,10 @@ def setup_tensor_parallel(model: nn.Module, cfg: Any, mpu: Any) -> TensorParalle
             f"tensor_parallel.autotp_size {size} does not divide the world size "
             f"{dist.get_world_size()}"
         )
-    groups = _groups_from(size, mpu, record["tp_group"] if record else None)
+    # DeepSpeed's tensor_parallel.tp.{mpu, tp_group} (dict configs can carry the objects)
+    sub = section.tensor_parallel
+    tp_group = (record["tp_group"] if record else None) or sub.tp_group
+    groups = _groups_from(size, mpu if mpu is not None else sub.mpu, tp_group)
     import ds_tp
 
     if not getattr(model, "ds_autotp_parsed", False):
