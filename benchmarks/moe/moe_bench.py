@@ -173,6 +173,7 @@ def build_deepspeed(args, k, device, dtype):
 
     moe = DSMoE(hidden_size=args.d, expert=expert_module(args), num_experts=args.experts,
                 ep_size=dist.get_world_size(), k=k, capacity_factor=args.capacity_factor)  # fmt: skip
+    moe.set_deepspeed_parallelism()  # what deepspeed.initialize does: its ep group
     return moe.to(device=device, dtype=dtype).train()
 
 
@@ -236,6 +237,76 @@ def build_k(name):
     return int(name.rpartition("-top")[2])
 
 
+def check_against_deepspeed(args, device, dtype):
+    """ds-moe vs DeepSpeed's MoE with the same weights and tokens where the semantics match.
+
+    Dropless routing (``drop_tokens=False``; DeepSpeed pads every expert to the largest one,
+    ds-moe runs exact groups), no RTS, and for top-2 no Gumbel sampling of the second expert
+    (``top2_2nd_expert_sampling=False``): the chosen experts and weights then agree, so the
+    outputs and the input and router gradients must too. The aux loss agrees for top-1 only
+    (DeepSpeed's top2gating counts first choices only). With ep > 1 DeepSpeed's expert
+    gradients are ep times ds-moe's (ds-moe averages them per rank), so those are compared at
+    ep = 1 only.
+    """
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    world = dist.get_world_size()
+    result = {}
+    for k in (1, 2):
+        torch.manual_seed(0)
+        kw = {"top2_2nd_expert_sampling": False} if k == 2 else {}
+        ds = DSMoE(hidden_size=args.d, expert=expert_module(args), num_experts=args.experts,
+                   ep_size=world, k=k, capacity_factor=args.capacity_factor,
+                   drop_tokens=False, use_rts=False, **kw).to(device=device, dtype=dtype).train()  # fmt: skip
+        ds.set_deepspeed_parallelism()  # what deepspeed.initialize does: its ep group
+        ours = build_ours(args, k, device, dtype, drop_tokens=False, use_rts=False)
+        with torch.no_grad():
+            ours.gate.wg.weight.copy_(ds.deepspeed_moe.gate.wg.weight)
+            # distinct experts (both libraries start them as copies of one), the same on both
+            seed_experts_by_global_id(ours, device)
+            for i, e in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+                e[0].weight.copy_(ours.experts.w1[i])
+                e[0].bias.copy_(ours.experts.b1[i])
+                e[2].weight.copy_(ours.experts.w2[i])
+                e[2].bias.copy_(ours.experts.b2[i])
+            for i, e in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+                ours.experts.w1[i].copy_(e[0].weight)
+                ours.experts.b1[i].copy_(e[0].bias)
+                ours.experts.w2[i].copy_(e[2].weight)
+                ours.experts.b2[i].copy_(e[2].bias)
+        gen = torch.Generator(device=device).manual_seed(7 + dist.get_rank())
+        x = torch.randn(1, min(args.tokens, 2048), args.d, generator=gen, device=device).to(dtype)
+        res = {}
+        for name, layer in (("ours", ours), ("deepspeed", ds)):
+            xi = x.clone().requires_grad_()
+            out, l_aux, _ = layer(xi)
+            # top-2 aux losses differ by definition (see above): its gradient is left out
+            (out.float().square().mean() + (l_aux if k == 1 else 0.0)).backward()
+            gate = ours.gate.wg if name == "ours" else ds.deepspeed_moe.gate.wg
+            w1 = (
+                ours.experts.w1.grad[0]
+                if name == "ours"
+                else ds.deepspeed_moe.experts.deepspeed_experts[0][0].weight.grad
+            )
+            res[name] = {"out": out, "dx": xi.grad, "dgate": gate.weight.grad, "dw1": w1,
+                         "l_aux": l_aux.reshape(1)}  # fmt: skip
+        compared = ["out", "dx", "dgate"] + (["dw1"] if world == 1 else [])
+        compared += ["l_aux"] if k == 1 else []
+        entry, ok = {}, True
+        for key in compared:
+            a, b = res["ours"][key].float(), res["deepspeed"][key].float()
+            err, scale = (a - b).abs().max().item(), b.abs().max().item()
+            tol = (2e-2 if dtype != torch.float32 else 1e-4) * scale + 1e-12
+            entry[key] = {"max_abs_err": err, "max_abs": scale}
+            ok = ok and err <= tol
+        flag = torch.tensor([1.0 if ok else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        entry["ok"] = bool(flag.item())
+        result[f"k{k}"] = entry
+        del ds, ours
+    return result
+
+
 def device_slug(device):
     world = dist.get_world_size()
     if device.type == "cuda":
@@ -251,7 +322,7 @@ def main(argv=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     ds_version = None
-    if any(s.startswith("deepspeed-") for s in systems):
+    if args.check or any(s.startswith("deepspeed-") for s in systems):
         try:
             import deepspeed
 
@@ -294,6 +365,11 @@ def main(argv=None):
         report["cpu_count"] = os.cpu_count()
     if args.check:
         report["check"] = check_parity(args, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.check and ds_version is not None:
+        report["check_vs_deepspeed"] = check_against_deepspeed(args, device, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
