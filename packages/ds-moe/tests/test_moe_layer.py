@@ -292,3 +292,30 @@ def test_drops_and_an_empty_expert_with_undefined_dead_rows(k, grouped):
     want = _grads(moe, x)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("k,dropless", [(1, False), (2, False), (2, True)])
+def test_ep1_grouped_path_never_reads_device_values_on_the_host(k, dropless):
+    # The CPU stand-in for the GPU sync-debug test: with the grouped kernel the ep_size 1
+    # forward and backward never turn a tensor into Python numbers (.item/.tolist/bool/int).
+    from unittest import mock
+
+    if not ds_moe.grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("no CPU _grouped_mm in this torch")
+    moe = _layer(num_experts=4, k=k, capacity_factor=0.75, drop_tokens=not dropless, use_rts=False)
+    x = _x((3, 11, D))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor on the routing path")
+
+    with (
+        mock.patch.object(torch.Tensor, "item", refuse),
+        mock.patch.object(torch.Tensor, "tolist", refuse),
+        mock.patch.object(torch.Tensor, "__bool__", refuse),
+        mock.patch.object(torch.Tensor, "__int__", refuse),
+    ):
+        out, l_aux, counts = moe(x)
+        ((out * 1.5).sum() + l_aux).backward()
+    ref, _, _, keep = dense_moe(moe, x)
+    assert keep.all() if dropless else not keep.all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
