@@ -527,12 +527,12 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
             )
 
         self.zero.load_state_fragments(fill)
+        load_buffers(self.module, load_dir, resolved, set(_manifest.tensors))
         eng = state.get("engine", {})
         if not load_module_only:
             self.global_steps = int(eng.get("global_steps", 0))
             self.global_samples = int(eng.get("global_samples", 0))
             self.micro_steps = int(eng.get("micro_steps", 0))
-        load_buffers(self.module, load_dir, resolved, set(_manifest.tensors))
             self.skipped_steps = int(eng.get("skipped_steps", 0))
             self.zero.global_steps = int(eng.get("zero_global_steps", self.global_steps))
             self._data_efficiency.load_state_dict(eng.get("data_efficiency"))
