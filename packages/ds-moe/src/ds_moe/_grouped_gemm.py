@@ -20,13 +20,20 @@ def _probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> bo
     fn = _grouped_mm_fn()
     device = torch.device(device_type, device_index) if device_index is not None else device_type
     try:
-        a = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 8, 16, device=device, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+        a = torch.randn(40, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(3, 8, 16, device=device, dtype=dtype, requires_grad=True)
+        # an empty group and rows past the last group, as the layer runs it
+        offs = torch.tensor([16, 16, 32], device=device, dtype=torch.int32)
         out = fn(a, w.transpose(-2, -1), offs=offs)
         out.backward(torch.ones_like(out))
-        ref = torch.cat([a[:16] @ w[0].t(), a[16:] @ w[1].t()])
-        return bool(torch.allclose(out.float(), ref.float(), atol=1e-1, rtol=5e-2))
+        ref = torch.cat([a[:16] @ w[0].t(), a[16:32] @ w[2].t()])
+        # the per-group sum of the bias gradient (column-major ones x row-major rows)
+        sums = fn(torch.ones(40, 8, device=device, dtype=dtype).t(), out.detach(), offs=offs)
+        ref_sums = torch.stack([ref[:16].sum(0), torch.zeros_like(ref[0]), ref[16:].sum(0)])
+        return bool(
+            torch.allclose(out[:32].float(), ref.float(), atol=1e-1, rtol=5e-2)
+            and torch.allclose(sums[:, 0].float(), ref_sums.float(), atol=1.0, rtol=5e-2)
+        )
     except Exception:  # noqa: BLE001 - any failure means "use the loop"
         return False
 
