@@ -532,7 +532,9 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
     root = args.dir
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    old_src = _source_at(args.baseline_rev, os.path.join(root, "src"))
+    # --baseline-src: an already extracted packages/ds-ckpt/src of that revision, for machines
+    # whose copy of the tree has no git history
+    old_src = args.baseline_src or _source_at(args.baseline_rev, os.path.join(root, "src"))
     dirs = {"old": os.path.join(root, "old"), "new": os.path.join(root, "new")}
     versions = {
         "old": _run_worker(old_src, "save", "--dir", dirs["old"], "--gb", str(args.gb))["version"],
@@ -625,6 +627,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument(
         "--baseline-rev", default="42c427d", help="cpu-load: git revision of the previous code"
+    )
+    p.add_argument(
+        "--baseline-src", default=None, help="cpu-load: that revision's ds-ckpt src, extracted"
     )
     p.add_argument("--out-dir", default=None, help="also write the JSON here")
     args = p.parse_args()
