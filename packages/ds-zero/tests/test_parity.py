@@ -46,8 +46,10 @@ def test_fp32_stages_match_reference(world_size):
         _check(world_size, torch.float32, kind, rtol=1e-5, atol=1e-6, loss_rtol=1e-5)
 
 
-@distributed_test(world_size=[2, 4], timeout=180)
+@distributed_test(world_size=2, timeout=180)
 def test_bf16_stages_match_reference(world_size):
+    # world size 4 (more, smaller partitions) is covered by the fp32 test above; the bf16 path
+    # (casts, fp32 master, fp32 reduction) does not depend on the number of partitions
     # bf16 compute params, fp32 master and fp32 reduction against an fp32 reference: the
     # difference is bf16 rounding of weights/activations: loss within 2%; 98% of weights within
     # 0.02 and all within 0.1 (= 2 * lr * steps, an Adam sign flip on a near-zero gradient)

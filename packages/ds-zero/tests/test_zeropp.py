@@ -64,8 +64,8 @@ def test_config_keys_map_to_options():
 
 
 # ---------------------------------------------------------------- 4 ranks, 2 simulated nodes
-@distributed_test(world_size=4, timeout=240)
-def test_bytes_per_step_against_plain_zero3(world_size):
+@distributed_test(world_size=4, timeout=360)
+def test_bytes_per_step_and_convergence_against_plain_zero3(world_size):
     import torch.distributed as dist
     from zero_helpers import batch, make_model, make_optimizer
 
@@ -136,6 +136,7 @@ def test_bytes_per_step_against_plain_zero3(world_size):
     assert zero.zeropp.secondary_bytes() == 0  # the step invalidates the secondary copies
     _check_expert_buckets(rank)  # in the same processes: one spawn fewer
     _check_frozen_and_exact_reads(rank)
+    _check_convergence(world_size)  # likewise: starting 4 ranks costs seconds on 2 cores
 
 
 def _noisy_batch(step, rank, vocab, t, b):
@@ -148,15 +149,17 @@ def _noisy_batch(step, rank, vocab, t, b):
     return x[:, :-1], x[:, 1:]
 
 
-@distributed_test(world_size=4, timeout=240)
-def test_convergence_matches_plain_zero3(world_size):
+def _check_convergence(world_size):
+    """Each ZeRO++ feature trains the noisy-successor task to plain ZeRO-3's loss (within 2%)."""
     import torch.distributed as dist
     from zero_helpers import VOCAB, make_model, make_optimizer
 
     os.environ["LOCAL_WORLD_SIZE"] = "2"
     torch.set_num_threads(1)  # 4 ranks share the CI machine's cores
     rank = dist.get_rank()
-    steps = 300
+    # 150 steps: plain reaches a tail loss of 1.30 and every feature is within 0.6% of it
+    # (measured; 300 steps: 1.18 and 0.14%), so both bounds below keep a wide margin
+    steps = 150
     data = [_noisy_batch(s, rank, VOCAB, 8, 4) for s in range(steps)]
     final = {}
     for name, kw in CONFIGS.items():
