@@ -62,8 +62,12 @@ def batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def make_optimizer(model: nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    # a parameter partitioned by Init has no elements: its dimensions are those of ds_shape
+    def dim(p: nn.Parameter) -> int:
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and dim(p) > 1]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and dim(p) <= 1]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=lr
     )

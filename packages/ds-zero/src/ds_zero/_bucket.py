@@ -3,8 +3,11 @@
 A bucket is the unit of every collective: one ``all_gather_single`` to assemble (stage 3) or
 refresh (stages 1-2) its parameters, one ``reduce_scatter_single`` (stages 1-3) or ``all_reduce``
 (stage 0) for its gradients. Module parameters are views into the bucket's flat buffer, so a
-collective writes straight into them and freeing the buffer's storage frees every parameter at
-once (stage 3), while the parameters keep their shapes.
+collective writes straight into them. At stage 3 a released bucket frees the buffer's storage
+and points each parameter at a tensor with no elements (DeepSpeed's released parameter: in-place
+ops on it do nothing, the full size is in ``ds_shape``); a gather points them back at their
+views. Tensors autograd saved during forward are views of the same storage, so they read the
+re-gathered values in backward.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.distributed import ProcessGroup
 
 from ds_zero._dist import all_gather_single, group_rank, group_size, reduce_scatter_single
 from ds_zero._layout import FlatLayout, make_layout
+from ds_zero._param_meta import full_numel, full_shape, released_data
 from ds_zero._shard_store import ParamShardStore
 from ds_zero._zeropp import ZeroPP
 
@@ -29,7 +33,7 @@ class ParamsState(enum.Enum):
 
     SHARDED = "sharded"
     """Only this rank's shard exists (fp32 master or a compute-dtype local shard); the flat
-    buffer's storage is freed and the module parameters have no data (stage 3 at rest)."""
+    buffer's storage is freed and the module parameters have no elements (stage 3 at rest)."""
     GATHERING = "gathering"
     """Flat storage allocated and an all-gather in flight; parameters not yet valid."""
     GATHERED = "gathered"
@@ -99,10 +103,15 @@ class Bucket:
         # fp32 masters off the device; otherwise gathers read the on-device master)
         self.shard_store = shard_store if shard_params and optim_group is not None else None
         self.device = self.params[0].device
-        self.layout: FlatLayout = make_layout([p.numel() for p in self.params], self.world, align)
-        self.shapes = [tuple(p.shape) for p in self.params]
+        # full sizes: a parameter partitioned by Init has no elements until built here
+        self.layout: FlatLayout = make_layout(
+            [full_numel(p) for p in self.params], self.world, align
+        )
+        self.shapes = [tuple(full_shape(p)) for p in self.params]
         self.requires_grad = [p.requires_grad for p in self.params]
         self.flat: torch.Tensor = torch.empty(0)
+        # each parameter's view of ``flat`` (stage 3 re-points the parameters at them on gather)
+        self.views: list[torch.Tensor] = []
         self.master: torch.Tensor | None = None
         self.local_shard: torch.Tensor | None = None
         self.grad_shard: torch.Tensor | None = None
@@ -179,9 +188,12 @@ class Bucket:
             del value
         self.flat = flat
         self.master = master
+        self.views = [
+            flat[off : off + n].view(shape)
+            for off, n, shape in zip(lay.offsets, lay.numels, self.shapes)
+        ]
         for i, p in enumerate(self.params):
-            off, n = lay.offsets[i], lay.numels[i]
-            p.data = flat[off : off + n].view(self.shapes[i])
+            p.data = self.views[i]
             setattr(p, SLOT_ATTR, ParamSlot(self, i))
         if self.shard_store is not None:
             s_lo, s_hi = lay.shard_range(self.rank)
@@ -202,12 +214,17 @@ class Bucket:
         storage = self.flat.untyped_storage()
         if storage.size() != 0:
             storage.resize_(0)
+        empty = released_data(self.flat)
+        for p in self.params:
+            p.data = empty
 
     def _alloc_flat(self) -> None:
         size = self.layout.padded_numel * self.flat.element_size()
         storage = self.flat.untyped_storage()
         if storage.size() != size:
             storage.resize_(size)
+        for p, view in zip(self.params, self.views):
+            p.data = view
 
     def gather_source(self) -> torch.Tensor:
         """This rank's shard of the parameters, read by the all-gather."""

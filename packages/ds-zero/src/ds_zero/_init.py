@@ -17,6 +17,7 @@ from torch.distributed import ProcessGroup
 import ds_comm
 from ds_zero._bucket import ParamsState, slot_of
 from ds_zero._dist import all_gather_single, global_rank_of, group_rank, group_size
+from ds_zero._param_meta import mark_stage3, released_data
 
 INIT_ATTR = "_ds_zero_init"
 
@@ -28,22 +29,12 @@ class InitShard:
 
     shard: torch.Tensor
     numel: int
+    shape: torch.Size
     group: ProcessGroup | None
 
 
-def _free(t: torch.Tensor) -> None:
-    if t.untyped_storage().size() != 0:
-        t.untyped_storage().resize_(0)
-
-
-def _alloc(t: torch.Tensor) -> None:
-    size = t.numel() * t.element_size()
-    if t.untyped_storage().size() != size:
-        t.untyped_storage().resize_(size)
-
-
 @torch.no_grad()
-def _partition_param(p: nn.Parameter, group: ProcessGroup | None) -> None:
+def _partition_param(p: nn.Parameter, group: ProcessGroup | None, ds_id: int) -> None:
     world, rank = group_size(group), group_rank(group)
     flat = p.detach().reshape(-1)
     shard_n = -(-flat.numel() // world)
@@ -51,22 +42,26 @@ def _partition_param(p: nn.Parameter, group: ProcessGroup | None) -> None:
     lo, hi = rank * shard_n, min((rank + 1) * shard_n, flat.numel())
     if hi > lo:
         shard[: hi - lo].copy_(flat[lo:hi])
-    # a fresh, unshared copy so that freeing it cannot touch anything else
-    p.data = p.detach().clone()
-    setattr(p, INIT_ATTR, InitShard(shard, flat.numel(), group))
-    _free(p.data)
+    setattr(p, INIT_ATTR, InitShard(shard, flat.numel(), p.shape, group))
+    mark_stage3(p, p.shape, ds_id)
+    # released as DeepSpeed's: no elements, so an in-place op on it (an init of a weight the
+    # caller did not gather) does nothing; the full size is in ds_shape / ds_numel
+    p.data = released_data(p)
+
+
+def _released(p: nn.Parameter, info: InitShard) -> bool:
+    return p.numel() != info.numel
 
 
 @torch.no_grad()
 def _gather_init_into(p: nn.Parameter, info: InitShard) -> None:
-    _alloc(p.data)
     world = group_size(info.group)
-    if world == 1:
-        p.data.reshape(-1).copy_(info.shard[: info.numel])
-        return
     full = torch.empty(info.shard.numel() * world, dtype=info.shard.dtype, device=info.shard.device)
-    all_gather_single(full, info.shard, group=info.group)
-    p.data.reshape(-1).copy_(full[: info.numel])
+    if world == 1:
+        full.copy_(info.shard)
+    else:
+        all_gather_single(full, info.shard, group=info.group)
+    p.data = full[: info.numel].view(info.shape)
 
 
 @torch.no_grad()
@@ -82,7 +77,7 @@ def full_value(p: nn.Parameter) -> torch.Tensor:
     else:
         all_gather_single(full, info.shard, group=info.group)
     delattr(p, INIT_ATTR)
-    return full[: info.numel].view(p.shape)
+    return full[: info.numel].view(info.shape)
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -127,6 +122,7 @@ class Init:
         self._patched: list[tuple[type, Any]] = []
         self._depth: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self._orig_init_subclass: Any = None
+        self._next_id = 0  # DeepSpeed's ds_id: parameters numbered in construction order
 
     def _wrap(self, orig: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(orig)
@@ -143,7 +139,8 @@ class Init:
                     if getattr(p, INIT_ATTR, None) is None and slot_of(p) is None:
                         if self.dtype is not None and p.is_floating_point():
                             p.data = p.data.to(self.dtype)
-                        _partition_param(p, self.group)
+                        _partition_param(p, self.group, self._next_id)
+                        self._next_id += 1
 
         init._ds_zero_wrapped = True  # type: ignore[attr-defined]
         return init
@@ -205,19 +202,23 @@ class GatheredParameters:
         self.modifier_rank = modifier_rank
         self.enabled = enabled
         self._released_after: list[Any] = []
+        self._init_gathered: list[nn.Parameter] = []
 
     def __enter__(self) -> None:
         if not self.enabled:
             return
         self._released_after = []
+        self._init_gathered = []
         buckets = {}
         for p in self.params:
             slot = slot_of(p)
             if slot is not None and slot.bucket.shard_params:
                 buckets[id(slot.bucket)] = slot.bucket
             info = getattr(p, INIT_ATTR, None)
-            if info is not None:
+            # an enclosing block already gathered it: keep its (maybe modified) values
+            if info is not None and _released(p, info):
                 _gather_init_into(p, info)
+                self._init_gathered.append(p)
         for b in buckets.values():
             if b.state is ParamsState.SHARDED:
                 self._released_after.append(b)
@@ -245,9 +246,8 @@ class GatheredParameters:
                 slot = slot_of(p)
                 if slot is not None and slot.bucket.zeropp is not None:
                     slot.bucket.zeropp.modified(slot.bucket)  # ZeRO++ copies are stale now
-        for p in self.params:
-            if getattr(p, INIT_ATTR, None) is not None:
-                _free(p.data)
+        for p in self._init_gathered:
+            p.data = released_data(p)
         for b in self._released_after:
             b.release()
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ds_zero._param_meta import full_numel
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -62,7 +64,8 @@ def memory_estimate(
     if isinstance(model, int):
         psi = model
     else:
-        psi = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # full sizes: stage-3 parameters have no elements while released
+        psi = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     n = world_size
     p_bytes = _size(param_dtype)
     fp32_params = param_dtype == torch.float32

@@ -30,6 +30,7 @@ from ds_zero._layout import split_into_buckets
 from ds_zero._loss_scaler import LossScaleOptions, LossScaler, make_loss_scaler
 from ds_zero._options import ZeroOptions
 from ds_zero._overlap import StepOverlap
+from ds_zero._param_meta import full_numel, full_shape, mark_stage3
 from ds_zero._reducer import GradReducer
 from ds_zero._shard_store import ParamShardStore
 from ds_zero._stage3 import Stage3Scheduler
@@ -207,7 +208,7 @@ class Zero:
                     if id(p) not in model_ids:
                         raise ValueError(
                             f"ds_zero.wrap: optimizer param group {gi} holds a tensor of shape "
-                            f"{tuple(p.shape)} that is not a parameter of the model; build the "
+                            f"{tuple(full_shape(p))} that is not a parameter of the model; build the "
                             "optimizer from model.parameters()"
                         )
                     group_of[id(p)] = gi
@@ -284,12 +285,15 @@ class Zero:
                     owner.setdefault(id(p), unit)
             by_unit: dict[int, dict[tuple[Any, ...], list[nn.Parameter]]] = {}
             persistent = 0
-            for _, p in named:
+            for ds_id, (_, p) in enumerate(named):
+                # full sizes: a parameter partitioned by Init has no elements until built
+                numel = full_numel(p)
+                mark_stage3(p, full_shape(p), ds_id)
                 # DeepSpeed's mark_persistent_parameters: small parameters stay whole while
                 # their running total fits under model_persistence_threshold
-                fits = persistent + p.numel() <= opts.model_persistence_threshold
-                if fits and p.numel() <= opts.param_persistence_threshold:
-                    persistent += p.numel()
+                fits = persistent + numel <= opts.model_persistence_threshold
+                if fits and numel <= opts.param_persistence_threshold:
+                    persistent += numel
                     replicated.append(p)
                     continue
                 unit = owner[id(p)]
@@ -320,7 +324,7 @@ class Zero:
         for p in reversed(trainable):  # reverse registration ~ the order backward produces grads
             by_key.setdefault(self._key(p, group_of), []).append(p)
         for key, ps in by_key.items():
-            for idx in split_into_buckets([p.numel() for p in ps], opts.reduce_bucket_size):
+            for idx in split_into_buckets([full_numel(p) for p in ps], opts.reduce_bucket_size):
                 self._new_bucket([ps[i] for i in idx], key, shard_params=False)
 
     def _reduction_order(self, forward_order: Sequence[nn.Module] | None) -> list[Bucket]:
