@@ -1,6 +1,8 @@
 """A released stage-3 parameter is DeepSpeed's: ``.data`` has no elements (in-place ops on it do
 nothing), ``ds_shape`` / ``ds_numel`` / ``ds_id`` describe it; gathered, it is the full view
-of its bucket and trains exactly like plain PyTorch (one process)."""
+of its bucket and trains exactly like plain PyTorch (one process; the ``gpu`` case on one GPU:
+PYTHONPATH=$(ls -d packages/*/src | tr '\\n' ':') python -m pytest
+packages/ds-zero/tests/test_released_params.py -q -m gpu)."""
 
 from __future__ import annotations
 
@@ -26,17 +28,20 @@ def _walk_own_params(model: nn.Module) -> None:
             _init_fn(module)
 
 
-def test_init_params_are_released_like_deepspeeds_and_train_like_plain():
-    ref = make_model()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_init_params_are_released_like_deepspeeds_and_train_like_plain(device):
+    with torch.device(device):
+        ref = make_model()
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.fill_(0.75)  # only the modules' own parameters change
     torch.manual_seed(0)
-    with ds_zero.Init():
+    with torch.device(device), ds_zero.Init():
         model = TinyLM()
     w = model.blocks[0].fc1.weight
     assert w.numel() == 0 and w.dtype == torch.float32 and w.untyped_storage().size() == 0
+    assert w.device.type == device
     assert w.ds_shape == (4 * D + 3, D) and w.ds_numel == (4 * D + 3) * D
     ids = [p.ds_id for p in model.parameters()]
     assert len(set(ids)) == len(ids)
@@ -63,7 +68,7 @@ def test_init_params_are_released_like_deepspeeds_and_train_like_plain():
         lambda m, a: shapes.append(tuple(m.weight.shape))
     )
     for s in range(3):
-        x, y = batch(s, 0, 0)
+        x, y = (t.to(device) for t in batch(s, 0, 0))
         loss = zero(x, y)
         zero.backward(loss)
         assert zero.step()
@@ -71,12 +76,13 @@ def test_init_params_are_released_like_deepspeeds_and_train_like_plain():
         ref_loss.backward()
         ref_opt.step()
         ref_opt.zero_grad()
-        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6 if device == "cpu" else 1e-5)
     hook.remove()
     assert shapes == [(D, 4 * D + 3)] * 3
     assert w.numel() == 0 and w.ds_numel == (4 * D + 3) * D
     state = zero.full_state_dict()
-    assert_close_state(state, ref.state_dict(), rtol=1e-6, atol=1e-7)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if device == "cpu" else {"rtol": 1e-5, "atol": 1e-6}
+    assert_close_state(state, ref.state_dict(), **tol)
     # a released parameter of the wrapped model: in-place ops do nothing, as with DeepSpeed
     _walk_own_params(model)
     with torch.no_grad():
