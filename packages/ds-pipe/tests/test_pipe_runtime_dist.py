@@ -65,7 +65,7 @@ def _train_and_compare(kind, schedule, pp, dp, num_chunks=1, steps=2, **module_k
         torch.testing.assert_close(p.detach(), ref_params[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
-@distributed_test(world_size=[2, 4], timeout=180)
+@distributed_test(world_size=[2, 4], timeout=240)
 def test_schedules_and_tied_embeddings_match_single_process(world_size):
     # One spawn covers several cases: starting ranks dominates the cost of these tests.
     for schedule, chunks in [("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2)]:
@@ -75,6 +75,8 @@ def test_schedules_and_tied_embeddings_match_single_process(world_size):
     stage = dist.get_rank()
     assert ("tied.emb.weight" in dict(module.named_parameters())) == (stage in (0, world_size - 1))
     _train_and_compare("tied", "1f1b", pp=world_size, dp=1)
+    if world_size == 2:
+        _check_eval_batch_and_shape_renegotiation()
 
 
 @distributed_test(world_size=[2, 4], timeout=120)
@@ -113,8 +115,9 @@ def _check_grid_groups():
     assert t.item() == 2
 
 
-@distributed_test(world_size=4, timeout=120)
-def test_pp2_dp2_tied_with_optimizer_and_clipping():
+@distributed_test(world_size=4, timeout=300)
+def test_pp2_dp2_tied_with_clipping_and_with_zero1_inside_each_stage():
+    # both 2 x 2 cases in one spawn: starting 4 ranks on 2 cores costs more than either check
     steps, max_norm = 3, 0.05
     module = _module("tied", 2, 2)
     opt = PlainSGD(module.parameters(), lr=0.1)
@@ -142,10 +145,10 @@ def test_pp2_dp2_tied_with_optimizer_and_clipping():
         torch.testing.assert_close(
             p.detach(), ref_params[name].detach(), rtol=RTOL, atol=ATOL, msg=name
         )
+    _check_zero1_inside_each_stage()
 
 
-@distributed_test(world_size=2, timeout=120)
-def test_eval_batch_and_shape_renegotiation():
+def _check_eval_batch_and_shape_renegotiation():
     module = _module("tuple", 2, 1)
     rt = PipelineRuntime(module, micro_batches=MICRO_BATCHES)
     ref = Reference(specs("tuple", BLOCKS))
@@ -167,8 +170,7 @@ def test_eval_batch_and_shape_renegotiation():
         module.zero_grad()
 
 
-@distributed_test(world_size=4, timeout=180)
-def test_pp2_dp2_with_zero1_inside_each_stage():
+def _check_zero1_inside_each_stage():
     """The recipe of the README: ds-zero stage 1 over each stage's data-parallel group does
     the reduction and the step (ds-zero is a test-only dependency of ds-pipe)."""
     import ds_zero
