@@ -39,7 +39,8 @@ def _rank_sum(scale: int) -> tuple[int, int, float]:
     return dist.get_rank(), dist.get_world_size(), t.item()
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+# 1 and 2 ranks here: every 4-rank test of this package starts its ranks by run_distributed
+@pytest.mark.parametrize("world_size", [1, 2])
 def test_world_sizes_all_reduce(world_size: int) -> None:
     results = run_distributed(_rank_sum, world_size, args=(3,))
     expected = 3.0 * world_size * (world_size + 1) / 2
