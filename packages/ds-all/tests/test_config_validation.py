@@ -11,7 +11,6 @@ import math
 import os
 
 import pytest
-import torch.distributed as dist
 from torch import nn
 
 import ds_all
@@ -19,16 +18,6 @@ from ds_all import ConfigError, DeepSpeedConfig
 
 NAN, INF = float("nan"), float("inf")
 BASE = {"train_micro_batch_size_per_gpu": 2}
-
-
-@pytest.fixture(autouse=True)
-def _no_process_group_left_behind():
-    # initialize() in a plain process makes a world of one; later tests of the session expect
-    # no process group, so one created here is destroyed here
-    existed = dist.is_available() and dist.is_initialized()
-    yield
-    if not existed and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _cfg(**over):
