@@ -59,7 +59,8 @@ def _check_init_gathered_parameters_and_training(world_size):
         model = make_model()
     w = model.blocks[0].fc1.weight
     assert w.untyped_storage().size() == 0, "Init left a parameter whole"
-    assert tuple(w.shape) == (99, 24)
+    # released as DeepSpeed's: no elements, the full shape in ds_shape / ds_numel
+    assert w.numel() == 0 and tuple(w.ds_shape) == (99, 24) and w.ds_numel == 99 * 24
     with ds_zero.GatheredParameters([w], modifier_rank=0):
         assert w.untyped_storage().size() > 0
         if rank == 0:
