@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -78,3 +82,26 @@ def test_snapshot_buffer_is_reused(tmp_path, saver):
     ds_ckpt.finalize()
     assert saver._staging.data_ptr() == first
     assert torch.equal(ds_ckpt.load_tensor(tmp_path, "w", "b"), w)
+
+
+def test_failed_save_cleanup_retries_when_entries_appear(tmp_path, monkeypatch):
+    """rmtree(ignore_errors=True) silently keeps a directory into which an entry appeared while
+    it ran; the cleanup of a failed save retries until the directory is gone."""
+    d = tmp_path / ".tmp-x-0"
+    d.mkdir()
+    (d / "rank-00000.safetensors").write_bytes(b"x")
+    real, calls = shutil.rmtree, []
+
+    def racing_rmtree(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:  # a late writer creates a file while the first pass runs
+            real(path)
+            os.mkdir(path)
+            (d / "late").write_bytes(b"y")
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", path)
+        real(path, *a, **k)
+
+    monkeypatch.setattr(save_mod.shutil, "rmtree", racing_rmtree)
+    assert save_mod.remove_tree(str(d)) is None
+    assert not d.exists() and len(calls) == 2
+    assert save_mod.remove_tree(str(d)) is None  # already gone: nothing to do

@@ -94,7 +94,10 @@ def test_failure_on_one_rank_raises_on_all(tmp_path):
     if rank == 1:
         real = save_mod._write_rank_file
 
-        def broken(*a, **k):
+        def broken(tmp, *a, **k):
+            # a writer that dies half-way leaves a partial file behind in the temp dir
+            with open(os.path.join(tmp, "rank-00001.safetensors"), "wb") as f:
+                f.write(b"partial")
             raise OSError(5, "Input/output error")
 
         save_mod._write_rank_file = broken
@@ -103,9 +106,10 @@ def test_failure_on_one_rank_raises_on_all(tmp_path):
         save_mod._write_rank_file = real
     with pytest.raises(ds_ckpt.AsyncSaveError, match=r"rank 1: OSError.*Input/output error"):
         ds_ckpt.finalize()
+    # no barrier: no rank raises before rank 0 has removed the failed save's temp dir
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
     assert ds_ckpt.resolve_tag(str(tmp_path), None) == "good"
     dist.barrier()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
     got = torch.zeros(200)
     ds_ckpt.load(tmp_path, None, [ds_ckpt.Fragment.whole("w", got)])
     assert torch.equal(got, torch.cat([torch.zeros(100), torch.ones(100)]))
@@ -115,5 +119,6 @@ def test_failure_on_one_rank_raises_on_all(tmp_path):
     f = ds_ckpt.Fragment("w", (4,), torch.float32, 0, 4, t)
     with pytest.raises(ds_ckpt.CheckpointError, match=r"rank 1: ValueError.*1-D"):
         ds_ckpt.save(tmp_path, "s", [f])
-    dist.barrier()
     assert not (tmp_path / "s").exists()
+    # rank 0 had made the temp dir before rank 1's input was refused: it is gone too
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]

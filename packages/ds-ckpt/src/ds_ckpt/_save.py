@@ -38,6 +38,7 @@ from ds_ckpt._plan import HeldRange, Piece, plan_writes
 from ds_ckpt._stfile import layout, write_file
 
 _STAGING_ALIGN = 64  # staging slices are viewed as any dtype: keep them element-aligned
+_REMOVE_TRIES = 5  # rmtree passes over a failed save's temp dir before reporting it left behind
 
 
 class SaveState(enum.Enum):
@@ -138,7 +139,9 @@ class Saver:
         except Exception as e:  # reported through the gather so that no rank is left waiting
             local_error = f"{type(e).__name__}: {e}"
         infos = comm.all_gather_json({"held": held, "nonce": nonce, "error": local_error})
-        _raise_if_failed(infos, f"save of {tag!r} to {root}", comm, cleanup=None)
+        # rank 0 may have made the temp dir before another rank's input was refused
+        made = tmp_dir(root, tag, infos[0]["nonce"]) if infos[0]["nonce"] else None
+        _raise_if_failed(infos, f"save of {tag!r} to {root}", comm, cleanup=made)
         tmp = tmp_dir(root, tag, infos[0]["nonce"])
         try:
             plan = plan_writes(
@@ -151,7 +154,8 @@ class Saver:
             )
         except ValueError as e:  # identical on every rank: all raise, nobody waits
             if comm.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
+            comm.barrier()  # no rank raises while the temp dir still exists
             raise CheckpointError(f"save of {tag!r} to {root}: {e}") from None
         pieces = plan.get(comm.rank, [])
         shapes = {h[0]: (h[1], h[2]) for info in infos for h in info["held"]}
@@ -245,7 +249,7 @@ class Saver:
                     write_latest(job.root, job.tag)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
-                shutil.rmtree(job.tmp, ignore_errors=True)
+                remove_tree(job.tmp)
         error = comm.broadcast_json(error)
         if error is not None:
             job.state = SaveState.FAILED
@@ -263,13 +267,42 @@ def _raise_if_failed(
     cleanup: str | None,
     exc: type[CheckpointError] = CheckpointError,
 ) -> None:
+    """Raise `exc` on every rank if any rank reported an error in `infos` (identical on all).
+
+    `infos` comes from the all-gather that follows every rank's writes, so no writer of any rank
+    can still be creating files: rank 0 removes `cleanup` then, and the other ranks raise only
+    after it has (one more collective), so a failed save leaves nothing behind by the time any
+    rank sees the exception.
+    """
     errors = [(r, i["error"]) for r, i in enumerate(infos) if i.get("error")]
     if not errors:
         return
-    if cleanup is not None and comm.rank == 0:
-        shutil.rmtree(cleanup, ignore_errors=True)
     lines = "\n".join(f"  rank {r}: {e}" for r, e in errors)
+    if cleanup is not None:
+        left = remove_tree(cleanup) if comm.rank == 0 else None
+        left = comm.broadcast_json(left)
+        if left is not None:
+            lines += f"\n  (rank 0 could not remove the temporary directory {cleanup}: {left})"
     raise exc(f"{what} failed on {len(errors)} rank(s); nothing was committed:\n{lines}")
+
+
+def remove_tree(path: str) -> str | None:
+    """Delete `path` and everything under it; None once it is gone, else why it is not.
+
+    shutil.rmtree(ignore_errors=True) gives up silently when an entry appears while it runs
+    (the final rmdir meets ENOTEMPTY), so retry until the directory is really gone.
+    """
+    why = None
+    for _ in range(_REMOVE_TRIES):
+        if not os.path.lexists(path):
+            return None
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            why = f"{type(e).__name__}: {e}"
+    return None if not os.path.lexists(path) else why or "entries kept appearing"
 
 
 def _sources(
