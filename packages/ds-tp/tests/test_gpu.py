@@ -29,9 +29,11 @@ def test_tp1_wrappers_equal_plain_on_cuda():
     a, b = ref(ids), wrapped(ids)
     a.backward()
     b.backward()
-    assert torch.equal(a, b)
+    # Same math, but not bitwise on CUDA: the wrappers hold their weights as resized views, and
+    # cuBLAS may choose another kernel for another stride (seen on an H100: equal to 4 digits)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (n, p), q in zip(ref.named_parameters(), wrapped.parameters()):
-        assert torch.equal(p.grad, q.grad), n
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.gpu(n=2)
