@@ -33,6 +33,14 @@ def digest_hex(data: memoryview | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+def chunk_digests(view: memoryview, chunk_bytes: int) -> str:
+    """The concatenated hex XXH3-64 of each `chunk_bytes` chunk of `view` (the last may be
+    shorter), hashed in place: memoryview slices share the buffer, so nothing is copied, and
+    one joined string compares against the manifest's digests in a single comparison."""
+    h = xxhash.xxh3_64_hexdigest
+    return "".join([h(view[j : j + chunk_bytes]) for j in range(0, len(view), chunk_bytes)])
+
+
 def chunk_count(nbytes: int, chunk_bytes: int) -> int:
     return -(-nbytes // chunk_bytes)
 
