@@ -317,7 +317,9 @@ def _check_state_partitioned(zero, net, ep, world_size):
         pname = f.name if kind == 0 else f.name.split(".", 2)[2]  # optimizer.<key>.<param>
         held[kind, names.index(pname)] += f.numel
     # SGD with momentum: one optimizer tensor (momentum_buffer) per parameter
-    numel = torch.tensor([float(params[n].numel()) for n in names])
+    # ZeRO-3 releases parameters as 0-element tensors (as DeepSpeed does): their full size is
+    # ds_numel
+    numel = torch.tensor([float(getattr(params[n], "ds_numel", params[n].numel())) for n in names])
     expert = torch.tensor([ds_moe.is_moe_param(params[n]) for n in names])
     assert expert.any() and (~expert).any()
     over_world, over_edp = held.clone(), held.clone()

@@ -114,6 +114,14 @@ def _url_host(addr: str) -> str:
 
 
 def destroy_process_group() -> None:
-    """Tear down the default group (no-op when none exists)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear down the default group (no-op when none exists).
+
+    Every rank calls it. Under gloo the ranks first meet at a barrier: a rank that tore its
+    connections down while a peer's gloo threads still read from them made that peer abort at
+    exit ("terminate called without an active exception", exit -6) after a clean run.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
