@@ -3,10 +3,13 @@ checkout; the GPU machine has no installed packages, only PYTHONPATH)."""
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pythonpath import pythonpath as _checkout_pythonpath  # noqa: E402
+
 PEERS_CANDIDATES = [ROOT / "shared" / "peers", Path("/work/shared/peers")]
 
 
@@ -18,6 +21,6 @@ def peers_dir(arg: str | None) -> Path:
 
 
 def pythonpath() -> str:
-    """Every package's src/ folder, then the caller's PYTHONPATH."""
-    paths = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
+    """Every package's src/ folder but ds-deepspeed's, then the caller's PYTHONPATH: the peer
+    runs import the real DeepSpeed, and ours import ds_all, not its `deepspeed` alias."""
+    return _checkout_pythonpath(alias=False)

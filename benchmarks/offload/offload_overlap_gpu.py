@@ -213,10 +213,7 @@ def _free_port() -> int:
 
 
 def _env(engine_name: str) -> dict[str, str]:
-    path = pythonpath()
-    if engine_name == "deepspeed":
-        # the real DeepSpeed (wheels under $PYTHONPATH): never ds-deepspeed's alias of ds_all
-        path = os.pathsep.join(p for p in path.split(os.pathsep) if "ds-deepspeed" not in p)
+    path = pythonpath()  # the DeepSpeed runs find the real DeepSpeed, never ds-deepspeed's alias
     return dict(
         os.environ,
         PYTHONPATH=path,

@@ -38,6 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pythonpath import pythonpath  # noqa: E402
 from _results import write_results  # noqa: E402
 
 #: "tiny" is for a CPU smoke run of the benchmark itself (DS_ACCELERATOR=cpu, --seq 32)
@@ -48,22 +49,8 @@ MODELS = {
 }
 
 
-def _pythonpath() -> str:
-    """Every package's src/ but ds-deepspeed's: its `deepspeed` alias package would shadow the
-    real DeepSpeed the peer sessions import (and ours do not need it)."""
-    ours = [
-        str(p) for p in sorted((ROOT / "packages").glob("*/src")) if p.parent.name != "ds-deepspeed"
-    ]
-    inherited = [
-        p
-        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        if p and "ds-deepspeed" not in p
-    ]
-    return os.pathsep.join(ours + inherited)
-
-
 def _env(work: Path) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(alias=False), "PYTHONUNBUFFERED": "1"}
     # DeepSpeed's autotuner starts every trial with the `deepspeed` command: a wheel installed
     # with --target has no console script, so a shim on PATH runs its launcher module
     shim = work / "bin"

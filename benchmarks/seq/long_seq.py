@@ -51,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
+from _pythonpath import pythonpath  # noqa: E402
 from _results import write_results  # noqa: E402
 
 SYSTEMS = ("ours", "deepspeed-alst", "hf-plain")
@@ -338,14 +339,7 @@ def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
     if args.tiny:
         cmd.append("--tiny")
     env = dict(os.environ)
-    # every package's src/ except ds-deepspeed's, whose `deepspeed` would shadow the real one
-    paths = [
-        str(p) for p in sorted((ROOT / "packages").glob("*/src")) if p.parent.name != "ds-deepspeed"
-    ]
-    inherited = [
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "ds-deepspeed" not in p
-    ]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + inherited))
+    env["PYTHONPATH"] = pythonpath(alias=False)  # DeepSpeed's ALST trials import the real one
     env.setdefault(
         "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
     )  # ALST's advice, all systems

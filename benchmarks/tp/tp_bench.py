@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pythonpath import pythonpath  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
              num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096)  # fmt: skip
@@ -247,11 +248,8 @@ def run_tp(args) -> None:
     _, name = _device()
     runs = []
     for system in ("ds-tp", "deepspeed", "dtensor"):
-        env = dict(os.environ)
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if system == "deepspeed":  # the real DeepSpeed, not ds-deepspeed's alias of ds_all
-            parts = [p for p in parts if "ds-deepspeed" not in p]
-        env["PYTHONPATH"] = os.pathsep.join(parts)
+        # the real DeepSpeed for its system, never ds-deepspeed's alias of ds_all
+        env = dict(os.environ, PYTHONPATH=pythonpath(alias=system != "deepspeed"))
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                 __file__, "worker", "--system", system, "--batch", str(args.batch), "--seq", str(args.seq),
                 "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])  # fmt: skip
