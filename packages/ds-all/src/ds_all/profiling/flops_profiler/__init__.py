@@ -1,25 +1,6 @@
 """``deepspeed.profiling.flops_profiler``: DeepSpeed's names, implemented by ds-profile."""
 
-from ds_all.profiling.flops_profiler.profiler import (
-    DEFAULT_PRECISION,
-    FlopsProfiler,
-    bytes_to_string,
-    duration_to_string,
-    flops_to_string,
-    get_model_profile,
-    macs_to_string,
-    number_to_string,
-    params_to_string,
-)
+from ds_all.profiling.flops_profiler import profiler
+from ds_all.profiling.flops_profiler.profiler import *  # noqa: F403  (the same names)
 
-__all__ = [
-    "DEFAULT_PRECISION",
-    "FlopsProfiler",
-    "bytes_to_string",
-    "duration_to_string",
-    "flops_to_string",
-    "get_model_profile",
-    "macs_to_string",
-    "number_to_string",
-    "params_to_string",
-]
+__all__ = list(profiler.__all__)
