@@ -15,7 +15,7 @@ cpu-load (the cost of the checksums every load verifies):
   `_load._VERIFY_CHECKSUMS`), and this code as users run it (every chunk checksum verified).
   Wall and CPU seconds (all threads) of each load.
 
-gpu (2 ranks, the 1.34B GPT of BENCHMARKS.md, bf16, AdamW, ZeRO stage 1 or 2):
+gpu (2 ranks, the 1.34B GPT: d=2048, 24 layers, bf16, AdamW, ZeRO stage 1 or 2):
     torchrun --nproc_per_node 2 benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --dir $OUT/ckpt
   DeepSpeed 0.19.8 engine.save_checkpoint/load_checkpoint against ds_ckpt save/load of the same
   state (bf16 weights replicated, fp32 master + exp_avg + exp_avg_sq partitioned over ranks),
@@ -257,7 +257,7 @@ class _Block(torch.nn.Module):
 
 
 class _GPT(torch.nn.Module):
-    """The 1.34B GPT of BENCHMARKS.md (d=2048, 24 layers, vocab 32768, seq 1024)."""
+    """The 1.34B GPT (d=2048, 24 layers, vocab 32768, seq 1024)."""
 
     def __init__(self, vocab=32768, d=2048, layers=24, seq=1024) -> None:
         super().__init__()

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 benchmarks/moe/moe_bench.py --device cpu --hidden 64 --tokens 512 \
         --dtype fp32 --iters 2 --repeats 1                             # CPU smoke run (gloo)
 
-Setup (defaults; the peer is /work/shared/peers/ds_moe_bench.py): hidden d=2048, each expert a
+Setup (defaults; the peer is DeepSpeed 0.19.8's MoE layer run by the peers' ds_moe_bench.py): hidden d=2048, each expert a
 2-layer MLP d -> 4d -> d with GELU, 8 experts, expert parallelism over all ranks (ep = world),
 16,384 tokens per rank, bf16, capacity factor 1.25, loss = mean(out^2) + l_aux, top-1 and top-2.
 

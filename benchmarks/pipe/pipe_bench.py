@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 benchmarks/pipe/pipe_bench.py --out DIR [options]
 
 One stage per GPU, 8 micro-batches of 4 sequences by default, AdamW (lr 1e-4) and gradient
-clipping at 1.0 as in the DeepSpeed peer (/work/shared/peers/ds_pipe_bench.py). Precision:
+clipping at 1.0 as in the DeepSpeed peer (the peers' ds_pipe_bench.py). Precision:
 
 * ``--precision bf16`` (default, what DeepSpeed's ``bf16`` does): bf16 weights and activations,
   fp32 master weights in the optimizer, gradients accumulated over micro-batches in fp32.

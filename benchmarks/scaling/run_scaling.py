@@ -1,5 +1,5 @@
 """Weak scaling of ZeRO-3: ds-zero, PyTorch FSDP2 and DeepSpeed ZeRO-3 on 2, 4 and 8 GPUs of one
-host, for the 1.34B GPT of shared/BENCHMARKS.md and a model about 4x larger, in one session.
+host, for the 1.34B GPT (d=2048, 24 layers) and a model about 4x larger, in one session.
 
     python benchmarks/scaling/run_scaling.py                       # every GPU count that fits
     python benchmarks/scaling/run_scaling.py --gpus 2,4 --models 1.3b --steps 15
@@ -31,7 +31,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
 from _results import write_results  # noqa: E402
 
-# name -> (dim, layers): 1.3b is BENCHMARKS.md's GPT; 5b has d=4096 and 26 layers, 5.5B params
+# name -> (dim, layers): 1.3b is the 1.34B GPT (d=2048, 24 layers); 5b has d=4096 and 26 layers, 5.5B params
 # (4.1x); tiny is for CPU smoke runs
 MODELS = {"1.3b": (2048, 24), "5b": (4096, 26), "tiny": (64, 2)}
 GOALS = {"vs_fsdp2": 1.0, "efficiency_2_to_8": 0.9}

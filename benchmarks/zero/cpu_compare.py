@@ -1,5 +1,5 @@
 """CPU side-by-side: ds-zero stages 0-3 vs DeepSpeed 0.19.8 (the peer ds_peer_train.py) with gloo,
-the CPU model of shared/BENCHMARKS.md (GPT d=256, 4 layers, 4 heads, vocab 1024, seq 128,
+the CPU model (GPT d=256, 4 layers, 4 heads, vocab 1024, seq 128,
 micro-batch 8, fp32, AdamW lr 1e-3, clip 1.0), 2 ranks, alternating runs in one session:
 
     python benchmarks/zero/cpu_compare.py --steps 30

@@ -3,7 +3,7 @@
     python benchmarks/zero/run.py zero3            # ds-zero stage 3, PyTorch FSDP2, DeepSpeed ZeRO-3
     python benchmarks/zero/run.py zero1 zero2 zero3 --nproc 2 --steps 20
 
-Scenarios (the 1.34B GPT of shared/BENCHMARKS.md: d=2048, 24 layers, vocab 32768, seq 1024,
+Scenarios (the 1.34B GPT: d=2048, 24 layers, vocab 32768, seq 1024,
 micro-batch 8 per GPU, bf16, AdamW, clip 1.0):
   zero1: ds-zero stage 1, PyTorch DDP (autocast bf16), DeepSpeed ZeRO-1
   zero2: ds-zero stage 2, PyTorch DDP, DeepSpeed ZeRO-2
