@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -98,6 +99,16 @@ def _init_world_of_one(dist_backend: str | None, port: int) -> None:
 
         get_accelerator().set_device(0)
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # A gloo group still alive when the interpreter tears down can abort the process
+    # ("terminate called without an active exception") after the script has succeeded; a
+    # script run with plain python rarely destroys the group it never asked for, so the group
+    # this function made is destroyed at exit unless the script already did it.
+    atexit.register(_destroy_world_of_one, dist.group.WORLD)
+
+
+def _destroy_world_of_one(group: Any) -> None:
+    if dist.is_initialized() and dist.group.WORLD is group:
+        dist.destroy_process_group()
 
 
 def _launched(mpi: bool = True) -> bool:
