@@ -1,5 +1,15 @@
 """Lightning's DeepSpeedStrategy (CUDA only in Lightning) on one GPU with a tiny GPT-2: per-step
-losses next to the same training in plain PyTorch on the same GPU.
+losses next to the same training in plain PyTorch on the same GPU, both from the same weights.
+
+Lightning builds the model in ``configure_model`` under its init context: at stage 2 on the GPU
+(its CUDA generator draws the weights, not the CPU generator the plain run's model used), at
+stage 3 inside ``deepspeed.zero.Init``, where each submodule's parameters are partitioned as its
+``__init__`` returns, so Transformers' weight init in ``post_init`` (not wrapped in
+``GatheredParameters``: Lightning sets no ``HfDeepSpeedConfig``) writes into released, empty
+parameters and does nothing, with DeepSpeed as with ds-all. The built model therefore loads the
+plain run's initial weights, as a DeepSpeed user loads a checkpoint into a model built under
+ZeRO-3: inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` (which passes whole
+parameters through at stage 2). The comparison then tests the strategy's training math alone.
 
 Usage: python lightning_run.py STAGE OUT.json"""
 
@@ -37,12 +47,15 @@ def plain(device: torch.device) -> list[float]:
 
 
 def main() -> None:
+    import deepspeed
     import lightning as L
     from lightning.pytorch.strategies import DeepSpeedStrategy
     from torch.utils.data import DataLoader
 
     stage, out = int(sys.argv[1]), sys.argv[2]
     losses: list[float] = []
+    # the weights plain() starts from: tiny_gpt2() is seeded and built on the CPU
+    initial = {k: v.clone() for k, v in tiny_gpt2().state_dict().items()}
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -53,6 +66,9 @@ def main() -> None:
             # under zero.Init at stage 3 (Lightning's model_sharded_context)
             if not hasattr(self, "gpt"):
                 self.gpt = tiny_gpt2()
+                params = list(self.gpt.parameters())
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    self.gpt.load_state_dict(initial)
 
         def training_step(self, batch: dict[str, torch.Tensor], idx: int) -> torch.Tensor:
             loss = self.gpt(input_ids=batch["input_ids"], labels=batch["labels"]).loss
