@@ -313,3 +313,129 @@ def test_unsupported_or_misplaced_arguments_are_errors():
         ds_kernels.CPULion(params, 1e-3, 0.9)
     with pytest.raises(TypeError, match="positional"):
         ds_kernels.CPUAdagrad(params, 1e-2, 1e-10)  # eps (DeepSpeed) or lr_decay (torch)?
+
+
+# Sizes around the widening block (2048) and the thread chunk (16384), odd tails included.
+LOW_GRAD_SHAPES = [(2047,), (2049,), (16384 + 2048 + 3,), (64, 33), (1,)]
+
+
+def set_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Give the fp32 param `p` a gradient of another dtype, as a device's bf16 backward or a
+    copy into a 16-bit host buffer does."""
+    if hasattr(p, "grad_dtype"):  # torch >= 2.9 checks the gradient's dtype on assignment
+        p.grad_dtype = grad.dtype
+        p.grad = grad
+    else:
+        p.grad = torch.zeros_like(p)
+        p.grad.data = grad
+
+
+class GradDtypeSpy:
+    """Wraps an op and records the dtypes of the gradients of its last call."""
+
+    def __init__(self, op) -> None:
+        self.op = op
+        self.seen: list[torch.dtype] = []
+
+    def __getattr__(self, name):
+        fn = getattr(self.op, name)
+
+        def call(params, grads, *args, **kwargs):
+            self.seen = [g.dtype for g in grads]
+            return fn(params, grads, *args, **kwargs)
+
+        return call
+
+
+OPTIMIZERS = {
+    "adamw": lambda ps: ds_kernels.CPUAdam(ps, lr=1e-2, weight_decay=0.1),
+    "adam_l2": lambda ps: ds_kernels.CPUAdam(ps, lr=1e-2, weight_decay=0.1, adamw_mode=False),
+    "adam_no_bc": lambda ps: ds_kernels.CPUAdam(ps, lr=1e-2, bias_correction=False),
+    "adagrad": lambda ps: ds_kernels.CPUAdagrad(ps, lr=1e-2, lr_decay=1e-3, weight_decay=0.1),
+    "lion": lambda ps: ds_kernels.CPULion(ps, lr=1e-3, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_low_precision_grads_step_exactly_as_upcast_grads(backend, name, grad_dtype, out_dtype):
+    """16-bit gradients read directly give bit for bit the step on `grad.float()` (what the
+    optimizers did before reading them directly): params, states and the low-precision copy.
+    Each param group mixes fp32 and 16-bit gradients; a few values are fp16/bf16 subnormals,
+    infinities are left out (they make the update NaN, which torch.equal does not compare)."""
+    gen = torch.Generator().manual_seed(11)
+    init = [torch.randn(s, generator=gen) for s in LOW_GRAD_SHAPES]
+    direct = [torch.nn.Parameter(t.clone()) for t in init]
+    upcast = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_d = with_backend(OPTIMIZERS[name](direct), backend)
+    opt_u = with_backend(OPTIMIZERS[name](upcast), backend)
+    opt_d._op = GradDtypeSpy(opt_d._op)
+    outs = None
+    if out_dtype is not None:
+        outs = [[torch.empty(s, dtype=out_dtype) for s in LOW_GRAD_SHAPES] for _ in range(2)]
+    for _ in range(4):
+        for j, (p, q) in enumerate(zip(direct, upcast)):
+            g = torch.randn(p.shape, generator=gen)
+            head = torch.tensor([1e-7, -3e-8, 0.0])[: g.numel()]  # fp16 subnormals, zero
+            g.view(-1)[: head.numel()] = head
+            g = g * 0.01 if j % 2 else g
+            if j == 3:  # this one stays fp32: a group may mix gradient dtypes
+                p.grad, q.grad = g.clone(), g.clone()
+            else:
+                low = g.to(grad_dtype)
+                set_grad(p, low)
+                q.grad = low.float()
+        opt_d.step(low_precision_out=None if outs is None else [outs[0]])
+        opt_u.step(low_precision_out=None if outs is None else [outs[1]])
+        assert direct[0].grad.dtype == grad_dtype  # the caller's gradient was not replaced
+    # the op got the 16-bit gradients themselves, not upcast copies
+    assert opt_d._op.seen == [grad_dtype] * 3 + [torch.float32] + [grad_dtype]
+    for p, q in zip(direct, upcast):
+        assert torch.equal(p.detach(), q.detach())
+        for key, value in opt_d.state[p].items():
+            assert torch.equal(value, opt_u.state[q][key]), key
+    if outs is not None:
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_op_low_precision_grads_with_grad_scale_and_threads(cpu_op, grad_dtype):
+    """The compiled op on 16-bit gradients equals the fallback on the widened ones (the
+    reference written as torch.optim's ops), with grad_scale and 1 or 2 threads; the
+    gradients themselves are left as they were."""
+    gen = torch.Generator().manual_seed(5)
+    p0 = [torch.randn(s, generator=gen) for s in LOW_GRAD_SHAPES]
+    grads = [torch.randn(s, generator=gen).to(grad_dtype) for s in LOW_GRAD_SHAPES]
+    kept = [g.clone() for g in grads]
+
+    def step(op, gs, threads):
+        params = [t.clone() for t in p0]
+        m = [torch.zeros_like(t) for t in params]
+        v = [torch.zeros_like(t) for t in params]
+        out = [torch.empty_like(t, dtype=torch.bfloat16) for t in params]
+        op.adam(params, gs, m, v, out, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.1, decoupled=True, bias_correction1=[0.1] * len(params),
+                bias_correction2_sqrt=[0.0316] * len(params), grad_scale=0.37,
+                num_threads=threads)  # fmt: skip
+        return params, m, v, out
+
+    one = step(cpu_op, grads, 1)
+    two = step(cpu_op, grads, 2)
+    upcast = step(cpu_op, [g.float() for g in grads], 2)
+    ref = step(TorchCpuOptim(), grads, 0)
+    for a, b, c, r in zip(one, two, upcast, ref):
+        for w, x, y, z in zip(a, b, c, r):
+            assert torch.equal(w, x) and torch.equal(x, y)
+            torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
+    for g, k in zip(grads, kept):
+        assert torch.equal(g, k)
+
+
+def test_op_rejects_other_gradient_dtypes(cpu_op):
+    p = [torch.zeros(4)]
+    for op in (cpu_op, TorchCpuOptim()):
+        with pytest.raises(ValueError, match=r"grads\[0\] is torch.float64"):
+            op.lion(p, [torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], None,
+                    lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0)  # fmt: skip

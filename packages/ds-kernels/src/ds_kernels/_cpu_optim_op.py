@@ -6,8 +6,12 @@ Two implementations with one interface:
 - `TorchCpuOptim` is the pure-PyTorch fallback, written in torch.optim's order of operations
   so that it reproduces torch.optim's numbers.
 
+Params and states are fp32; gradients may be fp32, bf16 or fp16 (per tensor). The step is
+the fp32 step on the exactly widened gradient (`grad.float()`): the compiled op widens 16-bit
+gradients in registers/L1 inside its one pass, so they are read from memory at 2 bytes.
+
 The optimizers validate and group tensors; the op checks what the C code relies on (CPU,
-fp32, contiguous, matching sizes) so that a bad call raises instead of corrupting memory.
+dtype, contiguous, matching sizes) so that a bad call raises instead of corrupting memory.
 """
 
 from __future__ import annotations
@@ -21,19 +25,28 @@ import torch
 from ds_kernels._registry import Backend, OpImpl
 
 _OUT_KINDS = {torch.bfloat16: 1, torch.float16: 2}
+# csrc/cpu_optim.cpp's GradKind
+GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 Tensors = Sequence[torch.Tensor]
 
 
-def _check_list(name: str, tensors: Tensors, params: Tensors, dtype: torch.dtype | None) -> None:
+def _check_list(
+    name: str,
+    tensors: Tensors,
+    params: Tensors,
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None,
+) -> None:
     if len(tensors) != len(params):
         raise ValueError(f"cpu_optim: {name} has {len(tensors)} tensors for {len(params)} params")
+    allowed = (dtype,) if isinstance(dtype, torch.dtype) else dtype
     for i, (t, p) in enumerate(zip(tensors, params)):
         if t.device.type != "cpu":
             raise ValueError(
                 f"cpu_optim: {name}[{i}] is on {t.device}; CPU optimizers need CPU tensors"
             )
-        if dtype is not None and t.dtype != dtype:
-            raise ValueError(f"cpu_optim: {name}[{i}] is {t.dtype}, expected {dtype}")
+        if allowed is not None and t.dtype not in allowed:
+            expected = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"cpu_optim: {name}[{i}] is {t.dtype}, expected {expected}")
         if not t.is_contiguous():
             raise ValueError(f"cpu_optim: {name}[{i}] is not contiguous; call .contiguous() first")
         if t.numel() != p.numel():
@@ -54,6 +67,16 @@ def _check_outs(outs: Tensors | None, params: Tensors) -> int:
         )
     _check_list("low_precision_out", outs, params, dtype)
     return _OUT_KINDS[dtype]
+
+
+def _widened(grads: Tensors) -> list[torch.Tensor]:
+    """The fallback's fp32 gradients (the compiled op widens inside its pass instead)."""
+    for i, g in enumerate(grads):
+        if g.dtype not in GRAD_KINDS:
+            raise ValueError(
+                f"cpu_optim: grads[{i}] is {g.dtype}, expected float32, bfloat16 or float16"
+            )
+    return [g if g.dtype == torch.float32 else g.float() for g in grads]
 
 
 class TorchCpuOptim(OpImpl):
@@ -81,7 +104,7 @@ class TorchCpuOptim(OpImpl):
         grad_scale: float = 1.0,
     ) -> None:
         _check_outs(outs, params)
-        for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        for i, (p, g, m, v) in enumerate(zip(params, _widened(grads), exp_avgs, exp_avg_sqs)):
             if grad_scale != 1.0:
                 g = g * grad_scale  # the caller's gradient stays as it is, as in the library
             if decoupled:
@@ -108,7 +131,7 @@ class TorchCpuOptim(OpImpl):
         num_threads: int = 0,
     ) -> None:
         _check_outs(outs, params)
-        for i, (p, g, s) in enumerate(zip(params, grads, sums)):
+        for i, (p, g, s) in enumerate(zip(params, _widened(grads), sums)):
             if weight_decay != 0:
                 g = g.add(p, alpha=weight_decay)
             s.addcmul_(g, g, value=1)
@@ -131,7 +154,7 @@ class TorchCpuOptim(OpImpl):
         num_threads: int = 0,
     ) -> None:
         _check_outs(outs, params)
-        for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+        for i, (p, g, m) in enumerate(zip(params, _widened(grads), exp_avgs)):
             p.mul_(1 - lr * weight_decay)
             update = (m * beta1).add_(g, alpha=1 - beta1).sign_()
             p.add_(update, alpha=-lr)
@@ -142,6 +165,10 @@ class TorchCpuOptim(OpImpl):
 
 def _ptrs(tensors: Tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _grad_kinds(grads: Tensors) -> ctypes.Array:
+    return (ctypes.c_int32 * len(grads))(*[GRAD_KINDS[g.dtype] for g in grads])
 
 
 def _doubles(values: Sequence[float]) -> ctypes.Array:
@@ -158,14 +185,18 @@ class CompiledCpuOptim(OpImpl):
         vp, i32, dbl = ctypes.c_void_p, ctypes.c_int32, ctypes.c_double
         pp = ctypes.POINTER(ctypes.c_void_p)
         i64p = ctypes.POINTER(ctypes.c_int64)
+        i32p = ctypes.POINTER(ctypes.c_int32)
         dblp = ctypes.POINTER(ctypes.c_double)
         lib.ds_cpu_optim_isa.restype = ctypes.c_char_p
         lib.ds_cpu_optim_has_openmp.restype = ctypes.c_int
         lib.ds_adam_step.restype = ctypes.c_int
+        # n, params, grads, grad kinds, exp_avgs, exp_avg_sqs, outs, out kind, numels,
+        # bias corrections (2), lr, beta1, beta2, eps, weight_decay, decoupled, threads, scale
         lib.ds_adam_step.argtypes = [
             i32,
             pp,
             pp,
+            i32p,
             pp,
             pp,
             vp,
@@ -183,9 +214,11 @@ class CompiledCpuOptim(OpImpl):
             dbl,
         ]
         lib.ds_adagrad_step.restype = ctypes.c_int
-        lib.ds_adagrad_step.argtypes = [i32, pp, pp, pp, vp, i32, i64p, dblp, dbl, dbl, i32]
+        lib.ds_adagrad_step.argtypes = [i32, pp, pp, i32p, pp, vp, i32, i64p, dblp, dbl, dbl, i32]
         lib.ds_lion_step.restype = ctypes.c_int
-        lib.ds_lion_step.argtypes = [i32, pp, pp, pp, vp, i32, i64p, dbl, dbl, dbl, dbl, i32]
+        lib.ds_lion_step.argtypes = [
+            i32, pp, pp, i32p, pp, vp, i32, i64p, dbl, dbl, dbl, dbl, i32,
+        ]  # fmt: skip
         self._lib = lib
         self.isa: str = lib.ds_cpu_optim_isa().decode()
         self.openmp: bool = bool(lib.ds_cpu_optim_has_openmp())
@@ -194,7 +227,7 @@ class CompiledCpuOptim(OpImpl):
         self, params: Tensors, grads: Tensors, states: dict[str, Tensors], outs: Tensors | None
     ):
         _check_list("params", params, params, torch.float32)
-        _check_list("grads", grads, params, torch.float32)
+        _check_list("grads", grads, params, tuple(GRAD_KINDS))
         for name, ts in states.items():
             _check_list(name, ts, params, torch.float32)
         kind = _check_outs(outs, params)
@@ -231,8 +264,8 @@ class CompiledCpuOptim(OpImpl):
             params, grads, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, outs
         )
         rc = self._lib.ds_adam_step(
-            len(params), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
-            out_arr, kind, numel, _doubles(bias_correction1), _doubles(bias_correction2_sqrt),
+            len(params), _ptrs(params), _ptrs(grads), _grad_kinds(grads), _ptrs(exp_avgs),
+            _ptrs(exp_avg_sqs), out_arr, kind, numel, _doubles(bias_correction1), _doubles(bias_correction2_sqrt),
             lr, beta1, beta2, eps, weight_decay, int(decoupled), self._threads(num_threads),
             float(grad_scale),
         )  # fmt: skip
@@ -255,7 +288,8 @@ class CompiledCpuOptim(OpImpl):
             return
         kind, numel, out_arr = self._common(params, grads, {"sums": sums}, outs)
         rc = self._lib.ds_adagrad_step(
-            len(params), _ptrs(params), _ptrs(grads), _ptrs(sums), out_arr, kind, numel,
+            len(params), _ptrs(params), _ptrs(grads), _grad_kinds(grads), _ptrs(sums), out_arr,
+            kind, numel,
             _doubles(neg_clr), eps, weight_decay, self._threads(num_threads),
         )  # fmt: skip
         if rc != 0:
@@ -278,7 +312,8 @@ class CompiledCpuOptim(OpImpl):
             return
         kind, numel, out_arr = self._common(params, grads, {"exp_avgs": exp_avgs}, outs)
         rc = self._lib.ds_lion_step(
-            len(params), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), out_arr, kind, numel,
+            len(params), _ptrs(params), _ptrs(grads), _grad_kinds(grads), _ptrs(exp_avgs),
+            out_arr, kind, numel,
             lr, beta1, beta2, weight_decay, self._threads(num_threads),
         )  # fmt: skip
         if rc != 0:

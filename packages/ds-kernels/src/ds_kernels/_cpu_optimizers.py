@@ -7,6 +7,10 @@ CPUAdam(...).state_dict())` works and back.
 `step(low_precision_out=...)` takes, per param group, a list of bf16/fp16 tensors (one per
 param, same numel; typically pinned buffers for a host-to-device copy) and writes the
 updated parameters into them in the same pass over memory.
+
+Params are fp32; their gradients may be fp32, bf16 or fp16 (a `grad_dtype` other than the
+param's, or a gradient copied from a device as it is): 16-bit gradients are read as they are
+and widened inside the step, which then equals the step on `grad.float()` bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ds_kernels._cpu_optim_op import GRAD_KINDS
 from ds_kernels._hparams import check_betas, check_flags
 from ds_kernels._ops import load
 from ds_kernels._registry import OpImpl
@@ -77,8 +82,10 @@ class _CPUOptimizer(torch.optim.Optimizer):
                     f"is {p.dtype} on {p.device} (keep an fp32 CPU master copy for offload)"
                 )
             grad = p.grad
-            if grad.dtype != torch.float32:
-                grad = grad.float()  # bf16/fp16 grads from a device: upcast once
+            if grad.dtype not in GRAD_KINDS:
+                grad = grad.float()  # fp64 and the like: the op reads fp32, bf16 and fp16
+            # bf16/fp16 gradients go to the op as they are: it widens them inside its one pass
+            # (an upcast here would be a read of 2 and a write of 4 bytes per element more)
             params.append(p)
             grads.append(grad.contiguous())
             if outs is not None:

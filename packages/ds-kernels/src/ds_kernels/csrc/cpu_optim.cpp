@@ -2,9 +2,14 @@
 //
 // Design:
 // - One fused pass over memory per step: every element's parameter, gradient and states are
-//   read once and written once (28 bytes per parameter for Adam), and the optional bf16/fp16
-//   copy of the updated parameter (for offload: the buffer that is copied to the device) is
-//   written in the same pass instead of a second sweep.
+//   read once and written once (28 bytes per parameter for Adam with fp32 gradients), and the
+//   optional bf16/fp16 copy of the updated parameter (for offload: the buffer that is copied to
+//   the device) is written in the same pass instead of a second sweep.
+// - Gradients may be fp32, bf16 or fp16, per tensor. A 16-bit gradient is widened to fp32 in
+//   blocks of kBlock elements into a buffer that stays in L1, right before the update reads it:
+//   memory sees 2 bytes per gradient element instead of an upcast pass (read 2, write 4) plus
+//   the update's 4-byte read. Widening is exact, so the update computes exactly what it computes
+//   on `grad.float()`: the fp32 arithmetic below is the same code either way.
 // - Multi-tensor: one call covers every tensor of a parameter group. The work is cut into
 //   fixed-size chunks (a chunk never spans two tensors) and OpenMP threads share the chunk
 //   list, so a group of many small tensors costs one parallel region, not one per tensor.
@@ -36,6 +41,10 @@ namespace {
 constexpr int64_t kChunk = 16384;
 
 enum OutKind : int { kOutNone = 0, kOutBF16 = 1, kOutFP16 = 2 };
+enum GradKind : int { kGradF32 = 0, kGradBF16 = 1, kGradFP16 = 2 };
+
+// 2048 fp32 values = 8 KiB per thread: widened gradients are read back from L1.
+constexpr int64_t kBlock = 2048;
 
 // Round-to-nearest-even fp32 -> bf16, NaN kept quiet (same result as torch's conversion).
 inline uint16_t to_bf16(float f) {
@@ -74,6 +83,73 @@ inline uint16_t to_fp16(float f) {
   return static_cast<uint16_t>(sign | (mant >> 13));
 }
 #endif
+
+// Exact fp16 -> fp32 for compilers without _Float16 (normal, subnormal, inf and NaN).
+inline float fp16_to_float(uint16_t h) {
+#if DS_HAVE_FLOAT16
+  _Float16 v;
+  std::memcpy(&v, &h, sizeof(v));
+  return static_cast<float>(v);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN (payload kept)
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);  // rebias 15 -> 127
+  } else {
+    const float sub = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
+    std::memcpy(&bits, &sub, sizeof(bits));
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+// Widen n 16-bit gradients starting at element `begin` into dst (fp32, exact).
+template <int G>
+inline void widen(const void* __restrict src, int64_t begin, int64_t n, float* __restrict dst) {
+  const uint16_t* s = static_cast<const uint16_t*>(src) + begin;
+  if constexpr (G == kGradBF16) {
+    // bf16 is the top half of an fp32: a shift, which vectorises.
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, sizeof(f));
+      dst[i] = f;
+    }
+  } else {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = fp16_to_float(s[i]);
+  }
+}
+
+// Run fn(g, begin, n) over [begin, end) with g pointing at fp32 gradients of [begin, begin + n):
+// the tensor's own memory for fp32 gradients, else blocks widened into an L1-resident buffer.
+template <int G, typename Fn>
+inline void over_grads(const void* g, int64_t begin, int64_t end, Fn&& fn) {
+  if constexpr (G == kGradF32) {
+    fn(static_cast<const float*>(g) + begin, begin, end - begin);
+  } else {
+    alignas(64) float buf[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = end - b < kBlock ? end - b : kBlock;
+      widen<G>(g, b, n, buf);
+      fn(static_cast<const float*>(buf), b, n);
+    }
+  }
+}
 
 // bf16 rounding is integer arithmetic, which vectorises inside the update loop.
 template <int OUT>
@@ -147,6 +223,8 @@ struct AdamHyper {
   double grad_scale;
 };
 
+// The chunk kernels update elements [begin, end) of p and the states; g points at the fp32
+// gradient of element `begin` (the tensor's memory, or a widened block).
 template <bool ADAMW, int OUT>
 void adam_chunk(float* __restrict p, const float* __restrict g, float* __restrict m,
                 float* __restrict v, void* __restrict out, int64_t begin, int64_t end,
@@ -163,7 +241,7 @@ void adam_chunk(float* __restrict p, const float* __restrict g, float* __restric
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    float gi = g[i] * gs;  // exact when gs == 1
+    float gi = g[i - begin] * gs;  // exact when gs == 1
     if constexpr (ADAMW) {
       pi = pi * decay;
     } else {
@@ -189,7 +267,7 @@ void adagrad_chunk(float* __restrict p, const float* __restrict g, float* __rest
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    const float gi = g[i] + wd * pi;
+    const float gi = g[i - begin] + wd * pi;
     const float si = s[i] + gi * gi;
     const float std_ = std::sqrt(si) + eps;
     pi = pi + neg_clr * (gi / std_);
@@ -212,7 +290,7 @@ void lion_chunk(float* __restrict p, const float* __restrict g, float* __restric
   const float neg_lr = static_cast<float>(-lr_d);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = g[i];
+    const float gi = g[i - begin];
     const float mi = m[i];
     const float c = mi * beta1 + gi * one_minus_b1;
     const float sign = static_cast<float>((c > 0.0f) - (c < 0.0f));
@@ -233,43 +311,107 @@ int resolve_threads(int requested) {
 #endif
 }
 
+// One chunk of one tensor, with the tensor's gradient kind as a template argument.
+template <bool ADAMW, int OUT, int G>
+void adam_span(const Chunk& k, float** p, const void* const* g, float** m, float** v,
+               void** out, const double* bc1, const double* bc2s, const AdamHyper& h) {
+  const int32_t t = k.tensor;
+  void* o = out ? out[t] : nullptr;
+  over_grads<G>(g[t], k.begin, k.end, [&](const float* gb, int64_t b, int64_t n) {
+    adam_chunk<ADAMW, OUT>(p[t], gb, m[t], v[t], o, b, b + n, h, bc1[t], bc2s[t]);
+  });
+}
+
 template <bool ADAMW, int OUT>
-void adam_all(int32_t n, float** p, float** g, float** m, float** v, void** out,
-              const int64_t* numel, const double* bc1, const double* bc2s, const AdamHyper& h,
+void adam_all(int32_t n, float** p, const void* const* g, const int32_t* gkind, float** m,
+              float** v, void** out, const int64_t* numel, const double* bc1, const double* bc2s,
+              const AdamHyper& h, int threads) {
+  ChunkList chunks(n, numel);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t c = 0; c < chunks.size; ++c) {
+    const Chunk& k = chunks.items[c];
+    switch (gkind[k.tensor]) {
+      case kGradBF16:
+        adam_span<ADAMW, OUT, kGradBF16>(k, p, g, m, v, out, bc1, bc2s, h);
+        break;
+      case kGradFP16:
+        adam_span<ADAMW, OUT, kGradFP16>(k, p, g, m, v, out, bc1, bc2s, h);
+        break;
+      default:
+        adam_span<ADAMW, OUT, kGradF32>(k, p, g, m, v, out, bc1, bc2s, h);
+    }
+  }
+}
+
+template <int OUT, int G>
+void adagrad_span(const Chunk& k, float** p, const void* const* g, float** s, void** out,
+                  const double* neg_clr, double eps, double wd) {
+  const int32_t t = k.tensor;
+  void* o = out ? out[t] : nullptr;
+  over_grads<G>(g[t], k.begin, k.end, [&](const float* gb, int64_t b, int64_t n) {
+    adagrad_chunk<OUT>(p[t], gb, s[t], o, b, b + n, static_cast<float>(neg_clr[t]),
+                       static_cast<float>(eps), static_cast<float>(wd));
+  });
+}
+
+template <int OUT>
+void adagrad_all(int32_t n, float** p, const void* const* g, const int32_t* gkind, float** s,
+                 void** out, const int64_t* numel, const double* neg_clr, double eps, double wd,
+                 int threads) {
+  ChunkList chunks(n, numel);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t c = 0; c < chunks.size; ++c) {
+    const Chunk& k = chunks.items[c];
+    switch (gkind[k.tensor]) {
+      case kGradBF16:
+        adagrad_span<OUT, kGradBF16>(k, p, g, s, out, neg_clr, eps, wd);
+        break;
+      case kGradFP16:
+        adagrad_span<OUT, kGradFP16>(k, p, g, s, out, neg_clr, eps, wd);
+        break;
+      default:
+        adagrad_span<OUT, kGradF32>(k, p, g, s, out, neg_clr, eps, wd);
+    }
+  }
+}
+
+template <int OUT, int G>
+void lion_span(const Chunk& k, float** p, const void* const* g, float** m, void** out, double lr,
+               double beta1, double beta2, double wd) {
+  const int32_t t = k.tensor;
+  void* o = out ? out[t] : nullptr;
+  over_grads<G>(g[t], k.begin, k.end, [&](const float* gb, int64_t b, int64_t n) {
+    lion_chunk<OUT>(p[t], gb, m[t], o, b, b + n, lr, beta1, beta2, wd);
+  });
+}
+
+template <int OUT>
+void lion_all(int32_t n, float** p, const void* const* g, const int32_t* gkind, float** m,
+              void** out, const int64_t* numel, double lr, double beta1, double beta2, double wd,
               int threads) {
   ChunkList chunks(n, numel);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t c = 0; c < chunks.size; ++c) {
     const Chunk& k = chunks.items[c];
-    adam_chunk<ADAMW, OUT>(p[k.tensor], g[k.tensor], m[k.tensor], v[k.tensor],
-                           out ? out[k.tensor] : nullptr, k.begin, k.end, h, bc1[k.tensor],
-                           bc2s[k.tensor]);
+    switch (gkind[k.tensor]) {
+      case kGradBF16:
+        lion_span<OUT, kGradBF16>(k, p, g, m, out, lr, beta1, beta2, wd);
+        break;
+      case kGradFP16:
+        lion_span<OUT, kGradFP16>(k, p, g, m, out, lr, beta1, beta2, wd);
+        break;
+      default:
+        lion_span<OUT, kGradF32>(k, p, g, m, out, lr, beta1, beta2, wd);
+    }
   }
 }
 
-template <int OUT>
-void adagrad_all(int32_t n, float** p, float** g, float** s, void** out, const int64_t* numel,
-                 const double* neg_clr, double eps, double wd, int threads) {
-  ChunkList chunks(n, numel);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < chunks.size; ++c) {
-    const Chunk& k = chunks.items[c];
-    adagrad_chunk<OUT>(p[k.tensor], g[k.tensor], s[k.tensor], out ? out[k.tensor] : nullptr,
-                       k.begin, k.end, static_cast<float>(neg_clr[k.tensor]),
-                       static_cast<float>(eps), static_cast<float>(wd));
+// Every gradient kind must be known before any thread starts writing.
+bool valid_grad_kinds(int32_t n, const int32_t* gkind) {
+  for (int32_t t = 0; t < n; ++t) {
+    if (gkind[t] != kGradF32 && gkind[t] != kGradBF16 && gkind[t] != kGradFP16) return false;
   }
-}
-
-template <int OUT>
-void lion_all(int32_t n, float** p, float** g, float** m, void** out, const int64_t* numel,
-              double lr, double beta1, double beta2, double wd, int threads) {
-  ChunkList chunks(n, numel);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < chunks.size; ++c) {
-    const Chunk& k = chunks.items[c];
-    lion_chunk<OUT>(p[k.tensor], g[k.tensor], m[k.tensor], out ? out[k.tensor] : nullptr,
-                    k.begin, k.end, lr, beta1, beta2, wd);
-  }
+  return true;
 }
 
 }  // namespace
@@ -301,18 +443,21 @@ int ds_cpu_optim_has_openmp() {
 #endif
 }
 
-// Returns 0 on success, -1 for an unknown out_kind. `out` may be null (no low-precision copy);
-// otherwise out[t] points at numel[t] 16-bit values.
-int ds_adam_step(int32_t n, float** p, float** g, float** m, float** v, void** out,
-                 int32_t out_kind, const int64_t* numel, const double* bias_correction1,
-                 const double* bias_correction2_sqrt, double lr, double beta1, double beta2,
-                 double eps, double weight_decay, int32_t decoupled, int32_t threads,
-                 double grad_scale) {
+// Returns 0 on success, -1 for an unknown out_kind, -2 for an unknown gradient kind. `out` may
+// be null (no low-precision copy); otherwise out[t] points at numel[t] 16-bit values. g[t]
+// points at numel[t] gradients of kind grad_kind[t] (GradKind: fp32, bf16 or fp16).
+int ds_adam_step(int32_t n, float** p, const void* const* g, const int32_t* grad_kind, float** m,
+                 float** v, void** out, int32_t out_kind, const int64_t* numel,
+                 const double* bias_correction1, const double* bias_correction2_sqrt, double lr,
+                 double beta1, double beta2, double eps, double weight_decay, int32_t decoupled,
+                 int32_t threads, double grad_scale) {
+  if (!valid_grad_kinds(n, grad_kind)) return -2;
   const AdamHyper h{lr, beta1, beta2, eps, weight_decay, grad_scale};
   const int t = resolve_threads(threads);
   const int kind = out ? out_kind : kOutNone;
-#define DS_ADAM(ADAMW, OUT) \
-  adam_all<ADAMW, OUT>(n, p, g, m, v, out, numel, bias_correction1, bias_correction2_sqrt, h, t)
+#define DS_ADAM(ADAMW, OUT)                                                              \
+  adam_all<ADAMW, OUT>(n, p, g, grad_kind, m, v, out, numel, bias_correction1,         \
+                       bias_correction2_sqrt, h, t)
   if (kind == kOutNone) {
     decoupled ? DS_ADAM(true, kOutNone) : DS_ADAM(false, kOutNone);
   } else if (kind == kOutBF16) {
@@ -326,34 +471,36 @@ int ds_adam_step(int32_t n, float** p, float** g, float** m, float** v, void** o
   return 0;
 }
 
-int ds_adagrad_step(int32_t n, float** p, float** g, float** s, void** out, int32_t out_kind,
-                    const int64_t* numel, const double* neg_clr, double eps, double weight_decay,
-                    int32_t threads) {
+int ds_adagrad_step(int32_t n, float** p, const void* const* g, const int32_t* grad_kind,
+                    float** s, void** out, int32_t out_kind, const int64_t* numel,
+                    const double* neg_clr, double eps, double weight_decay, int32_t threads) {
+  if (!valid_grad_kinds(n, grad_kind)) return -2;
   const int t = resolve_threads(threads);
   const int kind = out ? out_kind : kOutNone;
   if (kind == kOutNone) {
-    adagrad_all<kOutNone>(n, p, g, s, out, numel, neg_clr, eps, weight_decay, t);
+    adagrad_all<kOutNone>(n, p, g, grad_kind, s, out, numel, neg_clr, eps, weight_decay, t);
   } else if (kind == kOutBF16) {
-    adagrad_all<kOutBF16>(n, p, g, s, out, numel, neg_clr, eps, weight_decay, t);
+    adagrad_all<kOutBF16>(n, p, g, grad_kind, s, out, numel, neg_clr, eps, weight_decay, t);
   } else if (kind == kOutFP16) {
-    adagrad_all<kOutFP16>(n, p, g, s, out, numel, neg_clr, eps, weight_decay, t);
+    adagrad_all<kOutFP16>(n, p, g, grad_kind, s, out, numel, neg_clr, eps, weight_decay, t);
   } else {
     return -1;
   }
   return 0;
 }
 
-int ds_lion_step(int32_t n, float** p, float** g, float** m, void** out, int32_t out_kind,
-                 const int64_t* numel, double lr, double beta1, double beta2, double weight_decay,
-                 int32_t threads) {
+int ds_lion_step(int32_t n, float** p, const void* const* g, const int32_t* grad_kind,
+                 float** m, void** out, int32_t out_kind, const int64_t* numel, double lr,
+                 double beta1, double beta2, double weight_decay, int32_t threads) {
+  if (!valid_grad_kinds(n, grad_kind)) return -2;
   const int t = resolve_threads(threads);
   const int kind = out ? out_kind : kOutNone;
   if (kind == kOutNone) {
-    lion_all<kOutNone>(n, p, g, m, out, numel, lr, beta1, beta2, weight_decay, t);
+    lion_all<kOutNone>(n, p, g, grad_kind, m, out, numel, lr, beta1, beta2, weight_decay, t);
   } else if (kind == kOutBF16) {
-    lion_all<kOutBF16>(n, p, g, m, out, numel, lr, beta1, beta2, weight_decay, t);
+    lion_all<kOutBF16>(n, p, g, grad_kind, m, out, numel, lr, beta1, beta2, weight_decay, t);
   } else if (kind == kOutFP16) {
-    lion_all<kOutFP16>(n, p, g, m, out, numel, lr, beta1, beta2, weight_decay, t);
+    lion_all<kOutFP16>(n, p, g, grad_kind, m, out, numel, lr, beta1, beta2, weight_decay, t);
   } else {
     return -1;
   }
