@@ -5,11 +5,13 @@
 //   read once and written once (28 bytes per parameter for Adam with fp32 gradients), and the
 //   optional bf16/fp16 copy of the updated parameter (for offload: the buffer that is copied to
 //   the device) is written in the same pass instead of a second sweep.
-// - Gradients may be fp32, bf16 or fp16, per tensor. A 16-bit gradient is widened to fp32 in
-//   blocks of kBlock elements into a buffer that stays in L1, right before the update reads it:
-//   memory sees 2 bytes per gradient element instead of an upcast pass (read 2, write 4) plus
-//   the update's 4-byte read. Widening is exact, so the update computes exactly what it computes
-//   on `grad.float()`: the fp32 arithmetic below is the same code either way.
+// - Gradients may be fp32, bf16 or fp16, per tensor, and are widened to fp32 inside the pass:
+//   memory sees 2 bytes per 16-bit gradient element instead of an upcast pass (read 2, write 4
+//   into a new tensor) plus the update's 4-byte read. bf16 is widened in registers (a shift,
+//   which vectorises inside the update loop); fp16 in blocks of kBlock elements into a buffer
+//   that stays in L1 (GCC does not vectorise the fp16 -> fp32 cast; F16C does 8 at a time).
+//   Widening is exact, so the update computes exactly what it computes on `grad.float()`: the
+//   fp32 arithmetic below is the same code for every gradient kind.
 // - Multi-tensor: one call covers every tensor of a parameter group. The work is cut into
 //   fixed-size chunks (a chunk never spans two tensors) and OpenMP threads share the chunk
 //   list, so a group of many small tensors costs one parallel region, not one per tensor.
@@ -25,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -110,44 +113,54 @@ inline float fp16_to_float(uint16_t h) {
 #endif
 }
 
-// Widen n 16-bit gradients starting at element `begin` into dst (fp32, exact).
-template <int G>
-inline void widen(const void* __restrict src, int64_t begin, int64_t n, float* __restrict dst) {
+// Widen n fp16 gradients starting at element `begin` into dst (fp32, exact).
+inline void widen_fp16(const void* __restrict src, int64_t begin, int64_t n,
+                       float* __restrict dst) {
   const uint16_t* s = static_cast<const uint16_t*>(src) + begin;
-  if constexpr (G == kGradBF16) {
-    // bf16 is the top half of an fp32: a shift, which vectorises.
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
-      float f;
-      std::memcpy(&f, &u, sizeof(f));
-      dst[i] = f;
-    }
-  } else {
-    int64_t i = 0;
+  int64_t i = 0;
 #if defined(__F16C__)
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-    }
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
 #endif
-    for (; i < n; ++i) dst[i] = fp16_to_float(s[i]);
+  for (; i < n; ++i) dst[i] = fp16_to_float(s[i]);
+}
+
+// Gradient element i of a chunk as fp32: fp32 read as it is, bf16 (the top half of an fp32)
+// widened by a shift.
+template <int G>
+inline float grad_at(const void* __restrict g, int64_t i) {
+  if constexpr (G == kGradBF16) {
+    const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(g)[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    static_assert(G == kGradF32, "fp16 gradients are widened into blocks first");
+    return static_cast<const float*>(g)[i];
   }
 }
 
-// Run fn(g, begin, n) over [begin, end) with g pointing at fp32 gradients of [begin, begin + n):
-// the tensor's own memory for fp32 gradients, else blocks widened into an L1-resident buffer.
+template <int G>
+using GradKindC = std::integral_constant<int, G>;
+
+// Run fn(kind, g, begin, n) over [begin, end), g pointing at the gradient of element `begin`
+// read as `kind`: the tensor's own fp32 or bf16 memory, or for fp16 blocks widened into an
+// L1-resident fp32 buffer.
 template <int G, typename Fn>
 inline void over_grads(const void* g, int64_t begin, int64_t end, Fn&& fn) {
-  if constexpr (G == kGradF32) {
-    fn(static_cast<const float*>(g) + begin, begin, end - begin);
-  } else {
+  if constexpr (G == kGradFP16) {
     alignas(64) float buf[kBlock];
     for (int64_t b = begin; b < end; b += kBlock) {
       const int64_t n = end - b < kBlock ? end - b : kBlock;
-      widen<G>(g, b, n, buf);
-      fn(static_cast<const float*>(buf), b, n);
+      widen_fp16(g, b, n, buf);
+      fn(GradKindC<kGradF32>{}, static_cast<const void*>(buf), b, n);
     }
+  } else {
+    const int64_t size = G == kGradBF16 ? 2 : 4;
+    fn(GradKindC<G>{}, static_cast<const void*>(static_cast<const char*>(g) + begin * size),
+       begin, end - begin);
   }
 }
 
@@ -223,10 +236,10 @@ struct AdamHyper {
   double grad_scale;
 };
 
-// The chunk kernels update elements [begin, end) of p and the states; g points at the fp32
-// gradient of element `begin` (the tensor's memory, or a widened block).
-template <bool ADAMW, int OUT>
-void adam_chunk(float* __restrict p, const float* __restrict g, float* __restrict m,
+// The chunk kernels update elements [begin, end) of p and the states; g points at the
+// gradient of element `begin`, of kind G (fp32 or bf16; fp16 arrives as widened fp32 blocks).
+template <bool ADAMW, int OUT, int G>
+void adam_chunk(float* __restrict p, const void* __restrict g, float* __restrict m,
                 float* __restrict v, void* __restrict out, int64_t begin, int64_t end,
                 const AdamHyper& h, double bias_correction1, double bias_correction2_sqrt) {
   const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
@@ -241,7 +254,7 @@ void adam_chunk(float* __restrict p, const float* __restrict g, float* __restric
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    float gi = g[i - begin] * gs;  // exact when gs == 1
+    float gi = grad_at<G>(g, i - begin) * gs;  // exact when gs == 1
     if constexpr (ADAMW) {
       pi = pi * decay;
     } else {
@@ -259,15 +272,15 @@ void adam_chunk(float* __restrict p, const float* __restrict g, float* __restric
   finish_chunk<OUT>(p, out, begin, end);
 }
 
-template <int OUT>
-void adagrad_chunk(float* __restrict p, const float* __restrict g, float* __restrict s,
+template <int OUT, int G>
+void adagrad_chunk(float* __restrict p, const void* __restrict g, float* __restrict s,
                    void* __restrict out, int64_t begin, int64_t end, float neg_clr, float eps,
                    float wd) {
   // neg_clr = -lr / (1 + (step - 1) * lr_decay), formed in double by the caller.
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    const float gi = g[i - begin] + wd * pi;
+    const float gi = grad_at<G>(g, i - begin) + wd * pi;
     const float si = s[i] + gi * gi;
     const float std_ = std::sqrt(si) + eps;
     pi = pi + neg_clr * (gi / std_);
@@ -278,8 +291,8 @@ void adagrad_chunk(float* __restrict p, const float* __restrict g, float* __rest
   finish_chunk<OUT>(p, out, begin, end);
 }
 
-template <int OUT>
-void lion_chunk(float* __restrict p, const float* __restrict g, float* __restrict m,
+template <int OUT, int G>
+void lion_chunk(float* __restrict p, const void* __restrict g, float* __restrict m,
                 void* __restrict out, int64_t begin, int64_t end, double lr_d, double beta1_d,
                 double beta2_d, double wd) {
   const float decay = static_cast<float>(1.0 - lr_d * wd);
@@ -290,7 +303,7 @@ void lion_chunk(float* __restrict p, const float* __restrict g, float* __restric
   const float neg_lr = static_cast<float>(-lr_d);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = g[i - begin];
+    const float gi = grad_at<G>(g, i - begin);
     const float mi = m[i];
     const float c = mi * beta1 + gi * one_minus_b1;
     const float sign = static_cast<float>((c > 0.0f) - (c < 0.0f));
@@ -317,8 +330,9 @@ void adam_span(const Chunk& k, float** p, const void* const* g, float** m, float
                void** out, const double* bc1, const double* bc2s, const AdamHyper& h) {
   const int32_t t = k.tensor;
   void* o = out ? out[t] : nullptr;
-  over_grads<G>(g[t], k.begin, k.end, [&](const float* gb, int64_t b, int64_t n) {
-    adam_chunk<ADAMW, OUT>(p[t], gb, m[t], v[t], o, b, b + n, h, bc1[t], bc2s[t]);
+  over_grads<G>(g[t], k.begin, k.end, [&](auto kind, const void* gb, int64_t b, int64_t n) {
+    adam_chunk<ADAMW, OUT, decltype(kind)::value>(p[t], gb, m[t], v[t], o, b, b + n, h, bc1[t],
+                                                  bc2s[t]);
   });
 }
 
@@ -348,9 +362,10 @@ void adagrad_span(const Chunk& k, float** p, const void* const* g, float** s, vo
                   const double* neg_clr, double eps, double wd) {
   const int32_t t = k.tensor;
   void* o = out ? out[t] : nullptr;
-  over_grads<G>(g[t], k.begin, k.end, [&](const float* gb, int64_t b, int64_t n) {
-    adagrad_chunk<OUT>(p[t], gb, s[t], o, b, b + n, static_cast<float>(neg_clr[t]),
-                       static_cast<float>(eps), static_cast<float>(wd));
+  over_grads<G>(g[t], k.begin, k.end, [&](auto kind, const void* gb, int64_t b, int64_t n) {
+    adagrad_chunk<OUT, decltype(kind)::value>(p[t], gb, s[t], o, b, b + n,
+                                              static_cast<float>(neg_clr[t]),
+                                              static_cast<float>(eps), static_cast<float>(wd));
   });
 }
 
@@ -380,8 +395,8 @@ void lion_span(const Chunk& k, float** p, const void* const* g, float** m, void*
                double beta1, double beta2, double wd) {
   const int32_t t = k.tensor;
   void* o = out ? out[t] : nullptr;
-  over_grads<G>(g[t], k.begin, k.end, [&](const float* gb, int64_t b, int64_t n) {
-    lion_chunk<OUT>(p[t], gb, m[t], o, b, b + n, lr, beta1, beta2, wd);
+  over_grads<G>(g[t], k.begin, k.end, [&](auto kind, const void* gb, int64_t b, int64_t n) {
+    lion_chunk<OUT, decltype(kind)::value>(p[t], gb, m[t], o, b, b + n, lr, beta1, beta2, wd);
   });
 }
 
