@@ -4,6 +4,12 @@ external-parameter registry with DeepSpeed's signatures, over ds_zero."""
 from __future__ import annotations
 
 import enum
+import functools
+import os
+import re
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,9 +23,10 @@ from ds_all._config_base import ConfigError
 
 GatheredParameters = ds_zero.GatheredParameters
 
-# Code that patches DeepSpeed's constructor wrappers (Transformers keeps torch.arange's dtype
-# under zero.Init this way) reads these names. ds_zero.Init does not redirect tensor
-# constructors at all, so the originals are torch's own and the wrapper is never installed.
+# The torch constructors zero.Init redirects while it is active, kept under DeepSpeed's names:
+# Transformers' ZeRO-3 loader swaps ``zero_wrapper_for_fp_tensor_constructor`` for a version that
+# leaves ``torch.arange``'s dtype alone and recognises arange by ``fn is _orig_torch_arange``, so
+# Init looks both up in this module when it enters.
 _orig_torch_tensor = torch.tensor
 _orig_torch_empty = torch.empty
 _orig_torch_zeros = torch.zeros
@@ -27,20 +34,183 @@ _orig_torch_ones = torch.ones
 _orig_torch_full = torch.full
 _orig_torch_arange = torch.arange
 _orig_torch_eye = torch.eye
+_orig_torch_randn = torch.randn
+_CONSTRUCTORS = ("tensor", "empty", "zeros", "ones", "full", "arange", "eye", "randn")
+
+
+class DeepSpeedTensorOverride(enum.Enum):
+    """What ``zero.Init(tensor_overrides=...)`` changes in the tensors created inside it."""
+
+    dtype = 1  # floating-point tensors are cast to Init's dtype
+    device = 2  # tensors without an explicit device are created on the local accelerator
+
+
+DEFAULT_TENSOR_OVERRIDES = [DeepSpeedTensorOverride.dtype, DeepSpeedTensorOverride.device]
 
 
 def zero_wrapper_for_fp_tensor_constructor(
-    fn: Any, target_fp_dtype: torch.dtype, target_device: Any = None
-) -> Any:
-    """``fn`` with floating-point results cast to ``target_fp_dtype`` on ``target_device``."""
+    fn: Callable[..., torch.Tensor],
+    target_fp_dtype: torch.dtype | None,
+    target_device: torch.device | str | None = None,
+) -> Callable[..., torch.Tensor]:
+    """``fn`` creating its tensor on ``target_device`` when the call names no device, with a
+    floating-point result cast to ``target_fp_dtype`` (an explicit dtype is cast too, as in
+    DeepSpeed). None leaves that attribute alone."""
 
     def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.get("device") is None and target_device is not None:
             kwargs["device"] = target_device
         t = fn(*args, **kwargs)
-        return t.to(target_fp_dtype) if t.is_floating_point() else t
+        if target_fp_dtype is not None and t.is_floating_point():
+            t.data = t.data.to(target_fp_dtype)  # through .data: a requires_grad leaf stays a leaf
+        return t
 
     return wrapped
+
+
+def get_new_tensor_fn_for_dtype(
+    target_fp_dtype: torch.dtype | None, target_device: torch.device | str | None
+) -> Callable[..., torch.Tensor]:
+    """``torch.Tensor.__new__`` (the legacy ``torch.Tensor(2, 3)``) under the same overrides.
+    The legacy constructor makes CPU tensors only, so sizes go through ``new_empty`` of an empty
+    tensor on the target device, and data (a list, a tensor) is copied there."""
+
+    def new_tensor(cls: type, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sizes = args or (0,)
+        if all(isinstance(a, int) for a in sizes) or (
+            len(sizes) == 1 and isinstance(sizes[0], torch.Size)
+        ):
+            base = _orig_torch_empty(0, device=target_device)
+            t = base.new_empty(*sizes, **kwargs)
+        else:
+            t = _orig_torch_tensor(*args, **kwargs)
+            if target_device is not None:
+                t = t.to(target_device)
+        if target_fp_dtype is not None and t.is_floating_point():
+            t = t.to(target_fp_dtype)
+        return t
+
+    return new_tensor
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Placement of one Init: the local accelerator (None on a CPU accelerator: nothing moves),
+    where and in which dtype the constructors create tensors (None: as the code says), and
+    whether partitions are kept in host memory."""
+
+    local: torch.device | None
+    device: torch.device | None
+    dtype: torch.dtype | None
+    shards_on_host: bool  # remote_device / offload_param cpu or nvme: partitions live in RAM
+
+    @property
+    def redirects(self) -> bool:
+        return self.device is not None or self.dtype is not None
+
+
+def _local_device(accelerator: Any) -> torch.device:
+    """The accelerator this rank computes on: LOCAL_RANK's, else the current one."""
+    local = os.environ.get("LOCAL_RANK")
+    index = int(local) if local not in (None, "") else accelerator.current_device()
+    return torch.device(accelerator.device_name(index))
+
+
+def _effective_remote(remote_device: str | None, config: Any) -> str:
+    """DeepSpeed's rule: a config's ``offload_param`` decides over the argument."""
+    if config is not None:
+        from ds_all._config import DeepSpeedConfig
+
+        offload = DeepSpeedConfig.load(config).zero_optimization.get("offload_param")
+        if isinstance(offload, dict):
+            remote_device = offload.get("device", "none")
+    return "none" if remote_device in (None, "none") else str(remote_device)
+
+
+def _resolve_targets(
+    accelerator: Any,
+    overrides: Iterable[DeepSpeedTensorOverride],
+    dtype: torch.dtype | None,
+    remote_device: str | None,
+    config: Any,
+) -> _Targets:
+    """Init's placement. On a CPU accelerator nothing is redirected (tensors are made where the
+    module code puts them, in its dtype, and cast to ``dtype`` as each module is partitioned);
+    elsewhere, as DeepSpeed: on the local accelerator in ``dtype``, partitions kept on the host
+    when ``remote_device`` (or the config's ``offload_param.device``) is cpu or nvme."""
+    overrides = list(overrides)
+    for o in overrides:
+        if not isinstance(o, DeepSpeedTensorOverride):
+            raise TypeError(
+                f"zero.Init(tensor_overrides=...): {o!r} is not a DeepSpeedTensorOverride; "
+                "pass a list of DeepSpeedTensorOverride.dtype / .device (or [] for none)"
+            )
+    remote = _effective_remote(remote_device, config)
+    if accelerator.device_name() == "cpu":
+        return _Targets(None, None, None, shards_on_host=False)
+    local = _local_device(accelerator)
+    device = local if DeepSpeedTensorOverride.device in overrides else None
+    fp = dtype if DeepSpeedTensorOverride.dtype in overrides else None
+    return _Targets(local, device, fp, shards_on_host=remote in ("cpu", "nvme"))
+
+
+class _ConstructorRedirect:
+    """Installs the constructor wrappers for one Init and puts back what was there before
+    (also another Init's wrappers, when contexts nest)."""
+
+    def __init__(self, targets: _Targets) -> None:
+        self.targets = targets
+        self._saved: dict[str, Any] = {}
+        self._had_new = False
+        self._saved_new: Any = None
+
+    def __enter__(self) -> None:
+        wrapper = globals()["zero_wrapper_for_fp_tensor_constructor"]  # maybe Transformers'
+        dev, fp = self.targets.device, self.targets.dtype
+        self._saved = {name: getattr(torch, name) for name in _CONSTRUCTORS}
+        self._had_new = "__new__" in torch.Tensor.__dict__
+        self._saved_new = torch.Tensor.__dict__.get("__new__")
+        torch.Tensor.__new__ = get_new_tensor_fn_for_dtype(fp, dev)  # type: ignore[method-assign]
+        for name in _CONSTRUCTORS:
+            orig = globals()[f"_orig_torch_{name}"]
+            setattr(torch, name, wrapper(orig, target_fp_dtype=fp, target_device=dev))
+
+    def __exit__(self, *exc: object) -> None:
+        for name, fn in self._saved.items():
+            setattr(torch, name, fn)
+        if self._had_new:
+            torch.Tensor.__new__ = self._saved_new  # type: ignore[method-assign]
+        else:
+            del torch.Tensor.__new__
+        self._saved = {}
+
+
+def _keep_in_fp32_pattern(module: nn.Module, dtype: torch.dtype | None) -> re.Pattern[str] | None:
+    """Buffer names a Transformers model keeps in fp32 under a 16-bit dtype
+    (``_keep_in_fp32_modules_strict``, plus ``_keep_in_fp32_modules`` under fp16), matched as
+    Transformers matches them; DeepSpeed 0.19.8's zero.Init restores those buffers to fp32
+    after casting (its ``data_types.keep_in_fp32_modules`` "auto")."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    patterns = set()
+    for name, child in module.named_modules():
+        names = set(getattr(child, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype == torch.float16:
+            names |= set(getattr(child, "_keep_in_fp32_modules", None) or [])
+        for n in names:
+            pat = n.replace("*", ".*")
+            patterns.add(rf"^{re.escape(name)}\..*{pat}" if name else pat)
+    return re.compile("|".join(sorted(patterns))) if patterns else None
+
+
+@torch.no_grad()
+def _keep_buffers_in_fp32(module: nn.Module, dtype: torch.dtype | None) -> None:
+    pattern = _keep_in_fp32_pattern(module, dtype)
+    if pattern is None:
+        return
+    for name, buf in module.named_buffers():
+        if buf is not None and buf.is_floating_point() and pattern.search(name):
+            buf.data = buf.data.float()
 
 
 class ZeroParamStatus(enum.Enum):
@@ -88,10 +258,22 @@ class Init(ds_zero.Init):
     group of ``mpu``, else ``zero_param_parallel_group``'s data group, else the world. The
     parameter dtype is ``dtype``, else the config's (bf16/fp16/fp32), else the model's own
     (DeepSpeed falls back to fp16 there). Without a process group one is created first
-    (``init_distributed``), as DeepSpeed's Init does. ``remote_device`` and ``pin_memory`` are accepted:
-    shards stay on the device they were built on until ``initialize()`` places them as the
-    config's ``offload_param`` says; ``mem_efficient_linear`` has nothing to change (linear
-    layers are not patched)."""
+    (``init_distributed``), as DeepSpeed's Init does.
+
+    On an accelerator other than the CPU, while the context is active, torch's tensor
+    constructors (``torch.tensor``, ``empty``, ``zeros``, ``ones``, ``full``, ``arange``,
+    ``eye``, ``randn`` and the legacy ``torch.Tensor(...)``) create tensors on this rank's
+    accelerator when the call names no device, and cast floating-point results to the
+    parameter dtype, as DeepSpeed's ``tensor_overrides`` (default: both) do: a model is built
+    on the device (fast, and drawn by the device's generator as under DeepSpeed) one module at
+    a time. Partitions stay on the device, or go to host memory when ``remote_device`` is "cpu"
+    or "nvme" (a config's ``offload_param.device`` decides over the argument, as in DeepSpeed);
+    ``initialize()`` then places them as the config says, pinned or not (``pin_memory`` has
+    nothing to do before that: Init's partitions are re-laid by ``initialize()``). Buffers a
+    Transformers model names in ``_keep_in_fp32_modules_strict`` (and ``_keep_in_fp32_modules``
+    under fp16) are put back to fp32. On a CPU accelerator no constructor is redirected: tensors
+    are made where the module code puts them and parameters are cast as they are partitioned.
+    ``mem_efficient_linear`` has nothing to change (linear layers are not patched)."""
 
     def __init__(
         self,
@@ -110,6 +292,7 @@ class Init(ds_zero.Init):
         zero_quantized_nontrainable_weights: bool = False,
         sequence_data_parallel_group: Any = None,
         param_swapper: Any = None,
+        tensor_overrides: Iterable[DeepSpeedTensorOverride] = DEFAULT_TENSOR_OVERRIDES,
     ) -> None:
         del mem_efficient_linear, pin_memory, param_swapper, zero_param_parallel_group
         if module is not None:
@@ -142,6 +325,68 @@ class Init(ds_zero.Init):
         if group is None and mpu is not None:
             group = mpu.get_data_parallel_group()
         super().__init__(dp_group=group, enabled=enabled, dtype=dtype)
+        accelerator = get_accelerator()
+        self.targets: _Targets = _resolve_targets(
+            accelerator, tensor_overrides, dtype, remote_device, config_dict_or_path
+        )
+        if self.targets.local is not None:
+            # as DeepSpeed's Init: the local device becomes the current one
+            accelerator.set_device(self.targets.local.index or 0)
+        self._redirect: _ConstructorRedirect | None = None
+        # nesting depth of __init__ calls per module, as ds_zero counts it: the module is
+        # finished (and its parameters placed) when the outermost call returns
+        self._built_depth: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+    def __enter__(self) -> Init:
+        super().__enter__()
+        if self.enabled and self.targets.redirects:
+            self._redirect = _ConstructorRedirect(self.targets)
+            self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._redirect is not None:
+                self._redirect.__exit__(*exc)
+                self._redirect = None
+        finally:
+            super().__exit__(*exc)
+
+    def _wrap(self, orig: Callable[..., None]) -> Callable[..., None]:
+        """ds_zero's wrapper (partition when the outermost ``__init__`` returns) around one
+        that first finishes the module the way DeepSpeed's post-init does: fp32 buffers back to
+        fp32, and the module's new parameters moved where their partitions belong (the local
+        accelerator, or host memory, so the device holds one module's parameters at a time)."""
+        if self.targets.local is None:
+            return super()._wrap(orig)
+
+        @functools.wraps(orig)
+        def finish_then_partition(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            depth = self._built_depth.get(module, 0)
+            self._built_depth[module] = depth + 1
+            try:
+                orig(module, *args, **kwargs)
+            finally:
+                self._built_depth[module] = depth
+            if depth == 0:
+                self._finish(module)
+
+        return super()._wrap(finish_then_partition)
+
+    @torch.no_grad()
+    def _finish(self, module: nn.Module) -> None:
+        _keep_buffers_in_fp32(module, self.targets.dtype)
+        for p in module.parameters(recurse=False):
+            if hasattr(p, "ds_id") or p.is_meta:
+                # partitioned already (shared with an earlier module), or data-less (built on
+                # the meta device, materialised later by the caller)
+                continue
+            if self.targets.shards_on_host:
+                if p.device.type != "cpu":
+                    p.data = p.data.to("cpu")
+            elif p.device != self.targets.local:
+                # DeepSpeed partitions on the local device whatever device the code chose
+                p.data = p.data.to(self.targets.local)
 
 
 def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
@@ -162,10 +407,13 @@ def unregister_external_parameter(module: nn.Module, parameter: nn.Parameter) ->
 
 
 __all__ = [
+    "DEFAULT_TENSOR_OVERRIDES",
+    "DeepSpeedTensorOverride",
     "GatheredParameters",
     "Init",
     "ZeroParamStatus",
     "register_external_parameter",
     "unregister_external_parameter",
+    "get_new_tensor_fn_for_dtype",
     "zero_wrapper_for_fp_tensor_constructor",
 ]
