@@ -165,12 +165,19 @@ def test_offload_param_needs_stage_3_and_nvme_falls_back_to_cpu():
     assert engine.zero.options.host_param_shards
 
 
-def test_zero3_cpu_offload_holds_14_host_bytes_per_parameter():
+@pytest.mark.parametrize("host_room", [False, True], ids=["host-short", "host-room"])
+def test_zero3_cpu_offload_host_bytes_per_parameter(host_room, monkeypatch):
     """ZeRO-3 + offload_optimizer cpu + offload_param cpu, bf16: per parameter the host holds
     the fp32 master and two moments (12 bytes) and the bf16 shard (2); CPU Adam writes into the
-    shard itself, and gradients pass through 4 rotating buffers of the largest partition."""
+    shard itself. Gradients: where the host has room, one fp32 host buffer per partition (4
+    bytes, as DeepSpeed) and no reduced gradient stays on the device past its copy; where it
+    has not, 4 rotating buffers of the largest partition and the gradients that found no free
+    buffer wait on the device until the step. Both train to the same bits (clipping on)."""
     import ds_all
+    import ds_offload._stepper as stepper_mod
 
+    available = 1 << 50 if host_room else 0
+    monkeypatch.setattr(stepper_mod, "host_available_bytes", lambda: available)
     torch.manual_seed(0)
     cfg = config(3, 4)
     cfg["bf16"] = {"enabled": True}
@@ -193,11 +200,33 @@ def test_zero3_cpu_offload_holds_14_host_bytes_per_parameter():
     assert state == 12 * n and shards == 2 * n
     pool = sum(t.numel() * 4 for t in stepper._grad_pool)
     largest = max(b.layout.shard_numel for b in engine.zero.trainable)
-    assert len(stepper._grad_pool) == 4 and pool == 16 * largest and not stepper._grad_host
-    assert pool < 4 * n  # less than one fp32 gradient buffer per partition would take
-    x, y = batch(0, 4)
-    engine.backward(engine(x, y))
-    engine.step()  # and it trains
+    if host_room:
+        assert stepper.grad_buffers == 0 and not stepper._grad_pool
+        assert sum(t.numel() * 4 for t in stepper._grad_host.values()) == 4 * n
+    else:
+        assert len(stepper._grad_pool) == 4 and pool == 16 * largest and not stepper._grad_host
+        assert pool < 4 * n  # less than one fp32 gradient buffer per partition would take
+    for step in range(2):
+        x, y = batch(step, 4)
+        engine.backward(engine(x, y))
+        kept = [b.grad_shard is not None for b in engine.zero.trainable]
+        # host room: every gradient copied and dropped; pool: only the first 4 of the update
+        # order found a buffer
+        assert sum(kept) == (0 if host_room else len(kept) - 4)
+        engine.step()
+    return_state = engine.zero.full_state_dict()
+    monkeypatch.setattr(stepper_mod, "host_available_bytes", lambda: 0 if host_room else 1 << 50)
+    torch.manual_seed(0)
+    other, _, _, _ = ds_all.initialize(
+        model=TinyGPT(layers=8), config=cfg, dist_init_required=False
+    )
+    assert other.zero.stepper.grad_buffers == (4 if host_room else 0)
+    for step in range(2):
+        x, y = batch(step, 4)
+        other.backward(other(x, y))
+        other.step()
+    for k, v in other.zero.full_state_dict().items():
+        assert torch.equal(v, return_state[k]), k
 
 
 def test_engine_close_removes_the_offload_swap_files(tmp_path):

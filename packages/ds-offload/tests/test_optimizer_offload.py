@@ -41,9 +41,30 @@ def test_rotating_gradient_buffers_match_one_per_partition(tmp_path, device, gra
     torch.testing.assert_close(got, _reference(), atol=1e-6, rtol=0)
 
 
+def test_default_gradient_buffers_follow_the_host_memory(tmp_path, monkeypatch):
+    """grad_buffers=None: one host buffer per partition (no gradient waits on the device for a
+    pool buffer) where the state and those buffers fit in 2/3 of the available host memory;
+    the rotating pool where they do not, or where the store is NVMe."""
+    import ds_offload._stepper as stepper_mod
+
+    need = 16 * sum(p.numel() for p in tiny_model().parameters())
+    for available, device, want in [
+        (None, "cpu", 4), (int(need * 1.5), "cpu", 0), (int(need * 1.4), "cpu", 4),
+        (10 * need, "nvme", 4),
+    ]:  # fmt: skip
+        monkeypatch.setattr(stepper_mod, "host_available_bytes", lambda a=available: a)
+        stepper = OffloadStepper(_config(device, tmp_path, buffer_count=2))
+        driver = FlatDriver(tiny_model(), 9)
+        stepper.setup(driver.parts, [{"lr": LR}])
+        assert stepper.grad_buffers == want, (available, device)
+        assert len(stepper._grad_pool) == want
+        assert len(stepper._grad_host) == (9 if want == 0 else 0)
+        stepper.close()
+
+
 def test_gradient_pool_not_used_where_it_would_not_save_memory():
     # 2 partitions, 4 buffers of the largest: one buffer per partition instead
-    stepper = OffloadStepper({"device": "cpu"})
+    stepper = OffloadStepper({"device": "cpu"}, grad_buffers=4)
     driver = FlatDriver(tiny_model(), 2)
     stepper.setup(driver.parts, [{"lr": LR}])
     assert stepper._grad_pool == [] and len(stepper._grad_host) == 2
@@ -168,8 +189,15 @@ def test_grad_scale_with_early_copies(tmp_path, device, grad_buffers):
         # backward order, last partition first; partition 0 never arrives early
         for arrived, (part, g) in enumerate(reversed(list(zip(parts, grads))[1:])):
             stepper.grad_ready(part.index, g, early_copy=True)
-            if grad_buffers == 0 or arrived < grad_buffers:
+            copied = grad_buffers == 0 or arrived < grad_buffers
+            assert stepper.holds_grad(part.index) == copied
+            if copied:
                 g.fill_(float("nan"))  # copied already: the stepper must not read it again
+        assert not stepper.holds_grad(parts[0].index)
+        if s == 1:  # a caller that dropped the copied gradients passes None for them
+            grads = [None if stepper.holds_grad(p.index) else g for p, g in zip(parts, grads)]
+            with pytest.raises(ValueError, match="None but this stepper holds no copy"):
+                stepper.step([None, *grads[1:]], grad_scale=torch.tensor(1 / 1024.0))
         stepper.step(grads, grad_scale=torch.tensor(1 / 1024.0))
         assert stepper._order[0] == parts[-1].index  # updated in arrival order
         driver.sync()

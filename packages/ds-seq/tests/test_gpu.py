@@ -46,6 +46,13 @@ def test_hidden_states_offload_on_cuda_matches_plain_backward_and_reuses_buffers
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
         # every buffer came back to the pool, and the second step reused them
         assert store.pooled_bytes() == 4 * x.numel() * x.element_size()
+        # page-locked at their exact size (torch's pinned allocator rounds up to a power of 2)
+        pooled = [t for ts in store._pool.values() for t in ts]
+        assert all(t.is_pinned() for t in pooled)
+        page = 4096
+        assert all(
+            t.untyped_storage().nbytes() < t.numel() * t.element_size() + page for t in pooled
+        )
 
 
 def test_tiled_mlp_and_loss_on_cuda_bf16():

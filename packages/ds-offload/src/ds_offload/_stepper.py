@@ -34,6 +34,7 @@ import torch
 
 from ds_offload._coerce import coerce
 from ds_offload._copies import Copier
+from ds_offload._host_memory import host_available_bytes
 from ds_offload._hparams import AdamHparams, check_kind, read_hparams
 from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions
 from ds_offload._pinned import aligned_empty
@@ -82,10 +83,21 @@ class OffloadStepper:
         device-to-host copies rotate through, ``grad_buffers`` partitions ahead of the CPU Adam;
         0, or where they would not be smaller than one buffer per partition: one per partition.
         A copy is much faster than the Adam of its partition, so a few buffers hide it fully,
-        and the host holds 4 bytes per parameter less than with one buffer per partition.
+        and the host holds 4 bytes per parameter less than with one buffer per partition; but
+        a gradient that found no free buffer waits for its copy on the device until the step,
+        so the device holds up to 4 bytes per parameter more at the end of backward. None
+        (default): one buffer per partition, as DeepSpeed, unless the host lacks room for them
+        (with this stepper's own state they would take more than ``HOST_SHARE`` of the host
+        memory available at setup, or the store is NVMe), then 4 rotating buffers.
         ``delayed_update`` always uses one buffer per partition (the next step's gradients
         arrive while the previous update still reads its own).
     """
+
+    #: the share of the host memory available at setup that the optimizer state plus one
+    #: gradient buffer per partition may take before ``grad_buffers=None`` picks the pool
+    HOST_SHARE = 2 / 3
+    #: the pool's size when ``grad_buffers=None`` picks it
+    POOL_BUFFERS = 4
 
     masters_on_device = False
     accepts_grad_scale = True
@@ -98,9 +110,9 @@ class OffloadStepper:
         aio: Any = None,
         defaults: dict[str, Any] | None = None,
         num_threads: int = 0,
-        grad_buffers: int = 4,
+        grad_buffers: int | None = None,
     ) -> None:
-        if grad_buffers < 0:
+        if grad_buffers is not None and grad_buffers < 0:
             raise ValueError(f"OffloadStepper: grad_buffers must be >= 0, got {grad_buffers}")
         config = coerce(
             OffloadOptimizerOptions,
@@ -136,7 +148,8 @@ class OffloadStepper:
         self.on_device: list[int] = []  # partition indices kept on the device (ratio < 1)
         self.steps: dict[int, torch.Tensor] = {}  # per partition, 1-element fp32 step count
         self.store: CpuStore | NvmeStore | SplitStore
-        self.grad_buffers = 0 if self.delayed else grad_buffers
+        # None: decided at setup, when the partition sizes are known
+        self.grad_buffers: int | None = 0 if self.delayed else grad_buffers
         self._grad_host: dict[int, torch.Tensor] = {}  # one per partition (no pool)
         self._grad_pool: list[torch.Tensor] = []  # or the rotating buffers
         # early copies of this step (grad_ready(early_copy=True)), in arrival order
@@ -217,6 +230,8 @@ class OffloadStepper:
         else:
             self.store = CpuStore(pin)
         sizes = [by_index[i].master.numel() for i in self.offloaded]
+        if self.grad_buffers is None:
+            self.grad_buffers = self._auto_grad_buffers(sizes)
         pool = min(self.grad_buffers, len(sizes))
         if pool and pool * max(sizes) < sum(sizes):
             self._grad_pool = [
@@ -348,6 +363,18 @@ class OffloadStepper:
         for event in job.device_events.values():
             self._copier.stream_waits(event)
 
+    def _auto_grad_buffers(self, sizes: list[int]) -> int:
+        """``grad_buffers=None``: 0 (one host buffer per partition, no gradient waits on the
+        device) where the host has room, else the pool."""
+        if self.config.device is OffloadDevice.nvme:
+            return self.POOL_BUFFERS  # host memory is what NVMe offload is for
+        # fp32 master and two moments, plus one fp32 gradient buffer, per parameter
+        need = 16 * sum(sizes)
+        available = host_available_bytes()
+        if available is not None and need <= self.HOST_SHARE * available:
+            return 0
+        return self.POOL_BUFFERS
+
     def _job_running(self) -> bool:
         return self._job is not None and self._job.state is not JobState.DONE
 
@@ -390,6 +417,15 @@ class OffloadStepper:
         self._arrived_set.add(index)
         dst = self._grad_buffer(pos, index, grad.numel())
         self._grad_events[index] = self._copier.to_host(dst, grad)
+
+    def holds_grad(self, index: int) -> bool:
+        """Whether the gradient of partition ``index`` handed to ``grad_ready`` this step is in,
+        or on its way to, host memory this stepper owns (or is referenced by its queue), so that
+        ``step`` will not read the caller's tensor: the caller may drop it and pass None for it
+        to ``step``. The copy keeps its source alive until it is done (``record_stream``)."""
+        return index in self._grad_events or (
+            self._stream is not None and index in self._arrived_set
+        )
 
     def _streams(self, index: int) -> bool:
         return (
@@ -533,12 +569,13 @@ class OffloadStepper:
     @torch.no_grad()
     def step(
         self,
-        grads: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
         grad_scale: float | torch.Tensor | None = None,
         *,
         wait: bool = True,
     ) -> None:
-        """Update every partition with its final gradient (same order as the partitions) and
+        """Update every partition with its final gradient (same order as the partitions; None
+        for one whose copy this stepper holds, see ``holds_grad``) and
         write the results into ``param_shard`` (or into ``master`` where ``param_shard`` is
         None). ``grad_scale``: a factor the gradients still need (unscale and clip), applied on
         the host; with it, copies started by ``grad_ready(early_copy=True)`` are reused.
@@ -553,6 +590,15 @@ class OffloadStepper:
         by_index = {p.index: (p, g) for p, g in zip(self.partitions, grads)}
         for i in self.offloaded:
             part, g = by_index[i]
+            if g is None:
+                # without grad_scale the caller's (rescaled) tensors are copied again
+                if grad_scale is None or not self.holds_grad(i):
+                    raise ValueError(
+                        f"OffloadStepper.step: gradient {i} is None but this stepper holds no "
+                        "copy of it to use (pass None only where holds_grad(index) is True, "
+                        "and with grad_scale)"
+                    )
+                continue
             if g.numel() != part.master.numel():
                 raise ValueError(
                     f"OffloadStepper.step: gradient {i} has {g.numel()} elements, its partition "

@@ -9,9 +9,13 @@ backward reaches the layer, and recomputes the layer there. DeepSpeed's ALST get
 checkpointing); here it is the checkpoint function itself, installed on a model's layers by
 :func:`enable_checkpoint_offload` (per instance, no class patching).
 
-The device-to-host copy is issued on the current stream, so it is ordered after the kernel that
-produced the hidden states and before any reuse of their memory; the copy back is issued when
-the layer's backward starts.
+The device-to-host copy is issued on a side stream that waits for the current one, so it is
+ordered after the kernel that produced the hidden states, and the device tensor is recorded on
+that stream, so its memory is not reused before the copy ends; the copy back is issued when the
+layer's backward starts. Host buffers are page-locked at exactly their size (the accelerator's
+``pinned_empty``): torch's pinned allocator rounds each one up to a power of two, up to twice
+the host memory at some lengths, and host memory bounds the longest sequence once the hidden
+states of every layer live there.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ds_accel import get_accelerator
 
 #: tensors smaller than this stay where they are (offloading them saves nothing worth a copy)
 MIN_OFFLOAD_BYTES = 1024
@@ -68,11 +74,7 @@ class HiddenStatesOffload:
             return (t.detach().clone(), t.device) if self.offload_cpu_inputs else (t, None)
         key = (tuple(t.shape), t.dtype)
         free = self._pool.get(key)
-        host = (
-            free.pop()
-            if free
-            else torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
-        )
+        host = free.pop() if free else _host_buffer(t)
         if t.device.type == "cuda":
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=t.device)
@@ -95,6 +97,18 @@ class HiddenStatesOffload:
         # later copies into this buffer are ordered after this one (offload waits on the stream)
         self._pool.setdefault((tuple(host.shape), host.dtype), []).append(host)
         return out
+
+
+def _host_buffer(t: Tensor) -> Tensor:
+    """An uninitialised host tensor shaped as ``t``: page-locked at its exact size where ``t``
+    lives on a CUDA device, pageable where no memory is left to lock (slower copies, same
+    values)."""
+    if t.device.type == "cuda":
+        try:
+            return get_accelerator().pinned_empty(tuple(t.shape), t.dtype)
+        except RuntimeError:
+            pass
+    return torch.empty(t.shape, dtype=t.dtype)
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):

@@ -54,6 +54,12 @@ class PartitionStepper(Protocol):
     ``param_writer`` where that is set). ``group_options`` are the
     optimizer's live param-group dicts: ignore their ``"params"`` and read hyper-parameters (lr)
     at every step, so LR schedulers reach the stepper.
+
+    Optional extension of a stepper with ``accepts_grad_scale`` (read with ``getattr``):
+    ``holds_grad(index) -> bool`` after ``grad_ready(index, grad, early_copy=True)``: True when
+    the stepper has its own copy of that gradient (or a reference keeping it alive), so ZeRO
+    drops its reference at once (an offloaded step then keeps no reduced gradient on the
+    device), takes the partition's norm for clipping then, and passes None for it to ``step``.
     """
 
     masters_on_device: bool

@@ -156,6 +156,10 @@ class Zero:
         self._stream_grads = bool(getattr(self.stepper, "accepts_grad_scale", False))
         self._partition_of = {b.index: k for k, b in enumerate(self.trainable)}
         self._streamed: set[int] = set()
+        # Partitions whose gradient the stepper holds a host copy of (``holds_grad``): their
+        # device gradient is dropped at hand-over, so an offloaded step keeps no fp32
+        # gradient on the device (4 bytes per parameter); the norm each one had, for clipping.
+        self._held_norms: dict[int, torch.Tensor] = {}
         # No factor will ever be applied and no step skipped (no clipping, no loss scaling, no
         # fp16 overflow check): a stepper that takes final gradients starts each partition's
         # update as its gradient arrives, during backward
@@ -401,6 +405,12 @@ class Zero:
         if bucket.grad_shard is not None and k not in self._streamed:
             self._streamed.add(k)
             self._hand_over(k, bucket.grad_shard)
+            holds = getattr(self.stepper, "holds_grad", None)
+            if callable(holds) and holds(k):
+                # the same kernel as step()'s norm of the kept gradients; the device memory is
+                # reused once the stepper's copy is done (it records the copy on the tensor)
+                self._held_norms[k] = torch._foreach_norm([bucket.grad_shard])[0]
+                bucket.grad_shard = None
 
     def _hand_over(self, k: int, grad: torch.Tensor) -> None:
         if self._final_grads:
@@ -453,25 +463,32 @@ class Zero:
         """Global gradient norm (unscaled, before clipping) of the last applied step."""
         return None if self._grad_norm is None else float(self._grad_norm)
 
-    def _grads(self) -> list[torch.Tensor]:
-        out = []
-        for b in self.trainable:
+    def _grads(self) -> list[torch.Tensor | None]:
+        """Each partition's reduced gradient; None where the stepper holds it (its norm is in
+        ``_held_norms``)."""
+        out: list[torch.Tensor | None] = []
+        for k, b in enumerate(self.trainable):
+            if k in self._held_norms:
+                out.append(None)
+                continue
             if b.grad_shard is None:
                 lo, hi = b.master_range
                 b.grad_shard = torch.zeros(hi - lo, device=b.device)
             out.append(b.grad_shard)
         return out
 
-    def _global_sq_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def _global_sq_norm(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         if not grads:
             return torch.zeros(())
         if self._norm_weights is None:
             # built once: a host-to-device copy every step would stall the host on the stream
             self._norm_weights = torch.tensor(
                 [1.0 / (b.replication * b.norm_replicas) for b in self.trainable],
-                device=grads[0].device,
+                device=self.trainable[0].device,
             )
-        norms = torch._foreach_norm(grads)
+        kept = [g for g in grads if g is not None]
+        live = iter(torch._foreach_norm(kept) if kept else ())
+        norms = [self._held_norms[k] if g is None else next(live) for k, g in enumerate(grads)]
         sq = (torch.stack(norms).float().pow(2) * self._norm_weights).sum()
         if self.world > 1:
             dist.all_reduce(sq, group=self.dp_group)
@@ -489,6 +506,8 @@ class Zero:
         self.phase = Phase.ACCUMULATING
         grads = self._grads()
         for part, g in zip(self.partitions, grads):
+            if g is None:  # held by the stepper, handed over in backward
+                continue
             if not self._stream_grads:
                 self.stepper.grad_ready(part.index, g)
             elif part.index not in self._streamed:  # no gradient this step (zeros): copy now
@@ -520,6 +539,7 @@ class Zero:
             else:
                 self.stepper.step(grads, grad_scale=factor)  # type: ignore[call-arg]
             self._streamed.clear()
+            self._held_norms.clear()
         else:
             if coef is not None:
                 torch._foreach_mul_(grads, coef)
@@ -535,6 +555,7 @@ class Zero:
 
     def zero_grad(self) -> None:
         """Drop reduced gradients and local accumulation buffers."""
+        self._held_norms.clear()
         if self._streamed:
             # gradients already handed to the stepper for a step that will not happen
             self._streamed.clear()
