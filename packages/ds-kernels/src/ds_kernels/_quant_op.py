@@ -13,8 +13,13 @@ Layout (the same for every implementation, so a tensor quantized by one is dequa
 - scales have shape ``(*leading, ceil(n / block))``.
 
 Round-trip error: ``|x - dequantize(quantize(x))| <= scale / 2`` element-wise, plus the rounding
-of the output dtype. ``floor(y + 0.5)`` instead of round-half-even makes the Triton kernel and the
-fallback produce the same codes for the same fp32 products.
+of the output dtype.
+
+Every implementation computes the same IEEE fp32 operations in the same order, so they agree bit
+for bit (codes, scales and dequantized values): ``scale`` and ``inv = qmax / absmax`` are
+correctly rounded divisions, ``y = x * inv`` and ``y + 0.5`` are each rounded to fp32 (never one
+fused multiply-add), ``floor`` and the clamp are exact, and dequantize rounds the fp32 product
+``q * scale`` to the output dtype to nearest-even.
 
 ``TorchQuantizer`` (fallback) is vectorised: one pass of torch ops over the padded
 ``(rows, blocks, block)`` view, no Python loop over blocks. ``TritonQuantizer`` runs one
@@ -53,6 +58,17 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
     return x.reshape(-1, n), lead, n
 
 
+def _scale_and_inverse(absmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``absmax / qmax`` and ``qmax / absmax`` (0 where absmax is 0), correctly rounded fp32
+    quotients on every device. Both divisors are tensors on purpose: torch computes
+    ``number / tensor`` as ``tensor.reciprocal() * number`` (two roundings), and on CUDA
+    ``tensor / number`` as a product with the number's rounded reciprocal."""
+    q = torch.full_like(absmax, float(qmax))
+    nonzero = absmax > 0
+    inv = torch.where(nonzero, q / torch.where(nonzero, absmax, torch.ones_like(absmax)), 0.0)
+    return absmax / q, inv
+
+
 class TorchQuantizer(OpImpl):
     """Pure-PyTorch implementation (any device), the reference for the kernels."""
 
@@ -71,9 +87,9 @@ class TorchQuantizer(OpImpl):
         xb = xf.view(rows.shape[0], nb, block)
         qmax = QMAX[bits]
         absmax = xb.abs().amax(dim=-1)
-        scales = absmax / qmax
-        inv = torch.where(absmax > 0, qmax / absmax, torch.zeros_like(absmax))
-        q = torch.floor(xb * inv.unsqueeze(-1) + 0.5).clamp_(-qmax, qmax).to(torch.int8)
+        scales, inv = _scale_and_inverse(absmax, qmax)
+        y = xb * inv.unsqueeze(-1)  # rounded to fp32 here, and the sum below again: no fma
+        q = torch.floor(y + 0.5).clamp_(-qmax, qmax).to(torch.int8)
         q = q.view(rows.shape[0], nb * block)
         if bits == 8:
             codes = q[:, :n]

@@ -5,8 +5,8 @@ writes its codes and its scale, so quantize moves ``n * itemsize + n * bits / 8 
 bytes and dequantize the reverse: the memory-bound minimum.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Triton 3.1's interpreter recognises a constexpr
+# parameter only by its annotation object, and would pass BLOCK as a tensor.
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +18,33 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+# Launch options of every kernel here. With fp fusion on (Triton's default) LLVM and ptxas turn
+# ``x * inv + 0.5`` into one fma, rounded once instead of twice as torch's separate multiply and
+# add are, so a value near a .5 edge can get the neighbouring code.
+_LAUNCH = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _scale_and_inverse(absmax, QMAX: tl.constexpr):
+    """``absmax / qmax`` and ``qmax / absmax`` (0 for an all-zero block), both IEEE divisions:
+    Triton's ``/`` on fp32 is the approximate ``div.full`` on NVIDIA GPUs (up to 2 ulp off),
+    ``div_rn`` the correctly rounded quotient that torch computes. Triton 3.1 to 3.5 emit it
+    with flush-to-zero (``div.rn.ftz``; 3.6 does not), which only changes a block whose scale
+    would be subnormal: absmax below qmax * 2**-126, about 1.5e-36 for int8."""
+    scale = tl.math.div_rn(absmax, QMAX)
+    nonzero = absmax > 0
+    inv = tl.where(nonzero, tl.math.div_rn(QMAX, tl.where(nonzero, absmax, 1.0)), 0.0)
+    return scale, inv
+
+
+@triton.jit
+def _codes(x, inv, QMAX: tl.constexpr):
+    """``floor(x * inv + 0.5)`` clamped to ``[-qmax, qmax]``: the product and the sum each rounded
+    to fp32 (no fma: see ``_LAUNCH``), as the torch reference does."""
+    q = tl.floor(x * inv + 0.5)
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX)
+
+
 @triton.jit
 def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -27,10 +54,9 @@ def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=0)
-    tl.store(s_ptr + pid, absmax / 127.0)
-    inv = tl.where(absmax > 0, 127.0 / absmax, 0.0)
-    q = tl.floor(x * inv + 0.5)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    scale, inv = _scale_and_inverse(absmax, 127.0)
+    tl.store(s_ptr + pid, scale)
+    q = _codes(x, inv, 127.0)
     tl.store(q_ptr + row * n + offs, q.to(tl.int8), mask=mask)
 
 
@@ -46,15 +72,17 @@ def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, BLOCK: tl.constexpr):
     xe = tl.load(base + even, mask=even < n, other=0.0).to(tl.float32)
     xo = tl.load(base + odd, mask=odd < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
-    tl.store(s_ptr + pid, absmax / 7.0)
-    inv = tl.where(absmax > 0, 7.0 / absmax, 0.0)
-    qe = tl.minimum(tl.maximum(tl.floor(xe * inv + 0.5), -7.0), 7.0).to(tl.int32)
-    qo = tl.minimum(tl.maximum(tl.floor(xo * inv + 0.5), -7.0), 7.0).to(tl.int32)
+    scale, inv = _scale_and_inverse(absmax, 7.0)
+    tl.store(s_ptr + pid, scale)
+    qe = _codes(xe, inv, 7.0).to(tl.int32)
+    qo = _codes(xo, inv, 7.0).to(tl.int32)
     byte = (qe & 15) | ((qo & 15) << 4)
     bidx = blk * (BLOCK // 2) + half
     tl.store(q_ptr + row * c + bidx, byte.to(tl.uint8), mask=bidx < c)
 
 
+# Dequantize: one fp32 product per value, then the output dtype's round-to-nearest-even
+# (cvt.rn), as torch's ``(q * scale).to(dtype)``.
 @triton.jit
 def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -96,11 +124,15 @@ def quantize_rows(rows: torch.Tensor, bits: int, block: int) -> tuple[torch.Tens
     assert bits in QMAX
     if bits == 8:
         codes = torch.empty(r, n, dtype=torch.int8, device=rows.device)
-        _quant8_kernel[grid](rows, codes, scales, n, nb, BLOCK=block, num_warps=_warps(block))
+        _quant8_kernel[grid](
+            rows, codes, scales, n, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
+        )
     else:
         c = code_numel(n, 4)
         codes = torch.empty(r, c, dtype=torch.uint8, device=rows.device)
-        _quant4_kernel[grid](rows, codes, scales, n, c, nb, BLOCK=block, num_warps=_warps(block))
+        _quant4_kernel[grid](
+            rows, codes, scales, n, c, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
+        )
     return codes, scales
 
 
@@ -113,7 +145,11 @@ def dequantize_rows(
     out = torch.empty(r, n, dtype=dtype, device=codes.device)
     grid = (r * nb,)
     if bits == 8:
-        _dequant8_kernel[grid](codes, scales, out, n, nb, BLOCK=block, num_warps=_warps(block))
+        _dequant8_kernel[grid](
+            codes, scales, out, n, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
+        )
     else:
-        _dequant4_kernel[grid](codes, scales, out, n, c, nb, BLOCK=block, num_warps=_warps(block))
+        _dequant4_kernel[grid](
+            codes, scales, out, n, c, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
+        )
     return out
