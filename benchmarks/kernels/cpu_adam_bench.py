@@ -229,15 +229,16 @@ def main() -> int:
 
     # Same inputs, same number of steps: the results must agree (a wrong kernel is not fast);
     # the ds_kernels runs must agree bit for bit with each other (same fp32 arithmetic)
-    ref_name = torch_name if torch_name in contenders else MAIN
-    ref = contenders[ref_name][1]
-    agreement = {}
+    agreement: dict[str, float | None] = {}
     for name, (_, ps, *_) in contenders.items():
-        err = max(
+        if torch_name not in contenders:
+            agreement[name] = None  # --no-torch: nothing to compare with
+            continue
+        ref = contenders[torch_name][1]
+        agreement[name] = max(
             float((p.detach() - q.detach()).abs().max() / q.detach().abs().max())
             for p, q in zip(ps, ref)
         )
-        agreement[name] = err
     main_ps, main_outs = contenders[MAIN][1], contenders[MAIN][2]
     bitwise = {}
     for name, (_, ps, outs, _) in contenders.items():
