@@ -13,50 +13,159 @@ Same input tensors (fp16, since DeepSpeed's quantize kernel reads fp16; bf16 for
 Bandwidth counts bytes read + written (input, codes, scales); the reference is a plain
 `copy_` of the input measured in the same run (its read + write bandwidth), so `pct_hbm` is the
 fraction of what this GPU's memory actually delivers. Times: CUDA events, median of `--reps`.
+Goals: every ds-kernels op at >= 70% of the copy bandwidth, and faster than DeepSpeed's.
 
-    TORCH_CUDA_ARCH_LIST=9.0 python benchmarks/zero/quant_bench.py [--sizes-mb 64,256,1024,2048]
+DeepSpeed's quantizer op is compiled (JIT, nvcc, several minutes) on first use, so it is built
+first, in a child process with its own time limit (`--ds-build-timeout-s`, default 400 s;
+`TORCH_CUDA_ARCH_LIST` from the GPU, `MAX_JOBS` from the core count, unless already set);
+the timed part then loads the cached build. A build that fails or runs out of time is recorded
+as a DeepSpeed run with its error, and our figures are still written. `--build-only` runs just
+that step (exit status 1 if it failed), so a session can build under one limit and time under
+another.
+
+    python benchmarks/zero/quant_bench.py [--sizes-mb 64,256,1024,2048] [--reps 10]
+    python benchmarks/zero/quant_bench.py --build-only          # DeepSpeed's op, then exit
+    python benchmarks/zero/quant_bench.py --dry-run             # CPU: every step, tiny sizes
+
+The real DeepSpeed must be importable (the GPU machines install it in /tmp/site); ds-deepspeed's
+src/ (the `deepspeed` alias of this project) is dropped from the path before it is imported.
+`--dry-run` runs the same steps on the CPU (our fallback op timed with perf_counter, DeepSpeed's
+build attempted, results written to a temporary folder unless `--out` says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _pythonpath import ALIAS_SRC, pythonpath  # noqa: E402
 from _results import write_results  # noqa: E402
 
 import ds_kernels  # noqa: E402
 
+GOAL_PCT_HBM = 70.0
 
-def _time_ms(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+# What the child runs: DeepSpeed's JIT build of the quantizer op, nothing else. The alias
+# package is taken off sys.path there too (an editable install puts it back through a .pth).
+_BUILD_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+alias = Path(os.environ["QUANT_BENCH_ALIAS_SRC"])
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != alias]
+t0 = time.perf_counter()
+import deepspeed
+if alias in Path(deepspeed.__file__).resolve().parents:
+    sys.exit(f"DeepSpeed is not installed: 'import deepspeed' found this project's alias only")
+from deepspeed.ops.op_builder import QuantizerBuilder
+QuantizerBuilder().load(verbose=False)
+print(f"deepspeed {deepspeed.__version__} quantizer op ready in {time.perf_counter() - t0:.1f} s")
+"""
 
 
-def _nbytes(*ts: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
+@dataclass
+class BuildResult:
+    """How DeepSpeed's quantizer op build went (recorded in the results' config)."""
+
+    ok: bool
+    seconds: float
+    limit_s: float
+    torch_cuda_arch_list: str
+    max_jobs: str
+    error: str | None = None
+    log_tail: str = ""
 
 
-def _deepspeed():
-    """DeepSpeed's quantizer module (JIT-built) and qwZ's CUDAQuantizer, or the reason why not."""
+def _build_env() -> dict[str, str]:
+    """The build settings, put in os.environ so the child and this process agree: DeepSpeed's
+    JIT versioner compares the nvcc flags (arch list included), and a mismatch would rebuild."""
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pythonpath(alias=False)
+    env["QUANT_BENCH_ALIAS_SRC"] = str(ALIAS_SRC)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _clear_stale_lock() -> None:
+    """A build killed at its limit leaves torch's extension lock file behind, which would make
+    the next load wait on it forever."""
     try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory("quantizer", verbose=False)) / "lock"
+        lock.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - best effort; the error is already recorded
+        pass
+
+
+def build_deepspeed_op(limit_s: float) -> BuildResult:
+    """Build (or find cached) DeepSpeed's quantizer op in a child process within ``limit_s``."""
+    env = _build_env()
+    arch, jobs = env["TORCH_CUDA_ARCH_LIST"], env["MAX_JOBS"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BUILD_SCRIPT],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: nvcc and ninja go with it at the limit
+    )
+    try:
+        out, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        _clear_stale_lock()
+        seconds = time.perf_counter() - t0
+        return BuildResult(False, round(seconds, 1), limit_s, arch, jobs,
+                           f"DeepSpeed's quantizer op build did not finish in {limit_s:.0f} s "
+                           "(raise --ds-build-timeout-s)", _tail(out))  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        lines = [ln for ln in (out or "").splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        return BuildResult(False, round(seconds, 1), limit_s, arch, jobs,
+                           f"DeepSpeed's quantizer op failed to build/load: {last}",
+                           _tail(out))  # fmt: skip
+    return BuildResult(True, round(seconds, 1), limit_s, arch, jobs, None, _tail(out))
+
+
+def _tail(text: str | None, lines: int = 15) -> str:
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def _load_deepspeed():
+    """DeepSpeed's quantizer module (already built) and qwZ's CUDAQuantizer, or the reason why
+    not. The real DeepSpeed only: the alias package of this checkout is taken off the path."""
+    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != ALIAS_SRC]
+    try:
+        import deepspeed
+
+        where = Path(deepspeed.__file__).resolve()
+        if ALIAS_SRC in where.parents:
+            return None, None, f"imported this project's deepspeed alias ({where}), not DeepSpeed"
         from deepspeed.ops.op_builder import QuantizerBuilder
         from deepspeed.runtime.zero.partition_parameters import CUDAQuantizer
 
@@ -66,23 +175,131 @@ def _deepspeed():
         return None, None, f"{type(exc).__name__}: {exc}"
 
 
-def main() -> None:
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    """Median milliseconds of ``fn`` over ``reps`` calls after 3 warm-ups: CUDA events on a GPU,
+    perf_counter on the CPU (--dry-run)."""
+
+    def cuda_ms(fn: Callable[[], object], reps: int) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    def cpu_ms(fn: Callable[[], object], reps: int) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cuda_ms if device == "cuda" else cpu_ms
+
+
+def _nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes-mb", default="64,256,1024,2048")
+    ap.add_argument("--sizes-mb", default=None, help="fp16 input sizes (default 64,256,1024,2048;"
+                    " --dry-run: 1)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--grad-block", type=int, default=256)
     ap.add_argument("--weight-block", type=int, default=4096)
     ap.add_argument("--nodes", type=int, default=2, help="swizzle layout: nodes")
     ap.add_argument("--devices-per-node", type=int, default=8, help="swizzle layout")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("quant_bench needs a CUDA GPU")
+    ap.add_argument("--ds-build-timeout-s", type=float, default=400.0,
+                    help="limit of DeepSpeed's quantizer op build (the child process)")  # fmt: skip
+    ap.add_argument("--no-deepspeed", action="store_true", help="time ours only")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build DeepSpeed's op and exit (status 1 if it failed)")  # fmt: skip
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU: every step with tiny sizes; results to a temporary folder")  # fmt: skip
+    ap.add_argument("--out", default=None, help="results file or folder (default: "
+                    "benchmarks/results/; --dry-run: a temporary folder)")  # fmt: skip
+    args = ap.parse_args(argv)
+    args.sizes_mb = args.sizes_mb or ("1" if args.dry_run else "64,256,1024,2048")
+    try:
+        sizes = [int(s) for s in args.sizes_mb.split(",")]
+    except ValueError:
+        ap.error(f"--sizes-mb takes comma-separated whole megabytes, got {args.sizes_mb!r}")
+    if not sizes or min(sizes) < 1:
+        ap.error(f"--sizes-mb: sizes must be >= 1 MB, got {args.sizes_mb!r}")
+    args.sizes = sizes
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
+    for name in ("grad_block", "weight_block"):
+        b = getattr(args, name)
+        if b < 2 or b & (b - 1) or b > 65536:
+            ap.error(f"--{name.replace('_', '-')} must be a power of two in [2, 65536], got {b}")
+    if args.nodes < 1 or args.devices_per_node < 1:
+        ap.error("--nodes and --devices-per-node must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit("quant_bench needs a CUDA GPU (--dry-run runs its steps on the CPU)")
+    device = "cpu" if args.dry_run else "cuda"
+
+    # Step 1: DeepSpeed's op, built before anything is timed, under its own limit.
+    build = None
+    if not args.no_deepspeed:
+        build = build_deepspeed_op(args.ds_build_timeout_s)
+        print(f"deepspeed build: ok={build.ok} in {build.seconds} s (limit {build.limit_s:.0f} s,"
+              f" TORCH_CUDA_ARCH_LIST={build.torch_cuda_arch_list}, MAX_JOBS={build.max_jobs})"
+              + (f": {build.error}" if build.error else ""))  # fmt: skip
+        if build.log_tail:
+            print(build.log_tail)
+        if args.build_only:
+            return 0 if build.ok else 1
+    elif args.build_only:
+        sys.exit("--build-only and --no-deepspeed contradict each other")
+
+    # Step 2: load it (the cached build) in this process.
+    ds_mod = ds_cuda_quantizer = None
+    ds_error = None if build is None else build.error
+    load_s = None
+    if build is not None and build.ok:
+        t0 = time.perf_counter()
+        ds_mod, ds_cuda_quantizer, ds_error = _load_deepspeed()
+        load_s = round(time.perf_counter() - t0, 2)
+        if ds_mod is not None and device != "cuda":
+            ds_mod = ds_cuda_quantizer = None
+            ds_error = "DeepSpeed's quantizer kernels run on CUDA tensors only (--dry-run)"
+
+    # Step 3: time.
+    time_ms = _timer(device)
     op = ds_kernels.load("quantizer")
-    device = torch.cuda.get_device_name()
-    ds_mod, ds_cuda_quantizer, ds_error = _deepspeed()
+    device_name = (
+        f"1 x {torch.cuda.get_device_name()}"
+        if device == "cuda"
+        else f"1 x cpu ({platform.machine()}, {os.cpu_count()} cores, --dry-run)"
+    )
+
+    def peak() -> float | None:
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+
     sym = ds_mod.Symmetric if ds_mod is not None else None
     runs: list[dict] = []
     ratios: dict[str, float] = {}
+    if build is not None and not build.ok:
+        runs.append({"system": "deepspeed-quantizer", "error": build.error,
+                     "build_log_tail": build.log_tail, "peak_mem_gb": None})  # fmt: skip
+    elif ds_error is not None:
+        runs.append({"system": "deepspeed-quantizer", "error": ds_error, "peak_mem_gb": None})
 
     def record(system: str, size_mb: int, ms: float, moved: int, copy_gbps: float, **extra):
         gbps = moved / ms / 1e6
@@ -93,20 +310,23 @@ def main() -> None:
                 "time_ms": round(ms, 4),
                 "gbps": round(gbps, 1),
                 "pct_hbm": round(100 * gbps / copy_gbps, 1),
-                "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "peak_mem_gb": peak(),
                 **extra,
             }
         )
         return gbps
 
-    for size_mb in (int(s) for s in args.sizes_mb.split(",")):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    for size_mb in args.sizes:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         n = size_mb * 2**20 // 2
         n -= n % (args.devices_per_node * args.nodes * max(args.grad_block, 16) * 8)
-        x16 = torch.randn(n, device="cuda", dtype=torch.float16)
+        if n == 0:
+            sys.exit(f"--sizes-mb {size_mb} is smaller than one swizzle layout; use a larger size")
+        x16 = torch.randn(n, device=device, dtype=torch.float16)
         y = torch.empty_like(x16)
-        copy_ms = _time_ms(lambda x=x16, y=y: y.copy_(x), args.reps)
+        copy_ms = time_ms(lambda x=x16, y=y: y.copy_(x), args.reps)
         copy_gbps = 2 * _nbytes(x16) / copy_ms / 1e6
         runs.append(
             {"system": "torch-copy", "size_mb": size_mb, "time_ms": round(copy_ms, 4),
@@ -117,13 +337,13 @@ def main() -> None:
         for dtype_name, x in (("fp16", x16), ("bf16", xbf)):
             for bits, block, what in ((8, args.weight_block, "qwz"), (4, args.grad_block, "qgz")):
                 codes, scales = op.quantize(x, bits, block)
-                ms = _time_ms(lambda x=x, b=bits, k=block: op.quantize(x, b, k), args.reps)
+                ms = time_ms(lambda x=x, b=bits, k=block: op.quantize(x, b, k), args.reps)
                 key = f"{what}-quantize-{dtype_name}"
                 ours[key] = record(
                     f"ds-kernels-{key}", size_mb, ms, _nbytes(x, codes, scales), copy_gbps,
                     bits=bits, block=block,
                 )  # fmt: skip
-                ms = _time_ms(
+                ms = time_ms(
                     lambda c=codes, s=scales, b=bits, k=block, t=x.dtype, m=n: op.dequantize(
                         c, s, b, k, m, t
                     ),
@@ -135,16 +355,14 @@ def main() -> None:
                     bits=bits, block=block,
                 )  # fmt: skip
         if ds_mod is None:
-            runs.append({"system": "deepspeed", "size_mb": size_mb, "skipped": ds_error,
-                         "peak_mem_gb": None})  # fmt: skip
             continue
         # qwZ: exactly what ZeRO-3 calls (adaptive groups)
         try:
             q, s = ds_cuda_quantizer.quantize(x16)
-            ms = _time_ms(lambda x=x16: ds_cuda_quantizer.quantize(x), args.reps)
+            ms = time_ms(lambda x=x16: ds_cuda_quantizer.quantize(x), args.reps)
             ds_q = record("deepspeed-qwz-quantize-fp16", size_mb, ms, _nbytes(x16, q, s),
                           copy_gbps, groups=s.numel())  # fmt: skip
-            ms = _time_ms(lambda q=q, s=s: ds_cuda_quantizer.dequantize(q, s), args.reps)
+            ms = time_ms(lambda q=q, s=s: ds_cuda_quantizer.dequantize(q, s), args.reps)
             ds_d = record("deepspeed-qwz-dequantize-fp16", size_mb, ms, _nbytes(x16, q, s),
                           copy_gbps, groups=s.numel())  # fmt: skip
             ratios[f"ours/deepspeed qwz quantize gbps {size_mb}MB"] = round(
@@ -160,7 +378,7 @@ def main() -> None:
         try:
             groups = n // args.grad_block
             q, s = ds_mod.swizzle_quant(x16, groups, 4, sym, 1, args.nodes, args.devices_per_node)
-            ms = _time_ms(
+            ms = time_ms(
                 lambda x=x16, g=groups: ds_mod.swizzle_quant(
                     x, g, 4, sym, 1, args.nodes, args.devices_per_node
                 ),
@@ -168,7 +386,7 @@ def main() -> None:
             )
             ds_q = record("deepspeed-qgz-swizzle-quantize-fp16", size_mb, ms,
                           _nbytes(x16, q, s), copy_gbps, groups=groups)  # fmt: skip
-            ms = _time_ms(
+            ms = time_ms(
                 lambda q=q, s=s: ds_mod.dequantize(q, s, s.numel(), 4, sym),
                 args.reps,
             )
@@ -183,29 +401,45 @@ def main() -> None:
         except Exception:  # noqa: BLE001
             runs.append({"system": "deepspeed-qgz", "size_mb": size_mb,
                          "error": traceback.format_exc(limit=2), "peak_mem_gb": None})  # fmt: skip
-    worst = min(
-        (r["pct_hbm"] for r in runs if r["system"].startswith("ds-kernels")), default=math.nan
-    )
+
+    ours_pct = [r["pct_hbm"] for r in runs if r["system"].startswith("ds-kernels")]
+    worst = min(ours_pct) if ours_pct else None
+    if worst is not None and math.isfinite(worst):
+        ratios["ours worst pct_hbm / 70% goal"] = round(worst / GOAL_PCT_HBM, 3)
+    ds_ratios = [v for k, v in ratios.items() if k.startswith("ours/deepspeed")]
+    out = args.out
+    if out is None and args.dry_run:
+        out = tempfile.mkdtemp(prefix="quant_bench_dry_run_")
     path = write_results(
         scenario="zero-quant-kernels",
-        device=f"1 x {device}",
+        device=device_name,
         runs=runs,
         ratios=ratios,
+        path=out,
         metric="time_ms",
         config={
             "op_backend": op.backend.value,
             "sizes_mb": args.sizes_mb,
+            "reps": args.reps,
             "weight_block": args.weight_block,
             "grad_block": args.grad_block,
+            "swizzle": {"nodes": args.nodes, "devices_per_node": args.devices_per_node},
+            "goal_pct_hbm": GOAL_PCT_HBM,
             "min_pct_hbm_ours": worst,
+            "goal_pct_hbm_met": None if worst is None else worst >= GOAL_PCT_HBM,
+            "faster_than_deepspeed_everywhere": (min(ds_ratios) > 1) if ds_ratios else None,
+            "deepspeed_build": None if build is None else asdict(build),
+            "deepspeed_load_s": load_s,
             "deepspeed_error": ds_error,
-        },  # fmt: skip
+            "torch": torch.__version__,
+        },
     )
     for r in runs:
-        print(r)
+        print({k: v for k, v in r.items() if k != "build_log_tail"})
     print(ratios)
     print(f"results: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
