@@ -56,7 +56,7 @@ import ds_ckpt._load as ds_ckpt_load  # noqa: E402  (private knob, toggled to co
 from ds_ckpt import Fragment  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, ".."))  # the shared results writer
-from _results import runs_from_columns, write_results  # noqa: E402
+from _results import default_path, runs_from_columns, write_results  # noqa: E402
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -487,15 +487,29 @@ def worker(args: argparse.Namespace) -> None:
         return
     if args.no_verify:
         ds_ckpt_load._VERIFY_CHECKSUMS = False
+    if args.verify_read:
+        ds_ckpt_load._VERIFY_READ = args.verify_read
     dst = [torch.zeros(numel) for _ in range(N_TENSORS)]  # zeroed: page faults not timed
     frs = [Fragment.whole(f"layers.{i}.weight", t) for i, t in enumerate(dst)]
     evict(files_under(os.path.join(args.dir, "t")))
     out = {"version": ds_ckpt.__version__}
     for what in ("cold", "warm"):
-        t0, c0 = time.perf_counter(), time.process_time()
+        r0, t0, c0 = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            time.perf_counter(),
+            time.process_time(),
+        )
         ds_ckpt.load(args.dir, "t", frs)
         # CPU seconds of all threads: what verification adds, whatever else the machine runs
         out[f"{what}_s"], out[f"{what}_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        # user (hashing, Python) against system (page cache, copies, readahead) CPU, and context
+        # switches (threads waiting: for the disk, or for the GIL)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        out[f"{what}_user_s"], out[f"{what}_sys_s"] = (
+            r1.ru_utime - r0.ru_utime,
+            r1.ru_stime - r0.ru_stime,
+        )
+        out[f"{what}_ctx_switches"] = r1.ru_nvcsw + r1.ru_nivcsw - r0.ru_nvcsw - r0.ru_nivcsw
     out["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps(out))
 
@@ -535,10 +549,15 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
     # --baseline-src: an already extracted packages/ds-ckpt/src of that revision, for machines
     # whose copy of the tree has no git history
     old_src = args.baseline_src or _source_at(args.baseline_rev, os.path.join(root, "src"))
-    dirs = {"old": os.path.join(root, "old"), "new": os.path.join(root, "new")}
+    srcs: dict[str, str | None] = {"old": old_src, "new": None}
+    if args.also_rev or args.also_src:
+        # --also-rev/--also-src: one more revision's default load (e.g. this code before a
+        # change to its read path), timed in the same rotation
+        srcs["also"] = args.also_src or _source_at(args.also_rev, os.path.join(root, "src-also"))
+    dirs = {k: os.path.join(root, k) for k in srcs}
     versions = {
-        "old": _run_worker(old_src, "save", "--dir", dirs["old"], "--gb", str(args.gb))["version"],
-        "new": _run_worker(None, "save", "--dir", dirs["new"], "--gb", str(args.gb))["version"],
+        k: _run_worker(src, "save", "--dir", dirs[k], "--gb", str(args.gb))["version"]
+        for k, src in srcs.items()
     }
     nbytes = _numel(args.gb) * 4 * N_TENSORS
     systems = [
@@ -546,6 +565,20 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
         (f"ds-ckpt {versions['new']}, checksum verification off", None, "new", ["--no-verify"]),
         (f"ds-ckpt {versions['new']} default (XXH3-64 chunks verified)", None, "new", []),
     ]
+    if "also" in srcs:
+        what = args.also_rev or "--also-src"
+        systems.append((f"ds-ckpt {versions['also']} ({what}) default", srcs["also"], "also", []))
+    for mib in args.verify_reads:
+        # the verified load with another pread size (_load._VERIFY_READ): which one a host
+        # prefers is measured, not assumed
+        systems.append(
+            (
+                f"ds-ckpt {versions['new']} default, verified in {mib:g} MiB preads",
+                None,
+                "new",
+                ["--verify-read", str(int(mib * 2**20))],
+            )
+        )
     samples: dict[str, list[dict]] = {name: [] for name, *_ in systems}
     load_avg = [os.getloadavg()]
     for rep in range(args.reps):
@@ -575,12 +608,23 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
                 "all_load_warm_s": warm,
                 "all_load_cpu_s": cpu["cold"],
                 "all_load_warm_cpu_s": cpu["warm"],
+                # medians of the user/system CPU split and context switches (load_user_s: cold)
+                **{
+                    f"load{'_warm' if k == 'warm' else ''}_{w}": statistics.median(
+                        x[f"{k}_{w}"] for x in samples[name]
+                    )
+                    for k in ("cold", "warm")
+                    for w in ("user_s", "sys_s", "ctx_switches")
+                },
             }
         )
-    prev, off, default = runs
+    prev, off, default = runs[:3]
+    scenario, device = "ckpt-load-verify-cpu", device_name()
     path = write_results(
-        scenario="ckpt-load-verify-cpu",
-        device=device_name(),
+        scenario=scenario,
+        device=device,
+        # --suffix keeps an earlier result of the same day and device
+        path=default_path(scenario, device, datetime.date.today().isoformat(), args.suffix),
         runs=runs,
         ratios={
             "previous/default load_s (cold)": prev["load_s"] / default["load_s"],
@@ -589,6 +633,11 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
             "verification-off/default load_warm_s": off["load_warm_s"] / default["load_warm_s"],
             "previous/default load_cpu_s (cold)": prev["load_cpu_s"] / default["load_cpu_s"],
             "verification-off/default load_cpu_s (cold)": off["load_cpu_s"] / default["load_cpu_s"],
+            **{
+                f"{r['system']} / default load{w}_s": r[f"load{w}_s"] / default[f"load{w}_s"]
+                for r in runs[3:]
+                for w in ("", "_warm")
+            },
         },
         metric=["load_s", "load_warm_s"],
         bytes=nbytes,
@@ -615,6 +664,7 @@ def main() -> None:
         w.add_argument("--dir", required=True)
         w.add_argument("--gb", type=float, required=True)
         w.add_argument("--no-verify", action="store_true")
+        w.add_argument("--verify-read", type=int, default=0)
         worker(w.parse_args(sys.argv[2:]))
         return
     p = argparse.ArgumentParser(
@@ -630,6 +680,19 @@ def main() -> None:
     )
     p.add_argument(
         "--baseline-src", default=None, help="cpu-load: that revision's ds-ckpt src, extracted"
+    )
+    p.add_argument(
+        "--also-rev", default=None, help="cpu-load: time this git revision's default load too"
+    )
+    p.add_argument("--also-src", default=None, help="cpu-load: that revision's src, extracted")
+    p.add_argument(
+        "--verify-reads",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[],
+        help="cpu-load: also time the verified load with these pread sizes (MiB, comma-separated)",
+    )
+    p.add_argument(
+        "--suffix", default="", help="cpu-load: appended to the results file name (keeps others)"
     )
     p.add_argument("--out-dir", default=None, help="also write the JSON here")
     args = p.parse_args()

@@ -5,8 +5,9 @@ Why XXH3-64 (the `xxhash` package): every load verifies every byte it reads, so 
 must cost little next to the read itself, page cache included. Measured on the 2-core
 development machine (one core, 64 MiB buffers): XXH3-64 28 GB/s, CRC-32C 13-16 GB/s
 (google-crc32c / crc32c), zlib's CRC-32 4.1 GB/s, SHA-256 1.8 GB/s; with zlib's CRC-32 a small
-load took about twice as long as without verification on that machine. XXH3 releases the GIL,
-so the read threads verify in parallel. A 64-bit digest misses a random corruption of a chunk
+load took about twice as long as without verification on that machine. The `xxhash` package's
+functions hold the GIL while they hash, so chunk digests go through `_xxh3`, which calls the
+same C code without it: the read and save threads hash in parallel. A 64-bit digest misses a random corruption of a chunk
 with probability 2^-64 (a 32-bit CRC: 2^-32 for errors longer than 32 bits); SHA-256 remains
 the opt-in cryptographic check (`save(hashes=True)`, `load(verify_hashes=True)`).
 
@@ -23,22 +24,23 @@ import hashlib
 
 import xxhash
 
+from ds_ckpt import _xxh3
+
 ALGO = "xxh3_64"
 CHUNK_BYTES = 1 << 20  # 1 MiB: at most 2 MiB read in excess per range; 16 manifest bytes per MiB
 HEX = 16  # hex characters per digest
 
 
 def digest_hex(data: memoryview | bytes) -> str:
-    """XXH3-64 of `data` as 16 hex characters (the GIL is released while hashing)."""
+    """XXH3-64 of `data` as 16 hex characters (small inputs: headers, the manifest)."""
     return xxhash.xxh3_64_hexdigest(data)
 
 
 def chunk_digests(view: memoryview, chunk_bytes: int) -> str:
     """The concatenated hex XXH3-64 of each `chunk_bytes` chunk of `view` (the last may be
-    shorter), hashed in place: memoryview slices share the buffer, so nothing is copied, and
-    one joined string compares against the manifest's digests in a single comparison."""
-    h = xxhash.xxh3_64_hexdigest
-    return "".join([h(view[j : j + chunk_bytes]) for j in range(0, len(view), chunk_bytes)])
+    shorter), hashed in place (no copy) and, for writable views, outside the GIL; one joined
+    string compares against the manifest's digests in a single comparison."""
+    return _xxh3.chunk_digests(view, chunk_bytes)
 
 
 def chunk_count(nbytes: int, chunk_bytes: int) -> int:
@@ -76,18 +78,20 @@ class PieceDigest:
         if self.sha is not None:
             self.sha.update(view)
         pos, n, c = 0, len(view), self.chunk_bytes
-        while pos < n:
-            k = min(c - self.fill, n - pos)
-            if self.fill == 0 and k == c:  # a whole chunk at once: the one-shot function
-                self.digests.append(xxhash.xxh3_64_hexdigest(view[pos : pos + k]))
-            else:
-                if self.open is None:
-                    self.open = xxhash.xxh3_64()
-                self.open.update(view[pos : pos + k])
-                self.fill += k
-                if self.fill == c:
-                    self._close()
-            pos += k
+        if self.fill:  # first complete the chunk an earlier segment left open
+            pos = min(c - self.fill, n)
+            self.open.update(view[:pos])
+            self.fill += pos
+            if self.fill == c:
+                self._close()
+        whole = (n - pos) // c * c
+        if whole:  # whole chunks at once, in place and outside the GIL
+            self.digests.append(chunk_digests(view[pos : pos + whole], c))
+            pos += whole
+        if pos < n:  # the start of a chunk the next segment continues
+            self.open = xxhash.xxh3_64()
+            self.open.update(view[pos:])
+            self.fill = n - pos
 
     def _close(self) -> None:
         self.digests.append(self.open.hexdigest())
