@@ -115,9 +115,14 @@ def main() -> int:
         ps = [torch.nn.Parameter(t.clone()) for t in init]
         if direct:
             for p, g in zip(ps, grads):
-                if g.dtype != p.dtype:
+                if g.dtype == p.dtype:
+                    p.grad = g
+                elif hasattr(p, "grad_dtype"):
                     p.grad_dtype = g.dtype  # torch >= 2.9 checks it on assignment
-                p.grad = g
+                    p.grad = g
+                else:  # older torch: .data takes another dtype
+                    p.grad = torch.zeros_like(p)
+                    p.grad.data = g
         return ps
 
     def outs_for(ps: list[torch.nn.Parameter]) -> list[torch.Tensor] | None:
