@@ -213,6 +213,58 @@ def _keep_buffers_in_fp32(module: nn.Module, dtype: torch.dtype | None) -> None:
             buf.data = buf.data.float()
 
 
+def _override_module_apply(config: Any) -> bool:
+    """``zero_optimization.override_module_apply`` (DeepSpeed's default: true)."""
+    if config is None:
+        return True
+    from ds_all._config import DeepSpeedConfig
+
+    return bool(DeepSpeedConfig.load(config).zero_optimization.get("override_module_apply", True))
+
+
+def _gathering(fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """``fn`` run on a module with its partitioned parameters gathered, its changes written
+    back into the partitions from rank 0 (every rank applies the same function)."""
+    if getattr(fn, "_ds_gathering", False):
+        return fn
+
+    @functools.wraps(fn)
+    def on_module(module: nn.Module) -> Any:
+        # partitioned and released now; a parameter an enclosing GatheredParameters holds
+        # whole is written back by that context
+        params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id") and p.numel() == 0]  # fmt: skip
+        if not params:
+            return fn(module)
+        with ds_zero.GatheredParameters(params, modifier_rank=0):
+            return fn(module)
+
+    on_module._ds_gathering = True  # type: ignore[attr-defined]
+    return on_module
+
+
+class _GatheringApply:
+    """``nn.Module.apply`` gathering each module's partitioned parameters around the function
+    while an Init is active, as DeepSpeed's ``override_module_apply``: a parent's
+    ``self.apply(init_weights)`` in its ``__init__`` then initialises its children's weights,
+    which were partitioned as each child finished, instead of writing into empty tensors."""
+
+    def __init__(self) -> None:
+        self._saved: Any = None
+
+    def __enter__(self) -> None:
+        self._saved = nn.Module.__dict__["apply"]
+        previous = self._saved
+
+        @functools.wraps(previous)
+        def apply(module: nn.Module, fn: Callable[[nn.Module], Any]) -> nn.Module:
+            return previous(module, _gathering(fn))
+
+        nn.Module.apply = apply  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        nn.Module.apply = self._saved  # type: ignore[method-assign]
+
+
 class ZeroParamStatus(enum.Enum):
     """Whether a stage-3 parameter is whole on this rank (DeepSpeed's names)."""
 
@@ -273,7 +325,12 @@ class Init(ds_zero.Init):
     Transformers model names in ``_keep_in_fp32_modules_strict`` (and ``_keep_in_fp32_modules``
     under fp16) are put back to fp32. On a CPU accelerator no constructor is redirected: tensors
     are made where the module code puts them and parameters are cast as they are partitioned.
-    ``mem_efficient_linear`` has nothing to change (linear layers are not patched)."""
+    ``mem_efficient_linear`` has nothing to change (linear layers are not patched).
+
+    ``nn.Module.apply`` gathers each module's partitioned parameters around the function while
+    the context is active (DeepSpeed's ``zero_optimization.override_module_apply``, default
+    true), so ``self.apply(init_weights)`` in a parent's ``__init__`` initialises the children
+    it reaches as it would without ZeRO-3."""
 
     def __init__(
         self,
@@ -333,12 +390,17 @@ class Init(ds_zero.Init):
             # as DeepSpeed's Init: the local device becomes the current one
             accelerator.set_device(self.targets.local.index or 0)
         self._redirect: _ConstructorRedirect | None = None
+        self.override_module_apply: bool = _override_module_apply(config_dict_or_path)
+        self._apply: _GatheringApply | None = None
         # nesting depth of __init__ calls per module, as ds_zero counts it: the module is
         # finished (and its parameters placed) when the outermost call returns
         self._built_depth: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
     def __enter__(self) -> Init:
         super().__enter__()
+        if self.enabled and self.override_module_apply:
+            self._apply = _GatheringApply()
+            self._apply.__enter__()
         if self.enabled and self.targets.redirects:
             self._redirect = _ConstructorRedirect(self.targets)
             self._redirect.__enter__()
@@ -349,6 +411,9 @@ class Init(ds_zero.Init):
             if self._redirect is not None:
                 self._redirect.__exit__(*exc)
                 self._redirect = None
+            if self._apply is not None:
+                self._apply.__exit__(*exc)
+                self._apply = None
         finally:
             super().__exit__(*exc)
 
