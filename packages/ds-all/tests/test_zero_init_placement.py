@@ -33,6 +33,9 @@ class _StandIn(ds_accel.CPUAccelerator):
     def current_device(self) -> int:
         return self.current
 
+    def device_count(self) -> int:
+        return 4
+
     def set_device(self, index: int) -> None:
         self.set_to.append(index)
 
@@ -65,6 +68,9 @@ def test_resolution_on_an_accelerator(monkeypatch) -> None:
     assert (t.device, t.dtype, t.redirects) == (None, None, False)
     # no dtype known (no config, no argument): the model's own dtype is kept
     assert pp._resolve_targets(gpu, ALL, None, None, None).dtype is None
+    # a LOCAL_RANK past the visible devices (one device per rank): modulo their number
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert pp._resolve_targets(gpu, ALL, None, None, None).local == torch.device("cuda:2")
     # without LOCAL_RANK: the current device
     monkeypatch.delenv("LOCAL_RANK")
     assert pp._resolve_targets(_StandIn("cuda", 3), ALL, None, None, None).local == torch.device("cuda:3")  # fmt: skip

@@ -110,9 +110,13 @@ class _Targets:
 
 
 def _local_device(accelerator: Any) -> torch.device:
-    """The accelerator this rank computes on: LOCAL_RANK's, else the current one."""
+    """The accelerator this rank computes on: LOCAL_RANK's (modulo the devices visible, as the
+    engine picks it, for launchers that give each rank one device), else the current one."""
     local = os.environ.get("LOCAL_RANK")
-    index = int(local) if local not in (None, "") else accelerator.current_device()
+    if local in (None, ""):
+        index = accelerator.current_device()
+    else:
+        index = int(local) % max(1, accelerator.device_count())
     return torch.device(accelerator.device_name(index))
 
 
