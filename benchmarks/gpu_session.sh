@@ -81,10 +81,14 @@ for p in "$@"; do
         "${runs[@]}" --nvme-path "$SCRATCH/nvme" --deadline-s "${LARGEST_DEADLINE_S:-540}" \
         --device-name "1x$GPUNAME"
       ;;
-    longseq)  # LONGSEQ_BUDGET_S: seconds per system's search (default 110); LONGSEQ_START (16384)
+    longseq)  # LONGSEQ_BUDGET_S: seconds per system's search, build included (default 170);
+              # LONGSEQ_TOTAL_S: the whole phase (default 580); LONGSEQ_START (16384);
+              # LONGSEQ_SYSTEMS (default "deepspeed-alst ours hf-plain")
+      # shellcheck disable=SC2086  # the systems are separate words
       phase longseq python3 benchmarks/seq/long_seq.py --nproc "$NGPU" \
-        --systems deepspeed-alst ours hf-plain --start "${LONGSEQ_START:-16384}" --max-trials 6 \
-        --budget-s "${LONGSEQ_BUDGET_S:-110}" --trial-timeout 150 --device-name "${NGPU}x$GPUNAME"
+        --systems ${LONGSEQ_SYSTEMS:-deepspeed-alst ours hf-plain} --start "${LONGSEQ_START:-16384}" \
+        --budget-s "${LONGSEQ_BUDGET_S:-170}" --total-s "${LONGSEQ_TOTAL_S:-580}" \
+        --device-name "${NGPU}x$GPUNAME"
       ;;
     dsops)
       phase dsops env MAX_JOBS="$(nproc)" python3 -c "

@@ -1,7 +1,7 @@
 """The longest sequence a Llama-3.2-3B-shaped model trains at with ZeRO-3 + CPU offload.
 
     python benchmarks/seq/long_seq.py --systems deepspeed-alst ours hf-plain \
-        --start 16384 --max-trials 6 --budget-s 110 --device-name 1xNVIDIA-H100
+        --start 16384 --budget-s 170 --total-s 580 --device-name 1xNVIDIA-H100
 
 Systems (the model: ``LlamaConfig`` hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate
 8192, vocab 128256, random weights, bf16, SDPA attention; embeddings untied (3.6B parameters:
@@ -20,20 +20,38 @@ optimizer and parameters offloaded to the CPU, AdamW, clipping 1.0; micro-batch 
   checkpointing on, no tiling, no offload of the checkpoints) under DeepSpeed ZeRO-3 offload,
   data parallel over the GPUs (no sequence parallelism).
 
-Lengths: doubling from ``--start`` until a trial fails, then bisection (multiples of
-``--granularity``) between the longest success and the shortest failure. Each trial is one
-process group (``torchrun --nproc_per_node N``, sp = N for the first two systems) that builds the
-model, trains ``--steps`` steps on random tokens and reports the tokens/s of the steps after the
-first, peak GPU memory (max allocated, rank 0) and the failure (out of memory, timeout, error).
-A system's search stops after ``--max-trials`` trials or ``--budget-s`` seconds (the first
-trial always runs, up to ``--trial-timeout``; no later trial starts that the remaining budget
-could not finish, judged by the last trial's wall time), so
-``max_seq_len`` is a lower bound when ``bounded_by`` is not ``memory``. After the searches,
-ours runs once at DeepSpeed's longest length if it has no trial there (for the tokens/s ratio)
-when the budget allows.
+The search, per system, within ``--budget-s`` seconds (model build included):
+
+1. One process group (``torchrun --nproc_per_node N``, sp = N for the first two systems) builds
+   the model and the engine once and trains ``--steps`` steps at each length of the ladder
+   ``--start``, 2x, 4x, ... in turn. Before each length it frees what the last one left
+   (ds-seq's pooled host buffers, the CUDA caches, torch's pinned-memory cache) and resets the
+   peak counters, so each length's ``peak_mem_gb`` (max allocated, rank 0) is its own; memory
+   left fragmented by shorter lengths can only make a length fail sooner. It stops at the first
+   failure (out of device memory, killed: host memory, error), or before a length whose
+   predicted time (the last length's, scaled by the measured growth, quadratic before two
+   lengths are known) would overrun the budget, or at ``--max-len``.
+2. After an out-of-memory failure, fresh processes bisect (multiples of ``--granularity``)
+   between the longest success and the failure while the budget allows (each needs a build).
+
+``max_seq_len`` is the longest length that trained ``--steps`` steps; ``bounded_by`` says what
+ended the search: ``memory`` (the next length failed, within ``--granularity``), ``budget``
+(time: ``max_seq_len`` is a lower bound; ``limit_between`` brackets the limit when a failure
+was seen), ``max_len`` or ``trials``. Each run also carries a projection (``projected``: where
+the device and host memory measured at the last two lengths of the ladder, extrapolated
+linearly, would run out), labelled as such; the ratios of measured lengths never use it.
+After the searches, ours trains at DeepSpeed's longest length if it has no trial there (for the
+tokens/s ratio), within ``--total-s``.
+
+Budgets: on one H100 (2026-12-06) building took 28 s (ours), 80 s (DeepSpeed ALST) and 34 s
+(hf-plain) and 3 steps at 16K took 9 s, 23 s and 11 s; a step's time then grows about
+quadratically with the length (attention), so 170 s per system reaches about 64K for ours and
+32K-64K for DeepSpeed: at that budget, memory bounds only a system that runs out early (plain
+transformers). ``--total-s`` (default 580) keeps the three searches and the tokens/s trial in
+one 10-minute command: each system gets at most its share of what is left.
 
 The JSON (scenario ``long-seq``; ``benchmarks/results/`` and $OUT) is rewritten after every
-trial. ``--tiny`` runs the same flow with a small model on the CPU (a smoke test).
+length. ``--tiny`` runs the same flow with a small model on the CPU (a smoke test).
 """
 
 from __future__ import annotations
@@ -130,7 +148,7 @@ def _train_ours(args, cfg, device, rank: int, world: int):
             model, "sdpa", world, 1, seq_length_is_variable=True
         )
     ds_seq.enable_tiled_mlp(model)  # ceil(seq / hidden) tiles, as DeepSpeed's recipe
-    ds_seq.enable_checkpoint_offload(model)
+    offload = ds_seq.enable_checkpoint_offload(model)
 
     class TiledLossLM(nn.Module):
         def __init__(self, lm: nn.Module) -> None:
@@ -158,7 +176,9 @@ def _train_ours(args, cfg, device, rank: int, world: int):
         engine.step()
         return float(loss)
 
-    return step
+    # the host buffers of one length's hidden states are pooled for the next step; a new
+    # length needs new shapes
+    return step, offload.release_buffers
 
 
 def _patch_deepspeed_tiled_mlp(world: int) -> None:
@@ -263,11 +283,69 @@ def _train_deepspeed(args, cfg, device, rank: int, world: int, alst: bool):
         engine.step()
         return float(loss)
 
-    return step
+    return step, None  # ALST's offload engine is made per step: nothing is pooled across steps
+
+
+def _emit(rank: int, kind: str, payload: dict) -> None:
+    """A line for the parent (rank 0 only): ``KIND {json}``."""
+    if rank == 0:
+        print(f"{kind} {json.dumps(payload)}", flush=True)
+
+
+def _host_memory() -> dict:
+    """Host memory available (MemAvailable) and this process's resident set, in GB."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                out["host_available_gb"] = round(int(line.split()[1]) / 2**20, 2)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["host_rss_gb"] = round(int(line.split()[1]) / 2**20, 2)
+    return out
+
+
+def _fresh_memory(release, device) -> None:
+    """Before a length: free what the last one left and reset the peak counters."""
+    import gc
+
+    import torch
+
+    if release is not None:
+        release()
+    gc.collect()
+    if device.type != "cuda":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    # page-locked blocks of the last length's shapes, cached by torch's pinned allocator
+    for fn in (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None),
+               getattr(torch._C, "_accelerator_emptyHostCache", None),
+               getattr(torch._C, "_host_emptyCache", None)):  # fmt: skip
+        if callable(fn):
+            with contextlib.suppress(RuntimeError):
+                fn()
+            break
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _predict_s(done: list[tuple[int, float]], length: int) -> float:
+    """Seconds the steps at ``length`` will take, from the lengths done: the last one's time
+    scaled by (length / its length) ** growth, where growth is measured from the last two
+    (clamped to [1, 2]) and 2 (attention's quadratic term) before two are known."""
+    (l1, t1) = done[-1]
+    growth = 2.0
+    if len(done) > 1:
+        l0, t0 = done[-2]
+        if t0 > 0 and l1 > l0:
+            growth = min(2.0, max(1.0, math.log(t1 / t0) / math.log(l1 / l0)))
+    return t1 * (length / l1) ** growth
 
 
 def run_trial(args) -> None:
-    """One length, inside torchrun: prints ``RESULT {json}`` on rank 0."""
+    """A ladder of lengths in one process group, inside torchrun: prints ``BUILD``, then per
+    length ``START`` and ``RESULT`` or ``FAIL`` (out of memory), or ``STOP`` (no time left),
+    each ``KIND {json}`` on rank 0."""
     import torch
 
     if sys.platform == "linux":  # die with torchrun, whatever kills it
@@ -281,35 +359,67 @@ def run_trial(args) -> None:
     else:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    cfg = _llama_config(args.tiny, args.seq_len)
+    lengths = list(args.lengths)
+    cfg = _llama_config(args.tiny, max(lengths))
     t0 = time.perf_counter()
+    args.seq_len = lengths[0]
     if args.trial == "ours":
-        step = _train_ours(args, cfg, device, rank, world)
+        step, release = _train_ours(args, cfg, device, rank, world)
     else:
-        step = _train_deepspeed(args, cfg, device, rank, world, alst=args.trial == "deepspeed-alst")
+        step, release = _train_deepspeed(
+            args, cfg, device, rank, world, alst=args.trial == "deepspeed-alst"
+        )
     build_s = time.perf_counter() - t0
-    times, losses = [], []
-    for i in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        s = time.perf_counter()
-        losses.append(step(i))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - s)
-    timed = times[1:] or times
-    step_s = sum(timed) / len(timed)
-    dp = world if args.trial == "hf-plain" else 1  # hf-plain: one whole sequence per GPU
-    out = {
-        "seq_len": args.seq_len, "step_s": round(step_s, 3),
-        "tokens_per_s": round(args.seq_len * dp / step_s, 1),
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.type == "cuda" else None,
-        "build_s": round(build_s, 1), "step_times_s": [round(t, 3) for t in times],
-        "losses": [round(v, 4) for v in losses],
-    }  # fmt: skip
-    if rank == 0:
-        print("RESULT " + json.dumps(out), flush=True)
+    total_gb = (
+        round(torch.cuda.get_device_properties(device).total_memory / 2**30, 2)
+        if device.type == "cuda"
+        else None
+    )
+    _emit(rank, "BUILD", {"build_s": round(build_s, 1), "device_total_gb": total_gb})
+    done: list[tuple[int, float]] = []
+    for index, length in enumerate(lengths):
+        if done and args.deadline:
+            predicted = _predict_s(done, length)
+            if time.time() + predicted > args.deadline:
+                _emit(rank, "STOP", {"seq_len": length, "reason": "budget",
+                                     "predicted_s": round(predicted, 1)})  # fmt: skip
+                return
+        args.seq_len = length  # the step functions read it at every call
+        _fresh_memory(release if index else None, device)
+        _emit(rank, "START", {"seq_len": length})
+        times, losses = [], []
+        try:
+            if args.tiny and args.simulate_oom_at and length >= args.simulate_oom_at:
+                raise torch.OutOfMemoryError(f"simulated: --simulate-oom-at {args.simulate_oom_at}")
+            for i in range(args.steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                s = time.perf_counter()
+                losses.append(step(i))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - s)
+        except torch.OutOfMemoryError as exc:
+            _emit(rank, "FAIL", {"seq_len": length, "failure": "oom",
+                                 "message": str(exc).splitlines()[0][:300]})  # fmt: skip
+            sys.stdout.flush()
+            # the engine's state after an OOM is not to be trusted, and the other ranks may
+            # wait in a collective: end the whole process group now
+            os._exit(3)
+        timed = times[1:] or times
+        step_s = sum(timed) / len(timed)
+        dp = world if args.trial == "hf-plain" else 1  # hf-plain: one whole sequence per GPU
+        cuda = device.type == "cuda"
+        out = {
+            "seq_len": length, "step_s": round(step_s, 3),
+            "tokens_per_s": round(length * dp / step_s, 1),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+            **_host_memory(), "build_s": round(build_s, 1), "in_process_index": index,
+            "step_times_s": [round(t, 3) for t in times], "losses": [round(v, 4) for v in losses],
+        }  # fmt: skip
+        _emit(rank, "RESULT", out)
+        done.append((length, sum(times)))
 
 
 # -------------------------------------------------------------------------------- the search
@@ -333,11 +443,34 @@ def _kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
+def _parse(line: str) -> tuple[str, dict] | None:
+    kind, _, rest = line.partition(" ")
+    if kind in ("BUILD", "START", "RESULT", "FAIL", "STOP") and rest.startswith("{"):
+        with contextlib.suppress(json.JSONDecodeError):
+            return kind, json.loads(rest)
+    return None
+
+
+def _error_lines(text: str) -> str:
+    # the ranks' own error lines (torchrun's summary ends the output and says little)
+    errors = [ln for ln in text.splitlines()
+              if ("Error" in ln or "error:" in ln or "Killed" in ln) and "ChildFailedError" not in ln]  # fmt: skip
+    return "\n".join(dict.fromkeys(errors[:8])) or text[-1500:]
+
+
+def _process(system: str, lengths: list[int], args, timeout: float,
+             deadline: float | None) -> dict:  # fmt: skip
+    """One process group over ``lengths``: its trials (one per length it started), its build
+    time, and why it ended (None: every length done)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           str(Path(__file__).resolve()), "--trial", system, "--seq-len", str(seq_len), "--steps", str(args.steps)]  # fmt: skip
+           str(Path(__file__).resolve()), "--trial", system, "--steps", str(args.steps),
+           "--lengths", *map(str, lengths)]  # fmt: skip
+    if deadline is not None:
+        cmd += ["--deadline", f"{deadline:.1f}"]
     if args.tiny:
         cmd.append("--tiny")
+        if args.simulate_oom_at:
+            cmd += ["--simulate-oom-at", str(args.simulate_oom_at)]
     env = dict(os.environ)
     env["PYTHONPATH"] = pythonpath(alias=False)  # DeepSpeed's ALST trials import the real one
     env.setdefault(
@@ -350,81 +483,161 @@ def _trial(system: str, seq_len: int, args, timeout: float) -> dict:
     # own session: a timeout kills torchrun and every rank it started
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
+    timed_out = False
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        failure = None if proc.returncode == 0 else "error"
+        out, _ = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
         _kill_tree(proc.pid)
         out, _ = proc.communicate()
-        failure = "timeout"
+        timed_out = True
     except BaseException:  # interrupted (SIGTERM/SIGINT): leave no trial running
         _kill_tree(proc.pid)
         raise
     wall = round(time.monotonic() - t0, 1)
-    for line in (out or "").splitlines():
-        if line.startswith("RESULT ") and failure is None:
-            return {**json.loads(line[7:]), "ok": True, "wall_s": wall}
     text = out or ""
-    if failure != "timeout" and ("out of memory" in text.lower() or "OutOfMemoryError" in text):
-        failure = "oom"
-    # the ranks' own error lines (torchrun's summary ends the output and says little)
-    errors = [
-        ln
-        for ln in text.splitlines()
-        if ("Error" in ln or "error:" in ln) and "ChildFailedError" not in ln
-    ]
-    return {"seq_len": seq_len, "ok": False, "failure": failure or "error", "wall_s": wall,
-            "tail": "\n".join(dict.fromkeys(errors[:8])) or text[-1500:]}  # fmt: skip
+    trials: list[dict] = []
+    build_s, total_gb, started, stop = None, None, None, None
+    for line in text.splitlines():
+        parsed = _parse(line)
+        if parsed is None:
+            continue
+        kind, payload = parsed
+        if kind == "BUILD":
+            build_s, total_gb = payload["build_s"], payload.get("device_total_gb")
+        elif kind == "START":
+            started = payload["seq_len"]
+        elif kind == "RESULT":
+            trials.append({**payload, "ok": True})
+            started = None
+        elif kind == "FAIL":
+            trials.append({"seq_len": payload["seq_len"], "ok": False, "failure": payload["failure"],
+                           "tail": payload.get("message", "")})  # fmt: skip
+            started = None
+        elif kind == "STOP":
+            stop = payload
+    ended = None
+    if started is not None:  # a length that neither finished nor reported a failure
+        if timed_out:
+            failure = "timeout"
+        elif "out of memory" in text.lower() or "OutOfMemoryError" in text:
+            failure = "oom"
+        elif proc.returncode in (-9, 137) or "Signals.SIGKILL" in text or "exitcode  : -9" in text:
+            failure = "killed"  # the kernel's OOM killer: host memory
+        else:
+            failure = "error"
+        trials.append({"seq_len": started, "ok": False, "failure": failure,
+                       "tail": _error_lines(text)})  # fmt: skip
+    elif build_s is None:  # died before the first length
+        ended = "timeout" if timed_out else "error"
+        trials.append(
+            {"seq_len": lengths[0], "ok": False, "failure": ended, "tail": _error_lines(text)}
+        )
+    if trials and not trials[-1]["ok"]:
+        ended = trials[-1]["failure"]
+    elif stop is not None:
+        ended = "budget"
+    for t in trials:
+        t["wall_s"] = wall  # the process's, shared by its lengths
+    return {"trials": trials, "build_s": build_s, "device_total_gb": total_gb, "ended": ended,
+            "stop": stop, "wall_s": wall}  # fmt: skip
+
+
+def _ladder(args) -> list[int]:
+    out, length = [], args.start
+    while length <= args.max_len and len(out) < args.max_trials:
+        out.append(length)
+        length *= 2
+    return out
 
 
 def search(system: str, args, budget_s: float, log) -> dict:
-    """Doubling then bisection within ``args.max_trials`` trials and ``budget_s`` seconds."""
-    deadline = time.monotonic() + budget_s
-    trials: list[dict] = []
-    best: dict | None = None
-    low_fail: int | None = None
-    length = args.start
-    bounded_by = "trials"
-    last_wall = 0.0
-    while len(trials) < args.max_trials:
-        if length > args.max_len:
-            bounded_by = "max_len"
-            break
-        remaining = deadline - time.monotonic()
-        if trials and (remaining < max(30.0, last_wall) or remaining <= 0):
-            bounded_by = "budget"
-            break
-        # the first trial always gets --trial-timeout (building the model and the offload state
-        # takes its time); later ones only what the budget has left
-        res = _trial(
-            system,
-            length,
-            args,
-            timeout=args.trial_timeout if not trials else min(args.trial_timeout, remaining),
-        )
-        trials.append(res)
-        last_wall = res["wall_s"]
-        log(system, res)
-        if res["ok"]:
-            best = res
-        elif res["failure"] == "timeout":
-            bounded_by = "budget"  # too slow to tell whether longer fits: stop here
-            break
-        else:
-            low_fail = length if low_fail is None else min(low_fail, length)
-        good = best["seq_len"] if best else 0
-        if low_fail is None:
-            length *= 2
-            continue
-        if best is None and low_fail <= args.granularity:
-            bounded_by = "memory"
-            break
+    """The in-process ladder, then bisection in fresh processes, within ``budget_s``."""
+    deadline = time.time() + budget_s
+    start = time.monotonic()
+    ladder = _ladder(args)
+    # the child stops itself before a length it could not finish; the timeout is the backstop
+    first = _process(system, ladder, args, timeout=budget_s + 30, deadline=deadline)
+    trials = list(first["trials"])
+    for t in trials:
+        t["process"] = 0
+        log(system, t)
+    best = max((t for t in trials if t["ok"]), key=lambda t: t["seq_len"], default=None)
+    fails = [t["seq_len"] for t in trials if not t["ok"] and t["failure"] in ("oom", "killed")]
+    low_fail = min(fails) if fails else None
+    if first["ended"] in ("oom", "killed"):
+        bounded_by = "memory"
+    elif first["ended"] in ("budget", "timeout"):
+        bounded_by = "budget"
+    elif first["ended"] == "error":
+        bounded_by = "error"
+    elif len(ladder) >= args.max_trials:
+        bounded_by = "trials"
+    else:
+        bounded_by = "max_len"
+    build_s = first["build_s"] or 0.0
+    process = 1
+    while bounded_by == "memory" and best is not None and low_fail is not None:
+        good = best["seq_len"]
         mid = (good + low_fail) // 2 // args.granularity * args.granularity
         if mid <= good or low_fail - good <= args.granularity:
-            bounded_by = "memory"
             break
-        length = mid
-    return {"system": system, "best": best, "trials": trials, "bounded_by": bounded_by}
+        if len(trials) >= args.max_trials:
+            bounded_by = "trials"
+            break
+        # a fresh process: its build, then the steps (quadratic in the length, to be safe)
+        need = 15 + build_s + sum(best["step_times_s"]) * (mid / good) ** 2
+        left = budget_s - (time.monotonic() - start)
+        if need > left:
+            bounded_by = "budget"
+            break
+        res = _process(system, [mid], args, timeout=left, deadline=None)
+        for t in res["trials"]:
+            t["process"] = process
+            trials.append(t)
+            log(system, t)
+        process += 1
+        last = res["trials"][-1] if res["trials"] else None
+        if last is not None and last["ok"]:
+            best = last
+        elif last is not None and last["failure"] in ("oom", "killed"):
+            low_fail = min(low_fail, last["seq_len"])
+        else:
+            bounded_by = "budget" if last is not None and last["failure"] == "timeout" else "error"
+            break
+    return {"system": system, "best": best, "trials": trials, "bounded_by": bounded_by,
+            "low_fail": low_fail, "device_total_gb": first["device_total_gb"]}  # fmt: skip
+
+
+def _projection(found: dict) -> dict | None:
+    """Where device and host memory would run out, extrapolating linearly from the last two
+    lengths the first process trained (an estimate, never a measured length)."""
+    ladder = [t for t in found["trials"] if t["ok"] and t.get("process") == 0]
+    if len(ladder) < 2:
+        return None
+    a, b = ladder[-2], ladder[-1]
+    dl = b["seq_len"] - a["seq_len"]
+    out: dict = {
+        "basis": [a["seq_len"], b["seq_len"]],
+        "note": "linear extrapolation, not measured",
+    }
+    total = found.get("device_total_gb")
+    if total and a.get("peak_mem_gb") is not None and b.get("peak_mem_gb") is not None:
+        per_token = (b["peak_mem_gb"] - a["peak_mem_gb"]) / dl
+        out["device_gb_per_1k_tokens"] = round(per_token * 1024, 4)
+        if per_token > 0:
+            out["device_limited_len"] = int(
+                b["seq_len"] + (0.97 * total - b["peak_mem_gb"]) / per_token
+            )
+    if "host_available_gb" in a and "host_available_gb" in b:
+        per_token = (a["host_available_gb"] - b["host_available_gb"]) / dl
+        out["host_gb_per_1k_tokens"] = round(per_token * 1024, 4)
+        if per_token > 0:
+            # keep 4 GB of the host free
+            out["host_limited_len"] = int(b["seq_len"] + (b["host_available_gb"] - 4.0) / per_token)
+    limits = [out[k] for k in ("device_limited_len", "host_limited_len") if k in out]
+    if limits:
+        out["projected_max_seq_len"] = min(limits)
+    return out
 
 
 def _run_entry(found: dict) -> dict:
@@ -432,6 +645,11 @@ def _run_entry(found: dict) -> dict:
     run = {"system": found["system"], "bounded_by": found["bounded_by"],
            "trials": [{k: v for k, v in t.items() if k != "tail"} | ({"tail": t["tail"][-400:]} if "tail" in t else {})
                       for t in found["trials"]]}  # fmt: skip
+    if found.get("low_fail") is not None:
+        run["limit_between"] = [best["seq_len"] if best else 0, found["low_fail"]]
+    projected = _projection(found)
+    if projected is not None:
+        run["projected"] = projected
     if best is None:
         run.update(max_seq_len=None, tokens_per_s=None, peak_mem_gb=None,
                    error="no length trained" + (f": {found['trials'][0].get('failure')}" if found["trials"] else ""))  # fmt: skip
@@ -460,6 +678,14 @@ def _ratios(found: dict[str, dict]) -> dict:
             ratios[f"ours/deepspeed-alst tokens_per_s at {ds['seq_len']}"] = round(
                 same[-1]["tokens_per_s"] / ds["tokens_per_s"], 3
             )
+        # peak device memory at every length both trained (above 1: ours holds less)
+        theirs = {t["seq_len"]: t["peak_mem_gb"] for t in found["deepspeed-alst"]["trials"]
+                  if t["ok"] and t.get("peak_mem_gb")}  # fmt: skip
+        for t in found["ours"]["trials"]:
+            if t["ok"] and t.get("peak_mem_gb") and t["seq_len"] in theirs:
+                ratios[f"deepspeed-alst/ours peak_mem_gb at {t['seq_len']}"] = round(
+                    theirs[t["seq_len"]] / t["peak_mem_gb"], 3
+                )
     return ratios
 
 
@@ -473,16 +699,23 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=16384, help="first length tried (tokens)")
     ap.add_argument("--granularity", type=int, default=4096, help="bisection step (tokens)")
     ap.add_argument("--max-len", type=int, default=4 * 1024 * 1024)
-    ap.add_argument("--max-trials", type=int, default=6, help="trials per system")
-    ap.add_argument("--budget-s", type=float, default=600.0, help="seconds per system's search")
-    ap.add_argument("--trial-timeout", type=float, default=540.0, help="seconds per trial")
+    ap.add_argument("--max-trials", type=int, default=10, help="lengths tried per system")
+    ap.add_argument("--budget-s", type=float, default=170.0,
+                    help="seconds per system's search, model builds included")  # fmt: skip
+    ap.add_argument("--total-s", type=float, default=580.0,
+                    help="seconds for the whole run: each system gets at most its share of what is left")  # fmt: skip
+    ap.add_argument("--trial-timeout", type=float, default=170.0,
+                    help="seconds for the tokens/s trial of ours at DeepSpeed's longest length")  # fmt: skip
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--nproc", type=int, default=1, help="GPUs: sp = N for ours and deepspeed-alst")
     ap.add_argument("--device-name", default=None)
     ap.add_argument("--out", default=None, help="results path (default benchmarks/results/...)")
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke test)")
     ap.add_argument("--trial", choices=SYSTEMS, help=argparse.SUPPRESS)
-    ap.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--lengths", type=int, nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    # --tiny only: lengths from this one fail as out of memory (exercises the bisection)
+    ap.add_argument("--simulate-oom-at", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trial:
         run_trial(args)
@@ -491,6 +724,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.start % args.nproc or args.granularity % args.nproc:
         ap.error(f"--start and --granularity must be multiples of --nproc ({args.nproc})")
+    t_end = time.monotonic() + args.total_s
     device = args.device_name or (
         f"{os.cpu_count()}-core CPU (tiny model)" if args.tiny else f"{args.nproc} x GPU"
     )
@@ -500,9 +734,18 @@ def main() -> None:
         status = "ok" if res["ok"] else res["failure"]
         extra = f"{res['tokens_per_s']} tok/s, {res['peak_mem_gb']} GB" if res["ok"] else ""
         print(
-            f"[long-seq] {system} {res['seq_len']}: {status} in {res['wall_s']} s {extra}",
+            f"[long-seq] {system} {res['seq_len']}: {status} (process {res.get('process', 0)}, "
+            f"{res['wall_s']} s) {extra}",
             flush=True,
         )
+        # the JSON shows a search in progress too
+        entry = found.setdefault(
+            system, {"system": system, "best": None, "trials": [], "bounded_by": "budget"}
+        )
+        if not any(t is res for t in entry["trials"]):
+            entry["trials"].append(res)
+        if res["ok"] and (entry["best"] is None or res["seq_len"] > entry["best"]["seq_len"]):
+            entry["best"] = res
         write()
 
     def write() -> None:
@@ -513,19 +756,29 @@ def main() -> None:
             scenario="long-seq", device=device, runs=runs, ratios=_ratios(found), path=args.out, metric="max_seq_len",
             config={"model": "Llama-3.2-3B shape" if not args.tiny else "tiny Llama", "nproc": args.nproc,
                     "sp": args.nproc, "steps": args.steps, "start": args.start, "granularity": args.granularity,
-                    "max_trials": args.max_trials, "budget_s": args.budget_s,
+                    "max_trials": args.max_trials, "budget_s": args.budget_s, "total_s": args.total_s,
+                    "search": "one process per system over the ladder start, 2x, ...; fresh processes bisect after an OOM",
                     "zero": "stage 3, offload_optimizer + offload_param cpu, bf16, AdamW"},
         )  # fmt: skip
 
-    for system in args.systems:
+    for i, system in enumerate(args.systems):
+        share = (t_end - time.monotonic()) / (len(args.systems) - i)
+        budget = min(args.budget_s, share)
         found[system] = {"system": system, "best": None, "trials": [], "bounded_by": "budget"}
-        found[system] = search(system, args, args.budget_s, log)
+        found[system] = search(system, args, budget, log)
         write()
     ds, ours = found.get("deepspeed-alst", {}).get("best"), found.get("ours")
+    left = t_end - time.monotonic()
     if ds and ours and not any(t["ok"] and t["seq_len"] == ds["seq_len"] for t in ours["trials"]):
-        res = _trial("ours", ds["seq_len"], args, timeout=args.trial_timeout)
-        ours["trials"].append(res)
-        log("ours", res)
+        if left > 60:
+            res = _process("ours", [ds["seq_len"]], args, timeout=min(args.trial_timeout, left),
+                           deadline=None)  # fmt: skip
+            for t in res["trials"]:
+                t["process"] = "tokens/s at DeepSpeed's longest"
+                ours["trials"].append(t)
+                log("ours", t)
+        else:
+            print(f"[long-seq] no time left ({left:.0f} s) for ours at {ds['seq_len']}", flush=True)
     write()
 
 

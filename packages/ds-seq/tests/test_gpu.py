@@ -53,6 +53,8 @@ def test_hidden_states_offload_on_cuda_matches_plain_backward_and_reuses_buffers
         assert all(
             t.untyped_storage().nbytes() < t.numel() * t.element_size() + page for t in pooled
         )
+    assert store.release_buffers() == 4 * x.numel() * x.element_size()
+    assert store.pooled_bytes() == 0 and store.release_buffers() == 0
 
 
 def test_tiled_mlp_and_loss_on_cuda_bf16():

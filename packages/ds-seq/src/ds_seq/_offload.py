@@ -65,6 +65,16 @@ class HiddenStatesOffload:
         """Host memory the pool holds now (buffers waiting for reuse)."""
         return sum(t.numel() * t.element_size() for ts in self._pool.values() for t in ts)
 
+    def release_buffers(self) -> int:
+        """Drop the pooled host buffers (between backward passes; when the sequence length
+        changes, the buffers of the old shapes would otherwise stay page-locked). Returns the
+        bytes released."""
+        if self._stream is not None:
+            self._stream.synchronize()  # no copy into or out of a buffer is still running
+        released = self.pooled_bytes()
+        self._pool.clear()
+        return released
+
     # ---- used by _OffloadedCheckpoint -------------------------------------------------------
     def offload(self, t: Tensor) -> tuple[Tensor, torch.device | None]:
         """(host copy, device to restore to), or (t, None) when ``t`` stays where it is."""
