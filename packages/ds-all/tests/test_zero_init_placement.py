@@ -18,6 +18,7 @@ import ds_accel
 import ds_all
 from ds_all.runtime.zero import partition_parameters as pp
 from ds_all.runtime.zero.partition_parameters import DeepSpeedTensorOverride as Override
+from ds_comm.testing import distributed_test
 
 
 class _StandIn(ds_accel.CPUAccelerator):
@@ -205,6 +206,23 @@ def test_the_cpu_accelerator_builds_where_the_code_says() -> None:
     with ds_all.zero.GatheredParameters(list(layer.parameters())):
         assert layer.weight.device.type == "cpu" and layer.weight.dtype == torch.bfloat16
         assert torch.equal(layer.weight, reference.weight.to(torch.bfloat16))
+
+
+@distributed_test(world_size=[2])
+def test_partitions_are_cut_from_the_first_ranks_values() -> None:
+    """As DeepSpeed's Init broadcasts each new parameter from rank 0 before partitioning: ranks
+    that drew different numbers (here: different seeds) hold one model, the first rank's."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3))
+    torch.manual_seed(dist.get_rank())  # rank 1 draws other values
+    with ds_all.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1}):
+        model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3))
+    assert model[0].weight.numel() == 0
+    with ds_all.zero.GatheredParameters(list(model.parameters())):
+        for got, want in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------- one CUDA GPU

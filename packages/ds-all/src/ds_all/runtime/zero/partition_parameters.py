@@ -314,7 +314,9 @@ class Init(ds_zero.Init):
     group of ``mpu``, else ``zero_param_parallel_group``'s data group, else the world. The
     parameter dtype is ``dtype``, else the config's (bf16/fp16/fp32), else the model's own
     (DeepSpeed falls back to fp16 there). Without a process group one is created first
-    (``init_distributed``), as DeepSpeed's Init does.
+    (``init_distributed``), as DeepSpeed's Init does. Each new parameter is broadcast from the
+    group's first rank before it is partitioned, as DeepSpeed's are, so ranks that drew
+    different numbers still hold one model.
 
     On an accelerator other than the CPU, while the context is active, torch's tensor
     constructors (``torch.tensor``, ``empty``, ``zeros``, ``ones``, ``full``, ``arange``,
@@ -422,12 +424,8 @@ class Init(ds_zero.Init):
             super().__exit__(*exc)
 
     def _wrap(self, orig: Callable[..., None]) -> Callable[..., None]:
-        """ds_zero's wrapper (partition when the outermost ``__init__`` returns) around one
-        that first finishes the module the way DeepSpeed's post-init does: fp32 buffers back to
-        fp32, and the module's new parameters moved where their partitions belong (the local
-        accelerator, or host memory, so the device holds one module's parameters at a time)."""
-        if self.targets.local is None:
-            return super()._wrap(orig)
+        """ds_zero's wrapper (partition when the outermost ``__init__`` returns) around one that
+        first finishes the module as DeepSpeed's post-init does (``_finish``)."""
 
         @functools.wraps(orig)
         def finish_then_partition(module: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -444,18 +442,37 @@ class Init(ds_zero.Init):
 
     @torch.no_grad()
     def _finish(self, module: nn.Module) -> None:
+        """Buffers the model keeps in fp32 back to fp32; the module's new parameters on the
+        local accelerator, then broadcast from the group's first rank (every rank's partition
+        is cut from the same full value even where the ranks drew different numbers), then, for
+        host partitions, in host memory, so the device holds one module's parameters at a time.
+        """
         _keep_buffers_in_fp32(module, self.targets.dtype)
-        for p in module.parameters(recurse=False):
-            if hasattr(p, "ds_id") or p.is_meta:
-                # partitioned already (shared with an earlier module), or data-less (built on
-                # the meta device, materialised later by the caller)
-                continue
-            if self.targets.shards_on_host:
+        # partitioned already (shared with an earlier module), or data-less (built on the meta
+        # device, materialised later by the caller): nothing to place
+        fresh = [
+            p for p in module.parameters(recurse=False) if not hasattr(p, "ds_id") and not p.is_meta
+        ]
+        local = self.targets.local
+        for p in fresh:
+            if local is not None and p.device != local:
+                # DeepSpeed partitions on the local device whatever device the code chose
+                p.data = p.data.to(local)
+        self._broadcast_from_first_rank(fresh)
+        if self.targets.shards_on_host:
+            for p in fresh:
                 if p.device.type != "cpu":
                     p.data = p.data.to("cpu")
-            elif p.device != self.targets.local:
-                # DeepSpeed partitions on the local device whatever device the code chose
-                p.data = p.data.to(self.targets.local)
+
+    def _broadcast_from_first_rank(self, params: list[nn.Parameter]) -> None:
+        if not params or dist.get_world_size(self.group) == 1:
+            return
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for p in params:
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            # as bytes: any dtype, and the broadcast writes into the parameter's own storage
+            dist.broadcast(p.data.reshape(-1).view(torch.uint8), src, group=self.group)
 
 
 def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
