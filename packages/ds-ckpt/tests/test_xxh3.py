@@ -1,9 +1,11 @@
 """Tier 1: the GIL-free XXH3-64 binding gives xxhash's own digests, refuses a function that does
-not, and falls back to the Python functions; loads verify every chunk whatever the pread size."""
+not, and falls back to the Python functions; verified loads check every chunk whatever the
+page cache holds and whatever the pread size."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -12,6 +14,7 @@ import xxhash
 
 import ds_ckpt
 import ds_ckpt._load as ld
+import ds_ckpt._stfile as stf
 from ds_ckpt import Fragment, _xxh3
 from ds_ckpt._checksum import PieceDigest
 
@@ -73,34 +76,96 @@ def test_piece_digest_segments_in_place_and_read_only(writable):
         assert d.finish() == (None, want), sizes
 
 
-@pytest.mark.parametrize("verify_read", [MiB, 3 * MiB, None])
-def test_verified_load_in_any_pread_size_checks_every_chunk(tmp_path, monkeypatch, verify_read):
-    """20 MiB of fp32: more than one request (the threaded path) of 16 MiB spans, read in
-    1 MiB, 3 MiB or whole-span preads. A byte flipped in the first chunk, a chunk in the middle
-    of a pread, the first chunk of the second span and the short last chunk is each reported
-    with its elements; the intact file loads bitwise."""
-    if verify_read is not None:
-        monkeypatch.setattr(ld, "_VERIFY_READ", verify_read)
-    n = 5 * MiB + 1000  # 20 MiB + 4000 bytes: 21 chunks, the last one short
-    w = torch.randn(n, generator=torch.Generator().manual_seed(0))
-    ds_ckpt.save(tmp_path, "t", [Fragment.whole("w", w)])
-    (f,) = (tmp_path / "t").glob("*.safetensors")
-    start = json.loads((tmp_path / "t" / "manifest.json").read_text())["tensors"]["w"]["fragments"][
-        0
-    ]["byte_start"]
-    out = torch.zeros(n)
-    ds_ckpt.load(tmp_path, "t", [Fragment.whole("w", out)])
+N = 5 * MiB + 1000  # fp32: 20 MiB + 4000 bytes, 21 chunks (the last short), two 16 MiB spans
+FLIPS = (0, 4, 16, 20)  # first chunk, one inside a pread, the second span's first, the last
+
+
+def _saved(root):
+    w = torch.randn(N, generator=torch.Generator().manual_seed(0))
+    ds_ckpt.save(root, "t", [Fragment.whole("w", w)])
+    (f,) = (root / "t").glob("*.safetensors")
+    m = json.loads((root / "t" / "manifest.json").read_text())
+    return w, f, m["tensors"]["w"]["fragments"][0]["byte_start"]
+
+
+def _evict(f):
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _check_every_chunk(root, f, w, start, before_load=lambda: None):
+    """The intact file loads bitwise; a byte flipped in each of FLIPS is reported with its
+    chunk's elements (more than one request: the threaded path)."""
+    out = torch.zeros(N)
+    before_load()
+    ds_ckpt.load(root, "t", [Fragment.whole("w", out)])
     assert torch.equal(out, w)
     original = f.read_bytes()
     per = MiB // 4
-    for k in (0, 4, 16, 20):
+    for k in FLIPS:
         raw = bytearray(original)
         raw[start + k * MiB + 1001] ^= 0x10
         f.write_bytes(bytes(raw))
-        hi = min((k + 1) * per, n)
+        before_load()
         with pytest.raises(
             ds_ckpt.CheckpointCorruptError,
-            match=rf"mismatch in tensor 'w', elements \[{k * per}, {hi}\)",
+            match=rf"mismatch in tensor 'w', elements \[{k * per}, {min((k + 1) * per, N)}\)",
         ):
-            ds_ckpt.load(tmp_path, "t", [Fragment.whole("w", out)])
+            ds_ckpt.load(root, "t", [Fragment.whole("w", out)])
     f.write_bytes(original)
+
+
+@pytest.mark.parametrize("verify_read", [MiB, 3 * MiB])
+@pytest.mark.parametrize("cached", ["all", "none", "first 5 MiB", "no RWF_NOWAIT"])
+def test_verified_load_checks_every_chunk_whatever_the_page_cache_holds(
+    tmp_path, monkeypatch, verify_read, cached
+):
+    """The page-cache state decides how a verified span is read (small cache-only preads, then
+    one pread of the rest): every state must still check every chunk. The states are made
+    exact by standing in for the cache-only read: "all" serves every read (and ordinary preads
+    are refused, so nothing else reads), "none" serves none (a one-byte probe per span, nothing more),
+    "first 5 MiB" serves reads inside the first 5 MiB of the data (the first span switches to
+    one pread midway, the second reads cold)."""
+    monkeypatch.setattr(ld, "_VERIFY_READ", verify_read)
+    w, f, start = _saved(tmp_path)
+    probes = []
+
+    def from_file(fd, at, view):
+        return os.preadv(fd, [view], at)
+
+    if cached == "all":
+        monkeypatch.setattr(ld, "pread_cached", from_file)
+
+        def refuse(*a, **k):
+            raise AssertionError("a blocking pread although everything was cached")
+
+        monkeypatch.setattr(ld, "pread_into", refuse)
+    elif cached == "none":
+        monkeypatch.setattr(
+            ld, "pread_cached", lambda fd, at, view: probes.append((at, len(view))) or 0
+        )
+    elif cached == "first 5 MiB":
+        monkeypatch.setattr(
+            ld,
+            "pread_cached",
+            lambda fd, at, view: (
+                from_file(fd, at, view) if at + len(view) <= start + 5 * MiB else 0
+            ),
+        )
+    else:
+        monkeypatch.setattr(stf, "_NOWAIT", 0)
+    _check_every_chunk(tmp_path, f, w, start)
+    if cached == "none":  # only one-byte probes, one at the start of each span
+        assert set(probes) == {(start, 1), (start + 16 * MiB, 1)}
+
+
+def test_verified_cold_load_with_the_real_page_cache(tmp_path):
+    """The same with the kernel's RWF_NOWAIT reads, the file's page cache dropped before every
+    load (where the file system can drop it) and the checkpoint read twice: cold, then warm."""
+    w, f, start = _saved(tmp_path)
+    _check_every_chunk(tmp_path, f, w, start, before_load=lambda: _evict(f))
+    _check_every_chunk(tmp_path, f, w, start)

@@ -325,6 +325,22 @@ def pread_into(fd: int, byte_start: int, view: memoryview, *, path: str) -> None
         got += n
 
 
+# Linux: a pread that returns only what the page cache holds and never waits for the disk
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def pread_cached(fd: int, byte_start: int, view: memoryview) -> int:
+    """How many bytes of `view` were filled from the page cache without waiting for the disk
+    (a prefix; 0 when the first page is not cached, or where the platform or the file system
+    has no such read). A miss may start the kernel's readahead of the range asked for."""
+    if not _NOWAIT:
+        return 0
+    try:
+        return os.preadv(fd, [view], byte_start, _NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT on this file system
+        return 0
+
+
 class DirectReader:
     """Reads byte ranges of large files with O_DIRECT, many at a time from a thread pool.
 
