@@ -61,8 +61,23 @@ class _TiledMLPFunction(torch.autograd.Function):
                 *params: Tensor) -> Tensor:  # fmt: skip
         ctx.fn, ctx.module, ctx.shards = fn, module, shards
         ctx.save_for_backward(x, *params)
+        out: Tensor | None = None
+        offset = 0
         with torch.no_grad():
-            return torch.cat([fn(module, xs) for xs in torch.chunk(x, shards, dim=-2)], dim=-2)
+            # each tile's output goes straight into the full output: concatenating the tile
+            # outputs would hold the whole output twice, one [tokens, hidden] per token more
+            for xs in torch.chunk(x, shards, dim=-2):
+                ys = fn(module, xs)
+                if out is None:
+                    shape = list(ys.shape)
+                    shape[-2] = x.shape[-2]
+                    out = ys.new_empty(shape)
+                n = ys.shape[-2]
+                out.narrow(-2, offset, n).copy_(ys)
+                offset += n
+                del ys
+        assert out is not None  # torch.chunk gives at least one tile
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
