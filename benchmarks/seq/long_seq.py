@@ -41,7 +41,10 @@ was seen), ``max_len`` or ``trials``. Each run also carries a projection (``proj
 the device and host memory measured at the last two lengths of the ladder, extrapolated
 linearly, would run out), labelled as such; the ratios of measured lengths never use it.
 After the searches, ours trains at DeepSpeed's longest length if it has no trial there (for the
-tokens/s ratio), within ``--total-s``.
+tokens/s ratio), within ``--total-s``. ``--merge`` keeps the other systems' runs of the
+``--out`` file, so that each system can have a 10-minute command of its own (same machine, same
+session), e.g. started near the first command's projection:
+``--systems ours --start 262144 --budget-s 580 --total-s 580 --merge --out FILE``.
 
 Budgets: on one H100 (2026-12-06) building took 28 s (ours), 80 s (DeepSpeed ALST) and 34 s
 (hf-plain) and 3 steps at 16K took 9 s, 23 s and 11 s; a step's time then grows about
@@ -342,6 +345,19 @@ def _predict_s(done: list[tuple[int, float]], length: int) -> float:
     return t1 * (length / l1) ** growth
 
 
+def _rank0_decides(flag: bool, device) -> bool:
+    """Rank 0's ``flag`` on every rank: a length is started by all ranks or by none (each rank
+    times its own steps, so their predictions may differ at the margin)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
 def run_trial(args) -> None:
     """A ladder of lengths in one process group, inside torchrun: prints ``BUILD``, then per
     length ``START`` and ``RESULT`` or ``FAIL`` (out of memory), or ``STOP`` (no time left),
@@ -380,7 +396,7 @@ def run_trial(args) -> None:
     for index, length in enumerate(lengths):
         if done and args.deadline:
             predicted = _predict_s(done, length)
-            if time.time() + predicted > args.deadline:
+            if _rank0_decides(time.time() + predicted > args.deadline, device):
                 _emit(rank, "STOP", {"seq_len": length, "reason": "budget",
                                      "predicted_s": round(predicted, 1)})  # fmt: skip
                 return
@@ -604,8 +620,12 @@ def search(system: str, args, budget_s: float, log) -> dict:
         else:
             bounded_by = "budget" if last is not None and last["failure"] == "timeout" else "error"
             break
+    if first["stop"] is not None:
+        print(f"[long-seq] {system}: stopped before {first['stop']['seq_len']} (predicted "
+              f"{first['stop']['predicted_s']} s, past the budget)", flush=True)  # fmt: skip
     return {"system": system, "best": best, "trials": trials, "bounded_by": bounded_by,
-            "low_fail": low_fail, "device_total_gb": first["device_total_gb"]}  # fmt: skip
+            "low_fail": low_fail, "device_total_gb": first["device_total_gb"],
+            "stopped_before": first["stop"]}  # fmt: skip
 
 
 def _projection(found: dict) -> dict | None:
@@ -645,6 +665,10 @@ def _run_entry(found: dict) -> dict:
     run = {"system": found["system"], "bounded_by": found["bounded_by"],
            "trials": [{k: v for k, v in t.items() if k != "tail"} | ({"tail": t["tail"][-400:]} if "tail" in t else {})
                       for t in found["trials"]]}  # fmt: skip
+    if found.get("device_total_gb"):
+        run["device_total_gb"] = found["device_total_gb"]
+    if found.get("stopped_before"):
+        run["stopped_before"] = found["stopped_before"]
     if found.get("low_fail") is not None:
         run["limit_between"] = [best["seq_len"] if best else 0, found["low_fail"]]
     projected = _projection(found)
@@ -689,6 +713,26 @@ def _ratios(found: dict[str, dict]) -> dict:
     return ratios
 
 
+def _merged(path: str, systems: list[str]) -> dict[str, dict]:
+    """The searches of the other systems in an earlier results file of this benchmark (a run
+    per system in its own command, on the same machine in the same session)."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("scenario") != "long-seq":
+        raise SystemExit(f"--merge: {path} is not a long-seq results file")
+    found: dict[str, dict] = {}
+    for run in doc["runs"]:
+        if run["system"] in systems:
+            continue  # measured again now
+        ok = [t for t in run.get("trials", []) if t.get("ok")]
+        found[run["system"]] = {
+            "system": run["system"], "trials": run.get("trials", []), "bounded_by": run["bounded_by"],
+            "best": max(ok, key=lambda t: t["seq_len"], default=None),
+            "low_fail": (run.get("limit_between") or [None, None])[1],
+            "device_total_gb": run.get("device_total_gb"), "stopped_before": run.get("stopped_before"),
+        }  # fmt: skip
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -710,6 +754,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="GPUs: sp = N for ours and deepspeed-alst")
     ap.add_argument("--device-name", default=None)
     ap.add_argument("--out", default=None, help="results path (default benchmarks/results/...)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other systems' runs of the --out file (a search per command)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (smoke test)")
     ap.add_argument("--trial", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--lengths", type=int, nargs="+", help=argparse.SUPPRESS)
@@ -729,6 +775,10 @@ def main() -> None:
         f"{os.cpu_count()}-core CPU (tiny model)" if args.tiny else f"{args.nproc} x GPU"
     )
     found: dict[str, dict] = {}
+    if args.merge:
+        if not args.out or not Path(args.out).exists():
+            ap.error("--merge needs --out naming an existing results file of this benchmark")
+        found = _merged(args.out, args.systems)
 
     def log(system: str, res: dict) -> None:
         status = "ok" if res["ok"] else res["failure"]
