@@ -154,3 +154,43 @@ def test_delayed_update_and_auto_ratio_on_cuda():
     assert auto.stepper.ratio == 0.0 and not auto.stepper.offloaded
     for z in (exact, delayed, auto):
         z.close()
+
+
+def test_offloaded_gradients_leave_the_device_as_backward_makes_them(monkeypatch):
+    """One host gradient buffer per partition (a host with room): when backward ends, the device
+    holds no reduced fp32 gradient (they were copied on a side stream and dropped); with the
+    4-buffer pool (a host without room) the partitions that found no buffer still do. Both give
+    the same bits, clipping on."""
+    import ds_offload
+    import ds_offload._stepper as stepper_mod
+    import ds_zero
+
+    def run(host_room: bool):
+        monkeypatch.setattr(
+            stepper_mod, "host_available_bytes", lambda: (1 << 50) if host_room else 0
+        )
+        torch.manual_seed(0)
+        model = TinyGPT(layers=8).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        options = ds_zero.ZeroOptions(stage=3, param_dtype=torch.bfloat16, param_persistence_threshold=0,
+                                      host_param_shards=True, gradient_clipping=0.05)  # fmt: skip
+        stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": True})
+        zero = ds_zero.wrap(model, opt, options, stepper=stepper)
+        held = []
+        for step in range(3):
+            x, y = batch(step, 4)
+            zero.backward(zero(x.cuda(), y.cuda()).float())
+            torch.cuda.synchronize()
+            held.append(
+                sum(b.grad_shard.numel() * 4 for b in zero.trainable if b.grad_shard is not None)
+            )
+            zero.step()
+        torch.cuda.synchronize()
+        return held, zero.full_state_dict(), stepper.grad_buffers
+
+    held, state, buffers = run(host_room=True)
+    pool_held, pool_state, pool_buffers = run(host_room=False)
+    assert (buffers, pool_buffers) == (0, 4)
+    assert held == [0, 0, 0] and min(pool_held) > 0
+    for k, v in pool_state.items():
+        assert torch.equal(state[k], v), k
