@@ -281,8 +281,8 @@ def first_principles(seq_len: int) -> list[tuple[str, float, float]]:
         ("root's fp32 flat gradient (take_grads) at its reduction", 4 * root / gib, 4 * root / gib),
         ("one loss tile: bf16 + fp32 logits, fp32 grad (peak of a tile)",
          tile * f["vocab"] * (2 + 4 + 4 + 2) / gib, tile * f["vocab"] * (2 + 4 + 4 + 2) / gib),
-        ("one layer's recompute + backward (~15 x [S, hidden] bf16)", 15 * s * f["hidden"] * 2 / gib,
-         15 * s * f["hidden"] * 2 / gib),
+        ("one layer's recompute + backward (~18.5 x [S, hidden] bf16, the probe's slope)",
+         18.5 * s * f["hidden"] * 2 / gib, 18.5 * s * f["hidden"] * 2 / gib),
     ]  # fmt: skip
     return rows
 
