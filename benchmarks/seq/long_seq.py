@@ -1,7 +1,7 @@
 """The longest sequence a Llama-3.2-3B-shaped model trains at with ZeRO-3 + CPU offload.
 
     python benchmarks/seq/long_seq.py --systems deepspeed-alst ours hf-plain \
-        --start 16384 --budget-s 170 --total-s 580 --device-name 1xNVIDIA-H100
+        --start 16384 --budget-s 170 --total-s 540 --device-name 1xNVIDIA-H100
 
 Systems (the model: ``LlamaConfig`` hidden 3072, 28 layers, 24 heads, 8 KV heads, intermediate
 8192, vocab 128256, random weights, bf16, SDPA attention; embeddings untied (3.6B parameters:
@@ -44,13 +44,13 @@ After the searches, ours trains at DeepSpeed's longest length if it has no trial
 tokens/s ratio), within ``--total-s``. ``--merge`` keeps the other systems' runs of the
 ``--out`` file, so that each system can have a 10-minute command of its own (same machine, same
 session), e.g. started near the first command's projection:
-``--systems ours --start 262144 --budget-s 580 --total-s 580 --merge --out FILE``.
+``--systems ours --start 262144 --budget-s 540 --total-s 540 --merge --out FILE``.
 
 Budgets: on one H100 (2026-12-06) building took 28 s (ours), 80 s (DeepSpeed ALST) and 34 s
 (hf-plain) and 3 steps at 16K took 9 s, 23 s and 11 s; a step's time then grows about
 quadratically with the length (attention), so 170 s per system reaches about 64K for ours and
 32K-64K for DeepSpeed: at that budget, memory bounds only a system that runs out early (plain
-transformers). ``--total-s`` (default 580) keeps the three searches and the tokens/s trial in
+transformers). ``--total-s`` (default 540) keeps the three searches and the tokens/s trial in
 one 10-minute command: each system gets at most its share of what is left.
 
 The JSON (scenario ``long-seq``; ``benchmarks/results/`` and $OUT) is rewritten after every
@@ -572,7 +572,7 @@ def search(system: str, args, budget_s: float, log) -> dict:
     start = time.monotonic()
     ladder = _ladder(args)
     # the child stops itself before a length it could not finish; the timeout is the backstop
-    first = _process(system, ladder, args, timeout=budget_s + 30, deadline=deadline)
+    first = _process(system, ladder, args, timeout=budget_s + 15, deadline=deadline)
     trials = list(first["trials"])
     for t in trials:
         t["process"] = 0
@@ -746,7 +746,7 @@ def main() -> None:
     ap.add_argument("--max-trials", type=int, default=10, help="lengths tried per system")
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="seconds per system's search, model builds included")  # fmt: skip
-    ap.add_argument("--total-s", type=float, default=580.0,
+    ap.add_argument("--total-s", type=float, default=540.0,
                     help="seconds for the whole run: each system gets at most its share of what is left")  # fmt: skip
     ap.add_argument("--trial-timeout", type=float, default=170.0,
                     help="seconds for the tokens/s trial of ours at DeepSpeed's longest length")  # fmt: skip
