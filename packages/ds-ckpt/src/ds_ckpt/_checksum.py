@@ -6,8 +6,9 @@ must cost little next to the read itself, page cache included. Measured on the 2
 development machine (one core, 64 MiB buffers): XXH3-64 28 GB/s, CRC-32C 13-16 GB/s
 (google-crc32c / crc32c), zlib's CRC-32 4.1 GB/s, SHA-256 1.8 GB/s; with zlib's CRC-32 a small
 load took about twice as long as without verification on that machine. The `xxhash` package's
-functions hold the GIL while they hash, so chunk digests go through `_xxh3`, which calls the
-same C code without it: the read and save threads hash in parallel. A 64-bit digest misses a random corruption of a chunk
+one-shot functions hold the GIL while they hash (before xxhash 4.0), so chunk digests go through
+`_xxh3`, which calls the same C code without it: the read and save threads hash in parallel. A
+64-bit digest misses a random corruption of a chunk
 with probability 2^-64 (a 32-bit CRC: 2^-32 for errors longer than 32 bits); SHA-256 remains
 the opt-in cryptographic check (`save(hashes=True)`, `load(verify_hashes=True)`).
 

@@ -1,13 +1,14 @@
 """XXH3-64 of byte ranges hashed outside the GIL.
 
-The `xxhash` package's Python functions hold the GIL while they hash: two threads hash no
-faster than one. A load verifies every byte in its eight read threads, so with those functions
-the hashing of a whole checkpoint ran one thread at a time (1.5 GB at about 16 GB/s is 0.1 s,
-longer than a warm load of the unverified code on a 16-core host). The package's extension
-module also exports the C library's own entry points: `XXH3_64bits_dispatch` (xxhash 4.x, the
-CPU-dispatching variant that its Python functions call) or `XXH3_64bits` (3.x). ctypes releases
-the GIL for the duration of a foreign call, so each read thread hashes its own bytes in parallel
-with the others.
+The one-shot functions of `xxhash` before 4.0 (`xxh3_64_hexdigest`, ...) hold the GIL while
+they hash (4.0 releases it for inputs over 64 KiB). A load verifies every byte in its eight
+read threads, so with xxhash 3.x the hashing of a whole checkpoint ran one thread at a time
+(1.5 GB at about 16 GB/s is 0.1 s, longer than a warm load of the unverified code on a 16-core
+host). The package's extension module exports the C library's own entry points:
+`XXH3_64bits_dispatch` (4.x, the CPU-dispatching variant its Python functions call) or
+`XXH3_64bits` (3.x, the one they call). ctypes releases the GIL for the duration of a foreign
+call, so each read thread hashes its own bytes in parallel with the others, whichever xxhash
+is installed.
 
 Nothing is assumed about that binding: at import it must reproduce the Python functions'
 digests on inputs that take each of XXH3's code paths (0-16, 17-128, 129-240 bytes, one
