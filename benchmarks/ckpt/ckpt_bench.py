@@ -13,7 +13,12 @@ cpu-load (the cost of the checksums every load verifies):
   default 42c427d: ds-ckpt 0.1.2, no checksums) loading its own checkpoint, this code with
   the checksum verification switched off (the benchmark-only switch
   `_load._VERIFY_CHECKSUMS`), and this code as users run it (every chunk checksum verified).
-  Wall and CPU seconds (all threads) of each load.
+  Wall and CPU seconds (all threads; user and system apart) and context switches of each load.
+  --also-rev REV (or --also-src, an extracted copy) adds that revision's default load, e.g.
+  this code before a change; --verify-reads 16 adds this code's verified load with page-cached
+  bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --suffix keeps an
+  earlier results file of the same day. The file records the xxhash version and the C entry
+  point hashed outside the GIL (xxh3_binding; null: xxhash's Python functions).
 
 gpu (2 ranks, the 1.34B GPT: d=2048, 24 layers, bf16, AdamW, ZeRO stage 1 or 2):
     torchrun --nproc_per_node 2 benchmarks/ckpt/ckpt_bench.py gpu --stage 1 --dir $OUT/ckpt
@@ -543,6 +548,12 @@ def _source_at(rev: str, into: str) -> str:
 
 
 def bench_cpu_load(args: argparse.Namespace) -> None:
+    # (here, not at the top: the workers of older revisions import this file with their own
+    # ds_ckpt, which may have no _xxh3)
+    import xxhash
+
+    import ds_ckpt._xxh3 as ds_ckpt_xxh3
+
     root = args.dir
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
@@ -644,7 +655,12 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
         tensors=N_TENSORS,
         reps=args.reps,
         baseline_rev=args.baseline_rev,
+        also_rev=args.also_rev,
         load_avg_per_rep=load_avg,
+        # how this code hashes: the xxhash version and the C entry point called outside the GIL
+        # (None: xxhash's Python functions, which hold the GIL before xxhash 4.0)
+        xxhash=xxhash.VERSION,
+        xxh3_binding=getattr(ds_ckpt_xxh3.NATIVE, "__name__", None),
         note="each load in a fresh process (destination tensors zeroed before timing), cold = "
         "page cache of the checkpoint dropped with posix_fadvise, warm = the same load again; "
         "order of the three systems rotated every rep; medians over reps. The 2-core machine "
