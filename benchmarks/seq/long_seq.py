@@ -11,7 +11,8 @@ optimizer and parameters offloaded to the CPU, AdamW, clipping 1.0; micro-batch 
 
 * ``ours``: ds_all's engine; ds_seq's Ulysses attention (sp = GPUs), ``enable_tiled_mlp``,
   ``tiled_causal_lm_loss_sum`` (TiledFusedLogitsLoss) and ``enable_checkpoint_offload``
-  (activation checkpointing with the hidden states in pinned host memory).
+  (activation checkpointing with the hidden states in pinned host memory; with
+  ``--ours-keep-gb G``, up to G GB of them per step stay on the device).
 * ``deepspeed-alst``: DeepSpeed 0.19.8's ALST path: ``UlyssesSPAttentionHF`` (at sp = 1 its
   ``register_with_transformers`` does nothing), ``TiledMLP`` patched into ``LlamaMLP`` as its
   docstring shows, ``TiledFusedLogitsLoss``, transformers' activation checkpointing under
@@ -151,7 +152,12 @@ def _train_ours(args, cfg, device, rank: int, world: int):
             model, "sdpa", world, 1, seq_length_is_variable=True
         )
     ds_seq.enable_tiled_mlp(model)  # ceil(seq / hidden) tiles, as DeepSpeed's recipe
-    offload = ds_seq.enable_checkpoint_offload(model)
+    # --ours-keep-gb: that many GB of layer inputs per step stay on the device (the first
+    # layers'), where the device has room and the host would otherwise bound the length
+    keep = int(getattr(args, "ours_keep_gb", 0.0) * 2**30)
+    offload = ds_seq.enable_checkpoint_offload(
+        model, ds_seq.HiddenStatesOffload(keep_on_device_bytes=keep)
+    )
 
     class TiledLossLM(nn.Module):
         def __init__(self, lm: nn.Module) -> None:
@@ -483,6 +489,8 @@ def _process(system: str, lengths: list[int], args, timeout: float,
            "--lengths", *map(str, lengths)]  # fmt: skip
     if deadline is not None:
         cmd += ["--deadline", f"{deadline:.1f}"]
+    if system == "ours" and args.ours_keep_gb:
+        cmd += ["--ours-keep-gb", str(args.ours_keep_gb)]
     if args.tiny:
         cmd.append("--tiny")
         if args.simulate_oom_at:
@@ -751,6 +759,9 @@ def main() -> None:
     ap.add_argument("--trial-timeout", type=float, default=170.0,
                     help="seconds for the tokens/s trial of ours at DeepSpeed's longest length")  # fmt: skip
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--ours-keep-gb", type=float, default=0.0,
+                    help="ours: GB of checkpointed layer inputs kept on the device per step "
+                         "(ds_seq.HiddenStatesOffload keep_on_device_bytes; 0: all to the host)")  # fmt: skip
     ap.add_argument("--nproc", type=int, default=1, help="GPUs: sp = N for ours and deepspeed-alst")
     ap.add_argument("--device-name", default=None)
     ap.add_argument("--out", default=None, help="results path (default benchmarks/results/...)")
@@ -807,6 +818,7 @@ def main() -> None:
             config={"model": "Llama-3.2-3B shape" if not args.tiny else "tiny Llama", "nproc": args.nproc,
                     "sp": args.nproc, "steps": args.steps, "start": args.start, "granularity": args.granularity,
                     "max_trials": args.max_trials, "budget_s": args.budget_s, "total_s": args.total_s,
+                    "ours_keep_on_device_gb": args.ours_keep_gb,
                     "search": "one process per system over the ladder start, 2x, ...; fresh processes bisect after an OOM",
                     "zero": "stage 3, offload_optimizer + offload_param cpu, bf16, AdamW"},
         )  # fmt: skip

@@ -57,6 +57,33 @@ def test_hidden_states_offload_on_cuda_matches_plain_backward_and_reuses_buffers
     assert store.pooled_bytes() == 0 and store.release_buffers() == 0
 
 
+def test_inputs_kept_on_cuda_within_the_budget_match_plain_backward():
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    layers = nn.ModuleList([nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(4)]).to(
+        dev
+    )
+    x = torch.randn(2, 512, 256, device=dev, requires_grad=True)
+    nbytes = x.numel() * x.element_size()
+
+    def run(store):
+        h = x
+        for layer in layers:
+            h = store.checkpoint(layer, h) if store is not None else layer(h)
+        return h.float().pow(2).mean()
+
+    run(None).backward()
+    ref_x = x.grad.clone()
+    x.grad = None
+    layers.zero_grad()
+    store = ds_seq.HiddenStatesOffload(keep_on_device_bytes=3 * nbytes)
+    loss = run(store)
+    assert store.kept_bytes() == 3 * nbytes
+    loss.backward()
+    assert store.kept_bytes() == 0 and store.pooled_bytes() == nbytes  # one input went to the host
+    torch.testing.assert_close(x.grad, ref_x, rtol=1e-5, atol=1e-6)
+
+
 def test_tiled_mlp_and_loss_on_cuda_bf16():
     torch.manual_seed(0)
     dev = torch.device("cuda")

@@ -207,3 +207,44 @@ def test_bad_arguments_are_named():
         ds_seq.TiledMLP.apply(lambda s, t: t, head, x, 0, None)
     with pytest.raises(ValueError, match="grad_requiring_tensor_key 'h'"):
         ds_seq.sequence_tiled_compute(lambda x: x, 4, 2, {"x": x}, {}, "h")
+
+
+def test_keep_on_device_bytes_keeps_the_first_inputs_within_the_budget():
+    torch.manual_seed(0)
+    layers = nn.ModuleList(
+        [nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.2), nn.GELU()) for _ in range(4)]
+    )
+    x = torch.randn(64, 32, requires_grad=True)
+    nbytes = x.numel() * x.element_size()
+
+    def run(store):
+        h = x
+        torch.manual_seed(1)
+        for layer in layers:
+            h = store.checkpoint(layer, h) if store is not None else layer(h)
+        return h.pow(2).sum()
+
+    run(None).backward()
+    ref_x, ref = x.grad.clone(), _grads(layers)
+    layers.zero_grad()
+    x.grad = None
+    store = ds_seq.HiddenStatesOffload(offload_cpu_inputs=True, keep_on_device_bytes=2 * nbytes + 1)
+    copied = []
+    offload = store.offload
+    store.offload = lambda t: copied.append(t) or offload(t)
+    loss = run(store)
+    # the first two layers' inputs stay; the last two are copied (the budget has no room)
+    assert store.kept_bytes() == 2 * nbytes and len(copied) == 2
+    loss.backward()
+    assert store.kept_bytes() == 0
+    torch.testing.assert_close(x.grad, ref_x, **TOL)
+    for n, g in _grads(layers).items():
+        torch.testing.assert_close(g, ref[n], **TOL, msg=n)
+    # a kept input changed in place before backward is refused, not silently recomputed
+    h = x * 1.0
+    out = store.checkpoint(layers[0], h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+    with pytest.raises(ValueError, match="keep_on_device_bytes must be >= 0"):
+        ds_seq.HiddenStatesOffload(keep_on_device_bytes=-1)

@@ -39,14 +39,31 @@ class HiddenStatesOffload:
     buffers reused from step to step (page-locking memory is slow, and a long sequence needs
     gigabytes a layer) and, on CUDA, a side stream for the device-to-host copies so that they
     overlap the next layer's forward. ``checkpoint`` is its checkpoint function.
+
+    ``keep_on_device_bytes``: up to this many bytes of checkpointed inputs per step stay on the
+    device instead (the first layers' in forward order, as long as they fit; 0, the default,
+    offloads all). Host memory bounds the longest sequence once every layer's input lives there
+    (28 layers x 6 KB a token for a 3B model); where the device has room left at its peak,
+    keeping some inputs there moves that bound. The kept bytes add to the device's peak at
+    most one for one, so a budget no larger than the room the device had with everything
+    offloaded is safe. DeepSpeed's ``keep_last_count`` keeps the last layer's input.
     """
 
     def __init__(
-        self, min_offload_bytes: int = MIN_OFFLOAD_BYTES, offload_cpu_inputs: bool = False
+        self,
+        min_offload_bytes: int = MIN_OFFLOAD_BYTES,
+        offload_cpu_inputs: bool = False,
+        keep_on_device_bytes: int = 0,
     ) -> None:
+        if keep_on_device_bytes < 0:
+            raise ValueError(
+                f"HiddenStatesOffload: keep_on_device_bytes must be >= 0, got {keep_on_device_bytes}"
+            )
         self.min_offload_bytes = min_offload_bytes
         # copy CPU tensors too (a CPU run has nothing to offload; tests use it)
         self.offload_cpu_inputs = offload_cpu_inputs
+        self.keep_on_device_bytes = int(keep_on_device_bytes)
+        self._kept_bytes = 0  # of inputs kept on the device whose backward has not run yet
         self._pool: dict[tuple[tuple[int, ...], torch.dtype], list[Tensor]] = {}
         self._stream: Any = None
 
@@ -65,15 +82,35 @@ class HiddenStatesOffload:
         """Host memory the pool holds now (buffers waiting for reuse)."""
         return sum(t.numel() * t.element_size() for ts in self._pool.values() for t in ts)
 
+    def kept_bytes(self) -> int:
+        """Bytes of checkpointed inputs kept on the device now (waiting for their backward)."""
+        return self._kept_bytes
+
     def release_buffers(self) -> int:
         """Drop the pooled host buffers (between backward passes; when the sequence length
-        changes, the buffers of the old shapes would otherwise stay page-locked). Returns the
-        bytes released."""
+        changes, the buffers of the old shapes would otherwise stay page-locked) and forget
+        inputs kept on the device by a forward whose backward never ran. Returns the bytes
+        released."""
         if self._stream is not None:
             self._stream.synchronize()  # no copy into or out of a buffer is still running
         released = self.pooled_bytes()
         self._pool.clear()
+        self._kept_bytes = 0
         return released
+
+    def keeps(self, t: Tensor) -> bool:
+        """Whether ``t`` stays on the device under ``keep_on_device_bytes`` (counted if so)."""
+        n = t.numel() * t.element_size()
+        if n < self.min_offload_bytes or self._kept_bytes + n > self.keep_on_device_bytes:
+            return False
+        if t.device.type == "cpu" and not self.offload_cpu_inputs:
+            return False  # nothing to keep: a CPU tensor stays where it is anyway
+        self._kept_bytes += n
+        return True
+
+    def done_with_kept(self, nbytes: int) -> None:
+        """The backward of inputs kept on the device ran: their bytes leave the budget."""
+        self._kept_bytes = max(0, self._kept_bytes - nbytes)
 
     # ---- used by _OffloadedCheckpoint -------------------------------------------------------
     def offload(self, t: Tensor) -> tuple[Tensor, torch.device | None]:
@@ -132,12 +169,28 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         devices = {a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"}
         if devices:
             ctx.cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in devices]
-        ctx.kept = [store.offload(a) if isinstance(a, Tensor) else (a, None) for a in args]
+        kept, on_device = [], []
+        for a in args:
+            if isinstance(a, Tensor) and store.keeps(a):
+                kept.append((a, None))
+                # an in-place change before backward would recompute from other values
+                on_device.append((a, a._version))
+            else:
+                kept.append(store.offload(a) if isinstance(a, Tensor) else (a, None))
+        ctx.kept, ctx.on_device = kept, on_device
         with torch.no_grad():
             return run(*args)
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        for t, version in ctx.on_device:
+            if t._version != version:
+                raise RuntimeError(
+                    "checkpoint_offload: an input kept on the device (keep_on_device_bytes) was "
+                    "modified in place after the forward; clone it before changing it"
+                )
+        ctx.store.done_with_kept(sum(t.numel() * t.element_size() for t, _ in ctx.on_device))
+        ctx.on_device = None
         inputs = []
         for (value, device), needs in zip(ctx.kept, ctx.grad_flags, strict=True):
             if isinstance(value, Tensor):
