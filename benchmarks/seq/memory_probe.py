@@ -174,7 +174,7 @@ def probe_engine(seq_len: int, before: bool) -> dict:
     tiled._TiledLossFunction.forward = staticmethod(phased_loss_forward)
     try:
         args = SimpleNamespace(seq_len=seq_len, tiny=True)
-        step = long_seq._train_ours(args, cfg, torch.device("cpu"), 0, 1)
+        step, _ = long_seq._train_ours(args, cfg, torch.device("cpu"), 0, 1)
         engine = _find_engine(step)
         step(0)  # warm-up: pools, buffers, the recorded forward order
         held: dict[str, int] = {}
