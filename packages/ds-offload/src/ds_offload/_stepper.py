@@ -53,6 +53,13 @@ class _Partition(Protocol):
     param_shard: torch.Tensor | None
     # ds_zero >= 0.1.3: set where a parameter-shard store holds the compute-dtype shard (the
     # updated fp32 values are handed to it); read with getattr: older partitions lack it
+    # ds_zero >= 0.1.5: ``grad_dtype``, the 16-bit dtype in which the caller can hand over the
+    # gradient exactly (float32 otherwise); read with getattr too
+
+
+def _exact_grad_dtype(part: _Partition) -> torch.dtype:
+    dtype = getattr(part, "grad_dtype", torch.float32)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _writer(part: _Partition) -> Callable[[torch.Tensor], None] | None:
@@ -152,6 +159,13 @@ class OffloadStepper:
         self.grad_buffers: int | None = 0 if self.delayed else grad_buffers
         self._grad_host: dict[int, torch.Tensor] = {}  # one per partition (no pool)
         self._grad_pool: list[torch.Tensor] = []  # or the rotating buffers
+        # per offloaded partition, the dtype of its host gradient buffer: the 16-bit dtype the
+        # caller can hand the gradient over in exactly (MasterPartition.grad_dtype), else fp32
+        self._grad_dtypes: dict[int, torch.dtype] = {}
+        # fp32 host buffers of partitions whose gradient came in fp32 although their buffer is
+        # 16-bit (a step that accumulated after all): made on demand, dropped when a 16-bit
+        # gradient fills the partition's own buffer again
+        self._grad_spill: dict[int, torch.Tensor] = {}
         # early copies of this step (grad_ready(early_copy=True)), in arrival order
         self._arrived: list[int] = []
         self._arrived_set: set[int] = set()
@@ -230,13 +244,16 @@ class OffloadStepper:
         else:
             self.store = CpuStore(pin)
         sizes = [by_index[i].master.numel() for i in self.offloaded]
+        self._grad_dtypes = {i: _exact_grad_dtype(by_index[i]) for i in self.offloaded}
         if self.grad_buffers is None:
             self.grad_buffers = self._auto_grad_buffers(sizes)
         pool = min(self.grad_buffers, len(sizes))
         if pool and pool * max(sizes) < sum(sizes):
-            self._grad_pool = [
-                aligned_empty(max(sizes), torch.float32, pin=pin) for _ in range(pool)
-            ]
+            # the pool's buffers serve every partition: 16-bit only if all take that dtype
+            kinds = set(self._grad_dtypes.values())
+            pool_dtype = kinds.pop() if len(kinds) == 1 else torch.float32
+            self._grad_dtypes = dict.fromkeys(self.offloaded, pool_dtype)
+            self._grad_pool = [aligned_empty(max(sizes), pool_dtype, pin=pin) for _ in range(pool)]
         for i in self.offloaded:
             part = by_index[i]
             # the store copies from the master itself (device or host): no intermediate host
@@ -246,7 +263,7 @@ class OffloadStepper:
             self.store.add(i, part.master.detach().reshape(-1))
             n = part.master.numel()
             if not self._grad_pool:
-                self._grad_host[i] = aligned_empty(n, torch.float32, pin=pin)
+                self._grad_host[i] = aligned_empty(n, self._grad_dtypes[i], pin=pin)
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
                 if shard.device.type == "cpu" and shard.is_contiguous() and not self.delayed:
@@ -368,8 +385,8 @@ class OffloadStepper:
         device) where the host has room, else the pool."""
         if self.config.device is OffloadDevice.nvme:
             return self.POOL_BUFFERS  # host memory is what NVMe offload is for
-        # fp32 master and two moments, plus one fp32 gradient buffer, per parameter
-        need = 16 * sum(sizes)
+        # fp32 master and two moments, plus one gradient buffer (fp32 or 16-bit), per parameter
+        need = sum(n * (12 + self._grad_dtypes[i].itemsize) for i, n in zip(self.offloaded, sizes))
         available = host_available_bytes()
         if available is not None and need <= self.HOST_SHARE * available:
             return 0
@@ -415,7 +432,7 @@ class OffloadStepper:
             return  # its buffer is taken until the Adam of an earlier partition: copy later
         self._arrived.append(index)
         self._arrived_set.add(index)
-        dst = self._grad_buffer(pos, index, grad.numel())
+        dst = self._grad_dst(pos, index, grad)
         self._grad_events[index] = self._copier.to_host(dst, grad)
 
     def holds_grad(self, index: int) -> bool:
@@ -462,7 +479,7 @@ class OffloadStepper:
         self._arrived_set.add(index)
         self._job.expect(index)
         if not self._grad_pool or pos < len(self._grad_pool):
-            event = self._copier.to_host(self._grad_buffer(pos, index, grad.numel()), grad)
+            event = self._copier.to_host(self._grad_dst(pos, index, grad), grad)
             self._stream.put((pos, index, None, event))
         else:
             self._stream.put((pos, index, grad, self._copier.record()))
@@ -477,12 +494,12 @@ class OffloadStepper:
             while (item := stream.get()) is not None:
                 pos, i, grad, event = item
                 part = self._by_index[i]
-                buf = self._grad_buffer(pos, i, part.master.numel())
                 if grad is not None:
                     # the pool buffer of this place was read by the Adam ``pool`` places ago,
                     # which this thread has finished
-                    event = copier.to_host(buf, grad, event)
+                    event = copier.to_host(self._grad_dst(pos, i, grad), grad, event)
                     del grad, item
+                buf = self._grad_buffer(pos, i, part.master.numel())
                 copier.wait(event)
                 state = self.store.acquire(i)
                 self._cpu_adam(part, state, buf, hparams[i], 1.0)
@@ -541,10 +558,42 @@ class OffloadStepper:
 
     def _grad_buffer(self, pos: int, index: int, numel: int) -> torch.Tensor:
         """The host buffer of the gradient updated ``pos``-th in a step (partition ``index``):
-        its own buffer, or with the pool the rotating one of that place."""
+        its own buffer, or with the pool the rotating one of that place; the fp32 spill buffer
+        where this step's gradient came in fp32 to a 16-bit buffer (see ``_grad_dst``)."""
+        spill = self._grad_spill.get(index)
+        if spill is not None:
+            return spill
         if self._grad_pool:
             return self._grad_pool[pos % len(self._grad_pool)][:numel]
         return self._grad_host[index]
+
+    def _grad_dst(self, pos: int, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """Where the host copy of ``grad`` (partition ``index``, ``pos``-th in the update order)
+        goes: the buffer of ``_grad_buffer`` when the dtypes match. A copy into a buffer of
+        another dtype would round an fp32 gradient: one that arrives in fp32 for a 16-bit
+        buffer (the caller accumulated it after all) gets an fp32 buffer of its own."""
+        spill = self._grad_spill.pop(index, None)
+        dst = self._grad_buffer(pos, index, grad.numel())
+        if grad.dtype == dst.dtype:
+            return dst
+        if grad.dtype != torch.float32:
+            raise ValueError(
+                f"OffloadStepper: gradient {index} is {grad.dtype}; this stepper takes float32 "
+                f"or {dst.dtype} gradients for it (grad_dtype({index}))"
+            )
+        if spill is None or spill.numel() != grad.numel():
+            spill = aligned_empty(grad.numel(), torch.float32, pin=self.config.pin_memory)
+        self._grad_spill[index] = spill
+        return spill
+
+    def grad_dtype(self, index: int) -> torch.dtype:
+        """The dtype of partition ``index``'s host gradient buffer: the caller's exact 16-bit
+        dtype (``MasterPartition.grad_dtype``) for an offloaded partition, float32 for one kept
+        on the device (``ratio`` < 1: its fused update reads the caller's fp32 gradient).
+        A gradient in this dtype is copied to the host at its size (2 bytes per parameter
+        instead of 4) and read by CPU Adam as it is (widened exactly in registers); an fp32
+        gradient is accepted too (an fp32 buffer is made for it)."""
+        return self._grad_dtypes.get(index, torch.float32)
 
     def skip_step(self) -> None:
         """The caller skips this step (fp16 overflow): forget copies started by grad_ready.
@@ -637,9 +686,8 @@ class OffloadStepper:
             if pool and pos >= pool:
                 break
             if i not in self._grad_events:
-                self._grad_events[i] = copier.to_host(
-                    self._grad_buffer(pos, i, by_index[i][1].numel()), by_index[i][1], ready
-                )
+                src = by_index[i][1]
+                self._grad_events[i] = copier.to_host(self._grad_dst(pos, i, src), src, ready)
             pending[pos] = None
         # 2. device-resident partitions (ratio < 1): their fused update is queued on the
         # device now and runs there while the CPU steps the others
@@ -729,9 +777,7 @@ class OffloadStepper:
                     j = order[nxt]
                     src = pending[nxt]
                     assert src is not None
-                    grad_events[j] = copier.to_host(
-                        self._grad_buffer(nxt, j, src.numel()), src, ready
-                    )
+                    grad_events[j] = copier.to_host(self._grad_dst(nxt, j, src), src, ready)
                     pending[nxt] = None
                 if not self.delayed:
                     job.publish(i, self._write_back(part, state))
@@ -814,7 +860,7 @@ class OffloadStepper:
         on_nvme = sum(sizes[i] for i in self.offloaded if self.store.swapped(i))
         nvme = self.store.nvme if isinstance(self.store, SplitStore) else self.store
         swap_buffers = [slot.buffer for slot in getattr(nvme, "slots", [])]
-        grads = [*self._grad_pool, *self._grad_host.values()]
+        grads = [*self._grad_pool, *self._grad_host.values(), *self._grad_spill.values()]
         return {
             "optimizer_state_host": sum(sizes[i] for i in self.offloaded) - on_nvme,
             "optimizer_state_nvme": on_nvme,

@@ -116,6 +116,11 @@ class Bucket:
         self.local_shard: torch.Tensor | None = None
         self.grad_shard: torch.Tensor | None = None
         self.accum: torch.Tensor | None = None
+        # The compute dtype when this bucket's final gradient may stay in it: set by ZeRO only
+        # where it is exact (one rank, no fp32 accumulation planned) and the stepper keeps its
+        # host copy in that dtype. A step that accumulates after all (an accumulation boundary
+        # set off by the caller) still reduces into fp32. None: fp32 gradients.
+        self.exact_grad_dtype: torch.dtype | None = None
         self.state = ParamsState.GATHERED
         # Where the authoritative fp32 master lives when the optimizer-state holder keeps it off
         # the device (offload): a getter of the live tensor and a commit to call after writing
@@ -329,6 +334,11 @@ class Bucket:
 
     @torch.no_grad()
     def issue_reduce(self, dtype: torch.dtype) -> PendingReduce:
+        if self.world == 1 and self.exact_grad_dtype is not None and self.accum is None:
+            # nothing to reduce: the autograd gradients themselves, in their own dtype (an
+            # fp32 copy would hold the same values in twice the bytes)
+            flat = self.take_grads(self.exact_grad_dtype)
+            return PendingReduce(self, None, flat, flat)
         flat = self.take_grads(dtype)
         if self.world == 1:
             return PendingReduce(self, None, flat, flat)
@@ -345,14 +355,21 @@ class Bucket:
         return PendingReduce(self, work, out, flat)
 
     @torch.no_grad()
-    def finish_reduce(self, pending: PendingReduce) -> None:
+    def finish_reduce(self, pending: PendingReduce, final: bool = True) -> None:
+        """Add the reduced gradient to ``grad_shard`` (fp32). ``final``: the last micro-step of
+        the accumulation window; its gradient stays in ``exact_grad_dtype`` when nothing was
+        accumulated before it (it is then exactly the value fp32 would hold)."""
         if pending.work is not None:
             pending.work.wait()  # type: ignore[attr-defined]
         out = pending.out
-        if out.dtype != torch.float32:
+        keep = final and self.grad_shard is None and out.dtype == self.exact_grad_dtype
+        if out.dtype != torch.float32 and not keep:
             out = out.float()
         if self.grad_shard is None:
             self.grad_shard = out
+        elif self.grad_shard.dtype != torch.float32:
+            # an unplanned accumulation onto a kept 16-bit gradient: widen it (exactly) first
+            self.grad_shard = self.grad_shard.float().add_(out)
         else:
             self.grad_shard.add_(out)
 

@@ -92,7 +92,7 @@ class GradReducer:
 
     def _finish_one(self) -> None:
         pending = self._inflight.popleft()
-        pending.bucket.finish_reduce(pending)
+        pending.bucket.finish_reduce(pending, final=self.sync)
         if self.sync and self.on_final is not None:
             self.on_final(pending.bucket)
 

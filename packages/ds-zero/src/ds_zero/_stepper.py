@@ -33,6 +33,11 @@ class MasterPartition:
     order: position of the partition's first parameter in ``model.parameters()`` (DeepSpeed's
         parameter order: offload ``ratio`` keeps the first part of the model on the device);
         -1 where unknown.
+    grad_dtype: the dtype in which ZeRO can hand over this partition's final gradient with
+        exactly the values of its fp32 gradient: the 16-bit compute dtype where the gradient
+        is the autograd result itself (one rank, one micro-step per step, a stepper that takes
+        the unscale/clip factor in ``step``), float32 otherwise. ZeRO hands it over in that
+        dtype only to a stepper whose ``grad_dtype(index)`` answers it.
     """
 
     index: int
@@ -41,6 +46,7 @@ class MasterPartition:
     param_shard: torch.Tensor | None
     param_writer: Callable[[torch.Tensor], None] | None = None
     order: int = -1
+    grad_dtype: torch.dtype = torch.float32
 
 
 @runtime_checkable
@@ -60,6 +66,11 @@ class PartitionStepper(Protocol):
     the stepper has its own copy of that gradient (or a reference keeping it alive), so ZeRO
     drops its reference at once (an offloaded step then keeps no reduced gradient on the
     device), takes the partition's norm for clipping then, and passes None for it to ``step``.
+    ``grad_dtype(index) -> torch.dtype`` (read after ``setup``): the dtype the stepper keeps
+    that partition's gradient in; where it equals ``MasterPartition.grad_dtype`` (a 16-bit
+    dtype) ZeRO hands the gradient over in it (fp32 whenever a step accumulates after all), and
+    the stepper must accept gradients of either dtype; a gradient passed to ``step`` with a
+    factor must have the factor applied in fp32 on the widened gradient.
     """
 
     masters_on_device: bool

@@ -10,6 +10,7 @@ stage 3 gathers lazily at the next forward).
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +39,8 @@ from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerSt
 from ds_zero._units import find_units, unit_params
 from ds_zero._zeropp import ZeroPP
 
+log = logging.getLogger("ds_zero")
+
 
 class Phase(enum.Enum):
     """Where the wrapped model is between optimizer steps."""
@@ -48,6 +51,12 @@ class Phase(enum.Enum):
     READY = "ready"
     """The last micro-step's gradients are fully reduced into the fp32 partitions; ``step()``
     applies them (or skips on overflow) and frees them."""
+
+
+def _widened(grad: torch.Tensor) -> torch.Tensor:
+    """The fp32 gradient: the norm of a 16-bit one is taken on its exact fp32 widening, with
+    the same kernel as an fp32 gradient's, so it has the same bits."""
+    return grad if grad.dtype == torch.float32 else grad.float()
 
 
 def _is_expert(p: nn.Parameter) -> bool:
@@ -137,6 +146,10 @@ class Zero:
             )
         self._build_buckets(model, named, group_of)
         self.trainable = [b for b in self.buckets if b.trainable]
+        # A stepper that takes the unscale/clip factor in step() (an offload stepper) gets each
+        # partition's gradient as soon as its reduction finishes, so its device-to-host copy
+        # overlaps the rest of backward; ZeRO then never scales the gradients in place.
+        self._stream_grads = bool(getattr(self.stepper, "accepts_grad_scale", False))
         position = {id(p): i for i, (_, p) in enumerate(named)}
         self.partitions = [
             MasterPartition(
@@ -146,14 +159,12 @@ class Zero:
                 b.param_shard_view(),  # type: ignore[arg-type]
                 param_writer=b.write_shard if b.shard_store is not None else None,
                 order=min(position[id(p)] for p in b.params),
+                grad_dtype=self._exact_grad_dtype(b),
             )
             for k, b in enumerate(self.trainable)
         ]
         self.stepper.setup(self.partitions, self._group_options)
-        # A stepper that takes the unscale/clip factor in step() (an offload stepper) gets each
-        # partition's gradient as soon as its reduction finishes, so its device-to-host copy
-        # overlaps the rest of backward; ZeRO then never scales the gradients in place.
-        self._stream_grads = bool(getattr(self.stepper, "accepts_grad_scale", False))
+        self._adopt_grad_dtypes()
         self._partition_of = {b.index: k for k, b in enumerate(self.trainable)}
         self._streamed: set[int] = set()
         # Partitions whose gradient the stepper holds a host copy of (``holds_grad``): their
@@ -229,6 +240,52 @@ class Zero:
                     "add it to an optimizer param group or set requires_grad=False"
                 )
         return group_of
+
+    def _exact_grad_dtype(self, b: Bucket) -> torch.dtype:
+        """The dtype in which bucket ``b``'s final gradient is exactly what ZeRO would hand over
+        in fp32: the compute dtype where it is the autograd result itself, fp32 otherwise.
+
+        The compute dtype needs all of: a 16-bit compute dtype; one rank in the bucket's group
+        (its own expert group for MoE: any reduction sums in fp32, and divides by the world);
+        a reduce dtype that does not round it (fp32 or the compute dtype itself); one micro-step
+        per step (accumulation sums in fp32; a boundary the caller sets off anyway is still
+        summed in fp32, see ``Bucket.finish_reduce``); and a stepper that takes the
+        unscale/clip factor in ``step`` and applies it in fp32 (otherwise ZeRO scales the
+        gradients in place, which would round them). Loss scaling and clipping keep it exact:
+        the norm is taken on the widened gradient and the factor is applied by the stepper."""
+        opts = self.options
+        if (
+            self._stream_grads
+            and self.param_dtype in (torch.bfloat16, torch.float16)
+            and b.world == 1
+            and opts.reduce_dtype in (torch.float32, self.param_dtype)
+            and opts.gradient_accumulation_steps == 1
+        ):
+            return self.param_dtype
+        return torch.float32
+
+    def _adopt_grad_dtypes(self) -> None:
+        """Hand over in the compute dtype the partitions whose stepper keeps that dtype
+        (``grad_dtype(index)``, optional: an offload stepper's host buffers): 2 bytes per
+        parameter to copy to the host and for the CPU optimizer to read instead of 4."""
+        wants = getattr(self.stepper, "grad_dtype", None)
+        self.grad_handover_dtypes: list[torch.dtype] = []
+        for part, b in zip(self.partitions, self.trainable):
+            narrow = callable(wants) and part.grad_dtype != torch.float32
+            dtype = (
+                part.grad_dtype
+                if narrow and wants(part.index) == part.grad_dtype
+                else torch.float32
+            )
+            b.exact_grad_dtype = None if dtype == torch.float32 else dtype
+            self.grad_handover_dtypes.append(dtype)
+        narrow = sum(d != torch.float32 for d in self.grad_handover_dtypes)
+        if narrow:
+            log.debug(
+                "ds_zero: %d of %d partitions hand their gradient to the stepper in %s "
+                "(exact: one rank, one micro-step per step)",
+                narrow, len(self.partitions), self.param_dtype,
+            )  # fmt: skip
 
     def _key(self, p: nn.Parameter, group_of: dict[int, int]) -> tuple[Any, ...]:
         optim_group = group_of.get(id(p)) if p.requires_grad else None
@@ -409,7 +466,7 @@ class Zero:
             if callable(holds) and holds(k):
                 # the same kernel as step()'s norm of the kept gradients; the device memory is
                 # reused once the stepper's copy is done (it records the copy on the tensor)
-                self._held_norms[k] = torch._foreach_norm([bucket.grad_shard])[0]
+                self._held_norms[k] = torch._foreach_norm([_widened(bucket.grad_shard)])[0]
                 bucket.grad_shard = None
 
     def _hand_over(self, k: int, grad: torch.Tensor) -> None:
@@ -473,7 +530,9 @@ class Zero:
                 continue
             if b.grad_shard is None:
                 lo, hi = b.master_range
-                b.grad_shard = torch.zeros(hi - lo, device=b.device)
+                b.grad_shard = torch.zeros(
+                    hi - lo, dtype=b.exact_grad_dtype or torch.float32, device=b.device
+                )
             out.append(b.grad_shard)
         return out
 
@@ -486,7 +545,7 @@ class Zero:
                 [1.0 / (b.replication * b.norm_replicas) for b in self.trainable],
                 device=self.trainable[0].device,
             )
-        kept = [g for g in grads if g is not None]
+        kept = [_widened(g) for g in grads if g is not None]
         live = iter(torch._foreach_norm(kept) if kept else ())
         norms = [self._held_norms[k] if g is None else next(live) for k, g in enumerate(grads)]
         sq = (torch.stack(norms).float().pow(2) * self._norm_weights).sum()
