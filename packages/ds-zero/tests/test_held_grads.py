@@ -108,6 +108,18 @@ def _check() -> None:
         assert norms == want_norms and want_norms[0] > 0.05, stage  # clipping was active
         for k, v in want.items():
             assert torch.equal(got[k], v), (stage, k)
+        # a stepper that takes bf16 gradients still gets fp32 ones on two ranks (the reduction
+        # sums and divides in fp32), with the same bits as one that asks for fp32
+        from test_grad_dtype import NarrowSGD
+        from test_grad_dtype import _train as train_dtype
+
+        want, want_norms, _ = train_dtype(NarrowSGD(torch.float32), torch.bfloat16, stage=stage)
+        narrow = NarrowSGD(None)
+        got, norms, dtypes = train_dtype(narrow, torch.bfloat16, stage=stage)
+        assert set(dtypes) == {torch.float32} and set(narrow.seen) == {torch.float32}, stage
+        assert norms == want_norms, stage
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (stage, k)
 
 
 def test_gradients_held_by_the_stepper_leave_the_device_with_the_same_bits():
