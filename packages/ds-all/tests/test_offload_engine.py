@@ -169,10 +169,11 @@ def test_offload_param_needs_stage_3_and_nvme_falls_back_to_cpu():
 def test_zero3_cpu_offload_host_bytes_per_parameter(host_room, monkeypatch):
     """ZeRO-3 + offload_optimizer cpu + offload_param cpu, bf16: per parameter the host holds
     the fp32 master and two moments (12 bytes) and the bf16 shard (2); CPU Adam writes into the
-    shard itself. Gradients: where the host has room, one fp32 host buffer per partition (4
-    bytes, as DeepSpeed) and no reduced gradient stays on the device past its copy; where it
-    has not, 4 rotating buffers of the largest partition and the gradients that found no free
-    buffer wait on the device until the step. Both train to the same bits (clipping on)."""
+    shard itself. Gradients: where the host has room, one host buffer per partition (bf16, 2
+    bytes: on one rank ZeRO hands the gradient over in bf16 exactly; DeepSpeed's are fp32) and
+    no reduced gradient stays on the device past its copy; where it has not, 4 rotating bf16
+    buffers of the largest partition and the gradients that found no free buffer wait on the
+    device until the step. Both train to the same bits (clipping on)."""
     import ds_all
     import ds_offload._stepper as stepper_mod
 
@@ -198,14 +199,16 @@ def test_zero3_cpu_offload_host_bytes_per_parameter(host_room, monkeypatch):
     staging = {t.data_ptr() for t in stepper._lp_host.values()}
     assert staging == {b.local_shard.data_ptr() for b in engine.zero.trainable}  # no copies
     assert state == 12 * n and shards == 2 * n
-    pool = sum(t.numel() * 4 for t in stepper._grad_pool)
+    pool = sum(t.numel() * t.element_size() for t in stepper._grad_pool)
+    grad_dtypes = {t.dtype for t in [*stepper._grad_pool, *stepper._grad_host.values()]}
+    assert grad_dtypes == {torch.bfloat16}
     largest = max(b.layout.shard_numel for b in engine.zero.trainable)
     if host_room:
         assert stepper.grad_buffers == 0 and not stepper._grad_pool
-        assert sum(t.numel() * 4 for t in stepper._grad_host.values()) == 4 * n
+        assert sum(t.numel() * 2 for t in stepper._grad_host.values()) == 2 * n
     else:
-        assert len(stepper._grad_pool) == 4 and pool == 16 * largest and not stepper._grad_host
-        assert pool < 4 * n  # less than one fp32 gradient buffer per partition would take
+        assert len(stepper._grad_pool) == 4 and pool == 8 * largest and not stepper._grad_host
+        assert pool < 2 * n  # less than one gradient buffer per partition would take
     for step in range(2):
         x, y = batch(step, 4)
         engine.backward(engine(x, y))

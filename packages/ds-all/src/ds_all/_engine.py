@@ -147,6 +147,11 @@ def _log_offload_plan(zero: ds_zero.Zero, rank: int) -> None:
     host = sum(v for k, v in plan.items() if not k.endswith("_nvme"))
     nvme = sum(v for k, v in plan.items() if k.endswith("_nvme"))
     parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in plan.items() if v)
+    # ZeRO hands exact gradients over in the compute dtype (one rank, no accumulation)
+    handed = getattr(zero, "grad_handover_dtypes", [])
+    narrow = [str(d).removeprefix("torch.") for d in handed if d != torch.float32]
+    if narrow:
+        parts += f" ({narrow[0]} gradients: {len(narrow)} of {len(handed)} partitions)"
     threads = getattr(zero.stepper, "num_threads", None)
     log.info(
         "offload (rank 0): %s of host memory, %s on NVMe: %s%s", _size(host), _size(nvme), parts,
