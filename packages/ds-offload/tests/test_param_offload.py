@@ -112,3 +112,69 @@ def test_errors():
         ParamOffloader(_net(), {"device": "cpu", "bufer_count": 4}, device="cpu")
     with pytest.raises(ValueError, match="must be float32"):
         ParamOffloader(_net().to(torch.bfloat16), {"device": "cpu"}, device="cpu")
+
+
+def _offload_run(monkeypatch, in_place: bool):
+    """3 steps: two backward passes summed in step 0, block 3 unused in step 1."""
+    import ds_offload._param as param_mod
+
+    if not in_place:  # the stepper copies each gradient into a buffer of its own
+        monkeypatch.setattr(param_mod, "_Part", _NoHostGrad)
+    m = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = ParamOffloader(m, {"device": "cpu"}, hparams={"lr": 1e-2, "weight_decay": 0.1},
+                             device="cpu")  # fmt: skip
+        skip = m.blocks[3].forward
+        for s in range(3):
+            if s == 1:
+                m.blocks[3].forward = lambda x: x
+            m(*_data(s)).backward()
+            if s == 0:
+                m(*_data(10)).backward()
+            m.blocks[3].forward = skip
+            off.step()
+    monkeypatch.undo()
+    memory = off.stepper.host_memory()["gradient_buffers"]
+    host = off.stepper._grad_host
+    adopted = all(host[u.index].data_ptr() == u.grad.data_ptr() for u in off.units)
+    got = off.full_parameters()
+    off.close()
+    return got, memory, adopted
+
+
+class _NoHostGrad:
+    def __init__(self, index, group_index, master, host_grad=None):
+        del host_grad
+        self.index, self.group_index, self.master, self.param_shard = (
+            index, group_index, master, None,
+        )  # fmt: skip
+
+
+def test_stepper_reads_the_unit_gradient_buffers_in_place(monkeypatch):
+    """The stepper takes each unit's host gradient buffer as its own (no copy into a second
+    buffer, no 4 bytes per parameter of it) and the first gradient of a step overwrites its
+    slot (no zeroing pass): bitwise the training of the copied, zeroed buffers, with gradients
+    summed over two backward passes and a unit without gradient in a step."""
+    want, want_memory, want_adopted = _offload_run(monkeypatch, in_place=False)
+    got, memory, adopted = _offload_run(monkeypatch, in_place=True)
+    n = sum(p.numel() for p in _net().parameters())
+    assert adopted and not want_adopted
+    assert memory == 0 and want_memory == 4 * n
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    # and the gradients were summed, and zero for the unused block, as plain training's
+    m = _net()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    for s in range(3):
+        blocks = m.blocks
+        if s == 1:
+            m.blocks = nn.ModuleList(blocks[:3])
+        m(*_data(s)).backward()
+        if s == 0:
+            m(*_data(10)).backward()
+        m.blocks = blocks
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # an unused parameter is stepped with zeros
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.detach(), atol=1e-6, rtol=0, msg=n)

@@ -50,10 +50,13 @@ class _Unit:
     numel: int
     offsets: list[int]
     shapes: list[torch.Size]  # recorded at construction: an offloaded param's .shape is (0,)
-    grad: torch.Tensor  # fp32 host accumulation buffer
+    grad: torch.Tensor  # fp32 host accumulation buffer, read by the stepper in place
     state: UnitState = UnitState.OFFLOADED
     buffer: torch.Tensor | None = None  # the device buffer while resident
     pending: set[int] = field(default_factory=set)  # params whose grad has not arrived yet
+    # params whose slot of ``grad`` holds nothing of this step yet (all of them after a step):
+    # the first gradient is written into the slot instead of added, so no pass zeroes ``grad``
+    fresh: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class _Part:
     group_index: int
     master: torch.Tensor
     param_shard: torch.Tensor | None = None
+    host_grad: torch.Tensor | None = None  # the unit's gradient buffer: the stepper's too
 
 
 def _chunk_elements(buffer_size: int, biggest_unit: int) -> int:
@@ -136,7 +140,8 @@ class ParamOffloader:
         )
         self.units = self._build_units(model)
         self._check_sizes()
-        parts = [_Part(u.index, 0, self._flat_values(u)) for u in self.units]
+        # the stepper reads each unit's host gradient buffer in place: no buffer of its own
+        parts = [_Part(u.index, 0, self._flat_values(u), host_grad=u.grad) for u in self.units]
         self.stepper.setup(parts, self.group_options)
         for p in parts:
             p.master = torch.empty(p.master.numel(), device="meta")
@@ -183,8 +188,10 @@ class ParamOffloader:
             for p in ps:
                 offsets.append(off)
                 off += p.numel()
-            grad = aligned_empty(off, torch.float32, pin=self.config.pin_memory).zero_()
-            units.append(_Unit(len(units), m, ps, off, offsets, [p.shape for p in ps], grad))
+            grad = aligned_empty(off, torch.float32, pin=self.config.pin_memory)
+            unit = _Unit(len(units), m, ps, off, offsets, [p.shape for p in ps], grad)
+            unit.fresh = set(range(len(ps)))
+            units.append(unit)
             del i
         return units
 
@@ -322,9 +329,15 @@ class ParamOffloader:
         def hook(p: torch.Tensor) -> None:
             assert p.grad is not None
             off = u.offsets[j]
-            u.grad[off : off + u.shapes[j].numel()].add_(
-                p.grad.reshape(-1).to("cpu", torch.float32)
-            )
+            slot = u.grad[off : off + u.shapes[j].numel()]
+            src = p.grad.reshape(-1).to("cpu", torch.float32)
+            if j in u.fresh:
+                # 0 + g, as adding into a zeroed slot would give (-0.0 becomes +0.0), in
+                # one pass that does not read the slot
+                torch.add(src, 0.0, out=slot)
+                u.fresh.discard(j)
+            else:
+                slot.add_(src)
             p.grad = None
             u.pending.discard(j)
             if not u.pending:
@@ -341,14 +354,18 @@ class ParamOffloader:
     # ------------------------------------------------------------------ optimizer
     @torch.no_grad()
     def step(self) -> None:
-        """CPU Adam over every unit with the accumulated host gradients, then zero them; device
-        copies are dropped (the next forward fetches updated values)."""
+        """CPU Adam over every unit with the accumulated host gradients (read in place by the
+        stepper); device copies are dropped (the next forward fetches updated values). The
+        next step's first gradient of each parameter overwrites its slot: no zeroing pass."""
         for u in list(self._resident.values()):
             self._evict(u)
         self._cpu_cache.clear()
+        for u in self.units:
+            for j in u.fresh:  # no gradient this step: zeros
+                u.grad[u.offsets[j] : u.offsets[j] + u.shapes[j].numel()].zero_()
         self.stepper.step([u.grad for u in self.units])
         for u in self.units:
-            u.grad.zero_()
+            u.fresh = set(range(len(u.params)))
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """fp32 values of every parameter by name (read from the store)."""

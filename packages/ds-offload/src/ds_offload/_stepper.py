@@ -55,6 +55,9 @@ class _Partition(Protocol):
     # updated fp32 values are handed to it); read with getattr: older partitions lack it
     # ds_zero >= 0.1.5: ``grad_dtype``, the 16-bit dtype in which the caller can hand over the
     # gradient exactly (float32 otherwise); read with getattr too
+    # ``host_grad`` (optional, read with getattr): a contiguous host tensor the caller fills
+    # with the partition's gradient itself and passes to ``step``; it is this stepper's
+    # gradient buffer for the partition (read in place: no copy, no buffer of its own)
 
 
 def _exact_grad_dtype(part: _Partition) -> torch.dtype:
@@ -166,6 +169,8 @@ class OffloadStepper:
         # 16-bit (a step that accumulated after all): made on demand, dropped when a 16-bit
         # gradient fills the partition's own buffer again
         self._grad_spill: dict[int, torch.Tensor] = {}
+        # partitions whose host gradient buffer is the caller's (``host_grad``)
+        self._adopted: set[int] = set()
         # early copies of this step (grad_ready(early_copy=True)), in arrival order
         self._arrived: list[int] = []
         self._arrived_set: set[int] = set()
@@ -245,10 +250,12 @@ class OffloadStepper:
             self.store = CpuStore(pin)
         sizes = [by_index[i].master.numel() for i in self.offloaded]
         self._grad_dtypes = {i: _exact_grad_dtype(by_index[i]) for i in self.offloaded}
+        adopted = self._adopt_host_grads()
         if self.grad_buffers is None:
             self.grad_buffers = self._auto_grad_buffers(sizes)
         pool = min(self.grad_buffers, len(sizes))
-        if pool and pool * max(sizes) < sum(sizes):
+        # the caller's own buffers already hold every gradient of those partitions: no pool
+        if pool and not adopted and pool * max(sizes) < sum(sizes):
             # the pool's buffers serve every partition: 16-bit only if all take that dtype
             kinds = set(self._grad_dtypes.values())
             pool_dtype = kinds.pop() if len(kinds) == 1 else torch.float32
@@ -262,7 +269,9 @@ class OffloadStepper:
             # parameter of host memory that NVMe offload exists to save)
             self.store.add(i, part.master.detach().reshape(-1))
             n = part.master.numel()
-            if not self._grad_pool:
+            if i in adopted:
+                self._grad_host[i] = adopted[i]
+            elif not self._grad_pool:
                 self._grad_host[i] = aligned_empty(n, self._grad_dtypes[i], pin=pin)
             shard = part.param_shard
             if shard is not None and shard.dtype in (torch.bfloat16, torch.float16):
@@ -309,6 +318,29 @@ class OffloadStepper:
             self._worker = UpdateWorker("ds-offload-cpu-adam", on_start)
             # a stepper dropped without close() does not leave its thread waiting forever
             weakref.finalize(self, self._worker.stop)
+
+    def _adopt_host_grads(self) -> dict[int, torch.Tensor]:
+        """The caller's host gradient buffers (``host_grad``) of offloaded partitions, checked."""
+        adopted: dict[int, torch.Tensor] = {}
+        for i in self.offloaded:
+            part = self._by_index[i]
+            buf = getattr(part, "host_grad", None)
+            if buf is None:
+                continue
+            n = part.master.numel()
+            if buf.device.type != "cpu" or not buf.is_contiguous() or buf.numel() != n:
+                raise ValueError(
+                    f"OffloadStepper.setup: partition {i}'s host_grad must be a contiguous CPU "
+                    f"tensor of {n} elements, got {tuple(buf.shape)} on {buf.device}"
+                )
+            if buf.dtype not in (torch.float32, self._grad_dtypes[i]):
+                raise ValueError(
+                    f"OffloadStepper.setup: partition {i}'s host_grad is {buf.dtype}; use float32"
+                )
+            self._grad_dtypes[i] = buf.dtype
+            adopted[i] = buf.reshape(-1)
+        self._adopted = set(adopted)
+        return adopted
 
     @property
     def _swaps(self) -> bool:
@@ -432,8 +464,7 @@ class OffloadStepper:
             return  # its buffer is taken until the Adam of an earlier partition: copy later
         self._arrived.append(index)
         self._arrived_set.add(index)
-        dst = self._grad_dst(pos, index, grad)
-        self._grad_events[index] = self._copier.to_host(dst, grad)
+        self._grad_events[index] = self._copy_in(pos, index, grad)
 
     def holds_grad(self, index: int) -> bool:
         """Whether the gradient of partition ``index`` handed to ``grad_ready`` this step is in,
@@ -479,8 +510,7 @@ class OffloadStepper:
         self._arrived_set.add(index)
         self._job.expect(index)
         if not self._grad_pool or pos < len(self._grad_pool):
-            event = self._copier.to_host(self._grad_dst(pos, index, grad), grad)
-            self._stream.put((pos, index, None, event))
+            self._stream.put((pos, index, None, self._copy_in(pos, index, grad)))
         else:
             self._stream.put((pos, index, grad, self._copier.record()))
 
@@ -566,6 +596,15 @@ class OffloadStepper:
         if self._grad_pool:
             return self._grad_pool[pos % len(self._grad_pool)][:numel]
         return self._grad_host[index]
+
+    def _copy_in(self, pos: int, index: int, grad: torch.Tensor, after: Any = None) -> Any:
+        """Start the host copy of ``grad`` into its buffer (see ``Copier.to_host``); none where
+        ``grad`` is that buffer (the caller's own, ``host_grad``): it is read in place."""
+        assert self._copier is not None
+        dst = self._grad_dst(pos, index, grad)
+        if grad.device.type == "cpu" and dst.data_ptr() == grad.data_ptr():
+            return None
+        return self._copier.to_host(dst, grad, after)
 
     def _grad_dst(self, pos: int, index: int, grad: torch.Tensor) -> torch.Tensor:
         """Where the host copy of ``grad`` (partition ``index``, ``pos``-th in the update order)
@@ -686,8 +725,7 @@ class OffloadStepper:
             if pool and pos >= pool:
                 break
             if i not in self._grad_events:
-                src = by_index[i][1]
-                self._grad_events[i] = copier.to_host(self._grad_dst(pos, i, src), src, ready)
+                self._grad_events[i] = self._copy_in(pos, i, by_index[i][1], ready)
             pending[pos] = None
         # 2. device-resident partitions (ratio < 1): their fused update is queued on the
         # device now and runs there while the CPU steps the others
@@ -860,7 +898,9 @@ class OffloadStepper:
         on_nvme = sum(sizes[i] for i in self.offloaded if self.store.swapped(i))
         nvme = self.store.nvme if isinstance(self.store, SplitStore) else self.store
         swap_buffers = [slot.buffer for slot in getattr(nvme, "slots", [])]
-        grads = [*self._grad_pool, *self._grad_host.values(), *self._grad_spill.values()]
+        # the caller's own buffers (host_grad) are its memory, not this stepper's
+        own = [t for i, t in self._grad_host.items() if i not in self._adopted]
+        grads = [*self._grad_pool, *own, *self._grad_spill.values()]
         return {
             "optimizer_state_host": sum(sizes[i] for i in self.offloaded) - on_nvme,
             "optimizer_state_nvme": on_nvme,
