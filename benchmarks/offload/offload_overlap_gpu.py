@@ -73,6 +73,12 @@ def _systems(stage: int) -> dict[str, tuple[str, dict]]:
                 "zenflow": {"topk_ratio": 0.05, "update_interval": 4, "overlap_step": True},
             },
         )
+    # last (a session deadline skips it before the peers): the exact step with the gradients
+    # handed to the host in fp32 (ds-zero 0.1.4's path), to measure what bf16 saves
+    out["ours-offload-exact-fp32-grads"] = (
+        "ours-fp32-grads",
+        {**z, "offload_optimizer": dict(OFFLOAD)},
+    )
     return out
 
 
@@ -151,6 +157,11 @@ def worker(args: argparse.Namespace) -> None:
         import deepspeed as lib
     else:
         import ds_all as lib
+    if engine_name == "ours-fp32-grads":
+        import ds_zero._zero as zero_mod
+
+        # every partition planned as inexact: fp32 gradients to the host (same update bits)
+        zero_mod.Zero._exact_grad_dtype = lambda self, b: torch.float32
     torch.manual_seed(0)
     T, V, d, L, B = 1024, 32768, args.d, args.layers, args.batch
     model = GPT(vocab=V, d=d, h=d // 128, L=L, T=T)
@@ -202,6 +213,9 @@ def worker(args: argparse.Namespace) -> None:
         )
         for k in ("d2h_gb", "h2d_gb", "d2h_copy_s", "h2d_copy_s"):
             out[k] = round(out[k] / args.steps, 4)
+        handed = getattr(engine.zero, "grad_handover_dtypes", [])
+        out["grad_dtype"] = ",".join(sorted({str(d).removeprefix("torch.") for d in handed}))
+        out["host_grad_buffers_gb"] = round(stepper.host_memory()["gradient_buffers"] / 1e9, 3)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -283,6 +297,8 @@ def _ratios(runs: list[dict]) -> dict:
     ratio("ours-offload-exact/deepspeed-offload speed", "ours-offload-exact", "deepspeed-offload")
     ratio("ours-offload-ratio-0.5/deepspeed-offload-ratio-0.5 speed", "ours-offload-ratio-0.5",
           "deepspeed-offload-ratio-0.5")  # fmt: skip
+    ratio("ours-offload-exact/ours-offload-exact-fp32-grads speed", "ours-offload-exact",
+          "ours-offload-exact-fp32-grads")  # fmt: skip
     for name in ("ours-offload-exact", "ours-offload-delayed", "ours-offload-ratio-0.5"):
         if name in by and "ours-resident" in by:
             out[f"{name} step / ours-resident step"] = round(
