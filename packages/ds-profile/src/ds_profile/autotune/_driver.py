@@ -37,6 +37,15 @@ class Result:
     seconds: float
     optimal_config_path: Path | None
     trials: list[dict[str, Any]] = field(default_factory=list)
+    #: the session stopped at ``session_timeout_s`` with candidates left to run
+    timed_out: bool = False
+
+
+def _time_left(settings: AutotuneSettings, deadline: float | None) -> float:
+    """A launch's time limit: the trial limit, cut to what is left of the session's."""
+    if deadline is None:
+        return settings.trial_timeout_s
+    return min(settings.trial_timeout_s, deadline - time.perf_counter())
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -56,7 +65,7 @@ def _half(cfg: dict[str, Any]) -> bool:
 
 
 def _profile_run(job: Job, user_cfg: dict[str, Any], settings: AutotuneSettings, world: int,
-                 exps_dir: Path, checkpointing: bool) -> dict[str, Any]:  # fmt: skip
+                 exps_dir: Path, checkpointing: bool, deadline: float | None) -> dict[str, Any]:  # fmt: skip
     """One launch at micro-batch 1 with the model-info profile on: after one forward the engine
     writes the parameter count, the activation bytes of one sample and the device memory, then
     exits. It runs in the space's leanest configuration (highest stage, most offload), so a
@@ -77,7 +86,13 @@ def _profile_run(job: Job, user_cfg: dict[str, Any], settings: AutotuneSettings,
         "model_info_path": str(info_path),
     }
     overrides = script_overrides(cand, settings)
-    rc, _ = launch(job, cfg, exps_dir / name, overrides, settings.trial_timeout_s)
+    limit = _time_left(settings, deadline)
+    if limit <= 0:
+        raise AutotuneError(
+            "autotuning: the session time limit (autotuning.session_timeout_s) ran out before "
+            "the model-info profile run"
+        )
+    rc, _ = launch(job, cfg, exps_dir / name, overrides, limit)
     if not info_path.exists():
         raise AutotuneError(
             f"autotuning: the model-info profile run exited with {rc} and wrote no {info_path}; "
@@ -87,14 +102,14 @@ def _profile_run(job: Job, user_cfg: dict[str, Any], settings: AutotuneSettings,
 
 
 def model_facts(job: Job, user_cfg: dict[str, Any], settings: AutotuneSettings, world: int,
-                results_dir: Path, exps_dir: Path) -> ModelFacts:  # fmt: skip
+                results_dir: Path, exps_dir: Path, deadline: float | None = None) -> ModelFacts:  # fmt: skip
     cached = results_dir / "model_info.json"
     if cached.exists():
         info = json.loads(cached.read_text())
     else:
-        info = _profile_run(job, user_cfg, settings, world, exps_dir, checkpointing=False)
+        info = _profile_run(job, user_cfg, settings, world, exps_dir, False, deadline)
         if settings.activation_checkpointing_arg:
-            ac = _profile_run(job, user_cfg, settings, world, exps_dir, checkpointing=True)
+            ac = _profile_run(job, user_cfg, settings, world, exps_dir, True, deadline)
             info["checkpointed_activation_mem_per_gpu"] = ac["activation_mem_per_gpu"]
         cached.write_text(json.dumps(info, indent=2))
     budget = info.get("device_memory_bytes", 0)
@@ -128,7 +143,10 @@ def tune(job: Job, world: int, settings_override: dict[str, Any] | None = None) 
         shutil.rmtree(results_dir, ignore_errors=True)
         shutil.rmtree(exps_dir, ignore_errors=True)
     store = TrialStore(results_dir, exps_dir)
-    facts = model_facts(job, user_cfg, settings, world, results_dir, exps_dir)
+    deadline = (
+        start + settings.session_timeout_s if settings.session_timeout_s is not None else None
+    )
+    facts = model_facts(job, user_cfg, settings, world, results_dir, exps_dir, deadline)
     budget = (
         int(settings.memory_per_device_gb * 2**30)
         if settings.memory_per_device_gb
@@ -160,6 +178,10 @@ def tune(job: Job, world: int, settings_override: dict[str, Any] | None = None) 
     )
     ordered = order(pool, settings, world)
     launched = 0
+    cut_short: set[Candidate] = set()  # stopped by the session's time limit, not finished
+
+    def out_of_time() -> bool:
+        return _time_left(settings, deadline) <= 0
 
     def run(cand: Candidate) -> float | None:
         nonlocal launched
@@ -173,17 +195,26 @@ def tune(job: Job, world: int, settings_override: dict[str, Any] | None = None) 
         store.log_launch({"name": cand.name, "candidate": cand.as_dict(), "estimate_bytes": bytes_of(cand),
                           "budget_bytes": budget})  # fmt: skip
         launched += 1
-        rc, secs = launch(job, cfg, exp, script_overrides(cand, settings), settings.trial_timeout_s)
+        limit = _time_left(settings, deadline)
+        rc, secs = launch(job, cfg, exp, script_overrides(cand, settings), limit)
         value = _value(metric_file, settings.metric)
         metrics = json.loads(metric_file.read_text()) if metric_file.exists() else {}
+        status = "ok" if value is not None else "failed"
+        if value is None and rc == 124 and limit < settings.trial_timeout_s:
+            # stopped by the session's limit, not its own: not finished, so a resumed
+            # session runs it again
+            status = "timeout"
+            cut_short.add(cand)
         store.record(cand.name, {
-            "name": cand.name, "candidate": cand.as_dict(), "status": "ok" if value is not None else "failed",
+            "name": cand.name, "candidate": cand.as_dict(), "status": status,
             "value": value, "metrics": metrics, "exit_code": rc, "seconds": secs,
             "estimate_bytes": bytes_of(cand), "budget_bytes": budget,
         })  # fmt: skip
         return value
 
-    outcomes = search(ordered, settings, run)
+    outcomes = search(ordered, settings, run, stop=out_of_time)
+    ran = {o.candidate for o in outcomes}
+    timed_out = bool(cut_short) or (out_of_time() and any(c not in ran for c in ordered))
     ok = [o for o in outcomes if o.value is not None]
     best = None
     for o in ok:
@@ -198,17 +229,20 @@ def tune(job: Job, world: int, settings_override: dict[str, Any] | None = None) 
         overrides = script_overrides(best.candidate, settings)
         (results_dir / "cmd_optimal.json").write_text(json.dumps(job.argv(str(optimal), overrides)))
     result = Result(best.candidate if best else None, best.value if best else None, outcomes, rejected,
-                    launched, time.perf_counter() - start, optimal)  # fmt: skip
-    _write_report(result, settings, store, results_dir, space, bytes_of, budget)
+                    launched, time.perf_counter() - start, optimal, timed_out=timed_out)  # fmt: skip
+    _write_report(result, settings, store, results_dir, space, bytes_of, budget, cut_short)
     return result
 
 
 def _write_report(result: Result, settings: AutotuneSettings, store: TrialStore, results_dir: Path,
-                  space: list[Candidate], bytes_of: Any, budget: int) -> None:  # fmt: skip
+                  space: list[Candidate], bytes_of: Any, budget: int,
+                  cut_short: set[Candidate]) -> None:  # fmt: skip
     ran = {o.candidate: o.value for o in result.outcomes}
     rows: list[dict[str, Any]] = []
     for c in space:
-        if c in ran:
+        if c in cut_short:
+            status = "timeout"
+        elif c in ran:
             status = "failed" if ran[c] is None else ("best" if c == result.best else "ok")
         elif c in result.rejected:
             status = "rejected"
@@ -227,13 +261,15 @@ def _write_report(result: Result, settings: AutotuneSettings, store: TrialStore,
                      f"{r['status']:>9} {v:>24}")  # fmt: skip
     summary = (f"autotuning: {len(result.outcomes)} trials ({result.launched} launched now), "
                f"{len(result.rejected)} ruled out by the memory estimator (budget {budget / 2**30:.3g} GiB), "
-               f"{result.seconds:.1f} s; best: {result.best.name if result.best else 'none'}")  # fmt: skip
+               f"{result.seconds:.1f} s; best: {result.best.name if result.best else 'none'}"
+               + ("; stopped at the session time limit (autotuning.session_timeout_s)" if result.timed_out else ""))  # fmt: skip
     text = "\n".join(lines + [summary])
     (results_dir / "summary.txt").write_text(text + "\n")
     print(text, flush=True)
     (results_dir / "summary.json").write_text(json.dumps({
         "best": result.best.as_dict() if result.best else None, "best_value": result.best_value,
-        "metric": settings.metric, "seconds": result.seconds, "launched": result.launched, "trials": rows,
+        "metric": settings.metric, "seconds": result.seconds, "launched": result.launched,
+        "timed_out": result.timed_out, "trials": rows,
     }, indent=2))  # fmt: skip
     values = [r["value"] for r in rows if r["value"] is not None]
     top = max(values) if values else 1.0

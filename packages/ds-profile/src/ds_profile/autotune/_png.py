@@ -1,6 +1,7 @@
 """A bar chart as a PNG with no plotting library: one bar per trial, height = its metric
 relative to the best, green for the best, blue for the rest, red stubs for failed trials and
-grey stubs for configurations the memory estimator ruled out (never launched). Labels live in
+orange stubs for trials stopped by the session's time limit, grey stubs for configurations the
+memory estimator ruled out (never launched). Labels live in
 the table next to it (same order)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ _COLORS = {
     "best": (46, 160, 67),
     "ok": (52, 110, 200),
     "failed": (210, 50, 50),
+    "timeout": (235, 150, 30),
     "rejected": (160, 160, 160),
 }
 
@@ -30,7 +32,7 @@ def bar_chart_png(
     bars: Sequence[tuple[str, float]], height: int = 240, bar_w: int = 14, gap: int = 4
 ) -> bytes:
     """``bars``: (status, fraction of the tallest in [0, 1]) per trial, status one of
-    best/ok/failed/rejected."""
+    best/ok/failed/timeout/rejected."""
     width = max(1, len(bars)) * (bar_w + gap) + gap
     rows = [bytearray([255] * (3 * width)) for _ in range(height)]
     for i, (status, frac) in enumerate(bars):

@@ -29,7 +29,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class AutotuneSettings:
     """DeepSpeed's keys, then ours (``memory_per_device_gb``, ``zero_stages``, ``offload``,
-    ``activation_checkpointing_arg``, ``trial_timeout_s``)."""
+    ``activation_checkpointing_arg``, ``trial_timeout_s``, ``session_timeout_s``)."""
 
     enabled: bool = False
     fast: bool = True
@@ -60,6 +60,10 @@ class AutotuneSettings:
     activation_checkpointing_arg: str | None = None
     micro_batch_sizes: tuple[int, ...] | None = None
     trial_timeout_s: float = 1800.0
+    # the whole session's time limit (profile run included): no trial starts after it and a
+    # running one is stopped at it, so a caller with a deadline still gets the report of what
+    # finished; None: no limit
+    session_timeout_s: float | None = None
     seed: int = 0
 
     @classmethod
@@ -129,6 +133,10 @@ class AutotuneSettings:
             )
         if not self.trial_timeout_s > 0:
             raise bad("trial_timeout_s", "seconds above 0")
+        if self.session_timeout_s is not None and not (
+            math.isfinite(self.session_timeout_s) and self.session_timeout_s > 0
+        ):
+            raise bad("session_timeout_s", "seconds above 0 (or null for no limit)")
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:
@@ -170,7 +178,7 @@ def _convert(key: str, value: Any, default: Any) -> Any:
                 return None
             raise AutotuneConfigError(f"autotuning.{key}: expected a whole number, got {value!r}")
         return int(value)
-    if isinstance(default, float) or key == "memory_per_device_gb":
+    if isinstance(default, float) or key in ("memory_per_device_gb", "session_timeout_s"):
         if value is None and default is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -85,13 +85,17 @@ def better(a: float, b: float, metric: str) -> bool:
 
 
 def search(candidates: Iterable[Candidate], settings: AutotuneSettings,
-           run: Callable[[Candidate], float | None]) -> list[Outcome]:  # fmt: skip
-    """Run candidates in the given order until early stopping or the trial cap."""
+           run: Callable[[Candidate], float | None],
+           stop: Callable[[], bool] | None = None) -> list[Outcome]:  # fmt: skip
+    """Run candidates in the given order until early stopping, the trial cap, or ``stop()``
+    (asked before each candidate: the session's time limit)."""
     outcomes: list[Outcome] = []
     best: float | None = None
     stale = 0
     for cand in candidates:
         if len(outcomes) >= settings.tuner_num_trials or stale >= settings.tuner_early_stopping:
+            break
+        if stop is not None and stop():
             break
         value = run(cand)
         outcomes.append(Outcome(cand, value))
