@@ -608,18 +608,14 @@ class OffloadStepper:
 
     def _grad_dst(self, pos: int, index: int, grad: torch.Tensor) -> torch.Tensor:
         """Where the host copy of ``grad`` (partition ``index``, ``pos``-th in the update order)
-        goes: the buffer of ``_grad_buffer`` when the dtypes match. A copy into a buffer of
-        another dtype would round an fp32 gradient: one that arrives in fp32 for a 16-bit
-        buffer (the caller accumulated it after all) gets an fp32 buffer of its own."""
+        goes: the buffer of ``_grad_buffer`` when the dtypes match or it is fp32 (widening is
+        exact). A copy into a 16-bit buffer of another dtype would round: a gradient that
+        arrives in fp32 for a 16-bit buffer (the caller accumulated it after all) gets an fp32
+        buffer of its own."""
         spill = self._grad_spill.pop(index, None)
         dst = self._grad_buffer(pos, index, grad.numel())
-        if grad.dtype == dst.dtype:
+        if grad.dtype == dst.dtype or dst.dtype == torch.float32:
             return dst
-        if grad.dtype != torch.float32:
-            raise ValueError(
-                f"OffloadStepper: gradient {index} is {grad.dtype}; this stepper takes float32 "
-                f"or {dst.dtype} gradients for it (grad_dtype({index}))"
-            )
         if spill is None or spill.numel() != grad.numel():
             spill = aligned_empty(grad.numel(), torch.float32, pin=self.config.pin_memory)
         self._grad_spill[index] = spill
@@ -630,8 +626,8 @@ class OffloadStepper:
         dtype (``MasterPartition.grad_dtype``) for an offloaded partition, float32 for one kept
         on the device (``ratio`` < 1: its fused update reads the caller's fp32 gradient).
         A gradient in this dtype is copied to the host at its size (2 bytes per parameter
-        instead of 4) and read by CPU Adam as it is (widened exactly in registers); an fp32
-        gradient is accepted too (an fp32 buffer is made for it)."""
+        instead of 4) and read by CPU Adam as it is (widened exactly in registers); a gradient
+        of another dtype is accepted too (an fp32 buffer is made for it)."""
         return self._grad_dtypes.get(index, torch.float32)
 
     def skip_step(self) -> None:
