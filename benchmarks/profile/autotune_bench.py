@@ -111,6 +111,23 @@ def _ds_env(args: argparse.Namespace, work: Path, base: dict[str, str]) -> dict[
     )
     (shim / "deepspeed").chmod(0o755)
     env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
+    # DeepSpeed's autotuner logs to MLflow whenever mlflow imports, and then reads
+    # MLFLOW_RUN_ID (a KeyError when unset): without a run to log to, it must not see mlflow
+    find = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('mlflow') else 1)"
+    try:
+        has_mlflow = (
+            subprocess.run([args.deepspeed_python, "-c", find], env=env, check=False).returncode
+            == 0
+        )
+    except OSError:  # no such interpreter: the session's own check reports it
+        has_mlflow = False
+    if has_mlflow and "MLFLOW_RUN_ID" not in env:
+        hide = work / "no_mlflow" / "mlflow"
+        hide.mkdir(parents=True, exist_ok=True)
+        (hide / "__init__.py").write_text(
+            'raise ImportError("mlflow hidden from DeepSpeed\'s autotuner (no MLFLOW_RUN_ID)")\n'
+        )
+        env["PYTHONPATH"] = os.pathsep.join([str(hide.parent), env["PYTHONPATH"]])
     return env
 
 
@@ -274,8 +291,11 @@ def _deepspeed(model: str, args: argparse.Namespace, work: Path, env: dict[str, 
     d = work / model / "deepspeed"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    pre = subprocess.run([args.deepspeed_python, "-c", DS_AUTOTUNER_IMPORTS], env=env, cwd=d,
-                         capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    try:
+        pre = subprocess.run([args.deepspeed_python, "-c", DS_AUTOTUNER_IMPORTS], env=env, cwd=d,
+                             capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pre = subprocess.CompletedProcess([], 1, "", str(exc))
     if pre.returncode != 0:
         return {"error": f"DeepSpeed's autotuner cannot start ({args.deepspeed_python}): "
                          f"{pre.stderr.strip().splitlines()[-1] if pre.stderr.strip() else pre.returncode}",
