@@ -41,18 +41,19 @@ class LocalLayout:
 
 def local_layout(routing: Routing) -> LocalLayout:
     num_tokens, k = routing.expert_index.shape
-    n = num_tokens * k
-    device = routing.order.device
     order = routing.order  # kept assignments first, grouped by expert; then the dropped ones
-    kept_total = routing.kept_counts.sum()
-    pos = torch.arange(n, device=device)
-    # position i of ``order`` is buffer row i + 1 while i < kept_total; dropped -> sentinel 0
-    row_sorted = torch.where(pos < kept_total, pos + 1, torch.zeros_like(pos))
-    row_flat = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)  # a = j*S + s
-    row = row_flat.view(k, num_tokens).t().contiguous()
+    position = routing.position
+    if position is None:  # a Routing built elsewhere: invert ``order``
+        pos = torch.arange(order.numel(), device=order.device)
+        position = torch.empty_like(order).scatter_(0, order, pos)
+    # assignment a = j*S + s sits at position p of ``order``: buffer row p + 1 when kept,
+    # the sentinel 0 when dropped
+    kept = routing.kept if k == 1 else routing.kept.t()  # [k, S] view: a-major
+    row_flat = torch.where(kept.reshape(-1), position + 1, 0)
+    row = row_flat.view(num_tokens, 1) if k == 1 else row_flat.view(k, num_tokens).t().contiguous()
     token_sorted = order if k == 1 else order % num_tokens
     token_of_row = torch.cat([token_sorted.new_zeros(1), token_sorted])
-    offs = (torch.cumsum(routing.kept_counts, 0) + 1).to(torch.int32)
+    offs = torch.cumsum(routing.kept_counts, 0, dtype=torch.int32).add_(1)
     return LocalLayout(row=row, token_of_row=token_of_row, assignment_of_row=order, offs=offs)
 
 

@@ -39,6 +39,8 @@ class Routing:
     l_aux: torch.Tensor
     #: slots per expert on this rank, None when dropless
     capacity: int | None
+    #: [S*k] int64: where each assignment sits in ``order`` (its inverse permutation)
+    position: torch.Tensor | None = None
 
 
 def capacity(num_tokens: int, num_experts: int, k: int, factor: float, min_capacity: int) -> int:
@@ -71,6 +73,45 @@ def _count(index: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> t
     """``bincount`` without its device-to-host sync (CUDA bincount reads ``max()`` on the host)."""
     src = torch.ones_like(index) if weight is None else weight.to(index.dtype)
     return torch.zeros(n, dtype=index.dtype, device=index.device).scatter_add_(0, index, src)
+
+
+#: largest ``priority span * experts`` ranked by one [span, E] cumulative count (int32, so
+#: at most 64 MiB); beyond it a sort ranks the assignments (same result, more kernels)
+_COUNTED_RANK_MAX = 1 << 24
+
+
+def _levels(n: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """``choice * S`` of every assignment ``a = choice * S + token``."""
+    return torch.arange(n, device=device) // num_tokens * num_tokens
+
+
+def _rank_by_counting(
+    flat_expert: torch.Tensor, priority: torch.Tensor, span: int, num_experts: int
+) -> torch.Tensor:
+    """Each assignment's rank among its expert's assignments in priority order.
+
+    One-hot rows placed at their priority, counted down the priority axis: a handful of
+    elementwise kernels instead of a device sort (priorities are unique in ``[0, span)``).
+    """
+    cell = priority * num_experts + flat_expert
+    hits = torch.zeros(span * num_experts, dtype=torch.int32, device=priority.device)
+    hits.index_fill_(0, cell, 1)
+    counted = hits.view(span, num_experts).cumsum(0, dtype=torch.int32).view(-1)
+    return counted.index_select(0, cell).to(torch.int64) - 1
+
+
+def _rank_by_sorting(
+    flat_expert: torch.Tensor, priority: torch.Tensor, span: int, all_counts: torch.Tensor
+) -> torch.Tensor:
+    """``_rank_by_counting`` by one sort, for many experts or tokens."""
+    n = flat_expert.numel()
+    order1 = torch.argsort(flat_expert * span + priority)
+    starts = torch.cumsum(all_counts, 0) - all_counts
+    # index_select/scatter rather than advanced indexing: never a host sync on CUDA
+    sorted_rank = torch.arange(n, device=flat_expert.device) - starts.index_select(
+        0, flat_expert.index_select(0, order1)
+    )
+    return torch.empty_like(sorted_rank).scatter_(0, order1, sorted_rank)
 
 
 def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -110,8 +151,9 @@ def route(
     combine_weight = top_gates if k == 1 else top_gates / top_gates.sum(-1, keepdim=True)
 
     n = num_tokens * k
-    # Assignment a = j * S + s; flat views in that order.
-    flat_expert = expert_index.t().reshape(-1)
+    # Assignment a = j * S + s; flat views in that order (a copy only for k > 1).
+    flat_expert = expert_index.view(-1) if k == 1 else expert_index.t().reshape(-1)
+    flat_used = None
     if used_token is not None:
         used = used_token.reshape(-1).to(device=device, dtype=torch.bool)
         if used.numel() != num_tokens:
@@ -119,37 +161,41 @@ def route(
                 f"used_token has {used.numel()} entries for {num_tokens} tokens; pass one "
                 "0/1 flag per token (the input's shape without its hidden dimension)"
             )
-        flat_used = used.repeat(k)
+        flat_used = used if k == 1 else used.repeat(k)
+    exp_counts = _count(flat_expert, num_experts, flat_used)
+    all_counts = exp_counts if flat_used is None else _count(flat_expert, num_experts)
+
+    # Capacity priority, unique in [0, n): choice level first, then token rank.
+    if token_priority is None:
+        priority = torch.arange(n, device=device)
     else:
-        flat_used = torch.ones(n, dtype=torch.bool, device=device)
-    exp_counts = _count(flat_expert, num_experts, None if used_token is None else flat_used)
+        tok_rank = token_priority.to(device=device, dtype=torch.int64)
+        priority = tok_rank if k == 1 else _levels(n, num_tokens, device) + tok_rank.repeat(k)
+    if flat_used is not None:
+        # Unused tokens rank after every used one of the same expert: never take a slot.
+        priority = torch.where(flat_used, priority, priority + n)
+    span = n if flat_used is None else 2 * n
+    if span * num_experts <= _COUNTED_RANK_MAX:
+        slot = _rank_by_counting(flat_expert, priority, span, num_experts)
+    else:
+        slot = _rank_by_sorting(flat_expert, priority, span, all_counts)
 
-    tok_rank = (
-        torch.arange(num_tokens, device=device)
-        if token_priority is None
-        else token_priority.to(device=device, dtype=torch.int64)
-    )
-    choice = torch.arange(n, device=device) // num_tokens  # a = choice * S + token
-    priority = choice * num_tokens + tok_rank.repeat(k)  # unique in [0, n)
-    # Unused tokens sort after every used one of the same expert so they never take a slot.
-    priority = torch.where(flat_used, priority, priority + n)
-
-    # Sort 1: group by expert, priority order inside; the rank inside the group is the slot.
-    order1 = torch.argsort(flat_expert * (2 * n) + priority)
-    all_counts = exp_counts if used_token is None else _count(flat_expert, num_experts)
-    starts = torch.cumsum(all_counts, 0) - all_counts
-    # index_select/scatter rather than advanced indexing: never a host sync on CUDA
-    slot = torch.arange(n, device=device) - starts.index_select(
-        0, flat_expert.index_select(0, order1)
-    )
-    keep_sorted = flat_used.index_select(0, order1)
-    if capacity_slots is not None:
-        keep_sorted = keep_sorted & (slot < capacity_slots)
-    # Sort 2 (stable partition): kept assignments first, keeping sort 1's order.
-    partition = (~keep_sorted).to(torch.int64) * n + torch.arange(n, device=device)
-    order = order1.index_select(0, torch.argsort(partition))
-    kept_flat = torch.empty(n, dtype=torch.bool, device=device).scatter_(0, order1, keep_sorted)
+    keep = slot < capacity_slots if capacity_slots is not None else None
+    if flat_used is not None:
+        keep = flat_used if keep is None else keep & flat_used
     kept_counts = exp_counts if capacity_slots is None else exp_counts.clamp(max=capacity_slots)
+    # Position of every assignment in ``order``: the kept ones by (expert, priority), then the
+    # dropped ones by (expert, priority). Inside an expert the kept ones are the lowest ranks.
+    kept_starts = torch.cumsum(kept_counts, 0) - kept_counts
+    position = kept_starts.index_select(0, flat_expert) + slot
+    if keep is None:
+        kept_flat = torch.ones(n, dtype=torch.bool, device=device)
+    else:
+        kept_flat = keep
+        dropped = all_counts - kept_counts
+        drop_base = torch.cumsum(dropped, 0) - dropped - kept_counts + kept_counts.sum()
+        position = torch.where(keep, position, drop_base.index_select(0, flat_expert) + slot)
+    order = torch.empty_like(position).scatter_(0, position, torch.arange(n, device=device))
 
     l_aux = load_balancing_loss(gates, exp_counts, k)
     if router_z_loss_coef > 0:
@@ -163,4 +209,5 @@ def route(
         exp_counts=exp_counts,
         l_aux=l_aux,
         capacity=capacity_slots,
+        position=position,
     )

@@ -1,0 +1,412 @@
+"""Where an MoE layer's forward+backward spends its non-GEMM work, per phase.
+
+    python benchmarks/moe/moe_phases.py                      # full bench shape on `meta`: counts
+    python benchmarks/moe/moe_phases.py --device cpu --tokens 1024 --hidden 128 --profile
+
+Every ATen op of one forward+backward (the benchmark's loss ``mean(out^2) + l_aux``) is
+attributed to a *phase* of the layer by the Python frames that launched it: the live stack,
+or for a backward op of a built-in autograd node the forward stack that anomaly mode records
+on the node. Phases: ``gating`` (router linear, softmax, top-k, capacity, aux loss),
+``layout`` (buffer rows, group ends), ``permute`` / ``combine`` (the two gathers), ``expert_gemm``
+(the grouped GEMMs), ``bias``, ``activation``, ``contiguous_grad``, ``loss`` (the benchmark's
+loss), ``grad_accumulate`` (autograd summing/storing leaf gradients), ``other``.
+
+Counting (``count_ops``; a TorchDispatchMode, works on the ``meta`` device, so the benchmark's
+full shape costs no memory): kernel launches (view and allocation ops excluded), bytes read +
+written (from tensor sizes; a gather reads only the rows it selects) and GEMM FLOPs. From those,
+an H100 estimate: each op ``max(flops / peak, bytes / bandwidth) + launch``. The estimate is a
+model, not a measurement: ``moe_bench.py --phases`` measures the same phases on a GPU
+(``profile_phases``: torch.profiler device time of each op, same attribution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+#: H100 SXM model for the estimate: HBM3 bandwidth reached by large elementwise kernels, a
+#: launch + tail cost per kernel, bf16 dense GEMM rate (this run's measured plain GEMM), fp32
+#: (no TF32) GEMM rate
+H100_BYTES_PER_S = 3.0e12
+H100_LAUNCH_S = 4.5e-6
+H100_BF16_FLOPS = 781e12
+H100_FP32_FLOPS = 51e12
+
+#: (file suffix, function name regex or None, phase), innermost frame first decides
+_RULES: tuple[tuple[str, str | None, str], ...] = (
+    ("ds_moe/_grouped_gemm.py", r"_GroupBias|group_onehot|_add_group_bias|_group_sum", "bias"),
+    ("ds_moe/_grouped_gemm.py", r"_ContiguousGrad", "contiguous_grad"),
+    ("ds_moe/_grouped_gemm.py", None, "expert_gemm"),
+    ("torch/nn/modules/activation.py", None, "activation"),
+    ("torch/nn/functional.py", r"^(gelu|relu|silu|mish|elu|leaky_relu)", "activation"),
+    ("ds_moe/_experts.py", r"_activation|_bias_act", "activation"),
+    ("ds_moe/_local_dispatch.py", r"local_layout|_layout", "layout"),
+    ("ds_moe/_local_dispatch.py", r"[Pp]ermute", "permute"),
+    ("ds_moe/_local_dispatch.py", r"[Cc]ombine", "combine"),
+    ("ds_moe/_routing.py", None, "gating"),
+    ("ds_moe/_gate.py", None, "gating"),
+    ("ds_moe/_experts.py", None, "experts_other"),
+    ("ds_moe/_layer.py", None, "layer_other"),
+    ("moe_phases.py", r"_loss", "loss"),
+    ("moe_bench.py", None, "loss"),
+)
+
+_FRAME = re.compile(r'File "([^"]+)", line \d+, in (\S+)')
+
+#: ops that launch no kernel: views, metadata, allocation
+_NO_KERNEL = {
+    "detach",
+    "alias",
+    "_unsafe_view",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "set_",
+    "resize_",
+    "_to_copy_noop",
+}
+_FACTORIES = {"zeros", "ones", "full", "arange", "randperm", "rand", "randn", "scalar_tensor"}
+_GATHERS = {"index_select", "gather", "embedding"}
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "addmm_", "matmul", "linear"}
+
+
+def classify(frames: list[tuple[str, str]]) -> str | None:
+    """The phase of the innermost frame that a rule matches; frames are (file, function)."""
+    for filename, func in reversed(frames):
+        fn = filename.replace(os.sep, "/")
+        for suffix, pattern, phase in _RULES:
+            if fn.endswith(suffix) and (pattern is None or re.search(pattern, func)):
+                return phase
+    return None
+
+
+def _live_frames() -> list[tuple[str, str]]:
+    """(file, qualified function) of every live frame, outermost first."""
+    frames = []
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        frames.append((code.co_filename, getattr(code, "co_qualname", code.co_name)))
+        f = f.f_back
+    return frames[::-1]
+
+
+def _node_frames(node) -> list[tuple[str, str]]:
+    """The forward stack anomaly mode stored on an autograd node (empty without it)."""
+    try:
+        lines = node.metadata.get("traceback_") or []
+    except (AttributeError, RuntimeError):
+        return []
+    text = "".join(lines) if isinstance(lines, list) else str(lines)
+    return _FRAME.findall(text)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches for ``t``: its elements, or less for an expanded view."""
+    full = t.numel() * t.element_size()
+    try:
+        return min(full, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return full
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            out.extend(_tensors(o))
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            out.extend(_tensors(o))
+    return out
+
+
+def _gemm_flops(name: str, args, out) -> tuple[int, bool]:
+    """(FLOPs, fp32) of a GEMM-like op; (0, False) for anything else."""
+    if name not in _GEMMS:
+        return 0, False
+    ts = _tensors(args)
+    if name == "_grouped_mm":
+        a, b = ts[0], ts[1]
+        if a.dim() == 2 and b.dim() == 3:  # rows x K @ [G, K, N]: every row once
+            flops = 2 * a.shape[0] * a.shape[1] * b.shape[2]
+        elif a.dim() == 2 and b.dim() == 2:  # [M, T] @ [T, N] split over T: G outputs
+            flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        else:
+            flops = 2 * out.numel() * a.shape[-1]
+        return flops, a.dtype == torch.float32
+    o = _tensors(out)[0]
+    mats = [t for t in ts if t.dim() >= 2]
+    inner = mats[-1].shape[-2] if mats else 1
+    return 2 * o.numel() * inner, o.dtype == torch.float32
+
+
+@dataclasses.dataclass
+class OpRecord:
+    phase: str
+    backward: bool
+    op: str
+    bytes: int
+    flops: int
+    fp32: bool
+
+    def est_s(self) -> float:
+        peak = H100_FP32_FLOPS if self.fp32 else H100_BF16_FLOPS
+        return max(self.flops / peak, self.bytes / H100_BYTES_PER_S) + H100_LAUNCH_S
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[OpRecord] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _NO_KERNEL or func.is_view or name.startswith("_has_"):
+            return out
+        node = torch._C._current_autograd_node()
+        phase = classify(_live_frames())
+        if node is not None:
+            if phase is None:
+                phase = (
+                    "grad_accumulate"
+                    if "AccumulateGrad" in node.name()
+                    else classify(_node_frames(node))
+                )
+            if phase is None and name in ("add", "add_", "copy_"):
+                phase = "grad_accumulate"  # the engine summing two gradients of one tensor
+        ins = _tensors((args, kwargs))
+        outs = _tensors(out)
+        if name in _FACTORIES or name.startswith("new_") or name.endswith("_like"):
+            nbytes = sum(_tensor_bytes(t) for t in outs)  # writes only: the input is a template
+        elif name in _GATHERS:
+            index = [t for t in ins if not t.is_floating_point()]
+            nbytes = 2 * sum(_tensor_bytes(t) for t in outs) + sum(map(_tensor_bytes, index))
+        else:
+            seen, nbytes = set(), 0
+            for t in ins + outs:
+                key = (id(t), t.data_ptr() if t.device.type != "meta" else id(t))
+                if key not in seen:
+                    seen.add(key)
+                    nbytes += _tensor_bytes(t)
+            # an in-place op's output is its input: read and written
+            nbytes += sum(_tensor_bytes(t) for t in outs if any(t is i for i in ins))
+        flops, fp32 = _gemm_flops(name, args, out)
+        self.records.append(OpRecord(phase or "other", node is not None, name, nbytes, flops, fp32))
+        return out
+
+
+def bench_loss(out: torch.Tensor, l_aux: torch.Tensor) -> torch.Tensor:
+    """The benchmark's loss (moe_bench.py's ``time_layer``)."""
+    return out.float().square().mean() + l_aux
+
+
+def count_ops(layer: nn.Module, x: torch.Tensor) -> list[OpRecord]:
+    """Every kernel of one forward + backward of ``layer(x)`` with the benchmark's loss."""
+    counter = _Counter()
+    with torch.autograd.set_detect_anomaly(True, check_nan=False), counter:
+        out, l_aux, _ = layer(x)
+        _bench_loss(out, l_aux).backward()
+    return counter.records
+
+
+def _bench_loss(out, l_aux):
+    return bench_loss(out, l_aux)
+
+
+def summarize(records: list[OpRecord]) -> dict:
+    """Per (phase, direction): launches, MiB moved, GFLOP, estimated H100 ms; plus totals."""
+    table: dict[str, dict] = {}
+    for r in records:
+        key = f"{r.phase}.{'bwd' if r.backward else 'fwd'}"
+        e = table.setdefault(key, {"launches": 0, "mib": 0.0, "gflop": 0.0, "est_ms": 0.0})
+        e["launches"] += 1
+        e["mib"] += r.bytes / 2**20
+        e["gflop"] += r.flops / 1e9
+        e["est_ms"] += r.est_s() * 1e3
+        ops = e.setdefault("ops", collections.Counter())
+        ops[r.op] += 1
+    for e in table.values():
+        e["mib"] = round(e["mib"], 1)
+        e["gflop"] = round(e["gflop"], 2)
+        e["est_ms"] = round(e["est_ms"], 4)
+        e["ops"] = dict(e["ops"].most_common())
+    non_gemm = [r for r in records if r.phase != "expert_gemm"]
+    totals = {
+        "launches": len(records),
+        "non_gemm_launches": len(non_gemm),
+        "non_gemm_mib": round(sum(r.bytes for r in non_gemm) / 2**20, 1),
+        "non_gemm_est_ms": round(sum(r.est_s() for r in non_gemm) * 1e3, 3),
+        "expert_gemm_est_ms": round(
+            sum(r.est_s() for r in records if r.phase == "expert_gemm") * 1e3, 3
+        ),
+    }
+    return {"phases": dict(sorted(table.items())), "totals": totals}
+
+
+def profile_phases(layer: nn.Module, x: torch.Tensor, iters: int = 3) -> dict:
+    """Measured time per phase: torch.profiler's device time (CPU time on a CPU) of each op.
+
+    Attribution as in ``count_ops``: an op's Python stack (``with_stack``), or for a backward
+    op with none, the forward op of the same autograd sequence number. Returns per phase the
+    mean milliseconds per iteration and the number of kernels (device) or ops (CPU).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for _ in range(2):  # warm-up: caches, autotuning, the grouped-GEMM probe
+        out, l_aux, _ = layer(x)
+        _bench_loss(out, l_aux).backward()
+    if cuda:
+        torch.cuda.synchronize(x.device)
+    with profile(activities=acts, with_stack=True, record_shapes=False) as prof:
+        for _ in range(iters):
+            out, l_aux, _ = layer(x)
+            _bench_loss(out, l_aux).backward()
+        if cuda:
+            torch.cuda.synchronize(x.device)
+    events = prof.events()
+    fwd_phase: dict[int, str] = {}
+    for ev in events:
+        if ev.sequence_nr >= 0 and ev.stack and not ev.name.startswith("autograd::"):
+            ph = classify(_stack_frames(ev.stack))
+            if ph is not None:
+                fwd_phase.setdefault(ev.sequence_nr, ph)
+
+    def phase_of(ev) -> tuple[str, bool]:
+        node = ev
+        backward = False
+        while node is not None:
+            if node.name.startswith("autograd::engine::evaluate_function"):
+                backward = True
+                if "AccumulateGrad" in node.name:
+                    return "grad_accumulate", True
+                ph = fwd_phase.get(node.sequence_nr)
+                if ph is not None:
+                    return ph, True
+            if node.stack:
+                ph = classify(_stack_frames(node.stack))
+                if ph is not None:
+                    return ph, backward or _in_backward(node)
+            node = node.cpu_parent
+        return "other", backward
+
+    totals: dict[str, dict] = {}
+    for ev in events:
+        if ev.cpu_children and not cuda:
+            continue  # CPU: self time of leaf ops only
+        if cuda:
+            t_us = sum(k.duration for k in getattr(ev, "kernels", []))
+            n = len(getattr(ev, "kernels", []))
+        else:
+            t_us, n = ev.self_cpu_time_total, 1
+        if n == 0 or (cuda and t_us == 0):
+            continue
+        ph, bwd = phase_of(ev)
+        e = totals.setdefault(f"{ph}.{'bwd' if bwd else 'fwd'}", {"ms": 0.0, "kernels": 0})
+        e["ms"] += t_us / 1e3 / iters
+        e["kernels"] += n / iters
+    for e in totals.values():
+        e["ms"] = round(e["ms"], 4)
+        e["kernels"] = round(e["kernels"], 1)
+    return dict(sorted(totals.items()))
+
+
+def _in_backward(ev) -> bool:
+    node = ev.cpu_parent
+    while node is not None:
+        if node.name.startswith("autograd::engine::evaluate_function"):
+            return True
+        node = node.cpu_parent
+    return False
+
+
+def _stack_frames(stack: list[str]) -> list[tuple[str, str]]:
+    """torch.profiler stack lines ``path(line): func`` (innermost first) as (file, func)."""
+    frames = []
+    for line in reversed(stack):
+        m = re.match(r"(.+)\(\d+\): (.+)", line)
+        if m:
+            frames.append((m.group(1), m.group(2)))
+    return frames
+
+
+def _build(args, k: int, device: torch.device, dtype: torch.dtype):
+    sys.path[:0] = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
+    import ds_moe
+    import ds_moe._grouped_gemm as gg
+
+    if device.type == "meta":
+        # count the CUDA path: the grouped kernel (the probe cannot run on meta tensors)
+        gg._probe = lambda *a: True  # noqa: SLF001 - diagnostic only
+    torch.manual_seed(0)
+    d, f = args.hidden, args.ffn_mult * args.hidden
+    expert = nn.Sequential(nn.Linear(d, f), nn.GELU(), nn.Linear(f, d))
+    layer = ds_moe.MoE(d, expert, num_experts=args.experts, k=k,
+                       capacity_factor=args.capacity_factor)  # fmt: skip
+    layer = layer.to(device=device, dtype=dtype).train()
+    x = torch.randn(1, args.tokens, d, dtype=dtype, device=device, requires_grad=True)
+    return layer, x
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn-mult", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", default="meta")
+    p.add_argument("--profile", action="store_true", help="also measure (not on meta)")
+    p.add_argument("--json", default=None, help="write the result here")
+    args = p.parse_args(argv)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device = torch.device(args.device)
+    result = {"config": vars(args), "model": {
+        "bytes_per_s": H100_BYTES_PER_S, "launch_s": H100_LAUNCH_S,
+        "bf16_flops": H100_BF16_FLOPS, "fp32_flops": H100_FP32_FLOPS}}  # fmt: skip
+    for k in args.k:
+        layer, x = _build(args, k, device, dtype)
+        entry = summarize(count_ops(layer, x))
+        if args.profile and device.type != "meta":
+            x.grad = None
+            entry["profile"] = profile_phases(layer, x)
+        result[f"k{k}"] = entry
+    text = json.dumps(result, indent=1, default=str)
+    if args.json:
+        pathlib.Path(args.json).write_text(text)
+    print(text)
+    with contextlib.suppress(Exception):
+        for k in args.k:
+            t = result[f"k{k}"]["totals"]
+            print(f"k={k}: non-GEMM {t['non_gemm_launches']} launches, "
+                  f"{t['non_gemm_mib']:.0f} MiB, est {t['non_gemm_est_ms']:.2f} ms on H100; "
+                  f"expert GEMMs est {t['expert_gemm_est_ms']:.2f} ms", file=sys.stderr)  # fmt: skip
+    _ = math  # noqa: B018
+
+
+if __name__ == "__main__":
+    main()
