@@ -36,7 +36,10 @@ is stopped at its limit and its finished trials are read from its ``autotuning_r
 layout (``<exp>/exp.json``, ``ds_config.json``, ``metrics.json``, ``stderr.log``) and recorded
 as not finished.
 
-    # the GPU session's preset (bash benchmarks/gpu_session.sh autotune): about 5 minutes
+    # the GPU session's preset (bash benchmarks/gpu_session.sh autotune): expected about 5
+    # minutes on one H100 (tuner ~1, grid ~1.5, DeepSpeed ~2.5: three processes and a 5-10 s
+    # polling wait per trial), never past --deadline-s (525 s); needs tabulate among the wheels
+    # in .whl/ for DeepSpeed's autotuner (else its session is reported as not started)
     python benchmarks/profile/autotune_bench.py --models 1.3b --stages 0,3 --offload none \\
         --micro-batches 2,4 --global-batch 16 --peers-dir shared/peers
     # the full comparison (about an hour)
@@ -163,7 +166,7 @@ def _run_bounded(argv: list[str], env: dict[str, str], cwd: Path, limit_s: float
             return proc.wait(timeout=max(1.0, limit_s)), time.perf_counter() - t0, False
         except subprocess.TimeoutExpired:
             pass
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
