@@ -23,6 +23,10 @@ card's reachable bf16 rate is measured in the same run with plain dense GEMMs of
 shapes (``gemm_peak_tflops``: the MLP's six GEMMs over tokens * k rows, forward and backward),
 and every run reports ``expert_gemm_share_of_peak`` = expert_tflops / gemm_peak_tflops.
 
+On a GPU (or with ``--phases``) ``phases`` breaks ds-moe-top<k>'s step down per phase: kernel
+time measured with torch.profiler next to the op/byte model of ``moe_phases.py``, and the
+expert GEMMs' own rate against the plain GEMM's (is the gap in the GEMMs or around them?).
+
 Rank 0 prints the JSON and writes it to benchmarks/results/moe-layer-<device>-<yyyymmdd>.json
 and, when $OUT is set, to $OUT/ as well. Before timing, ``--check`` (on by default) verifies on
 this device that the expert-parallel layer equals an ep=1 layer holding all experts.
@@ -53,6 +57,9 @@ for _src in sorted((ROOT / "packages").glob("*/src"), reverse=True):
 
 import ds_moe  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks" / "moe"))  # moe_phases, when run from elsewhere
+from moe_phases import model_on_meta, profile_phases  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared results writer
 from _results import write_results  # noqa: E402
 
@@ -81,6 +88,14 @@ def parse_args(argv=None):
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument(
+        "--phases",
+        dest="phases",
+        action="store_true",
+        default=None,
+        help="profile ds-moe-top<k> per phase (default: on a GPU)",
+    )
+    p.add_argument("--no-phases", dest="phases", action="store_false")
     p.add_argument("--out", default=None, help="extra output dir (default: $OUT if set)")
     return p.parse_args(argv)
 
@@ -307,6 +322,42 @@ def check_against_deepspeed(args, device, dtype):
     return result
 
 
+def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
+    """Where one forward+backward of ``layer`` spends its time, per phase (moe_phases.py).
+
+    ``measured``: torch.profiler kernel time per phase on this device, per step (rank 0's; the
+    profiler slows the host, not the kernels), ``wall_ms`` and ``idle_ms`` (no kernel running).
+    ``expert_gemm_tflops``: the expert GEMMs' FLOPs over their own kernel time, against the
+    plain GEMM rate of the same shapes: below it, the grouped kernels themselves are slower;
+    ``non_gemm_ms``: everything else the GPU ran (gating, layout, gathers, bias, activation,
+    the benchmark's loss and the gradient accumulation of its never-zeroed loop).
+    ``model_h100``: launches, bytes and the bandwidth/launch estimate per phase at this shape
+    (ep 1, bf16 only), from counting the ops on the ``meta`` device.
+    """
+    x.grad = None
+    measured = profile_phases(layer, x, iters=3)
+    gemm_ms = sum(v["ms"] for p, v in measured["phases"].items() if p.startswith("expert_gemm."))
+    entry = {"measured": measured}
+    if gemm_ms > 0:
+        entry["expert_gemm_ms"] = round(gemm_ms, 4)
+        entry["non_gemm_ms"] = round(measured["busy_ms"] - gemm_ms, 4)
+        # top-k's nominal FLOPs over the GEMMs' kernel time (dropped rows are not computed)
+        entry["expert_gemm_tflops"] = round(flops / (gemm_ms / 1e3) / 1e12, 3)
+        entry["expert_gemm_kernel_share_of_peak"] = round(
+            entry["expert_gemm_tflops"] / peak_tflops, 3
+        )
+    if dist.get_world_size() == 1 and dtype == torch.bfloat16:  # the grouped kernel's dtype
+        cap = args.capacity_factor
+        model = model_on_meta(args.d, args.ffn_mult * args.d, args.experts, k, cap, args.tokens,
+                              dtype)  # fmt: skip
+        entry["model_h100"] = {
+            "totals": model["totals"],
+            "phases": {p: {key: v[key] for key in ("launches", "mib", "est_ms")}
+                       for p, v in model["phases"].items()},
+        }  # fmt: skip
+    return entry
+
+
 def device_slug(device):
     world = dist.get_world_size()
     if device.type == "cuda":
@@ -318,6 +369,8 @@ def device_slug(device):
 def main(argv=None):
     args = parse_args(argv)
     device = init(args)
+    if args.phases is None:
+        args.phases = device.type == "cuda"
     dtype = DTYPES[args.dtype]
     rank, world = dist.get_rank(), dist.get_world_size()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -410,6 +463,10 @@ def main(argv=None):
                 "expert_tflops": round(tflops, 3),
                 "expert_gemm_share_of_peak": round(tflops / peak[k], 3),
             })  # fmt: skip
+        if args.phases and f"ds-moe-top{k}" in layers:
+            report.setdefault("phases", {})[f"ds-moe-top{k}"] = phase_breakdown(
+                args, k, layers[f"ds-moe-top{k}"], x, flops, peak[k], dtype
+            )
         del layers, x
         if device.type == "cuda":
             torch.cuda.empty_cache()

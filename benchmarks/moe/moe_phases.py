@@ -26,7 +26,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
@@ -34,6 +33,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -57,12 +57,14 @@ _RULES: tuple[tuple[str, str | None, str], ...] = (
     ("ds_moe/_local_dispatch.py", r"local_layout|_layout", "layout"),
     ("ds_moe/_local_dispatch.py", r"[Pp]ermute", "permute"),
     ("ds_moe/_local_dispatch.py", r"[Cc]ombine", "combine"),
+    ("ds_moe/_comm.py", None, "all_to_all"),
+    ("ds_moe/_dispatch.py", None, "dispatch"),
     ("ds_moe/_routing.py", None, "gating"),
     ("ds_moe/_gate.py", None, "gating"),
     ("ds_moe/_experts.py", None, "experts_other"),
     ("ds_moe/_layer.py", None, "layer_other"),
     ("moe_phases.py", r"_loss", "loss"),
-    ("moe_bench.py", None, "loss"),
+    ("moe_bench.py", r"^time_layer$", "loss"),
 )
 
 _FRAME = re.compile(r'File "([^"]+)", line \d+, in (\S+)')
@@ -221,8 +223,15 @@ def bench_loss(out: torch.Tensor, l_aux: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean() + l_aux
 
 
-def count_ops(layer: nn.Module, x: torch.Tensor) -> list[OpRecord]:
-    """Every kernel of one forward + backward of ``layer(x)`` with the benchmark's loss."""
+def count_ops(layer: nn.Module, x: torch.Tensor, steady_state: bool = True) -> list[OpRecord]:
+    """Every kernel of one forward + backward of ``layer(x)`` with the benchmark's loss.
+
+    ``steady_state``: count the second step of a loop that never zeroes gradients, as the
+    benchmark times it (from the second step on, every leaf gradient is an in-place add).
+    """
+    if steady_state:
+        out, l_aux, _ = layer(x)
+        _bench_loss(out, l_aux).backward()
     counter = _Counter()
     with torch.autograd.set_detect_anomaly(True, check_nan=False), counter:
         out, l_aux, _ = layer(x)
@@ -265,7 +274,7 @@ def summarize(records: list[OpRecord]) -> dict:
 
 
 def profile_phases(layer: nn.Module, x: torch.Tensor, iters: int = 3) -> dict:
-    """Measured time per phase: torch.profiler's device time (CPU time on a CPU) of each op.
+    """Measured time per phase: torch.profiler's kernel time (CPU time on a CPU) of each op.
 
     Attribution as in ``count_ops``: an op's Python stack (``with_stack``), or for a backward
     op with none, the forward op of the same autograd sequence number. Returns per phase the
@@ -281,41 +290,40 @@ def profile_phases(layer: nn.Module, x: torch.Tensor, iters: int = 3) -> dict:
     if cuda:
         torch.cuda.synchronize(x.device)
     with profile(activities=acts, with_stack=True, record_shapes=False) as prof:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         for _ in range(iters):
             out, l_aux, _ = layer(x)
             _bench_loss(out, l_aux).backward()
         if cuda:
+            end.record()
             torch.cuda.synchronize(x.device)
-    events = prof.events()
+    events = [ev for ev in prof.events() if ev.device_type == DeviceType.CPU]
     fwd_phase: dict[int, str] = {}
     for ev in events:
-        if ev.sequence_nr >= 0 and ev.stack and not ev.name.startswith("autograd::"):
-            ph = classify(_stack_frames(ev.stack))
+        if ev.sequence_nr >= 0 and not _in_backward(ev):
+            ph = classify(_profiler_frames(ev))
             if ph is not None:
                 fwd_phase.setdefault(ev.sequence_nr, ph)
 
     def phase_of(ev) -> tuple[str, bool]:
+        ph = classify(_profiler_frames(ev))
         node = ev
-        backward = False
         while node is not None:
             if node.name.startswith("autograd::engine::evaluate_function"):
-                backward = True
-                if "AccumulateGrad" in node.name:
-                    return "grad_accumulate", True
-                ph = fwd_phase.get(node.sequence_nr)
                 if ph is not None:
                     return ph, True
-            if node.stack:
-                ph = classify(_stack_frames(node.stack))
-                if ph is not None:
-                    return ph, backward or _in_backward(node)
+                if "AccumulateGrad" in node.name:
+                    return "grad_accumulate", True
+                return fwd_phase.get(node.sequence_nr, "other"), True
             node = node.cpu_parent
-        return "other", backward
+        return ph or "other", False
 
     totals: dict[str, dict] = {}
     for ev in events:
-        if ev.cpu_children and not cuda:
-            continue  # CPU: self time of leaf ops only
+        if not cuda and (ev.cpu_children or not ev.name.startswith("aten::")):
+            continue  # CPU: self time of leaf ATen ops only
         if cuda:
             t_us = sum(k.duration for k in getattr(ev, "kernels", []))
             n = len(getattr(ev, "kernels", []))
@@ -327,10 +335,18 @@ def profile_phases(layer: nn.Module, x: torch.Tensor, iters: int = 3) -> dict:
         e = totals.setdefault(f"{ph}.{'bwd' if bwd else 'fwd'}", {"ms": 0.0, "kernels": 0})
         e["ms"] += t_us / 1e3 / iters
         e["kernels"] += n / iters
+    busy = sum(e["ms"] for e in totals.values())
     for e in totals.values():
         e["ms"] = round(e["ms"], 4)
         e["kernels"] = round(e["kernels"], 1)
-    return dict(sorted(totals.items()))
+    result: dict = {"phases": dict(sorted(totals.items())), "busy_ms": round(busy, 4)}
+    if cuda:
+        # wall time of a profiled step (the profiler adds some host overhead) and the part
+        # of it with no kernel running: launch gaps the host could not hide
+        wall = start.elapsed_time(end) / iters
+        result["wall_ms"] = round(wall, 4)
+        result["idle_ms"] = round(wall - busy, 4)
+    return result
 
 
 def _in_backward(ev) -> bool:
@@ -342,32 +358,60 @@ def _in_backward(ev) -> bool:
     return False
 
 
-def _stack_frames(stack: list[str]) -> list[tuple[str, str]]:
-    """torch.profiler stack lines ``path(line): func`` (innermost first) as (file, func)."""
-    frames = []
-    for line in reversed(stack):
-        m = re.match(r"(.+)\(\d+\): (.+)", line)
+def _profiler_frames(ev) -> list[tuple[str, str]]:
+    """(file, function) of the Python frames above a profiler event, outermost first.
+
+    With ``with_stack`` the profiler records Python calls as parent events named
+    ``path(line): func``, and an autograd Function as an event of its class name (``_Combine``,
+    ``_CombineBackward``) above its ``forward``/``backward`` frame: that frame becomes
+    ``_Combine.forward`` so the rules see the class, as ``co_qualname`` shows it live.
+    """
+    inner_first: list[list[str]] = []
+    node = ev.cpu_parent
+    while node is not None:
+        m = re.match(r"(.+)\(\d+\): (.+)", node.name)
         if m:
-            frames.append((m.group(1), m.group(2)))
-    return frames
+            inner_first.append([m.group(1), m.group(2)])
+        elif re.match(r"^_[A-Z]\w*$", node.name):
+            cls = node.name.removesuffix("Backward")
+            for frame in inner_first:
+                if frame[1] in ("forward", "backward"):
+                    frame[1] = f"{cls}.{frame[1]}"
+                    break
+        node = node.cpu_parent
+    return [(f, fn) for f, fn in reversed(inner_first)]
 
 
-def _build(args, k: int, device: torch.device, dtype: torch.dtype):
-    sys.path[:0] = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
-    import ds_moe
+@contextlib.contextmanager
+def _grouped_kernel_assumed():
+    """Count the CUDA path on ``meta``: the grouped-kernel probe cannot run on meta tensors."""
     import ds_moe._grouped_gemm as gg
 
-    if device.type == "meta":
-        # count the CUDA path: the grouped kernel (the probe cannot run on meta tensors)
-        gg._probe = lambda *a: True  # noqa: SLF001 - diagnostic only
+    saved = gg._probe
+    gg._probe = lambda *a: True  # noqa: SLF001 - diagnostic only, restored below
+    try:
+        yield
+    finally:
+        gg._probe = saved
+
+
+def build_layer(d, ffn, experts, k, capacity_factor, tokens, device, dtype, **kw):
+    """The benchmark's ds-moe layer (ep 1) and a [1, tokens, d] input that wants a gradient."""
+    import ds_moe
+
     torch.manual_seed(0)
-    d, f = args.hidden, args.ffn_mult * args.hidden
-    expert = nn.Sequential(nn.Linear(d, f), nn.GELU(), nn.Linear(f, d))
-    layer = ds_moe.MoE(d, expert, num_experts=args.experts, k=k,
-                       capacity_factor=args.capacity_factor)  # fmt: skip
+    expert = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d))
+    layer = ds_moe.MoE(d, expert, num_experts=experts, k=k, capacity_factor=capacity_factor, **kw)
     layer = layer.to(device=device, dtype=dtype).train()
-    x = torch.randn(1, args.tokens, d, dtype=dtype, device=device, requires_grad=True)
+    x = torch.randn(1, tokens, d, dtype=dtype, device=device, requires_grad=True)
     return layer, x
+
+
+def model_on_meta(d, ffn, experts, k, capacity_factor, tokens, dtype, **kw) -> dict:
+    """``summarize(count_ops(...))`` of the CUDA path at full size on the ``meta`` device."""
+    with _grouped_kernel_assumed():
+        layer, x = build_layer(d, ffn, experts, k, capacity_factor, tokens, "meta", dtype, **kw)
+        return summarize(count_ops(layer, x))
 
 
 def main(argv=None) -> None:
@@ -382,18 +426,27 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="meta")
     p.add_argument("--profile", action="store_true", help="also measure (not on meta)")
     p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--fresh-grads", action="store_true",
+                   help="count a first step (no leaf gradient to add to)")  # fmt: skip
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = torch.device(args.device)
     result = {"config": vars(args), "model": {
         "bytes_per_s": H100_BYTES_PER_S, "launch_s": H100_LAUNCH_S,
         "bf16_flops": H100_BF16_FLOPS, "fp32_flops": H100_FP32_FLOPS}}  # fmt: skip
+    sys.path[:0] = [str(p) for p in sorted((ROOT / "packages").glob("*/src"))]
+    ffn = args.ffn_mult * args.hidden
     for k in args.k:
-        layer, x = _build(args, k, device, dtype)
-        entry = summarize(count_ops(layer, x))
-        if args.profile and device.type != "meta":
-            x.grad = None
-            entry["profile"] = profile_phases(layer, x)
+        shape = (args.hidden, ffn, args.experts, k, args.capacity_factor, args.tokens)
+        if device.type == "meta":
+            with _grouped_kernel_assumed():
+                layer, x = build_layer(*shape, device, dtype)
+                entry = summarize(count_ops(layer, x, steady_state=not args.fresh_grads))
+        else:
+            layer, x = build_layer(*shape, device, dtype)
+            entry = summarize(count_ops(layer, x, steady_state=not args.fresh_grads))
+            if args.profile:
+                entry["profile"] = profile_phases(layer, x)
         result[f"k{k}"] = entry
     text = json.dumps(result, indent=1, default=str)
     if args.json:
@@ -405,7 +458,6 @@ def main(argv=None) -> None:
             print(f"k={k}: non-GEMM {t['non_gemm_launches']} launches, "
                   f"{t['non_gemm_mib']:.0f} MiB, est {t['non_gemm_est_ms']:.2f} ms on H100; "
                   f"expert GEMMs est {t['expert_gemm_est_ms']:.2f} ms", file=sys.stderr)  # fmt: skip
-    _ = math  # noqa: B018
 
 
 if __name__ == "__main__":

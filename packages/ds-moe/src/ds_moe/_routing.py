@@ -75,8 +75,8 @@ def _count(index: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> t
     return torch.zeros(n, dtype=index.dtype, device=index.device).scatter_add_(0, index, src)
 
 
-#: largest ``priority span * experts`` ranked by one [span, E] cumulative count (int32, so
-#: at most 64 MiB); beyond it a sort ranks the assignments (same result, more kernels)
+#: most cells ranked by counting (int32 marks, so at most 64 MiB); beyond it a sort ranks
+#: the assignments (same result, more kernels)
 _COUNTED_RANK_MAX = 1 << 24
 
 
@@ -85,33 +85,21 @@ def _levels(n: int, num_tokens: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device) // num_tokens * num_tokens
 
 
-def _rank_by_counting(
-    flat_expert: torch.Tensor, priority: torch.Tensor, span: int, num_experts: int
-) -> torch.Tensor:
-    """Each assignment's rank among its expert's assignments in priority order.
+def _rank(cells: torch.Tensor, size: int) -> torch.Tensor:
+    """The rank of each of the unique ``cells`` (ints in ``[0, size)``) among all of them.
 
-    One-hot rows placed at their priority, counted down the priority axis: a handful of
-    elementwise kernels instead of a device sort (priorities are unique in ``[0, span)``).
+    Up to ``_COUNTED_RANK_MAX`` a counting sort: a 0/1 mark per cell, one running count of
+    the marks (1-D, which CUDA scans in parallel), read back at the cells; a handful of small
+    kernels instead of a device sort. Beyond it, one argsort (same ranks).
     """
-    cell = priority * num_experts + flat_expert
-    hits = torch.zeros(span * num_experts, dtype=torch.int32, device=priority.device)
-    hits.index_fill_(0, cell, 1)
-    counted = hits.view(span, num_experts).cumsum(0, dtype=torch.int32).view(-1)
-    return counted.index_select(0, cell).to(torch.int64) - 1
-
-
-def _rank_by_sorting(
-    flat_expert: torch.Tensor, priority: torch.Tensor, span: int, all_counts: torch.Tensor
-) -> torch.Tensor:
-    """``_rank_by_counting`` by one sort, for many experts or tokens."""
-    n = flat_expert.numel()
-    order1 = torch.argsort(flat_expert * span + priority)
-    starts = torch.cumsum(all_counts, 0) - all_counts
-    # index_select/scatter rather than advanced indexing: never a host sync on CUDA
-    sorted_rank = torch.arange(n, device=flat_expert.device) - starts.index_select(
-        0, flat_expert.index_select(0, order1)
-    )
-    return torch.empty_like(sorted_rank).scatter_(0, order1, sorted_rank)
+    if size <= _COUNTED_RANK_MAX:
+        marks = torch.zeros(size, dtype=torch.int32, device=cells.device)
+        marks.index_fill_(0, cells, 1)
+        return marks.cumsum(0, dtype=torch.int64).index_select(0, cells) - 1
+    order = torch.argsort(cells)
+    ranks = torch.arange(cells.numel(), device=cells.device)
+    # scatter rather than advanced indexing: never a host sync on CUDA
+    return torch.empty_like(ranks).scatter_(0, order, ranks)
 
 
 def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -175,26 +163,25 @@ def route(
         # Unused tokens rank after every used one of the same expert: never take a slot.
         priority = torch.where(flat_used, priority, priority + n)
     span = n if flat_used is None else 2 * n
-    if span * num_experts <= _COUNTED_RANK_MAX:
-        slot = _rank_by_counting(flat_expert, priority, span, num_experts)
-    else:
-        slot = _rank_by_sorting(flat_expert, priority, span, all_counts)
-
-    keep = slot < capacity_slots if capacity_slots is not None else None
+    # Every assignment's rank in (expert, priority) order: the slot order of capacity.
+    cell = flat_expert * span + priority
+    rank = _rank(cell, num_experts * span)
+    keep = None
+    if capacity_slots is not None:
+        # slot = rank - (assignments of the experts before); kept when slot < capacity
+        starts = torch.cumsum(all_counts, 0) - all_counts
+        keep = rank < (starts + capacity_slots).index_select(0, flat_expert)
     if flat_used is not None:
         keep = flat_used if keep is None else keep & flat_used
     kept_counts = exp_counts if capacity_slots is None else exp_counts.clamp(max=capacity_slots)
-    # Position of every assignment in ``order``: the kept ones by (expert, priority), then the
-    # dropped ones by (expert, priority). Inside an expert the kept ones are the lowest ranks.
-    kept_starts = torch.cumsum(kept_counts, 0) - kept_counts
-    position = kept_starts.index_select(0, flat_expert) + slot
     if keep is None:
+        # everything kept: the order is (expert, priority) itself
         kept_flat = torch.ones(n, dtype=torch.bool, device=device)
+        position = rank
     else:
+        # kept ones first, then the dropped ones, each by (expert, priority)
         kept_flat = keep
-        dropped = all_counts - kept_counts
-        drop_base = torch.cumsum(dropped, 0) - dropped - kept_counts + kept_counts.sum()
-        position = torch.where(keep, position, drop_base.index_select(0, flat_expert) + slot)
+        position = _rank(torch.where(keep, cell, cell + num_experts * span), 2 * num_experts * span)
     order = torch.empty_like(position).scatter_(0, position, torch.arange(n, device=device))
 
     l_aux = load_balancing_loss(gates, exp_counts, k)
