@@ -259,11 +259,28 @@ def test_init_on_cuda_builds_on_the_device_as_deepspeed() -> None:
         assert torch.equal(hosted.weight, reference.weight.cpu())
 
 
+def test_initialize_inside_init_sees_torchs_own_constructors(stand_in) -> None:
+    stand_in("meta")
+    with ds_all.zero.Init(config_dict_or_path={"bf16": {"enabled": True}}):
+        assert torch.zeros(2).is_meta and nn.Module.apply is not pp._orig_module_apply
+        with pp.init_context_suspended():
+            t = torch.zeros(2)
+            assert t.device.type == "cpu" and t.dtype == torch.float32
+            assert torch.Tensor(2).dtype == torch.float32 and not torch.Tensor(2).is_meta
+            assert nn.Module.apply is pp._orig_module_apply
+        inside = torch.zeros(2)
+        assert inside.is_meta and inside.dtype == torch.bfloat16  # Init's redirect is back
+        assert nn.Module.apply is not pp._orig_module_apply
+    assert not torch.zeros(1).is_meta and nn.Module.apply is pp._orig_module_apply
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["after-init", "inside-init"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _cuda])])
-def test_a_model_built_under_init_trains_as_plain_pytorch(device: str) -> None:
+def test_a_model_built_under_init_trains_as_plain_pytorch(device: str, inside: bool) -> None:
     """fp32, ZeRO-3: built under Init (on the device when it is an accelerator), then
-    initialize(): the same losses as the model built on the device by plain PyTorch with the
-    same seed."""
+    initialize() after the context or inside it (which suspends Init's redirects while the
+    engine is built): the same losses as the model built on the device by plain PyTorch with
+    the same seed."""
     ds_accel.reset_accelerator()
     cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3},
            "gradient_clipping": 0.0,
@@ -278,7 +295,12 @@ def test_a_model_built_under_init_trains_as_plain_pytorch(device: str) -> None:
     try:
         with ds_all.zero.Init(config_dict_or_path=cfg):
             model = build()
-        engine, *_ = ds_all.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            if inside:
+                engine, *_ = ds_all.initialize(model=model, model_parameters=model.parameters(),
+                                               config=cfg)  # fmt: skip
+        if not inside:
+            engine, *_ = ds_all.initialize(model=model, model_parameters=model.parameters(),
+                                           config=cfg)  # fmt: skip
         with torch.device(device):
             reference = build()
         opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)

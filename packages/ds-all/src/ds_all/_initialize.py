@@ -142,6 +142,28 @@ def initialize(
     config_params: Any = None,
 ) -> tuple[DeepSpeedEngine, Any, Any, Any]:
     """Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as DeepSpeed does."""
+    from ds_all.runtime.zero.partition_parameters import init_context_suspended
+
+    # called inside ``with zero.Init():`` the engine's own tensors are not redirected by it
+    with init_context_suspended():
+        return _initialize(args, model, optimizer, model_parameters, training_data,
+                           lr_scheduler, mpu, dist_init_required, collate_fn, config,
+                           config_params)  # fmt: skip
+
+
+def _initialize(
+    args: Any,
+    model: nn.Module | None,
+    optimizer: Any,
+    model_parameters: Any,
+    training_data: Any,
+    lr_scheduler: Any,
+    mpu: Any,
+    dist_init_required: bool | None,
+    collate_fn: Any,
+    config: Any,
+    config_params: Any,
+) -> tuple[DeepSpeedEngine, Any, Any, Any]:
     _setup_logging()
     if model is None:
         raise ValueError("initialize(): model is required")

@@ -3,12 +3,13 @@ external-parameter registry with DeepSpeed's signatures, over ds_zero."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,33 @@ _orig_torch_arange = torch.arange
 _orig_torch_eye = torch.eye
 _orig_torch_randn = torch.randn
 _CONSTRUCTORS = ("tensor", "empty", "zeros", "ones", "full", "arange", "eye", "randn")
+_orig_module_apply = nn.Module.apply
+
+
+@contextlib.contextmanager
+def init_context_suspended() -> Iterator[None]:
+    """Torch's own tensor constructors and ``nn.Module.apply`` for the duration, whatever an
+    active ``Init`` installed, then Init's again: DeepSpeed's initialize() does the same
+    (shutdown/restore of the init context), so an engine built inside ``with zero.Init():``
+    creates its fp32 master weights and buffers where and in the dtype its code says, not on the
+    accelerator in the parameter dtype."""
+    saved = {name: getattr(torch, name) for name in _CONSTRUCTORS}
+    had_new = "__new__" in torch.Tensor.__dict__
+    saved_new = torch.Tensor.__dict__.get("__new__")
+    saved_apply = nn.Module.__dict__["apply"]
+    for name in _CONSTRUCTORS:
+        setattr(torch, name, globals()[f"_orig_torch_{name}"])
+    if had_new:
+        del torch.Tensor.__new__
+    nn.Module.apply = _orig_module_apply  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+        if had_new:
+            torch.Tensor.__new__ = saved_new  # type: ignore[method-assign]
+        nn.Module.apply = saved_apply  # type: ignore[method-assign]
 
 
 class DeepSpeedTensorOverride(enum.Enum):
