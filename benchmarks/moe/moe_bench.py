@@ -330,7 +330,8 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
     ``expert_gemm_tflops``: the expert GEMMs' FLOPs over their own kernel time, against the
     plain GEMM rate of the same shapes: below it, the grouped kernels themselves are slower;
     ``non_gemm_ms``: everything else the GPU ran (gating, layout, gathers, bias, activation,
-    the benchmark's loss and the gradient accumulation of its never-zeroed loop).
+    the benchmark's loss and the gradient accumulation of its never-zeroed loop; those two
+    are also ``harness_ms``: timing-loop work that DeepSpeed's runs pay the same).
     ``model_h100``: launches, bytes and the bandwidth/launch estimate per phase at this shape
     (ep 1, bf16 only), from counting the ops on the ``meta`` device.
     """
@@ -338,6 +339,13 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
     measured = profile_phases(layer, x, iters=3)
     gemm_ms = sum(v["ms"] for p, v in measured["phases"].items() if p.startswith("expert_gemm."))
     entry = {"measured": measured}
+    # the timing loop's own work: its fp32 loss and the adds into never-zeroed gradients
+    harness_ms = sum(
+        v["ms"]
+        for p, v in measured["phases"].items()
+        if p.startswith(("loss.", "grad_accumulate."))
+    )
+    entry["harness_ms"] = round(harness_ms, 4)
     if gemm_ms > 0:
         entry["expert_gemm_ms"] = round(gemm_ms, 4)
         entry["non_gemm_ms"] = round(measured["busy_ms"] - gemm_ms, 4)

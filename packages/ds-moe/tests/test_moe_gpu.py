@@ -113,3 +113,35 @@ def test_layer_forward_backward_never_syncs_with_the_host(k, dropless):
     assert (
         torch.isfinite(x.grad.float()).all() and torch.isfinite(moe.experts.w1.grad.float()).all()
     )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("counting", [True, False], ids=["counting", "sorting"])
+def test_routing_on_cuda_equals_0_1_3_and_never_syncs(monkeypatch, k, counting):
+    # the counting-sort ranks (index_fill + 1-D cumsum) and the argsort fallback on CUDA
+    # decide bitwise what 0.1.3's two sorts decided, without a host sync
+    from routing_before import route_before
+
+    import ds_moe._routing as routing_mod
+
+    if not counting:
+        monkeypatch.setattr(routing_mod, "_COUNTED_RANK_MAX", 0)
+    g = torch.Generator(device="cuda").manual_seed(k)
+    logits = torch.randn(16384, 8, device="cuda", generator=g) + torch.linspace(1.0, 0, 8).cuda()
+    prio = torch.randperm(16384, device="cuda", generator=g)
+    used = torch.rand(16384, device="cuda", generator=g) > 0.1
+    for kw in ({"capacity_slots": 2560}, {"capacity_slots": 2000, "used_token": used},
+               {"capacity_slots": None}):  # fmt: skip
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            new = ds_moe.route(logits, k, token_priority=prio, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        old = route_before(logits, k, token_priority=prio, **kw)
+        for field in ("expert_index", "kept", "order", "kept_counts", "exp_counts"):
+            assert torch.equal(getattr(new, field), getattr(old, field)), field
+        assert torch.equal(
+            new.combine_weight.view(torch.int32), old.combine_weight.view(torch.int32)
+        )
+        assert torch.equal(new.l_aux.view(torch.int32), old.l_aux.view(torch.int32))
