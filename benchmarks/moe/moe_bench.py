@@ -22,6 +22,8 @@ FLOPs (6 * 2 * tokens * k * 2 * d * ffn, the same count for every system) per se
 card's reachable bf16 rate is measured in the same run with plain dense GEMMs of the same
 shapes (``gemm_peak_tflops``: the MLP's six GEMMs over tokens * k rows, forward and backward),
 and every run reports ``expert_gemm_share_of_peak`` = expert_tflops / gemm_peak_tflops.
+``grouped_gemm_tflops``: the same six GEMMs through the grouped kernel on equal groups, no
+routing (what the layer's GEMMs could reach at best with these shapes).
 
 On a GPU (or with ``--phases``) ``phases`` breaks ds-moe-top<k>'s step down per phase: kernel
 time measured with torch.profiler next to the op/byte model of ``moe_phases.py``, and the
@@ -174,6 +176,44 @@ def gemm_peak_tflops(args, k, device, dtype):
 
     best = float("inf")
     for i in range(args.warmup + args.iters):
+        sync(device)
+        t0 = time.perf_counter()
+        once()
+        sync(device)
+        if i >= args.warmup:
+            best = min(best, time.perf_counter() - t0)
+    return 6 * 2 * rows * d * f / best / 1e12
+
+
+def grouped_gemm_tflops(args, k, device, dtype):
+    """TFLOP/s of the experts' grouped GEMMs alone: equal groups, no routing, fwd + bwd.
+
+    ``tokens * k`` rows in ``experts`` equal groups through the same grouped kernel and
+    weight layout as the layer (``w`` stored [E, out, in], passed transposed), forward and
+    backward by autograd: the rate these shapes reach as grouped GEMMs, between the plain
+    dense GEMM (``gemm_peak_tflops``) and the layer. None where the kernel is unavailable.
+    """
+    if not ds_moe.grouped_mm_available(device, dtype):
+        return None
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    e, d, f = args.experts, args.d, args.ffn_mult * args.d
+    rows = args.tokens * k
+    g = torch.Generator(device=device).manual_seed(11)
+    x = torch.randn(rows, d, generator=g, device=device).to(dtype).requires_grad_()
+    w1 = (torch.randn(e, f, d, generator=g, device=device) * d**-0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(e, d, f, generator=g, device=device) * f**-0.5).to(dtype).requires_grad_()
+    dy = torch.randn(rows, d, generator=g, device=device).to(dtype)
+    sizes = [rows // e + (1 if i < rows % e else 0) for i in range(e)]
+    offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+
+    def once():
+        h = fn(x, w1.transpose(-2, -1), offs=offs)
+        y = fn(h, w2.transpose(-2, -1), offs=offs)
+        y.backward(dy)
+
+    best = float("inf")
+    for i in range(args.warmup + args.iters):
+        x.grad = w1.grad = w2.grad = None
         sync(device)
         t0 = time.perf_counter()
         once()
@@ -437,6 +477,15 @@ def main(argv=None):
     ks = sorted({build_k(s) for s in systems})
     peak = {k: gemm_peak_tflops(args, k, device, dtype) for k in ks}
     report["gemm_peak_tflops"] = {f"k{k}": round(v, 3) for k, v in peak.items()}
+    grouped = {k: grouped_gemm_tflops(args, k, device, dtype) for k in ks}
+    # the grouped kernel alone on equal groups: how much of the gap to the dense GEMM is the
+    # kernel's (the rest is the layer's routing, gathers, bias, activation, or skewed groups)
+    report["grouped_gemm_tflops"] = {
+        f"k{k}": (round(v, 3) if v else None) for k, v in grouped.items()
+    }
+    report["grouped_gemm_share_of_peak"] = {
+        f"k{k}": (round(v / peak[k], 3) if v else None) for k, v in grouped.items()
+    }
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
