@@ -400,8 +400,14 @@ def build_layer(d, ffn, experts, k, capacity_factor, tokens, device, dtype, **kw
     import ds_moe
 
     torch.manual_seed(0)
-    expert = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d))
-    layer = ds_moe.MoE(d, expert, num_experts=experts, k=k, capacity_factor=capacity_factor, **kw)
+    # on meta, build there: no host memory or init time for full-size weights
+    where = (
+        torch.device("meta") if torch.device(device).type == "meta" else contextlib.nullcontext()
+    )
+    with where:
+        expert = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d))
+        layer = ds_moe.MoE(d, expert, num_experts=experts, k=k, capacity_factor=capacity_factor,
+                           **kw)  # fmt: skip
     layer = layer.to(device=device, dtype=dtype).train()
     x = torch.randn(1, tokens, d, dtype=dtype, device=device, requires_grad=True)
     return layer, x
