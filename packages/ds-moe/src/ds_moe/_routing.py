@@ -172,7 +172,8 @@ def route(
         starts = torch.cumsum(all_counts, 0) - all_counts
         keep = rank < (starts + capacity_slots).index_select(0, flat_expert)
     if flat_used is not None:
-        keep = flat_used if keep is None else keep & flat_used
+        # (a copy: for k = 1 ``flat_used`` may be the caller's own tensor)
+        keep = flat_used.clone() if keep is None else keep & flat_used
     kept_counts = exp_counts if capacity_slots is None else exp_counts.clamp(max=capacity_slots)
     if keep is None:
         # everything kept: the order is (expert, priority) itself
