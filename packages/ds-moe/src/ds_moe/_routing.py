@@ -75,9 +75,9 @@ def _count(index: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> t
     return torch.zeros(n, dtype=index.dtype, device=index.device).scatter_add_(0, index, src)
 
 
-#: most cells ranked by counting (int32 marks, so at most 64 MiB); beyond it a sort ranks
-#: the assignments (same result, more kernels)
-_COUNTED_RANK_MAX = 1 << 24
+#: most cells ranked by counting: its marks and running count move ~16 bytes per cell, so
+#: past 2M cells (many experts times many tokens) one argsort of the assignments is cheaper
+_COUNTED_RANK_MAX = 1 << 21
 
 
 def _levels(n: int, num_tokens: int, device: torch.device) -> torch.Tensor:
