@@ -48,6 +48,14 @@ H100_FP32_FLOPS = 51e12
 
 #: (file suffix, function name regex or None, phase), innermost frame first decides
 _RULES: tuple[tuple[str, str | None, str], ...] = (
+    # ds-moe's autograd Functions by class name, wherever the frame comes from (the profiler
+    # names a Function's events after its class; its backward may run on a thread with no
+    # Python frames recorded)
+    ("", r"^_GroupBias", "bias"),
+    ("", r"^_ContiguousGrad", "contiguous_grad"),
+    ("", r"^_Permute", "permute"),
+    ("", r"^_Combine", "combine"),
+    ("", r"^_ScaleGrad", "dispatch"),
     ("ds_moe/_grouped_gemm.py", r"_GroupBias|group_onehot|_add_group_bias|_group_sum", "bias"),
     ("ds_moe/_grouped_gemm.py", r"_ContiguousGrad", "contiguous_grad"),
     ("ds_moe/_grouped_gemm.py", None, "expert_gemm"),
@@ -367,7 +375,7 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
     ``_Combine.forward`` so the rules see the class, as ``co_qualname`` shows it live.
     """
     inner_first: list[list[str]] = []
-    node = ev.cpu_parent
+    node = ev
     while node is not None:
         m = re.match(r"(.+)\(\d+\): (.+)", node.name)
         if m:
@@ -378,6 +386,7 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
                 if frame[1] in ("forward", "backward"):
                     frame[1] = f"{cls}.{frame[1]}"
                     break
+            inner_first.append(["<autograd.Function>", cls])
         node = node.cpu_parent
     return [(f, fn) for f, fn in reversed(inner_first)]
 
