@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
 import os
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+import ds_comm
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._dataloader import make_dataloader
@@ -66,6 +66,7 @@ def init_distributed(
         kwargs = {"timeout": _as_timedelta(timeout)} if timeout is not None else {}
         dist.init_process_group(_backend(dist_backend), init_method=init_method, rank=rank,
                                 world_size=world_size, **kwargs)  # fmt: skip
+        ds_comm.teardown_at_exit()
         return
     if not _launched(auto_mpi_discovery):
         _init_world_of_one(dist_backend, distributed_port)
@@ -99,16 +100,9 @@ def _init_world_of_one(dist_backend: str | None, port: int) -> None:
 
         get_accelerator().set_device(0)
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    # A gloo group still alive when the interpreter tears down can abort the process
-    # ("terminate called without an active exception") after the script has succeeded; a
-    # script run with plain python rarely destroys the group it never asked for, so the group
-    # this function made is destroyed at exit unless the script already did it.
-    atexit.register(_destroy_world_of_one, dist.group.WORLD)
-
-
-def _destroy_world_of_one(group: Any) -> None:
-    if dist.is_initialized() and dist.group.WORLD is group:
-        dist.destroy_process_group()
+    # a gloo group still alive when the interpreter tears down can abort the process after the
+    # script succeeded, and a plain-python script rarely destroys a group it never asked for
+    ds_comm.teardown_at_exit()
 
 
 def _launched(mpi: bool = True) -> bool:

@@ -52,6 +52,7 @@ from ds_comm._compressed import (
     make_compressed_comm,
 )
 from ds_comm._discovery import DiscoveryError, DistEnv, Source, discover, first_slurm_host
+from ds_comm._exit import EXIT_BARRIER_S, teardown_at_exit
 from ds_comm._init import destroy_process_group, init_distributed
 from ds_comm._launch_check import (
     LaunchedRank,
@@ -80,6 +81,7 @@ def log_summary() -> str:
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
+    "EXIT_BARRIER_S",
     "CommsLogger",
     "CompressedComm",
     "DiscoveryError",
@@ -137,5 +139,6 @@ __all__ = [
     "send",
     "set_comms_logger",
     "shard_numel",
+    "teardown_at_exit",
     "unpack_signs",
 ]

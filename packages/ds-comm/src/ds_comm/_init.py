@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from ds_comm._discovery import DiscoveryError, DistEnv, Source, discover
+from ds_comm._exit import teardown_at_exit
 
 
 def _backend_from_accelerator() -> str:
@@ -106,6 +107,7 @@ def init_distributed(
         )
     except ValueError as e:
         raise DiscoveryError(f"init_distributed: torch.distributed rejected the setup: {e}") from e
+    teardown_at_exit()
     return layout
 
 
