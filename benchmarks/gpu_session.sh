@@ -3,7 +3,7 @@
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
 #   bash benchmarks/gpu_session.sh PHASE...
-#   PHASE: io (= aio ckpt) | aio | ckpt | moe | offload | overlap | largest | longseq | dsops |
+#   PHASE: io (= aio ckpt) | aio | ckpt | ckptverify | moe | offload | overlap | largest | longseq | dsops |
 #          quant | autotune | clients | tests | tests:ds-x,ds-y
 #   dsops: builds DeepSpeed 0.19.8's JIT ops (CPU Adam, quantizer) before any timed phase, so no
 #          peer run spends its time limit compiling; later phases of the same lease reuse them
@@ -61,6 +61,12 @@ for p in "$@"; do
         --dir "$SCRATCH/ckpt" --out-dir "$OUT"
       ;;
     aio) ;;
+    ckptverify)  # verified-load cost against 0.1.2 (no checksums) and 0.1.3, sources in .bench_prev
+      phase ckptverify python3 benchmarks/ckpt/ckpt_bench.py cpu-load --gb 1.5 --reps 4 \
+        --dir "$SCRATCH/ckv" --baseline-src .bench_prev/packages/ds-ckpt/src \
+        --also-src .bench_prev/v013/packages/ds-ckpt/src --also-rev 64c37aa --verify-reads 16 \
+        --suffix=-gilfree
+      ;;
     moe)
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT" ;;
     offload)
@@ -114,7 +120,7 @@ for b in (CPUAdamBuilder(), QuantizerBuilder()):
           -m gpu -p no:cacheprovider "$pkg/tests"
       done
       ;;
-    *) echo "unknown phase $p (io | aio | ckpt | moe | offload | overlap | largest | longseq | dsops | quant | autotune | clients | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown phase $p (io | aio | ckpt | ckptverify | moe | offload | overlap | largest | longseq | dsops | quant | autotune | clients | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 rm -rf "$SCRATCH"
