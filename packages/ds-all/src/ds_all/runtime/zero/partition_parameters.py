@@ -40,6 +40,36 @@ _CONSTRUCTORS = ("tensor", "empty", "zeros", "ones", "full", "arange", "eye", "r
 _orig_module_apply = nn.Module.apply
 
 
+@dataclass(frozen=True)
+class _TorchPatchPoints:
+    """What an Init patches in torch, as found at one moment: the constructors, the class's own
+    ``Tensor.__new__`` (None: torch defines none) and ``nn.Module.apply``; ``restore`` puts
+    exactly that back (also another Init's patches, when contexts nest)."""
+
+    constructors: dict[str, Any]
+    tensor_new: Any
+    module_apply: Any
+
+    @classmethod
+    def current(cls) -> _TorchPatchPoints:
+        return cls({name: getattr(torch, name) for name in _CONSTRUCTORS},
+                   torch.Tensor.__dict__.get("__new__"), nn.Module.__dict__["apply"])  # fmt: skip
+
+    @classmethod
+    def original(cls) -> _TorchPatchPoints:
+        return cls({name: globals()[f"_orig_torch_{name}"] for name in _CONSTRUCTORS}, None,
+                   _orig_module_apply)  # fmt: skip
+
+    def restore(self) -> None:
+        for name, fn in self.constructors.items():
+            setattr(torch, name, fn)
+        if self.tensor_new is not None:
+            torch.Tensor.__new__ = self.tensor_new  # type: ignore[method-assign]
+        elif "__new__" in torch.Tensor.__dict__:
+            del torch.Tensor.__new__
+        nn.Module.apply = self.module_apply  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def init_context_suspended() -> Iterator[None]:
     """Torch's own tensor constructors and ``nn.Module.apply`` for the duration, whatever an
@@ -47,23 +77,12 @@ def init_context_suspended() -> Iterator[None]:
     (shutdown/restore of the init context), so an engine built inside ``with zero.Init():``
     creates its fp32 master weights and buffers where and in the dtype its code says, not on the
     accelerator in the parameter dtype."""
-    saved = {name: getattr(torch, name) for name in _CONSTRUCTORS}
-    had_new = "__new__" in torch.Tensor.__dict__
-    saved_new = torch.Tensor.__dict__.get("__new__")
-    saved_apply = nn.Module.__dict__["apply"]
-    for name in _CONSTRUCTORS:
-        setattr(torch, name, globals()[f"_orig_torch_{name}"])
-    if had_new:
-        del torch.Tensor.__new__
-    nn.Module.apply = _orig_module_apply  # type: ignore[method-assign]
+    saved = _TorchPatchPoints.current()
+    _TorchPatchPoints.original().restore()
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(torch, name, fn)
-        if had_new:
-            torch.Tensor.__new__ = saved_new  # type: ignore[method-assign]
-        nn.Module.apply = saved_apply  # type: ignore[method-assign]
+        saved.restore()
 
 
 class DeepSpeedTensorOverride(enum.Enum):
@@ -192,29 +211,21 @@ class _ConstructorRedirect:
 
     def __init__(self, targets: _Targets) -> None:
         self.targets = targets
-        self._saved: dict[str, Any] = {}
-        self._had_new = False
-        self._saved_new: Any = None
+        self._saved: _TorchPatchPoints | None = None
 
     def __enter__(self) -> None:
         wrapper = globals()["zero_wrapper_for_fp_tensor_constructor"]  # maybe Transformers'
         dev, fp = self.targets.device, self.targets.dtype
-        self._saved = {name: getattr(torch, name) for name in _CONSTRUCTORS}
-        self._had_new = "__new__" in torch.Tensor.__dict__
-        self._saved_new = torch.Tensor.__dict__.get("__new__")
+        self._saved = _TorchPatchPoints.current()
         torch.Tensor.__new__ = get_new_tensor_fn_for_dtype(fp, dev)  # type: ignore[method-assign]
         for name in _CONSTRUCTORS:
             orig = globals()[f"_orig_torch_{name}"]
             setattr(torch, name, wrapper(orig, target_fp_dtype=fp, target_device=dev))
 
     def __exit__(self, *exc: object) -> None:
-        for name, fn in self._saved.items():
-            setattr(torch, name, fn)
-        if self._had_new:
-            torch.Tensor.__new__ = self._saved_new  # type: ignore[method-assign]
-        else:
-            del torch.Tensor.__new__
-        self._saved = {}
+        if self._saved is not None:
+            self._saved.restore()
+            self._saved = None
 
 
 def _keep_in_fp32_pattern(module: nn.Module, dtype: torch.dtype | None) -> re.Pattern[str] | None:
