@@ -49,7 +49,7 @@ def test_default_gradient_buffers_follow_the_host_memory(tmp_path, monkeypatch):
 
     need = 16 * sum(p.numel() for p in tiny_model().parameters())
     for available, device, want in [
-        (None, "cpu", 4), (int(need * 1.5), "cpu", 0), (int(need * 1.4), "cpu", 4),
+        (int(need * 1.5), "cpu", 0), (int(need * 1.4), "cpu", 4), (0, "cpu", 4),
         (10 * need, "nvme", 4),
     ]:  # fmt: skip
         monkeypatch.setattr(stepper_mod, "host_available_bytes", lambda a=available: a)

@@ -32,9 +32,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ds_accel import CPUAccelerator
 from ds_offload._coerce import coerce
 from ds_offload._copies import Copier
-from ds_offload._host_memory import host_available_bytes
 from ds_offload._hparams import AdamHparams, check_kind, read_hparams
 from ds_offload._options import AioOptions, OffloadDevice, OffloadOptimizerOptions
 from ds_offload._pinned import aligned_empty
@@ -75,6 +75,13 @@ class Phase(enum.Enum):
     IDLE = "idle"  # between steps: host grad buffers hold nothing of value
     GRADS_ARRIVING = "grads_arriving"  # grad_ready calls are copying gradients to the host
     UPDATING = "updating"  # step() returned; the worker thread is still updating partitions
+
+
+def host_available_bytes() -> int:
+    """Host memory available to new allocations without swapping (ds_accel's CPU accelerator's
+    ``available_memory``: ``MemAvailable`` where the kernel reports it), whatever the active
+    accelerator is: it sizes the host gradient buffers."""
+    return CPUAccelerator().available_memory()
 
 
 class OffloadStepper:
@@ -419,8 +426,7 @@ class OffloadStepper:
             return self.POOL_BUFFERS  # host memory is what NVMe offload is for
         # fp32 master and two moments, plus one gradient buffer (fp32 or 16-bit), per parameter
         need = sum(n * (12 + self._grad_dtypes[i].itemsize) for i, n in zip(self.offloaded, sizes))
-        available = host_available_bytes()
-        if available is not None and need <= self.HOST_SHARE * available:
+        if need <= self.HOST_SHARE * host_available_bytes():
             return 0
         return self.POOL_BUFFERS
 
