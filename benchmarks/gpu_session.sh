@@ -6,7 +6,10 @@
 #   PHASE: io (= aio ckpt) | aio | ckpt | ckptverify | moe | offload | overlap | largest | longseq | dsops |
 #          quant | autotune | clients | tests | tests:ds-x,ds-y
 #   dsops: builds DeepSpeed 0.19.8's JIT ops (CPU Adam, quantizer) before any timed phase, so no
-#          peer run spends its time limit compiling; later phases of the same lease reuse them
+#          peer run spends its time limit compiling; later phases of the same lease reuse them.
+#          The builds live in .torch_ext/ (ignored by git); the phase also packs them into
+#          $OUT/torch_ext.tgz, which unpacked into .torch_ext/ and carried to a fresh machine
+#          saves the next lease the build
 #   longseq: longest sequence of a Llama-3.2-3B shape, ZeRO-3 offload, ours vs DeepSpeed ALST vs
 #            plain transformers (benchmarks/seq/long_seq.py; LONGSEQ_BUDGET_S per system)
 #   overlap: the offloaded step's modes vs DeepSpeed's, one GPU, scenarios offload-overlap-zero3
@@ -24,6 +27,7 @@ export OUT=${OUT:-$ROOT/out/gpu_session}
 mkdir -p "$OUT"
 LOG=$OUT/session.log
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_ext}
 # NVLink multicast stays off on shared hosts (KINDS.md): a program using it can take GPUs down.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
@@ -102,6 +106,7 @@ for p in "$@"; do
 from deepspeed.ops.op_builder import CPUAdamBuilder, QuantizerBuilder
 for b in (CPUAdamBuilder(), QuantizerBuilder()):
     b.load(); print('built', b.name)"
+      tar -czf "$OUT/torch_ext.tgz" -C "$TORCH_EXTENSIONS_DIR" . >>"$LOG" 2>&1
       ;;
     quant)
       phase quant python3 benchmarks/zero/quant_bench.py ;;
