@@ -72,7 +72,10 @@ for p in "$@"; do
         --suffix=-gilfree
       ;;
     moe)
-      phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT" ;;
+      phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT"
+      phase moe-upstream-grad "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT" \
+        --loss upstream-grad --no-check
+      ;;
     offload)
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \
         --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"

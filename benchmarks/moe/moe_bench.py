@@ -8,6 +8,10 @@
 Setup (defaults; the peer is DeepSpeed 0.19.8's MoE layer run by the peers' ds_moe_bench.py): hidden d=2048, each expert a
 2-layer MLP d -> 4d -> d with GELU, 8 experts, expert parallelism over all ranks (ep = world),
 16,384 tokens per rank, bf16, capacity factor 1.25, loss = mean(out^2) + l_aux, top-1 and top-2.
+``--loss upstream-grad`` times the layer alone instead: backward from a fixed bf16 gradient of
+``out`` (and 1 for l_aux), as the ``gemm_peak_tflops`` GEMMs are timed, so the loss's own fp32
+passes over the [tokens, d] output (the same cost for every system) stay out of the step.
+Results of that mode carry ``-upstream-grad`` in the file name.
 
 Systems (scenario ``moe-layer``), timed in turns (ours, DeepSpeed, ours, ...) so clock and
 thermal drift hit all:
@@ -99,6 +103,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-phases", dest="phases", action="store_false")
     p.add_argument("--out", default=None, help="extra output dir (default: $OUT if set)")
+    p.add_argument("--loss", choices=["mean-square", "upstream-grad"], default="mean-square",
+                   help="what the timed backward starts from: mean(out^2) + l_aux as the peer "
+                   "does, or a fixed bf16 gradient of out (the layer's own cost)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -234,12 +241,24 @@ def build_deepspeed(args, k, device, dtype):
 
 def time_layer(layer, x, args, device):
     """Seconds per forward+backward, averaged over ``iters`` after ``warmup`` (as the peer does)."""
+    dy = None
+    if args.loss == "upstream-grad":
+        # d mean(out^2) / d out at a unit-scale output, fixed so every system gets the same one
+        gen = torch.Generator(device=device).manual_seed(7)
+        dy = (torch.randn(x.shape, generator=gen, device=device) * (2.0 / x.numel())).to(x.dtype)
     for i in range(args.warmup + args.iters):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
         out, l_aux, _ = layer(x)
-        (out.float().square().mean() + l_aux).backward()
+        if dy is None:
+            (out.float().square().mean() + l_aux).backward()
+        else:
+            outs, grads = [out], [dy]
+            if isinstance(l_aux, torch.Tensor) and l_aux.requires_grad:
+                outs.append(l_aux)
+                grads.append(torch.ones_like(l_aux))
+            torch.autograd.backward(outs, grads)
     sync(device)
     return (time.perf_counter() - t0) / args.iters
 
@@ -454,6 +473,7 @@ def main(argv=None):
             "warmup": args.warmup,
             "iters": args.iters,
             "repeats": args.repeats,
+            "loss": args.loss,
         },  # fmt: skip
         "note_tokens_per_s": "tokens per second per GPU",
         "note_expert_tflops": "expert MLP FLOPs 6*2*tokens*k*2*d*ffn (same count for every "
@@ -547,7 +567,8 @@ def main(argv=None):
 
     if rank == 0:
         stamp = datetime.date.today().strftime("%Y%m%d")
-        name = f"moe-layer-{device_slug(device)}-{stamp}.json"
+        tag = "-upstream-grad" if args.loss == "upstream-grad" else ""
+        name = f"moe-layer-{device_slug(device)}-{stamp}{tag}.json"
         path = write_results(
             path=ROOT / "benchmarks" / "results" / name, copy_to_out=False, **report
         )
