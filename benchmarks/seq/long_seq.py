@@ -55,7 +55,9 @@ transformers). ``--total-s`` (default 540) keeps the three searches and the toke
 one 10-minute command: each system gets at most its share of what is left.
 
 The JSON (scenario ``long-seq``; ``benchmarks/results/`` and $OUT) is rewritten after every
-length. ``--tiny`` runs the same flow with a small model on the CPU (a smoke test).
+length, and a PNG of every trial's peak memory and tokens/s drawn beside it at the end
+(``--chart FILE`` redraws it from a results file). ``--tiny`` runs the same flow with a small
+model on the CPU (a smoke test).
 """
 
 from __future__ import annotations
@@ -773,7 +775,11 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     # --tiny only: lengths from this one fail as out of memory (exercises the bisection)
     ap.add_argument("--simulate-oom-at", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--chart", metavar="FILE", help="only draw the PNG of an existing results file")
     args = ap.parse_args()
+    if args.chart:
+        chart(Path(args.chart))
+        return
     if args.trial:
         run_trial(args)
         return
@@ -809,11 +815,13 @@ def main() -> None:
             entry["best"] = res
         write()
 
+    written: list[Path] = []
+
     def write() -> None:
         runs = [_run_entry(f) for f in found.values()]
         if not runs:
             return
-        write_results(
+        written[:] = [write_results(
             scenario="long-seq", device=device, runs=runs, ratios=_ratios(found), path=args.out, metric="max_seq_len",
             config={"model": "Llama-3.2-3B shape" if not args.tiny else "tiny Llama", "nproc": args.nproc,
                     "sp": args.nproc, "steps": args.steps, "start": args.start, "granularity": args.granularity,
@@ -821,7 +829,7 @@ def main() -> None:
                     "ours_keep_on_device_gb": args.ours_keep_gb,
                     "search": "one process per system over the ladder start, 2x, ...; fresh processes bisect after an OOM",
                     "zero": "stage 3, offload_optimizer + offload_param cpu, bf16, AdamW"},
-        )  # fmt: skip
+        )]  # fmt: skip
 
     for i, system in enumerate(args.systems):
         share = (t_end - time.monotonic()) / (len(args.systems) - i)
@@ -842,6 +850,57 @@ def main() -> None:
         else:
             print(f"[long-seq] no time left ({left:.0f} s) for ours at {ds['seq_len']}", flush=True)
     write()
+    if written:
+        chart(written[0])
+
+
+def chart(path: Path) -> Path | None:
+    """A PNG beside the results file (and in $OUT): each system's device peak memory and tokens/s
+    against the sequence length, every trial drawn (a cross where a length failed), and the
+    longest length each system trained in the legend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[long-seq] matplotlib is not installed: no chart", flush=True)
+        return None
+    doc = json.loads(Path(path).read_text())
+    fig, (mem_ax, tps_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = {"ours": "tab:blue", "deepspeed-alst": "tab:orange", "hf-plain": "tab:gray"}
+    for run in doc["runs"]:
+        name, color = run["system"], colors.get(run["system"], "tab:green")
+        ok = sorted((t for t in run["trials"] if t.get("ok")), key=lambda t: t["seq_len"])
+        failed = [t["seq_len"] for t in run["trials"] if not t.get("ok")]
+        label = f"{name}: longest {run.get('max_seq_len') or 'none'} ({run['bounded_by']})"
+        # a CPU run (--tiny) has no device memory to draw: its lengths sit at 0
+        mem = [t.get("peak_mem_gb") or 0.0 for t in ok]
+        mem_ax.plot([t["seq_len"] for t in ok], mem, "o-", color=color, label=label)
+        tps_ax.plot([t["seq_len"] for t in ok], [t["tokens_per_s"] for t in ok], "o-",
+                    color=color, label=name)  # fmt: skip
+        if failed:
+            top = max(mem or [1.0])
+            mem_ax.plot(failed, [top] * len(failed), "x", color=color, markersize=9)
+    for ax, ylabel in ((mem_ax, "device peak memory (GB)"), (tps_ax, "tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    mem_ax.set_title("peak memory per trained length (x: failed)")
+    tps_ax.set_title("training throughput")
+    fig.suptitle(f"long-seq, {doc['config']['model']}, {doc['device']}")
+    fig.tight_layout()
+    png = Path(path).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / png.name
+        if out.resolve() != png.resolve():
+            out.write_bytes(png.read_bytes())
+    print(f"[long-seq] chart {png}", flush=True)
+    return png
 
 
 if __name__ == "__main__":
