@@ -8,10 +8,13 @@
 Setup (defaults; the peer is DeepSpeed 0.19.8's MoE layer run by the peers' ds_moe_bench.py): hidden d=2048, each expert a
 2-layer MLP d -> 4d -> d with GELU, 8 experts, expert parallelism over all ranks (ep = world),
 16,384 tokens per rank, bf16, capacity factor 1.25, loss = mean(out^2) + l_aux, top-1 and top-2.
-``--loss upstream-grad`` times the layer alone instead: backward from a fixed bf16 gradient of
-``out`` (and 1 for l_aux), as the ``gemm_peak_tflops`` GEMMs are timed, so the loss's own fp32
-passes over the [tokens, d] output (the same cost for every system) stay out of the step.
-Results of that mode carry ``-upstream-grad`` in the file name.
+``--loss upstream-grad`` times the layer alone instead, as ``gemm_peak_tflops`` and
+``grouped_gemm_tflops`` are timed: backward from a fixed bf16 gradient of ``out`` (and 1 for
+l_aux), gradients set to None before each step (a training loop's ``zero_grad``). The loss's
+fp32 passes over the [tokens, d] output and autograd's adds into gradients left from the
+previous step (the same cost for every system, about 1.3 ms of a top-1 step on an H100 by
+moe_phases.py's count) then stay out of the step. Its results carry ``-upstream-grad`` in the
+file name.
 
 Systems (scenario ``moe-layer``), timed in turns (ours, DeepSpeed, ours, ...) so clock and
 thermal drift hit all:
@@ -250,6 +253,9 @@ def time_layer(layer, x, args, device):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
+        if dy is not None:
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
         out, l_aux, _ = layer(x)
         if dy is None:
             (out.float().square().mean() + l_aux).backward()
