@@ -156,18 +156,21 @@ _PTX_SCRIPT = textwrap.dedent(
     def ptx(fn, sig, consts):
         sig = {**sig, **{k: "constexpr" for k in consts}}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        opts = {"num_warps": qt._warps(consts["BLOCK"]), **qt._LAUNCH}
+        opts = {"num_warps": qt._warps(consts["BLOCK"] * consts["BPP"]), **qt._LAUNCH}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
     for dt in ("*fp32", "*fp16", "*bf16"):
         for bits in (8, 4):
-            k = {"BLOCK": 4096 if bits == 8 else 256}
+            block = 4096 if bits == 8 else 256
+            k = {"BLOCK": block, "BPP": qt._blocks_per_program(block)}
             cnt = {} if bits == 8 else {"c": "i32"}
             ty = "*i8" if bits == 8 else "*u8"
             q = ptx(qt._quant8_kernel if bits == 8 else qt._quant4_kernel,
-                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", "n": "i32", **cnt, "nb": "i32"}, k)
+                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", "n": "i32", **cnt, "nb": "i32",
+                     "nbp": "i32"}, k)
             d = ptx(qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel,
-                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, "n": "i32", **cnt, "nb": "i32"}, k)
+                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, "n": "i32", **cnt, "nb": "i32",
+                     "nbp": "i32"}, k)
             for name, text in (("quant", q), ("dequant", d)):
                 ops = sorted(set(re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)))
                 print(dt, bits, name, " ".join(ops))
@@ -179,7 +182,7 @@ def test_kernels_compile_to_ieee_division_and_no_fma():
     """Compiles the kernels for an H100 (sm_90; Triton's own ptxas, no GPU needed) and reads the
     PTX: quantize divides with ``div.rn`` (not the approximate ``div.full`` of Triton's ``/``),
     multiplies and adds with explicit round-to-nearest (``mul.rn``/``add.rn``, which ptxas never
-    fuses) and has no ``fma``; dequantize narrows with ``cvt.rn``."""
+    fuses) and has no ``fma``; dequantize narrows with ``cvt.rn`` (one value or a packed pair)."""
     try:
         import triton  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -207,7 +210,9 @@ def test_kernels_compile_to_ieee_division_and_no_fma():
             # qmax * 2**-126 (subnormal scales; documented in _quant_triton)
             assert {"div.rn.f32", "div.rn.ftz.f32"} & set(ops) and "add.rn.f32" in ops, line
         elif dt != "*fp32":
-            assert f"cvt.rn.{dt[1:].replace('fp', 'f')}.f32" in ops, line
+            # one value per cvt, or two packed (``f16x2``): round-to-nearest either way
+            narrow = dt[1:].replace("fp", "f")
+            assert {f"cvt.rn.{narrow}.f32", f"cvt.rn.{narrow}x2.f32"} & set(ops), line
 
 
 @pytest.mark.gpu

@@ -23,7 +23,8 @@ fused multiply-add), ``floor`` and the clamp are exact, and dequantize rounds th
 
 ``TorchQuantizer`` (fallback) is vectorised: one pass of torch ops over the padded
 ``(rows, blocks, block)`` view, no Python loop over blocks. ``TritonQuantizer`` runs one
-program per block on CUDA tensors and the fallback on any other device.
+program per tile of consecutive blocks (about 4096 values) on CUDA tensors and the fallback on
+any other device.
 """
 
 from __future__ import annotations

@@ -1,8 +1,15 @@
 """Triton kernels of the ``quantizer`` op (layout and rounding: see ``_quant_op``).
 
-One program per block: it reads the block once (absmax and codes from the same registers) and
-writes its codes and its scale, so quantize moves ``n * itemsize + n * bits / 8 + 4 n / block``
-bytes and dequantize the reverse: the memory-bound minimum.
+Each program quantizes a tile of ``BPP`` consecutive blocks of one row (``BPP * BLOCK`` values,
+about 4096), read once: absmax per block and the codes from the same registers, then its codes
+and scales written. So quantize moves ``n * itemsize + n * bits / 8 + 4 n / block`` bytes and
+dequantize the reverse: the memory-bound minimum.
+
+Why tiles and not one program per block: with the gradient blocks of qgZ (a few hundred values)
+one program per block gives each thread two values, a few bytes per memory instruction and a
+block-wide reduction per few hundred bytes. A tile keeps every thread on 16-byte accesses
+whatever the block size. int4 values are read and written as one contiguous tile too and split
+into even/odd nibbles in registers (``tl.split``/``tl.join``), not by stride-2 accesses.
 """
 
 # No ``from __future__ import annotations``: Triton 3.1's interpreter recognises a constexpr
@@ -13,9 +20,16 @@ import triton.language as tl
 
 from ds_kernels._quant_op import QMAX, code_numel, num_blocks
 
+#: values per program: blocks smaller than this are grouped into one tile
+_TILE = 4096
 
-def _warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+
+def _blocks_per_program(block: int) -> int:
+    return max(1, _TILE // block)
+
+
+def _warps(tile: int) -> int:
+    return 8 if tile >= 2048 else 4
 
 
 # Launch options of every kernel here. With fp fusion on (Triton's default) LLVM and ptxas turn
@@ -46,73 +60,75 @@ def _codes(x, inv, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // nb).to(tl.int64)
-    blk = (pid % nb).to(tl.int64)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
+def _tile(pid, nbp, BPP: tl.constexpr):
+    """Row and first block of program ``pid`` (``nbp`` tiles per row), block ids [BPP]."""
+    row = (pid // nbp).to(tl.int64)
+    blk = (pid % nbp).to(tl.int64) * BPP + tl.arange(0, BPP)
+    return row, blk
+
+
+@triton.jit
+def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _tile(tl.program_id(0), nbp, BPP)
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=0)
+    absmax = tl.max(tl.abs(x), axis=1)
     scale, inv = _scale_and_inverse(absmax, 127.0)
-    tl.store(s_ptr + pid, scale)
-    q = _codes(x, inv, 127.0)
+    tl.store(s_ptr + row * nb + blk, scale, mask=blk < nb)
+    q = _codes(x, inv[:, None], 127.0)
     tl.store(q_ptr + row * n + offs, q.to(tl.int8), mask=mask)
 
 
 @triton.jit
-def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // nb).to(tl.int64)
-    blk = (pid % nb).to(tl.int64)
-    half = tl.arange(0, BLOCK // 2)
-    even = blk * BLOCK + 2 * half
-    odd = even + 1
-    base = x_ptr + row * n
-    xe = tl.load(base + even, mask=even < n, other=0.0).to(tl.float32)
-    xo = tl.load(base + odd, mask=odd < n, other=0.0).to(tl.float32)
-    absmax = tl.maximum(tl.max(tl.abs(xe), axis=0), tl.max(tl.abs(xo), axis=0))
+def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _tile(tl.program_id(0), nbp, BPP)
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
+    x = tl.load(x_ptr + row * n + offs, mask=offs < n, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
     scale, inv = _scale_and_inverse(absmax, 7.0)
-    tl.store(s_ptr + pid, scale)
-    qe = _codes(xe, inv, 7.0).to(tl.int32)
-    qo = _codes(xo, inv, 7.0).to(tl.int32)
+    tl.store(s_ptr + row * nb + blk, scale, mask=blk < nb)
+    xe, xo = tl.split(tl.reshape(x, (BPP, BLOCK // 2, 2)))  # values 2h and 2h + 1
+    qe = _codes(xe, inv[:, None], 7.0).to(tl.int32)
+    qo = _codes(xo, inv[:, None], 7.0).to(tl.int32)
     byte = (qe & 15) | ((qo & 15) << 4)
-    bidx = blk * (BLOCK // 2) + half
+    bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     tl.store(q_ptr + row * c + bidx, byte.to(tl.uint8), mask=bidx < c)
 
 
 # Dequantize: one fp32 product per value, then the output dtype's round-to-nearest-even
 # (cvt.rn), as torch's ``(q * scale).to(dtype)``.
 @triton.jit
-def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // nb).to(tl.int64)
-    blk = (pid % nb).to(tl.int64)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
+def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _tile(tl.program_id(0), nbp, BPP)
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = offs < n
     q = tl.load(q_ptr + row * n + offs, mask=mask, other=0).to(tl.float32)
-    scale = tl.load(s_ptr + pid)
-    out = q * scale
+    scale = tl.load(s_ptr + row * nb + blk, mask=blk < nb, other=0.0)
+    out = q * scale[:, None]
     tl.store(out_ptr + row * n + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // nb).to(tl.int64)
-    blk = (pid % nb).to(tl.int64)
-    half = tl.arange(0, BLOCK // 2)
-    bidx = blk * (BLOCK // 2) + half
+def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _tile(tl.program_id(0), nbp, BPP)
+    bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     b = tl.load(q_ptr + row * c + bidx, mask=bidx < c, other=0).to(tl.int32)
     lo = ((b & 15) ^ 8) - 8
     hi = (((b >> 4) & 15) ^ 8) - 8
-    scale = tl.load(s_ptr + pid)
-    even = blk * BLOCK + 2 * half
-    odd = even + 1
-    base = out_ptr + row * n
+    scale = tl.load(s_ptr + row * nb + blk, mask=blk < nb, other=0.0)[:, None]
     ty = out_ptr.dtype.element_ty
-    tl.store(base + even, (lo.to(tl.float32) * scale).to(ty), mask=even < n)
-    tl.store(base + odd, (hi.to(tl.float32) * scale).to(ty), mask=odd < n)
+    vals = tl.join((lo.to(tl.float32) * scale).to(ty), (hi.to(tl.float32) * scale).to(ty))
+    out = tl.reshape(vals, (BPP, BLOCK))  # nibble pairs back in value order
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + row * n + offs, out, mask=offs < n)
+
+
+def _launch(block: int, nb: int, rows: int) -> tuple[tuple[int], dict]:
+    bpp = _blocks_per_program(block)
+    nbp = -(-nb // bpp)
+    opts = dict(BLOCK=block, BPP=bpp, num_warps=_warps(block * bpp), **_LAUNCH)
+    return (rows * nbp,), {"nbp": nbp, **opts}
 
 
 def quantize_rows(rows: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,19 +136,15 @@ def quantize_rows(rows: torch.Tensor, bits: int, block: int) -> tuple[torch.Tens
     r, n = rows.shape
     nb = num_blocks(n, block)
     scales = torch.empty(r, nb, dtype=torch.float32, device=rows.device)
-    grid = (r * nb,)
+    grid, kw = _launch(block, nb, r)
     assert bits in QMAX
     if bits == 8:
         codes = torch.empty(r, n, dtype=torch.int8, device=rows.device)
-        _quant8_kernel[grid](
-            rows, codes, scales, n, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
-        )
+        _quant8_kernel[grid](rows, codes, scales, n, nb, **kw)
     else:
         c = code_numel(n, 4)
         codes = torch.empty(r, c, dtype=torch.uint8, device=rows.device)
-        _quant4_kernel[grid](
-            rows, codes, scales, n, c, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
-        )
+        _quant4_kernel[grid](rows, codes, scales, n, c, nb, **kw)
     return codes, scales
 
 
@@ -143,13 +155,9 @@ def dequantize_rows(
     r, c = codes.shape
     nb = scales.shape[1]
     out = torch.empty(r, n, dtype=dtype, device=codes.device)
-    grid = (r * nb,)
+    grid, kw = _launch(block, nb, r)
     if bits == 8:
-        _dequant8_kernel[grid](
-            codes, scales, out, n, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
-        )
+        _dequant8_kernel[grid](codes, scales, out, n, nb, **kw)
     else:
-        _dequant4_kernel[grid](
-            codes, scales, out, n, c, nb, BLOCK=block, num_warps=_warps(block), **_LAUNCH
-        )
+        _dequant4_kernel[grid](codes, scales, out, n, c, nb, **kw)
     return out
