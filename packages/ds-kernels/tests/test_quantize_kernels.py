@@ -215,6 +215,76 @@ def test_kernels_compile_to_ieee_division_and_no_fma():
             assert {f"cvt.rn.{narrow}.f32", f"cvt.rn.{narrow}x2.f32"} & set(ops), line
 
 
+
+_PTX_ACCESS_SCRIPT = textwrap.dedent(
+    """
+    import inspect, re, sys
+    import triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from ds_kernels import _quant_triton as qt
+
+    if "attrs" not in inspect.signature(ASTSource).parameters:
+        print("SKIP Triton", triton.__version__, "has the older ASTSource API"); sys.exit(0)
+
+    def ptx(fn, sig, block):
+        bpp = qt._blocks_per_program(block)
+        # what a launch with 16-byte aligned pointers and sizes divisible by 16 specialises on
+        attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
+                 if k.endswith("_ptr") or k in ("n", "c", "nb")}
+        sig = {**sig, "BLOCK": "constexpr", "BPP": "constexpr"}
+        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block, "BPP": bpp}, attrs=attrs)
+        opts = {"num_warps": qt._warps(block * bpp), **qt._LAUNCH}
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+
+    for dt in ("*fp32", "*bf16"):
+        for bits, block in ((8, 4096), (8, 256), (4, 256), (4, 64)):
+            cnt = {} if bits == 8 else {"c": "i32"}
+            ty = "*i8" if bits == 8 else "*u8"
+            sizes = {"n": "i32", **cnt, "nb": "i32", "nbp": "i32"}
+            q = ptx(qt._quant8_kernel if bits == 8 else qt._quant4_kernel,
+                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", **sizes}, block)
+            d = ptx(qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel,
+                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, **sizes}, block)
+            for name, text in (("quant", q), ("dequant", d)):
+                ops = sorted(set(re.findall(r"((?:ld|st)\\.global[\\w.]*)", text)))
+                print(dt, bits, block, name, " ".join(ops))
+    """
+)
+
+
+def test_kernels_compile_to_wide_global_accesses():
+    """Values and codes move in 8- or 16-byte global loads and stores (``v2``/``v4``) for every
+    block size, int4 included: one program per small block, or int4 nibbles read at stride 2,
+    compiled to 1- and 2-byte accesses, far from the memory bandwidth. The only scalar 4-byte
+    accesses left are the per-block scales (``b32``)."""
+    try:
+        import triton  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"needs Triton's compiler: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["TRITON_CACHE_DIR"] = os.path.join(os.environ["DS_KERNELS_CACHE"], "triton")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_ACCESS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 16, proc.stdout
+    for line in lines:
+        ops = line.split()[4:]
+        narrow = [o for o in ops if o.split(".")[-1] in ("b8", "b16")]
+        assert not narrow, line
+        assert any(".v2." in o or ".v4." in o for o in ops if o.startswith("ld.")), line
+        assert any(".v2." in o or ".v4." in o for o in ops if o.startswith("st.")), line
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
