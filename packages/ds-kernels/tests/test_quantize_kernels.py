@@ -215,7 +215,6 @@ def test_kernels_compile_to_ieee_division_and_no_fma():
             assert {f"cvt.rn.{narrow}.f32", f"cvt.rn.{narrow}x2.f32"} & set(ops), line
 
 
-
 _PTX_ACCESS_SCRIPT = textwrap.dedent(
     """
     import inspect, re, sys
@@ -284,6 +283,7 @@ def test_kernels_compile_to_wide_global_accesses():
         assert not narrow, line
         assert any(".v2." in o or ".v4." in o for o in ops if o.startswith("ld.")), line
         assert any(".v2." in o or ".v4." in o for o in ops if o.startswith("st.")), line
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
