@@ -162,6 +162,22 @@ def build_system(name, args, device, dtype):
     raise SystemExit(f"--systems: unknown {name!r}; e.g. {', '.join(DEFAULT_SYSTEMS)}")
 
 
+def _best_seconds(once, args, device, reset=None) -> float:
+    """The fastest of ``iters`` timed calls of ``once`` after ``warmup`` (``reset`` runs before
+    each, untimed)."""
+    best = float("inf")
+    for i in range(args.warmup + args.iters):
+        if reset is not None:
+            reset()
+        sync(device)
+        t0 = time.perf_counter()
+        once()
+        sync(device)
+        if i >= args.warmup:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_peak_tflops(args, k, device, dtype):
     """TFLOP/s of plain dense GEMMs with the experts' shapes, forward and backward.
 
@@ -184,15 +200,7 @@ def gemm_peak_tflops(args, k, device, dtype):
         _ = dh @ w1.t()
         _ = x.t() @ dh
 
-    best = float("inf")
-    for i in range(args.warmup + args.iters):
-        sync(device)
-        t0 = time.perf_counter()
-        once()
-        sync(device)
-        if i >= args.warmup:
-            best = min(best, time.perf_counter() - t0)
-    return 6 * 2 * rows * d * f / best / 1e12
+    return 6 * 2 * rows * d * f / _best_seconds(once, args, device) / 1e12
 
 
 def grouped_gemm_tflops(args, k, device, dtype):
@@ -221,16 +229,10 @@ def grouped_gemm_tflops(args, k, device, dtype):
         y = fn(h, w2.transpose(-2, -1), offs=offs)
         y.backward(dy)
 
-    best = float("inf")
-    for i in range(args.warmup + args.iters):
+    def reset():
         x.grad = w1.grad = w2.grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        once()
-        sync(device)
-        if i >= args.warmup:
-            best = min(best, time.perf_counter() - t0)
-    return 6 * 2 * rows * d * f / best / 1e12
+
+    return 6 * 2 * rows * d * f / _best_seconds(once, args, device, reset) / 1e12
 
 
 def build_deepspeed(args, k, device, dtype):

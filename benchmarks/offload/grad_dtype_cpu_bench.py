@@ -43,23 +43,16 @@ def _build(params: float, width: int, fp32: bool):
 
     import ds_offload
     import ds_zero
-    import ds_zero._zero as zero_mod
 
     layers = max(1, round(params / (width * width + width)))
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": False, "overlap": False})
+    stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": False, "overlap": False,
+                                         "exact_16bit_grads": not fp32})  # fmt: skip
     options = ds_zero.ZeroOptions(stage=2, param_dtype=torch.bfloat16, gradient_clipping=1.0,
                                   reduce_bucket_size=int(25e6))  # fmt: skip
-    exact = zero_mod.Zero._exact_grad_dtype
-    if fp32:
-        zero_mod.Zero._exact_grad_dtype = lambda self, b: torch.float32
-    try:
-        zero = ds_zero.wrap(model, opt, options, stepper=stepper)
-    finally:
-        zero_mod.Zero._exact_grad_dtype = exact
-    return zero
+    return ds_zero.wrap(model, opt, options, stepper=stepper)
 
 
 def main() -> int:

@@ -76,8 +76,8 @@ def _systems(stage: int) -> dict[str, tuple[str, dict]]:
     # last (a session deadline skips it before the peers): the exact step with the gradients
     # handed to the host in fp32 (ds-zero 0.1.4's path), to measure what bf16 saves
     out["ours-offload-exact-fp32-grads"] = (
-        "ours-fp32-grads",
-        {**z, "offload_optimizer": dict(OFFLOAD)},
+        "ours",
+        {**z, "offload_optimizer": {**OFFLOAD, "exact_16bit_grads": False}},
     )
     return out
 
@@ -157,11 +157,6 @@ def worker(args: argparse.Namespace) -> None:
         import deepspeed as lib
     else:
         import ds_all as lib
-    if engine_name == "ours-fp32-grads":
-        import ds_zero._zero as zero_mod
-
-        # every partition planned as inexact: fp32 gradients to the host (same update bits)
-        zero_mod.Zero._exact_grad_dtype = lambda self, b: torch.float32
     torch.manual_seed(0)
     T, V, d, L, B = 1024, 32768, args.d, args.layers, args.batch
     model = GPT(vocab=V, d=d, h=d // 128, L=L, T=T)

@@ -24,7 +24,6 @@ pytestmark = [
 def _train(stage: int, dtype: torch.dtype, fp32_grads: bool, host_shards: bool, steps: int = 4):
     import ds_offload
     import ds_zero
-    import ds_zero._zero as zero_mod
 
     torch.manual_seed(0)
     model = TinyGPT(layers=4).cuda()
@@ -35,14 +34,10 @@ def _train(stage: int, dtype: torch.dtype, fp32_grads: bool, host_shards: bool, 
         loss_scaling=ds_zero.LossScaleOptions(initial_scale_power=8)
         if dtype == torch.float16 else None,
     )  # fmt: skip
-    stepper = ds_offload.OffloadStepper({"device": "cpu", "pin_memory": True})
-    exact = zero_mod.Zero._exact_grad_dtype
-    if fp32_grads:
-        zero_mod.Zero._exact_grad_dtype = lambda self, b: torch.float32
-    try:
-        zero = ds_zero.wrap(model, opt, options, stepper=stepper)
-    finally:
-        zero_mod.Zero._exact_grad_dtype = exact
+    stepper = ds_offload.OffloadStepper(
+        {"device": "cpu", "pin_memory": True, "exact_16bit_grads": not fp32_grads}
+    )
+    zero = ds_zero.wrap(model, opt, options, stepper=stepper)
     stepper._copier.log = []  # bytes of every side-stream copy
     losses, norms = [], []
     for step in range(steps):

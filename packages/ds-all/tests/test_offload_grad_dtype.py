@@ -22,19 +22,15 @@ from ds_comm.testing import run_distributed  # noqa: E402
 def _train(stage: int, dtype: str, clip: float, fp32: bool, monkeypatch=None, steps: int = 3):
     """(losses, norms, state, engine) of TinyGPT; ``fp32``: ZeRO's fp32 hand-over forced."""
     import ds_all
-    import ds_zero._zero as zero_mod
 
     torch.manual_seed(0)
     cfg = config(stage, 4, gradient_clipping=clip)
     cfg[dtype] = {"enabled": True, **({"initial_scale_power": 8} if dtype == "fp16" else {})}
-    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    exact = zero_mod.Zero._exact_grad_dtype
-    if fp32:  # every partition planned as inexact: the fp32 hand-over of ds-zero 0.1.4
-        zero_mod.Zero._exact_grad_dtype = lambda self, b: torch.float32
-    try:
-        engine, _, _, _ = ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
-    finally:
-        zero_mod.Zero._exact_grad_dtype = exact
+    # fp32: fp32 host buffers for every partition, the hand-over of ds-zero 0.1.4
+    cfg["zero_optimization"]["offload_optimizer"] = {
+        "device": "cpu", "pin_memory": False, "exact_16bit_grads": not fp32,
+    }  # fmt: skip
+    engine, _, _, _ = ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
     losses, norms = [], []
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for step in range(steps):

@@ -178,11 +178,9 @@ _PTX_SCRIPT = textwrap.dedent(
 )
 
 
-def test_kernels_compile_to_ieee_division_and_no_fma():
-    """Compiles the kernels for an H100 (sm_90; Triton's own ptxas, no GPU needed) and reads the
-    PTX: quantize divides with ``div.rn`` (not the approximate ``div.full`` of Triton's ``/``),
-    multiplies and adds with explicit round-to-nearest (``mul.rn``/``add.rn``, which ptxas never
-    fuses) and has no ``fma``; dequantize narrows with ``cvt.rn`` (one value or a packed pair)."""
+def _compile_for_sm90(script: str) -> list[str]:
+    """Run a PTX-reading script in a fresh process (the compiler, not the interpreter, of
+    Triton); its output lines, or a skip where Triton's compiler is missing or too old."""
     try:
         import triton  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -192,13 +190,21 @@ def test_kernels_compile_to_ieee_division_and_no_fma():
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["TRITON_CACHE_DIR"] = os.path.join(os.environ["DS_KERNELS_CACHE"], "triton")
     proc = subprocess.run(
-        [sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 12, proc.stdout
+    return proc.stdout.strip().splitlines()
+
+
+def test_kernels_compile_to_ieee_division_and_no_fma():
+    """Compiles the kernels for an H100 (sm_90; Triton's own ptxas, no GPU needed) and reads the
+    PTX: quantize divides with ``div.rn`` (not the approximate ``div.full`` of Triton's ``/``),
+    multiplies and adds with explicit round-to-nearest (``mul.rn``/``add.rn``, which ptxas never
+    fuses) and has no ``fma``; dequantize narrows with ``cvt.rn`` (one value or a packed pair)."""
+    lines = _compile_for_sm90(_PTX_SCRIPT)
+    assert len(lines) == 12, lines
     for line in lines:
         dt, bits, kind, *ops = line.split()
         assert not [o for o in ops if o.startswith(("fma.", "div.full", "div.approx", "rcp."))], (
@@ -257,26 +263,8 @@ def test_kernels_compile_to_wide_global_accesses():
     block size, int4 included: one program per small block, or int4 nibbles read at stride 2,
     compiled to 1- and 2-byte accesses, far from the memory bandwidth. The only scalar 4-byte
     accesses left are the per-block scales (``b32``)."""
-    try:
-        import triton  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"needs Triton's compiler: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    env["TRITON_CACHE_DIR"] = os.path.join(os.environ["DS_KERNELS_CACHE"], "triton")
-    proc = subprocess.run(
-        [sys.executable, "-c", _PTX_ACCESS_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 16, proc.stdout
+    lines = _compile_for_sm90(_PTX_ACCESS_SCRIPT)
+    assert len(lines) == 16, lines
     for line in lines:
         ops = line.split()[4:]
         narrow = [o for o in ops if o.split(".")[-1] in ("b8", "b16")]

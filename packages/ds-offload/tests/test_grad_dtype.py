@@ -93,3 +93,27 @@ def test_partitions_kept_on_the_device_take_fp32_gradients():
     assert torch.equal(stepper._grad_spill[i], odd.float())
     stepper.skip_step()
     stepper.close()
+
+
+def test_exact_16bit_grads_false_keeps_fp32_buffers():
+    """``exact_16bit_grads: false``: partitions that offer a 16-bit hand-over still get fp32 host
+    buffers (the caller then hands over fp32), with the same update bits; a non-bool value is
+    refused naming the key."""
+    cfg = {"device": "cpu", "pin_memory": False}
+    want_m, want_s, _, want_mem = _run(cfg, 0, torch.bfloat16, narrow=False)
+    got_m, got_s, got_dt, got_mem = _run(
+        {**cfg, "exact_16bit_grads": False}, 0, torch.bfloat16, narrow=False
+    )
+    assert got_dt == [torch.float32] * NPARTS
+    assert got_mem["gradient_buffers"] == want_mem["gradient_buffers"] > 0
+    assert torch.equal(got_m, want_m) and torch.equal(got_s, want_s)
+    stepper = OffloadStepper({**cfg, "exact_16bit_grads": False})
+    driver = FlatDriver(tiny_model(), NPARTS, lp_dtype=torch.bfloat16)
+    for part in driver.parts:
+        part.grad_dtype = torch.bfloat16
+    stepper.setup(driver.parts, HP)
+    assert all(stepper.grad_dtype(p.index) == torch.float32 for p in driver.parts)
+    assert all(stepper._grad_host[i].dtype == torch.float32 for i in stepper.offloaded)
+    stepper.close()
+    with pytest.raises(ValueError, match="offload_optimizer.exact_16bit_grads"):
+        OffloadStepper({**cfg, "exact_16bit_grads": "sometimes"})

@@ -129,6 +129,12 @@ class OffloadOptimizerConfig(_OffloadBase):
         description="ds_offload extension: one-step-delayed parameter update (ZeRO-Offload DPU); "
         "changes the math: each forward/backward uses the parameters before the previous update",
     )
+    exact_16bit_grads: bool = Field(
+        True,
+        description="ds_offload extension: host gradient buffers in the 16-bit compute dtype "
+        "where the caller hands gradients over exactly in it (one rank, one micro-step per "
+        "step; same update bits, half the copy and read); false: fp32 buffers always",
+    )
     super_offload: bool = Field(
         False, description="DeepSpeed SuperOffload: here the overlapped exact step (the default)"
     )

@@ -91,6 +91,10 @@ class OffloadOptimizerOptions(_OffloadOptions):
     # ds_offload extension: one-step-delayed parameter update (ZeRO-Offload's DPU): step N's
     # CPU update runs during step N+1's forward/backward, which use the parameters before it
     delayed_update: bool = False
+    # ds_offload extension: host gradient buffers in the bf16/fp16 compute dtype for the
+    # partitions whose caller can hand the gradient over exactly in it (2 bytes per parameter
+    # to copy and read instead of 4, same update bits); False: fp32 buffers for every partition
+    exact_16bit_grads: bool = True
     # DeepSpeed's SuperOffload switch and the share of the cores its CPU Adam uses; here it
     # selects the overlapped exact step (the default) and, unless num_threads is set, that
     # share of this process's cores for CPU Adam

@@ -256,7 +256,10 @@ class OffloadStepper:
         else:
             self.store = CpuStore(pin)
         sizes = [by_index[i].master.numel() for i in self.offloaded]
-        self._grad_dtypes = {i: _exact_grad_dtype(by_index[i]) for i in self.offloaded}
+        self._grad_dtypes = {
+            i: _exact_grad_dtype(by_index[i]) if self.config.exact_16bit_grads else torch.float32
+            for i in self.offloaded
+        }
         adopted = self._adopt_host_grads()
         if self.grad_buffers is None:
             self.grad_buffers = self._auto_grad_buffers(sizes)
