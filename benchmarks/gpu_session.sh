@@ -13,7 +13,8 @@
 #   longseq: longest sequence of a Llama-3.2-3B shape, ZeRO-3 offload, ours vs DeepSpeed ALST vs
 #            plain transformers (benchmarks/seq/long_seq.py; LONGSEQ_BUDGET_S per system)
 #   overlap: the offloaded step's modes vs DeepSpeed's, one GPU, scenarios offload-overlap-zero3
-#            and -zero2 (OVERLAP_DEADLINE_S, default 470, bounds both)
+#            and -zero2 (OVERLAP_DEADLINE_S, default 470, bounds both; OVERLAP_SCENARIOS and
+#            OVERLAP_SYSTEMS pick subsets)
 #   largest: LARGEST_RUNS ("deepspeed:cpu=28,30 ours:split=56,60": engine:config=block ladders,
 #            d=4096), LARGEST_DEADLINE_S (default 540)
 #
@@ -36,7 +37,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || echo "wheel install failed" | tee -a "$LOG"
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$(ls -d "$ROOT"/packages/*/src | tr '\n' ':')${PYTHONPATH:-}
+# Every package's src/ but ds-deepspeed's: that one is a package named `deepspeed` too, and next to
+# the real DeepSpeed installed above its import guard refuses to load (and would hide the peer).
+# The harnesses that want it (the clients' ours-* trials, ds-deepspeed's tests) put it first.
+ALIAS_SRC=$ROOT/packages/ds-deepspeed/src
+export PYTHONPATH=$(ls -d "$ROOT"/packages/*/src | grep -vxF "$ALIAS_SRC" | tr '\n' ':')${PYTHONPATH:-}
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 GPUNAME=$(python3 -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')
 SCRATCH=${SCRATCH:-/root/ds_bench_scratch}
@@ -81,7 +86,9 @@ for p in "$@"; do
         --peers-dir shared/peers --device-name "${NGPU}x$GPUNAME"
       ;;
     overlap)
-      phase overlap python3 benchmarks/offload/offload_overlap_gpu.py --scenarios zero3 zero2 \
+      # shellcheck disable=SC2086  # scenario and system lists are separate words
+      phase overlap python3 benchmarks/offload/offload_overlap_gpu.py \
+        --scenarios ${OVERLAP_SCENARIOS:-zero3 zero2} ${OVERLAP_SYSTEMS:+--systems $OVERLAP_SYSTEMS} \
         --peers-dir shared/peers --device-name "1x$GPUNAME" \
         --deadline-s "${OVERLAP_DEADLINE_S:-470}"
       ;;
@@ -124,6 +131,13 @@ for b in (CPUAdamBuilder(), QuantizerBuilder()):
       sel=${p#tests}; sel=${sel#:}
       for pkg in packages/*/; do
         [ -n "$sel" ] && [[ ",$sel," != *",$(basename "$pkg"),"* ]] && continue
+        if [ "$(basename "$pkg")" = ds-deepspeed ]; then
+          # its tests import the alias; the real DeepSpeed stays behind it on purpose
+          PYTHONPATH=$ALIAS_SRC:$PYTHONPATH DS_DEEPSPEED_ALLOW_SHADOW=1 phase \
+            "gpu-tests-ds-deepspeed" timeout 240 python3 -m pytest -q -m gpu \
+            -p no:cacheprovider "$pkg/tests"
+          continue
+        fi
         phase "gpu-tests-$(basename "$pkg")" timeout 240 python3 -m pytest -q \
           -m gpu -p no:cacheprovider "$pkg/tests"
       done

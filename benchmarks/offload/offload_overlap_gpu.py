@@ -186,6 +186,11 @@ def worker(args: argparse.Namespace) -> None:
             marks.append((e0, e1))
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    if probe is not None:
+        # with delayed_update the last step's CPU job may still be queueing copies (and timing
+        # events) from its worker thread: let it finish before the events are read
+        stepper.synchronize()
+        torch.cuda.synchronize()
     fwd_bwd = sum(a.elapsed_time(b) for a, b in marks) / len(marks) / 1e3
     gaps = [marks[i][1].elapsed_time(marks[i + 1][0]) / 1e3 for i in range(len(marks) - 1)]
     out = {
