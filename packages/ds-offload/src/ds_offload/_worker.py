@@ -9,13 +9,21 @@ forward's kernel launches) keeps running while the update runs.
 partition's new values are in place (written into a host shard, or their host-to-device copy
 queued with a device event that the waiter's stream waits on), and one for the whole job. An
 exception in the job is kept and raised in the thread that waits next.
+
+At interpreter exit the thread finishes the jobs already queued before the process goes on to
+finalize (an ``atexit`` hook joins it). A script may end right after ``engine.step()`` while that
+step's update is still running on this thread; left alone, the daemon thread would be stopped
+inside the CPU kernel (its last update half written) and, coming back to Python during
+finalization, abort the process with "terminate called without an active exception".
 """
 
 from __future__ import annotations
 
+import atexit
 import enum
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -100,6 +108,9 @@ class UpdateWorker:
         self._on_start = on_start
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        # a weak reference: the hook must not keep an abandoned worker alive until exit
+        self._at_exit = _drain_at_exit(weakref.ref(self))
+        atexit.register(self._at_exit)
 
     def submit(self, job: UpdateJob, body: Callable[[], None]) -> UpdateJob:
         self._queue.put((job, body))
@@ -127,6 +138,17 @@ class UpdateWorker:
         self._queue.put(None)
 
     def close(self) -> None:
+        """Run the jobs queued so far, then end the thread (blocks until it has ended)."""
+        atexit.unregister(self._at_exit)
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+def _drain_at_exit(ref: weakref.ref[UpdateWorker]) -> Callable[[], None]:
+    def drain() -> None:
+        worker = ref()
+        if worker is not None:
+            worker.close()
+
+    return drain
