@@ -12,7 +12,12 @@ Same input tensors (fp16, since DeepSpeed's quantize kernel reads fp16; bf16 for
 
 Bandwidth counts bytes read + written (input, codes, scales); the reference is a plain
 `copy_` of the input measured in the same run (its read + write bandwidth), so `pct_hbm` is the
-fraction of what this GPU's memory actually delivers. Times: CUDA events, median of `--reps`.
+fraction of what this GPU's memory actually delivers. Times: CUDA events around each call,
+median of `--reps`; the calls are queued back to back (the host runs ahead, so Python and launch
+overhead are not counted, as in a training step's stream, where the next kernels are queued
+while earlier ones run), with a 256 MB write between them that evicts L2. Results up to
+2026-12-06 (H100, first run) waited for each call before queueing the next, which counted the
+launch overhead of both systems and cost the 64 MB figures most.
 Goals: every ds-kernels op at >= 70% of the copy bandwidth, and faster than DeepSpeed's.
 
 DeepSpeed's quantizer op is compiled (JIT, nvcc, several minutes) on first use, so it is built
@@ -175,23 +180,36 @@ def _load_deepspeed():
         return None, None, f"{type(exc).__name__}: {exc}"
 
 
+_L2_FLUSH_BYTES = 256 * 2**20  # more than any current GPU's L2 (H100: 50 MB, B200: 126 MB)
+
+
 def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
     """Median milliseconds of ``fn`` over ``reps`` calls after 3 warm-ups: CUDA events on a GPU,
     perf_counter on the CPU (--dry-run)."""
 
+    flush = (
+        torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device == "cuda" else None
+    )
+
     def cuda_ms(fn: Callable[[], object], reps: int) -> float:
+        # Calls are queued without waiting in between, so the host runs ahead of the GPU (as in
+        # a training step's stream) and each pair of events brackets the kernels alone, not the
+        # Python and launch overhead before them. The write between calls evicts the last call's
+        # tensors from L2, so every call reads from HBM.
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(reps)
+        ]
+        for a, b in events:
+            flush.zero_()
             a.record()
             fn()
             b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in events)
 
     def cpu_ms(fn: Callable[[], object], reps: int) -> float:
         for _ in range(3):
