@@ -9,9 +9,16 @@ stage 3 inside ``deepspeed.zero.Init``, where each submodule's parameters are pa
 parameters and does nothing, with DeepSpeed as with ds-all. The built model therefore loads the
 plain run's initial weights, as a DeepSpeed user loads a checkpoint into a model built under
 ZeRO-3: inside ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` (which passes whole
-parameters through at stage 2). The comparison then tests the strategy's training math alone.
+parameters through at stage 2). The loader keeps its order (``use_distributed_sampler=False``:
+Lightning would otherwise shuffle the training set under any distributed strategy, DeepSpeed's
+included). The comparison then tests the strategy's training math alone.
 
-Usage: python lightning_run.py STAGE OUT.json"""
+Lightning refuses DeepSpeedStrategy on anything but CUDA in two checks (the accelerator's type,
+the device indices), nowhere else. ``cpu`` as a third argument lifts those two checks and runs the
+same Trainer, strategy and engine on the CPU (gloo), so CI exercises Lightning's whole DeepSpeed
+path without a GPU.
+
+Usage: python lightning_run.py STAGE OUT.json [cpu]"""
 
 from __future__ import annotations
 
@@ -46,6 +53,16 @@ def plain(device: torch.device) -> list[float]:
     return losses
 
 
+def _allow_cpu() -> None:
+    """Let DeepSpeedStrategy set up on the CPU: skip its CUDA-accelerator check (going straight
+    to DDPStrategy's own setup) and its device-index check (CPU devices have no index)."""
+    import lightning.pytorch.strategies.deepspeed as strategy_module
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    DeepSpeedStrategy.setup_environment = DDPStrategy.setup_environment
+    strategy_module._validate_device_index_selection = lambda devices: None
+
+
 def main() -> None:
     import deepspeed
     import lightning as L
@@ -53,6 +70,10 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     stage, out = int(sys.argv[1]), sys.argv[2]
+    on_cpu = sys.argv[3:] == ["cpu"]
+    if on_cpu:
+        _allow_cpu()
+    device = torch.device("cpu" if on_cpu else "cuda")
     losses: list[float] = []
     # the weights plain() starts from: tiny_gpt2() is seeded and built on the CPU
     initial = {k: v.clone() for k, v in tiny_gpt2().state_dict().items()}
@@ -82,14 +103,18 @@ def main() -> None:
             return torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.0)
 
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, strategy=DeepSpeedStrategy(stage=stage), max_steps=STEPS,
+        accelerator=device.type, devices=1, strategy=DeepSpeedStrategy(stage=stage), max_steps=STEPS,
         accumulate_grad_batches=GAS, precision="32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
+        # DeepSpeedStrategy is a distributed strategy: by default Lightning swaps the loader's
+        # sampler for a DistributedSampler that shuffles the training set, and the batches would
+        # no longer be the plain run's
+        use_distributed_sampler=False,
     )  # fmt: skip
     loader = DataLoader(samples(STEPS * GAS * MICRO), batch_size=MICRO, shuffle=False)
     trainer.fit(Module(), loader)
     write_json(out, {"deepspeed": which_deepspeed(), "losses": losses,
-                     "plain": plain(torch.device("cuda"))})  # fmt: skip
+                     "plain": plain(device)})  # fmt: skip
 
 
 if __name__ == "__main__":
