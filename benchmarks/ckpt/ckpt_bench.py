@@ -663,9 +663,9 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
         xxh3_binding=getattr(ds_ckpt_xxh3.NATIVE, "__name__", None),
         note="each load in a fresh process (destination tensors zeroed before timing), cold = "
         "page cache of the checkpoint dropped with posix_fadvise, warm = the same load again; "
-        "order of the three systems rotated every rep; medians over reps. The 2-core machine "
-        "was shared with other engineers' jobs (load_avg_per_rep), so ratios within this run "
-        "are what to compare.",
+        f"order of the systems rotated every rep; medians over reps. This {os.cpu_count()}-core "
+        "machine's load averages at each rep are in load_avg_per_rep (other jobs on a shared "
+        "machine show there); ratios within this run are what to compare.",
         torch=torch.__version__,
     )
     print(json.dumps(runs, indent=1))
