@@ -16,7 +16,8 @@ cpu-load (the cost of the checksums every load verifies):
   Wall and CPU seconds (all threads; user and system apart) and context switches of each load.
   --also-rev REV (or --also-src, an extracted copy) adds that revision's default load, e.g.
   this code before a change; --verify-reads 16 adds this code's verified load with page-cached
-  bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --suffix keeps an
+  bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --cache-probe-off adds
+  it without the one-byte page-cache probe before each span (`_load._PROBE_CACHE`); --suffix keeps an
   earlier results file of the same day. The file records the xxhash version and the C entry
   point hashed outside the GIL (xxh3_binding; null: xxhash's Python functions).
 
@@ -494,6 +495,8 @@ def worker(args: argparse.Namespace) -> None:
         ds_ckpt_load._VERIFY_CHECKSUMS = False
     if args.verify_read:
         ds_ckpt_load._VERIFY_READ = args.verify_read
+    if args.no_cache_probe:
+        ds_ckpt_load._PROBE_CACHE = False
     dst = [torch.zeros(numel) for _ in range(N_TENSORS)]  # zeroed: page faults not timed
     frs = [Fragment.whole(f"layers.{i}.weight", t) for i, t in enumerate(dst)]
     evict(files_under(os.path.join(args.dir, "t")))
@@ -590,6 +593,13 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
                 ["--verify-read", str(int(mib * 2**20))],
             )
         )
+    if args.cache_probe_off:
+        # the verified load without the page-cache probe before each span (_load._PROBE_CACHE):
+        # every span one pread, as the unverified path reads, hashed after it
+        systems.append(
+            (f"ds-ckpt {versions['new']} default, no page-cache probe", None, "new",
+             ["--no-cache-probe"])
+        )  # fmt: skip
     samples: dict[str, list[dict]] = {name: [] for name, *_ in systems}
     load_avg = [os.getloadavg()]
     for rep in range(args.reps):
@@ -681,6 +691,7 @@ def main() -> None:
         w.add_argument("--gb", type=float, required=True)
         w.add_argument("--no-verify", action="store_true")
         w.add_argument("--verify-read", type=int, default=0)
+        w.add_argument("--no-cache-probe", action="store_true")
         worker(w.parse_args(sys.argv[2:]))
         return
     p = argparse.ArgumentParser(
@@ -706,6 +717,11 @@ def main() -> None:
         type=lambda v: [float(x) for x in v.split(",") if x],
         default=[],
         help="cpu-load: also time the verified load with these pread sizes (MiB, comma-separated)",
+    )
+    p.add_argument(
+        "--cache-probe-off",
+        action="store_true",
+        help="cpu-load: also time the verified load without its page-cache probe",
     )
     p.add_argument(
         "--suffix", default="", help="cpu-load: appended to the results file name (keeps others)"
