@@ -82,6 +82,25 @@ def test_guard_names_a_foreign_deepspeed(tmp_path: Path) -> None:
     assert _guard.foreign_installations(ours, path=[str(ours.parent)]) == []
 
 
+def test_guard_accepts_another_release_of_this_package(tmp_path: Path) -> None:
+    # an editable install keeps the metadata of the release it was installed at
+    from deepspeed import _guard
+
+    info = tmp_path / "deepspeed-0.19.8+dsall.0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.19.8+dsall.0.0.1\n"
+    )
+    ours = Path(sys.modules["deepspeed"].__file__).parent
+    assert _guard.foreign_installations(ours, path=[str(tmp_path), str(ours.parent)]) == []
+    # a local label that only resembles ours is still another DeepSpeed
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.19.8+dsallx.1\n"
+    )
+    found = _guard.foreign_installations(ours, path=[str(tmp_path), str(ours.parent)])
+    assert found == [f"distribution deepspeed 0.19.8+dsallx.1 ({info})"]
+
+
 def _import_with(extra_path: Path, allow: bool) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     ours = Path(sys.modules["deepspeed"].__file__).parent.parent

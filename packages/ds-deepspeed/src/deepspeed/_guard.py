@@ -17,12 +17,16 @@ from deepspeed._version import __version__
 
 #: set to 1 to import this package anyway (a warning instead of ImportError)
 ALLOW_ENV = "DS_DEEPSPEED_ALLOW_SHADOW"
-_LOCAL_LABEL = __version__.partition("+")[2]
+# Every release of this package carries a local version label starting so. A distribution with it
+# is this package, whatever its release: an editable install keeps the metadata of the release it
+# was installed at while its source moves on, and is not another DeepSpeed.
+_LABEL_PREFIX = __version__.partition("+")[2].partition(".")[0] + "."  # "dsall."
 
 
 def foreign_installations(package_dir: Path, path: list[str] | None = None) -> list[str]:
     """Where another ``deepspeed`` lives: packages on ``path`` (default ``sys.path``) other
-    than ``package_dir``, and ``deepspeed`` distributions whose version lacks our label."""
+    than ``package_dir``, and ``deepspeed`` distributions whose version lacks our label
+    (``+dsall.``, any release)."""
     here = package_dir.resolve()
     found: list[str] = []
     for entry in sys.path if path is None else path:
@@ -33,7 +37,7 @@ def foreign_installations(package_dir: Path, path: list[str] | None = None) -> l
         except OSError:
             continue
     for dist in importlib.metadata.distributions(name="deepspeed", path=path or sys.path):
-        if dist.version.partition("+")[2] != _LOCAL_LABEL:
+        if not dist.version.partition("+")[2].startswith(_LABEL_PREFIX):
             where = getattr(dist, "_path", None)
             found.append(
                 f"distribution deepspeed {dist.version}" + (f" ({where})" if where else "")
