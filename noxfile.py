@@ -122,9 +122,7 @@ def tests(session: nox.Session, package: str) -> None:
         _link_torch(session)
     _wheels(session, pkgs)
     gpu = os.environ.get("DS_TEST_GPU") == "1"
-    # A "gpu-test" extra holds what only GPU-marked tests need (Lightning): installed only then.
-    name = f"{package}[gpu-test]" if gpu and "gpu-test" in PKGS[package].extras else package
-    _install(session, name, True, "python", "pytest-timeout>=2.3")
+    _install(session, package, True, "python", "pytest-timeout>=2.3")
     marker = [] if gpu else ["-m", "not gpu"]
     session.chdir(PKGS[package].path)
     session.run(

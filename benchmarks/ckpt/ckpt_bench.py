@@ -17,8 +17,8 @@ cpu-load (the cost of the checksums every load verifies):
   --also-rev REV (or --also-src, an extracted copy) adds that revision's default load, e.g.
   this code before a change; --verify-reads 16 adds this code's verified load with page-cached
   bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --cache-probe-off adds
-  it without the one-byte page-cache probe before each span (`_load._PROBE_CACHE`); --suffix keeps an
-  earlier results file of the same day. The file records the xxhash version and the C entry
+  it without the one-byte page-cache probe before each span (`_load._PROBE_CACHE`); --suffix
+  keeps an earlier results file of the same day. The file records the xxhash version and the C entry
   point hashed outside the GIL (xxh3_binding; null: xxhash's Python functions).
 
 gpu (2 ranks, the 1.34B GPT: d=2048, 24 layers, bf16, AdamW, ZeRO stage 1 or 2):

@@ -142,6 +142,10 @@ def test_triton_kernels_match_the_fallback_on_cpu_tensors():
                     assert torch.equal(back, ref_back)
 
 
+# Compiles every quantizer kernel once for an H100 (sm_90; Triton's own ptxas, no GPU needed),
+# for each dtype and (bits, block) pair, with the divisibility hints a launch with 16-byte
+# aligned pointers and sizes divisible by 16 specialises on, and prints per kernel its
+# arithmetic instructions ("arith ...") and its global loads and stores ("access ...").
 _PTX_SCRIPT = textwrap.dedent(
     """
     import inspect, re, sys
@@ -150,37 +154,47 @@ _PTX_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from ds_kernels import _quant_triton as qt
 
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
+    params = inspect.signature(ASTSource).parameters
+    if "constexprs" not in params:
         print("SKIP Triton", triton.__version__, "has the older ASTSource API"); sys.exit(0)
+    if "attrs" not in params:
+        print("NOATTRS Triton", triton.__version__, "takes no divisibility hints")
 
-    def ptx(fn, sig, consts):
-        sig = {**sig, **{k: "constexpr" for k in consts}}
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        opts = {"num_warps": qt._warps(consts["BLOCK"] * consts["BPP"]), **qt._LAUNCH}
+    def ptx(fn, sig, block):
+        bpp = qt._blocks_per_program(block)
+        hints = {}
+        if "attrs" in params:
+            hints["attrs"] = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
+                              if k.endswith("_ptr") or k in ("n", "c", "nb")}
+        sig = {**sig, "BLOCK": "constexpr", "BPP": "constexpr"}
+        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block, "BPP": bpp}, **hints)
+        opts = {"num_warps": qt._warps(block * bpp), **qt._LAUNCH}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
     for dt in ("*fp32", "*fp16", "*bf16"):
-        for bits in (8, 4):
-            block = 4096 if bits == 8 else 256
-            k = {"BLOCK": block, "BPP": qt._blocks_per_program(block)}
+        for bits, block in ((8, 4096), (8, 256), (4, 256), (4, 64)):
             cnt = {} if bits == 8 else {"c": "i32"}
             ty = "*i8" if bits == 8 else "*u8"
+            sizes = {"n": "i32", **cnt, "nb": "i32", "nbp": "i32"}
             q = ptx(qt._quant8_kernel if bits == 8 else qt._quant4_kernel,
-                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", "n": "i32", **cnt, "nb": "i32",
-                     "nbp": "i32"}, k)
+                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", **sizes}, block)
             d = ptx(qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel,
-                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, "n": "i32", **cnt, "nb": "i32",
-                     "nbp": "i32"}, k)
+                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, **sizes}, block)
             for name, text in (("quant", q), ("dequant", d)):
-                ops = sorted(set(re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)))
-                print(dt, bits, name, " ".join(ops))
+                arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)
+                access = re.findall(r"((?:ld|st)\\.global[\\w.]*)", text)
+                print("arith", dt, bits, block, name, " ".join(sorted(set(arith))))
+                if "attrs" in params:
+                    print("access", dt, bits, block, name, " ".join(sorted(set(access))))
     """
 )
 
 
-def _compile_for_sm90(script: str) -> list[str]:
-    """Run a PTX-reading script in a fresh process (the compiler, not the interpreter, of
-    Triton); its output lines, or a skip where Triton's compiler is missing or too old."""
+@pytest.fixture(scope="module")
+def sm90_ptx() -> list[str]:
+    """The output lines of _PTX_SCRIPT, run once for the module in a fresh process (the
+    compiler, not the interpreter, of Triton); a skip where Triton's compiler is missing or too
+    old."""
     try:
         import triton  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -190,7 +204,7 @@ def _compile_for_sm90(script: str) -> list[str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env["TRITON_CACHE_DIR"] = os.path.join(os.environ["DS_KERNELS_CACHE"], "triton")
     proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if proc.stdout.startswith("SKIP"):
@@ -198,15 +212,20 @@ def _compile_for_sm90(script: str) -> list[str]:
     return proc.stdout.strip().splitlines()
 
 
-def test_kernels_compile_to_ieee_division_and_no_fma():
-    """Compiles the kernels for an H100 (sm_90; Triton's own ptxas, no GPU needed) and reads the
-    PTX: quantize divides with ``div.rn`` (not the approximate ``div.full`` of Triton's ``/``),
-    multiplies and adds with explicit round-to-nearest (``mul.rn``/``add.rn``, which ptxas never
-    fuses) and has no ``fma``; dequantize narrows with ``cvt.rn`` (one value or a packed pair)."""
-    lines = _compile_for_sm90(_PTX_SCRIPT)
-    assert len(lines) == 12, lines
+def _ptx_lines(lines: list[str], tag: str) -> list[str]:
+    """The lines of one kind, without the tag: ``dtype bits block kernel op...``."""
+    return [line.split(" ", 1)[1] for line in lines if line.startswith(tag + " ")]
+
+
+def test_kernels_compile_to_ieee_division_and_no_fma(sm90_ptx):
+    """Reads the sm_90 PTX of every kernel: quantize divides with ``div.rn`` (not the approximate
+    ``div.full`` of Triton's ``/``), multiplies and adds with explicit round-to-nearest
+    (``mul.rn``/``add.rn``, which ptxas never fuses) and has no ``fma``; dequantize narrows with
+    ``cvt.rn`` (one value or a packed pair)."""
+    lines = _ptx_lines(sm90_ptx, "arith")
+    assert len(lines) == 24, sm90_ptx
     for line in lines:
-        dt, bits, kind, *ops = line.split()
+        dt, bits, block, kind, *ops = line.split()
         assert not [o for o in ops if o.startswith(("fma.", "div.full", "div.approx", "rcp."))], (
             line
         )
@@ -221,50 +240,15 @@ def test_kernels_compile_to_ieee_division_and_no_fma():
             assert {f"cvt.rn.{narrow}.f32", f"cvt.rn.{narrow}x2.f32"} & set(ops), line
 
 
-_PTX_ACCESS_SCRIPT = textwrap.dedent(
-    """
-    import inspect, re, sys
-    import triton
-    from triton.compiler import ASTSource
-    from triton.backends.compiler import GPUTarget
-    from ds_kernels import _quant_triton as qt
-
-    if "attrs" not in inspect.signature(ASTSource).parameters:
-        print("SKIP Triton", triton.__version__, "has the older ASTSource API"); sys.exit(0)
-
-    def ptx(fn, sig, block):
-        bpp = qt._blocks_per_program(block)
-        # what a launch with 16-byte aligned pointers and sizes divisible by 16 specialises on
-        attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
-                 if k.endswith("_ptr") or k in ("n", "c", "nb")}
-        sig = {**sig, "BLOCK": "constexpr", "BPP": "constexpr"}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block, "BPP": bpp}, attrs=attrs)
-        opts = {"num_warps": qt._warps(block * bpp), **qt._LAUNCH}
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-
-    for dt in ("*fp32", "*bf16"):
-        for bits, block in ((8, 4096), (8, 256), (4, 256), (4, 64)):
-            cnt = {} if bits == 8 else {"c": "i32"}
-            ty = "*i8" if bits == 8 else "*u8"
-            sizes = {"n": "i32", **cnt, "nb": "i32", "nbp": "i32"}
-            q = ptx(qt._quant8_kernel if bits == 8 else qt._quant4_kernel,
-                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", **sizes}, block)
-            d = ptx(qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel,
-                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, **sizes}, block)
-            for name, text in (("quant", q), ("dequant", d)):
-                ops = sorted(set(re.findall(r"((?:ld|st)\\.global[\\w.]*)", text)))
-                print(dt, bits, block, name, " ".join(ops))
-    """
-)
-
-
-def test_kernels_compile_to_wide_global_accesses():
+def test_kernels_compile_to_wide_global_accesses(sm90_ptx):
     """Values and codes move in 8- or 16-byte global loads and stores (``v2``/``v4``) for every
     block size, int4 included: one program per small block, or int4 nibbles read at stride 2,
     compiled to 1- and 2-byte accesses, far from the memory bandwidth. The only scalar 4-byte
     accesses left are the per-block scales (``b32``)."""
-    lines = _compile_for_sm90(_PTX_ACCESS_SCRIPT)
-    assert len(lines) == 16, lines
+    if sm90_ptx[0].startswith("NOATTRS"):
+        pytest.skip(sm90_ptx[0])
+    lines = _ptx_lines(sm90_ptx, "access")
+    assert len(lines) == 24, sm90_ptx
     for line in lines:
         ops = line.split()[4:]
         narrow = [o for o in ops if o.split(".")[-1] in ("b8", "b16")]
