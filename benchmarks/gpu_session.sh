@@ -73,8 +73,8 @@ for p in "$@"; do
     ckptverify)  # verified-load cost against 0.1.2 (no checksums) and 0.1.3, sources in .bench_prev
       phase ckptverify python3 benchmarks/ckpt/ckpt_bench.py cpu-load --gb 1.5 --reps 4 \
         --dir "$SCRATCH/ckv" --baseline-src .bench_prev/packages/ds-ckpt/src \
-        --also-src .bench_prev/v013/packages/ds-ckpt/src --also-rev 64c37aa --verify-reads 16 \
-        --cache-probe-off --suffix=-probe
+        --also-src .bench_prev/v013/packages/ds-ckpt/src --also-rev 64c37aa \
+        --cache-probe-off --threads-variants 8 --suffix=-threads
       ;;
     moe)
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT"

@@ -17,7 +17,8 @@ cpu-load (the cost of the checksums every load verifies):
   --also-rev REV (or --also-src, an extracted copy) adds that revision's default load, e.g.
   this code before a change; --verify-reads 16 adds this code's verified load with page-cached
   bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --cache-probe-off adds
-  it without the one-byte page-cache probe before each span (`_load._PROBE_CACHE`); --suffix
+  it without the one-byte page-cache probe before each span (`_load._PROBE_CACHE`);
+  --threads-variants 8 adds it with 8 read threads (`_load._READ_THREADS`); --suffix
   keeps an earlier results file of the same day. The file records the xxhash version and the C entry
   point hashed outside the GIL (xxh3_binding; null: xxhash's Python functions).
 
@@ -497,6 +498,8 @@ def worker(args: argparse.Namespace) -> None:
         ds_ckpt_load._VERIFY_READ = args.verify_read
     if args.no_cache_probe:
         ds_ckpt_load._PROBE_CACHE = False
+    if args.threads:
+        ds_ckpt_load._READ_THREADS = args.threads
     dst = [torch.zeros(numel) for _ in range(N_TENSORS)]  # zeroed: page faults not timed
     frs = [Fragment.whole(f"layers.{i}.weight", t) for i, t in enumerate(dst)]
     evict(files_under(os.path.join(args.dir, "t")))
@@ -600,6 +603,13 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
             (f"ds-ckpt {versions['new']} default, no page-cache probe", None, "new",
              ["--no-cache-probe"])
         )  # fmt: skip
+    for n in args.threads_variants:
+        # this code's verified load with another read-thread count (_load._READ_THREADS, by
+        # default one per core within [8, 16]): 8 is what the releases before 0.1.6 used
+        systems.append(
+            (f"ds-ckpt {versions['new']} default, {n} read threads", None, "new",
+             ["--threads", str(n)])
+        )  # fmt: skip
     samples: dict[str, list[dict]] = {name: [] for name, *_ in systems}
     load_avg = [os.getloadavg()]
     for rep in range(args.reps):
@@ -671,6 +681,7 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
         # (None: xxhash's Python functions, which hold the GIL before xxhash 4.0)
         xxhash=xxhash.VERSION,
         xxh3_binding=getattr(ds_ckpt_xxh3.NATIVE, "__name__", None),
+        read_threads=getattr(ds_ckpt_load, "_READ_THREADS", None),
         note="each load in a fresh process (destination tensors zeroed before timing), cold = "
         "page cache of the checkpoint dropped with posix_fadvise, warm = the same load again; "
         f"order of the systems rotated every rep; medians over reps. This {os.cpu_count()}-core "
@@ -692,6 +703,7 @@ def main() -> None:
         w.add_argument("--no-verify", action="store_true")
         w.add_argument("--verify-read", type=int, default=0)
         w.add_argument("--no-cache-probe", action="store_true")
+        w.add_argument("--threads", type=int, default=0)
         worker(w.parse_args(sys.argv[2:]))
         return
     p = argparse.ArgumentParser(
@@ -722,6 +734,12 @@ def main() -> None:
         "--cache-probe-off",
         action="store_true",
         help="cpu-load: also time the verified load without its page-cache probe",
+    )
+    p.add_argument(
+        "--threads-variants",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        help="cpu-load: also time the verified load with these read-thread counts",
     )
     p.add_argument(
         "--suffix", default="", help="cpu-load: appended to the results file name (keeps others)"
