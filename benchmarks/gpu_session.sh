@@ -119,7 +119,7 @@ for b in (CPUAdamBuilder(), QuantizerBuilder()):
       tar -czf "$OUT/torch_ext.tgz" -C "$TORCH_EXTENSIONS_DIR" . >>"$LOG" 2>&1
       ;;
     quant)
-      phase quant python3 benchmarks/zero/quant_bench.py ;;
+      phase quant python3 benchmarks/zero/quant_bench.py ${QUANT_ARGS:-} ;;
     autotune)  # the small preset (1.34B, stages 0 and 3, micro-batches 2 and 4)
       phase autotune python3 benchmarks/profile/autotune_bench.py --models 1.3b --stages 0,3 \
         --offload none --micro-batches 2,4 --global-batch 16 --peers-dir shared/peers

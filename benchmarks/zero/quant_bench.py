@@ -224,6 +224,39 @@ def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
     return cuda_ms if device == "cuda" else cpu_ms
 
 
+def _sweep_quant(x, weight_block, grad_block, reps, time_ms, record, size_mb, copy_gbps) -> None:
+    """The quantize kernels launched directly at other shapes: warps per program x blocks per
+    program (BPP; the default launch is in ds_kernels._quant_triton._launch), outputs allocated
+    once, to find the shape this GPU prefers. int8 with the weight block, int4 with the
+    gradient block."""
+    from ds_kernels import _quant_triton as qt
+    from ds_kernels._quant_op import code_numel, num_blocks
+
+    n = x.numel()
+    rows = x.view(1, n)
+    for bits, block, bpps in ((8, weight_block, (1, 2)), (4, grad_block, (8, 16, 32))):
+        nb = num_blocks(n, block)
+        c = n if bits == 8 else code_numel(n, 4)
+        codes = torch.empty(1, c, dtype=torch.int8 if bits == 8 else torch.uint8, device=x.device)
+        scales = torch.empty(1, nb, dtype=torch.float32, device=x.device)
+        kernel = qt._quant8_kernel if bits == 8 else qt._quant4_kernel
+        sizes = (n, nb) if bits == 8 else (n, c, nb)
+        what = "qwz" if bits == 8 else "qgz"
+        for bpp in bpps:
+            for warps in (1, 2, 4, 8):
+                nbp = -(-nb // bpp)
+
+                def fn(
+                    bpp=bpp, warps=warps, nbp=nbp, k=kernel, sz=sizes, cd=codes, sc=scales, b=block
+                ):
+                    k[(nbp,)](rows, cd, sc, *sz, nbp=nbp, BLOCK=b, BPP=bpp,
+                              num_warps=warps, **qt._LAUNCH)  # fmt: skip
+
+                ms = time_ms(fn, reps)
+                record(f"sweep-{what}-quantize-fp16-w{warps}-bpp{bpp}", size_mb, ms,
+                       _nbytes(x, codes, scales), copy_gbps, bits=bits, block=block)  # fmt: skip
+
+
 def _nbytes(*ts: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -240,6 +273,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ds-build-timeout-s", type=float, default=400.0,
                     help="limit of DeepSpeed's quantizer op build (the child process)")  # fmt: skip
     ap.add_argument("--no-deepspeed", action="store_true", help="time ours only")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the int8 quantize kernel at other launch shapes (warps x "
+                    "blocks per program), recorded as sweep-* runs")  # fmt: skip
     ap.add_argument("--build-only", action="store_true",
                     help="build DeepSpeed's op and exit (status 1 if it failed)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true",
@@ -372,6 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"ds-kernels-{key}", size_mb, ms, _nbytes(x, codes, scales), copy_gbps,
                     bits=bits, block=block,
                 )  # fmt: skip
+        if args.sweep and device == "cuda":
+            _sweep_quant(
+                x16,
+                args.weight_block,
+                args.grad_block,
+                args.reps,
+                time_ms,
+                record,
+                size_mb,
+                copy_gbps,
+            )
         if ds_mod is None:
             continue
         # qwZ: exactly what ZeRO-3 calls (adaptive groups)

@@ -160,7 +160,7 @@ _PTX_SCRIPT = textwrap.dedent(
     if "attrs" not in params:
         print("NOATTRS Triton", triton.__version__, "takes no divisibility hints")
 
-    def ptx(fn, sig, block):
+    def ptx(fn, sig, block, quant_bits):  # launched as _launch launches it
         bpp = qt._blocks_per_program(block)
         hints = {}
         if "attrs" in params:
@@ -168,7 +168,7 @@ _PTX_SCRIPT = textwrap.dedent(
                               if k.endswith("_ptr") or k in ("n", "c", "nb")}
         sig = {**sig, "BLOCK": "constexpr", "BPP": "constexpr"}
         src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block, "BPP": bpp}, **hints)
-        opts = {"num_warps": qt._warps(block * bpp), **qt._LAUNCH}
+        opts = {"num_warps": qt._launch(block, 1, 1, quant_bits)[1]["num_warps"], **qt._LAUNCH}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
     for dt in ("*fp32", "*fp16", "*bf16"):
@@ -177,9 +177,9 @@ _PTX_SCRIPT = textwrap.dedent(
             ty = "*i8" if bits == 8 else "*u8"
             sizes = {"n": "i32", **cnt, "nb": "i32", "nbp": "i32"}
             q = ptx(qt._quant8_kernel if bits == 8 else qt._quant4_kernel,
-                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", **sizes}, block)
+                    {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", **sizes}, block, bits)
             d = ptx(qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel,
-                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, **sizes}, block)
+                    {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, **sizes}, block, 0)
             for name, text in (("quant", q), ("dequant", d)):
                 arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)
                 access = re.findall(r"((?:ld|st)\\.global[\\w.]*)", text)

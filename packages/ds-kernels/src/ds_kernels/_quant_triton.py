@@ -29,7 +29,18 @@ def _blocks_per_program(block: int) -> int:
 
 
 def _warps(tile: int) -> int:
+    """Warps of a dequantize program (a tile of ``tile`` values)."""
     return 8 if tile >= 2048 else 4
+
+
+def _quant_warps(tile: int, bits: int) -> int:
+    """Warps of a quantize program. Quantize reduces each block before it writes, so a thread
+    with more values in flight hides more of the load latency: on H100 and H200, a 4096-value
+    tile ran best with 64 values per thread for int8 (2 warps: 95% of copy bandwidth on an H200
+    against 73% with 8) and 32 for int4, whose even/odd split holds more registers (4 warps:
+    67% against 57%); dequantize, with no reduction, is at 97-98% with 8 warps."""
+    per_thread = 64 if bits == 8 else 32
+    return max(1, min(8, tile // (32 * per_thread)))
 
 
 # Launch options of every kernel here. With fp fusion on (Triton's default) LLVM and ptxas turn
@@ -124,10 +135,13 @@ def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, 
     tl.store(out_ptr + row * n + offs, out, mask=offs < n)
 
 
-def _launch(block: int, nb: int, rows: int) -> tuple[tuple[int], dict]:
+def _launch(block: int, nb: int, rows: int, quant_bits: int = 0) -> tuple[tuple[int], dict]:
+    """Grid and launch options; ``quant_bits`` 8 or 4 for a quantize kernel, 0 for dequantize."""
     bpp = _blocks_per_program(block)
     nbp = -(-nb // bpp)
-    opts = dict(BLOCK=block, BPP=bpp, num_warps=_warps(block * bpp), **_LAUNCH)
+    tile = block * bpp
+    warps = _quant_warps(tile, quant_bits) if quant_bits else _warps(tile)
+    opts = dict(BLOCK=block, BPP=bpp, num_warps=warps, **_LAUNCH)
     return (rows * nbp,), {"nbp": nbp, **opts}
 
 
@@ -136,8 +150,8 @@ def quantize_rows(rows: torch.Tensor, bits: int, block: int) -> tuple[torch.Tens
     r, n = rows.shape
     nb = num_blocks(n, block)
     scales = torch.empty(r, nb, dtype=torch.float32, device=rows.device)
-    grid, kw = _launch(block, nb, r)
     assert bits in QMAX
+    grid, kw = _launch(block, nb, r, quant_bits=bits)
     if bits == 8:
         codes = torch.empty(r, n, dtype=torch.int8, device=rows.device)
         _quant8_kernel[grid](rows, codes, scales, n, nb, **kw)
