@@ -74,7 +74,7 @@ for p in "$@"; do
       phase ckptverify python3 benchmarks/ckpt/ckpt_bench.py cpu-load --gb 1.5 --reps 4 \
         --dir "$SCRATCH/ckv" --baseline-src .bench_prev/packages/ds-ckpt/src \
         --also-src .bench_prev/v013/packages/ds-ckpt/src --also-rev 64c37aa \
-        --cache-probe-off --threads-variants 8 --suffix=-threads
+        --cache-probe-flip --threads-variants 8 --suffix=-threads2
       ;;
     moe)
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT"

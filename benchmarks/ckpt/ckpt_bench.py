@@ -16,8 +16,9 @@ cpu-load (the cost of the checksums every load verifies):
   Wall and CPU seconds (all threads; user and system apart) and context switches of each load.
   --also-rev REV (or --also-src, an extracted copy) adds that revision's default load, e.g.
   this code before a change; --verify-reads 16 adds this code's verified load with page-cached
-  bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --cache-probe-off adds
-  it without the one-byte page-cache probe before each span (`_load._PROBE_CACHE`);
+  bytes read in 16 MiB preads (`_load._VERIFY_READ`) instead of 1 MiB; --cache-probe-flip adds
+  it with the one-byte page-cache probe before each span (`_load._PROBE_CACHE`) switched the
+  other way from this host's default;
   --threads-variants 8 adds it with 8 read threads (`_load._READ_THREADS`); --suffix
   keeps an earlier results file of the same day. The file records the xxhash version and the C entry
   point hashed outside the GIL (xxh3_binding; null: xxhash's Python functions).
@@ -496,8 +497,8 @@ def worker(args: argparse.Namespace) -> None:
         ds_ckpt_load._VERIFY_CHECKSUMS = False
     if args.verify_read:
         ds_ckpt_load._VERIFY_READ = args.verify_read
-    if args.no_cache_probe:
-        ds_ckpt_load._PROBE_CACHE = False
+    if args.flip_cache_probe:
+        ds_ckpt_load._PROBE_CACHE = not ds_ckpt_load._PROBE_CACHE
     if args.threads:
         ds_ckpt_load._READ_THREADS = args.threads
     dst = [torch.zeros(numel) for _ in range(N_TENSORS)]  # zeroed: page faults not timed
@@ -596,12 +597,13 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
                 ["--verify-read", str(int(mib * 2**20))],
             )
         )
-    if args.cache_probe_off:
-        # the verified load without the page-cache probe before each span (_load._PROBE_CACHE):
-        # every span one pread, as the unverified path reads, hashed after it
+    if args.cache_probe_flip:
+        # the verified load with the page-cache probe before each span (_load._PROBE_CACHE) the
+        # other way: on by default where the read threads outnumber the cores
+        flipped = "no page-cache probe" if ds_ckpt_load._PROBE_CACHE else "with page-cache probe"
         systems.append(
-            (f"ds-ckpt {versions['new']} default, no page-cache probe", None, "new",
-             ["--no-cache-probe"])
+            (f"ds-ckpt {versions['new']} verified, {flipped}", None, "new",
+             ["--flip-cache-probe"])
         )  # fmt: skip
     for n in args.threads_variants:
         # this code's verified load with another read-thread count (_load._READ_THREADS, by
@@ -682,6 +684,7 @@ def bench_cpu_load(args: argparse.Namespace) -> None:
         xxhash=xxhash.VERSION,
         xxh3_binding=getattr(ds_ckpt_xxh3.NATIVE, "__name__", None),
         read_threads=getattr(ds_ckpt_load, "_READ_THREADS", None),
+        page_cache_probe=getattr(ds_ckpt_load, "_PROBE_CACHE", None),
         note="each load in a fresh process (destination tensors zeroed before timing), cold = "
         "page cache of the checkpoint dropped with posix_fadvise, warm = the same load again; "
         f"order of the systems rotated every rep; medians over reps. This {os.cpu_count()}-core "
@@ -702,7 +705,7 @@ def main() -> None:
         w.add_argument("--gb", type=float, required=True)
         w.add_argument("--no-verify", action="store_true")
         w.add_argument("--verify-read", type=int, default=0)
-        w.add_argument("--no-cache-probe", action="store_true")
+        w.add_argument("--flip-cache-probe", action="store_true")
         w.add_argument("--threads", type=int, default=0)
         worker(w.parse_args(sys.argv[2:]))
         return
@@ -731,9 +734,10 @@ def main() -> None:
         help="cpu-load: also time the verified load with these pread sizes (MiB, comma-separated)",
     )
     p.add_argument(
-        "--cache-probe-off",
+        "--cache-probe-flip",
         action="store_true",
-        help="cpu-load: also time the verified load without its page-cache probe",
+        help="cpu-load: also time the verified load with the page-cache probe switched the other "
+        "way from this host's default",
     )
     p.add_argument(
         "--threads-variants",

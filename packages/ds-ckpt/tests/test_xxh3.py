@@ -131,6 +131,7 @@ def test_verified_load_checks_every_chunk_whatever_the_page_cache_holds(
     "first 5 MiB" serves reads inside the first 5 MiB of the data (the first span switches to
     one pread midway, the second reads cold)."""
     monkeypatch.setattr(ld, "_VERIFY_READ", verify_read)
+    monkeypatch.setattr(ld, "_PROBE_CACHE", True)  # the default only where threads outnumber cores
     w, f, start = _saved(tmp_path)
     probes = []
 
@@ -161,6 +162,25 @@ def test_verified_load_checks_every_chunk_whatever_the_page_cache_holds(
     _check_every_chunk(tmp_path, f, w, start)
     if cached == "none":  # only one-byte probes, one at the start of each span
         assert set(probes) == {(start, 1), (start + 16 * MiB, 1)}
+
+
+def test_verified_load_without_the_probe_reads_each_span_once_and_checks_every_chunk(
+    tmp_path, monkeypatch
+):
+    """Where each read thread has a core (_PROBE_CACHE off), a verified span is one pread,
+    hashed after it: no cache-only reads, and still every chunk checked."""
+    monkeypatch.setattr(ld, "_PROBE_CACHE", False)
+
+    def refuse(*a, **k):
+        raise AssertionError("a page-cache probe with the probe switched off")
+
+    monkeypatch.setattr(ld, "pread_cached", refuse)
+    w, f, start = _saved(tmp_path)
+    _check_every_chunk(tmp_path, f, w, start)
+
+
+def test_read_threads_one_per_core_within_8_to_16():
+    assert [ld._read_threads(c) for c in (1, 2, 8, 12, 16, 64)] == [8, 8, 8, 12, 16, 16]
 
 
 def test_verified_cold_load_with_the_real_page_cache(tmp_path):
