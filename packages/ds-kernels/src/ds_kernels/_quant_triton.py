@@ -35,7 +35,7 @@ def _warps(tile: int) -> int:
 
 def _quant_warps(tile: int, bits: int) -> int:
     """Warps of a quantize program. Quantize reduces each block before it writes, so a thread
-    with more values in flight hides more of the load latency: on H100 and H200, a 4096-value
+    with more values in flight hides more of the load latency: swept on an H200, a 4096-value
     tile ran best with 64 values per thread for int8 (2 warps: 95% of copy bandwidth on an H200
     against 73% with 8) and 32 for int4, whose even/odd split holds more registers (4 warps:
     67% against 57%); dequantize, with no reduction, is at 97-98% with 8 warps."""
