@@ -3,7 +3,7 @@
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
 #   bash benchmarks/gpu_session.sh PHASE...
-#   PHASE: io (= aio ckpt) | aio | ckpt | ckptverify | moe | offload | overlap | largest | longseq | dsops |
+#   PHASE: io (= aio ckpt) | aio | ckpt | ckptverify | zeropp | moe | offload | overlap | largest | longseq | dsops |
 #          quant | autotune | clients | tests | tests:ds-x,ds-y
 #   dsops: builds DeepSpeed 0.19.8's JIT ops (CPU Adam, quantizer) before any timed phase, so no
 #          peer run spends its time limit compiling; later phases of the same lease reuse them.
@@ -76,6 +76,8 @@ for p in "$@"; do
         --also-src .bench_prev/v013/packages/ds-ckpt/src --also-rev 64c37aa \
         --cache-probe-flip --threads-variants 8 --suffix=-threads2
       ;;
+    zeropp)  # ZeRO-3 against ZeRO++ end to end, ours and DeepSpeed's, on the GPUs present
+      phase zeropp "${TR[@]}" benchmarks/zero/zeropp_multi_gpu.py --out "$OUT" ;;
     moe)
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT"
       phase moe-upstream-grad "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 3 --out "$OUT" \
@@ -140,7 +142,7 @@ for b in (CPUAdamBuilder(), QuantizerBuilder()):
           -p no:cacheprovider "$pkg/tests"
       done
       ;;
-    *) echo "unknown phase $p (io | aio | ckpt | ckptverify | moe | offload | overlap | largest | longseq | dsops | quant | autotune | clients | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
+    *) echo "unknown phase $p (io | aio | ckpt | ckptverify | zeropp | moe | offload | overlap | largest | longseq | dsops | quant | autotune | clients | tests[:pkgs])" | tee -a "$LOG"; exit 2 ;;
   esac
 done
 rm -rf "$SCRATCH"
