@@ -259,3 +259,18 @@ def test_cuda_accelerator_on_gpu():
     assert acc.is_pinned(pinned)
     assert acc.build_flags()["cuda_arch_list"]
     assert acc.communication_backend_name() == "nccl"
+
+
+def test_usable_cores_is_the_affinity_set(monkeypatch):
+    import os
+
+    from ds_accel import usable_cores
+
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+        assert usable_cores() == 3
+        monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert usable_cores() == 12  # no affinity call: the machine's count
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert usable_cores() == 1

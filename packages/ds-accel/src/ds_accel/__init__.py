@@ -4,7 +4,7 @@
 >>> get_accelerator().device_name()   # "cuda" on a GPU machine, "cpu" here
 """
 
-from ds_accel._base import Accelerator, cpu_isa
+from ds_accel._base import Accelerator, cpu_isa, usable_cores
 from ds_accel._cpu import CPUAccelerator
 from ds_accel._cuda import CUDAAccelerator
 from ds_accel._mps import MPSAccelerator
@@ -40,4 +40,5 @@ __all__ = [
     "report",
     "reset_accelerator",
     "set_accelerator",
+    "usable_cores",
 ]

@@ -204,6 +204,14 @@ class Accelerator(abc.ABC):
         }
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity set: taskset, cpuset, a launcher's binding);
+    the machine's core count where the platform has no affinity call."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def cpu_isa() -> list[str]:
     """SIMD extensions of the host CPU that matter for kernels (from /proc/cpuinfo on Linux)."""
     machine = platform.machine().lower()

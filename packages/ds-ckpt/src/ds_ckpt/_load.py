@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ds_accel import get_accelerator
+from ds_accel import get_accelerator, usable_cores
 from ds_ckpt._checksum import ALGO, HEX, chunk_digests
 from ds_ckpt._commit import complete_tags, resolve_tag
 from ds_ckpt._dtypes import from_st, itemsize
@@ -38,13 +38,6 @@ from ds_ckpt._stfile import (
 )
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity call (macOS)
-        return os.cpu_count() or 8
-
-
 def _read_threads(cores: int) -> int:
     """Read threads of a large load: one per usable core, at least 8 and at most 16.
 
@@ -62,7 +55,8 @@ def _read_threads(cores: int) -> int:
 # O_DIRECT requests of the same size and 1.44 for 32 x 1 MiB (benchmarks/results/
 # ckpt-gpu-*-readpaths.json). _DIRECT_READS switches large files to the O_DIRECT reader for
 # disks that prefer it.
-_READ_THREADS = _read_threads(_usable_cores())
+_CORES = usable_cores()
+_READ_THREADS = _read_threads(_CORES)
 _READ_CHUNK = 16 * 1024 * 1024
 _DIRECT_READS = False
 _DIRECT_READ_MIN = 1024 * 1024  # below this a buffered pread is as good and copies less
@@ -79,7 +73,7 @@ _VERIFY_CHECKSUMS = True
 # warm load 0.175 s against 0.195 s without it, 1.5 GB). With a core per thread it costs more than
 # it saves (16-core host: cold 0.698 s against 0.626 s, warm 0.051 against 0.049), so there every
 # verified span is one pread, hashed after it. The benchmark flips it to time both.
-_PROBE_CACHE = _usable_cores() < _READ_THREADS
+_PROBE_CACHE = _CORES < _READ_THREADS
 
 _log = logging.getLogger("ds_ckpt")
 

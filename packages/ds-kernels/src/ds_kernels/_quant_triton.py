@@ -28,19 +28,18 @@ def _blocks_per_program(block: int) -> int:
     return max(1, _TILE // block)
 
 
-def _warps(tile: int) -> int:
-    """Warps of a dequantize program (a tile of ``tile`` values)."""
-    return 8 if tile >= 2048 else 4
+# Values each thread of a program holds: 0 is dequantize, 8 and 4 quantize at those bits.
+# Quantize reduces each block before it writes, so a thread with more values in flight hides
+# more of the load latency: swept on an H200, a 4096-value tile ran best with 64 values per
+# thread for int8 (2 warps: 95% of copy bandwidth against 73% with 8) and 32 for int4, whose
+# even/odd split holds more registers (4 warps: 67% against 57%); dequantize, with no
+# reduction, is at 97-98% with 16 (8 warps).
+_VALUES_PER_THREAD = {0: 16, 8: 64, 4: 32}
 
 
-def _quant_warps(tile: int, bits: int) -> int:
-    """Warps of a quantize program. Quantize reduces each block before it writes, so a thread
-    with more values in flight hides more of the load latency: swept on an H200, a 4096-value
-    tile ran best with 64 values per thread for int8 (2 warps: 95% of copy bandwidth on an H200
-    against 73% with 8) and 32 for int4, whose even/odd split holds more registers (4 warps:
-    67% against 57%); dequantize, with no reduction, is at 97-98% with 8 warps."""
-    per_thread = 64 if bits == 8 else 32
-    return max(1, min(8, tile // (32 * per_thread)))
+def _warps(tile: int, quant_bits: int) -> int:
+    """Warps of a program over a tile of ``tile`` values (a power of two, at least 4096)."""
+    return max(1, min(8, tile // (32 * _VALUES_PER_THREAD[quant_bits])))
 
 
 # Launch options of every kernel here. With fp fusion on (Triton's default) LLVM and ptxas turn
@@ -139,9 +138,7 @@ def _launch(block: int, nb: int, rows: int, quant_bits: int = 0) -> tuple[tuple[
     """Grid and launch options; ``quant_bits`` 8 or 4 for a quantize kernel, 0 for dequantize."""
     bpp = _blocks_per_program(block)
     nbp = -(-nb // bpp)
-    tile = block * bpp
-    warps = _quant_warps(tile, quant_bits) if quant_bits else _warps(tile)
-    opts = dict(BLOCK=block, BPP=bpp, num_warps=warps, **_LAUNCH)
+    opts = dict(BLOCK=block, BPP=bpp, num_warps=_warps(block * bpp, quant_bits), **_LAUNCH)
     return (rows * nbp,), {"nbp": nbp, **opts}
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from ds_accel import usable_cores
+
 
 def _env_int(name: str) -> int:
     """A positive integer environment variable, or 0 (unset, empty or not a number)."""
@@ -35,13 +37,6 @@ def local_ranks() -> int:
         if n:
             return n
     return 1
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity set: taskset, cpuset, a launcher's binding)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def cpu_optimizer_threads(requested: int = 0) -> int:
