@@ -106,12 +106,15 @@ for p in "$@"; do
     longseq)  # LONGSEQ_BUDGET_S: seconds per system's search, build included (default 170);
               # LONGSEQ_TOTAL_S: the whole phase (default 540, so that the wheel install and
               # start-up fit in a 10-minute command too); LONGSEQ_START (16384);
-              # LONGSEQ_SYSTEMS (default "deepspeed-alst ours hf-plain"); LONGSEQ_MERGE=1 adds
-              # the runs to today's results file (one command per system, each started near
-              # its projected bound)
+              # LONGSEQ_STEP (tokens per ladder length, default 0: doubling); LONGSEQ_GRANULARITY
+              # (bisection step, default 4096);
+              # LONGSEQ_SYSTEMS (default "deepspeed-alst ours hf-plain"); LONGSEQ_MERGE=FILE
+              # puts the runs into that results file, keeping its other systems' runs (one
+              # command per system, each started near its projected bound)
       # shellcheck disable=SC2086  # the systems are separate words
-      phase longseq python3 benchmarks/seq/long_seq.py --nproc "$NGPU" ${LONGSEQ_MERGE:+--merge} \
+      phase longseq python3 benchmarks/seq/long_seq.py --nproc "$NGPU" ${LONGSEQ_MERGE:+--merge --out "$LONGSEQ_MERGE"} \
         --systems ${LONGSEQ_SYSTEMS:-deepspeed-alst ours hf-plain} --start "${LONGSEQ_START:-16384}" \
+        --ladder-step "${LONGSEQ_STEP:-0}" --granularity "${LONGSEQ_GRANULARITY:-4096}" \
         --budget-s "${LONGSEQ_BUDGET_S:-170}" --total-s "${LONGSEQ_TOTAL_S:-540}" \
         --device-name "${NGPU}x$GPUNAME"
       ;;

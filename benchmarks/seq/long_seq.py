@@ -25,7 +25,8 @@ The search, per system, within ``--budget-s`` seconds (model build included):
 
 1. One process group (``torchrun --nproc_per_node N``, sp = N for the first two systems) builds
    the model and the engine once and trains ``--steps`` steps at each length of the ladder
-   ``--start``, 2x, 4x, ... in turn. Before each length it frees what the last one left
+   ``--start``, 2x, 4x, ... in turn (``--ladder-step N``: ``--start``, +N, +2N, ..., for a
+   search near a known bound: one build for every length). Before each length it frees what the last one left
    (ds-seq's pooled host buffers, the CUDA caches, torch's pinned-memory cache) and resets the
    peak counters, so each length's ``peak_mem_gb`` (max allocated, rank 0) is its own; memory
    left fragmented by shorter lengths can only make a length fail sooner. It stops at the first
@@ -572,7 +573,7 @@ def _ladder(args) -> list[int]:
     out, length = [], args.start
     while length <= args.max_len and len(out) < args.max_trials:
         out.append(length)
-        length *= 2
+        length = length + args.ladder_step if args.ladder_step else length * 2
     return out
 
 
@@ -752,6 +753,10 @@ def main() -> None:
     )
     ap.add_argument("--start", type=int, default=16384, help="first length tried (tokens)")
     ap.add_argument("--granularity", type=int, default=4096, help="bisection step (tokens)")
+    ap.add_argument("--ladder-step", type=int, default=0,
+                    help="tokens added per ladder length (0: double). Near a known bound, one "
+                         "process stepping through start, start+N, ... pays one model build "
+                         "where bisecting pays one per length")  # fmt: skip
     ap.add_argument("--max-len", type=int, default=4 * 1024 * 1024)
     ap.add_argument("--max-trials", type=int, default=10, help="lengths tried per system")
     ap.add_argument("--budget-s", type=float, default=170.0,
@@ -785,8 +790,12 @@ def main() -> None:
         return
     # a SIGTERM (a time limit) unwinds like Ctrl-C, so the running trial is killed too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.start % args.nproc or args.granularity % args.nproc:
-        ap.error(f"--start and --granularity must be multiples of --nproc ({args.nproc})")
+    if args.start % args.nproc or args.granularity % args.nproc or args.ladder_step % args.nproc:
+        ap.error(
+            f"--start, --granularity and --ladder-step must be multiples of --nproc ({args.nproc})"
+        )
+    if args.ladder_step < 0:
+        ap.error(f"--ladder-step {args.ladder_step} must be >= 0 (0 doubles the length)")
     t_end = time.monotonic() + args.total_s
     device = args.device_name or (
         f"{os.cpu_count()}-core CPU (tiny model)" if args.tiny else f"{args.nproc} x GPU"
@@ -827,7 +836,9 @@ def main() -> None:
                     "sp": args.nproc, "steps": args.steps, "start": args.start, "granularity": args.granularity,
                     "max_trials": args.max_trials, "budget_s": args.budget_s, "total_s": args.total_s,
                     "ours_keep_on_device_gb": args.ours_keep_gb,
-                    "search": "one process per system over the ladder start, 2x, ...; fresh processes bisect after an OOM",
+                    "ladder_step": args.ladder_step,
+                    "search": ("one process per system over the ladder start, " + (f"+{args.ladder_step}, ..." if args.ladder_step else "2x, ...")
+                               + "; fresh processes bisect after an OOM"),
                     "zero": "stage 3, offload_optimizer + offload_param cpu, bf16, AdamW"},
         )]  # fmt: skip
 
