@@ -127,9 +127,13 @@ for b in (CPUAdamBuilder(), QuantizerBuilder()):
       ;;
     quant)
       phase quant python3 benchmarks/zero/quant_bench.py ${QUANT_ARGS:-} ;;
-    autotune)  # the small preset (1.34B, stages 0 and 3, micro-batches 2 and 4)
-      phase autotune python3 benchmarks/profile/autotune_bench.py --models 1.3b --stages 0,3 \
-        --offload none --micro-batches 2,4 --global-batch 16 --peers-dir shared/peers
+    autotune)  # AUTOTUNE_ARGS (default: the small preset: 1.34B, stages 0 and 3, micro-batches
+               # 2 and 4; "--models 1.3b --stages 0,1,2,3 --offload none --micro-batches 1,2,4,8"
+               # is the 16-configuration space, about 10 minutes)
+      # shellcheck disable=SC2086  # the arguments are separate words
+      phase autotune python3 benchmarks/profile/autotune_bench.py \
+        ${AUTOTUNE_ARGS:---models 1.3b --stages 0,3 --offload none --micro-batches 2,4} \
+        --global-batch 16 --peers-dir shared/peers
       ;;
     clients)
       phase clients python3 benchmarks/clients/hf_clients_gpu.py ;;
