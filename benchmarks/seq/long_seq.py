@@ -713,13 +713,19 @@ def _ratios(found: dict[str, dict]) -> dict:
             ratios[f"ours/deepspeed-alst tokens_per_s at {ds['seq_len']}"] = round(
                 same[-1]["tokens_per_s"] / ds["tokens_per_s"], 3
             )
-        # peak device memory at every length both trained (above 1: ours holds less)
-        theirs = {t["seq_len"]: t["peak_mem_gb"] for t in found["deepspeed-alst"]["trials"]
-                  if t["ok"] and t.get("peak_mem_gb")}  # fmt: skip
+        # at every length both trained: tokens/s (above 1: ours is faster) and peak device
+        # memory (above 1: ours holds less)
+        theirs_t = {t["seq_len"]: t for t in found["deepspeed-alst"]["trials"] if t["ok"]}
         for t in found["ours"]["trials"]:
-            if t["ok"] and t.get("peak_mem_gb") and t["seq_len"] in theirs:
+            other = theirs_t.get(t["seq_len"]) if t["ok"] else None
+            if other is None:
+                continue
+            key = f"ours/deepspeed-alst tokens_per_s at {t['seq_len']}"
+            if other["tokens_per_s"] and key not in ratios:
+                ratios[key] = round(t["tokens_per_s"] / other["tokens_per_s"], 3)
+            if t.get("peak_mem_gb") and other.get("peak_mem_gb"):
                 ratios[f"deepspeed-alst/ours peak_mem_gb at {t['seq_len']}"] = round(
-                    theirs[t["seq_len"]] / t["peak_mem_gb"], 3
+                    other["peak_mem_gb"] / t["peak_mem_gb"], 3
                 )
     return ratios
 
@@ -741,6 +747,36 @@ def _merged(path: str, systems: list[str]) -> dict[str, dict]:
             "low_fail": (run.get("limit_between") or [None, None])[1],
             "device_total_gb": run.get("device_total_gb"), "stopped_before": run.get("stopped_before"),
         }  # fmt: skip
+    return found
+
+
+def _combined(paths: list[str]) -> dict[str, dict]:
+    """Every system's trials from several results files of this benchmark (commands of one
+    lease on one machine, in order), as one search: each trial keeps the file it came from
+    (``command``), the longest success is the system's best, and ``bounded_by`` /
+    ``stopped_before`` come from the file that measured it."""
+    found: dict[str, dict] = {}
+    for i, path in enumerate(paths):
+        doc = json.loads(Path(path).read_text())
+        if doc.get("scenario") != "long-seq":
+            raise SystemExit(f"--combine: {path} is not a long-seq results file")
+        for run in doc["runs"]:
+            entry = found.setdefault(run["system"], {
+                "system": run["system"], "trials": [], "best": None, "low_fail": None,
+                "bounded_by": run["bounded_by"], "device_total_gb": run.get("device_total_gb"),
+                "stopped_before": run.get("stopped_before")})  # fmt: skip
+            for t in run.get("trials", []):
+                entry["trials"].append({**t, "command": t.get("command", i)})
+                if t.get("ok") and (entry["best"] is None or t["seq_len"] > entry["best"]["seq_len"]):
+                    entry["best"] = entry["trials"][-1]
+                    entry["bounded_by"] = run["bounded_by"]
+                    entry["stopped_before"] = run.get("stopped_before")
+            fail = (run.get("limit_between") or [None, None])[1]
+            if fail is not None:
+                entry["low_fail"] = fail if entry["low_fail"] is None else min(entry["low_fail"], fail)
+    for entry in found.values():
+        if entry["low_fail"] is not None and entry["best"] and entry["best"]["seq_len"] >= entry["low_fail"]:
+            entry["low_fail"] = None  # a later command trained past an earlier failure
     return found
 
 
@@ -781,12 +817,29 @@ def main() -> None:
     # --tiny only: lengths from this one fail as out of memory (exercises the bisection)
     ap.add_argument("--simulate-oom-at", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--chart", metavar="FILE", help="only draw the PNG of an existing results file")
+    ap.add_argument("--combine", nargs="+", metavar="FILE",
+                    help="only write --out from these results files (commands of one lease, in "
+                         "order): each system's trials joined into one search")  # fmt: skip
     args = ap.parse_args()
     if args.chart:
         chart(Path(args.chart))
         return
     if args.trial:
         run_trial(args)
+        return
+    if args.combine:
+        if not args.out:
+            ap.error("--combine needs --out")
+        first = json.loads(Path(args.combine[0]).read_text())
+        last = json.loads(Path(args.combine[-1]).read_text())
+        found = _combined(args.combine)
+        path = write_results(
+            scenario="long-seq", device=args.device_name or first["device"], metric="max_seq_len",
+            date=last.get("date"),
+            runs=[_run_entry(f) for f in found.values()], ratios=_ratios(found), path=args.out,
+            config={**first.get("config", {}), "combined_from": [Path(p).name for p in args.combine]},
+        )
+        chart(Path(path))
         return
     # a SIGTERM (a time limit) unwinds like Ctrl-C, so the running trial is killed too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
