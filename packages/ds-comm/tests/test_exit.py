@@ -62,3 +62,40 @@ def test_a_script_that_destroys_the_group_itself_is_left_alone(tmp_path: Path) -
     run = _launch(tmp_path, _CLEAN + "ds_comm.destroy_process_group()\nprint('destroyed')\n")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("destroyed") == 2
+
+
+# torch.distributed.nn.functional binds `group=group.WORLD` defaults when imported, which
+# torch.optim's first optimizer does (through torch._dynamo), usually after init: those defaults
+# kept the group object, so destroying it left its gloo threads running into interpreter
+# finalization, where a worker dropping a finished work aborted the process now and then (-6,
+# "terminate called without an active exception", ds-zero's README example on a loaded CI
+# host). The group object dying is what joins those threads; the tests check that it dies.
+_LATE_IMPORT = """
+import atexit, os, weakref
+import torch, torch.distributed as dist, ds_comm
+refs = []
+say = lambda line: os.write(1, f"{line}\\n".encode())  # one write: the ranks share stdout
+# registered first, so it runs after ds_comm's own exit hook
+atexit.register(lambda: say(f"group alive at exit: {refs[0]() is not None}"))
+ds_comm.init_distributed(dist_backend="gloo")
+import torch.distributed.nn.functional  # after init, as the first torch optimizer does
+refs.append(weakref.ref(dist.group.WORLD))
+t = torch.ones(4)
+dist.all_reduce(t)
+"""
+
+
+def test_destroy_process_group_frees_the_group_torch_modules_captured(tmp_path: Path) -> None:
+    run = _launch(
+        tmp_path,
+        _LATE_IMPORT + "ds_comm.destroy_process_group()\n"
+        "say(f'group alive after destroy: {refs[0]() is not None}')\n",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("group alive after destroy: False") == 2, run.stdout
+
+
+def test_the_exit_teardown_frees_the_group_torch_modules_captured(tmp_path: Path) -> None:
+    run = _launch(tmp_path, _LATE_IMPORT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("group alive at exit: False") == 2, run.stdout

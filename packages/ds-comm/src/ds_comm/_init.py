@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from ds_comm._discovery import DiscoveryError, DistEnv, Source, discover
-from ds_comm._exit import teardown_at_exit
+from ds_comm._exit import release_world_refs, teardown_at_exit
 
 
 def _backend_from_accelerator() -> str:
@@ -121,9 +121,13 @@ def destroy_process_group() -> None:
     Every rank calls it. Under gloo the ranks first meet at a barrier: a rank that tore its
     connections down while a peer's gloo threads still read from them made that peer abort at
     exit ("terminate called without an active exception", exit -6) after a clean run.
+    References torch keeps to the group are dropped first, so that it is really destroyed here
+    and its threads joined, not left running into interpreter exit (same abort; see
+    ``ds_comm._exit``). A reference the caller still holds keeps it alive: drop it before.
     """
     if not dist.is_initialized():
         return
     if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
         dist.barrier()
+    release_world_refs()
     dist.destroy_process_group()
