@@ -154,8 +154,21 @@ def test_config_accepts_deepspeed_keys_and_suggests_fixes():
     assert opts.max_reuse_distance == 7 and opts.gradient_clipping == 1.0
     with pytest.raises(ValueError, match="did you mean 'reduce_bucket_size'"):
         ds_zero.ZeroConfig.model_validate({"reduce_bucket_sise": 1})
-    with pytest.raises(ValueError, match="not supported by ds-zero"):
-        ds_zero.ZeroConfig.model_validate({"mics_shard_size": 4})
+    # removed from DeepSpeed 0.19.8, which refuses them at any value (its old defaults included)
+    for key, value in (
+        ("mics_shard_size", 4),
+        ("mics_shard_size", -1),
+        ("mics_hierarchical_params_gather", False),
+        ("zeropp_loco_param", {"err_beta": 0.8}),
+    ):
+        with pytest.raises(ValueError, match=f"{key}: .*removed.*remove the key"):
+            ds_zero.ZeroConfig.model_validate({key: value})
+    # qgZ is a quantized reduce-scatter: DeepSpeed asserts reduce_scatter with it
+    with pytest.raises(ValueError, match="zero_quantized_gradients needs .*reduce_scatter"):
+        ds_zero.ZeroConfig.model_validate(
+            {"stage": 3, "zero_quantized_gradients": True, "reduce_scatter": False}
+        )
+    ds_zero.ZeroConfig.model_validate({"stage": 3, "reduce_scatter": False})
     with pytest.raises(ValueError, match="stage"):
         ds_zero.ZeroConfig.model_validate({"stage": 4})
 

@@ -91,6 +91,9 @@ class Section(BaseModel):
     deprecated: ClassVar[dict[str, str]] = {}
     #: keys DeepSpeed knows that this project accepts but does not act on (a warning says so)
     ignored: ClassVar[set[str]] = set()
+    #: keys of features DeepSpeed itself has removed and refuses (0.19.8): key -> why, refused
+    #: here too whatever their value, since a leftover block would otherwise change nothing
+    removed: ClassVar[dict[str, str]] = {}
     #: the section's path in the JSON, for messages ("zero_optimization", "fp16", ...)
     path: ClassVar[str] = ""
     #: fields where NaN/Infinity mean something (DeepSpeed's ``steps_per_print: Infinity``)
@@ -133,6 +136,10 @@ class Section(BaseModel):
                         f"{full} and its replacement {new} are both set; keep only {new!r}"
                     )
                 key = new
+            if key in cls.removed:
+                raise ConfigError(
+                    f"{full}: {cls.removed[key]} (DeepSpeed 0.19.8 refuses it too); remove the key"
+                )
             if key in cls.ignored:
                 warnings.warn(
                     f"config key {full!r} is accepted but has no effect in ds_all",

@@ -46,9 +46,16 @@ _NO_EFFECT = {
 }
 # DeepSpeed features ds-zero does not implement: an error when set to anything but the default
 _UNSUPPORTED = {
-    "mics_shard_size": -1,
-    "mics_hierarchical_params_gather": False,
     "zenflow": None,
+}
+# Features DeepSpeed 0.19.8 has removed and refuses whatever the value (even its old default):
+# key -> why. Refused here the same way, so a config that fails there fails here too.
+_REMOVED = {
+    "mics_shard_size": "MiCS sharding was removed from DeepSpeed; ZeRO-3 shards over the whole "
+    "data-parallel group (zero_hpz_partition_size keeps a secondary copy within smaller groups)",
+    "mics_hierarchical_params_gather": "MiCS sharding was removed from DeepSpeed",
+    "zeropp_loco_param": "LoCo-Zero++ was removed from DeepSpeed; zero_quantized_gradients "
+    "alone is ZeRO++'s quantized gradient reduction without LoCo's error feedback",
 }
 
 # ZenFlow (DeepSpeed 0.19.8) steps the topk_ratio most important gradient columns on the GPU every
@@ -136,6 +143,19 @@ class ZeroConfig(BaseModel):
                 "and choose stage-3 units with ds_zero.ZeroOptions(stage3_units=(BlockClass,))"
             )
         # (deprecated spellings and leaf_module are handled above, but still worth suggesting)
+        for key, why in _REMOVED.items():
+            if key in data:
+                raise ValueError(
+                    f"zero_optimization.{key}: {why} (DeepSpeed 0.19.8 refuses it too); remove "
+                    "the key"
+                )
+        if data.get("zero_quantized_gradients") and data.get("reduce_scatter") is False:
+            # qgZ is a quantized reduce-scatter (DeepSpeed asserts reduce_scatter for it)
+            raise ValueError(
+                "zero_optimization.zero_quantized_gradients needs zero_optimization."
+                'reduce_scatter: set "reduce_scatter": true (or remove it) or turn '
+                "zero_quantized_gradients off"
+            )
         valid = set(cls.model_fields) | set(_NO_EFFECT) | set(_UNSUPPORTED)
         valid |= set(deprecated) | {"leaf_module"}
         for key in data:
