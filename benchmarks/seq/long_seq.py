@@ -767,15 +767,23 @@ def _combined(paths: list[str]) -> dict[str, dict]:
                 "stopped_before": run.get("stopped_before")})  # fmt: skip
             for t in run.get("trials", []):
                 entry["trials"].append({**t, "command": t.get("command", i)})
-                if t.get("ok") and (entry["best"] is None or t["seq_len"] > entry["best"]["seq_len"]):
+                if t.get("ok") and (
+                    entry["best"] is None or t["seq_len"] > entry["best"]["seq_len"]
+                ):
                     entry["best"] = entry["trials"][-1]
                     entry["bounded_by"] = run["bounded_by"]
                     entry["stopped_before"] = run.get("stopped_before")
             fail = (run.get("limit_between") or [None, None])[1]
             if fail is not None:
-                entry["low_fail"] = fail if entry["low_fail"] is None else min(entry["low_fail"], fail)
+                entry["low_fail"] = (
+                    fail if entry["low_fail"] is None else min(entry["low_fail"], fail)
+                )
     for entry in found.values():
-        if entry["low_fail"] is not None and entry["best"] and entry["best"]["seq_len"] >= entry["low_fail"]:
+        if (
+            entry["low_fail"] is not None
+            and entry["best"]
+            and entry["best"]["seq_len"] >= entry["low_fail"]
+        ):
             entry["low_fail"] = None  # a later command trained past an earlier failure
     return found
 
@@ -834,10 +842,17 @@ def main() -> None:
         last = json.loads(Path(args.combine[-1]).read_text())
         found = _combined(args.combine)
         path = write_results(
-            scenario="long-seq", device=args.device_name or first["device"], metric="max_seq_len",
+            scenario="long-seq",
+            device=args.device_name or first["device"],
+            metric="max_seq_len",
             date=last.get("date"),
-            runs=[_run_entry(f) for f in found.values()], ratios=_ratios(found), path=args.out,
-            config={**first.get("config", {}), "combined_from": [Path(p).name for p in args.combine]},
+            runs=[_run_entry(f) for f in found.values()],
+            ratios=_ratios(found),
+            path=args.out,
+            config={
+                **first.get("config", {}),
+                "combined_from": [Path(p).name for p in args.combine],
+            },
         )
         chart(Path(path))
         return
