@@ -62,6 +62,68 @@ def test_profile_printed_at_profile_step(tmp_path):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in engine.module.modules())
 
 
+def test_profile_step_zero_profiles_the_first_step(tmp_path):
+    """DeepSpeed accepts profile_step 0 (the first step: global_steps is 0 until the first
+    optimizer step) and top_modules 0."""
+    out = tmp_path / "flops.txt"
+    engine = _engine(_config(flops_profiler={"enabled": True, "profile_step": 0, "top_modules": 0,
+                                             "output_file": str(out)}))  # fmt: skip
+    _steps(engine, 1)
+    assert "Profile Summary at step 1:" in out.read_text()
+    with pytest.raises(ConfigError, match="flops_profiler.profile_step must be at least 0"):
+        _engine(_config(flops_profiler={"profile_step": -1}))
+
+
+def test_flops_profiler_turns_timers_on():
+    """DeepSpeed's config ORs wall_clock_breakdown with flops_profiler.enabled."""
+    assert not _engine(_config()).timers.enabled
+    engine = _engine(_config(flops_profiler={"enabled": True, "profile_step": 5}))
+    assert engine.timers.enabled and engine.wall_clock_breakdown() is True
+    assert _engine(_config(wall_clock_breakdown=True)).timers.enabled
+    _steps(engine, 1)
+    assert engine.timers.counts.get("forward")  # the summary's fwd/bwd/step latencies
+
+
+def test_deepspeed_profiling_accessors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    engine = _engine(_config())
+    assert engine.flops_profiler_enabled() is False and engine.wall_clock_breakdown() is False
+    assert not hasattr(engine, "flops_profiler")  # DeepSpeed creates it only when enabled
+    assert (engine.flops_profiler_recompute_fwd_factor(), engine.flops_profiler_profile_step(),
+            engine.flops_profiler_module_depth(), engine.flops_profiler_top_modules(),
+            engine.flops_profiler_detailed(), engine.flops_profiler_output_file()) == (
+            0.0, 1, -1, 1, True, None)  # fmt: skip
+    assert engine.autotuning_enabled() is False
+    assert (engine.autotuning_start_profile_step(), engine.autotuning_end_profile_step()) == (3, 5)
+    assert engine.autotuning_metric() == "throughput"
+    assert engine.autotuning_metric_path() == str(tmp_path / "autotuning_metric.json")
+    assert engine.autotuning_model_info_path() == str(tmp_path / "autotuning_model_info.json")
+    assert engine.autotuning_profile_model_info() is False
+
+    fp = {"enabled": True, "recompute_fwd_factor": 0.5, "profile_step": 4, "module_depth": 2,
+          "top_modules": 3, "detailed": False, "output_file": "p.txt"}  # fmt: skip
+    engine = _engine(_config(flops_profiler=fp))
+    from ds_profile import FlopsProfiler
+
+    assert isinstance(engine.flops_profiler, FlopsProfiler)
+    assert engine.flops_profiler.model is engine.module
+    assert (engine.flops_profiler_recompute_fwd_factor(), engine.flops_profiler_profile_step(),
+            engine.flops_profiler_module_depth(), engine.flops_profiler_top_modules(),
+            engine.flops_profiler_detailed(), engine.flops_profiler_output_file()) == (
+            0.5, 4, 2, 3, False, "p.txt")  # fmt: skip
+
+    # autotuning on: DeepSpeed's profiler is on, at start_profile_step, not detailed
+    at = {"enabled": True, "start_profile_step": 2, "end_profile_step": 4, "metric": "latency",
+          "metric_path": "m.json", "model_info": {"profile": True}}  # fmt: skip
+    engine = _engine(_config(autotuning=at, flops_profiler={"profile_step": 7}))
+    assert engine.flops_profiler_enabled() is True and engine.autotuning_enabled() is True
+    assert engine.flops_profiler_profile_step() == 2 and engine.flops_profiler_detailed() is False
+    assert engine.autotuning_end_profile_step() == 4 and engine.autotuning_metric() == "latency"
+    assert engine.autotuning_metric_path() == "m.json"
+    assert engine.autotuning_profile_model_info() is True
+    assert engine.wall_clock_breakdown() is False  # DeepSpeed ORs flops_profiler.enabled only
+
+
 def test_throughput_line_has_tflops_and_mfu(caplog, monkeypatch):
     monkeypatch.setenv("DS_PEAK_FLOPS", "1e12")
     engine = _engine(_config(steps_per_print=2))
@@ -96,6 +158,17 @@ def test_config_errors():
         _engine(_config(autotuning={"start_profile_step": 5, "end_profile_step": 5}))
     with pytest.raises(ConfigError, match="autotuning.metrc: unknown key; did you mean 'metric'"):
         _engine(_config(autotuning={"metrc": "latency"}))
+
+
+def test_autotuning_deepspeed_keys_accepted():
+    """DeepSpeed 0.19.8 accepts model_info null and start_step/end_step (no effect there):
+    accepted, the no-op keys with a warning naming the keys that do set the profiled steps."""
+    with pytest.warns(UserWarning, match="autotuning.start_step has no effect.*start_profile_step"):
+        engine = _engine(_config(autotuning={"model_info": None, "start_step": 5, "end_step": 15}))
+        assert engine.autotuning_start_profile_step() == 3
+        assert not engine.autotuning_profile_model_info()
+    with pytest.raises(ConfigError, match="autotuning.mp_size.*set autotuning.mp_size to 1"):
+        _engine(_config(autotuning={"mp_size": 2}))
 
 
 def test_autotuning_probe_writes_metric_and_exits(tmp_path):

@@ -56,6 +56,11 @@ def cnn_macs() -> int:
     return c1 + c2 + c3
 
 
+def cnn_bias_flops() -> int:
+    """One FLOP per output element of each biased convolution (DeepSpeed's count)."""
+    return B * 8 * 9 * 9 + B * 8 * 9 * 9 + B * 4 * 18 * 18  # c1, c2, c3 outputs
+
+
 class Attention(nn.Module):
     """Scores with @, einsum for the weighted sum, bmm for a second head mix; softmax."""
 

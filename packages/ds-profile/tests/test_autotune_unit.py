@@ -59,11 +59,14 @@ def test_deepspeed_defaults():
         ),
         (
             {"start_profile_step": 4, "end_profile_step": 4},
-            "end_profile_step \\(4\\) must be after",
+            "end_profile_step \\(4\\) must be after.*set autotuning.end_profile_step above 4",
         ),
         ({"zero_stages": [0, 4]}, "autotuning.zero_stages"),
         ({"offload": ["nvme"]}, "autotuning.offload"),
-        ({"mp_size": 2}, "autotuning.mp_size: only 1"),
+        (
+            {"mp_size": 2},
+            "autotuning.mp_size: only 1 is supported, got 2.*set autotuning.mp_size to 1",
+        ),
         ({"arg_mappings": {"train_micro_batch_size_per_gpu": 3}}, "autotuning.arg_mappings"),
         ({"model_info": {"profile": True, "layers": 3}}, "autotuning.model_info.layers"),
         ({"memory_per_device_gb": -1}, "autotuning.memory_per_device_gb"),
@@ -72,6 +75,35 @@ def test_deepspeed_defaults():
 def test_bad_settings(raw, match):
     with pytest.raises(AutotuneConfigError, match=match):
         AutotuneSettings.from_config(raw)
+
+
+def test_deepspeed_keys_accepted_with_warnings():
+    """DeepSpeed 0.19.8 accepts model_info null, start_step/end_step (shown in its
+    AUTOTUNING_FORMAT, never read) and keys this tuner does not use: accepted, with a warning
+    naming each key."""
+    import warnings
+
+    assert AutotuneSettings.from_config({"model_info": None}).model_info.profile is False
+    cases = [
+        ({"start_step": 5}, r"autotuning.start_step has no effect.*autotuning.start_profile_step"),
+        ({"end_step": 15}, r"autotuning.end_step has no effect.*autotuning.end_profile_step"),
+        ({"min_train_batch_size": 4}, r"autotuning.min_train_batch_size has no effect"),
+        ({"num_tuning_micro_batch_sizes": 5}, r"autotuning.num_tuning_micro_batch_sizes has no"),
+        ({"model_info": {"num_params": 10}}, r"autotuning.model_info.num_params has no effect"),
+        ({"model_info": {"hidden_size": 8}}, r"autotuning.model_info.hidden_size has no effect"),
+        ({"model_info": {"num_layers": 2}}, r"autotuning.model_info.num_layers has no effect"),
+    ]
+    for raw, match in cases:
+        with pytest.warns(UserWarning, match=match):
+            s = AutotuneSettings.from_config(raw)
+    assert (s.start_profile_step, s.end_profile_step) == (3, 5)
+    with pytest.warns(UserWarning, match="start_step"):
+        s = AutotuneSettings.from_config({"start_step": 5, "end_step": 15, "start_profile_step": 2,
+                                          "end_profile_step": 4})  # fmt: skip
+    assert (s.start_profile_step, s.end_profile_step) == (2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutotuneSettings.from_config({"model_info": {"profile": True}, "max_train_batch_size": 8})
 
 
 def test_space_keeps_global_batch_and_skips_impossible_offloads():

@@ -17,6 +17,7 @@ from _profile_models import (
     TiedLM,
     attention_input,
     attention_macs,
+    cnn_bias_flops,
     cnn_input,
     cnn_macs,
     mlp_input,
@@ -55,7 +56,22 @@ def test_mlp_macs_and_flops():
 def test_cnn_stride_padding_dilation_groups_transposed():
     flops, macs = profile(CNN(), cnn_input())
     assert macs == cnn_macs()
-    assert flops == 2 * cnn_macs() + B * 8 * 9 * 9  # + ReLU per element
+    # + ReLU per element + each convolution's bias add per output element
+    assert flops == 2 * cnn_macs() + B * 8 * 9 * 9 + cnn_bias_flops()
+
+
+def test_conv_bias_add_counted():
+    """A convolution's bias add is out_channels x output positions FLOPs (DeepSpeed's count),
+    for a forward and a transposed convolution, and nothing without a bias."""
+    x = torch.randn(B, 3, 9, 9)
+    with_bias, macs = profile(nn.Conv2d(3, 8, 3), x)
+    without, macs_nb = profile(nn.Conv2d(3, 8, 3, bias=False), x)
+    assert macs == macs_nb == B * 7 * 7 * 8 * 3 * 3 * 3
+    assert without == 2 * macs
+    assert with_bias == 2 * macs + B * 8 * 7 * 7
+    t_flops, t_macs = profile(nn.ConvTranspose1d(4, 6, 3, stride=2), torch.randn(B, 4, 5))
+    assert t_macs == B * 5 * 4 * 6 * 3  # every input position scatters a kernel per filter
+    assert t_flops == 2 * t_macs + B * 6 * 11  # output length (5 - 1) * 2 + 3 = 11
 
 
 def test_attention_with_matmul_einsum_bmm():
@@ -121,6 +137,8 @@ def test_products_agree_with_flop_counter_mode(model, args):
     flops, _ = profile(model, *inputs)
     if isinstance(model, Attention):
         flops -= B * H * L * L  # softmax: FlopCounterMode counts products only
+    if isinstance(model[0] if isinstance(model, nn.Sequential) else model, nn.Conv2d):
+        flops -= 2 * B * 8 * 9 * 9  # conv bias adds (one per output): FlopCounterMode omits them
     assert flops == torch_flops(model, *inputs)
 
     model.train()
@@ -131,6 +149,8 @@ def test_products_agree_with_flop_counter_mode(model, args):
         model(*x).sum().backward()
         prof.stop_profile()
     ours = int(prof.get_total_flops()) + int(prof.get_total_backward_flops())
+    if isinstance(model[0] if isinstance(model, nn.Sequential) else model, nn.Conv2d):
+        ours -= 2 * B * 8 * 9 * 9  # forward bias adds, as above
     softmax = 3 * B * H * L * L if isinstance(model, Attention) else 0  # fwd 1 + bwd 2 per element
     assert ours - softmax == counter.get_total_flops()
     prof.end_profile()

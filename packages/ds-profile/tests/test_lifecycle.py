@@ -94,3 +94,79 @@ def test_engine_summary_lines(capsys):
     assert "params of model = params per GPU * mp_size:" in text and "1.28 K" in text
     assert "bwd FLOPS per GPU = 3 * fwd flops per GPU / bwd latency:" in text
     assert "samples/second:" in text and "6.0" in text  # 3 x 4 samples / 2 s
+
+
+def test_deepspeed_module_attributes_and_getters():
+    """DeepSpeed's per-module attributes: own FLOPs/MACs (children excluded), parameters with
+    children, accumulated latency; readable while running and after stop_profile, zeroed by
+    reset_profile, deleted by end_profile. get_module_* sum them as DeepSpeed does."""
+    from ds_profile import get_module_duration, get_module_flops, get_module_macs
+
+    model = MLP()
+    prof = FlopsProfiler(model)
+    prof.start_profile()
+    assert model.__flops__ == 0 and model.fc1.__macs__ == 0 and model.__duration__ == 0
+    model(mlp_input())
+    fc1 = B * L * 12 * 32
+    assert model.fc1.__macs__ == fc1 and model.fc1.__flops__ == 2 * fc1
+    assert model.norm.__flops__ == 5 * B * L * 32 and model.norm.__macs__ == 0
+    assert model.__macs__ == 0 and model.__flops__ == 0  # the MLP runs no op of its own
+    assert get_module_macs(model) == mlp_macs() == prof.get_total_macs()
+    assert get_module_flops(model) == prof.get_total_flops()
+    assert get_module_flops(model.fc1) == 2 * fc1
+    assert model.__params__ == sum(p.numel() for p in model.parameters())
+    assert model.fc1.__params__ == 12 * 32 + 32 and model.act.__params__ == 0
+    assert model.__expert_params__ == 0 and model.__model_expert_params__ == 0
+    assert 0 < model.fc1.__duration__ <= model.__duration__
+    assert get_module_duration(model) == model.__duration__ == prof.get_total_duration()
+    first = model.__duration__
+    model(mlp_input())  # a second forward accumulates
+    assert model.fc1.__macs__ == 2 * fc1 and model.__duration__ > first
+    prof.stop_profile()
+    model(mlp_input())  # unprofiled: attributes kept, unchanged
+    assert model.fc1.__macs__ == 2 * fc1 and get_module_macs(model) == 2 * mlp_macs()
+    prof.reset_profile()
+    assert all(m.__flops__ == 0 and m.__macs__ == 0 and m.__duration__ == 0
+               for m in model.modules())  # fmt: skip
+    assert model.__params__ == sum(p.numel() for p in model.parameters())
+    prof.end_profile()
+    assert not any(hasattr(m, "__flops__") or hasattr(m, "__params__") for m in model.modules())
+    with pytest.raises(AttributeError):
+        get_module_flops(model)
+
+
+def test_module_duration_of_a_container_sums_children():
+    from ds_profile import get_module_duration
+
+    layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    model = torch.nn.Sequential()
+    model.layers = layers
+    prof = FlopsProfiler(model)
+    prof.start_profile()
+    x = torch.randn(2, 4)
+    for layer in layers:  # the ModuleList itself never runs
+        x = layer(x)
+    assert layers.__duration__ == 0
+    assert get_module_duration(layers) == layers[0].__duration__ + layers[1].__duration__ > 0
+    prof.end_profile()
+
+
+def test_expert_params_and_expert_tensor_parallelism():
+    class MoE(torch.nn.Module):
+        def __init__(self, etp: bool) -> None:
+            super().__init__()
+            self.enable_expert_tensor_parallelism = etp
+            self.gate = torch.nn.Linear(4, 2, bias=False)
+            self.expert = torch.nn.Linear(4, 4, bias=False)
+            self.expert.weight.group_name = "ep_size_2"  # DeepSpeed's expert mark
+
+    for etp in (False, True):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), MoE(etp))
+        prof = FlopsProfiler(model)
+        assert prof.is_expert_tensor_parallelism_enabled() is etp
+        prof.start_profile()
+        assert model.__params__ == 20 + 8 and model.__expert_params__ == 16
+        assert model.__model_expert_params__ == 32  # x expert-parallel size
+        assert prof.get_total_params() == 44
+        prof.end_profile()
+    assert FlopsProfiler(MLP()).is_expert_tensor_parallelism_enabled() is False

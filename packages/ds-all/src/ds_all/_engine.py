@@ -27,6 +27,7 @@ from ds_all._engine_export import consolidated_state_dict, module_state_dict, wr
 from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
 from ds_all._profiling import EngineProfiling
+from ds_all._profiling_config import autotuning_settings
 from ds_all._schedulers import build_scheduler
 from ds_all._tensor_parallel import tp_checkpoint
 from ds_all._timers import Timers
@@ -239,7 +240,9 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         self.optimizer.overflow = False  # type: ignore[attr-defined]
         _log_offload_plan(self.zero, self.global_rank)
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
-        self.timers = Timers(config.wall_clock_breakdown)
+        # DeepSpeed times the steps when wall_clock_breakdown or the flops profiler is on (its
+        # config ORs them: the profile's summary prints fwd/bwd/step latencies)
+        self.timers = Timers(config.wall_clock_breakdown or config.flops_profiler.enabled)
         self.monitor = MonitorMaster(config, self.global_rank)
         self.global_steps = 0
         self.global_samples = 0
@@ -354,6 +357,75 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
 
     def gradient_clipping(self) -> float:
         return float(self._config.gradient_clipping)
+
+    # ---------------------------------------------------------------- profiling (DeepSpeed's)
+    @property
+    def flops_profiler(self) -> Any:
+        """DeepSpeed's ``engine.flops_profiler``: the FlopsProfiler (ds-profile) that prints the
+        ``flops_profiler`` report; absent (AttributeError) unless ``flops_profiler_enabled()``,
+        as in DeepSpeed."""
+        if not self.flops_profiler_enabled():
+            raise AttributeError("flops_profiler: not enabled (flops_profiler.enabled is false)")
+        return self._profiling.report
+
+    def wall_clock_breakdown(self) -> bool:
+        """True when steps are timed: ``wall_clock_breakdown`` or ``flops_profiler.enabled``
+        (DeepSpeed's config ORs them)."""
+        return bool(self._config.wall_clock_breakdown or self._config.flops_profiler.enabled)
+
+    def flops_profiler_enabled(self) -> bool:
+        return bool(self._config.flops_profiler.enabled or self.autotuning_enabled())
+
+    def flops_profiler_recompute_fwd_factor(self) -> float:
+        return self._config.flops_profiler.recompute_fwd_factor
+
+    def flops_profiler_profile_step(self) -> int:
+        """``flops_profiler.profile_step``, or ``autotuning.start_profile_step`` when
+        autotuning is enabled (DeepSpeed's value)."""
+        if self.autotuning_enabled():
+            return self.autotuning_start_profile_step()
+        return self._config.flops_profiler.profile_step
+
+    def flops_profiler_module_depth(self) -> int:
+        return self._config.flops_profiler.module_depth
+
+    def flops_profiler_top_modules(self) -> int:
+        return self._config.flops_profiler.top_modules
+
+    def flops_profiler_detailed(self) -> bool:
+        """``flops_profiler.detailed``; False when autotuning is enabled (DeepSpeed's value)."""
+        return False if self.autotuning_enabled() else self._config.flops_profiler.detailed
+
+    def flops_profiler_output_file(self) -> str | None:
+        return self._config.flops_profiler.output_file
+
+    def _autotuning(self) -> Any:
+        return autotuning_settings(self._config.autotuning)
+
+    def autotuning_enabled(self) -> bool:
+        return bool(self._autotuning().enabled)
+
+    def autotuning_start_profile_step(self) -> int:
+        return self._autotuning().start_profile_step
+
+    def autotuning_end_profile_step(self) -> int:
+        return self._autotuning().end_profile_step
+
+    def autotuning_metric_path(self) -> str:
+        """``autotuning.metric_path``, default ``<cwd>/autotuning_metric.json`` (DeepSpeed's)."""
+        return self._autotuning().metric_path or os.path.join(os.getcwd(), "autotuning_metric.json")
+
+    def autotuning_model_info_path(self) -> str:
+        """``autotuning.model_info_path``, default ``<cwd>/autotuning_model_info.json``."""
+        path = self._autotuning().model_info_path
+        return path or os.path.join(os.getcwd(), "autotuning_model_info.json")
+
+    def autotuning_metric(self) -> str:
+        return self._autotuning().metric
+
+    def autotuning_profile_model_info(self) -> bool:
+        """Autotuning is enabled and ``autotuning.model_info.profile`` is true."""
+        return self.autotuning_enabled() and bool(self._autotuning().model_info.profile)
 
     # ---------------------------------------------------------------- training
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -35,9 +35,11 @@ class FlopsProfilerSection(Section):
 
     @field_validator("profile_step", "top_modules")
     @classmethod
-    def _positive(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ConfigError(f"flops_profiler.{info.field_name} must be at least 1, got {v}")
+    def _non_negative(cls, v: int, info: Any) -> int:
+        # DeepSpeed accepts 0 for both: profile_step 0 profiles the first training step
+        # (global_steps is 0 until the first optimizer step), top_modules 0 lists no module
+        if v < 0:
+            raise ConfigError(f"flops_profiler.{info.field_name} must be at least 0, got {v}")
         return v
 
     @field_validator("module_depth")

@@ -13,7 +13,13 @@ from ds_profile._format import (
 from ds_profile._mfu import training_flops_per_step
 from ds_profile._model_profile import get_model_profile
 from ds_profile._ops import attention_pairs
-from ds_profile._profiler import FlopsProfiler, ProfilerState
+from ds_profile._profiler import (
+    FlopsProfiler,
+    ProfilerState,
+    get_module_duration,
+    get_module_flops,
+    get_module_macs,
+)
 from ds_profile._version import __version__
 
 __all__ = [
@@ -26,6 +32,9 @@ __all__ = [
     "duration_to_string",
     "flops_to_string",
     "get_model_profile",
+    "get_module_duration",
+    "get_module_flops",
+    "get_module_macs",
     "macs_to_string",
     "number_to_string",
     "params_to_string",

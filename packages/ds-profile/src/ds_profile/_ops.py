@@ -9,9 +9,14 @@ are seen as the kernels they decompose into, so nothing is counted twice.
 
 Conventions (DeepSpeed's where it has one):
 
-* a product-class op (mm, bmm, conv, attention) costs ``2 * MACs`` FLOPs; the bias addition of
-  ``addmm``/``baddbmm``/convolution is not counted (DeepSpeed does not count it for
-  ``F.linear`` either), so a linear layer costs the same with or without its bias;
+* a product-class op (mm, bmm, conv, attention) costs ``2 * MACs`` FLOPs;
+* a convolution's (and transposed convolution's) bias adds one FLOP per output element
+  (out_channels x output positions), as DeepSpeed counts it;
+* the bias addition of ``addmm``/``baddbmm`` is not counted: ``nn.Linear``/``F.linear`` arrive
+  here as ``addmm``, and DeepSpeed does not count a linear layer's bias (its ``F.linear``
+  formula is ``2 * MACs``), so a linear layer costs the same with or without its bias. (A
+  direct ``torch.addmm``/``torch.baddbmm`` call, which DeepSpeed charges ``numel(input)``
+  more, cannot be told apart from ``F.linear`` at the ATen level.)
 * norms, activations and softmax cost FLOPs per element with DeepSpeed's factors (layer/group
   norm 5 per element with an affine weight, 4 without; batch norm 5/4 when training, 2/1 in
   eval; softmax and activations 1) and no MACs; embeddings cost nothing (a lookup);
@@ -92,7 +97,9 @@ def _conv_macs(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequen
 
 def _convolution(a: dict[str, Any], out: Any) -> tuple[int, int]:
     macs = _conv_macs(a["input"].shape, a["weight"].shape, out.shape, bool(a["transposed"]))
-    return 2 * macs, macs
+    # the bias add: one FLOP per output element (out_channels x output positions x batch)
+    bias = out.numel() if a.get("bias") is not None else 0
+    return 2 * macs + bias, macs
 
 
 def _convolution_backward(a: dict[str, Any], out: Any) -> tuple[int, int]:

@@ -3,8 +3,15 @@
 Lifecycle (``ProfilerState``): IDLE holds nothing on the model; RUNNING has one pre-hook and
 one post-hook per profiled module plus the counter on the dispatch-mode stack; STOPPED has
 removed both but keeps the numbers (so ``print_model_profile`` works after ``stop_profile``, as
-in DeepSpeed); ``end_profile`` drops the numbers and returns to IDLE. The numbers live in this
-object, keyed by module, never as attributes on the user's modules.
+in DeepSpeed); ``end_profile`` drops the numbers and returns to IDLE.
+
+The numbers live in this object, keyed by module, and are mirrored onto each module as
+DeepSpeed's attributes (``__flops__``, ``__macs__``: the module's own calls, children excluded;
+``__params__``, ``__expert_params__``, ``__model_expert_params__``: its parameters, children
+included; ``__duration__``: its forward wall time, accumulated over calls; ``__start_time__``)
+from ``start_profile``/``reset_profile`` until ``end_profile``, which deletes them. A module's
+``__flops__``/``__macs__``/``__duration__`` are updated when its forward returns, as in
+DeepSpeed. ``get_module_flops``/``get_module_macs``/``get_module_duration`` read them.
 """
 
 from __future__ import annotations
@@ -41,6 +48,18 @@ class ProfilerState(enum.Enum):
     STOPPED = "stopped"
 
 
+#: DeepSpeed's per-module attributes, set by reset_profile and deleted by end_profile
+MODULE_ATTRS = (
+    "__flops__",
+    "__macs__",
+    "__params__",
+    "__expert_params__",
+    "__model_expert_params__",
+    "__start_time__",
+    "__duration__",
+)
+
+
 @dataclass
 class ModuleStats:
     """What one module did during the profiled forward passes (its own calls: a parent's
@@ -48,9 +67,76 @@ class ModuleStats:
 
     tally: Tally
     params: int
+    expert_params: int = 0
+    model_expert_params: int = 0
     duration: float = 0.0
     started: float = 0.0
     depth_open: int = 0
+
+
+def _expert_parallelism(p: torch.Tensor) -> int:
+    # DeepSpeed marks an expert parameter with group_name "ep_size_<n>"; 0: not an expert
+    name = getattr(p, "group_name", "") or ""
+    if isinstance(name, str) and name.startswith("ep_size_"):
+        try:
+            return int(name[len("ep_size_") :])
+        except ValueError:
+            return 0
+    return 0
+
+
+def _new_stats(module: nn.Module) -> ModuleStats:
+    """Zeroed numbers for ``module``; parameters split as DeepSpeed does (an expert parameter
+    counts in ``expert_params`` and, times its expert-parallel size, in ``model_expert_params``)."""
+    stats = ModuleStats(Tally(), 0)
+    for p in module.parameters():
+        n, ep = _numel(p), _expert_parallelism(p)
+        if ep:
+            stats.expert_params += n
+            stats.model_expert_params += n * ep
+        else:
+            stats.params += n
+    return stats
+
+
+def _publish(module: nn.Module, stats: ModuleStats) -> None:
+    """Mirror ``stats`` onto ``module`` as DeepSpeed's attributes (plain instance attributes:
+    a dunder name ending in ``__`` is not name-mangled)."""
+    d = module.__dict__
+    d["__flops__"] = stats.tally.flops
+    d["__macs__"] = stats.tally.macs
+    d["__params__"] = stats.params
+    d["__expert_params__"] = stats.expert_params
+    d["__model_expert_params__"] = stats.model_expert_params
+    d["__start_time__"] = stats.started
+    d["__duration__"] = stats.duration
+
+
+def _unpublish(module: nn.Module) -> None:
+    for name in MODULE_ATTRS:
+        module.__dict__.pop(name, None)
+
+
+def get_module_flops(module: nn.Module) -> int:
+    """DeepSpeed's ``get_module_flops``: forward FLOPs of ``module`` and every module inside it
+    (each module counted once however often it is reached), from the ``__flops__`` attributes
+    a profile sets (AttributeError when no profile was started on it, as in DeepSpeed)."""
+    return sum(m.__flops__ for m in module.modules())
+
+
+def get_module_macs(module: nn.Module) -> int:
+    """DeepSpeed's ``get_module_macs``: forward MACs of ``module`` and every module inside it."""
+    return sum(m.__macs__ for m in module.modules())
+
+
+def get_module_duration(module: nn.Module) -> float:
+    """DeepSpeed's ``get_module_duration``: the module's forward latency (seconds), or, for a
+    container that never runs itself (``ModuleList``), the sum of its children's."""
+    duration = module.__duration__
+    if duration == 0:
+        for child in module.children():
+            duration += get_module_duration(child)
+    return duration
 
 
 def _synchronize() -> None:
@@ -138,20 +224,23 @@ class FlopsProfiler:
         self.state = ProfilerState.STOPPED
 
     def reset_profile(self) -> None:
-        """Zero every module's numbers (a running profile keeps running)."""
-        self._stats = {
-            m: ModuleStats(Tally(), sum(_numel(p) for p in m.parameters()))
-            for m in self.model.modules()
-        }
+        """Zero every module's numbers and DeepSpeed's attributes on it (a running profile
+        keeps running)."""
+        self._stats = {m: _new_stats(m) for m in self.model.modules()}
+        for m, stats in self._stats.items():
+            _publish(m, stats)
         if self._counter is not None:
             self._counter.backward = Tally()
             self._counter.per_op.clear()
 
     def end_profile(self) -> None:
-        """Stop, and drop every number: nothing of the profile is left on the model."""
+        """Stop, and drop every number: DeepSpeed's attributes are deleted from every module,
+        nothing of the profile is left on the model."""
         if self.state is ProfilerState.IDLE:
             return
         self.stop_profile()
+        for m in set(self._stats) | set(self.model.modules()):
+            _unpublish(m)
         self._stats = {}
         self._counter = None
         self.state = ProfilerState.IDLE
@@ -162,12 +251,13 @@ class FlopsProfiler:
         def pre_hook(mod: nn.Module, args: Any) -> None:
             stats = self._stats.get(module)
             if stats is None:  # a module added after start_profile
-                stats = self._stats[module] = ModuleStats(Tally(), 0)
+                stats = self._stats[module] = _new_stats(module)
             counter.stack.append(stats.tally)
             stats.depth_open += 1
             if stats.depth_open == 1:  # a module re-entered recursively times once
                 _synchronize()
                 stats.started = time.perf_counter()
+                module.__dict__["__start_time__"] = stats.started
 
         return pre_hook
 
@@ -180,6 +270,7 @@ class FlopsProfiler:
             if stats.depth_open == 0:
                 _synchronize()
                 stats.duration += time.perf_counter() - stats.started
+            _publish(module, stats)
 
         return post_hook
 
@@ -198,7 +289,10 @@ class FlopsProfiler:
         return sum(self._stats[m].tally.macs for m in module.modules() if m in self._stats)
 
     def module_params(self, module: nn.Module) -> int:
-        return self._stats[module].params if module in self._stats else 0
+        """Parameters of ``module`` and its children, experts included (``__params__`` +
+        ``__expert_params__``)."""
+        stats = self._stats.get(module)
+        return stats.params + stats.expert_params if stats is not None else 0
 
     def module_duration(self, module: nn.Module) -> float:
         """Forward latency; a container that never runs itself (ModuleList) sums its children."""
@@ -248,6 +342,16 @@ class FlopsProfiler:
         if self._counter is None:
             return {}
         return {k: (v.flops, v.macs) for k, v in self._counter.per_op.items()}
+
+    def is_expert_tensor_parallelism_enabled(self) -> bool:
+        """DeepSpeed's check: the ``enable_expert_tensor_parallelism`` flag of the model's first
+        MoE layer (a module whose class is, or derives from, one named ``MoE``); False without
+        one."""
+        for module in self.model.modules():
+            is_moe = any(c.__name__ == "MoE" for c in type(module).__mro__)
+            if is_moe and hasattr(module, "enable_expert_tensor_parallelism"):
+                return bool(module.enable_expert_tensor_parallelism)
+        return False
 
     # ------------------------------------------------------------------ report
     def print_model_profile(self, profile_step: int = 1, module_depth: int = -1, top_modules: int = 1,

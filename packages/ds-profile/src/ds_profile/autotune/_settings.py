@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,6 +17,27 @@ TUNERS = ("gridsearch", "random", "model_based")
 
 class AutotuneConfigError(ValueError):
     """A bad ``autotuning`` key; the message names it and says what is accepted."""
+
+
+#: keys shown in DeepSpeed's AUTOTUNING_FORMAT that its autotuner never reads: accepted (as
+#: DeepSpeed does) with a warning naming the keys that set the profiled steps
+_IGNORED_KEYS = {"start_step": "start_profile_step", "end_step": "end_profile_step"}
+
+#: DeepSpeed keys this tuner accepts but does not use
+_UNUSED_KEYS = {
+    "min_train_batch_size": "the global batch is the config's train_batch_size (or "
+    "max_train_batch_size); micro-batch sizes come from the min/max_train_micro_batch_size_per_gpu "
+    "keys or micro_batch_sizes",
+    "num_tuning_micro_batch_sizes": "every micro-batch size within the min/max keys (or "
+    "micro_batch_sizes) is a candidate",
+}
+_UNUSED_MODEL_INFO = ("num_params", "hidden_size", "num_layers")
+
+
+def _warn(message: str) -> None:
+    # reported at this line, so the same text is shown once per process (Python's default
+    # filter) however often the section is parsed (the engine and its accessors parse it again)
+    warnings.warn(message, UserWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,22 @@ class AutotuneSettings:
         known = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
+            if key in _IGNORED_KEYS:
+                _warn(
+                    f"autotuning.{key} has no effect (DeepSpeed 0.19.8 shows it in its "
+                    f"AUTOTUNING_FORMAT but never reads it): the profiled steps are set by "
+                    f"autotuning.{_IGNORED_KEYS[key]}"
+                )
+                continue
+            if key in _UNUSED_KEYS:
+                _warn(f"autotuning.{key} has no effect in this tuner: {_UNUSED_KEYS[key]}")
+            if key == "model_info" and isinstance(value, dict):
+                for sub in _UNUSED_MODEL_INFO:
+                    if value.get(sub) is not None:
+                        _warn(
+                            f"autotuning.model_info.{sub} has no effect in this tuner: the "
+                            "model facts are measured by a profile run (model_info.profile)"
+                        )
             if key not in known:
                 near = difflib.get_close_matches(key, list(known), n=1)
                 hint = (
@@ -100,7 +138,9 @@ class AutotuneSettings:
         if self.end_profile_step <= self.start_profile_step:
             raise AutotuneConfigError(
                 f"autotuning.end_profile_step ({self.end_profile_step}) must be after "
-                f"start_profile_step ({self.start_profile_step})"
+                f"start_profile_step ({self.start_profile_step}): the latency is measured "
+                f"between the two; set autotuning.end_profile_step above "
+                f"{self.start_profile_step} (or lower autotuning.start_profile_step)"
             )
         if self.metric not in METRICS:
             raise bad("metric", " or ".join(METRICS))
@@ -112,8 +152,9 @@ class AutotuneSettings:
             raise bad("exps_dir", "a directory")
         if self.mp_size != 1:
             raise AutotuneConfigError(
-                "autotuning.mp_size: only 1 is supported (this tuner searches data-parallel ZeRO "
-                "configs); remove the key"
+                f"autotuning.mp_size: only 1 is supported, got {self.mp_size} (this tuner "
+                "searches data-parallel ZeRO configs, not model parallelism); set "
+                "autotuning.mp_size to 1 or remove the key"
             )
         if not self.zero_stages or any(s not in (0, 1, 2, 3) for s in self.zero_stages):
             raise bad("zero_stages", "a list of ZeRO stages 0-3")
@@ -141,6 +182,8 @@ class AutotuneSettings:
 
 def _convert(key: str, value: Any, default: Any) -> Any:
     if key == "model_info":
+        if value is None:  # DeepSpeed: null is the default (no model info)
+            return ModelInfo()
         if not isinstance(value, dict):
             raise AutotuneConfigError(f"autotuning.model_info: expected an object, got {value!r}")
         names = {f.name for f in fields(ModelInfo)}
