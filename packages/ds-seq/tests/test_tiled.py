@@ -248,3 +248,56 @@ def test_keep_on_device_bytes_keeps_the_first_inputs_within_the_budget():
         out.sum().backward()
     with pytest.raises(ValueError, match="keep_on_device_bytes must be >= 0"):
         ds_seq.HiddenStatesOffload(keep_on_device_bytes=-1)
+
+
+def test_parameters_fn_uses_but_nobody_listed_still_get_their_gradients():
+    # self=None and compute_params=[]: the MLP's parameters are found in the tiles' graph and
+    # get the untiled gradients, accumulated once per backward (their hooks fire once)
+    torch.manual_seed(0)
+    mlp = _MLP(bias=True)
+    x = torch.randn(2, 13, 8, requires_grad=True)
+    probe = torch.randn(2, 13, 8)
+    (mlp(x) * probe).sum().backward()
+    ref_x, ref = x.grad.clone(), _grads(mlp)
+    mlp.zero_grad()
+    x.grad = None
+    counts = _hook_counts(mlp)
+    out = ds_seq.TiledMLP.apply(lambda _self, t: mlp(t), None, x, 4, [])
+    (out * probe).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x, **TOL)
+    for n, g in _grads(mlp).items():
+        torch.testing.assert_close(g, ref[n], **TOL, msg=n)
+    assert set(counts.values()) == {1}
+
+    # sequence_tiled_compute, nothing listed
+    mlp.zero_grad()
+    x.grad = None
+    out = ds_seq.sequence_tiled_compute(
+        lambda hidden: mlp(hidden), 13, 3, {"hidden": x}, {}, "hidden", [], 1, None
+    )
+    (out * probe).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x, **TOL)
+    for n, g in _grads(mlp).items():
+        torch.testing.assert_close(g, ref[n], **TOL, msg=n)
+
+
+def test_unlisted_loss_parameters_get_the_scaled_gradient():
+    # the loss's tile backward runs in forward with an incoming gradient of 1; an unlisted
+    # head's gradient is scaled by the real one (here 3, like a loss scale) at backward
+    torch.manual_seed(0)
+    head = nn.Linear(8, 11)
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    y = torch.randint(0, 11, (2, 9))
+    (3 * F.cross_entropy(head(x).reshape(-1, 11), y.reshape(-1), reduction="sum")).backward()
+    ref_x, ref = x.grad.clone(), _grads(head)
+    head.zero_grad()
+    x.grad = None
+
+    def loss_fn(_self, xs, ys):
+        return F.cross_entropy(head(xs), ys, reduction="sum")
+
+    loss = ds_seq.TiledFusedLogitsLoss.apply(loss_fn, None, x, y, None, 3, [], "sum")
+    (3 * loss).backward()
+    torch.testing.assert_close(x.grad, ref_x, **TOL)
+    for n, g in _grads(head).items():
+        torch.testing.assert_close(g, ref[n], **TOL, msg=n)

@@ -12,7 +12,10 @@ accumulated once per backward, after all tiles. ZeRO, DDP and FSDP hooks that fi
 parameter's gradient is accumulated therefore see one final gradient (DeepSpeed instead
 accumulates every tile into ``.grad`` and marks ``ds_grad_is_ready`` for its own ZeRO only).
 The parameters are ``compute_params`` plus every parameter of the module passed as ``self``
-that requires grad (a parameter used by ``fn`` must be one of those).
+that requires grad. Any other ``nn.Parameter`` that ``fn`` uses (found in the first tile's
+autograd graph) gets its gradient too, summed over the tiles the same way and accumulated
+once at the end of the backward, so forgetting one in ``compute_params`` never drops a
+gradient (DeepSpeed accumulates such parameters tile by tile).
 """
 
 from __future__ import annotations
@@ -45,6 +48,63 @@ def _grads(
         return tuple(None for _ in inputs)
     got = iter(torch.autograd.grad(output, wanted, grad_output, allow_unused=True))
     return tuple(next(got) if t.requires_grad else None for t in inputs)
+
+
+def _unlisted_params(out: Tensor, listed: Sequence[Tensor]) -> list[Tensor]:
+    """The ``nn.Parameter`` leaves of ``out``'s autograd graph that require grad and are not in
+    ``listed``: parameters ``fn`` uses that the caller did not pass."""
+    known = {id(t) for t in listed}
+    found: dict[int, Tensor] = {}
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if isinstance(var, nn.Parameter) and var.requires_grad and id(var) not in known:
+            found.setdefault(id(var), var)
+        stack.extend(n for n, _ in node.next_functions)
+    return list(found.values())
+
+
+class _Extra:
+    """Gradients of the unlisted parameters, summed over tiles, accumulated once at the end."""
+
+    params: list[Tensor] | None
+    grads: list[Tensor | None]
+
+    def __init__(self) -> None:
+        self.params, self.grads = None, []
+
+    def inputs(self, out: Tensor, listed: Sequence[Tensor]) -> list[Tensor]:
+        if self.params is None:  # every tile runs the same function: look once
+            self.params = _unlisted_params(out, listed)
+            self.grads = [None] * len(self.params)
+        return self.params
+
+    def add(self, grads: Sequence[Tensor | None]) -> None:
+        _add(self.grads, grads)
+
+    def accumulate(self, scale: Tensor | None = None) -> None:
+        """Into the parameters' ``.grad`` through autograd, so their hooks fire once."""
+        pairs = [(p, g) for p, g in zip(self.params or (), self.grads) if g is not None]
+        if scale is not None:
+            pairs = [(p, g.mul_(scale.to(g.dtype))) for p, g in pairs]
+        if pairs:
+            torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        self.params, self.grads = None, []
+
+
+def _tile_grads(
+    out: Tensor, inputs: list[Tensor], grad_output: Tensor | None, extra: _Extra
+) -> tuple[Tensor | None, ...]:
+    """``_grads`` over ``inputs`` plus the unlisted parameters (summed into ``extra``)."""
+    more = extra.inputs(out, inputs)
+    g = _grads(out, [*inputs, *more], grad_output)
+    extra.add(g[len(inputs) :])
+    return g[: len(inputs)]
 
 
 def _add(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
@@ -89,17 +149,19 @@ class _TiledMLPFunction(torch.autograd.Function):
         grad_flat = grad.reshape(-1, grad.shape[-1])
         x_grad = torch.empty_like(flat) if x.requires_grad else None
         acc: list[Tensor | None] = [None] * len(params)
+        extra = _Extra()
         offset = 0
         for xs in torch.chunk(flat, ctx.shards, dim=0):
             n = xs.shape[0]
             xs = xs.detach().requires_grad_(x.requires_grad)
             with torch.enable_grad():
                 out = ctx.fn(ctx.module, xs)
-            g = _grads(out, [xs, *params], grad_flat[offset : offset + n])
+            g = _tile_grads(out, [xs, *params], grad_flat[offset : offset + n], extra)
             if x_grad is not None and g[0] is not None:
                 x_grad[offset : offset + n] = g[0]
             _add(acc, g[1:])
             offset += n
+        extra.accumulate()
         x_grad = x_grad.view(x.shape) if x_grad is not None else None
         return (None, None, None, x_grad, *acc)
 
@@ -149,7 +211,7 @@ def enable_tiled_mlp(model: nn.Module, shards: int | None = None) -> int:
 class _TiledLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, fn: Callable[..., Tensor], module: Any, shards: int, reduction: str,  # type: ignore[override]
-                x: Tensor, y: Tensor, mask: Tensor | None, *params: Tensor) -> Tensor:  # fmt: skip
+                grad_enabled: bool, x: Tensor, y: Tensor, mask: Tensor | None, *params: Tensor) -> Tensor:  # fmt: skip
         bs_seq = x.shape[:2]
         flat_x = x.detach().reshape(-1, *x.shape[2:])
         flat_y = y.reshape(-1, *y.shape[2:])
@@ -161,9 +223,11 @@ class _TiledLossFunction(torch.autograd.Function):
         )
         # the incoming gradient of each tile's output under the reduction of the tile outputs
         scale = 1.0 / len(xs_list) if reduction == "mean" else 1.0
-        want_grad = x.requires_grad or any(p.requires_grad for p in params)
+        # with grad recording on outside, parameters fn uses but nobody listed may want grads
+        want_grad = grad_enabled or x.requires_grad or any(p.requires_grad for p in params)
         x_grad = torch.empty_like(flat_x) if x.requires_grad else None
         acc: list[Tensor | None] = [None] * len(params)
+        extra = _Extra()
         outputs = []
         offset = 0
         for xs, ys, ms in zip(xs_list, ys_list, ms_list, strict=True):
@@ -173,7 +237,7 @@ class _TiledLossFunction(torch.autograd.Function):
                 xs.requires_grad_(x.requires_grad)
                 with torch.enable_grad():
                     out = fn(*args)
-                g = _grads(out, [xs, *params], torch.full_like(out, scale))
+                g = _tile_grads(out, [xs, *params], torch.full_like(out, scale), extra)
                 if x_grad is not None and g[0] is not None:
                     x_grad[offset : offset + n] = g[0]
                 _add(acc, g[1:])
@@ -184,20 +248,23 @@ class _TiledLossFunction(torch.autograd.Function):
             outputs.append(out.reshape(()))
             offset += n
         stacked = torch.stack(outputs)
-        ctx.param_grads = acc
+        ctx.param_grads, ctx.extra = acc, extra
         ctx.x_grad = x_grad.view(*bs_seq, *flat_x.shape[1:]) if x_grad is not None else None
         return stacked.mean() if reduction == "mean" else stacked.sum()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_grad, acc = ctx.x_grad, ctx.param_grads
-        ctx.x_grad = ctx.param_grads = None
+        x_grad, acc, extra = ctx.x_grad, ctx.param_grads, ctx.extra
+        ctx.x_grad = ctx.param_grads = ctx.extra = None
         # the tile gradients were taken with an incoming gradient of 1 (per the reduction);
         # the real one may be a loss scale or 1/gradient_accumulation_steps
         if not bool(grad == 1):
             x_grad = x_grad.mul_(grad) if x_grad is not None else None
             acc = [g.mul_(grad.to(g.dtype)) if g is not None else None for g in acc]
-        return (None, None, None, None, x_grad, None, None, *acc)
+            extra.accumulate(grad)
+        else:
+            extra.accumulate()
+        return (None, None, None, None, None, x_grad, None, None, *acc)
 
 
 class TiledFusedLogitsLoss:
@@ -231,7 +298,7 @@ class TiledFusedLogitsLoss:
             raise ValueError(f"TiledFusedLogitsLoss: shards must be >= 1, got {shards}")
         params = _params(self, compute_params)
         return _TiledLossFunction.apply(
-            fn, self, int(shards), output_reduction, x, y, mask, *params
+            fn, self, int(shards), output_reduction, torch.is_grad_enabled(), x, y, mask, *params
         )
 
 
@@ -286,13 +353,16 @@ class _SeqTiledFunction(torch.autograd.Function):
         ctx.args = ctx.params = None
         key_index = spec["grad_index"]
         target = args[key_index]
-        args[key_index] = target.detach()
+        # only the key's tensor gets a gradient: the other arguments enter each tile's recompute
+        # as constants (so the search for unlisted parameters stays inside fn's computation)
+        args = [a.detach() if isinstance(a, Tensor) else a for a in args]
         shard_kw, pass_kw = _split_kwargs(spec, args)
         key = spec["grad_key"]
         reduction, dim = spec["reduction"], spec["unshard_dim"]
         numel = math.prod(ctx.out_shape)
         target_grad = torch.zeros_like(target) if target.requires_grad else None
         acc: list[Tensor | None] = [None] * len(params)
+        extra = _Extra()
         offset = 0
         for i, (lo, hi) in enumerate(spec["ranges"]):
             tiles = {k: v[:, lo:hi] for k, v in shard_kw.items()}
@@ -310,10 +380,11 @@ class _SeqTiledFunction(torch.autograd.Function):
                 n = out.shape[dim]
                 g_out = grad.narrow(dim, offset, n)
                 offset += n
-            g = _grads(out, [tile, *params], g_out)
+            g = _tile_grads(out, [tile, *params], g_out, extra)
             if target_grad is not None and g[0] is not None:
                 target_grad[:, lo:hi] = g[0]
             _add(acc, g[1:])
+        extra.accumulate()
         grads: list[Tensor | None] = [None] * n_args
         grads[key_index] = target_grad
         return (None, *grads, *acc)
