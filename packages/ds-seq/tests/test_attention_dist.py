@@ -129,3 +129,41 @@ def test_single_rank_is_the_local_attention():
     torch.testing.assert_close(attn(q, k, v, 0), _sdpa(q, k, v, 0))
     with pytest.raises(ValueError, match="batch_dim_idx must be 0"):
         attn(q, k, v, 2)
+
+
+def _check_deepspeed_exchange_names(world, rank, group, heads, kv, batch_dim_idx, s=8, b=2, d=4):
+    # DeepSpeed's single_all_to_all / _SeqAllToAll (scatter_idx 2: to head shards, and back
+    # with scatter_idx 1) equal the differentiable heads_from_sequence / sequence_from_heads
+    q, _, _, _ = _full(3, b, s, heads, kv, d, batch_dim_idx)
+    sdim = 1 - batch_dim_idx
+    n = s // world
+    local = q.narrow(sdim, rank * n, n).contiguous()
+    a = local.clone().requires_grad_()
+    ref = ds_seq.heads_from_sequence(a, batch_dim_idx, group, kv)
+    got_plain = ds_seq.single_all_to_all(local, 2, sdim, batch_dim_idx, group, num_kv_heads=kv)
+    torch.testing.assert_close(got_plain, ref.detach(), rtol=0, atol=0)
+    c = local.clone().requires_grad_()
+    got = ds_seq.SeqAllToAll.apply(group, c, 2, sdim, batch_dim_idx, None, None, None, True, kv)
+    torch.testing.assert_close(got, ref.detach(), rtol=0, atol=0)
+    probe = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7 + rank))
+    (ref * probe).sum().backward()
+    (got * probe).sum().backward()
+    torch.testing.assert_close(c.grad, a.grad, rtol=0, atol=0)
+    # and back: head shards over the whole sequence -> sequence shards of every head
+    back = ds_seq.single_all_to_all(got.detach(), 1, 2, batch_dim_idx, group, num_kv_heads=kv)
+    torch.testing.assert_close(back, local, rtol=0, atol=0)
+    h = got.detach().clone().requires_grad_()
+    back2 = ds_seq.SeqAllToAll.apply(group, h, 1, 2, batch_dim_idx, None, None, None, True, kv)
+    torch.testing.assert_close(back2, local, rtol=0, atol=0)
+    (back2 * local).sum().backward()
+    ref_h = ds_seq.heads_from_sequence(local, batch_dim_idx, group, kv)
+    torch.testing.assert_close(h.grad, ref_h, rtol=0, atol=0)
+
+
+@distributed_test(world_size=[2])
+def test_deepspeed_exchange_names_match_the_ulysses_exchange(world_size):
+    rank = dist.get_rank()
+    for heads, kv, bdi in ((4, 4, 0), (6, 3, 1), (8, 2, 0)):
+        _check_deepspeed_exchange_names(world_size, rank, dist.group.WORLD, heads, kv, bdi)
+    with pytest.raises(NotImplementedError, match="async_op=False"):
+        ds_seq.single_all_to_all(torch.zeros(2, 4, 4, 2), 2, 1, 0, dist.group.WORLD, async_op=True)

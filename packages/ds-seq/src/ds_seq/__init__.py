@@ -9,7 +9,17 @@ from ds_seq._exchange import SeqExchange, exchange, seq_exchange
 from ds_seq._groups import SequenceParallelGroups, build_sequence_parallel_groups
 from ds_seq._heads import head_splits
 from ds_seq._hf import UlyssesSPAttentionHF
-from ds_seq._layer import DistributedAttention, heads_from_sequence, sequence_from_heads
+from ds_seq._layer import (
+    DistributedAttention,
+    SeqAllToAll,
+    apply_rotary_pos_emb,
+    heads_from_sequence,
+    register_all_to_all_group,
+    sequence_from_heads,
+    single_all_to_all,
+    total_heads,
+    uneven_heads_all2all,
+)
 from ds_seq._loss import (
     loss_sum_and_count,
     sequence_parallel_causal_lm_loss,
@@ -30,6 +40,7 @@ from ds_seq._version import __version__
 __all__ = [
     "DistributedAttention",
     "HiddenStatesOffload",
+    "SeqAllToAll",
     "SeqExchange",
     "SequenceParallelGroups",
     "SequenceTiledCompute",
@@ -38,6 +49,7 @@ __all__ = [
     "UlyssesSPAttentionHF",
     "UlyssesSPDataLoaderAdapter",
     "__version__",
+    "apply_rotary_pos_emb",
     "build_sequence_parallel_groups",
     "checkpoint_offload",
     "enable_checkpoint_offload",
@@ -46,12 +58,16 @@ __all__ = [
     "head_splits",
     "heads_from_sequence",
     "loss_sum_and_count",
+    "register_all_to_all_group",
     "seq_exchange",
     "sequence_from_heads",
     "sequence_parallel_causal_lm_loss",
     "sequence_parallel_loss",
     "sequence_tiled_compute",
     "shift_labels",
+    "single_all_to_all",
     "tiled_causal_lm_loss_sum",
     "tiled_mlp_forward",
+    "total_heads",
+    "uneven_heads_all2all",
 ]

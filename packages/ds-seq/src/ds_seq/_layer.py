@@ -56,16 +56,105 @@ def sequence_from_heads(
     return seq_exchange(x, seq, HEAD_DIM, [x.shape[seq] // world] * world, heads, group)
 
 
+def total_heads(x: Tensor, group: Any) -> int:
+    """The head count summed over ``group`` of head-sharded ``x`` (``[.., s, H_r, d]``); one
+    all-gather of the counts, since uneven head slices cannot be inferred from one rank's."""
+    world = _group_size(group)
+    if world == 1:
+        return x.shape[HEAD_DIM]
+    counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    mine = torch.full((1,), x.shape[HEAD_DIM], dtype=torch.int64, device=x.device)
+    dist.all_gather(counts, mine, group=group)
+    return int(sum(int(c.item()) for c in counts))
+
+
+def single_all_to_all(
+    input: Tensor,
+    scatter_idx: int,
+    gather_idx: int,
+    batch_dim_idx: int,
+    group: Any,
+    async_op: bool = False,
+    handle: Any = None,
+    type: Any = None,  # noqa: A002 - DeepSpeed's parameter name
+    num_kv_heads: int | None = None,
+) -> Tensor:
+    """DeepSpeed's ``deepspeed.sequence.layer.single_all_to_all``: ``scatter_idx >= 2`` turns a
+    sequence shard of every head into the whole sequence of this rank's heads, ``scatter_idx <
+    2`` the reverse; ``num_kv_heads`` (GQA, or head counts the group does not divide) sets the
+    head split as :func:`head_splits`. Not differentiable (see :class:`SeqAllToAll`). DeepSpeed's
+    overlapped path (``async_op=True`` with a ``handle``) is not implemented: it is refused."""
+    if async_op:
+        raise NotImplementedError(
+            "single_all_to_all(async_op=True): the overlapped exchange is not implemented in "
+            "ds-seq; call it with async_op=False (the exchange runs on the current stream)"
+        )
+    with torch.no_grad():
+        if scatter_idx >= 2:
+            return heads_from_sequence(input, batch_dim_idx, group, num_kv_heads)
+        heads = total_heads(input, group)
+        return sequence_from_heads(input, batch_dim_idx, group, heads, num_kv_heads)
+
+
+def uneven_heads_all2all(
+    input: Tensor, scatter_idx: int, gather_idx: int, batch_dim_idx: int, group: Any,
+    num_kv_heads: int,
+) -> Tensor:  # fmt: skip
+    """DeepSpeed's name for the exchange with head counts the group does not divide: the same
+    exchange as :func:`single_all_to_all` (one all-to-all with unequal pieces)."""
+    return single_all_to_all(
+        input, scatter_idx, gather_idx, batch_dim_idx, group, num_kv_heads=num_kv_heads
+    )
+
+
+def register_all_to_all_group(group: Any) -> str:
+    """DeepSpeed registers ``group`` by name for its compiled exchange operator; the exchange
+    here takes the group itself, so this only returns the name DeepSpeed would."""
+    return str(group.group_name)
+
+
+class SeqAllToAll(torch.autograd.Function):
+    """DeepSpeed's ``_SeqAllToAll``: ``SeqAllToAll.apply(group, input, scatter_idx, gather_idx,
+    batch_dim_idx, stream=None, handle=None, type=None, is_fwd=True, num_kv_heads=None)``, the
+    differentiable :func:`single_all_to_all` (its backward is the inverse exchange)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, group: Any, input: Tensor, scatter_idx: int, gather_idx: int,
+        batch_dim_idx: int, stream: Any = None, handle: Any = None, type: Any = None,  # noqa: A002
+        is_fwd: bool = True, num_kv_heads: int | None = None,
+    ) -> Tensor:  # fmt: skip
+        ctx.group, ctx.scatter_idx, ctx.batch_dim_idx = group, scatter_idx, batch_dim_idx
+        ctx.num_kv_heads = num_kv_heads
+        if scatter_idx >= 2:
+            ctx.heads = input.shape[HEAD_DIM]  # the backward gathers the heads back to this
+            return heads_from_sequence(input, batch_dim_idx, group, num_kv_heads)
+        heads = total_heads(input, group)
+        return sequence_from_heads(input, batch_dim_idx, group, heads, num_kv_heads)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        with torch.no_grad():
+            if ctx.scatter_idx >= 2:
+                g = sequence_from_heads(
+                    grad, ctx.batch_dim_idx, ctx.group, ctx.heads, ctx.num_kv_heads
+                )
+            else:
+                g = heads_from_sequence(grad, ctx.batch_dim_idx, ctx.group, ctx.num_kv_heads)
+        return (None, g, None, None, None, None, None, None, None, None)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
 
 
-def _apply_rotary(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding on the first ``cos.shape[-1]`` channels (the rest pass through)."""
-    rot = cos.shape[-1]
+def apply_rotary_pos_emb(t: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
+    """Rotary embedding on the first ``freqs_cos.shape[-1]`` channels of ``t`` (the rest pass
+    through): ``t * cos + rotate_half(t) * sin``, DeepSpeed's ``apply_rotary_pos_emb``."""
+    rot = freqs_cos.shape[-1]
     head, rest = t[..., :rot], t[..., rot:]
-    out = head * cos + _rotate_half(head) * sin
+    out = head * freqs_cos + _rotate_half(head) * freqs_sin
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
@@ -132,17 +221,15 @@ class DistributedAttention(nn.Module):
         if rotary_pos_emb is not None:
             # DeepSpeed passes cos/sin as [b?, s, 1, d] and applies them in the exchanged layout
             cos, sin = (t.permute(1, 0, 2, 3) for t in rotary_pos_emb)
-            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+            q, k = apply_rotary_pos_emb(q, cos, sin), apply_rotary_pos_emb(k, cos, sin)
         context = self.local_attn(q, k, v, *args, **kwargs)
         if self.scatter_idx >= 2:
             return sequence_from_heads(context, batch_dim_idx, self.spg, num_heads, kv_heads)
         return heads_from_sequence(context, batch_dim_idx, self.spg, kv_heads)
 
     def _total_heads(self, x: Tensor) -> int:
-        world = _group_size(self.spg)
-        if world == 1:
-            return x.shape[HEAD_DIM]
-        counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
-        mine = torch.full((1,), x.shape[HEAD_DIM], dtype=torch.int64, device=x.device)
-        dist.all_gather(counts, mine, group=self.spg)
-        return int(sum(int(c.item()) for c in counts))
+        return total_heads(x, self.spg)
+
+    def layer_sync(self, layer: Any) -> None:
+        """DeepSpeed's hook for its overlapped exchanges (waits for a layer's event on the
+        communication stream); the exchanges here run on the current stream: nothing to wait."""
