@@ -130,3 +130,32 @@ def test_register_with_transformers_refuses_eager_and_mismatch():
         ds_seq.UlyssesSPAttentionHF.register_with_transformers(
             model, "sdpa", 2, 1, seq_length_is_variable=False
         )
+
+
+def test_hub_kernel_names_are_registered_with_transformers_first(monkeypatch):
+    # "org/repo[@rev][:name]" is a hub-hosted kernel that transformers registers lazily: it is
+    # registered before the name is checked against ALL_ATTENTION_FUNCTIONS (DeepSpeed's order)
+    import pytest
+    import transformers.modeling_flash_attention_utils as fa_utils
+
+    from ds_seq._hf import _is_hub_kernel
+
+    for name in ("kernels-community/flash-attn2", "org/repo@v1", "org/repo:fn", "org/repo@v1:fn"):
+        assert _is_hub_kernel(name), name
+    for name in ("sdpa", "flash_attention_2", "a/b/c", "paged|eager", None):
+        assert not _is_hub_kernel(name), name
+
+    asked = []
+
+    def fake_lazy_import(name, *args, **kwargs):
+        asked.append(name)
+        raise RuntimeError("registered")
+
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", fake_lazy_import, raising=False)
+    model = tiny_llama()
+    model.config._attn_implementation = "kernels-community/flash-attn2"
+    with pytest.raises(RuntimeError, match="registered"):
+        ds_seq.UlyssesSPAttentionHF.register_with_transformers(
+            model, "kernels-community/flash-attn2", 2, 1
+        )
+    assert asked == ["kernels-community/flash-attn2"]

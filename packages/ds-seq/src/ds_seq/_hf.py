@@ -11,6 +11,7 @@ transformers is imported only here, when this is used.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -23,6 +24,14 @@ from ds_seq._groups import SequenceParallelGroups, build_sequence_parallel_group
 log = logging.getLogger("ds_seq")
 
 _MIN_TRANSFORMERS = "4.51.3"
+
+
+#: a hub-hosted attention kernel's name: "org/repo", optionally "@revision" and ":function"
+_HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
+
+
+def _is_hub_kernel(name: Any) -> bool:
+    return isinstance(name, str) and _HUB_KERNEL.match(name) is not None
 
 
 class UlyssesSPAttentionHF(nn.Module):
@@ -188,7 +197,20 @@ class UlyssesSPAttentionHF(nn.Module):
         if core_attn_implementation in ("eager", "paged|eager"):
             raise ValueError(f"{core_attn_implementation} attn_implementation isn't supported by Ulysses sequence "
                              "parallelism because it requires a 4D attention_mask (O(n^2) memory). Use 'sdpa', "
-                             "'flex_attention' or a flash attention variant.")  # fmt: skip
+                             "'flex_attention', a flash attention variant or a hub kernel (e.g. "
+                             "'kernels-community/flash-attn2').")  # fmt: skip
+        if _is_hub_kernel(core_attn_implementation):
+            # transformers registers hub kernels ("org/repo[@rev][:name]") on first use; do it
+            # now so the name is in ALL_ATTENTION_FUNCTIONS to be wrapped
+            try:
+                from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+            except ImportError as e:
+                raise ImportError(
+                    f"core_attn_implementation={core_attn_implementation!r} is a hub kernel, which "
+                    "needs a transformers exposing transformers.modeling_flash_attention_utils."
+                    "lazy_import_flash_attention; upgrade transformers or use 'sdpa'"
+                ) from e
+            lazy_import_flash_attention(core_attn_implementation)
         if core_attn_implementation not in ALL_ATTENTION_FUNCTIONS:
             raise ValueError(f"{core_attn_implementation} is not a valid attn_implementation. The choices are "
                              f"{list(ALL_ATTENTION_FUNCTIONS.valid_keys())}")  # fmt: skip
