@@ -313,3 +313,12 @@ def test_zero_section_errors_keep_the_path():
         DeepSpeedConfig.load(_cfg(zero_optimization={"stage": 7}))
     with pytest.raises(ConfigError, match="zero_optimization.*stag"):
         DeepSpeedConfig.load(_cfg(zero_optimization={"stag": 2}))
+
+
+def test_data_parallel_size_key():
+    # DeepSpeed's (dp, sp) mesh key; initialize() checks dp x sp == world size
+    cfg = DeepSpeedConfig.load({"data_parallel_size": 2, "sequence_parallel_size": 2})
+    assert cfg.data_parallel_size == 2
+    assert DeepSpeedConfig.load({}).data_parallel_size is None
+    with pytest.raises(ConfigError, match="data_parallel_size must be >= 1"):
+        DeepSpeedConfig.load({"data_parallel_size": 0})

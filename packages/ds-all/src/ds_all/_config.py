@@ -286,6 +286,9 @@ class DeepSpeedConfig(Section):
     dataloader_drop_last: bool = False
     #: Ulysses sequence parallelism (ds-seq): sp x dp = world; ZeRO spans the sp x dp ranks
     sequence_parallel_size: int = 1
+    #: data-parallel replicas of a (dp, sp) layout (DeepSpeed's device mesh); when set,
+    #: initialize() checks data_parallel_size x sequence_parallel_size == world size
+    data_parallel_size: int | None = None
     optimizer: OptimizerSection | None = None
     scheduler: SchedulerSection | None = None
     fp16: FP16Section = Field(default_factory=FP16Section)
@@ -344,6 +347,14 @@ class DeepSpeedConfig(Section):
             raise ConfigError(
                 f"sequence_parallel_size must be >= 1 (1: no sequence parallelism), got {v}"
             )
+        return v
+
+    @field_validator("data_parallel_size")
+    @classmethod
+    def _dp(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1 (or absent: world size / "
+                              f"sequence_parallel_size), got {v}")  # fmt: skip
         return v
 
     @field_validator("gradient_clipping")

@@ -220,6 +220,21 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         # is counted per data-parallel replica
         self.sequence_parallel_size = getattr(sequence_parallel, "sequence_parallel_size", 1)
         self.seq_parallel_group = getattr(sequence_parallel, "sp_group", None)
+        self._sequence_parallel = sequence_parallel
+        # DeepSpeed's engine attributes (_configure_distributed_model): seq_data_parallel_group
+        # is every rank holding a parameter replica (sp x dp, the group ZeRO spans), dp_world_size
+        # the data-parallel replicas (dp); without sequence parallelism both are the dp group
+        world_group = dist.group.WORLD if initialized else None
+        self.seq_data_parallel_group = dp_group if dp_group is not None else world_group
+        self.seq_dp_world_size = self.world_size
+        self.dp_world_size = self.world_size // self.sequence_parallel_size
+        if (
+            sequence_parallel is not None
+            and sequence_parallel.get_data_parallel_group() is not None
+        ):
+            self.data_parallel_group = sequence_parallel.get_data_parallel_group()
+        else:
+            self.data_parallel_group = self.seq_data_parallel_group
         self._train_batch, self._micro, self._gas = config.resolve_batch(
             self.world_size // self.sequence_parallel_size
         )
@@ -678,6 +693,11 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
             return
         self._destroyed = True
         self.close()
+        if self._sequence_parallel is not None:
+            # deepspeed.utils.groups stops reporting this engine's sequence-parallel groups
+            from ds_all.utils.groups import _REGISTRY
+
+            _REGISTRY.clear(self._sequence_parallel)
 
     def close(self) -> None:
         ds_ckpt.finalize()

@@ -20,6 +20,7 @@ from ds_all._engine import DeepSpeedEngine
 from ds_all._sequence import sequence_parallel_groups, zero_group
 from ds_all._tensor_parallel import mpu_norm_group, setup_tensor_parallel
 from ds_all.fault import attach as _attach_fault_tolerance
+from ds_all.utils.groups import _REGISTRY
 
 log = logging.getLogger("ds_all")
 
@@ -122,6 +123,9 @@ def _is_pipeline(model: nn.Module) -> bool:
     return isinstance(model, PipelineModule)
 
 
+TORCH_DISTRIBUTED_DEFAULT_PORT = 29500  # deepspeed.constants
+
+
 def initialize(
     args: Any = None,
     model: nn.Module | None = None,
@@ -129,20 +133,29 @@ def initialize(
     model_parameters: Any = None,
     training_data: Any = None,
     lr_scheduler: Any = None,
+    distributed_port: int = TORCH_DISTRIBUTED_DEFAULT_PORT,
     mpu: Any = None,
     dist_init_required: bool | None = None,
     collate_fn: Any = None,
     config: Any = None,
+    mesh_param: Any = None,
     config_params: Any = None,
 ) -> tuple[DeepSpeedEngine, Any, Any, Any]:
-    """Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as DeepSpeed does."""
+    """Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` as DeepSpeed does.
+
+    ``distributed_port``: the rendezvous port when initialize() creates the process group of a
+    process not started by a launcher (it becomes ``MASTER_PORT`` unless that is set); launched
+    ranks use their launcher's ``MASTER_PORT`` (ds_comm takes no port argument).
+    ``mesh_param``: DeepSpeed's ``(data_parallel, sequence_parallel)`` mesh shape; it sets
+    ``sequence_parallel_size`` (and ``data_parallel_size``), whose product must be the world size.
+    """
     from ds_all.runtime.zero.partition_parameters import init_context_suspended
 
     # called inside ``with zero.Init():`` the engine's own tensors are not redirected by it
     with init_context_suspended():
         return _initialize(args, model, optimizer, model_parameters, training_data,
                            lr_scheduler, mpu, dist_init_required, collate_fn, config,
-                           config_params)  # fmt: skip
+                           config_params, distributed_port, mesh_param)  # fmt: skip
 
 
 def _initialize(
@@ -157,6 +170,8 @@ def _initialize(
     collate_fn: Any,
     config: Any,
     config_params: Any,
+    distributed_port: int = TORCH_DISTRIBUTED_DEFAULT_PORT,
+    mesh_param: Any = None,
 ) -> tuple[DeepSpeedEngine, Any, Any, Any]:
     _setup_logging()
     if model is None:
@@ -177,7 +192,10 @@ def _initialize(
     if dist_init_required:
         # fault_tolerance.comms_timeout (seconds) bounds every collective: a rank that stops
         # answering fails the run instead of hanging it
-        init_distributed(timeout=cfg.fault_tolerance.comms_timeout)
+        init_distributed(
+            distributed_port=distributed_port, timeout=cfg.fault_tolerance.comms_timeout
+        )
+    cfg = _apply_mesh(cfg, mesh_param)
     seq = sequence_parallel_groups(cfg, mpu)  # ds-seq's sp x dp groups, or None
     if seq is not None:
         dp_group = zero_group(seq)
@@ -203,6 +221,7 @@ def _initialize(
         refuse_with_pipeline(cfg)
 
         pipe = PipelineEngine(model, cfg, optimizer, model_parameters, lr_scheduler)
+        _REGISTRY.set(None)
         return pipe, pipe.optimizer, None, pipe.lr_scheduler
     # AutoTP (tensor_parallel section or tp_model_init): ZeRO reduces over the data-parallel
     # group only and adds the tensor-parallel ranks' squared norms for clipping
@@ -215,6 +234,7 @@ def _initialize(
     norm_group = tp.tp_group if tp is not None else mpu_norm_group(model, mpu)
     engine = DeepSpeedEngine(model, cfg, optimizer, model_parameters, lr_scheduler, dp_group, seq,
                              norm_group=norm_group, mpu=tp.groups if tp is not None else mpu)  # fmt: skip
+    _REGISTRY.set(seq)  # deepspeed.utils.groups reports the engine's sequence-parallel groups
     _attach_fault_tolerance(engine, cfg)  # watchdog, save on SIGTERM, auto-resume, if configured
     loader = None
     if training_data is not None:
@@ -229,6 +249,40 @@ def _initialize(
                                  dist.get_rank(dp_group) if engine.world_size > 1 else 0, collate_fn,
                                  drop_last=cfg.dataloader_drop_last)  # fmt: skip
     return engine, engine.optimizer, loader, engine.lr_scheduler
+
+
+def _apply_mesh(cfg: DeepSpeedConfig, mesh_param: Any) -> DeepSpeedConfig:
+    """DeepSpeed's (data_parallel, sequence_parallel) mesh: ``mesh_param`` or the config's
+    ``data_parallel_size`` x ``sequence_parallel_size``, which must cover the world."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if mesh_param is not None:
+        shape = tuple(mesh_param) if isinstance(mesh_param, (tuple, list)) else None
+        if (
+            shape is None
+            or len(shape) != 2
+            or not all(isinstance(n, int) and n >= 1 for n in shape)
+        ):
+            raise ConfigError(f"initialize(mesh_param={mesh_param!r}): a (data_parallel, sequence_parallel) "
+                              "pair of positive ints; or drop it and set \"sequence_parallel_size\" "
+                              "(and \"data_parallel_size\") in the config")  # fmt: skip
+        dp, sp = shape
+        # the config's keys may repeat the mesh; sequence_parallel_size 1 is the default
+        for key, have, want, unset in (("sequence_parallel_size", cfg.sequence_parallel_size, sp, 1),
+                                       ("data_parallel_size", cfg.data_parallel_size, dp, None)):  # fmt: skip
+            if have not in (unset, want):
+                raise ConfigError(f"initialize(mesh_param={mesh_param!r}) but the config has \"{key}\": "
+                                  f"{have}; set \"{key}\": {want} or drop mesh_param")  # fmt: skip
+        if dp * sp != world:
+            raise ConfigError(f"initialize(mesh_param={mesh_param!r}): data_parallel x sequence_parallel = "
+                              f"{dp * sp} but the world size is {world}")  # fmt: skip
+        return cfg.model_copy(update={"sequence_parallel_size": sp, "data_parallel_size": dp})
+    if cfg.data_parallel_size is not None:
+        dp, sp = cfg.data_parallel_size, cfg.sequence_parallel_size
+        if dp * sp != world:
+            raise ConfigError(f"data_parallel_size ({dp}) x sequence_parallel_size ({sp}) = {dp * sp} "
+                              f"but the world size is {world}; set them so that their product is "
+                              f"{world}, or drop data_parallel_size")  # fmt: skip
+    return cfg
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
