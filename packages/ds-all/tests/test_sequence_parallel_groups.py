@@ -154,3 +154,29 @@ def test_mesh_param_world_of_one_and_bad_values():
         _init({}, mesh_param="dp=1,sp=1")
     with pytest.raises(ConfigError, match="pair of positive ints"):
         _init({}, mesh_param=(1, 0))
+
+
+@distributed_test(world_size=[4])
+def test_parallel_state_sp_module_is_deepspeeds_mpu(world_size):
+    from ds_all.runtime.sequence_parallel import parallel_state_sp as mpu
+    from ds_all.utils import groups
+
+    with pytest.raises(RuntimeError, match="not initialized"):
+        mpu.get_sequence_parallel_group()
+    with pytest.raises(ValueError, match="greater than 1"):
+        mpu.initialize_sequence_parallel(1)
+    with pytest.raises(RuntimeError, match="not divisible"):
+        mpu.initialize_sequence_parallel(3)
+    mpu.initialize_sequence_parallel(2)
+    rank = dist.get_rank()
+    assert mpu.get_sequence_parallel_world_size() == 2
+    assert mpu.get_sequence_parallel_rank() == rank % 2
+    assert _ranks(mpu.get_sequence_parallel_group()) == [rank // 2 * 2, rank // 2 * 2 + 1]
+    assert mpu.get_sequence_data_parallel_world_size() == 4
+    assert mpu.get_sequence_data_parallel_rank() == rank
+    # deepspeed.utils.groups reports the same groups
+    assert groups._get_sequence_parallel_group() is mpu.get_sequence_parallel_group()
+    with pytest.raises(RuntimeError, match="already initialized"):
+        mpu.initialize_sequence_parallel(2)
+    mpu._release_sequence_parallel_groups()
+    assert groups._get_sequence_parallel_world_size() == 1
