@@ -16,6 +16,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import ds_seq
 from ds_comm.testing import distributed_test
@@ -159,3 +160,39 @@ def test_hub_kernel_names_are_registered_with_transformers_first(monkeypatch):
             model, "kernels-community/flash-attn2", 2, 1
         )
     assert asked == ["kernels-community/flash-attn2"]
+
+
+@distributed_test(world_size=2, timeout=180)
+def test_flex_attention_gets_a_causal_block_mask_of_the_gathered_length():
+    # the model's BlockMask covers the local shard; the wrapped flex_attention must get a
+    # causal one over the whole gathered sequence (built once, reused by every layer)
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    rank, world, bs, heads, hs, local = dist.get_rank(), 2, 1, 4, 8, 128
+    seen = []
+
+    def core(module, q, k, v, mask, *args, **kwargs):
+        seen.append(mask)
+        out = flex_attention(q, k, v, block_mask=mask)  # [bs, hc_l, sl, hs]
+        return out.transpose(1, 2), None
+
+    uattn = ds_seq.UlyssesSPAttentionHF(
+        attn=core, batch_size=bs, attn_head_count=heads, attn_head_size=hs, kv_head_count=heads,
+        num_hidden_layers=1, process_group=dist.group.WORLD, seq_length_is_variable=True,
+    )  # fmt: skip
+    uattn.core_attn_implementation = "flex_attention"
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(bs, heads, local * world, hs, generator=g) for _ in range(3)]
+    q, k, v = (t[:, :, rank * local : (rank + 1) * local].contiguous() for t in full)
+    pos = torch.arange(rank * local, (rank + 1) * local).unsqueeze(0)
+    local_mask = create_block_mask(
+        lambda b, h, qi, ki: qi >= ki, B=bs, H=None, Q_LEN=local, KV_LEN=local, device="cpu"
+    )
+    module = torch.nn.Module()
+    out, _ = uattn(module, q, k, v, local_mask, position_ids=pos)
+    uattn(module, q, k, v, local_mask, position_ids=pos)
+    assert isinstance(seen[0], BlockMask) and seen[0] is seen[1]
+    assert tuple(seen[0].seq_lengths) == (local * world, local * world)
+    ref = F.scaled_dot_product_attention(*full, is_causal=True).transpose(1, 2)
+    mine = ref[:, rank * local : (rank + 1) * local].reshape(bs, local, heads * hs)
+    torch.testing.assert_close(out, mine, rtol=1e-5, atol=1e-5)

@@ -73,6 +73,9 @@ class UlyssesSPAttentionHF(nn.Module):
         self.global_kv_head_count = kv_head_count
         self.num_hidden_layers = num_hidden_layers
         self.core_attn_implementation: str | None = None
+        #: flex_attention: the causal BlockMask of the gathered sequence, per (bs, seq, device)
+        self._flex_mask_key: tuple[int, int, str] | None = None
+        self._flex_mask: Any = None
         if attn_head_count % self.world_size != 0:
             raise ValueError(
                 f"Attention head count {attn_head_count} is not divisible by SP size {self.world_size}"
@@ -139,12 +142,33 @@ class UlyssesSPAttentionHF(nn.Module):
         q, k, v = to_heads(query), to_heads(key), to_heads(value)
         if self.kv_replication_factor > 1:
             module.num_key_value_groups = q.shape[1] // k.shape[1]  # type: ignore[assignment]
+        if self.core_attn_implementation == "flex_attention" and attention_mask is not None:
+            # the model's BlockMask was built for the local shard's length; attention runs over
+            # the gathered sequence, so it gets a causal BlockMask of that length (DeepSpeed
+            # does the same: a model's other mask patterns are not carried over)
+            attention_mask = self._causal_block_mask(q.shape[0], q.shape[2], q.device)
         context, weights = self.attn(module, q, k, v, attention_mask, *args, **kwargs)
         # context: [bs, sl, hc_l, hs] -> scatter sequence (dim 1), gather heads (dim 2)
         out = seq_exchange(
             context, 1, 2, [sl_local] * ws, [self.local_q_head_count] * ws, self.process_group
         )
         return out.reshape(out.shape[0], out.shape[1], -1), weights
+
+    def _causal_block_mask(self, batch: int, seq: int, device: torch.device) -> Any:
+        """A causal flex_attention BlockMask over ``seq`` tokens, built once per shape (every
+        layer of a forward reuses it)."""
+        key = (batch, seq, str(device))
+        if self._flex_mask_key != key:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def causal(b: Any, h: Any, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                return q_idx >= kv_idx
+
+            self._flex_mask = create_block_mask(
+                causal, B=batch, H=None, Q_LEN=seq, KV_LEN=seq, device=device
+            )
+            self._flex_mask_key = key
+        return self._flex_mask
 
     @classmethod
     def register_with_transformers(
@@ -239,13 +263,10 @@ class UlyssesSPAttentionHF(nn.Module):
                           attention_mask: Any, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]:  # fmt: skip
             # transformers built the mask for the local shard's length, wrong for the gathered
             # sequence (and O(n^2) at full length): causality comes from the gathered
-            # position_ids instead. flex_attention's BlockMask is refused below.
-            if is_flex and attention_mask is not None:
-                raise NotImplementedError(
-                    "flex_attention with Ulysses SP: the BlockMask built for the local shard "
-                    "would need rebuilding for the gathered sequence; use 'sdpa' or flash attention"
-                )
-            return uattn(module, query, key, value, None, *args, **kwargs)
+            # position_ids instead. flex_attention's BlockMask (compact) is rebuilt causal for
+            # the gathered length in forward.
+            mask = attention_mask if is_flex else None
+            return uattn(module, query, key, value, mask, *args, **kwargs)
 
         ALL_ATTENTION_FUNCTIONS[core_attn_implementation] = uattn_wrapper
         return mpu
