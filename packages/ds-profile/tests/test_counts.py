@@ -249,6 +249,9 @@ def test_strings_and_reset():
     prof.end_profile()
     with pytest.raises(RuntimeError, match="start_profile"):
         prof.get_total_flops()
+    # DeepSpeed raises AttributeError there: code catching that keeps working
+    with pytest.raises(AttributeError, match="start_profile"):
+        prof.get_total_macs()
 
 
 def test_get_model_profile_as_strings_and_input_shape():

@@ -15,6 +15,7 @@ from ds_profile._model_profile import get_model_profile
 from ds_profile._ops import attention_pairs
 from ds_profile._profiler import (
     FlopsProfiler,
+    ProfileNotStartedError,
     ProfilerState,
     get_module_duration,
     get_module_flops,
@@ -25,6 +26,7 @@ from ds_profile._version import __version__
 __all__ = [
     "DEFAULT_PRECISION",
     "FlopsProfiler",
+    "ProfileNotStartedError",
     "ProfilerState",
     "__version__",
     "attention_pairs",

@@ -153,6 +153,12 @@ def _numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+class ProfileNotStartedError(RuntimeError, AttributeError):
+    """Numbers asked for outside a profile. An ``AttributeError`` too: DeepSpeed's profiler
+    raises one there (the per-module attributes it reads do not exist yet), so code written
+    for it that catches ``AttributeError`` keeps working."""
+
+
 class FlopsProfiler:
     """Measures FLOPs, MACs, parameters and latency of every module of ``model``.
 
@@ -277,7 +283,7 @@ class FlopsProfiler:
     # ------------------------------------------------------------------ numbers
     def _require(self, what: str) -> None:
         if self.state is ProfilerState.IDLE:
-            raise RuntimeError(
+            raise ProfileNotStartedError(
                 f"FlopsProfiler.{what}: call start_profile() and run the model first"
             )
 
