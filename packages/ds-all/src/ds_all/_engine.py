@@ -80,8 +80,10 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
         )
     # DeepSpeed's offload_param: each rank's parameter partition lives in host memory and is
     # copied to the device by the stage-3 gather before use
+    # pin_memory defaults to true (DeepSpeed 0.19.8's default; "auto" is the default too)
+    pin = section.get("pin_memory", True)
     return dataclasses.replace(
-        options, host_param_shards=True, pin_param_shards=bool(section.get("pin_memory", False))
+        options, host_param_shards=True, pin_param_shards=True if pin == "auto" else bool(pin)
     )
 
 

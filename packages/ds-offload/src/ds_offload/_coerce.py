@@ -7,7 +7,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ds_offload._options import AioOptions, OffloadOptimizerOptions, OffloadParamOptions
+from ds_offload._options import (
+    OPTIMIZER_AUTO_KEYS,
+    AioOptions,
+    OffloadOptimizerOptions,
+    OffloadParamOptions,
+    drop_auto,
+)
 
 try:  # pydantic is optional: without it, dict sections are validated by the dataclasses alone
     from ds_offload import _config
@@ -31,6 +37,10 @@ def coerce(cls: type, section: Any, where: str) -> Any:
     if _config is None:  # no pydantic: validate here
         fields = {f.name for f in dataclasses.fields(cls)}
         data = {_ALIASES.get(k, k): v for k, v in section.items()}
+        if cls is not AioOptions:  # "auto" means the default there, as in DeepSpeed
+            data = drop_auto(
+                data, OPTIMIZER_AUTO_KEYS if cls is OffloadOptimizerOptions else frozenset()
+            )
         unknown = sorted(set(data) - fields - {"use_gds"})
         if unknown:
             raise ValueError(

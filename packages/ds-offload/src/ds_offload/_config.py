@@ -9,7 +9,7 @@ Unknown keys are errors (a misspelt key would otherwise silently disable offload
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     AliasChoices,
@@ -22,10 +22,12 @@ from pydantic import (
 )
 
 from ds_offload._options import (
+    OPTIMIZER_AUTO_KEYS,
     AioOptions,
     OffloadDevice,
     OffloadOptimizerOptions,
     OffloadParamOptions,
+    drop_auto,
 )
 
 
@@ -74,9 +76,18 @@ class AioConfig(_Section):
 
 
 class _OffloadBase(_Section):
+    # keys whose "auto" is a value of their own; any other key's "auto" means its default, as
+    # in DeepSpeed's pydantic models (the Hugging Face integration writes "auto")
+    _auto_keys: ClassVar[frozenset[str]] = frozenset()
+
     device: OffloadDevice = OffloadDevice.none
     nvme_path: Path | None = None
-    pin_memory: bool = False
+    pin_memory: bool = Field(True, description="page-locked host buffers (DeepSpeed 0.19.8: true)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_is_default(cls, data: Any) -> Any:
+        return drop_auto(data, cls._auto_keys) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _nvme_needs_path(self) -> _OffloadBase:
@@ -96,6 +107,7 @@ class OffloadOptimizerConfig(_OffloadBase):
     """``zero_optimization.offload_optimizer``: fp32 master weights and optimizer states on
     the CPU or NVMe, stepped by a CPU optimizer."""
 
+    _auto_keys: ClassVar[frozenset[str]] = OPTIMIZER_AUTO_KEYS
     buffer_count: int = Field(4, ge=0, description="NVMe: swap buffers (partitions in flight)")
     pipeline_read: bool = False
     pipeline_write: bool = False
@@ -171,8 +183,8 @@ class OffloadParamConfig(_OffloadBase):
     """``zero_optimization.offload_param``: stage-3 parameters on the CPU or NVMe, prefetched
     into bounded device buffers."""
 
-    buffer_count: int = Field(5, gt=0, description="NVMe: host buffers for parameters in flight")
-    buffer_size: int = Field(100_000_000, gt=0, description="NVMe: elements per host buffer")
+    buffer_count: int = Field(5, ge=0, description="NVMe: host buffers for parameters in flight")
+    buffer_size: int = Field(100_000_000, ge=0, description="NVMe: elements per host buffer")
     max_in_cpu: int = Field(
         1_000_000_000, ge=0, description="NVMe: elements kept in CPU memory before swapping"
     )

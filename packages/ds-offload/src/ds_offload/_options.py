@@ -29,6 +29,19 @@ def _positive(where: str, name: str, value: Any, allow_zero: bool = False) -> No
         )
 
 
+AUTO = "auto"
+
+
+def drop_auto(data: dict[str, Any], kept: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``data`` without its "auto" values (keys outside ``kept``): in DeepSpeed's pydantic
+    offload sections "auto" means the key's default (HF's integration writes it)."""
+    return {k: v for k, v in data.items() if k in kept or not (isinstance(v, str) and v == AUTO)}
+
+
+# offload_optimizer keys whose "auto" is a value of its own (ds_offload extension), not a default
+OPTIMIZER_AUTO_KEYS = frozenset({"ratio"})
+
+
 @dataclasses.dataclass(frozen=True)
 class AioOptions:
     block_size: int = 1_048_576
@@ -47,7 +60,8 @@ class AioOptions:
 class _OffloadOptions:
     device: OffloadDevice = OffloadDevice.none
     nvme_path: Path | None = None
-    pin_memory: bool = False
+    # DeepSpeed 0.19.8's default: page-locked host buffers (a no-op without a device)
+    pin_memory: bool = True
 
     def _check(self, where: str) -> None:
         try:
@@ -139,6 +153,12 @@ class OffloadParamOptions(_OffloadOptions):
     def __post_init__(self) -> None:
         where = "zero_optimization.offload_param"
         self._check(where)
-        _positive(where, "buffer_count", self.buffer_count)
-        _positive(where, "buffer_size", self.buffer_size)
+        # DeepSpeed accepts 0 for both (>= 0); they matter only with device nvme
+        _positive(where, "buffer_count", self.buffer_count, allow_zero=True)
+        _positive(where, "buffer_size", self.buffer_size, allow_zero=True)
         _positive(where, "max_in_cpu", self.max_in_cpu, allow_zero=True)
+        if self.device is OffloadDevice.nvme and self.buffer_count == 0:
+            raise ValueError(
+                f"{where}.buffer_count is 0 with device 'nvme': parameters swapped in from NVMe "
+                "need host buffers; set buffer_count to at least 1 (default 5)"
+            )
