@@ -284,7 +284,8 @@ def check_parity(args, device, dtype):
     """ep=world layer vs an ep=1 layer holding all experts, same weights and tokens."""
     result = {}
     for k in args.k:
-        kw = dict(drop_tokens=False, use_rts=False)
+        # deterministic routing: no RTS, no Gumbel sampling of the second expert
+        kw = dict(drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
         torch.manual_seed(0)
         ep = build_ours(args, k, device, dtype, **kw)
         torch.manual_seed(0)
@@ -341,7 +342,7 @@ def check_against_deepspeed(args, device, dtype):
                    ep_size=world, k=k, capacity_factor=args.capacity_factor,
                    drop_tokens=False, use_rts=False, **kw).to(device=device, dtype=dtype).train()  # fmt: skip
         ds.set_deepspeed_parallelism()  # what deepspeed.initialize does: its ep group
-        ours = build_ours(args, k, device, dtype, drop_tokens=False, use_rts=False)
+        ours = build_ours(args, k, device, dtype, drop_tokens=False, use_rts=False, **kw)
         with torch.no_grad():
             ours.gate.wg.weight.copy_(ds.deepspeed_moe.gate.wg.weight)
             # distinct experts (both libraries start them as copies of one), the same on both

@@ -37,7 +37,7 @@ class _Odd(nn.Module):
 
 def _build(ep, expert, seed=0, **kw):
     torch.manual_seed(seed)
-    moe = ds_moe.MoE(D, expert, ep_size=ep, use_rts=False, **kw)
+    moe = ds_moe.MoE(D, expert, ep_size=ep, use_rts=False, top2_2nd_expert_sampling=False, **kw)
     seed_dense(moe.gate, seed + 1, scale=1.0)
     if moe.use_residual:
         seed_dense(moe.mlp, seed + 2)
@@ -199,7 +199,7 @@ class _Net(nn.Module):
         torch.manual_seed(7)
         self.inp = nn.Linear(D, D)
         self.moe = ds_moe.MoE(D, _mlp(), num_experts=4, ep_size=ep, k=2, capacity_factor=1.0,
-                              min_capacity=1, use_rts=False)  # fmt: skip
+                              min_capacity=1, use_rts=False, top2_2nd_expert_sampling=False)  # fmt: skip
         self.head = nn.Linear(D, 3)
         seed_dense(self.moe.gate, 8, scale=1.0)
         seed_experts(self.moe, 9)

@@ -51,7 +51,8 @@ def test_layer_on_cuda_matches_reference(k):
     torch.manual_seed(0)
     d = 128
     moe = ds_moe.MoE(d, nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)),
-                     num_experts=8, k=k, capacity_factor=1.0, use_rts=False)  # fmt: skip
+                     num_experts=8, k=k, capacity_factor=1.0, use_rts=False,
+                     top2_2nd_expert_sampling=False)  # fmt: skip
     seed_dense(moe.gate, 1, scale=0.2)
     seed_experts(moe, 2, scale=0.05)
     moe = moe.cuda().train()
@@ -97,7 +98,15 @@ def test_layer_forward_backward_never_syncs_with_the_host(k, dropless):
     torch.manual_seed(0)
     d = 256
     mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-    moe = ds_moe.MoE(d, mlp, num_experts=8, k=k, capacity_factor=1.0, drop_tokens=not dropless)
+    moe = ds_moe.MoE(
+        d,
+        mlp,
+        num_experts=8,
+        k=k,
+        capacity_factor=1.0,
+        drop_tokens=not dropless,
+        top2_2nd_expert_sampling=False,
+    )
     moe = moe.cuda().to(torch.bfloat16).train()
     x = torch.randn(2, 1000, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, l_aux, counts = moe(x)  # warm-up: the grouped-kernel probe syncs once per device

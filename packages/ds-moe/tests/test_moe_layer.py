@@ -30,6 +30,7 @@ class _Odd(nn.Module):
 
 def _layer(expert=None, seed=0, **kw):
     torch.manual_seed(seed)
+    kw.setdefault("top2_2nd_expert_sampling", False)  # the reference picks the top-2
     moe = ds_moe.MoE(D, expert if expert is not None else _mlp(), **kw)
     seed_dense(moe.gate, seed + 1, scale=1.0)
     if moe.use_residual:

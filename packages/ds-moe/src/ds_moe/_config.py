@@ -48,6 +48,9 @@ class GateConfig:
     noisy_gate_policy: NoisyGatePolicy = NoisyGatePolicy.NONE
     use_rts: bool = True
     router_z_loss_coef: float = 0.0
+    #: k = 2 while training: the 2nd expert is the argmax of ``logits + Gumbel noise`` over the
+    #: experts other than the 1st (DeepSpeed's ``top2_2nd_expert_sampling``, on by default)
+    top2_2nd_expert_sampling: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int):

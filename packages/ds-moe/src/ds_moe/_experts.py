@@ -189,6 +189,9 @@ class LoopExperts(nn.Module):
         sizes, tail = _host_sizes(x, group_sizes, offs)
         # Every expert runs, even on zero rows, so that hooks (ZeRO-3 gathers) fire on all ranks.
         outs = [e(seg) for e, seg in zip(self.experts, x[: x.shape[0] - tail].split(sizes))]
+        # an expert returning (output, bias), as Megatron-style MLPs do: the bias is ignored,
+        # as DeepSpeed's Experts does
+        outs = [o[0] if isinstance(o, tuple) else o for o in outs]
         if tail:
             outs.append(x.new_zeros(tail, outs[0].shape[1] if outs else x.shape[1]))
         return torch.cat(outs)

@@ -48,6 +48,12 @@ class TopKGate(nn.Module):
         selection = None
         if noisy is NoisyGatePolicy.RSAMPLE:
             selection = logits.detach() + gumbel_like(logits)
+        if self.training and cfg.k == 2 and cfg.top2_2nd_expert_sampling:
+            # DeepSpeed's top2gating: 1st expert = argmax of the clean logits, 2nd = argmax of
+            # logits + Gumbel noise over the others (Gumbel-max sampling from the softmax);
+            # as there, this replaces RSample's noise for k = 2.
+            first = logits.detach().argmax(dim=-1, keepdim=True)
+            selection = (logits.detach() + gumbel_like(logits)).scatter(1, first, float("inf"))
         priority = None
         if self.training and cfg.use_rts:
             # Random Token Selection: which tokens lose their slot is random, not "the last

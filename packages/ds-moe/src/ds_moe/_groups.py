@@ -143,3 +143,32 @@ def get_expert_parallel_group(name: str) -> ProcessGroup | None:
 def get_expert_data_parallel_group(name: str) -> ProcessGroup | None:
     """The group over which the experts of group ``name`` have their gradients reduced."""
     return _default.lookup(name).expert_dp_group
+
+
+def get_expert_parallel_group_dict() -> dict[str, ProcessGroup | None]:
+    """Every expert-parallel group built so far on this rank, by name (DeepSpeed's
+    ``groups._get_expert_parallel_group_dict``)."""
+    _default._check_world()
+    return {name: g.ep_group for name, g in _default._groups.items()}
+
+
+def get_expert_parallel_world_size(name: str) -> int:
+    """Ranks in the expert-parallel group ``name`` (its ``ep_size``)."""
+    return _default.lookup(name).ep_size
+
+
+def get_expert_parallel_rank(name: str) -> int:
+    """This rank's index in the expert-parallel group ``name``."""
+    return _default.lookup(name).ep_rank
+
+
+def get_expert_data_parallel_world_size(name: str) -> int:
+    """Ranks in this rank's expert-data-parallel group of ``name``."""
+    return len(_default.lookup(name).expert_dp_ranks)
+
+
+def get_expert_data_parallel_rank(name: str) -> int:
+    """This rank's index in its expert-data-parallel group of ``name``."""
+    groups = _default.lookup(name)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return groups.expert_dp_ranks.index(rank)

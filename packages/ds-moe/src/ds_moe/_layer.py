@@ -71,10 +71,25 @@ class MoE(nn.Module):
         noisy_gate_policy: str | NoisyGatePolicy | None = None,
         drop_tokens: bool = True,
         use_rts: bool = True,
+        use_tutel: bool = False,
+        enable_expert_tensor_parallelism: bool = False,
+        top2_2nd_expert_sampling: bool = True,
+        *,
         router_z_loss_coef: float = 0.0,
         grouped_experts: bool | None = None,
     ) -> None:
         super().__init__()
+        if use_tutel:
+            raise ValueError(
+                "use_tutel=True: ds-moe has no Tutel kernels (its own grouped-GEMM dispatch "
+                "replaces them); pass use_tutel=False (the default)"
+            )
+        if enable_expert_tensor_parallelism:
+            raise ValueError(
+                "enable_expert_tensor_parallelism=True: ds-moe does not split experts over "
+                "tensor-parallel ranks (no mpu support); pass enable_expert_tensor_parallelism="
+                "False and use ep_size for expert parallelism"
+            )
         # Without a process group every rank would hold all experts and train alone.
         ds_comm.require_initialized_if_launched("ds_moe.MoE")
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
@@ -99,6 +114,7 @@ class MoE(nn.Module):
             noisy_gate_policy=NoisyGatePolicy.parse(noisy_gate_policy),
             use_rts=use_rts,
             router_z_loss_coef=router_z_loss_coef,
+            top2_2nd_expert_sampling=bool(top2_2nd_expert_sampling),
         )
         check_ep_size(num_experts, ep_size)
         groups: ExpertGroups = create_expert_groups(ep_size)
@@ -116,9 +132,29 @@ class MoE(nn.Module):
         self.experts = build_local_experts(expert, self.num_local_experts, grouped_experts)
         mark_expert_params(self.experts, groups)
 
+        self.enable_expert_tensor_parallelism = False
         self.use_residual = use_residual
         self.mlp = copy.deepcopy(expert) if use_residual else None
         self.coefficient = nn.Linear(hidden_size, 2) if use_residual else None
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's hook (its engine calls it on every MoE layer): make sure this layer's
+        expert groups exist. ds-moe builds them in ``__init__`` already, so this only checks
+        they are still those of the current world (re-creating them after a re-init)."""
+        self._create_process_groups(
+            use_data_before_expert_parallel_=use_data_before_expert_parallel_
+        )
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        if use_data_before_expert_parallel_:
+            raise ValueError(
+                "use_data_before_expert_parallel_=True: ds-moe's expert-parallel groups are "
+                "consecutive ranks (expert parallelism before data parallelism); pass False"
+            )
+        groups = create_expert_groups(self.ep_size)
+        if groups is not self._groups:
+            self._groups = groups
+            mark_expert_params(self.experts, groups)
 
     @property
     def ep_group(self):
@@ -159,6 +195,9 @@ class MoE(nn.Module):
         if self.use_residual:
             assert self.mlp is not None and self.coefficient is not None
             mixed = F.softmax(self.coefficient(hidden_states), dim=-1)
-            out = out * mixed[..., 0:1] + self.mlp(hidden_states) * mixed[..., 1:2]
+            dense = self.mlp(hidden_states)
+            if isinstance(dense, tuple):
+                dense = dense[0]  # an (output, bias) expert: DeepSpeed ignores the bias too
+            out = out * mixed[..., 0:1] + dense * mixed[..., 1:2]
         # On the input's device: a CPU copy (DeepSpeed's) would cost a host sync per forward.
         return out, routing.l_aux, routing.exp_counts
