@@ -53,7 +53,7 @@ _DEEPSPEED_0198 = {
 @pytest.mark.parametrize("where", sorted(_DEEPSPEED_0198), ids=lambda w: ".".join(w))
 def test_deepspeed_moe_names_and_parameters(where):
     module, name = where
-    obj = importlib.import_module(f"deepspeed.moe.{module}")
+    obj = importlib.import_module(f"ds_all.moe.{module}")
     for part in name.split("."):
         obj = getattr(obj, part)
     names = list(inspect.signature(obj).parameters)
@@ -64,8 +64,8 @@ def test_deepspeed_moe_names_and_parameters(where):
 
 
 def test_defaults_match_deepspeed():
-    from deepspeed.moe.layer import MoE
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from ds_all.moe.layer import MoE
+    from ds_all.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     params = inspect.signature(MoE.__init__).parameters
     assert params["use_tutel"].default is False
@@ -77,21 +77,20 @@ def test_defaults_match_deepspeed():
 
 
 def test_same_objects_as_ds_moe():
-    import deepspeed.moe
-    from deepspeed.moe import experts, layer, sharded_moe, utils
-
+    import ds_all.moe
     import ds_moe
+    from ds_all.moe import experts, layer, sharded_moe, utils
 
-    assert deepspeed.moe.MoE is layer.MoE is ds_moe.MoE
+    assert ds_all.moe.MoE is layer.MoE is ds_moe.MoE
     assert experts.Experts is ds_moe.Experts
     assert sharded_moe.top2gating is ds_moe.top2gating
     assert utils.is_moe_param is ds_moe.is_moe_param
 
 
 def test_model_with_moe_layer_through_deepspeed_paths():
-    from deepspeed.moe.layer import MoE
-    from deepspeed.moe.mappings import drop_tokens, gather_tokens
-    from deepspeed.moe.utils import (
+    from ds_all.moe.layer import MoE
+    from ds_all.moe.mappings import drop_tokens, gather_tokens
+    from ds_all.moe.utils import (
         configure_moe_param_groups,
         has_moe_layers,
         split_params_into_shared_and_expert_params,
