@@ -165,6 +165,22 @@ def test_offload_param_needs_stage_3_and_nvme_falls_back_to_cpu():
     assert engine.zero.options.host_param_shards
 
 
+def test_offload_param_section_is_read_by_ds_offload():
+    """pin_memory's default and "auto" are ds_offload's (true, DeepSpeed's default), and the
+    section's own checks apply: nvme without nvme_path is a ConfigError naming the key."""
+    import ds_all
+
+    for section in ({"device": "cpu"}, {"device": "cpu", "pin_memory": "auto"}):
+        engine, _ = _stage3_run(section, False)
+        assert engine.zero.options.pin_param_shards, section
+    engine, _ = _stage3_run({"device": "cpu", "pin_memory": False}, False)
+    assert not engine.zero.options.pin_param_shards
+    cfg = config(3, 4)
+    cfg["zero_optimization"]["offload_param"] = {"device": "nvme"}
+    with pytest.raises(ds_all.ConfigError, match="offload_param: .*nvme_path is not set"):
+        ds_all.initialize(model=TinyGPT(), config=cfg, dist_init_required=False)
+
+
 @pytest.mark.parametrize("host_room", [False, True], ids=["host-short", "host-room"])
 def test_zero3_cpu_offload_host_bytes_per_parameter(host_room, monkeypatch):
     """ZeRO-3 + offload_optimizer cpu + offload_param cpu, bf16: per parameter the host holds

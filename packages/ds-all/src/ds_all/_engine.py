@@ -27,7 +27,6 @@ from ds_all._engine_export import consolidated_state_dict, module_state_dict, wr
 from ds_all._monitor import MonitorMaster
 from ds_all._optimizers import build_optimizer
 from ds_all._profiling import EngineProfiling
-from ds_all._profiling_config import autotuning_settings
 from ds_all._schedulers import build_scheduler
 from ds_all._tensor_parallel import tp_checkpoint
 from ds_all._timers import Timers
@@ -80,11 +79,20 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
         )
     # DeepSpeed's offload_param: each rank's parameter partition lives in host memory and is
     # copied to the device by the stage-3 gather before use
-    # pin_memory defaults to true (DeepSpeed 0.19.8's default; "auto" is the default too)
-    pin = section.get("pin_memory", True)
-    return dataclasses.replace(
-        options, host_param_shards=True, pin_param_shards=True if pin == "auto" else bool(pin)
-    )
+    # ds_offload owns the section: its checks, defaults ("pin_memory": true, as DeepSpeed's)
+    # and "auto"
+    from pydantic import ValidationError
+
+    from ds_offload import OffloadParamConfig
+
+    try:
+        param = OffloadParamConfig.model_validate(section).to_options()
+    except ValidationError as e:
+        raise ConfigError("; ".join(
+            f"zero_optimization.offload_param: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )) from None  # fmt: skip
+    return dataclasses.replace(options, host_param_shards=True, pin_param_shards=param.pin_memory)
 
 
 def _optimizer_offloaded(cfg: DeepSpeedConfig) -> bool:
@@ -417,7 +425,7 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         return self._config.flops_profiler.output_file
 
     def _autotuning(self) -> Any:
-        return autotuning_settings(self._config.autotuning)
+        return self._profiling.autotune_settings
 
     def autotuning_enabled(self) -> bool:
         return bool(self._autotuning().enabled)

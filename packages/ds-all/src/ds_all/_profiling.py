@@ -35,6 +35,7 @@ from ds_profile import FlopsProfiler, training_flops_per_step
 
 if TYPE_CHECKING:
     from ds_all._engine import DeepSpeedEngine
+    from ds_profile.autotune import AutotuneSettings
 
 log = logging.getLogger("ds_all")
 
@@ -118,8 +119,8 @@ class AutotuneProbe:
     as DeepSpeed's does.
     """
 
-    def __init__(self, engine: DeepSpeedEngine) -> None:
-        self.settings = autotuning_settings(_cfg(engine).autotuning)
+    def __init__(self, engine: DeepSpeedEngine, settings: AutotuneSettings) -> None:
+        self.settings = settings
         self._t0: float | None = None
         self._act_before = 0
         self.activation_bytes: int | None = None
@@ -225,8 +226,13 @@ class EngineProfiling:
         self.report = FlopsProfiler(engine.module, ds_engine=_EngineView(engine),
                                     recompute_fwd_factor=cfg.recompute_fwd_factor)  # fmt: skip
         self._reporting = False
+        #: the ``autotuning`` section, parsed once per engine (its warnings said once); the
+        #: engine's ``autotuning_*()`` accessors read it
+        self.autotune_settings = autotuning_settings(_cfg(engine).autotuning)
         self.autotune = (
-            AutotuneProbe(engine) if autotuning_settings(_cfg(engine).autotuning).enabled else None
+            AutotuneProbe(engine, self.autotune_settings)
+            if self.autotune_settings.enabled
+            else None
         )
         #: forward FLOPs of one micro-batch on this device, counted once (rank 0)
         self.fwd_flops: int | None = None

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_moe._config import GateConfig, NoisyGatePolicy
+from ds_moe._gating import multiplicative_jitter
 from ds_moe._routing import Routing, capacity, gumbel_like, route
 
 #: Switch Transformer's multiplicative jitter half-width
@@ -43,17 +44,18 @@ class TopKGate(nn.Module):
         noisy = self.training and cfg.noisy_gate_policy
         inp = x.float()
         if noisy is NoisyGatePolicy.JITTER:
-            inp = inp * torch.empty_like(inp).uniform_(1.0 - JITTER_EPS, 1.0 + JITTER_EPS)
+            inp = multiplicative_jitter(inp, inp.device, JITTER_EPS)
         logits = F.linear(inp, self.wg.weight.float())
         selection = None
-        if noisy is NoisyGatePolicy.RSAMPLE:
+        sample_2nd = self.training and cfg.k == 2 and cfg.top2_2nd_expert_sampling
+        if noisy is NoisyGatePolicy.RSAMPLE or sample_2nd:
             selection = logits.detach() + gumbel_like(logits)
-        if self.training and cfg.k == 2 and cfg.top2_2nd_expert_sampling:
+        if sample_2nd:
             # DeepSpeed's top2gating: 1st expert = argmax of the clean logits, 2nd = argmax of
             # logits + Gumbel noise over the others (Gumbel-max sampling from the softmax);
-            # as there, this replaces RSample's noise for k = 2.
+            # as there, the one noise draw serves RSample too for k = 2.
             first = logits.detach().argmax(dim=-1, keepdim=True)
-            selection = (logits.detach() + gumbel_like(logits)).scatter(1, first, float("inf"))
+            selection = selection.scatter(1, first, float("inf"))
         priority = None
         if self.training and cfg.use_rts:
             # Random Token Selection: which tokens lose their slot is random, not "the last

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ds_moe._routing import gumbel_rsample
+
 USE_EINSUM = True
 
 
@@ -28,13 +30,6 @@ def multiplicative_jitter(x: Tensor, device: torch.device, epsilon: float = 1e-2
         1.0 - epsilon, 1.0 + epsilon
     )
     return x * noise
-
-
-def gumbel_rsample(shape: tuple[int, ...] | torch.Size, device: torch.device) -> Tensor:
-    """Standard Gumbel(0, 1) samples of ``shape`` (float32) on ``device``."""
-    one = torch.tensor(1.0, device=device)
-    zero = torch.tensor(0.0, device=device)
-    return torch.distributions.gumbel.Gumbel(zero, one).rsample(torch.Size(shape))
 
 
 def einsum(rule: str, a: Tensor, b: Tensor) -> Tensor:
@@ -54,10 +49,13 @@ def _max_over_group(value: Tensor, ep_group) -> Tensor:
     return value
 
 
-def _no_tutel(use_tutel: bool) -> None:
+def refuse_tutel(use_tutel: bool) -> None:
+    """DeepSpeed's ``use_tutel`` switch (for the layer and the gating functions): ds-moe has
+    no Tutel kernels, its own grouped-GEMM dispatch takes their place."""
     if use_tutel:
         raise ValueError(
-            "use_tutel=True: ds-moe has no Tutel kernels; pass use_tutel=False (the default)"
+            "use_tutel=True: ds-moe has no Tutel kernels (its own grouped-GEMM dispatch "
+            "replaces them); pass use_tutel=False (the default)"
         )
 
 
@@ -74,7 +72,7 @@ def top1gating(
     use_tutel: bool = False,
 ) -> tuple:
     """Top-1 gating: Switch loss, RTS picks which tokens keep a slot (random, or the first)."""
-    _no_tutel(use_tutel)
+    refuse_tutel(use_tutel)
     if noisy_gate_policy == "RSample":
         logits_w_noise = logits + gumbel_rsample(logits.shape, device=logits.device)
     gates = F.softmax(logits, dim=1)

@@ -13,6 +13,7 @@ from ds_moe._config import GateConfig, NoisyGatePolicy, check_ep_size
 from ds_moe._dispatch import dispatch_and_combine, make_plan
 from ds_moe._experts import GroupedMLPExperts, LoopExperts, build_local_experts, mlp_parts
 from ds_moe._gate import TopKGate
+from ds_moe._gating import refuse_tutel
 from ds_moe._groups import ExpertGroups, create_expert_groups
 from ds_moe._local_dispatch import combine, local_layout, permute
 from ds_moe._params import mark_expert_params
@@ -79,11 +80,7 @@ class MoE(nn.Module):
         grouped_experts: bool | None = None,
     ) -> None:
         super().__init__()
-        if use_tutel:
-            raise ValueError(
-                "use_tutel=True: ds-moe has no Tutel kernels (its own grouped-GEMM dispatch "
-                "replaces them); pass use_tutel=False (the default)"
-            )
+        refuse_tutel(use_tutel)
         if enable_expert_tensor_parallelism:
             raise ValueError(
                 "enable_expert_tensor_parallelism=True: ds-moe does not split experts over "

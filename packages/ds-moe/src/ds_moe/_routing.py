@@ -102,9 +102,20 @@ def _rank(cells: torch.Tensor, size: int) -> torch.Tensor:
     return torch.empty_like(ranks).scatter_(0, order, ranks)
 
 
-def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    u = torch.rand(t.shape, device=t.device, dtype=torch.float32, generator=generator)
+def gumbel_rsample(
+    shape: tuple[int, ...] | torch.Size,
+    device: torch.device | str,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Standard Gumbel(0, 1) samples (float32) of ``shape``, DeepSpeed's ``gumbel_rsample``:
+    ``-log(-log(U))`` with ``U`` kept off 0 and 1 so no sample is infinite."""
+    u = torch.rand(torch.Size(shape), device=device, dtype=torch.float32, generator=generator)
     return -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+
+
+def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return gumbel_rsample(t.shape, t.device, generator=generator)
 
 
 def route(

@@ -56,12 +56,14 @@ def sequence_from_heads(
     return seq_exchange(x, seq, HEAD_DIM, [x.shape[seq] // world] * world, heads, group)
 
 
-def total_heads(x: Tensor, group: Any) -> int:
-    """The head count summed over ``group`` of head-sharded ``x`` (``[.., s, H_r, d]``); one
-    all-gather of the counts, since uneven head slices cannot be inferred from one rank's."""
+def total_heads(x: Tensor, group: Any, num_kv_heads: int | None = None) -> int:
+    """The head count summed over ``group`` of head-sharded ``x`` (``[.., s, H_r, d]``). When
+    ``num_kv_heads`` divides the group the split is even (:func:`head_splits`) and the count is
+    local; otherwise one all-gather of the counts, since uneven head slices cannot be inferred
+    from one rank's."""
     world = _group_size(group)
-    if world == 1:
-        return x.shape[HEAD_DIM]
+    if world == 1 or (num_kv_heads is not None and num_kv_heads % world == 0):
+        return x.shape[HEAD_DIM] * world
     counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
     mine = torch.full((1,), x.shape[HEAD_DIM], dtype=torch.int64, device=x.device)
     dist.all_gather(counts, mine, group=group)
@@ -92,7 +94,7 @@ def single_all_to_all(
     with torch.no_grad():
         if scatter_idx >= 2:
             return heads_from_sequence(input, batch_dim_idx, group, num_kv_heads)
-        heads = total_heads(input, group)
+        heads = total_heads(input, group, num_kv_heads)
         return sequence_from_heads(input, batch_dim_idx, group, heads, num_kv_heads)
 
 
@@ -129,7 +131,7 @@ class SeqAllToAll(torch.autograd.Function):
         if scatter_idx >= 2:
             ctx.heads = input.shape[HEAD_DIM]  # the backward gathers the heads back to this
             return heads_from_sequence(input, batch_dim_idx, group, num_kv_heads)
-        heads = total_heads(input, group)
+        heads = total_heads(input, group, num_kv_heads)
         return sequence_from_heads(input, batch_dim_idx, group, heads, num_kv_heads)
 
     @staticmethod
