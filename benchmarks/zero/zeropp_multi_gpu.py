@@ -16,7 +16,7 @@ with its error and the next one runs.
     torchrun --standalone --nproc_per_node=N benchmarks/zero/zeropp_multi_gpu.py [--layers 8]
 
 `--cpu` runs the same flow with gloo on the CPU (fp32, for checking the harness with a tiny
-model: `--layers 1 --d 64 --heads 4 --seq 32 --vocab 128`); DeepSpeed's quantized systems need
+model: `--layers 1 --dim 64 --heads 4 --seq 32 --vocab 128`); DeepSpeed's quantized systems need
 its CUDA quantizer op and are GPU-only. The real DeepSpeed must be importable for the
 `deepspeed-*` systems (not this project's `deepspeed` alias).
 """
@@ -188,7 +188,8 @@ def run_system(name: str, kw: dict, args: argparse.Namespace, per_node: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--d", type=int, default=1024)
+    # --dim, not --d: under torchrun, "--d" is an ambiguous prefix of its own options
+    ap.add_argument("--dim", dest="d", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
