@@ -14,7 +14,9 @@
 #            plain transformers (benchmarks/seq/long_seq.py; LONGSEQ_BUDGET_S per system)
 #   overlap: the offloaded step's modes vs DeepSpeed's, one GPU, scenarios offload-overlap-zero3
 #            and -zero2 (OVERLAP_DEADLINE_S, default 470, bounds both; OVERLAP_LIMIT_S, default
-#            110, bounds one system; OVERLAP_SCENARIOS and OVERLAP_SYSTEMS pick subsets)
+#            110, bounds one system; OVERLAP_PEER_LIMIT_S, default 75, bounds DeepSpeed's
+#            SuperOffload and ZenFlow, which stall in 0.19.8; OVERLAP_SCENARIOS and
+#            OVERLAP_SYSTEMS pick subsets)
 #   largest: LARGEST_RUNS ("deepspeed:cpu=28,30 ours:split=56,60": engine:config=block ladders,
 #            d=4096), LARGEST_DEADLINE_S (default 540)
 #
@@ -92,7 +94,8 @@ for p in "$@"; do
       phase overlap python3 benchmarks/offload/offload_overlap_gpu.py \
         --scenarios ${OVERLAP_SCENARIOS:-zero3 zero2} ${OVERLAP_SYSTEMS:+--systems $OVERLAP_SYSTEMS} \
         --peers-dir shared/peers --device-name "1x$GPUNAME" \
-        --deadline-s "${OVERLAP_DEADLINE_S:-470}" --limit-s "${OVERLAP_LIMIT_S:-110}"
+        --deadline-s "${OVERLAP_DEADLINE_S:-470}" --limit-s "${OVERLAP_LIMIT_S:-110}" \
+        --peer-mode-limit-s "${OVERLAP_PEER_LIMIT_S:-75}"
       ;;
     largest)  # LARGEST_RUNS: space-separated ENGINE:CONFIG=L1,L2 (see largest_model.py)
       runs=()
