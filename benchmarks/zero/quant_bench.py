@@ -31,6 +31,7 @@ another.
     python benchmarks/zero/quant_bench.py [--sizes-mb 64,256,1024,2048] [--reps 10]
     python benchmarks/zero/quant_bench.py --build-only          # DeepSpeed's op, then exit
     python benchmarks/zero/quant_bench.py --dry-run             # CPU: every step, tiny sizes
+    python benchmarks/zero/quant_bench.py --sweep               # + launch shapes and variants
 
 The real DeepSpeed must be importable (the GPU machines install it in /tmp/site); ds-deepspeed's
 src/ (the `deepspeed` alias of this project) is dropped from the path before it is imported.
@@ -224,11 +225,13 @@ def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
     return cuda_ms if device == "cuda" else cpu_ms
 
 
-def _sweep_quant(x, weight_block, grad_block, reps, time_ms, record, size_mb, copy_gbps) -> None:
+def _sweep_quant(
+    x, weight_block, grad_block, reps, time_ms, record, record_error, size_mb, copy_gbps
+) -> None:
     """The quantize kernels launched directly at other shapes: warps per program x blocks per
     program (BPP; the default launch is in ds_kernels._quant_triton._launch), outputs allocated
-    once, to find the shape this GPU prefers. int8 with the weight block, int4 with the
-    gradient block."""
+    once, to find the shape this GPU prefers; then the launch variants (``_sweep_variants``).
+    int8 with the weight block, int4 with the gradient block."""
     from ds_kernels import _quant_triton as qt
     from ds_kernels._quant_op import code_numel, num_blocks
 
@@ -255,6 +258,121 @@ def _sweep_quant(x, weight_block, grad_block, reps, time_ms, record, size_mb, co
                 ms = time_ms(fn, reps)
                 record(f"sweep-{what}-quantize-fp16-w{warps}-bpp{bpp}", size_mb, ms,
                        _nbytes(x, codes, scales), copy_gbps, bits=bits, block=block)  # fmt: skip
+        t0 = time.perf_counter()
+        count = _sweep_variants(x, bits, block, codes, scales, reps, time_ms, record, record_error,
+                                size_mb, copy_gbps)  # fmt: skip
+        print(f"sweep: {count} {what} launch variants at {size_mb} MB in "
+              f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+
+
+# Launch variants of the quantize kernels (ds_kernels._quant_triton.Launch), as (warps, blocks per
+# program or 0 for the default, Launch fields): cache hints on the default shape, and persistent
+# grids of g programs per SM looping over the tiles, software-pipelined over `stages` tiles. The
+# main persistent grid per warp count has 16 warps an SM (w2-g8, w4-g4, w8-g2), which fits an
+# H100/H200 at fp16 (Triton 3.6 for sm_90: up to 128 registers a thread, (stages - 1) x 8 KB of
+# shared memory a program); each run records `resident_per_sm`, how many such programs fit.
+# About 20 in all: each costs one check and 3 + --reps calls per size, plus one compile.
+_VARIANTS = {
+    8: (
+        (2, 0, dict(evict=True)),
+        (2, 0, dict(programs_per_sm=8, stages=1)),  # persistent, not pipelined
+        *((w, 0, dict(programs_per_sm=g, stages=s)) for s in (2, 3, 4)
+          for w, g in ((2, 8), (4, 4), (8, 2))),
+        (4, 0, dict(programs_per_sm=8, stages=3)),  # 32 warps an SM
+        (2, 0, dict(programs_per_sm=4, stages=3)),  # 8 warps an SM
+        (4, 0, dict(programs_per_sm=4, stages=3, evict=True)),
+    ),
+    4: (
+        (4, 0, dict(evict=True)),
+        *((4, 0, dict(programs_per_sm=4, stages=s)) for s in (2, 3, 4)),
+        (8, 0, dict(programs_per_sm=2, stages=3)),
+        (2, 0, dict(programs_per_sm=8, stages=3)),
+    ),
+}  # fmt: skip
+
+
+def _variant_name(launch, warps: int, bpp: int) -> str:
+    """`evict-w2-bpp1`, `persist-s3-w4-g2`, `persist-evict-s3-w4-g4`."""
+    if launch.programs_per_sm:
+        kind = "persist-evict" if launch.evict else "persist"
+        return f"{kind}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
+    return f"{'evict' if launch.evict else 'plain'}-w{warps}-bpp{bpp}"
+
+
+def _resident_per_sm(compiled, device) -> int | None:
+    """Programs of a compiled Triton kernel that fit on one SM at once (registers, threads,
+    shared memory, 32 blocks), from its resource use; None where unknown (the interpreter)."""
+    try:
+        regs, smem, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+        props = torch.cuda.get_device_properties(device)
+    except Exception:  # noqa: BLE001 - best effort: only recorded
+        return None
+    regs_per_warp = -(-max(1, regs) * 32 // 256) * 256
+    fits = [
+        getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),
+        getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps),
+        32,
+    ]
+    if smem:  # plus the 1 KB the driver reserves per block
+        fits.append(getattr(props, "shared_memory_per_multiprocessor", 233472) // (smem + 1024))
+    return min(fits)
+
+
+def _sweep_variants(
+    x, bits, block, codes, scales, reps, time_ms, record, record_error, size_mb, copy_gbps
+) -> int:
+    """Each launch variant at `bits`: first run once into outputs filled with a value no launch
+    writes (codes -128 / 0x88, scales NaN) and compared bit for bit with the default launch's
+    output on the same tensor, then timed; a variant that differs, or fails, is recorded as an
+    error run and the sweep goes on. Returns the number of variants tried."""
+    from ds_kernels import _quant_triton as qt
+
+    what = "qwz" if bits == 8 else "qgz"
+    rows = x.view(1, -1)
+    try:
+        ref_codes, ref_scales = qt.quantize_rows(rows, bits, block)
+    except Exception:  # noqa: BLE001
+        record_error(f"sweep-{what}-quantize-fp16-default", size_mb,
+                     traceback.format_exc(limit=3), bits=bits, block=block)  # fmt: skip
+        return 0
+    sentinel = -128 if bits == 8 else 0x88  # never a code: nibbles and codes are in [-qmax, qmax]
+    sms = qt.sm_count(x.device)
+    for warps, bpp, fields in _VARIANTS[bits]:
+        bpp = bpp or qt._blocks_per_program(block)
+        tile = block * bpp
+        system = f"sweep-{what}-quantize-fp16-invalid-w{warps}-bpp{bpp}"
+        try:
+            launch = qt.Launch(values_per_thread=max(1, tile // (32 * warps)),
+                               blocks_per_program=bpp, **fields)  # fmt: skip
+            if launch.num_warps(tile) != warps:
+                raise ValueError(f"{warps} warps is not a launch of a {tile}-value tile")
+            system = f"sweep-{what}-quantize-fp16-{_variant_name(launch, warps, bpp)}"
+            grid, _ = qt._launch(block, scales.shape[1], 1, bits, launch, sms)
+            extra = dict(bits=bits, block=block, warps=warps, bpp=bpp, grid=grid[0],
+                         programs_per_sm=launch.programs_per_sm, stages=launch.stages,
+                         evict=launch.evict)  # fmt: skip
+            codes.fill_(sentinel)
+            scales.fill_(float("nan"))
+            compiled = qt.quantize_into(rows, codes, scales, bits, block, launch, sms)
+            if not (torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)):
+                bad_c = int((codes != ref_codes).sum())
+                bad_s = int((scales != ref_scales).sum())  # NaN (not written) counts
+                record_error(system, size_mb,
+                             f"not bit-identical to the default launch: {bad_c} of "
+                             f"{codes.numel()} code bytes and {bad_s} of {scales.numel()} "
+                             "scales differ", **extra)  # fmt: skip
+                continue
+            extra["resident_per_sm"] = _resident_per_sm(compiled, x.device)
+
+            def fn(launch=launch):
+                qt.quantize_into(rows, codes, scales, bits, block, launch, sms)
+
+            ms = time_ms(fn, reps)
+            record(system, size_mb, ms, _nbytes(x, codes, scales), copy_gbps, **extra)
+        except Exception:  # noqa: BLE001 - recorded; the other variants still run
+            record_error(system, size_mb, traceback.format_exc(limit=3), bits=bits, block=block)
+    del ref_codes, ref_scales
+    return len(_VARIANTS[bits])
 
 
 def _nbytes(*ts: torch.Tensor) -> int:
@@ -274,8 +392,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="limit of DeepSpeed's quantizer op build (the child process)")  # fmt: skip
     ap.add_argument("--no-deepspeed", action="store_true", help="time ours only")
     ap.add_argument("--sweep", action="store_true",
-                    help="also time the int8 quantize kernel at other launch shapes (warps x "
-                    "blocks per program), recorded as sweep-* runs")  # fmt: skip
+                    help="also time the int8 and int4 quantize kernels at other launch shapes "
+                    "(warps x blocks per program) and launch variants (cache hints, persistent "
+                    "pipelined grids; each checked bit for bit against the default launch "
+                    "first), recorded as sweep-* runs; on the CPU with --dry-run only under "
+                    "TRITON_INTERPRET=1")  # fmt: skip
     ap.add_argument("--build-only", action="store_true",
                     help="build DeepSpeed's op and exit (status 1 if it failed)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true",
@@ -355,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     elif ds_error is not None:
         runs.append({"system": "deepspeed-quantizer", "error": ds_error, "peak_mem_gb": None})
 
+    def record_error(system: str, size_mb: int, error: str, **extra):
+        runs.append({"system": system, "size_mb": size_mb, "error": error, "peak_mem_gb": None,
+                     **extra})  # fmt: skip
+        print(f"{system} {size_mb} MB: {error}")
+
     def record(system: str, size_mb: int, ms: float, moved: int, copy_gbps: float, **extra):
         gbps = moved / ms / 1e6
         runs.append(
@@ -408,17 +534,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"ds-kernels-{key}", size_mb, ms, _nbytes(x, codes, scales), copy_gbps,
                     bits=bits, block=block,
                 )  # fmt: skip
-        if args.sweep and device == "cuda":
-            _sweep_quant(
-                x16,
-                args.weight_block,
-                args.grad_block,
-                args.reps,
-                time_ms,
-                record,
-                size_mb,
-                copy_gbps,
-            )
+        if args.sweep and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            # (on the CPU, --dry-run under Triton's interpreter: a few tiles, to run the code)
+            xs = x16 if device == "cuda" else x16[: 5 * args.weight_block + 100]
+            try:
+                _sweep_quant(xs, args.weight_block, args.grad_block, args.reps, time_ms, record,
+                             record_error, size_mb, copy_gbps)  # fmt: skip
+            except Exception:  # noqa: BLE001 - recorded; DeepSpeed's runs still follow
+                record_error("sweep", size_mb, traceback.format_exc(limit=3))
         if ds_mod is None:
             continue
         # qwZ: exactly what ZeRO-3 calls (adaptive groups)

@@ -142,10 +142,98 @@ def test_triton_kernels_match_the_fallback_on_cpu_tensors():
                     assert torch.equal(back, ref_back)
 
 
+def _variant_launches(persistent):
+    """Launch variants of the quantize kernels (``_quant_triton.Launch``): cache hints and other
+    blocks per program, or persistent grids with 1 to 4 pipeline stages, with and without hints."""
+    from ds_kernels._quant_triton import Launch
+
+    if not persistent:
+        return [Launch(64, evict=True), Launch(32, blocks_per_program=2, evict=True)]
+    out = [Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3)]
+    for stages in (1, 2, 3, 4):
+        for g in (1, 3, 64):  # 64 x 2 SMs: a grid capped at the tile count
+            out.append(Launch(32, programs_per_sm=g, stages=stages, evict=stages % 2 == 0))
+    return out
+
+
+def _interpreter_loop_error(exc: Exception) -> bool:
+    """Triton's interpreter up to 3.6 at least takes a runtime loop bound (a program id, a size
+    argument) as ``int()`` of a one-element array, which NumPy 2.4 refuses."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and "0-dimensional" in str(exc)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["hints", "persistent"])
+def test_launch_variants_match_the_default_launch(persistent):
+    """Every launch variant (cache hints, persistent grids looping over tiles across rows,
+    software-pipelined or not) writes bit for bit the default launch's codes and scales, into
+    outputs first filled with a value no launch writes (code -128 / byte 0x88, scale NaN), for
+    rows shorter than, equal to and not a multiple of the block or the tile, several rows."""
+    if not ds_kernels.op_status("quantizer").compatible:
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    from ds_kernels import _quant_triton as qt
+    from ds_kernels._quant_op import code_numel, num_blocks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    launches = _variant_launches(persistent)
+    # (bits, block): int8 with 4096-value blocks (BPP 1) and small blocks (BPP 64), int4 with
+    # qgZ's 256-value blocks (BPP 16) and small ones
+    cases = {(8, 4096): [(1, 7), (3, 4096), (2, 2 * 4096 + 70)], (8, 64): [(3, 300)],
+             (4, 256): [(3, 300), (2, 4096 + 257), (1, 3 * 4096)], (4, 64): [(5, 65)]}  # fmt: skip
+    for (bits, block), shapes in cases.items():
+        for dtype in DTYPES:
+            for rows, n in shapes:
+                g = torch.Generator().manual_seed(rows * n + bits)
+                x = ((torch.randn(rows, n, generator=g) * 3).to(dtype)).to(device)
+                want_codes, want_scales = qt.quantize_rows(x, bits, block)
+                for launch in launches:
+                    codes = torch.full((rows, code_numel(n, bits)), -128 if bits == 8 else 0x88,
+                                       dtype=want_codes.dtype, device=device)  # fmt: skip
+                    scales = torch.full((rows, num_blocks(n, block)), float("nan"), device=device)
+                    try:
+                        qt.quantize_into(x, codes, scales, bits, block, launch, sms=2)
+                    except Exception as exc:  # noqa: BLE001
+                        if _interpreter_loop_error(exc):
+                            pytest.skip(f"this Triton's interpreter runs no runtime loop: {exc}")
+                        raise
+                    what = f"{launch} bits={bits} block={block} {dtype} {rows}x{n}"
+                    assert torch.equal(scales, want_scales), what
+                    assert torch.equal(codes, want_codes), (
+                        what + ": " + _mismatch(x, codes, want_codes, bits, block)
+                    )
+
+
+def test_launch_settings():
+    """The default launch (one program per tile, grid = tiles, warps from the values per
+    thread) and a persistent one (grid = programs per SM x SMs, at most the tile count)."""
+    if not ds_kernels.op_status("quantizer").compatible:
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    from ds_kernels._quant_triton import _DEFAULT_LAUNCH, Launch, _launch
+
+    assert all(launch.plain for launch in _DEFAULT_LAUNCH.values())
+    grid, kw = _launch(4096, 10, 3, 8)
+    assert grid == (30,) and kw["BPP"] == 1 and kw["num_warps"] == 2 and "ntiles" not in kw
+    grid, kw = _launch(256, 33, 2, 4)  # 16 blocks a tile: 3 tiles a row
+    assert grid == (6,) and kw["BPP"] == 16 and kw["num_warps"] == 4
+    assert _launch(4096, 1, 1, 0)[1]["num_warps"] == 8
+    persist = Launch(32, programs_per_sm=4, stages=3)
+    grid, kw = _launch(4096, 1000, 2, 8, persist, sms=132)
+    assert grid == (528,) and kw["ntiles"] == 2000 and kw["PERSISTENT"] and kw["STAGES"] == 3
+    assert kw["num_warps"] == 4 and not kw["EVICT"]
+    assert _launch(4096, 100, 2, 8, persist, sms=132)[0] == (200,)  # capped at the tile count
+    with pytest.raises(ValueError):
+        _launch(4096, 100, 2, 8, persist)  # no SM count
+    with pytest.raises(ValueError):
+        _launch(4096, 100, 2, 0, Launch(16, evict=True))  # dequantize has no variants
+    for bad in (dict(stages=2), dict(programs_per_sm=1, stages=5), dict(programs_per_sm=-1)):
+        with pytest.raises(ValueError):
+            Launch(32, **bad)
+
+
 # Compiles every quantizer kernel once for an H100 (sm_90; Triton's own ptxas, no GPU needed),
 # for each dtype and (bits, block) pair, with the divisibility hints a launch with 16-byte
 # aligned pointers and sizes divisible by 16 specialises on, and prints per kernel its
-# arithmetic instructions ("arith ...") and its global loads and stores ("access ...").
+# arithmetic instructions ("arith ...") and its global loads and stores ("access ..."); then the
+# same for the launch variants of the quantize kernels, one line each ("variant ...").
 _PTX_SCRIPT = textwrap.dedent(
     """
     import inspect, re, sys
@@ -186,6 +274,35 @@ _PTX_SCRIPT = textwrap.dedent(
                 print("arith", dt, bits, block, name, " ".join(sorted(set(arith))))
                 if "attrs" in params:
                     print("access", dt, bits, block, name, " ".join(sorted(set(access))))
+
+    # the launch variants, as _launch launches them: "variant dt bits block stages evict | arith
+    # ops | loads and stores" (with the cache qualifiers)
+    variants = (qt.Launch(64, evict=True), qt.Launch(32, programs_per_sm=4),
+                qt.Launch(32, programs_per_sm=4, stages=3, evict=True),
+                qt.Launch(64, programs_per_sm=8, stages=4))
+    for dt in ("*fp32", "*fp16", "*bf16"):
+        for bits, block in ((8, 4096), (4, 256)):
+            cnt = {} if bits == 8 else {"c": "i32"}
+            ty = "*i8" if bits == 8 else "*u8"
+            sig = {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", "n": "i32", **cnt, "nb": "i32",
+                   "nbp": "i32", "ntiles": "i32"}
+            hints = {}
+            if "attrs" in params:
+                hints["attrs"] = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
+                                  if k.endswith("_ptr") or k in ("n", "c", "nb")}
+            for launch in variants:
+                kw = qt._launch(block, 1, 1, bits, launch, sms=1)[1]
+                consts = {k: kw[k] for k in ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT")}
+                fn = qt._quant8_variant_kernel if bits == 8 else qt._quant4_variant_kernel
+                src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
+                                constexprs=consts, **hints)
+                opts = {"num_warps": kw["num_warps"], **qt._LAUNCH}
+                text = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+                text = text.asm["ptx"]
+                arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)
+                access = re.findall(r"((?:ld|st)\\.global[\\w.:]*|cp\\.async\\.[\\w.:]*)", text)
+                print("variant", dt, bits, block, launch.stages, int(launch.evict), "|",
+                      " ".join(sorted(set(arith))), "|", " ".join(sorted(set(access))))
     """
 )
 
@@ -255,6 +372,32 @@ def test_kernels_compile_to_wide_global_accesses(sm90_ptx):
         assert not narrow, line
         assert any(".v2." in o or ".v4." in o for o in ops if o.startswith("ld.")), line
         assert any(".v2." in o or ".v4." in o for o in ops if o.startswith("st.")), line
+
+
+def test_launch_variants_compile_to_the_same_arithmetic_with_their_memory_hints(sm90_ptx):
+    """The variant kernels' sm_90 PTX: the default's IEEE arithmetic (no fma, ``div.rn``); with
+    divisibility hints, a pipelined persistent loop (stages > 1) loads by ``cp.async`` and a
+    plain one by wide ``ld.global``, ``evict`` loads ``evict_first`` and stores the codes
+    ``.cs``."""
+    lines = _ptx_lines(sm90_ptx, "variant")
+    assert len(lines) == 24, sm90_ptx
+    for line in lines:
+        head, arith, access = (part.split() for part in line.split(" | "))
+        dt, bits, block, stages, evict = head
+        assert not [o for o in arith if o.startswith(("fma.", "div.full", "div.approx", "rcp."))]
+        assert {"div.rn.f32", "div.rn.ftz.f32"} & set(arith), line
+        assert {"mul.rn.f32", "add.rn.f32"} <= set(arith), line
+        if sm90_ptx[0].startswith("NOATTRS"):
+            continue
+        loads = [o for o in access if not o.startswith("st.")]
+        stores = [o for o in access if o.startswith("st.")]
+        if int(stages) > 1:
+            assert any(o.startswith("cp.async") for o in loads), line
+        else:
+            assert loads and all(".v4." in o or ".v2." in o for o in loads), line
+            if evict == "1":
+                assert all("evict_first" in o for o in loads), line
+        assert any(".cs." in o for o in stores) == (evict == "1"), line
 
 
 @pytest.mark.gpu

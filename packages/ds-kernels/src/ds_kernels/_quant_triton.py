@@ -10,10 +10,21 @@ one program per block gives each thread two values, a few bytes per memory instr
 block-wide reduction per few hundred bytes. A tile keeps every thread on 16-byte accesses
 whatever the block size. int4 values are read and written as one contiguous tile too and split
 into even/odd nibbles in registers (``tl.split``/``tl.join``), not by stride-2 accesses.
+
+How a kernel is launched is one ``Launch`` per kernel kind (``_DEFAULT_LAUNCH``). Besides the
+default (one program per tile), the quantize kernels have launch variants that compute the same
+fp32 operations on every value, so codes and scales are bit-identical whichever runs: cache hints
+(``evict``: the input loaded ``evict_first``, the codes stored ``.cs``) and a persistent grid (a
+few programs per SM, each looping over tiles; with ``stages`` > 1 the loop is software-pipelined,
+so the loads of the next tiles are in flight while one tile is reduced and stored).
+``benchmarks/zero/quant_bench.py --sweep`` times them against the default.
 """
 
 # No ``from __future__ import annotations``: Triton 3.1's interpreter recognises a constexpr
 # parameter only by its annotation object, and would pass BLOCK as a tensor.
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -28,18 +39,69 @@ def _blocks_per_program(block: int) -> int:
     return max(1, _TILE // block)
 
 
-# Values each thread of a program holds: 0 is dequantize, 8 and 4 quantize at those bits.
-# Quantize reduces each block before it writes, so a thread with more values in flight hides
-# more of the load latency: swept on an H200, a 4096-value tile ran best with 64 values per
-# thread for int8 (2 warps: 95% of copy bandwidth against 73% with 8) and 32 for int4, whose
-# even/odd split holds more registers (4 warps: 67% against 57%); dequantize, with no
-# reduction, is at 97-98% with 16 (8 warps).
-_VALUES_PER_THREAD = {0: 16, 8: 64, 4: 32}
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched. Every setting runs the same fp32 operations on each value, so
+    the codes and scales do not depend on it (the tests check this bit for bit); only the speed
+    does. The fields other than the first two apply to the quantize kernels only.
+
+    - ``values_per_thread``: values of a program's tile each thread holds; the program has
+      ``tile / (32 * values_per_thread)`` warps, 1 to 8;
+    - ``blocks_per_program`` (BPP): blocks per tile, 0 for enough blocks to make ``_TILE`` values;
+    - ``programs_per_sm``: 0 for one program per tile (the grid is the tile count); ``g`` for a
+      persistent grid of ``g`` times the SM count (at most the tile count), each program looping
+      over tiles ``pid, pid + grid, ...``. ``g`` programs must fit on an SM at once (registers,
+      and ``stages - 1`` tiles of shared memory, twice as much for fp32 input as for 16-bit),
+      or the programs that do not fit run after the others, a second wave of the whole length;
+    - ``stages``: persistent only, the loop's ``tl.range(num_stages=...)``: 1 is a plain loop;
+      with ``S`` > 1 Triton's pipeliner issues the loads of the next ``S - 1`` tiles (``cp.async``
+      into shared memory) before the current tile is reduced and stored. It does so for vector
+      loads only (seen in the sm_90 PTX of Triton 3.6 and 3.9): a 16-bit row whose length is
+      not a multiple of 16, loaded value by value, gets a plain loop;
+    - ``evict``: the input loaded with ``eviction_policy="evict_first"`` (it is read once) and
+      the codes stored with ``cache_modifier=".cs"`` (streaming: written once, not read back).
+    """
+
+    values_per_thread: int
+    blocks_per_program: int = 0
+    programs_per_sm: int = 0
+    stages: int = 1
+    evict: bool = False
+
+    def __post_init__(self):
+        if self.values_per_thread < 1 or self.blocks_per_program < 0 or self.programs_per_sm < 0:
+            raise ValueError(f"invalid launch: {self}")
+        if not 1 <= self.stages <= 4 or (self.stages > 1 and not self.programs_per_sm):
+            raise ValueError(f"invalid launch (stages 1 to 4, > 1 only if persistent): {self}")
+
+    @property
+    def plain(self) -> bool:
+        """One program per tile, no cache hints: the kernels ``_quant8_kernel`` and the rest."""
+        return not self.programs_per_sm and not self.evict
+
+    def num_warps(self, tile: int) -> int:
+        """Warps of a program over a tile of ``tile`` values (a power of two)."""
+        return max(1, min(8, tile // (32 * self.values_per_thread)))
 
 
-def _warps(tile: int, quant_bits: int) -> int:
-    """Warps of a program over a tile of ``tile`` values (a power of two, at least 4096)."""
-    return max(1, min(8, tile // (32 * _VALUES_PER_THREAD[quant_bits])))
+# The launch of each kernel: quantize at 8 and 4 bits, dequantize at 0. Changing one line here
+# switches that kernel to a variant (``quant_bench.py --sweep`` times the variants, recorded as
+# ``sweep-*`` runs named after these fields), say ``8: Launch(32, programs_per_sm=4, stages=3)``
+# for its ``persist-s3-w4-g4``; a persistent one must still fit ``g`` programs an SM with fp32
+# input, whose pipeline stages take twice the shared memory (``Launch``).
+#
+# Values each thread of a program holds: quantize reduces each block before it writes, so a
+# thread with more values in flight hides more of the load latency: swept on an H200, a
+# 4096-value tile ran best with 64 values per thread for int8 (2 warps: 95% of copy bandwidth
+# against 73% with 8) and 32 for int4, whose even/odd split holds more registers (4 warps: 67%
+# against 57%); dequantize, with no reduction, is at 97-98% with 16 (8 warps). Swept again on an
+# H100 with the variants: none beat these (persistent int8 at 93-95% of the copy bandwidth at
+# 1-2 GB, the default at 101%; the cache hints 1-3% slower).
+_DEFAULT_LAUNCH = {
+    8: Launch(values_per_thread=64),  # one program per 4096-value tile, 2 warps
+    4: Launch(values_per_thread=32),  # one program per tile of 16 256-value blocks, 4 warps
+    0: Launch(values_per_thread=16),  # dequantize (no variants): 8 warps
+}
 
 
 # Launch options of every kernel here. With fp fusion on (Triton's default) LLVM and ptxas turn
@@ -78,23 +140,44 @@ def _tile(pid, nbp, BPP: tl.constexpr):
 
 
 @triton.jit
-def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    row, blk = _tile(tl.program_id(0), nbp, BPP)
+def _load_values(ptrs, mask, EVICT: tl.constexpr):
+    """Input values as fp32 (0 where masked); ``evict_first`` with ``EVICT``."""
+    if EVICT:
+        x = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_codes(ptrs, codes, mask, EVICT: tl.constexpr):
+    """Code bytes, stored streaming (``.cs``) with ``EVICT``."""
+    if EVICT:
+        tl.store(ptrs, codes, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(ptrs, codes, mask=mask)
+
+
+@triton.jit
+def _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK: tl.constexpr, EVICT: tl.constexpr):
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
-    x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_values(x_ptr + row * n + offs, mask, EVICT)
     absmax = tl.max(tl.abs(x), axis=1)
     scale, inv = _scale_and_inverse(absmax, 127.0)
     tl.store(s_ptr + row * nb + blk, scale, mask=blk < nb)
     q = _codes(x, inv[:, None], 127.0)
-    tl.store(q_ptr + row * n + offs, q.to(tl.int8), mask=mask)
+    _store_codes(q_ptr + row * n + offs, q.to(tl.int8), mask, EVICT)
 
 
 @triton.jit
-def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    row, blk = _tile(tl.program_id(0), nbp, BPP)
+def _quant4_tile(
+    x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK: tl.constexpr, BPP: tl.constexpr,
+    EVICT: tl.constexpr,
+):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
-    x = tl.load(x_ptr + row * n + offs, mask=offs < n, other=0.0).to(tl.float32)
+    mask = offs < n
+    x = _load_values(x_ptr + row * n + offs, mask, EVICT)
     absmax = tl.max(tl.abs(x), axis=1)
     scale, inv = _scale_and_inverse(absmax, 7.0)
     tl.store(s_ptr + row * nb + blk, scale, mask=blk < nb)
@@ -103,7 +186,52 @@ def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP:
     qo = _codes(xo, inv[:, None], 7.0).to(tl.int32)
     byte = (qe & 15) | ((qo & 15) << 4)
     bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
-    tl.store(q_ptr + row * c + bidx, byte.to(tl.uint8), mask=bidx < c)
+    cmask = bidx < c
+    _store_codes(q_ptr + row * c + bidx, byte.to(tl.uint8), cmask, EVICT)
+
+
+# The default launch: one program per tile.
+@triton.jit
+def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _tile(tl.program_id(0), nbp, BPP)
+    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False)
+
+
+@triton.jit
+def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _tile(tl.program_id(0), nbp, BPP)
+    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False)
+
+
+# The launch variants (``Launch``): the same tiles, with cache hints (EVICT) and/or a persistent
+# grid whose programs loop over the ``ntiles`` tiles (PERSISTENT), software-pipelined over
+# STAGES tiles when STAGES > 1 (Triton's interpreter runs the loop as a plain one).
+@triton.jit
+def _quant8_variant_kernel(
+    x_ptr, q_ptr, s_ptr, n, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
+    PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    if PERSISTENT:
+        for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
+            row, blk = _tile(t, nbp, BPP)
+            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT)
+    else:
+        row, blk = _tile(tl.program_id(0), nbp, BPP)
+        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT)
+
+
+@triton.jit
+def _quant4_variant_kernel(
+    x_ptr, q_ptr, s_ptr, n, c, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
+    PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr,
+):  # fmt: skip
+    if PERSISTENT:
+        for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
+            row, blk = _tile(t, nbp, BPP)
+            _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT)
+    else:
+        row, blk = _tile(tl.program_id(0), nbp, BPP)
+        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT)
 
 
 # Dequantize: one fp32 product per value, then the output dtype's round-to-nearest-even
@@ -134,28 +262,81 @@ def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, 
     tl.store(out_ptr + row * n + offs, out, mask=offs < n)
 
 
-def _launch(block: int, nb: int, rows: int, quant_bits: int = 0) -> tuple[tuple[int], dict]:
-    """Grid and launch options; ``quant_bits`` 8 or 4 for a quantize kernel, 0 for dequantize."""
-    bpp = _blocks_per_program(block)
+def _launch(
+    block: int, nb: int, rows: int, quant_bits: int = 0, launch: Launch | None = None, sms: int = 0
+) -> tuple[tuple[int], dict]:
+    """Grid and launch options; ``quant_bits`` 8 or 4 for a quantize kernel, 0 for dequantize.
+    ``launch`` defaults to ``_DEFAULT_LAUNCH[quant_bits]``; one that is not ``plain`` is for
+    ``_quant{8,4}_variant_kernel`` and, when persistent, needs the SM count ``sms``."""
+    launch = _DEFAULT_LAUNCH[quant_bits] if launch is None else launch
+    bpp = launch.blocks_per_program or _blocks_per_program(block)
     nbp = -(-nb // bpp)
-    opts = dict(BLOCK=block, BPP=bpp, num_warps=_warps(block * bpp, quant_bits), **_LAUNCH)
-    return (rows * nbp,), {"nbp": nbp, **opts}
+    opts = dict(BLOCK=block, BPP=bpp, num_warps=launch.num_warps(block * bpp), **_LAUNCH)
+    ntiles = rows * nbp
+    if launch.plain:
+        return (ntiles,), {"nbp": nbp, **opts}
+    if not quant_bits:
+        raise ValueError(f"dequantize has one launch, one program per tile: {launch}")
+    grid = ntiles
+    if launch.programs_per_sm:
+        if sms < 1:
+            raise ValueError("a persistent launch needs the SM count")
+        grid = max(1, min(ntiles, launch.programs_per_sm * sms))
+    flags = dict(PERSISTENT=launch.programs_per_sm > 0, STAGES=launch.stages, EVICT=launch.evict)
+    return (grid,), {"nbp": nbp, "ntiles": ntiles, **flags, **opts}
 
 
-def quantize_rows(rows: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a contiguous 2-D CUDA tensor row by row."""
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 2 elsewhere (Triton's interpreter on CPU
+    tensors), so that a persistent grid there is small and each program loops over tiles."""
+    if device.type != "cuda":
+        return 2
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def quantize_into(
+    rows: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block: int,
+    launch: Launch | None = None,
+    sms: int = 0,
+):
+    """Quantize the contiguous 2-D ``rows`` into ``codes`` (``(r, n)`` int8 or ``(r, ceil(n/2))``
+    uint8) and ``scales`` (``(r, num_blocks)`` fp32) with ``launch`` (default: the default
+    launch at ``bits``); ``sms`` overrides the SM count a persistent launch sizes its grid by.
+    Returns what the Triton launch returns (the compiled kernel; None under the interpreter)."""
     r, n = rows.shape
-    nb = num_blocks(n, block)
-    scales = torch.empty(r, nb, dtype=torch.float32, device=rows.device)
-    assert bits in QMAX
-    grid, kw = _launch(block, nb, r, quant_bits=bits)
-    if bits == 8:
-        codes = torch.empty(r, n, dtype=torch.int8, device=rows.device)
-        _quant8_kernel[grid](rows, codes, scales, n, nb, **kw)
+    nb = scales.shape[1]
+    assert bits in QMAX and nb == num_blocks(n, block) and codes.shape == (r, code_numel(n, bits))
+    launch = _DEFAULT_LAUNCH[bits] if launch is None else launch
+    if launch.programs_per_sm and sms < 1:
+        sms = sm_count(rows.device)
+    grid, kw = _launch(block, nb, r, bits, launch, sms)
+    if launch.plain:
+        kernel = _quant8_kernel if bits == 8 else _quant4_kernel
     else:
-        c = code_numel(n, 4)
-        codes = torch.empty(r, c, dtype=torch.uint8, device=rows.device)
-        _quant4_kernel[grid](rows, codes, scales, n, c, nb, **kw)
+        kernel = _quant8_variant_kernel if bits == 8 else _quant4_variant_kernel
+    sizes = (n, nb) if bits == 8 else (n, codes.shape[1], nb)
+    return kernel[grid](rows, codes, scales, *sizes, **kw)
+
+
+def quantize_rows(
+    rows: torch.Tensor, bits: int, block: int, launch: Launch | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a contiguous 2-D CUDA tensor row by row (``launch``: see ``quantize_into``)."""
+    r, n = rows.shape
+    assert bits in QMAX
+    scales = torch.empty(r, num_blocks(n, block), dtype=torch.float32, device=rows.device)
+    dtype = torch.int8 if bits == 8 else torch.uint8
+    codes = torch.empty(r, code_numel(n, bits), dtype=dtype, device=rows.device)
+    quantize_into(rows, codes, scales, bits, block, launch)
     return codes, scales
 
 
