@@ -22,6 +22,10 @@ thermal drift hit all:
 - ``ds-moe-dropless-top2``: the same layer with ``drop_tokens=False`` (variable-size groups);
 - ``deepspeed-top1``, ``deepspeed-top2``: deepspeed.moe.layer.MoE, when deepspeed imports
   (else run the peer script in the same session and compare by hand);
+- ``ds-moe-fused-top1``/``-top2``: ``ds-moe-top<k>`` with the opt-in fused bias + activation
+  kernel switched on (ds-moe >= 0.1.6; dropped where that kernel does not run, e.g. without
+  Triton or on the CPU): the A/B of that kernel in the same turns, ratio
+  ``ds-moe-fused-top<k>/ds-moe-top<k>`` (above 1: the fused kernel is faster);
 - ``ds-moe-loop-top1``/``-top2`` on request (``--systems``): the grouped kernel switched off.
 
 Each run has ``step_s`` (forward + backward) and ``expert_tflops``: the expert MLPs' nominal
@@ -35,6 +39,8 @@ routing (what the layer's GEMMs could reach at best with these shapes).
 On a GPU (or with ``--phases``) ``phases`` breaks ds-moe-top<k>'s step down per phase: kernel
 time measured with torch.profiler next to the op/byte model of ``moe_phases.py``, and the
 expert GEMMs' own rate against the plain GEMM's (is the gap in the GEMMs or around them?).
+``ds-moe-top<k>`` runs the default (unfused) path; top-level ``fused_bias_act`` says whether
+the fused kernel can run here (then the ``ds-moe-fused-*`` systems time it).
 
 Rank 0 prints the JSON and writes it to benchmarks/results/moe-layer-<device>-<yyyymmdd>.json
 and, when $OUT is set, to $OUT/ as well. Before timing, ``--check`` (on by default) verifies on
@@ -77,6 +83,8 @@ DEFAULT_SYSTEMS = (
     "ds-moe-top1",
     "ds-moe-top2",
     "ds-moe-dropless-top2",
+    "ds-moe-fused-top1",
+    "ds-moe-fused-top2",
     "deepspeed-top1",
     "deepspeed-top2",
 )
@@ -135,18 +143,30 @@ def expert_module(args):
     )
 
 
-def build_ours(args, k, device, dtype, *, grouped_kernel=True, ep=None, **kw):
+def fused_bias_act_available(device, dtype):
+    """Whether ds-moe runs the experts' bias + GELU as one fused kernel here (0.1.6+)."""
+    try:
+        from ds_moe import _bias_act
+    except ImportError:
+        return False
+    return _bias_act.fused_bias_act_available(device, dtype, _bias_act.GELU)
+
+
+def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, ep=None, **kw):
     moe = ds_moe.MoE(args.d, expert_module(args), num_experts=args.experts,
                      ep_size=ep or dist.get_world_size(), k=k,
                      capacity_factor=args.capacity_factor, **kw)  # fmt: skip
     moe = moe.to(device=device, dtype=dtype).train()
     if not grouped_kernel:
         moe.experts.use_grouped_mm = False
+    if fused is not None and hasattr(moe.experts, "fuse_bias_act"):
+        moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+: opt-in fused bias + activation
     return moe
 
 
 def build_system(name, args, device, dtype):
-    """(layer, k) for a system name: [ds-moe|ds-moe-dropless|ds-moe-loop|deepspeed]-top<k>."""
+    """(layer, k) for a system name:
+    [ds-moe|ds-moe-dropless|ds-moe-fused|ds-moe-loop|deepspeed]-top<k>."""
     impl, _, top = name.rpartition("-top")
     if not top.isdigit():
         raise SystemExit(f"--systems: {name!r} does not end in -top<k>")
@@ -155,6 +175,8 @@ def build_system(name, args, device, dtype):
         return build_ours(args, k, device, dtype), k
     if impl == "ds-moe-dropless":
         return build_ours(args, k, device, dtype, drop_tokens=False), k
+    if impl == "ds-moe-fused":
+        return build_ours(args, k, device, dtype, fused=True), k
     if impl == "ds-moe-loop":
         return build_ours(args, k, device, dtype, grouped_kernel=False), k
     if impl == "deepspeed":
@@ -424,8 +446,12 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
         )
     if dist.get_world_size() == 1 and dtype == torch.bfloat16:  # the grouped kernel's dtype
         cap = args.capacity_factor
+        # the path this layer ran: fused bias + GELU where asked for and its kernel runs
+        fused = getattr(layer.experts, "fuse_bias_act", None) is True and (
+            fused_bias_act_available(x.device, dtype)
+        )
         model = model_on_meta(args.d, args.ffn_mult * args.d, args.experts, k, cap, args.tokens,
-                              dtype)  # fmt: skip
+                              dtype, fused_bias_act=fused)  # fmt: skip
         entry["model_h100"] = {
             "totals": model["totals"],
             "phases": {p: {key: v[key] for key in ("launches", "mib", "est_ms")}
@@ -462,6 +488,14 @@ def main(argv=None):
                 print(f"[moe_bench] deepspeed unavailable ({exc!r}); timing ds-moe only; run "
                       "shared/peers/ds_moe_bench.py in the same session to compare", flush=True)  # fmt: skip
             systems = [s for s in systems if not s.startswith("deepspeed-")]
+    if not fused_bias_act_available(device, dtype) and any(
+        s.startswith("ds-moe-fused-") for s in systems
+    ):
+        # without the fused kernel these equal ds-moe-top<k>: nothing to compare
+        if rank == 0:
+            print("[moe_bench] no fused bias + activation kernel here (needs CUDA and Triton); "
+                  "skipping the ds-moe-fused-* systems", flush=True)  # fmt: skip
+        systems = [s for s in systems if not s.startswith("ds-moe-fused-")]
 
     report = {
         "scenario": "moe-layer",
@@ -471,6 +505,7 @@ def main(argv=None):
         "deepspeed": ds_version,
         "ds_moe": ds_moe.__version__,
         "grouped_mm_available": ds_moe.grouped_mm_available(device, dtype),
+        "fused_bias_act": fused_bias_act_available(device, dtype),
         "config": {
             "d": args.d,
             "ffn": args.ffn_mult * args.d,
@@ -561,11 +596,17 @@ def main(argv=None):
     ratios = {}
     for k in ks:
         ds = by.get(f"deepspeed-top{k}")
-        for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-loop-top{k}"):
+        for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-fused-top{k}",
+                     f"ds-moe-loop-top{k}"):  # fmt: skip
             if ds and name in by:
                 ratios[f"{name}/deepspeed-top{k} step_s"] = round(
                     ds["step_s"] / by[name]["step_s"], 3
                 )
+        if f"ds-moe-top{k}" in by and f"ds-moe-fused-top{k}" in by:
+            # above 1: the fused bias + activation kernel makes the step faster
+            ratios[f"ds-moe-fused-top{k}/ds-moe-top{k} step_s"] = round(
+                by[f"ds-moe-top{k}"]["step_s"] / by[f"ds-moe-fused-top{k}"]["step_s"], 3
+            )
         if f"ds-moe-top{k}" in by and f"ds-moe-dropless-top{k}" in by:
             ratios[f"ds-moe-dropless-top{k}/ds-moe-top{k} step_s"] = round(
                 by[f"ds-moe-top{k}"]["step_s"] / by[f"ds-moe-dropless-top{k}"]["step_s"], 3

@@ -8,7 +8,9 @@ attributed to a *phase* of the layer by the Python frames that launched it: the 
 or for a backward op of a built-in autograd node the forward stack that anomaly mode records
 on the node. Phases: ``gating`` (router linear, softmax, top-k, capacity, aux loss),
 ``layout`` (buffer rows, group ends), ``permute`` / ``combine`` (the two gathers), ``expert_gemm``
-(the grouped GEMMs), ``bias``, ``activation``, ``contiguous_grad``, ``loss`` (the benchmark's
+(the grouped GEMMs), ``bias``, ``activation``, ``bias_activation`` (ds-moe >= 0.1.6 on CUDA
+with Triton: the first layer's bias and activation as one fused kernel each way; ``bias`` is then
+the second layer's only and ``activation`` empty), ``contiguous_grad``, ``loss`` (the benchmark's
 loss), ``grad_accumulate`` (autograd summing/storing leaf gradients), ``other``.
 
 Counting (``count_ops``; a TorchDispatchMode, works on the ``meta`` device, so the benchmark's
@@ -51,11 +53,14 @@ _RULES: tuple[tuple[str, str | None, str], ...] = (
     # ds-moe's autograd Functions by class name, wherever the frame comes from (the profiler
     # names a Function's events after its class; its backward may run on a thread with no
     # Python frames recorded)
+    ("", r"^_BiasAct", "bias_activation"),
     ("", r"^_GroupBias", "bias"),
     ("", r"^_ContiguousGrad", "contiguous_grad"),
     ("", r"^_Permute", "permute"),
     ("", r"^_Combine", "combine"),
     ("", r"^_ScaleGrad", "dispatch"),
+    ("ds_moe/_bias_act.py", None, "bias_activation"),
+    ("ds_moe/_bias_act_kernels.py", None, "bias_activation"),
     ("ds_moe/_grouped_gemm.py", r"_GroupBias|group_onehot|_add_group_bias|_group_sum", "bias"),
     ("ds_moe/_grouped_gemm.py", r"_ContiguousGrad", "contiguous_grad"),
     ("ds_moe/_grouped_gemm.py", None, "expert_gemm"),
@@ -392,16 +397,36 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _grouped_kernel_assumed():
-    """Count the CUDA path on ``meta``: the grouped-kernel probe cannot run on meta tensors."""
+def _grouped_kernel_assumed(fused_bias_act: bool = False):
+    """Count the CUDA path on ``meta``: the grouped-kernel probe cannot run on meta tensors.
+
+    ``fused_bias_act``: count ds-moe's opt-in fused bias + activation kernel (0.1.6+, CUDA with
+    Triton; its meta kernel gives its bytes) as if ``DS_MOE_FUSED_BIAS_ACT=1``; False (the
+    default path) counts the separate bias and activation passes.
+    """
     import ds_moe._grouped_gemm as gg
 
+    try:
+        import ds_moe._bias_act as ba
+    except ImportError:  # ds-moe < 0.1.6
+        ba = None
     saved = gg._probe
+    saved_ba = ba._probe if ba is not None else None
+    saved_env = os.environ.get("DS_MOE_FUSED_BIAS_ACT")
+    os.environ["DS_MOE_FUSED_BIAS_ACT"] = "1" if fused_bias_act else "0"
     gg._probe = lambda *a: True  # noqa: SLF001 - diagnostic only, restored below
+    if ba is not None:
+        ba._probe = lambda *a: fused_bias_act  # noqa: SLF001
     try:
         yield
     finally:
         gg._probe = saved
+        if ba is not None:
+            ba._probe = saved_ba
+        if saved_env is None:
+            os.environ.pop("DS_MOE_FUSED_BIAS_ACT", None)
+        else:
+            os.environ["DS_MOE_FUSED_BIAS_ACT"] = saved_env
 
 
 def build_layer(d, ffn, experts, k, capacity_factor, tokens, device, dtype, **kw):
@@ -422,9 +447,11 @@ def build_layer(d, ffn, experts, k, capacity_factor, tokens, device, dtype, **kw
     return layer, x
 
 
-def model_on_meta(d, ffn, experts, k, capacity_factor, tokens, dtype, **kw) -> dict:
+def model_on_meta(
+    d, ffn, experts, k, capacity_factor, tokens, dtype, fused_bias_act=False, **kw
+) -> dict:
     """``summarize(count_ops(...))`` of the CUDA path at full size on the ``meta`` device."""
-    with _grouped_kernel_assumed():
+    with _grouped_kernel_assumed(fused_bias_act):
         layer, x = build_layer(d, ffn, experts, k, capacity_factor, tokens, "meta", dtype, **kw)
         return summarize(count_ops(layer, x))
 
@@ -443,6 +470,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--fresh-grads", action="store_true",
                    help="count a first step (no leaf gradient to add to)")  # fmt: skip
+    p.add_argument("--fused-bias-act", action="store_true",
+                   help="on meta: count ds-moe's opt-in fused bias + activation kernel instead "
+                   "of the separate passes (the default path)")  # fmt: skip
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = torch.device(args.device)
@@ -454,7 +484,7 @@ def main(argv=None) -> None:
     for k in args.k:
         shape = (args.hidden, ffn, args.experts, k, args.capacity_factor, args.tokens)
         if device.type == "meta":
-            with _grouped_kernel_assumed():
+            with _grouped_kernel_assumed(args.fused_bias_act):
                 layer, x = build_layer(*shape, device, dtype)
                 entry = summarize(count_ops(layer, x, steady_state=not args.fresh_grads))
         else:

@@ -6,6 +6,8 @@ rows of local expert 0, then 1, ... (``group_sizes`` rows each, possibly padded)
 - ``GroupedMLPExperts``: when the user's expert is ``Sequential(Linear, activation, Linear)``,
   the weights of all local experts are stacked into [E_local, out, in] tensors and run with one
   grouped GEMM per layer (``torch._grouped_mm``; a loop of GEMMs where that is unavailable).
+  On CUDA with Triton, the first layer's bias and a ReLU/GELU/SiLU can run as one fused pass
+  (``_bias_act``; opt-in).
 - ``LoopExperts``: any other module, deep-copied once per local expert and called per group.
 
 Both start every local expert as a copy of the user's ``expert`` (DeepSpeed does the same); the
@@ -19,6 +21,7 @@ import copy
 import torch
 from torch import nn
 
+from ds_moe._bias_act import bias_act, fused_bias_act_requested, fused_code
 from ds_moe._grouped_gemm import (
     group_onehot,
     grouped_linear,
@@ -68,6 +71,9 @@ class GroupedMLPExperts(nn.Module):
     b2: nn.Parameter | None
     activation: nn.Module
     use_grouped_mm: bool | None
+    #: the fused bias + activation kernel: True on (where its probe passes), False off, None
+    #: as DS_MOE_FUSED_BIAS_ACT says (1: on; unset: off, until it is timed on a GPU)
+    fuse_bias_act: bool | None = None
 
     def __init__(
         self, expert: nn.Module, num_local_experts: int, use_grouped_mm: bool | None = None
@@ -136,7 +142,13 @@ class GroupedMLPExperts(nn.Module):
             onehot = None
             if self.b1 is not None:
                 onehot = group_onehot(offs, x.shape[0], x.dtype)
-            h = self.activation(grouped_linear(x, self.w1, self.b1, offs, onehot=onehot))
+            fuse = fused_bias_act_requested(self.fuse_bias_act)
+            act = fused_code(self.activation, self.b1, x) if fuse else None
+            if act is not None:
+                # one pass over [rows, ffn] for b1 and the activation, each way (_bias_act)
+                h = bias_act(grouped_linear(x, self.w1, None, offs), self.b1, offs, act)
+            else:
+                h = self.activation(grouped_linear(x, self.w1, self.b1, offs, onehot=onehot))
             return grouped_linear(h, self.w2, self.b2, offs, onehot=onehot)
         sizes, tail = _host_sizes(x, group_sizes, offs)
         h = self.activation(grouped_linear(x[: x.shape[0] - tail], self.w1, self.b1, None, sizes))
