@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "packages" / "ds-data" / "src"))
 from _results import write_results  # noqa: E402
+from _timing import cuda_median_s  # noqa: E402
 
 from ds_data.sparse_attention import (  # noqa: E402
     BigBirdSparsityConfig,
@@ -59,21 +59,6 @@ def _layouts(block: int):
             HEADS, block, num_local_blocks=max(1, 2048 // block), num_global_blocks=1
         ),  # fmt: skip
     }
-
-
-def _time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def _inputs(length: int):
@@ -115,7 +100,7 @@ def main() -> None:
                 return F.scaled_dot_product_attention(q, k, v)
 
         torch.cuda.reset_peak_memory_stats()
-        dense_s = _time(_step(dense, q, k, v, grad), args.warmup, args.iters)
+        dense_s = cuda_median_s(_step(dense, q, k, v, grad), args.warmup, args.iters)
         runs.append({"system": f"sdpa-dense-{tag}", "step_s": dense_s, "seq_len": length,
                      "density": 1.0, "tokens_per_s": length / dense_s,
                      "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip
@@ -124,7 +109,7 @@ def main() -> None:
             module = SparseSelfAttention(_layouts(args.block)[name](), max_seq_length=length).cuda()
             density = float(module.get_layout(length).float().mean())
             torch.cuda.reset_peak_memory_stats()
-            step_s = _time(_step(module, q, k, v, grad), args.warmup, args.iters)
+            step_s = cuda_median_s(_step(module, q, k, v, grad), args.warmup, args.iters)
             system = f"ours-{name}-{tag}"
             runs.append({"system": system, "step_s": step_s, "seq_len": length, "density": density,
                          "block": args.block, "tokens_per_s": length / step_s,

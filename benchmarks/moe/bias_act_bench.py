@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 
 import torch
@@ -29,6 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [
     str(p) for p in sorted((ROOT / "packages").glob("*/src")) if p.parent.name != "ds-deepspeed"
 ]
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared timer
+from _timing import cuda_median_s  # noqa: E402
 
 from ds_moe import _bias_act  # noqa: E402
 from ds_moe._grouped_gemm import _grouped_mm_fn, group_onehot  # noqa: E402
@@ -63,17 +65,7 @@ def fused_step(y, dh, bias, offs, code):
 
 
 def time_ms(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_s(fn, warmup, iters) * 1e3
 
 
 def measure(args, k, act, code, dtype, device) -> dict:
