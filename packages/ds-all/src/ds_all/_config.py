@@ -674,7 +674,9 @@ def _owned(model: Any, data: dict[str, Any], path: str) -> Any:
         parts = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            parts.append(f"{path}.{loc}: {err['msg']}" if loc else f"{path}: {err['msg']}")
+            # a validator's ValueError arrives as "Value error, <its message>"
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{path}.{loc}: {msg}" if loc else f"{path}: {msg}")
         raise ConfigError("; ".join(parts)) from None
     except ValueError as e:
         msg = str(e)

@@ -18,7 +18,7 @@ from torch import nn
 import ds_ckpt
 import ds_zero
 from ds_accel import get_accelerator
-from ds_all._config import DeepSpeedConfig
+from ds_all._config import DeepSpeedConfig, _owned
 from ds_all._config_base import ConfigError
 from ds_all._data_efficiency import DataEfficiency, DataEfficiencyEngineMixin
 from ds_all._engine_buffers import buffer_fragments, load_buffers
@@ -81,17 +81,9 @@ def _zero_options(cfg: DeepSpeedConfig, gas: int) -> ds_zero.ZeroOptions:
     # copied to the device by the stage-3 gather before use
     # ds_offload owns the section: its checks, defaults ("pin_memory": true, as DeepSpeed's)
     # and "auto"
-    from pydantic import ValidationError
-
     from ds_offload import OffloadParamConfig
 
-    try:
-        param = OffloadParamConfig.model_validate(section).to_options()
-    except ValidationError as e:
-        raise ConfigError("; ".join(
-            f"zero_optimization.offload_param: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )) from None  # fmt: skip
+    param = _owned(OffloadParamConfig, section, "zero_optimization.offload_param").to_options()
     return dataclasses.replace(options, host_param_shards=True, pin_param_shards=param.pin_memory)
 
 
@@ -267,7 +259,7 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         # DeepSpeed times the steps when wall_clock_breakdown or the flops profiler is on (its
         # config ORs them: the profile's summary prints fwd/bwd/step latencies)
-        self.timers = Timers(config.wall_clock_breakdown or config.flops_profiler.enabled)
+        self.timers = Timers(self.wall_clock_breakdown())
         self.monitor = MonitorMaster(config, self.global_rank)
         self.global_steps = 0
         self.global_samples = 0

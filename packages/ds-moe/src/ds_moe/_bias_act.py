@@ -145,7 +145,9 @@ def _probe(device_type: str, device_index: int | None, dtype: torch.dtype, act: 
         return False
 
 
-_MODULES = {RELU: nn.ReLU(), GELU: nn.GELU(), GELU_TANH: nn.GELU("tanh"), SILU: nn.SiLU()}
+def _module(act: int) -> nn.Module:
+    """The torch module of an ACT code (the probe's reference)."""
+    return {RELU: nn.ReLU, GELU: nn.GELU, GELU_TANH: lambda: nn.GELU("tanh"), SILU: nn.SiLU}[act]()
 
 
 def _self_check(device: torch.device, dtype: torch.dtype, act: int) -> bool:
@@ -162,7 +164,7 @@ def _self_check(device: torch.device, dtype: torch.dtype, act: int) -> bool:
     h = bias_act(yf, bf, offs, act)
     h.backward(dh)
     yr = y[:120].clone().requires_grad_()
-    ref = reference(yr, bias, offs, _MODULES[act])
+    ref = reference(yr, bias, offs, _module(act))
     ref.backward(dh[:120])
     group = torch.searchsorted(
         offs, torch.arange(120, device=device, dtype=torch.int32), right=True

@@ -67,7 +67,18 @@ def total_heads(x: Tensor, group: Any, num_kv_heads: int | None = None) -> int:
     counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(world)]
     mine = torch.full((1,), x.shape[HEAD_DIM], dtype=torch.int64, device=x.device)
     dist.all_gather(counts, mine, group=group)
-    return int(sum(int(c.item()) for c in counts))
+    return int(torch.cat(counts).sum().item())  # one host sync for all counts
+
+
+def _exchange(
+    x: Tensor, scatter_idx: int, batch_dim_idx: int, group: Any, num_kv_heads: int | None
+) -> Tensor:
+    """DeepSpeed's all-to-all direction by ``scatter_idx``: ``>= 2`` sequence shards of every
+    head -> the whole sequence of this rank's heads; ``< 2`` the reverse."""
+    if scatter_idx >= 2:
+        return heads_from_sequence(x, batch_dim_idx, group, num_kv_heads)
+    heads = total_heads(x, group, num_kv_heads)
+    return sequence_from_heads(x, batch_dim_idx, group, heads, num_kv_heads)
 
 
 def single_all_to_all(
@@ -92,10 +103,7 @@ def single_all_to_all(
             "ds-seq; call it with async_op=False (the exchange runs on the current stream)"
         )
     with torch.no_grad():
-        if scatter_idx >= 2:
-            return heads_from_sequence(input, batch_dim_idx, group, num_kv_heads)
-        heads = total_heads(input, group, num_kv_heads)
-        return sequence_from_heads(input, batch_dim_idx, group, heads, num_kv_heads)
+        return _exchange(input, scatter_idx, batch_dim_idx, group, num_kv_heads)
 
 
 def uneven_heads_all2all(
@@ -128,11 +136,8 @@ class SeqAllToAll(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         ctx.group, ctx.scatter_idx, ctx.batch_dim_idx = group, scatter_idx, batch_dim_idx
         ctx.num_kv_heads = num_kv_heads
-        if scatter_idx >= 2:
-            ctx.heads = input.shape[HEAD_DIM]  # the backward gathers the heads back to this
-            return heads_from_sequence(input, batch_dim_idx, group, num_kv_heads)
-        heads = total_heads(input, group, num_kv_heads)
-        return sequence_from_heads(input, batch_dim_idx, group, heads, num_kv_heads)
+        ctx.heads = input.shape[HEAD_DIM]  # scatter_idx >= 2: the backward gathers back to this
+        return _exchange(input, scatter_idx, batch_dim_idx, group, num_kv_heads)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
