@@ -684,6 +684,11 @@ def _run_entry(found: dict) -> dict:
         run["limit_between"] = [best["seq_len"] if best else 0, found["low_fail"]]
     projected = _projection(found)
     if projected is not None:
+        low_fail = found.get("low_fail")
+        if low_fail is not None and projected.get("projected_max_seq_len", 0) >= low_fail:
+            # a measured failure overrules the extrapolation (e.g. host memory filling faster
+            # than the last two lengths showed): keep it, marked as contradicted
+            projected["contradicted_by_failure_at"] = low_fail
         run["projected"] = projected
     if best is None:
         run.update(max_seq_len=None, tokens_per_s=None, peak_mem_gb=None,
@@ -750,6 +755,12 @@ def _merged(path: str, systems: list[str]) -> dict[str, dict]:
     return found
 
 
+def _same_trial(a: dict, b: dict) -> bool:
+    """One trial recorded in two files (``command`` numbers differ between files)."""
+    keys = ("seq_len", "ok", "failure", "wall_s", "step_s", "process")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
 def _combined(paths: list[str]) -> dict[str, dict]:
     """Every system's trials from several results files of this benchmark (commands of one
     lease on one machine, in order), as one search: each trial keeps the file it came from
@@ -766,7 +777,10 @@ def _combined(paths: list[str]) -> dict[str, dict]:
                 "bounded_by": run["bounded_by"], "device_total_gb": run.get("device_total_gb"),
                 "stopped_before": run.get("stopped_before")})  # fmt: skip
             for t in run.get("trials", []):
-                entry["trials"].append({**t, "command": t.get("command", i)})
+                trial = {**t, "command": t.get("command", i)}
+                if any(_same_trial(trial, seen) for seen in entry["trials"]):
+                    continue  # a file that merged an earlier one repeats its trials
+                entry["trials"].append(trial)
                 if t.get("ok") and (
                     entry["best"] is None or t["seq_len"] > entry["best"]["seq_len"]
                 ):
