@@ -26,6 +26,9 @@ thermal drift hit all:
   kernel switched on (ds-moe >= 0.1.6; dropped where that kernel does not run, e.g. without
   Triton or on the CPU): the A/B of that kernel in the same turns, ratio
   ``ds-moe-fused-top<k>/ds-moe-top<k>`` (above 1: the fused kernel is faster);
+- ``ds-moe-fusedgate-top1``/``-top2``: ``ds-moe-top<k>`` with the opt-in fused router logits
+  (ds-moe >= 0.1.7: fp32 logits read straight from the bf16 tokens, no fp32 copy; dropped
+  where those kernels do not run), ratio ``ds-moe-fusedgate-top<k>/ds-moe-top<k>``;
 - ``ds-moe-loop-top1``/``-top2`` on request (``--systems``): the grouped kernel switched off.
 
 Each run has ``step_s`` (forward + backward) and ``expert_tflops``: the expert MLPs' nominal
@@ -85,6 +88,8 @@ DEFAULT_SYSTEMS = (
     "ds-moe-dropless-top2",
     "ds-moe-fused-top1",
     "ds-moe-fused-top2",
+    "ds-moe-fusedgate-top1",
+    "ds-moe-fusedgate-top2",
     "deepspeed-top1",
     "deepspeed-top2",
 )
@@ -152,7 +157,17 @@ def fused_bias_act_available(device, dtype):
     return _bias_act.fused_bias_act_available(device, dtype, _bias_act.GELU)
 
 
-def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, ep=None, **kw):
+def fused_gate_available(device, dtype):
+    """Whether ds-moe computes the router's fp32 logits without an fp32 copy here (0.1.7+)."""
+    try:
+        from ds_moe import _gate_linear
+    except ImportError:
+        return False
+    return _gate_linear.fused_gate_available(device, dtype)
+
+
+def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused_gate=None,
+               ep=None, **kw):  # fmt: skip
     moe = ds_moe.MoE(args.d, expert_module(args), num_experts=args.experts,
                      ep_size=ep or dist.get_world_size(), k=k,
                      capacity_factor=args.capacity_factor, **kw)  # fmt: skip
@@ -161,12 +176,14 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, ep=No
         moe.experts.use_grouped_mm = False
     if fused is not None and hasattr(moe.experts, "fuse_bias_act"):
         moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+: opt-in fused bias + activation
+    if fused_gate is not None and hasattr(moe.gate, "fuse_logits"):
+        moe.gate.fuse_logits = fused_gate  # ds-moe 0.1.7+: opt-in fused router logits
     return moe
 
 
 def build_system(name, args, device, dtype):
     """(layer, k) for a system name:
-    [ds-moe|ds-moe-dropless|ds-moe-fused|ds-moe-loop|deepspeed]-top<k>."""
+    [ds-moe|ds-moe-dropless|ds-moe-fused|ds-moe-fusedgate|ds-moe-loop|deepspeed]-top<k>."""
     impl, _, top = name.rpartition("-top")
     if not top.isdigit():
         raise SystemExit(f"--systems: {name!r} does not end in -top<k>")
@@ -177,6 +194,8 @@ def build_system(name, args, device, dtype):
         return build_ours(args, k, device, dtype, drop_tokens=False), k
     if impl == "ds-moe-fused":
         return build_ours(args, k, device, dtype, fused=True), k
+    if impl == "ds-moe-fusedgate":
+        return build_ours(args, k, device, dtype, fused_gate=True), k
     if impl == "ds-moe-loop":
         return build_ours(args, k, device, dtype, grouped_kernel=False), k
     if impl == "deepspeed":
@@ -496,6 +515,13 @@ def main(argv=None):
             print("[moe_bench] no fused bias + activation kernel here (needs CUDA and Triton); "
                   "skipping the ds-moe-fused-* systems", flush=True)  # fmt: skip
         systems = [s for s in systems if not s.startswith("ds-moe-fused-")]
+    if not fused_gate_available(device, dtype) and any(
+        s.startswith("ds-moe-fusedgate-") for s in systems
+    ):
+        if rank == 0:
+            print("[moe_bench] no fused router logits here (needs CUDA, Triton, bf16/fp16); "
+                  "skipping the ds-moe-fusedgate-* systems", flush=True)  # fmt: skip
+        systems = [s for s in systems if not s.startswith("ds-moe-fusedgate-")]
 
     report = {
         "scenario": "moe-layer",
@@ -506,6 +532,7 @@ def main(argv=None):
         "ds_moe": ds_moe.__version__,
         "grouped_mm_available": ds_moe.grouped_mm_available(device, dtype),
         "fused_bias_act": fused_bias_act_available(device, dtype),
+        "fused_gate": fused_gate_available(device, dtype),
         "config": {
             "d": args.d,
             "ffn": args.ffn_mult * args.d,
@@ -597,7 +624,7 @@ def main(argv=None):
     for k in ks:
         ds = by.get(f"deepspeed-top{k}")
         for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-fused-top{k}",
-                     f"ds-moe-loop-top{k}"):  # fmt: skip
+                     f"ds-moe-fusedgate-top{k}", f"ds-moe-loop-top{k}"):  # fmt: skip
             if ds and name in by:
                 ratios[f"{name}/deepspeed-top{k} step_s"] = round(
                     ds["step_s"] / by[name]["step_s"], 3
@@ -606,6 +633,11 @@ def main(argv=None):
             # above 1: the fused bias + activation kernel makes the step faster
             ratios[f"ds-moe-fused-top{k}/ds-moe-top{k} step_s"] = round(
                 by[f"ds-moe-top{k}"]["step_s"] / by[f"ds-moe-fused-top{k}"]["step_s"], 3
+            )
+        if f"ds-moe-top{k}" in by and f"ds-moe-fusedgate-top{k}" in by:
+            # above 1: the fused router logits make the step faster
+            ratios[f"ds-moe-fusedgate-top{k}/ds-moe-top{k} step_s"] = round(
+                by[f"ds-moe-top{k}"]["step_s"] / by[f"ds-moe-fusedgate-top{k}"]["step_s"], 3
             )
         if f"ds-moe-top{k}" in by and f"ds-moe-dropless-top{k}" in by:
             ratios[f"ds-moe-dropless-top{k}/ds-moe-top{k} step_s"] = round(

@@ -292,3 +292,69 @@ def test_fused_experts_never_sync_with_the_host(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(calls) == 2 and torch.isfinite(m.b1.grad.float()).all()
+
+
+# ----------------------------------------------------------------- fused router logits
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_gate_probe_passes_on_this_gpu(dtype):
+    # the probe falls back silently; here a kernel that does not compile or is wrong fails
+    from ds_moe import _gate_linear
+
+    _triton_or_skip()
+    device = torch.device("cuda", torch.cuda.current_device())
+    _gate_linear._probe.cache_clear()
+    assert _gate_linear._self_check(device, dtype)
+    with torch.inference_mode():  # a first forward in evaluation probes all the same
+        assert _gate_linear.fused_gate_available(device, dtype)
+
+
+def test_fused_gate_matches_fp32_linear_at_benchmark_shape():
+    # the benchmark's shape (16K tokens x 2048, 8 experts): logits to fp32 rounding, the
+    # gradients to one bf16 ulp, the weight gradient deterministic; no host sync on the way
+    from ds_moe import _gate_linear
+
+    _triton_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(16384, 2048, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(8, 2048, device="cuda") * 0.02).to(torch.bfloat16)
+    up = torch.randn(16384, 8, device="cuda")
+    grads = []
+    for _ in range(2):
+        xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = _gate_linear.gate_logits(xf, wf)
+            out.backward(up)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        grads.append(wf.grad)
+    assert torch.equal(grads[0], grads[1])
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = _gate_linear.reference(xr, wr)
+    ref.backward(up)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=2.0**-7, atol=1e-6)
+    torch.testing.assert_close(wf.grad, wr.grad, rtol=2.0**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_gate_routes_like_the_unfused_gate_on_cuda(k):
+    from ds_moe._config import GateConfig
+    from ds_moe._gate import TopKGate
+
+    _triton_or_skip()
+    torch.manual_seed(0)
+    cfg = GateConfig(num_experts=8, k=k, use_rts=False, capacity_factor=1.25,
+                     top2_2nd_expert_sampling=False)  # fmt: skip
+    gate = TopKGate(1024, cfg).cuda().to(torch.bfloat16)
+    x = torch.randn(4096, 1024, device="cuda").to(torch.bfloat16)
+    runs = []
+    for fuse in (True, False):
+        gate.fuse_logits = fuse
+        r = gate(x)
+        runs.append(r)
+    a, b = runs
+    # a tie within the last fp32 bits may flip a choice; on random tokens there is none
+    assert torch.equal(a.expert_index, b.expert_index)
+    assert torch.equal(a.order, b.order)
+    torch.testing.assert_close(a.combine_weight, b.combine_weight, rtol=1e-5, atol=1e-6)

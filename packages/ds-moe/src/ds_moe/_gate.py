@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_moe._config import GateConfig, NoisyGatePolicy
+from ds_moe._gate_linear import fused_gate_available, fused_gate_requested, gate_logits
 from ds_moe._gating import multiplicative_jitter
 from ds_moe._routing import Routing, capacity, gumbel_like, route
 
@@ -24,6 +25,9 @@ class TopKGate(nn.Module):
 
     wg: nn.Linear
     config: GateConfig
+    #: the logits from the tokens' own dtype without an fp32 copy (``_gate_linear``): None
+    #: follows ``DS_MOE_FUSED_GATE``, True/False override it
+    fuse_logits: bool | None = None
 
     def __init__(self, hidden_size: int, config: GateConfig) -> None:
         super().__init__()
@@ -38,14 +42,27 @@ class TopKGate(nn.Module):
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         return capacity(num_tokens, cfg.num_experts, cfg.k, factor, cfg.min_capacity)
 
+    def _logits(self, x: torch.Tensor, *, jitter: bool) -> torch.Tensor:
+        """fp32 ``x @ wg.T``: fused where asked for and its kernels run, else on fp32 copies."""
+        w = self.wg.weight
+        if (
+            not jitter
+            and x.dtype == w.dtype
+            and x.dim() == 2
+            and fused_gate_requested(self.fuse_logits)
+            and fused_gate_available(x.device, x.dtype)
+        ):
+            return gate_logits(x, w)
+        inp = x.float()
+        if jitter:
+            inp = multiplicative_jitter(inp, inp.device, JITTER_EPS)
+        return F.linear(inp, w.float())
+
     def forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None) -> Routing:
         """Route ``x`` [S, hidden] (already flattened)."""
         cfg = self.config
         noisy = self.training and cfg.noisy_gate_policy
-        inp = x.float()
-        if noisy is NoisyGatePolicy.JITTER:
-            inp = multiplicative_jitter(inp, inp.device, JITTER_EPS)
-        logits = F.linear(inp, self.wg.weight.float())
+        logits = self._logits(x, jitter=noisy is NoisyGatePolicy.JITTER)
         selection = None
         sample_2nd = self.training and cfg.k == 2 and cfg.top2_2nd_expert_sampling
         if noisy is NoisyGatePolicy.RSAMPLE or sample_2nd:

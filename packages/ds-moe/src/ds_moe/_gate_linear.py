@@ -1,0 +1,181 @@
+"""The router's fp32 logits without an fp32 copy of the tokens (CUDA, Triton).
+
+The router computes its logits in fp32 (``TopKGate``), as DeepSpeed does:
+``F.linear(x.float(), w.float())``. With bf16 or fp16 tokens that widening writes an fp32 copy
+of the whole [tokens, hidden] input, the GEMM reads it back, and autograd keeps it for the
+weight gradient; the backward writes an fp32 input gradient and reads it again to narrow it.
+At 16K tokens x 2048 that is about 770 MB of memory traffic per layer and step, and 128 MB of
+saved activations, for a GEMM with 8 output columns. The kernels (``_gate_kernels``) widen in
+registers instead: the forward reads the tokens once and writes the [tokens, experts] logits,
+the backward writes the input gradient once in the tokens' dtype and reads the tokens once for
+the weight gradient, and autograd keeps the tokens themselves (alive anyway).
+
+Numbers: the products are exact in fp32 either way (bf16 and fp16 values widen exactly), and
+the sums are fp32 (``input_precision="ieee"``, no TF32), in another order than cuBLAS's fp32
+GEMM: logits and gradients differ from the unfused path in the last fp32 bits, which can flip a
+routing decision only where two experts' logits tie to within that.
+
+Opt-in until its speed is measured on a GPU: ``DS_MOE_FUSED_GATE=1`` (read on every forward)
+or ``TopKGate.fuse_logits = True`` turns it on (``False`` keeps it off whatever the variable
+says). Even then it runs only where a probe (once per device and dtype) has checked the
+compiled kernels against torch on CUDA, for bf16/fp16 tokens and a weight of the same dtype
+without jitter; anything else keeps ``F.linear`` on fp32 copies. The kernels are
+``torch.library`` ops (``ds_moe::gate_logits``, ``ds_moe::gate_logits_backward``) with meta
+kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+ENV_VAR = "DS_MOE_FUSED_GATE"
+
+#: token dtypes the kernels take (fp32 tokens need no widening: F.linear is already one pass)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    # imported on first use: triton is optional, and importing it costs a second or so
+    return importlib.import_module("ds_moe._gate_kernels")
+
+
+# --------------------------------------------------------------------------- the ops
+_LIB = torch.library.Library("ds_moe", "FRAGMENT")
+_LIB.define("gate_logits(Tensor x, Tensor w) -> Tensor")
+_LIB.define(
+    "gate_logits_backward(Tensor grad, Tensor x, Tensor w, bool need_x, bool need_w) "
+    "-> (Tensor, Tensor)"
+)
+
+
+def _forward(x, w):
+    return _kernels().logits(x, w)
+
+
+def _backward(grad, x, w, need_x, need_w):
+    k = _kernels()
+    dx = k.input_grad(grad, w, x.dtype) if need_x else x.new_empty(0)
+    dw = k.weight_grad(grad, x, w.dtype) if need_w else w.new_empty(0)
+    return dx, dw
+
+
+def _on_device(fn):
+    def run(*args):
+        with torch.cuda.device(args[1].device):  # triton launches on the current device
+            return fn(*args)
+
+    return run
+
+
+def _interpreted(fn):
+    def run(*args):
+        if not _kernels().INTERPRET:
+            raise RuntimeError(
+                "ds_moe::gate_logits runs on CPU tensors only under TRITON_INTERPRET=1 (the "
+                "tests); the router uses it on CUDA"
+            )
+        return fn(*args)
+
+    return run
+
+
+def _meta_backward(grad, x, w, need_x, need_w):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(w) if need_w else w.new_empty(0))  # fmt: skip
+
+
+_LIB.impl("gate_logits", _on_device(_forward), "CUDA")
+_LIB.impl("gate_logits_backward", _on_device(_backward), "CUDA")
+_LIB.impl("gate_logits", _interpreted(_forward), "CPU")
+_LIB.impl("gate_logits_backward", _interpreted(_backward), "CPU")
+_LIB.impl(
+    "gate_logits",
+    lambda x, w: torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=torch.float32),
+    "Meta",
+)
+_LIB.impl("gate_logits_backward", _meta_backward, "Meta")
+
+
+class _GateLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.ops.ds_moe.gate_logits(x, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad
+        dx, dw = torch.ops.ds_moe.gate_logits_backward(grad.contiguous(), x, w, need_x, need_w)
+        return (dx if need_x else None), (dw if need_w else None)
+
+
+def gate_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x.float(), w.float())`` for ``x`` [S, H] and ``w`` [E, H] of one dtype."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _GateLogits.apply(x, w.contiguous())
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The unfused router logits: fp32 copies, then ``F.linear``."""
+    return torch.nn.functional.linear(x.float(), w.float())
+
+
+# --------------------------------------------------------------------------- the probe
+@functools.cache
+def _probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
+    if device_type != "cuda" or dtype not in DTYPES:
+        return False  # the CPU (and anything else) keeps F.linear
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        # the first forward may run under no_grad or inference_mode (evaluation): the check
+        # needs autograd, and a failure here would be cached for the process
+        with torch.inference_mode(False), torch.enable_grad():
+            return _self_check(torch.device(device_type, device_index), dtype)
+    except Exception:  # noqa: BLE001 - any failure means "unfused"
+        return False
+
+
+def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """The compiled kernels against torch: ragged token, hidden and expert tiles, a weight
+    gradient summed over two splits."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(600, 200, device=device, generator=g).to(dtype)
+    w = (torch.randn(6, 200, device=device, generator=g) * 0.1).to(dtype)
+    up = torch.randn(600, 6, device=device, generator=g)
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = gate_logits(xf, wf)
+    out.backward(up)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = reference(xr, wr)
+    ref.backward(up)
+    one_ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    return bool(
+        out.dtype == torch.float32
+        and torch.allclose(out, ref, rtol=1e-5, atol=1e-4)
+        and torch.allclose(xf.grad.float(), xr.grad.float(), rtol=one_ulp, atol=1e-5)
+        and torch.allclose(wf.grad.float(), wr.grad.float(), rtol=one_ulp, atol=1e-3)
+    )
+
+
+def fused_gate_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where the kernels can run (and passed the probe) for this device and dtype."""
+    return _probe(device.type, device.index, dtype)
+
+
+def fused_gate_requested(flag: bool | None) -> bool:
+    """Whether the fused logits are asked for: ``flag`` (``TopKGate.fuse_logits``) when set,
+    else ``DS_MOE_FUSED_GATE=1`` (off by default: not yet timed on a GPU)."""
+    if flag is not None:
+        return flag
+    return os.environ.get(ENV_VAR, "0") == "1"
