@@ -132,7 +132,9 @@ for b in (CPUAdamBuilder(), QuantizerBuilder()):
       phase quant python3 benchmarks/zero/quant_bench.py ${QUANT_ARGS:-} ;;
     autotune)  # AUTOTUNE_ARGS (default: the small preset: 1.34B, stages 0 and 3, micro-batches
                # 2 and 4; "--models 1.3b --stages 0,1,2,3 --offload none --micro-batches 1,2,4,8"
-               # is the 16-configuration space, about 10 minutes)
+               # is the 16-configuration space, about 10 minutes; the 6B space runs as several
+               # commands of one lease with --sessions, --resume and --merge, see
+               # autotune_bench.py's docstring)
       # shellcheck disable=SC2086  # the arguments are separate words
       phase autotune python3 benchmarks/profile/autotune_bench.py \
         ${AUTOTUNE_ARGS:---models 1.3b --stages 0,3 --offload none --micro-batches 2,4} \

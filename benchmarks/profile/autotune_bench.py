@@ -44,6 +44,21 @@ as not finished.
         --micro-batches 2,4 --global-batch 16 --peers-dir shared/peers
     # the full comparison (about an hour)
     python benchmarks/profile/autotune_bench.py --models 1.3b,6b --deadline-s 3600
+    # the 6B space in 10-minute commands of one lease (same machine, /tmp kept): the tuner and
+    # the start of the grid, then the grid resumed from its finished trials, then DeepSpeed's
+    S6="--models 6b --stages 2,3 --offload optimizer,optimizer+param --micro-batches 1,2,4"
+    python benchmarks/profile/autotune_bench.py $S6 --sessions tuner,grid --deepspeed-share 0 \
+        --out-dir /tmp/at6
+    python benchmarks/profile/autotune_bench.py $S6 --sessions grid --resume \
+        --merge /tmp/at6/autotune-<device>-<date>.json --out-dir /tmp/at6
+    python benchmarks/profile/autotune_bench.py $S6 --sessions deepspeed \
+        --merge /tmp/at6/autotune-<device>-<date>.json --out-dir /tmp/at6
+
+``--sessions`` picks which of the three run now (the time goes to those); ``--merge FILE``
+takes the sessions not run now from an earlier results file of this benchmark; ``--resume``
+keeps our sessions' folders, so a session that was stopped at its limit resumes from its
+finished trials (``overwrite: false``), and its time to answer is the sum of its commands'
+wall times (each command's start-up counted: a resumed grid is charged more, not less).
     # every path on a CPU (tiny GPT, gloo, DS_ACCELERATOR=cpu; DeepSpeed from /work/dsenv)
     python benchmarks/profile/autotune_bench.py --tiny --deepspeed-site /tmp/atb_site
 """
@@ -181,15 +196,17 @@ def _run_bounded(argv: list[str], env: dict[str, str], cwd: Path, limit_s: float
 
 def _ours(model: str, args: argparse.Namespace, work: Path, grid: bool, env: dict[str, str],
           limit_s: float) -> dict[str, Any]:  # fmt: skip
-    """One session of our autotuner (tuner or exhaustive grid): its summary and wall time."""
+    """One session of our autotuner (tuner or exhaustive grid): its summary and wall time.
+    With ``--resume`` its folder is kept and it resumes from the trials it finished before."""
     name = "grid" if grid else "tuner"
     d = work / model / name
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
     # the session stops itself (and writes its report) before the backstop below stops it
     session_s = max(5.0, limit_s - 15)
     auto: dict[str, Any] = {
-        "enabled": True, "overwrite": True, "results_dir": str(d / "results"), "exps_dir": str(d / "exps"),
+        "enabled": True, "overwrite": not args.resume, "results_dir": str(d / "results"), "exps_dir": str(d / "exps"),
         "start_profile_step": args.start_step, "end_profile_step": args.end_step,
         "zero_stages": args.stages, "offload": args.offload, "micro_batch_sizes": args.micro_batches,
         "trial_timeout_s": min(args.trial_timeout, session_s), "session_timeout_s": session_s,
@@ -532,6 +549,12 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--deepspeed-share", type=float, default=0.4,
                     help="share of each model's time kept for DeepSpeed's session")  # fmt: skip
     ap.add_argument("--skip-deepspeed", action="store_true")
+    ap.add_argument("--sessions", default="tuner,grid,deepspeed",
+                    help="which sessions run now (comma list of tuner, grid, deepspeed)")  # fmt: skip
+    ap.add_argument("--merge", metavar="FILE",
+                    help="an earlier results file: the sessions not run now come from it")  # fmt: skip
+    ap.add_argument("--resume", action="store_true",
+                    help="keep our sessions' folders: resume from their finished trials")  # fmt: skip
     ap.add_argument("--deepspeed-python", help="interpreter with DeepSpeed 0.19.8 (default: this one; "
                     "--tiny: /work/dsenv/bin/python when present)")  # fmt: skip
     ap.add_argument(
@@ -552,6 +575,16 @@ def _parse() -> argparse.Namespace:
     args.stages = [int(s) for s in args.stages.split(",")]
     args.offload = args.offload.split(",")
     args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
+    args.sessions = args.sessions.split(",")
+    bad = sorted(set(args.sessions) - {"tuner", "grid", "deepspeed"})
+    if bad or not args.sessions:
+        ap.error(
+            f"--sessions: unknown {', '.join(bad) or 'empty list'} (known: tuner, grid, deepspeed)"
+        )
+    if args.merge and not Path(args.merge).is_file():
+        ap.error(f"--merge {args.merge}: no such results file")
+    if args.resume and not args.merge:
+        ap.error("--resume needs --merge: the earlier command's results carry the time spent")
     args.peers_dir = Path(args.peers_dir).resolve()
     if not (args.peers_dir / "tinygpt.py").is_file():
         ap.error(f"--peers-dir {args.peers_dir} has no tinygpt.py")
@@ -559,6 +592,22 @@ def _parse() -> argparse.Namespace:
         if m not in MODELS:
             ap.error(f"--models: unknown model {m!r} (known: {', '.join(MODELS)})")
     return args
+
+
+NOT_RUN: dict[str, Any] = {"wall_s": None, "finished": False, "trials": [], "best": None}
+
+
+def _session(now: dict[str, Any] | None, earlier: dict[str, Any] | None, resume: bool
+             ) -> dict[str, Any]:  # fmt: skip
+    """A session's summary: the one run now (None: not run now; with ``resume`` its wall time is
+    added to the earlier command's, whose trials it resumed), else the earlier results file's,
+    else marked as not run."""
+    if now is None:
+        return earlier if earlier is not None else {**NOT_RUN, "error": "not run (--sessions)"}
+    if resume and earlier and earlier.get("wall_s") is not None and now.get("wall_s") is not None:
+        now["wall_s"] += earlier["wall_s"]
+        now["commands"] = earlier.get("commands", 1) + 1
+    return now
 
 
 def main() -> None:
@@ -573,18 +622,37 @@ def main() -> None:
     ratios: dict[str, float] = {}
     detail: dict[str, Any] = {}
     models = args.models.split(",")
+    earlier: dict[str, Any] = (
+        json.loads(Path(args.merge).read_text())["detail"] if args.merge else {}
+    )
+    want = set(args.sessions)
+    if args.skip_deepspeed:
+        want.discard("deepspeed")
     for i, model in enumerate(models):
         budget = clock.left() / (len(models) - i)
         model_end = time.monotonic() + budget
-        ds_share = 0.0 if args.skip_deepspeed else args.deepspeed_share * budget
-        tuner = _ours(model, args, work, grid=False, env=env, limit_s=0.25 * budget)
-        grid = _ours(
-            model, args, work, grid=True, env=env, limit_s=model_end - time.monotonic() - ds_share
-        )
+        before = earlier.get(model, {})
+        # the model's time goes to the sessions run now: the tuner a quarter (all of it alone),
+        # DeepSpeed its share (all of it alone), the grid the rest
+        ds_share = 0.0 if "deepspeed" not in want else (
+            budget if want == {"deepspeed"} else args.deepspeed_share * budget)  # fmt: skip
+        tuner_s = budget if want == {"tuner"} else 0.25 * budget
+        now = None
+        if "tuner" in want:
+            now = _ours(model, args, work, grid=False, env=env, limit_s=tuner_s)
+        tuner = _session(now, before.get("tuner"), args.resume)
+        now = None
+        if "grid" in want:
+            limit = model_end - time.monotonic() - ds_share
+            now = _ours(model, args, work, grid=True, env=env, limit_s=limit)
+        grid = _session(now, before.get("grid"), args.resume)
         if args.skip_deepspeed:
             ds: dict[str, Any] = {"skipped": "--skip-deepspeed"}
         else:
-            ds = _deepspeed(model, args, work, ds_env, limit_s=model_end - time.monotonic())
+            now = None
+            if "deepspeed" in want:
+                now = _deepspeed(model, args, work, ds_env, limit_s=model_end - time.monotonic())
+            ds = _session(now, before.get("deepspeed"), resume=False)
         detail[model] = {"tuner": tuner, "grid": grid, "deepspeed": ds}
         r, q = _runs(model, tuner, grid, ds)
         runs += r
