@@ -507,21 +507,16 @@ def main(argv=None):
                 print(f"[moe_bench] deepspeed unavailable ({exc!r}); timing ds-moe only; run "
                       "shared/peers/ds_moe_bench.py in the same session to compare", flush=True)  # fmt: skip
             systems = [s for s in systems if not s.startswith("deepspeed-")]
-    if not fused_bias_act_available(device, dtype) and any(
-        s.startswith("ds-moe-fused-") for s in systems
+    # without its kernels an opt-in system equals ds-moe-top<k>: nothing to compare
+    for prefix, available, what in (
+        ("ds-moe-fused-", fused_bias_act_available, "fused bias + activation kernel"),
+        ("ds-moe-fusedgate-", fused_gate_available, "fused router logits (bf16/fp16)"),
     ):
-        # without the fused kernel these equal ds-moe-top<k>: nothing to compare
-        if rank == 0:
-            print("[moe_bench] no fused bias + activation kernel here (needs CUDA and Triton); "
-                  "skipping the ds-moe-fused-* systems", flush=True)  # fmt: skip
-        systems = [s for s in systems if not s.startswith("ds-moe-fused-")]
-    if not fused_gate_available(device, dtype) and any(
-        s.startswith("ds-moe-fusedgate-") for s in systems
-    ):
-        if rank == 0:
-            print("[moe_bench] no fused router logits here (needs CUDA, Triton, bf16/fp16); "
-                  "skipping the ds-moe-fusedgate-* systems", flush=True)  # fmt: skip
-        systems = [s for s in systems if not s.startswith("ds-moe-fusedgate-")]
+        if not available(device, dtype) and any(s.startswith(prefix) for s in systems):
+            if rank == 0:
+                print(f"[moe_bench] no {what} here (needs CUDA and Triton); skipping the "
+                      f"{prefix}* systems", flush=True)  # fmt: skip
+            systems = [s for s in systems if not s.startswith(prefix)]
 
     report = {
         "scenario": "moe-layer",

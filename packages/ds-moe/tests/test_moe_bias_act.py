@@ -12,25 +12,14 @@ fp32 sum (1 ulp).
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
+from triton_interp import needs_triton
 
 import ds_moe
 from ds_moe import _bias_act
-
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    # before triton's import: its standard library (tl.sum, tl.cdiv, ...) is @jit too
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    import triton
-except ImportError:  # only a missing triton skips; a broken kernel module must fail
-    triton = None
-
-needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
 
 ACTS = {
     "relu": nn.ReLU(),

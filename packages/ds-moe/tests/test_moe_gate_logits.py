@@ -11,25 +11,15 @@ bf16/fp16 once, by one ulp of that dtype at most.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 import pytest
 import torch
+from triton_interp import needs_triton
 
 from ds_moe import _gate_linear
 from ds_moe._config import GateConfig
 from ds_moe._gate import TopKGate
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    # before triton's import: its standard library (tl.sum, tl.cdiv, ...) is @jit too
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    import triton
-except ImportError:  # only a missing triton skips; a broken kernel module must fail
-    triton = None
-
-needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
