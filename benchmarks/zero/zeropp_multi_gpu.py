@@ -7,10 +7,14 @@ set to the node size), one after another in the same process group, ours first (
 stage 3 leaves `torch.nn.functional.linear` patched for the rest of the process). Each system runs
 `--warmup` then `--steps` timed steps; for ours, one more step with ds-comm's comms logger on,
 whose bytes per collective name (all-gathers, reduce-scatter, qgZ's intra/inter-node
-all-to-alls) go into the results (DeepSpeed's runs carry no byte counts). `--ranks-per-node`
+all-to-alls) go into the results (DeepSpeed's runs carry no byte counts). The timed steps run
+as `--chunks` equal chunks, each timed alone; `step_s` is the median chunk's step time
+(`step_s_chunks` has all), so one slow stretch (a clock change, another process) does not
+decide a ratio between systems whose steps take a few milliseconds. `--ranks-per-node`
 sets qgZ's node size and hpZ's group (default: LOCAL_WORLD_SIZE): with one host of 8 GPUs,
-`--ranks-per-node 4` simulates 2 nodes. Runs on 1 GPU too (nothing is communicated there; the
-numbers then only show what the quantizers cost each library). A system that raises is recorded
+`--ranks-per-node 4` simulates 2 nodes. Runs on 1 GPU too: nothing is communicated there, and
+ds-zero then gathers nothing either (a one-rank bucket is its own full copy), so its five
+systems do the same work and their spread is the measurement's noise. A system that raises is recorded
 with its error and the next one runs.
 
     torchrun --standalone --nproc_per_node=N benchmarks/zero/zeropp_multi_gpu.py [--layers 8]
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -156,11 +161,16 @@ def run_system(name: str, kw: dict, args: argparse.Namespace, per_node: int) -> 
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync()
-    step_s = (time.perf_counter() - t0) / args.steps
+    chunks = max(1, min(args.chunks, args.steps))
+    per_chunk = args.steps // chunks
+    chunk_s = []
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        for _ in range(per_chunk):
+            loss = step()
+        sync()
+        chunk_s.append((time.perf_counter() - t0) / per_chunk)
+    step_s = statistics.median(chunk_s)
     by_name: dict[str, int] | None = None
     if not t.deepspeed:  # ds-comm's logger sees our collectives only
         logger = ds_comm.get_comms_logger()
@@ -177,6 +187,7 @@ def run_system(name: str, kw: dict, args: argparse.Namespace, per_node: int) -> 
     return {
         "system": name,
         "step_s": round(step_s, 5),
+        "step_s_chunks": [round(c, 5) for c in chunk_s],
         "tokens_per_s": round(args.batch * args.seq * world / step_s, 1),
         "peak_mem_gb": None if peak is None else round(peak, 3),
         "bytes_per_step": by_name,
@@ -195,7 +206,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--chunks", type=int, default=3, help="timed chunks of the steps (median)")
     ap.add_argument("--ranks-per-node", type=int, default=None)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU, fp32 (harness check)")
