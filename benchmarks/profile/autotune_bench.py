@@ -10,7 +10,12 @@ all training the same GPT (shared/peers/tinygpt.py through gpt_trial.py):
    configuration the memory estimator admits, each a real trial;
 3. ``deepspeed --autotuning tune`` (DeepSpeed 0.19.8, ``fast``) over ZeRO stages x micro-batch
    sizes (its tuner has no offload or checkpointing dimension: its space is the grid's subset
-   without them), with its own launcher and engine. Its config names the micro-batch list and
+   without them). A space without "none" among its offloads (a model that fits only offloaded)
+   puts the space's lightest offload into its config, as a user of its tuner would; DeepSpeed
+   0.19.8's tuner drops it (each experiment's ``zero_optimization`` is rebuilt from its stage
+   template and tuning space, which have no offload keys) and its memory estimate then rules
+   out the stages that do not fit unoffloaded: the results record what it ran (each trial's
+   ``offload``). It runs with its own launcher and engine. Its config names the micro-batch list and
    ``gradient_accumulation_steps`` = global batch / largest micro-batch, so that DeepSpeed keeps
    the same global batch for every micro-batch (left to itself it keeps the accumulation steps
    and changes the global batch), and ``torch_adam`` (torch's AdamW, as ours uses), so that no
@@ -251,9 +256,19 @@ def _our_finished(results: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _ds_offload(args: argparse.Namespace) -> str:
+    """The offload DeepSpeed's config asks for. Its tuner has no offload dimension, so none,
+    unless the space has no "none" (a model that fits only offloaded): then the lightest
+    offload of the space, fixed, as a user of its tuner would set it (which it drops)."""
+    if "none" in args.offload:
+        return "none"
+    return "optimizer" if "optimizer" in args.offload else "optimizer+param"
+
+
 def _ds_config(args: argparse.Namespace, d: Path) -> dict[str, Any]:
     """DeepSpeed's tuning space: the micro-batch list, stages, the global batch kept through
-    gradient_accumulation_steps (no train_batch_size: its profile run sets micro-batch 1)."""
+    gradient_accumulation_steps (no train_batch_size: its profile run sets micro-batch 1), and
+    the offload of ``_ds_offload``."""
     top = max(args.micro_batches)
     if args.global_batch % top:
         raise SystemExit(
@@ -261,15 +276,31 @@ def _ds_config(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         )
     base = _base_config(args)
     del base["train_batch_size"]
-    base["optimizer"]["params"]["torch_adam"] = True
+    zero: dict[str, Any] = {"stage": list(args.stages)}
+    offload = _ds_offload(args)
+    if offload == "none":
+        base["optimizer"]["params"]["torch_adam"] = True
+    else:
+        # its ZeRO-Offload steps with its own CPU Adam (torch's optimizer is refused there)
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if offload == "optimizer+param":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {**base, "gradient_accumulation_steps": args.global_batch // top,
             "train_micro_batch_size_per_gpu": list(args.micro_batches),
-            "zero_optimization": {"stage": list(args.stages)},
+            "zero_optimization": zero,
             "autotuning": {
                 "enabled": True, "fast": True, "overwrite": True,
                 "results_dir": str(d / "autotuning_results"), "exps_dir": str(d / "autotuning_exps"),
                 "start_profile_step": args.start_step, "end_profile_step": args.end_step,
                 "tuner_early_stopping": args.early_stopping}}  # fmt: skip
+
+
+def _offload_of(zero: dict[str, Any]) -> str:
+    """A DeepSpeed ``zero_optimization`` section's offload, in this benchmark's names."""
+    if (zero.get("offload_optimizer") or {}).get("device") not in ("cpu", "nvme"):
+        return "none"
+    param = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
+    return "optimizer+param" if param else "optimizer"
 
 
 def _ds_trials(results: Path) -> list[dict[str, Any]]:
@@ -287,7 +318,8 @@ def _ds_trials(results: Path) -> list[dict[str, Any]]:
         )
         row: dict[str, Any] = {"name": exp.get("name", exp_json.parent.name)}
         if exp.get("name") != "profile_model_info":
-            row.update(stage=int((c.get("zero_optimization") or {}).get("stage", 0)),
+            zero = c.get("zero_optimization") or {}
+            row.update(stage=int(zero.get("stage", 0)), offload=_offload_of(zero),
                        micro_batch=c.get("train_micro_batch_size_per_gpu"),
                        grad_accum=c.get("gradient_accumulation_steps"))  # fmt: skip
         if metrics is not None:
@@ -347,9 +379,12 @@ def _deepspeed(model: str, args: argparse.Namespace, work: Path, env: dict[str, 
             return out
         # its best finished trial so far, by its own metric
         pick = max(done, key=lambda t: t["value"])
-        pick = {"zero_optimization": {"stage": pick["stage"]}, "train_micro_batch_size_per_gpu": pick["micro_batch"],
+        pick = {"zero_optimization": {"stage": pick["stage"], **({"offload_optimizer": {"device": "cpu"}} if pick["offload"] != "none" else {}),
+                                      **({"offload_param": {"device": "cpu"}} if pick["offload"] == "optimizer+param" else {})},
+                "train_micro_batch_size_per_gpu": pick["micro_batch"],
                 "gradient_accumulation_steps": pick["grad_accum"]}  # fmt: skip
     out.update(stage=int((pick.get("zero_optimization") or {}).get("stage", 0)),
+               offload=_offload_of(pick.get("zero_optimization") or {}),
                micro_batch=int(pick.get("train_micro_batch_size_per_gpu", 1)),
                grad_accum=int(pick.get("gradient_accumulation_steps", 1)), config=pick)  # fmt: skip
     for t in trials:
@@ -469,10 +504,12 @@ def _runs(model: str, tuner: dict[str, Any], grid: dict[str, Any], ds: dict[str,
     if "skipped" in ds:
         ds_run["skipped"] = ds["skipped"]
     if "stage" in ds:
-        ds_run.update(pick={"stage": ds["stage"], "micro_batch": ds["micro_batch"], "grad_accum": ds["grad_accum"]},
+        ds_offload = ds.get("offload", "none")
+        ds_run.update(pick={"stage": ds["stage"], "offload": ds_offload, "micro_batch": ds["micro_batch"],
+                            "grad_accum": ds["grad_accum"]},
                       deepspeed_reported=ds.get("deepspeed_reported"),
                       deepspeed_samples_per_s=ds.get("deepspeed_samples_per_s"),
-                      best_samples_per_s=_grid_value(grid, stage=ds["stage"], offload="none", micro_batch=ds["micro_batch"],
+                      best_samples_per_s=_grid_value(grid, stage=ds["stage"], offload=ds_offload, micro_batch=ds["micro_batch"],
                                                      grad_accum=ds["grad_accum"], checkpointing=False))  # fmt: skip
     if ds.get("finished"):
         ds_run["time_to_answer_s"] = round(ds["wall_s"], 1)
