@@ -3,8 +3,8 @@
 # with its peer, results JSON under $OUT (and benchmarks/results/ on that machine).
 #
 #   bash benchmarks/gpu_session.sh PHASE...
-#   PHASE: io (= aio ckpt) | aio | ckpt | ckptverify | zeropp | moe | offload | overlap | largest | longseq | dsops |
-#          quant | autotune | clients | tests | tests:ds-x,ds-y
+#   PHASE: io (= aio ckpt) | aio | ckpt | ckptverify | zeropp | moe | moekernels | offload | overlap |
+#          largest | longseq | dsops | quant | autotune | clients | tests | tests:ds-x,ds-y
 #   dsops: builds DeepSpeed 0.19.8's JIT ops (CPU Adam, quantizer) before any timed phase, so no
 #          peer run spends its time limit compiling; later phases of the same lease reuse them.
 #          The builds live in .torch_ext/ (ignored by git); the phase also packs them into
@@ -84,6 +84,10 @@ for p in "$@"; do
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 5 --out "$OUT"
       phase moe-upstream-grad "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 5 --out "$OUT" \
         --loss upstream-grad --no-check
+      ;;
+    moekernels)  # ds-moe's opt-in kernels alone against the unfused passes
+      phase bias-act python3 benchmarks/moe/bias_act_bench.py
+      phase gate-logits python3 benchmarks/moe/gate_logits_bench.py --out "$OUT"
       ;;
     offload)
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \

@@ -4,8 +4,8 @@ The router computes its logits in fp32 (``TopKGate``), as DeepSpeed does:
 ``F.linear(x.float(), w.float())``. With bf16 or fp16 tokens that widening writes an fp32 copy
 of the whole [tokens, hidden] input, the GEMM reads it back, and autograd keeps it for the
 weight gradient; the backward writes an fp32 input gradient and reads it again to narrow it.
-At 16K tokens x 2048 that is about 770 MB of memory traffic per layer and step, and 128 MB of
-saved activations, for a GEMM with 8 output columns. The kernels (``_gate_kernels``) widen in
+At 16K tokens x 2048 that is about 805 MB (768 MiB) of memory traffic per layer and step,
+and 128 MB of saved activations, for a GEMM with 8 output columns. The kernels (``_gate_kernels``) widen in
 registers instead: the forward reads the tokens once and writes the [tokens, experts] logits,
 the backward writes the input gradient once in the tokens' dtype and reads the tokens once for
 the weight gradient, and autograd keeps the tokens themselves (alive anyway).

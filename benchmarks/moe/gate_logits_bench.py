@@ -1,0 +1,107 @@
+"""The MoE router's fp32 logits alone: ds-moe's fused kernels against ``F.linear`` on fp32 copies.
+
+    python benchmarks/moe/gate_logits_bench.py          # GPU, moe_bench's shape (16K x 2048, 8)
+
+Both sides compute the router's logits from bf16 tokens ``x`` [tokens, hidden] and a bf16 gate
+weight [experts, hidden], forward and backward from a fixed fp32 upstream gradient, through
+autograd as the router runs them: unfused = ``F.linear(x.float(), w.float())`` (ds-moe's
+default, and DeepSpeed's router), fused = ``ds_moe::gate_logits`` and its backward. Reports
+the median of CUDA-event timings per side, the bytes each side moves over [tokens, hidden] (bf16
+tokens 2 bytes, fp32 copies 4: unfused 24 bytes per element forward and backward, fused 6) and the bandwidth that implies, and how far the two sides' results differ. Writes a
+results file (scenario ``moe-gate-logits``) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# this checkout's packages; not ds-deepspeed's (a `deepspeed` alias)
+sys.path[:0] = [
+    str(p) for p in sorted((ROOT / "packages").glob("*/src")) if p.parent.name != "ds-deepspeed"
+]
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared timer and results writer
+from _results import write_results  # noqa: E402
+from _timing import cuda_median_s  # noqa: E402
+
+from ds_moe import _gate_linear  # noqa: E402
+
+#: bytes per [tokens, hidden] element moved by each side, forward + backward. Unfused: the
+#: widening reads 2 and writes 4, the GEMM reads 4; backward writes the fp32 input gradient
+#: (4), narrowing reads it (4) and writes 2, the weight gradient reads the fp32 copy (4).
+UNFUSED_BYTES = (2 + 4) + 4 + 4 + (4 + 2) + 4
+#: fused: the forward reads the tokens, the backward writes dx and reads the tokens
+FUSED_BYTES = 2 + 2 + 2
+
+
+def step(fn, x, w, up):
+    x.grad = w.grad = None
+    out = fn(x, w)
+    out.backward(up)
+    return out, x.grad, w.grad
+
+
+def measure(args, device, dtype) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.tokens, args.hidden, device=device, generator=g).to(dtype)
+    w = (torch.randn(args.experts, args.hidden, device=device, generator=g) * 0.02).to(dtype)
+    up = torch.randn(args.tokens, args.experts, device=device, generator=g)
+    x.requires_grad_()
+    w.requires_grad_()
+    runs = []
+    results = {}
+    elements = args.tokens * args.hidden
+    for name, fn, per_elem in (
+        ("torch-fp32-linear", _gate_linear.reference, UNFUSED_BYTES),
+        ("ds-moe-gate-logits", _gate_linear.gate_logits, FUSED_BYTES),
+    ):
+        results[name] = [t.detach().clone() for t in step(fn, x, w, up)]
+        ms = cuda_median_s(lambda fn=fn: step(fn, x, w, up), 3, args.iters) * 1e3
+        runs.append({
+            "system": name, "step_ms": round(ms, 4), "bytes_moved_gb": round(elements * per_elem / 1e9, 3),
+            "tb_per_s": round(elements * per_elem / (ms / 1e3) / 1e12, 3),
+        })  # fmt: skip
+    ref, got = results["torch-fp32-linear"], results["ds-moe-gate-logits"]
+    runs[1]["max_abs_diff"] = {
+        name: (a.float() - b.float()).abs().max().item()
+        for name, a, b in zip(("logits", "dx", "dw"), got, ref)
+    }
+    runs[1]["same_top1"] = bool(torch.equal(got[0].argmax(-1), ref[0].argmax(-1)))
+    return runs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", help="results file or folder (default benchmarks/results/)")
+    args = p.parse_args(argv)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    if not _gate_linear.fused_gate_available(device, dtype):
+        raise SystemExit(
+            "the fused router logits do not run here (they need CUDA, Triton and a passing "
+            "probe: run ds-moe's GPU tests to see why)"
+        )
+    runs = measure(args, device, dtype)
+    ratio = runs[0]["step_ms"] / runs[1]["step_ms"]
+    path = write_results(
+        scenario="moe-gate-logits",
+        device=f"1 x {torch.cuda.get_device_name(device)}",
+        runs=runs,
+        ratios={"ds-moe-gate-logits/torch-fp32-linear speed": round(ratio, 3)},
+        path=args.out,
+        config=vars(args),
+        torch=torch.__version__,
+    )
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
