@@ -61,9 +61,15 @@ def measure(args, device, dtype) -> list[dict]:
         ("ds-moe-gate-logits", _gate_linear.gate_logits, FUSED_BYTES),
     ):
         results[name] = [t.detach().clone() for t in step(fn, x, w, up)]
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         ms = cuda_median_s(lambda fn=fn: step(fn, x, w, up), 3, args.iters) * 1e3
+        # what one forward + backward adds on top of the inputs (the fp32 copy, for F.linear)
+        extra_gb = (torch.cuda.max_memory_allocated(device) - base) / 2**30
         runs.append({
-            "system": name, "step_ms": round(ms, 4), "bytes_moved_gb": round(elements * per_elem / 1e9, 3),
+            "system": name, "step_ms": round(ms, 4), "peak_mem_gb": round(extra_gb, 3),
+            "bytes_moved_gb": round(elements * per_elem / 1e9, 3),
             "tb_per_s": round(elements * per_elem / (ms / 1e3) / 1e12, 3),
         })  # fmt: skip
     ref, got = results["torch-fp32-linear"], results["ds-moe-gate-logits"]
@@ -97,6 +103,8 @@ def main(argv=None):
         runs=runs,
         ratios={"ds-moe-gate-logits/torch-fp32-linear speed": round(ratio, 3)},
         path=args.out,
+        metric="step_ms",
+        note_peak_mem_gb="memory one forward + backward allocates on top of its inputs",
         config=vars(args),
         torch=torch.__version__,
     )
