@@ -32,27 +32,21 @@ import ds_comm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared results writer
 from _results import write_results  # noqa: E402
+from _timing import cuda_times_s  # noqa: E402
 
 
 def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
-    for _ in range(warmup):
-        fn()
+    """Seconds per call, every rank starting each call together (a barrier ahead of it)."""
     if cuda:
-        torch.cuda.synchronize()
+        return cuda_times_s(fn, warmup, iters, before=dist.barrier)
+    for _ in range(warmup):  # --cpu smoke mode (gloo): wall clock
+        fn()
     times = []
     for _ in range(iters):
         dist.barrier()
-        if not cuda:  # --cpu smoke mode (gloo): wall clock
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        t0 = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(time.perf_counter() - t0)
     return times
 
 

@@ -364,8 +364,12 @@ def _deepspeed(model: str, args: argparse.Namespace, work: Path, env: dict[str, 
                            "trials": trials}  # fmt: skip
     optimal = results / "ds_config_optimal.json"
     if optimal.exists() and not stopped:
-        pick = json.loads(optimal.read_text())
-        out["finished"] = True
+        config = json.loads(optimal.read_text())
+        zero = config.get("zero_optimization") or {}
+        out.update(finished=True, config=config, stage=int(zero.get("stage", 0)),
+                   offload=_offload_of(zero),
+                   micro_batch=int(config.get("train_micro_batch_size_per_gpu", 1)),
+                   grad_accum=int(config.get("gradient_accumulation_steps", 1)))  # fmt: skip
     else:
         done = [t for t in trials if t.get("value") is not None]
         why = (
@@ -378,15 +382,8 @@ def _deepspeed(model: str, args: argparse.Namespace, work: Path, env: dict[str, 
         if not done:
             return out
         # its best finished trial so far, by its own metric
-        pick = max(done, key=lambda t: t["value"])
-        pick = {"zero_optimization": {"stage": pick["stage"], **({"offload_optimizer": {"device": "cpu"}} if pick["offload"] != "none" else {}),
-                                      **({"offload_param": {"device": "cpu"}} if pick["offload"] == "optimizer+param" else {})},
-                "train_micro_batch_size_per_gpu": pick["micro_batch"],
-                "gradient_accumulation_steps": pick["grad_accum"]}  # fmt: skip
-    out.update(stage=int((pick.get("zero_optimization") or {}).get("stage", 0)),
-               offload=_offload_of(pick.get("zero_optimization") or {}),
-               micro_batch=int(pick.get("train_micro_batch_size_per_gpu", 1)),
-               grad_accum=int(pick.get("gradient_accumulation_steps", 1)), config=pick)  # fmt: skip
+        best = max(done, key=lambda t: t["value"])
+        out.update({k: best[k] for k in ("stage", "offload", "micro_batch", "grad_accum")})
     for t in trials:
         if (t.get("stage"), t.get("micro_batch"), t.get("grad_accum")) == (
             out["stage"],

@@ -133,7 +133,6 @@ def test_switch_reads_the_flag_before_the_variable(monkeypatch):
 def test_router_with_fused_logits_routes_like_the_unfused_one(kernels, monkeypatch, k):
     # the gate module with the fused logits forced on (the probe is CUDA-only) against the
     # same module on F.linear: same routing, l_aux and gradients to fp32/bf16 rounding
-    monkeypatch.setattr(_gate_linear, "fused_gate_available", lambda d, t: True)
     monkeypatch.setattr("ds_moe._gate.fused_gate_available", lambda d, t: True)
     torch.manual_seed(0)
     cfg = GateConfig(

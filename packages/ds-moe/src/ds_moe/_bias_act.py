@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from ds_moe._triton_op import probe_on_cuda, register, requested
 
 ENV_VAR = "DS_MOE_FUSED_BIAS_ACT"
 
@@ -64,34 +65,10 @@ _LIB.define(
 )
 
 
-def _forward_cuda(y, bias, offs, act):
-    with torch.cuda.device(y.device):  # triton launches on the current device
-        return _kernels().forward(y, bias, offs, act)
-
-
-def _backward_cuda(grad, y, bias, offs, act):
-    with torch.cuda.device(y.device):
-        return _kernels().backward(grad, y, bias, offs, act)
-
-
-def _interpreted():
-    k = _kernels()
-    if not k.INTERPRET:
-        raise RuntimeError(
-            "ds_moe::bias_act runs on CPU tensors only under TRITON_INTERPRET=1 (the tests); "
-            "the layer uses it on CUDA"
-        )
-    return k
-
-
-_LIB.impl("bias_act", _forward_cuda, "CUDA")
-_LIB.impl("bias_act_backward", _backward_cuda, "CUDA")
-_LIB.impl("bias_act", lambda y, b, o, a: _interpreted().forward(y, b, o, a), "CPU")
-_LIB.impl("bias_act_backward", lambda g, y, b, o, a: _interpreted().backward(g, y, b, o, a), "CPU")
-_LIB.impl("bias_act", lambda y, b, o, a: torch.empty_like(y), "Meta")
-_LIB.impl(
-    "bias_act_backward", lambda g, y, b, o, a: (torch.empty_like(y), torch.empty_like(b)), "Meta"
-)
+register(_LIB, "bias_act", lambda *a: _kernels().forward(*a),
+         lambda y, b, o, a: torch.empty_like(y), _kernels)  # fmt: skip
+register(_LIB, "bias_act_backward", lambda *a: _kernels().backward(*a),
+         lambda g, y, b, o, a: (torch.empty_like(y), torch.empty_like(b)), _kernels)  # fmt: skip
 
 
 class _BiasAct(torch.autograd.Function):
@@ -130,19 +107,8 @@ def reference(
 
 @functools.cache
 def _probe(device_type: str, device_index: int | None, dtype: torch.dtype, act: int) -> bool:
-    if device_type != "cuda":
-        return False  # the CPU (and anything else) keeps the unfused code
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    try:
-        # the first forward may run under no_grad or inference_mode (evaluation): the check
-        # needs autograd, and a failure here would be cached for the process
-        with torch.inference_mode(False), torch.enable_grad():
-            return _self_check(torch.device(device_type, device_index), dtype, act)
-    except Exception:  # noqa: BLE001 - any failure means "unfused"
-        return False
+    device = torch.device(device_type, device_index)
+    return probe_on_cuda(device_type, lambda: _self_check(device, dtype, act))
 
 
 def _module(act: int) -> nn.Module:
@@ -185,10 +151,8 @@ def fused_bias_act_available(device: torch.device, dtype: torch.dtype, act: int)
 
 def fused_bias_act_requested(flag: bool | None) -> bool:
     """Whether the fused path is asked for: ``flag`` (``GroupedMLPExperts.fuse_bias_act``)
-    when set, else ``DS_MOE_FUSED_BIAS_ACT=1`` (off by default: not yet timed on a GPU)."""
-    if flag is not None:
-        return flag
-    return os.environ.get(ENV_VAR, "0") == "1"
+    when set, else ``DS_MOE_FUSED_BIAS_ACT=1`` (off by default: not faster on an H100)."""
+    return requested(flag, ENV_VAR)
 
 
 def fused_code(activation: nn.Module, bias: torch.Tensor | None, x: torch.Tensor) -> int | None:

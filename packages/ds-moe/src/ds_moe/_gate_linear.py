@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from ds_moe._triton_op import probe_on_cuda, register, requested
 
 ENV_VAR = "DS_MOE_FUSED_GATE"
 
@@ -64,41 +65,17 @@ def _backward(grad, x, w, need_x, need_w):
     return dx, dw
 
 
-def _on_device(fn):
-    def run(*args):
-        with torch.cuda.device(args[1].device):  # triton launches on the current device
-            return fn(*args)
-
-    return run
-
-
-def _interpreted(fn):
-    def run(*args):
-        if not _kernels().INTERPRET:
-            raise RuntimeError(
-                "ds_moe::gate_logits runs on CPU tensors only under TRITON_INTERPRET=1 (the "
-                "tests); the router uses it on CUDA"
-            )
-        return fn(*args)
-
-    return run
-
-
 def _meta_backward(grad, x, w, need_x, need_w):
     return (torch.empty_like(x) if need_x else x.new_empty(0),
             torch.empty_like(w) if need_w else w.new_empty(0))  # fmt: skip
 
 
-_LIB.impl("gate_logits", _on_device(_forward), "CUDA")
-_LIB.impl("gate_logits_backward", _on_device(_backward), "CUDA")
-_LIB.impl("gate_logits", _interpreted(_forward), "CPU")
-_LIB.impl("gate_logits_backward", _interpreted(_backward), "CPU")
-_LIB.impl(
-    "gate_logits",
-    lambda x, w: torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=torch.float32),
-    "Meta",
-)
-_LIB.impl("gate_logits_backward", _meta_backward, "Meta")
+def _meta_forward(x, w):
+    return torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=torch.float32)
+
+
+register(_LIB, "gate_logits", _forward, _meta_forward, _kernels)
+register(_LIB, "gate_logits_backward", _backward, _meta_backward, _kernels)
 
 
 class _GateLogits(torch.autograd.Function):
@@ -131,19 +108,10 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the probe
 @functools.cache
 def _probe(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
-    if device_type != "cuda" or dtype not in DTYPES:
-        return False  # the CPU (and anything else) keeps F.linear
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    try:
-        # the first forward may run under no_grad or inference_mode (evaluation): the check
-        # needs autograd, and a failure here would be cached for the process
-        with torch.inference_mode(False), torch.enable_grad():
-            return _self_check(torch.device(device_type, device_index), dtype)
-    except Exception:  # noqa: BLE001 - any failure means "unfused"
-        return False
+    if dtype not in DTYPES:
+        return False  # fp32 tokens keep F.linear (no widening to save)
+    device = torch.device(device_type, device_index)
+    return probe_on_cuda(device_type, lambda: _self_check(device, dtype))
 
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
@@ -176,6 +144,4 @@ def fused_gate_available(device: torch.device, dtype: torch.dtype) -> bool:
 def fused_gate_requested(flag: bool | None) -> bool:
     """Whether the fused logits are asked for: ``flag`` (``TopKGate.fuse_logits``) when set,
     else ``DS_MOE_FUSED_GATE=1`` (off by default: not yet timed on a GPU)."""
-    if flag is not None:
-        return flag
-    return os.environ.get(ENV_VAR, "0") == "1"
+    return requested(flag, ENV_VAR)
