@@ -49,14 +49,15 @@ as not finished.
         --micro-batches 2,4 --global-batch 16 --peers-dir shared/peers
     # the full comparison (about an hour)
     python benchmarks/profile/autotune_bench.py --models 1.3b,6b --deadline-s 3600
-    # the 6B space in 10-minute commands of one lease (same machine, /tmp kept): the tuner and
-    # the start of the grid, then the grid resumed from its finished trials, then DeepSpeed's
+    # the 6B space in 10-minute commands of one lease (same machine, /tmp kept): the tuner
+    # alone (a quarter of a command, its share next to the grid, is less than one 6B trial),
+    # then the grid (a second grid command with --resume if one does not hold it), then
+    # DeepSpeed's; each command merges the previous one's results
     S6="--models 6b --stages 2,3 --offload optimizer,optimizer+param --micro-batches 1,2,4"
-    python benchmarks/profile/autotune_bench.py $S6 --sessions tuner,grid --deepspeed-share 0 \
-        --out-dir /tmp/at6
-    python benchmarks/profile/autotune_bench.py $S6 --sessions grid --resume \
+    python benchmarks/profile/autotune_bench.py $S6 --sessions tuner --out-dir /tmp/at6
+    python benchmarks/profile/autotune_bench.py $S6 --sessions grid --deepspeed-share 0 \
         --merge /tmp/at6/autotune-<device>-<date>.json --out-dir /tmp/at6
-    python benchmarks/profile/autotune_bench.py $S6 --sessions deepspeed \
+    python benchmarks/profile/autotune_bench.py $S6 --sessions deepspeed --deepspeed-share 1 \
         --merge /tmp/at6/autotune-<device>-<date>.json --out-dir /tmp/at6
 
 ``--sessions`` picks which of the three run now (the time goes to those); ``--merge FILE``
@@ -696,16 +697,20 @@ def main() -> None:
     device = args.device_name or _device_name(args.tiny)
     out_dir = Path(args.out_dir) if args.out_dir else (work if args.tiny else None)
     slug = device_slug(device)
-    art_dir = (
-        Path(os.environ["OUT"])
-        if os.environ.get("OUT")
-        else (out_dir or ROOT / "benchmarks" / "results")
-    )
+    # --out-dir is a folder even before it exists (write_results takes a missing path for a
+    # file name); the table, chart and sessions go next to the JSON, and to $OUT as well
+    out_env = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    art_dir = out_dir or out_env or ROOT / "benchmarks" / "results"
     art_dir.mkdir(parents=True, exist_ok=True)
     (art_dir / f"autotune-trials-{slug}.md").write_text(_table(detail))
     chart_note = _chart(detail, art_dir / f"autotune-trials-{slug}.png")
     for model in models:
         _copy_sessions(work, model, art_dir / "autotune-sessions")
+    if out_env is not None and out_env.resolve() != art_dir.resolve():
+        out_env.mkdir(parents=True, exist_ok=True)
+        for name in (f"autotune-trials-{slug}.md", f"autotune-trials-{slug}.png"):
+            if (art_dir / name).is_file():
+                shutil.copy2(art_dir / name, out_env / name)
     path = write_results(
         scenario="autotune", device=device, runs=runs, ratios=ratios, path=out_dir,
         metric=["time_to_answer_s", "best_samples_per_s"], targets={
