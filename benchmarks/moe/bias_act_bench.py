@@ -8,15 +8,18 @@ backward from a fixed upstream gradient, without autograd: unfused = the one-hot
 place, the activation, its backward and the grouped per-expert sum of the bias gradient (ds-moe
 <= 0.1.5, and 0.1.6 by default); fused = ``ds_moe::bias_act`` and
 ``ds_moe::bias_act_backward``.
-Reports the median of CUDA-event timings per side, the bytes each side moves over [rows, ffn]
-(bf16: unfused 2R+2W forward, 3R+1W backward; fused 1R+1W and 2R+1W) and the bandwidth that
-implies, and whether the two agree (max abs difference of h, dz, db). Prints JSON.
+Reports the median of CUDA-event timings per side, for the step and for its forward and
+backward alone, the bytes each side moves over [rows, ffn] (bf16: unfused 2R+2W forward, 3R+1W
+backward; fused 1R+1W and 2R+1W) and the bandwidth that implies, and whether the two agree (max
+abs difference of h, dz, db). ``--tiles 32x128x4,...`` also times the fused kernels at other
+tiles (BLOCK_M x BLOCK_N x warps; the default is ``_bias_act_kernels.tile_shape``). Writes a
+results file (scenario ``moe-bias-act``) to ``--out`` (default ``benchmarks/results/``) and
+``$OUT``, and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -30,9 +33,11 @@ sys.path[:0] = [
 ]
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared timer
+from _results import write_results  # noqa: E402
 from _timing import cuda_median_s  # noqa: E402
 
 from ds_moe import _bias_act  # noqa: E402
+from ds_moe import _bias_act_kernels as _kernels  # noqa: E402
 from ds_moe._grouped_gemm import _grouped_mm_fn, group_onehot  # noqa: E402
 
 
@@ -68,7 +73,23 @@ def time_ms(fn, iters, warmup=3):
     return cuda_median_s(fn, warmup, iters) * 1e3
 
 
-def measure(args, k, act, code, dtype, device) -> dict:
+def _tb_per_s(mib: float, ms: float) -> float:
+    return round(mib * 2**20 / (ms / 1e3) / 1e12, 3)
+
+
+def parse_tiles(text: str) -> list[tuple[int, int, int]]:
+    """``"64x128x8,32x256x4"`` -> [(BLOCK_M, BLOCK_N, warps), ...] (powers of two)."""
+    tiles = []
+    for item in filter(None, text.split(",")):
+        parts = item.split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) & (int(p) - 1) == 0 for p in parts):
+            raise SystemExit(f"--tiles: {item!r} is not BLOCK_MxBLOCK_NxWARPS in powers of two")
+        tiles.append(tuple(int(p) for p in parts))
+    return tiles
+
+
+def measure(args, k, act, code, dtype, device) -> tuple[list[dict], dict]:
+    """Runs (the step, its forward and its backward, each side) and how far the sides differ."""
     rows = 1 + args.tokens * k
     sizes = [rows // args.experts + (i < rows % args.experts) for i in range(args.experts)]
     offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
@@ -80,18 +101,46 @@ def measure(args, k, act, code, dtype, device) -> dict:
     ref = unfused_step(y.clone(), dh, bias, offs, onehot, act)
     got = fused_step(y, dh, bias, offs, code)
     z = y.clone()
-    t_un = time_ms(lambda: unfused_step(z, dh, bias, offs, onehot, act), args.iters)
-    t_fu = time_ms(lambda: fused_step(y, dh, bias, offs, code), args.iters)
+    h_unfused = act(z)  # ReLU's backward reads its output; the others ignore it
     mib = rows * args.ffn * y.element_size() / 2**20
-    return {
-        "rows": rows,
-        "unfused_ms": round(t_un, 4),
-        "fused_ms": round(t_fu, 4),
-        "speedup": round(t_un / t_fu, 3),
-        "unfused_mib": round(mib * 8, 1),  # fwd 2R+2W, bwd 3R+1W
-        "fused_mib": round(mib * 5, 1),  # fwd 1R+1W, bwd 2R+1W
-        "unfused_tb_per_s": round(mib * 8 * 2**20 / (t_un / 1e3) / 1e12, 3),
-        "fused_tb_per_s": round(mib * 5 * 2**20 / (t_fu / 1e3) / 1e12, 3),
+    # bytes over [rows, ffn] (bf16): unfused forward 2R+2W, backward 3R+1W; fused 1R+1W, 2R+1W
+    sides = {
+        "unfused": (
+            lambda: unfused_step(z, dh, bias, offs, onehot, act),
+            lambda: act(z.addmm_(onehot, bias)),
+            lambda: _unfused_backward(act, dh, z, h_unfused, offs),
+            (4, 4),
+        ),
+        "fused": (
+            lambda: fused_step(y, dh, bias, offs, code),
+            lambda: torch.ops.ds_moe.bias_act(y, bias, offs, code),
+            lambda: torch.ops.ds_moe.bias_act_backward(dh, y, bias, offs, code),
+            (2, 3),
+        ),
+    }
+    for tile in args.tiles:
+        sides["fused-" + "x".join(map(str, tile))] = (
+            None,
+            lambda t=tile: _kernels.forward(y, bias, offs, code, tile=t),
+            lambda t=tile: _kernels.backward(dh, y, bias, offs, code, tile=t),
+            (2, 3),
+        )
+    runs = []
+    for name, (step, fwd, bwd, (f_units, b_units)) in sides.items():
+        t_f, t_b = time_ms(fwd, args.iters), time_ms(bwd, args.iters)
+        run = {"system": f"{name}-top{k}", "k": k, "rows": rows, "peak_mem_gb": None}
+        if step is not None:
+            t = time_ms(step, args.iters)
+            run |= {"step_ms": round(t, 4), "tb_per_s": _tb_per_s(mib * (f_units + b_units), t)}
+        run |= {
+            "fwd_ms": round(t_f, 4),
+            "fwd_tb_per_s": _tb_per_s(mib * f_units, t_f),
+            "bwd_ms": round(t_b, 4),
+            "bwd_tb_per_s": _tb_per_s(mib * b_units, t_b),
+            "mib_moved": round(mib * (f_units + b_units), 1),
+        }
+        runs.append(run)
+    agreement = {
         "max_abs_diff": {
             name: (a.float() - b.float()).abs().max().item()
             for name, a, b in zip(("h", "dz", "db"), got, ref)
@@ -99,6 +148,13 @@ def measure(args, k, act, code, dtype, device) -> dict:
         "h_bits_differ": (got[0] != ref[0]).float().mean().item(),
         "dz_bits_differ": (got[1] != ref[1]).float().mean().item(),
     }
+    return runs, agreement
+
+
+def _unfused_backward(act, dh, z, h, offs):
+    dz = _act_backward(act, dh, z, h)
+    ones = dz.new_ones(dz.shape[0], 8).t()
+    return _grouped_mm_fn()(ones, dz, offs=offs)[:, 0].contiguous()
 
 
 def main(argv=None):
@@ -109,20 +165,41 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--act", choices=["gelu", "gelu_tanh", "relu", "silu"], default="gelu")
+    p.add_argument("--tiles", type=parse_tiles, default=[],
+                   help="also time the fused kernels at these tiles, e.g. 32x128x4,64x256x8")  # fmt: skip
+    p.add_argument("--out", help="results file or folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     acts = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU("tanh"), "relu": nn.ReLU(), "silu": nn.SiLU()}
     act = acts[args.act]
     code = _bias_act.activation_code(act)
     dtype, device = torch.bfloat16, torch.device("cuda")
-    result = {
-        "device": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "fused_available": _bias_act.fused_bias_act_available(device, dtype, code),
-        "config": vars(args),
-    }
+    if not _bias_act.fused_bias_act_available(device, dtype, code):
+        raise SystemExit(
+            "the fused bias + activation does not run here (it needs CUDA, Triton and a "
+            "passing probe: run ds-moe's GPU tests to see why)"
+        )
+    runs, ratios, agreement = [], {}, {}
     for k in args.k:
-        result[f"k{k}"] = measure(args, k, act, code, dtype, device)
-    print(json.dumps(result, indent=1))
+        r, agreement[f"k{k}"] = measure(args, k, act, code, dtype, device)
+        runs += r
+        by = {x["system"]: x for x in r}
+        ratios[f"fused/unfused speed top{k}"] = round(
+            by[f"unfused-top{k}"]["step_ms"] / by[f"fused-top{k}"]["step_ms"], 3
+        )
+    path = write_results(
+        scenario="moe-bias-act",
+        device=f"1 x {torch.cuda.get_device_name(device)}",
+        runs=runs,
+        ratios=ratios,
+        path=args.out,
+        metric="step_ms",
+        note="fwd/bwd_tb_per_s: the bytes each side moves over [rows, ffn] per its time",
+        agreement=agreement,
+        config={**vars(args), "tiles": ["x".join(map(str, t)) for t in args.tiles]},
+        torch=torch.__version__,
+        default_tile="x".join(map(str, _kernels.tile_shape(args.ffn))),
+    )
+    print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -109,41 +109,48 @@ def _act_grad(z, dy, ACT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _group_of_rows(offs_ptr, rows, E: tl.constexpr, E_POW2: tl.constexpr, LOG2_E: tl.constexpr):
+def _group_of_rows(offs_ptr, rows, E: tl.constexpr, E_POW2: tl.constexpr):
     """Per row, how many group ends are <= row: its group, or E past the last group.
 
-    A branchless binary search over the sorted ends: log2(E) + 1 cached int32 gathers.
+    All E ends in one vector load, then a [rows, E] compare-and-count: one memory round trip
+    per program (a binary search would chain log2(E) + 1 dependent loads before the tile's
+    bias could be fetched).
     """
-    g = tl.zeros_like(rows)
-    for i in tl.static_range(LOG2_E + 1):
-        cand = g + (E_POW2 >> i)
-        end = tl.load(offs_ptr + cand - 1, mask=cand <= E, other=2147483647)
-        g = tl.where(end <= rows, cand, g)
-    return g
+    e = tl.arange(0, E_POW2)
+    ends = tl.load(offs_ptr + e, mask=e < E, other=2147483647)
+    return tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
 
 
 @triton.jit
-def _tile(offs_ptr, rows, cols, E: tl.constexpr, E_POW2: tl.constexpr, LOG2_E: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """This program's tile: (row block, row ids, column ids, row groups, in-group mask)."""
+def _tile(offs_ptr, rows, cols, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr):  # fmt: skip
+    """This program's tile: (row block, row ids, column ids, row groups, in-group mask,
+    in-bounds mask).
+
+    Loads of the [rows, ffn] tensors take the in-bounds mask, which does not wait for the
+    groups, so they are in flight while the groups are found; only stores (and the bias
+    gather) take the in-group mask. Rows past the last group are read (undefined values, never
+    stored or summed).
+    """
     pid = tl.program_id(0)
     col_blocks = tl.cdiv(cols, BLOCK_N)
     # columns fastest: neighbouring programs stream neighbouring memory
     pid_m = pid // col_blocks
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c = (pid % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = _group_of_rows(offs_ptr, r, E, E_POW2, LOG2_E)
+    g = _group_of_rows(offs_ptr, r, E, E_POW2)
     row_ok = (g < E) & (r < rows)
     mask = row_ok[:, None] & (c < cols)[None, :]
-    return pid_m, r.to(tl.int64), c, g, row_ok, mask
+    in_bounds = (r < rows)[:, None] & (c < cols)[None, :]
+    return pid_m, r.to(tl.int64), c, g, row_ok, mask, in_bounds
 
 
 @triton.jit
 def _fwd_kernel(y_ptr, b_ptr, offs_ptr, h_ptr, rows, cols, stride_y, stride_b, stride_h,
-                E: tl.constexpr, E_POW2: tl.constexpr, LOG2_E: tl.constexpr, ACT: tl.constexpr,
-                INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    _, r, c, g, _, mask = _tile(offs_ptr, rows, cols, E, E_POW2, LOG2_E, BLOCK_M, BLOCK_N)
-    y = tl.load(y_ptr + r[:, None] * stride_y + c[None, :], mask=mask, other=0.0)
+                E: tl.constexpr, E_POW2: tl.constexpr, ACT: tl.constexpr, INTERP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    _, r, c, g, _, mask, in_bounds = _tile(offs_ptr, rows, cols, E, E_POW2, BLOCK_M, BLOCK_N)
+    y = tl.load(y_ptr + r[:, None] * stride_y + c[None, :], mask=in_bounds, other=0.0)
     # E x ffn biases stay in L2; each row reads its expert's
     b = tl.load(b_ptr + g[:, None] * stride_b + c[None, :], mask=mask, other=0.0)
     z = _round(y.to(tl.float32) + b.to(tl.float32), y.dtype, INTERP).to(tl.float32)
@@ -153,12 +160,13 @@ def _fwd_kernel(y_ptr, b_ptr, offs_ptr, h_ptr, rows, cols, stride_y, stride_b, s
 
 @triton.jit
 def _bwd_kernel(dh_ptr, y_ptr, b_ptr, offs_ptr, dz_ptr, part_ptr, rows, cols, stride_dh, stride_y,
-                stride_b, stride_dz, E: tl.constexpr, E_POW2: tl.constexpr, LOG2_E: tl.constexpr,
-                ACT: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):  # fmt: skip
-    pid_m, r, c, g, row_ok, mask = _tile(offs_ptr, rows, cols, E, E_POW2, LOG2_E, BLOCK_M, BLOCK_N)
-    dh = tl.load(dh_ptr + r[:, None] * stride_dh + c[None, :], mask=mask, other=0.0)
-    y = tl.load(y_ptr + r[:, None] * stride_y + c[None, :], mask=mask, other=0.0)
+                stride_b, stride_dz, E: tl.constexpr, E_POW2: tl.constexpr, ACT: tl.constexpr,
+                INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    pid_m, r, c, g, row_ok, mask, in_bounds = _tile(
+        offs_ptr, rows, cols, E, E_POW2, BLOCK_M, BLOCK_N
+    )
+    dh = tl.load(dh_ptr + r[:, None] * stride_dh + c[None, :], mask=in_bounds, other=0.0)
+    y = tl.load(y_ptr + r[:, None] * stride_y + c[None, :], mask=in_bounds, other=0.0)
     b = tl.load(b_ptr + g[:, None] * stride_b + c[None, :], mask=mask, other=0.0)
     z = _round(y.to(tl.float32) + b.to(tl.float32), y.dtype, INTERP).to(tl.float32)
     dz = _round(_act_grad(z, dh.to(tl.float32), ACT, INTERP), dz_ptr.dtype.element_ty, INTERP)
@@ -203,14 +211,21 @@ def tile_shape(cols: int) -> tuple[int, int, int]:
 
 def _consts(offs: torch.Tensor) -> dict:
     e = offs.numel()
-    e_pow2 = triton.next_power_of_2(e)
-    return dict(E=e, E_POW2=e_pow2, LOG2_E=e_pow2.bit_length() - 1, INTERP=INTERPRET)
+    return dict(E=e, E_POW2=triton.next_power_of_2(e), INTERP=INTERPRET)
 
 
-def forward(y: torch.Tensor, bias: torch.Tensor, offs: torch.Tensor, act: int) -> torch.Tensor:
+def forward(
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    offs: torch.Tensor,
+    act: int,
+    tile: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """``h = act(y + b[group])``; ``tile`` (BLOCK_M, BLOCK_N, warps) overrides ``tile_shape``
+    (``benchmarks/moe/bias_act_bench.py --tiles`` times shapes with it)."""
     rows, cols = y.shape
     h = torch.empty(rows, cols, device=y.device, dtype=y.dtype)
-    bm, bn, warps = tile_shape(cols)
+    bm, bn, warps = tile or tile_shape(cols)
     grid = (triton.cdiv(rows, bm) * triton.cdiv(cols, bn),)
     _fwd_kernel[grid](y, bias, offs, h, rows, cols, y.stride(0), bias.stride(0), h.stride(0),
                       ACT=act, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -219,13 +234,19 @@ def forward(y: torch.Tensor, bias: torch.Tensor, offs: torch.Tensor, act: int) -
 
 
 def backward(
-    dh: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, offs: torch.Tensor, act: int
+    dh: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    offs: torch.Tensor,
+    act: int,
+    tile: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dz, db)``; ``tile`` as in ``forward``."""
     rows, cols = y.shape
     e = offs.numel()
     dz = torch.empty(rows, cols, device=y.device, dtype=y.dtype)
     db = torch.empty(e, cols, device=y.device, dtype=bias.dtype)
-    bm, bn, warps = tile_shape(cols)
+    bm, bn, warps = tile or tile_shape(cols)
     row_tiles = triton.cdiv(rows, bm)
     # only the entries that tiles write are read back: no zero fill
     part = torch.empty(row_tiles + e - 1, cols, device=y.device, dtype=torch.float32)
