@@ -14,6 +14,7 @@ from ds_profile.autotune import (
     Job,
     ModelFacts,
     enumerate_space,
+    fallbacks,
     order,
     prune,
     required_bytes,
@@ -213,3 +214,59 @@ def test_png_is_valid():
     # bottom row: the best bar is green where it stands
     bottom = raw[(height - 1) * (1 + 3 * width) + 1 :]
     assert bottom[3 * 4 : 3 * 4 + 3] == bytes((46, 160, 67))
+
+
+def _gib(table):
+    return lambda c: int(table[c] * 2**30)
+
+
+def test_prune_keeps_a_lighter_memory_fallback_for_what_a_faster_candidate_beats():
+    # the 6B GPT on one 80 GB device: only offloaded candidates fit at micro-batch 2
+    z2_opt, z3_opt = Candidate(2, "optimizer", 2, 8, False), Candidate(3, "optimizer", 2, 8, False)
+    z3_all = Candidate(3, "optimizer+param", 2, 8, False)
+    gib = _gib({z2_opt: 63.1, z3_opt: 63.1, z3_all: 49.6})
+    feasible = [z2_opt, z3_opt, z3_all]
+    kept = prune(feasible, 1, gib)
+    assert kept == [z2_opt]
+    # z3 with the optimizer offloaded needs no less memory than z2: never run; z3 offloading
+    # the parameters too needs less: run only if z2 fails
+    assert fallbacks(feasible, kept, 1, gib) == {z3_all: (z2_opt,)}
+    # the micro-batch is measured, never pruned by the prior: both stay with their fallbacks
+    z2_opt4 = Candidate(2, "optimizer", 4, 4, False)
+    feasible.append(z2_opt4)
+    gib = _gib({z2_opt: 63.1, z3_opt: 63.1, z3_all: 49.6, z2_opt4: 75.0})
+    assert prune(feasible, 1, gib) == [z2_opt, z2_opt4]
+
+
+def test_prune_across_stages_only_on_one_device():
+    z2_opt, z3_opt = Candidate(2, "optimizer", 2, 4, False), Candidate(3, "optimizer", 2, 4, False)
+    z3_all = Candidate(3, "optimizer+param", 2, 4, False)
+    gib = _gib({z2_opt: 30.0, z3_opt: 20.0, z3_all: 10.0})
+    feasible = [z2_opt, z3_opt, z3_all]
+    # two ranks: ZeRO-3 partitions what ZeRO-2 keeps whole, so neither stage is pruned for the
+    # other; parameter offload at the same stage still only buys memory
+    assert prune(feasible, 2, gib) == [z2_opt, z3_opt]
+    assert fallbacks(feasible, [z2_opt, z3_opt], 2, gib) == {z3_all: (z3_opt,)}
+    # one rank: z2 beats both; each needs less memory, z3_all less than z3_opt as well
+    assert prune(feasible, 1, gib) == [z2_opt]
+    assert fallbacks(feasible, [z2_opt], 1, gib) == {z3_opt: (z2_opt,), z3_all: (z2_opt, z3_opt)}
+
+
+def test_search_runs_a_fallback_only_after_all_that_beat_it_failed():
+    z2_opt, z3_opt = Candidate(2, "optimizer", 2, 8, False), Candidate(3, "optimizer", 2, 8, False)
+    z3_all = Candidate(3, "optimizer+param", 2, 8, False)
+    backup = {z3_opt: (z2_opt,), z3_all: (z2_opt, z3_opt)}
+    s = AutotuneSettings.from_config({"tuner_early_stopping": 1})
+
+    def ran(values):
+        return [(o.candidate, o.value) for o in search([z2_opt], s, values.get, fallback_of=backup)]
+
+    assert ran({z2_opt: 4.7, z3_opt: 4.6, z3_all: 2.5}) == [(z2_opt, 4.7)]
+    # z2 out of memory: z3 runs next although one failure already meets early stopping
+    assert ran({z3_opt: 4.6, z3_all: 2.5}) == [(z2_opt, None), (z3_opt, 4.6)]
+    # both fail: the parameters are offloaded too
+    assert ran({z3_all: 2.5}) == [(z2_opt, None), (z3_opt, None), (z3_all, 2.5)]
+    # the trial cap still holds
+    capped = AutotuneSettings.from_config({"tuner_num_trials": 2})
+    out = search([z2_opt], capped, {}.get, fallback_of=backup)
+    assert [o.candidate for o in out] == [z2_opt, z3_opt]

@@ -11,7 +11,7 @@ from ds_profile.autotune._estimator import ModelFacts, fits, required_bytes
 from ds_profile.autotune._settings import AutotuneConfigError, AutotuneSettings, ModelInfo
 from ds_profile.autotune._space import Candidate, enumerate_space, trial_config
 from ds_profile.autotune._trials import Job
-from ds_profile.autotune._tuner import Outcome, order, prior, prune, search
+from ds_profile.autotune._tuner import Outcome, beats, fallbacks, order, prior, prune, search
 
 __all__ = [
     "AutotuneConfigError",
@@ -23,7 +23,9 @@ __all__ = [
     "ModelInfo",
     "Outcome",
     "Result",
+    "beats",
     "enumerate_space",
+    "fallbacks",
     "fits",
     "order",
     "prior",

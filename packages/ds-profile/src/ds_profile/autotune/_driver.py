@@ -16,7 +16,7 @@ from ds_profile.autotune._png import bar_chart_png
 from ds_profile.autotune._settings import AutotuneSettings
 from ds_profile.autotune._space import Candidate, enumerate_space, global_batch, trial_config
 from ds_profile.autotune._trials import Job, TrialStore, launch, script_overrides
-from ds_profile.autotune._tuner import Outcome, better, order, prune, search
+from ds_profile.autotune._tuner import Outcome, better, fallbacks, order, prune, search
 
 _METRIC_KEYS = {"throughput": "throughput", "latency": "latency", "flops": "FLOPS_per_gpu"}
 
@@ -171,11 +171,9 @@ def tune(job: Job, world: int, settings_override: dict[str, Any] | None = None) 
     def bytes_of(c: Candidate) -> int:
         return required_bytes(c, facts, world)
 
-    pool = (
-        prune(feasible, world, bytes_of)
-        if settings.fast or settings.tuner_type == "model_based"
-        else feasible
-    )
+    pruning = settings.fast or settings.tuner_type == "model_based"
+    pool = prune(feasible, world, bytes_of) if pruning else feasible
+    backup = fallbacks(feasible, pool, world, bytes_of) if pruning else {}
     ordered = order(pool, settings, world)
     launched = 0
     cut_short: set[Candidate] = set()  # stopped by the session's time limit, not finished
@@ -212,7 +210,7 @@ def tune(job: Job, world: int, settings_override: dict[str, Any] | None = None) 
         })  # fmt: skip
         return value
 
-    outcomes = search(ordered, settings, run, stop=out_of_time)
+    outcomes = search(ordered, settings, run, stop=out_of_time, fallback_of=backup)
     ran = {o.candidate for o in outcomes}
     timed_out = bool(cut_short) or (out_of_time() and any(c not in ran for c in ordered))
     ok = [o for o in outcomes if o.value is not None]
