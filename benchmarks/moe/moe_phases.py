@@ -27,6 +27,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -102,8 +103,11 @@ _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "addmm_", "matmul", "l
 
 
 def classify(frames: list[tuple[str, str]]) -> str | None:
-    """The phase of the innermost frame that a rule matches; frames are (file, function)."""
+    """The phase of the innermost frame that a rule matches; frames are (file, function), a
+    ``_phase_labels`` range being ("<label>", phase)."""
     for filename, func in reversed(frames):
+        if filename == "<label>":
+            return func
         fn = filename.replace(os.sep, "/")
         for suffix, pattern, phase in _RULES:
             if fn.endswith(suffix) and (pattern is None or re.search(pattern, func)):
@@ -286,13 +290,72 @@ def summarize(records: list[OpRecord]) -> dict:
     return {"phases": dict(sorted(table.items())), "totals": totals}
 
 
-def profile_phases(layer: nn.Module, x: torch.Tensor, iters: int = 3) -> dict:
+#: name prefix of the profiler ranges ``_phase_labels`` opens
+_LABEL = "ds_moe_phase::"
+
+
+@contextlib.contextmanager
+def _phase_labels(layer: nn.Module):
+    """Profiler ranges (``record_function``) around the layer's parts while profiling: the
+    layer's and the experts' forwards (layer_other, experts_other), the gate's forward
+    (gating), the grouped GEMMs (expert_gemm), the one-hot bias matrix (bias), the buffer
+    layout (layout) and the activation module (activation); the innermost range decides, and
+    ds-moe's autograd Functions name their own events (a ``_GroupBias`` inside a grouped GEMM
+    is bias). This attribution needs no Python frames: on Python 3.12 with torch 2.11 the
+    profiler recorded none (only the Functions' events had names, every other op fell in
+    ``other``), and with torch 2.13 on Python 3.11 it cannot record frames and these ranges
+    together (it fails decoding an event name), so ``profile_phases`` uses one or the other."""
+    from torch.autograd.profiler import record_function
+
+    import ds_moe._experts as experts_mod
+    import ds_moe._layer as layer_mod
+
+    def labelled(fn, phase: str):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with record_function(_LABEL + phase):
+                return fn(*args, **kwargs)
+
+        return run
+
+    undo: list[tuple[object, str, bool, object]] = []
+
+    def wrap(obj, attr: str, phase: str) -> None:
+        if obj is None or getattr(obj, attr, None) is None:
+            return
+        own = attr in vars(obj)  # a module's global, or an instance's own forward
+        undo.append((obj, attr, own, vars(obj).get(attr)))
+        setattr(obj, attr, labelled(getattr(obj, attr), phase))
+
+    wrap(layer, "forward", "layer_other")
+    wrap(getattr(layer, "experts", None), "forward", "experts_other")
+    wrap(experts_mod, "grouped_linear", "expert_gemm")
+    wrap(experts_mod, "group_onehot", "bias")
+    wrap(layer_mod, "local_layout", "layout")
+    wrap(getattr(layer, "gate", None), "forward", "gating")
+    wrap(getattr(getattr(layer, "experts", None), "activation", None), "forward", "activation")
+    try:
+        yield
+    finally:
+        for obj, attr, own, old in reversed(undo):
+            if own:
+                setattr(obj, attr, old)
+            else:
+                delattr(obj, attr)  # the class's method again
+
+
+def profile_phases(
+    layer: nn.Module, x: torch.Tensor, iters: int = 3, with_stack: bool = False
+) -> dict:
     """Measured time per phase: torch.profiler's kernel time (CPU time on a CPU) of each op.
 
-    Attribution as in ``count_ops``: an op's Python stack (``with_stack``), or for a backward
-    op with none, the forward op of the same autograd sequence number. Returns per phase the
-    mean milliseconds per iteration and the number of kernels (device) or ops (CPU).
+    Attribution: the ranges of ``_phase_labels`` (default), or with ``with_stack`` an op's
+    Python stack as in ``count_ops`` (where the profiler records frames); a backward op
+    without either takes the phase of the forward op of the same autograd sequence number.
+    Returns per phase the mean milliseconds per iteration and the number of kernels (device)
+    or ops (CPU).
     """
+    from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
     cuda = x.device.type == "cuda"
@@ -302,13 +365,16 @@ def profile_phases(layer: nn.Module, x: torch.Tensor, iters: int = 3) -> dict:
         _bench_loss(out, l_aux).backward()
     if cuda:
         torch.cuda.synchronize(x.device)
-    with profile(activities=acts, with_stack=True, record_shapes=False) as prof:
+    labels = contextlib.nullcontext() if with_stack else _phase_labels(layer)
+    with labels, profile(activities=acts, with_stack=with_stack, record_shapes=False) as prof:
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         for _ in range(iters):
             out, l_aux, _ = layer(x)
-            _bench_loss(out, l_aux).backward()
+            with record_function(_LABEL + "loss"):
+                loss = _bench_loss(out, l_aux)
+            loss.backward()
         if cuda:
             end.record()
             torch.cuda.synchronize(x.device)
@@ -383,7 +449,9 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
     node = ev
     while node is not None:
         m = re.match(r"(.+)\(\d+\): (.+)", node.name)
-        if m:
+        if node.name.startswith(_LABEL):
+            inner_first.append(["<label>", node.name[len(_LABEL) :]])
+        elif m:
             inner_first.append([m.group(1), m.group(2)])
         elif re.match(r"^_[A-Z]\w*$", node.name):
             cls = node.name.removesuffix("Backward")
