@@ -88,7 +88,7 @@ for p in "$@"; do
     moekernels)  # ds-moe's opt-in kernels alone against the unfused passes
       phase bias-act python3 benchmarks/moe/bias_act_bench.py --out "$OUT" \
         --tiles "${BIAS_ACT_TILES:-32x128x4,16x128x2,64x128x4,32x256x4,64x256x8,128x128x8}"
-      phase gate-logits python3 benchmarks/moe/gate_logits_bench.py --out "$OUT"
+      phase gate-logits python3 benchmarks/moe/gate_logits_bench.py --out "$OUT" --sweep
       ;;
     offload)
       phase offload python3 benchmarks/offload/zero2_offload_gpu.py --gpus "$NGPU" --steps 8 \

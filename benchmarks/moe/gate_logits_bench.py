@@ -7,8 +7,10 @@ weight [experts, hidden], forward and backward from a fixed fp32 upstream gradie
 autograd as the router runs them: unfused = ``F.linear(x.float(), w.float())`` (ds-moe's
 default, and DeepSpeed's router), fused = ``ds_moe::gate_logits`` and its backward. Reports
 the median of CUDA-event timings per side, the bytes each side moves over [tokens, hidden] (bf16
-tokens 2 bytes, fp32 copies 4: unfused 24 bytes per element forward and backward, fused 6) and the bandwidth that implies, and how far the two sides' results differ. Writes a
-results file (scenario ``moe-gate-logits``) and prints it.
+tokens 2 bytes, fp32 copies 4: unfused 24 bytes per element forward and backward, fused 6) and the bandwidth that implies, and how far the two sides' results differ. ``--sweep`` also
+times each of the three kernels alone at other block sizes (runs ``kernel-<name>-...``, with the
+bandwidth over its own bytes: logits read the tokens, the input gradient writes them, the weight
+gradient reads them). Writes a results file (scenario ``moe-gate-logits``) and prints it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the shared timer and results wri
 from _results import write_results  # noqa: E402
 from _timing import cuda_median_s  # noqa: E402
 
-from ds_moe import _gate_linear  # noqa: E402
+from ds_moe import _gate_kernels, _gate_linear  # noqa: E402
+
+#: (block_s, block_h) of the logits and input-gradient kernels, (block_s, block_h, rows) of the
+#: weight-gradient kernel, timed by --sweep (the defaults are _gate_kernels' constants)
+SWEEP_LOGITS = ((16, 128), (32, 128), (64, 128), (16, 256), (32, 256), (64, 64))
+SWEEP_INPUT_GRAD = ((32, 128), (64, 128), (128, 128), (64, 256), (128, 64))
+SWEEP_WEIGHT_GRAD = ((64, 128, 512), (64, 128, 256), (64, 128, 1024), (32, 128, 256),
+                     (64, 64, 512), (128, 128, 1024))  # fmt: skip
 
 #: bytes per [tokens, hidden] element moved by each side, forward + backward. Unfused: the
 #: widening reads 2 and writes 4, the GEMM reads 4; backward writes the fp32 input gradient
@@ -81,12 +90,45 @@ def measure(args, device, dtype) -> list[dict]:
     return runs
 
 
+def sweep(args, device, dtype) -> list[dict]:
+    """Each kernel alone at the block sizes above; bandwidth over the bytes of the
+    [tokens, hidden] tensor it reads or writes (2 per element)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.tokens, args.hidden, device=device, generator=g).to(dtype)
+    w = (torch.randn(args.experts, args.hidden, device=device, generator=g) * 0.02).to(dtype)
+    up = torch.randn(args.tokens, args.experts, device=device, generator=g)
+    nbytes = x.numel() * x.element_size()
+    cases = [
+        (f"logits-s{s}-h{h}", lambda s=s, h=h: _gate_kernels.logits(x, w, s, h))
+        for s, h in SWEEP_LOGITS
+    ]
+    cases += [
+        (f"input-grad-s{s}-h{h}", lambda s=s, h=h: _gate_kernels.input_grad(up, w, dtype, s, h))
+        for s, h in SWEEP_INPUT_GRAD
+    ]
+    cases += [
+        (f"weight-grad-s{s}-h{h}-r{r}",
+         lambda s=s, h=h, r=r: _gate_kernels.weight_grad(up, x, w.dtype, s, h, r))
+        for s, h, r in SWEEP_WEIGHT_GRAD
+    ]  # fmt: skip
+    runs = []
+    for name, fn in cases:
+        ms = cuda_median_s(fn, 3, args.iters) * 1e3
+        runs.append({
+            "system": f"kernel-{name}", "step_ms": round(ms, 4), "peak_mem_gb": None,
+            "tb_per_s": round(nbytes / (ms / 1e3) / 1e12, 3),
+        })  # fmt: skip
+    return runs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time each kernel alone at other block sizes")  # fmt: skip
     p.add_argument("--out", help="results file or folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -97,6 +139,8 @@ def main(argv=None):
         )
     runs = measure(args, device, dtype)
     ratio = runs[0]["step_ms"] / runs[1]["step_ms"]
+    if args.sweep:
+        runs += sweep(args, device, dtype)
     path = write_results(
         scenario="moe-gate-logits",
         device=f"1 x {torch.cuda.get_device_name(device)}",

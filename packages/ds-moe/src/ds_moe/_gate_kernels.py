@@ -97,45 +97,68 @@ def _weight_grad_kernel(g_ptr, x_ptr, part_ptr, S, H, E, stride_g, stride_x,
     tl.store(part_ptr + base + es[:, None] * H + hs[None, :], acc, mask=h_ok[None, :])
 
 
-def logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+# Each launch below takes ``block_s``/``block_h`` (and ``rows`` for the weight gradient)
+# overrides of the module's block sizes: ``benchmarks/moe/gate_logits_bench.py --sweep`` times
+# other shapes with them. Every shape runs the same fp32 products and sums per output, except
+# that the weight gradient's split size (``rows``) changes which rows each partial sums.
+
+
+def logits(
+    x: torch.Tensor, w: torch.Tensor, block_s: int = BLOCK_S, block_h: int = BLOCK_H
+) -> torch.Tensor:
     s, h = x.shape
     e = w.shape[0]
     out = torch.empty(s, e, device=x.device, dtype=torch.float32)
     if s == 0:
         return out
-    _logits_kernel[(triton.cdiv(s, BLOCK_S),)](
+    _logits_kernel[(triton.cdiv(s, block_s),)](
         x, w, out, s, h, e, x.stride(0), w.stride(0), out.stride(0),
-        E_PAD=expert_pad(e), BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, num_warps=4,
+        E_PAD=expert_pad(e), BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
     return out
 
 
-def input_grad(g: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def input_grad(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    dtype: torch.dtype,
+    block_s: int = BLOCK_S,
+    block_h: int = BLOCK_H,
+) -> torch.Tensor:
     s, e = g.shape
     h = w.shape[1]
     dx = torch.empty(s, h, device=g.device, dtype=dtype)
     if s == 0:
         return dx
-    grid = (triton.cdiv(s, BLOCK_S) * triton.cdiv(h, BLOCK_H),)
+    grid = (triton.cdiv(s, block_s) * triton.cdiv(h, block_h),)
     _input_grad_kernel[grid](
         g, w, dx, s, h, e, g.stride(0), w.stride(0), dx.stride(0),
-        E_PAD=expert_pad(e), INTERP=INTERPRET, BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, num_warps=4,
+        E_PAD=expert_pad(e), INTERP=INTERPRET, BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
     return dx
 
 
-def weight_grad(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def weight_grad(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    block_s: int = BLOCK_S,
+    block_h: int = BLOCK_H,
+    rows: int = ROWS_PER_SPLIT,
+) -> torch.Tensor:
+    if rows % block_s:
+        raise ValueError(f"weight_grad: rows={rows} is not a multiple of block_s={block_s}")
     s, e = g.shape
     h = x.shape[1]
     if s == 0:
         return torch.zeros(e, h, device=g.device, dtype=dtype)
-    splits = triton.cdiv(s, ROWS_PER_SPLIT)
+    splits = triton.cdiv(s, rows)
     pad = expert_pad(e)
     part = torch.empty(splits, pad, h, device=g.device, dtype=torch.float32)
-    grid = (splits * triton.cdiv(h, BLOCK_H),)
+    grid = (splits * triton.cdiv(h, block_h),)
     _weight_grad_kernel[grid](
         g, x, part, s, h, e, g.stride(0), x.stride(0),
-        E_PAD=pad, ROWS=ROWS_PER_SPLIT, BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, num_warps=4,
+        E_PAD=pad, ROWS=rows, BLOCK_S=block_s, BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
     # a fixed-order sum over the splits, then one rounding to the weight's dtype (the
     # unfused path rounds its fp32 weight gradient once too, in the widening's backward)
