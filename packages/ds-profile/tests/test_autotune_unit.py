@@ -270,3 +270,15 @@ def test_search_runs_a_fallback_only_after_all_that_beat_it_failed():
     capped = AutotuneSettings.from_config({"tuner_num_trials": 2})
     out = search([z2_opt], capped, {}.get, fallback_of=backup)
     assert [o.candidate for o in out] == [z2_opt, z3_opt]
+
+
+def test_a_candidate_is_pruned_only_by_one_that_survives_pruning():
+    # z1 (mbs 2) is dropped for z2 at mbs 4 (no more memory, higher prior); z3 offloading the
+    # parameters is beaten only by that z1, so it must stay in the search
+    z1 = Candidate(1, "optimizer", 2, 8, False)
+    z2_big = Candidate(2, "optimizer", 4, 4, False)
+    z3_all = Candidate(3, "optimizer+param", 2, 8, False)
+    gib = _gib({z1: 50.0, z2_big: 40.0, z3_all: 30.0})
+    kept = prune([z1, z2_big, z3_all], 1, gib)
+    assert kept == [z2_big, z3_all]
+    assert fallbacks([z1, z2_big, z3_all], kept, 1, gib) == {}

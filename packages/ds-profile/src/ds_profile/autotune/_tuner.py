@@ -87,12 +87,10 @@ def prune(
     * a candidate that another feasible one ``beats`` (``fallbacks`` keeps those that need
       less memory than all that beat them, to run if those fail).
     """
-    return [
-        c
-        for c in feasible
-        if not _dominated_at_no_more_memory(c, feasible, world, bytes_of)
-        and not any(beats(d, c, world) for d in feasible)
-    ]
+    first = [c for c in feasible if not _dominated_at_no_more_memory(c, feasible, world, bytes_of)]
+    # only candidates that survive the memory rules may beat others away: one dropped there
+    # would leave what it beats neither run nor a fallback of anything run
+    return [c for c in first if not any(beats(d, c, world) for d in first)]
 
 
 def fallbacks(
