@@ -50,6 +50,13 @@ def _act_backward(act, dh, z, h):
     return torch.ops.aten.threshold_backward(dh, h, 0)
 
 
+def unfused_backward(act, dh, z, h, offs):
+    """The unfused backward: the activation's, then the grouped per-expert bias sum."""
+    dz = _act_backward(act, dh, z, h)
+    ones = dz.new_ones(dz.shape[0], 8).t()
+    return dz, _grouped_mm_fn()(ones, dz, offs=offs)[:, 0].contiguous()
+
+
 def unfused_step(z, dh, bias, offs, onehot, act):
     """The unfused kernels, as ds-moe <= 0.1.5 runs them (``_GroupBias``, then ``act``).
 
@@ -57,9 +64,7 @@ def unfused_step(z, dh, bias, offs, onehot, act):
     call: the time is the same; the values are compared on a fresh copy)."""
     z.addmm_(onehot, bias)
     h = act(z)
-    dz = _act_backward(act, dh, z, h)
-    ones = dz.new_ones(dz.shape[0], 8).t()
-    db = _grouped_mm_fn()(ones, dz, offs=offs)[:, 0].contiguous()
+    dz, db = unfused_backward(act, dh, z, h, offs)
     return h, dz, db
 
 
@@ -108,7 +113,7 @@ def measure(args, k, act, code, dtype, device) -> tuple[list[dict], dict]:
         "unfused": (
             lambda: unfused_step(z, dh, bias, offs, onehot, act),
             lambda: act(z.addmm_(onehot, bias)),
-            lambda: _unfused_backward(act, dh, z, h_unfused, offs),
+            lambda: unfused_backward(act, dh, z, h_unfused, offs),
             (4, 4),
         ),
         "fused": (
@@ -149,12 +154,6 @@ def measure(args, k, act, code, dtype, device) -> tuple[list[dict], dict]:
         "dz_bits_differ": (got[1] != ref[1]).float().mean().item(),
     }
     return runs, agreement
-
-
-def _unfused_backward(act, dh, z, h, offs):
-    dz = _act_backward(act, dh, z, h)
-    ones = dz.new_ones(dz.shape[0], 8).t()
-    return _grouped_mm_fn()(ones, dz, offs=offs)[:, 0].contiguous()
 
 
 def main(argv=None):

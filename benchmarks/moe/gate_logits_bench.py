@@ -55,11 +55,17 @@ def step(fn, x, w, up):
     return out, x.grad, w.grad
 
 
-def measure(args, device, dtype) -> list[dict]:
+def inputs(args, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens [tokens, hidden] and gate weight [experts, hidden] in ``dtype``, and an fp32
+    upstream gradient of the logits; the same every call (seeded)."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.tokens, args.hidden, device=device, generator=g).to(dtype)
     w = (torch.randn(args.experts, args.hidden, device=device, generator=g) * 0.02).to(dtype)
-    up = torch.randn(args.tokens, args.experts, device=device, generator=g)
+    return x, w, torch.randn(args.tokens, args.experts, device=device, generator=g)
+
+
+def measure(args, device, dtype) -> list[dict]:
+    x, w, up = inputs(args, device, dtype)
     x.requires_grad_()
     w.requires_grad_()
     runs = []
@@ -93,10 +99,7 @@ def measure(args, device, dtype) -> list[dict]:
 def sweep(args, device, dtype) -> list[dict]:
     """Each kernel alone at the block sizes above; bandwidth over the bytes of the
     [tokens, hidden] tensor it reads or writes (2 per element)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(args.tokens, args.hidden, device=device, generator=g).to(dtype)
-    w = (torch.randn(args.experts, args.hidden, device=device, generator=g) * 0.02).to(dtype)
-    up = torch.randn(args.tokens, args.experts, device=device, generator=g)
+    x, w, up = inputs(args, device, dtype)
     nbytes = x.numel() * x.element_size()
     cases = [
         (f"logits-s{s}-h{h}", lambda s=s, h=h: _gate_kernels.logits(x, w, s, h))

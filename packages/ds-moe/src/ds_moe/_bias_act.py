@@ -15,9 +15,9 @@ most); the bias gradient sums the same rounded ``dz`` in fp32 in another order (
 
 Opt-in (on an H100 it made the step no faster, within the timing spread):
 ``DS_MOE_FUSED_BIAS_ACT=1`` (read on every forward) or ``GroupedMLPExperts.fuse_bias_act =
-True`` turns it on (``False`` keeps it off whatever the variable says). Even then it runs only where a probe (once per device, dtype and
-activation, like the grouped-GEMM probe) has checked the compiled kernels against torch on
-CUDA; anything else keeps the unfused code. The kernels are ``torch.library`` ops
+True`` turns it on (``False`` keeps it off whatever the variable says). Even then it runs only
+where a probe (once per device, dtype and activation, like the grouped-GEMM probe) has checked
+the compiled kernels against torch on CUDA; anything else keeps the unfused code. The kernels are ``torch.library`` ops
 (``ds_moe::bias_act``, ``ds_moe::bias_act_backward``) with meta kernels, so profilers name
 them and ``moe_phases.py`` counts their bytes on the ``meta`` device.
 """

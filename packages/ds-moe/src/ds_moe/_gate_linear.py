@@ -5,10 +5,11 @@ The router computes its logits in fp32 (``TopKGate``), as DeepSpeed does:
 of the whole [tokens, hidden] input, the GEMM reads it back, and autograd keeps it for the
 weight gradient; the backward writes an fp32 input gradient and reads it again to narrow it.
 At 16K tokens x 2048 that is about 805 MB (768 MiB) of memory traffic per layer and step,
-and 128 MB of saved activations, for a GEMM with 8 output columns. The kernels (``_gate_kernels``) widen in
-registers instead: the forward reads the tokens once and writes the [tokens, experts] logits,
-the backward writes the input gradient once in the tokens' dtype and reads the tokens once for
-the weight gradient, and autograd keeps the tokens themselves (alive anyway).
+and 128 MB of saved activations, for a GEMM with 8 output columns. The kernels
+(``_gate_kernels``) widen in registers instead: the forward reads the tokens once and writes
+the [tokens, experts] logits, the backward writes the input gradient once in the tokens' dtype
+and reads the tokens once for the weight gradient, and autograd keeps the tokens themselves
+(alive anyway).
 
 Numbers: the products are exact in fp32 either way (bf16 and fp16 values widen exactly), and
 the sums are fp32 (``input_precision="ieee"``, no TF32), in another order than cuBLAS's fp32
@@ -17,8 +18,8 @@ routing decision only where two experts' logits tie to within that.
 
 Opt-in, because on an H100 it measured slower than ``F.linear`` on the fp32 copies (0.88x
 alone, 0.98-1.0x in the layer: the kernels read far below the copy bandwidth):
-``DS_MOE_FUSED_GATE=1`` (read on every forward) or ``TopKGate.fuse_logits = True`` turns it on (``False`` keeps it off whatever the variable
-says). Even then it runs only where a probe (once per device and dtype) has checked the
+``DS_MOE_FUSED_GATE=1`` (read on every forward) or ``TopKGate.fuse_logits = True`` turns it
+on (``False`` keeps it off whatever the variable says). Even then it runs only where a probe (once per device and dtype) has checked the
 compiled kernels against torch on CUDA, for bf16/fp16 tokens and a weight of the same dtype
 without jitter; anything else keeps ``F.linear`` on fp32 copies. The kernels are
 ``torch.library`` ops (``ds_moe::gate_logits``, ``ds_moe::gate_logits_backward``) with meta
