@@ -134,9 +134,11 @@ def measure(args, k, act, code, dtype, device) -> tuple[list[dict], dict]:
     for name, (step, fwd, bwd, (f_units, b_units)) in sides.items():
         t_f, t_b = time_ms(fwd, args.iters), time_ms(bwd, args.iters)
         run = {"system": f"{name}-top{k}", "k": k, "rows": rows, "peak_mem_gb": None}
-        if step is not None:
-            t = time_ms(step, args.iters)
-            run |= {"step_ms": round(t, 4), "tb_per_s": _tb_per_s(mib * (f_units + b_units), t)}
+        # a tile variant has no step of its own: its step is its forward plus its backward
+        t = time_ms(step, args.iters) if step is not None else t_f + t_b
+        run |= {"step_ms": round(t, 4), "tb_per_s": _tb_per_s(mib * (f_units + b_units), t)}
+        if step is None:
+            run["step_is_fwd_plus_bwd"] = True
         run |= {
             "fwd_ms": round(t_f, 4),
             "fwd_tb_per_s": _tb_per_s(mib * f_units, t_f),
