@@ -80,14 +80,14 @@ for p in "$@"; do
       ;;
     zeropp)  # ZeRO-3 against ZeRO++ end to end, ours and DeepSpeed's, on the GPUs present
       phase zeropp "${TR[@]}" benchmarks/zero/zeropp_multi_gpu.py --out "$OUT" ;;
-    moe)  # 5 turns per system: the opt-in kernels' A/B differences are a few percent
+    moe)  # 5 turns per system: the fused kernels' A/B differences are a few percent
       phase moe "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 5 --out "$OUT"
       phase moe-upstream-grad "${TR[@]}" benchmarks/moe/moe_bench.py --repeats 5 --out "$OUT" \
         --loss upstream-grad --no-check
       ;;
-    moekernels)  # ds-moe's opt-in kernels alone against the unfused passes
+    moekernels)  # ds-moe's fused kernels alone against the unfused passes
       phase bias-act python3 benchmarks/moe/bias_act_bench.py --out "$OUT" \
-        --tiles "${BIAS_ACT_TILES:-32x128x4,16x128x2,64x128x4,32x256x4,64x256x8,128x128x8}"
+        --tiles "${BIAS_ACT_TILES:-16x128x2,16x128x1,8x128x1,16x128x4,32x128x2,16x64x1,16x256x4}"
       phase gate-logits python3 benchmarks/moe/gate_logits_bench.py --out "$OUT" --sweep
       ;;
     offload)

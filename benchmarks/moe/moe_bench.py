@@ -22,10 +22,11 @@ thermal drift hit all:
 - ``ds-moe-dropless-top2``: the same layer with ``drop_tokens=False`` (variable-size groups);
 - ``deepspeed-top1``, ``deepspeed-top2``: deepspeed.moe.layer.MoE, when deepspeed imports
   (else run the peer script in the same session and compare by hand);
-- ``ds-moe-fused-top1``/``-top2``: ``ds-moe-top<k>`` with the opt-in fused bias + activation
-  kernel switched on (ds-moe >= 0.1.6; dropped where that kernel does not run, e.g. without
-  Triton or on the CPU): the A/B of that kernel in the same turns, ratio
-  ``ds-moe-fused-top<k>/ds-moe-top<k>`` (above 1: the fused kernel is faster);
+- ``ds-moe-unfused-top1``/``-top2``: ``ds-moe-top<k>`` with the fused bias + activation
+  kernel (ds-moe >= 0.1.6, the default from 0.1.9) switched off (dropped where that kernel
+  does not run, e.g. without Triton or on the CPU, as both then run the same path): the A/B of
+  that kernel in the same turns, ratio ``ds-moe-top<k>/ds-moe-unfused-top<k>`` (above 1: the
+  fused kernel is faster);
 - ``ds-moe-fusedgate-top1``/``-top2``: ``ds-moe-top<k>`` with the opt-in fused router logits
   (ds-moe >= 0.1.7: fp32 logits read straight from the bf16 tokens, no fp32 copy; dropped
   where those kernels do not run), ratio ``ds-moe-fusedgate-top<k>/ds-moe-top<k>``;
@@ -42,8 +43,9 @@ routing (what the layer's GEMMs could reach at best with these shapes).
 On a GPU (or with ``--phases``) ``phases`` breaks ds-moe-top<k>'s step down per phase: kernel
 time measured with torch.profiler next to the op/byte model of ``moe_phases.py``, and the
 expert GEMMs' own rate against the plain GEMM's (is the gap in the GEMMs or around them?).
-``ds-moe-top<k>`` runs the default (unfused) path; top-level ``fused_bias_act`` says whether
-the fused kernel can run here (then the ``ds-moe-fused-*`` systems time it).
+``ds-moe-top<k>`` runs the default path: the fused bias + activation where its kernel runs,
+which top-level ``fused_bias_act`` says (then the ``ds-moe-unfused-*`` systems time the other
+path).
 
 Rank 0 prints the JSON and writes it to benchmarks/results/moe-layer-<device>-<yyyymmdd>.json
 and, when $OUT is set, to $OUT/ as well. Before timing, ``--check`` (on by default) verifies on
@@ -86,8 +88,8 @@ DEFAULT_SYSTEMS = (
     "ds-moe-top1",
     "ds-moe-top2",
     "ds-moe-dropless-top2",
-    "ds-moe-fused-top1",
-    "ds-moe-fused-top2",
+    "ds-moe-unfused-top1",
+    "ds-moe-unfused-top2",
     "ds-moe-fusedgate-top1",
     "ds-moe-fusedgate-top2",
     "deepspeed-top1",
@@ -157,6 +159,16 @@ def fused_bias_act_available(device, dtype):
     return _bias_act.fused_bias_act_available(device, dtype, _bias_act.GELU)
 
 
+def fused_bias_act_requested(experts) -> bool:
+    """Whether these experts ask for the fused bias + activation: their ``fuse_bias_act`` or,
+    unset, the package's default (on from ds-moe 0.1.9, off before)."""
+    try:
+        from ds_moe import _bias_act
+    except ImportError:
+        return False
+    return _bias_act.fused_bias_act_requested(getattr(experts, "fuse_bias_act", None))
+
+
 def fused_gate_available(device, dtype):
     """Whether ds-moe computes the router's fp32 logits without an fp32 copy here (0.1.7+)."""
     try:
@@ -175,7 +187,7 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused
     if not grouped_kernel:
         moe.experts.use_grouped_mm = False
     if fused is not None and hasattr(moe.experts, "fuse_bias_act"):
-        moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+: opt-in fused bias + activation
+        moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+: fused bias + activation (default on from 0.1.9)
     if fused_gate is not None and hasattr(moe.gate, "fuse_logits"):
         moe.gate.fuse_logits = fused_gate  # ds-moe 0.1.7+: opt-in fused router logits
     return moe
@@ -183,7 +195,7 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused
 
 def build_system(name, args, device, dtype):
     """(layer, k) for a system name:
-    [ds-moe|ds-moe-dropless|ds-moe-fused|ds-moe-fusedgate|ds-moe-loop|deepspeed]-top<k>."""
+    [ds-moe|ds-moe-dropless|ds-moe-unfused|ds-moe-fusedgate|ds-moe-loop|deepspeed]-top<k>."""
     impl, _, top = name.rpartition("-top")
     if not top.isdigit():
         raise SystemExit(f"--systems: {name!r} does not end in -top<k>")
@@ -192,8 +204,8 @@ def build_system(name, args, device, dtype):
         return build_ours(args, k, device, dtype), k
     if impl == "ds-moe-dropless":
         return build_ours(args, k, device, dtype, drop_tokens=False), k
-    if impl == "ds-moe-fused":
-        return build_ours(args, k, device, dtype, fused=True), k
+    if impl == "ds-moe-unfused":
+        return build_ours(args, k, device, dtype, fused=False), k
     if impl == "ds-moe-fusedgate":
         return build_ours(args, k, device, dtype, fused_gate=True), k
     if impl == "ds-moe-loop":
@@ -465,9 +477,9 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
         )
     if dist.get_world_size() == 1 and dtype == torch.bfloat16:  # the grouped kernel's dtype
         cap = args.capacity_factor
-        # the path this layer ran: fused bias + GELU where asked for and its kernel runs
-        fused = getattr(layer.experts, "fuse_bias_act", None) is True and (
-            fused_bias_act_available(x.device, dtype)
+        # the path this layer ran: fused bias + GELU unless switched off, where its kernel runs
+        fused = fused_bias_act_requested(layer.experts) and fused_bias_act_available(
+            x.device, dtype
         )
         model = model_on_meta(args.d, args.ffn_mult * args.d, args.experts, k, cap, args.tokens,
                               dtype, fused_bias_act=fused)  # fmt: skip
@@ -507,9 +519,9 @@ def main(argv=None):
                 print(f"[moe_bench] deepspeed unavailable ({exc!r}); timing ds-moe only; run "
                       "shared/peers/ds_moe_bench.py in the same session to compare", flush=True)  # fmt: skip
             systems = [s for s in systems if not s.startswith("deepspeed-")]
-    # without its kernels an opt-in system equals ds-moe-top<k>: nothing to compare
+    # without its kernels a switched system equals ds-moe-top<k>: nothing to compare
     for prefix, available, what in (
-        ("ds-moe-fused-", fused_bias_act_available, "fused bias + activation kernel"),
+        ("ds-moe-unfused-", fused_bias_act_available, "fused bias + activation kernel"),
         ("ds-moe-fusedgate-", fused_gate_available, "fused router logits (bf16/fp16)"),
     ):
         if not available(device, dtype) and any(s.startswith(prefix) for s in systems):
@@ -618,16 +630,16 @@ def main(argv=None):
     ratios = {}
     for k in ks:
         ds = by.get(f"deepspeed-top{k}")
-        for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-fused-top{k}",
+        for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-unfused-top{k}",
                      f"ds-moe-fusedgate-top{k}", f"ds-moe-loop-top{k}"):  # fmt: skip
             if ds and name in by:
                 ratios[f"{name}/deepspeed-top{k} step_s"] = round(
                     ds["step_s"] / by[name]["step_s"], 3
                 )
-        if f"ds-moe-top{k}" in by and f"ds-moe-fused-top{k}" in by:
-            # above 1: the fused bias + activation kernel makes the step faster
-            ratios[f"ds-moe-fused-top{k}/ds-moe-top{k} step_s"] = round(
-                by[f"ds-moe-top{k}"]["step_s"] / by[f"ds-moe-fused-top{k}"]["step_s"], 3
+        if f"ds-moe-top{k}" in by and f"ds-moe-unfused-top{k}" in by:
+            # above 1: the fused bias + activation kernel (the default) makes the step faster
+            ratios[f"ds-moe-top{k}/ds-moe-unfused-top{k} step_s"] = round(
+                by[f"ds-moe-unfused-top{k}"]["step_s"] / by[f"ds-moe-top{k}"]["step_s"], 3
             )
         if f"ds-moe-top{k}" in by and f"ds-moe-fusedgate-top{k}" in by:
             # above 1: the fused router logits make the step faster

@@ -468,9 +468,10 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
 def _grouped_kernel_assumed(fused_bias_act: bool = False):
     """Count the CUDA path on ``meta``: the grouped-kernel probe cannot run on meta tensors.
 
-    ``fused_bias_act``: count ds-moe's opt-in fused bias + activation kernel (0.1.6+, CUDA with
-    Triton; its meta kernel gives its bytes) as if ``DS_MOE_FUSED_BIAS_ACT=1``; False (the
-    default path) counts the separate bias and activation passes.
+    ``fused_bias_act``: count ds-moe's fused bias + activation kernel (0.1.6+, CUDA with
+    Triton, the default from 0.1.9; its meta kernel gives its bytes) as if
+    ``DS_MOE_FUSED_BIAS_ACT=1``; False counts the separate bias and activation passes (the
+    path with ``DS_MOE_FUSED_BIAS_ACT=0``, and every path before 0.1.9 unless switched on).
     """
     import ds_moe._grouped_gemm as gg
 

@@ -151,7 +151,8 @@ def test_grouped_experts_fused_match_unfused(kernels, monkeypatch, dtype, act):
     monkeypatch.setattr(kernels, "tile_shape", lambda cols: (4, 16, 1))
     fused = _experts(ACTS[act], dtype)
     fused.fuse_bias_act = True
-    unfused = _experts(ACTS[act], dtype)  # the default: unfused
+    unfused = _experts(ACTS[act], dtype)
+    unfused.fuse_bias_act = False  # the default is fused
     sizes = [5, 0, 11, 3]
     offs, rows = _groups(sizes, tail=4)  # 4 rows past the last group: dropped choices
     x = torch.randn(rows, 16).to(dtype)
@@ -193,19 +194,20 @@ def test_cpu_keeps_the_unfused_path(monkeypatch):
     assert not _bias_act.fused_bias_act_available(cpu, torch.float32, _bias_act.GELU)
     m = _experts(nn.GELU(), torch.float32)
     assert _bias_act.fused_code(m.activation, m.b1, torch.zeros(1, 16)) is None
-    # where the probe says yes, the switches still say no
+    # where the probe says yes, the activation has its kernel code
     monkeypatch.setattr(_bias_act, "_probe", lambda *a: True)
     x = torch.zeros(1, 16)
     assert _bias_act.fused_code(m.activation, m.b1, x) == _bias_act.GELU
-    # opt-in: off unless the attribute or DS_MOE_FUSED_BIAS_ACT=1 asks; False beats the variable
+    # on by default; DS_MOE_FUSED_BIAS_ACT=0 turns it off; the attribute beats the variable
     monkeypatch.delenv("DS_MOE_FUSED_BIAS_ACT", raising=False)
+    assert _bias_act.fused_bias_act_requested(None)
+    assert not _bias_act.fused_bias_act_requested(False)
+    monkeypatch.setenv("DS_MOE_FUSED_BIAS_ACT", "0")
     assert not _bias_act.fused_bias_act_requested(None)
     assert _bias_act.fused_bias_act_requested(True)
     monkeypatch.setenv("DS_MOE_FUSED_BIAS_ACT", "1")
     assert _bias_act.fused_bias_act_requested(None)
     assert not _bias_act.fused_bias_act_requested(False)
-    monkeypatch.setenv("DS_MOE_FUSED_BIAS_ACT", "0")
-    assert not _bias_act.fused_bias_act_requested(None)
     monkeypatch.delenv("DS_MOE_FUSED_BIAS_ACT")
     # no bias, another dtype, other activations (exact types only): unfused
     assert _bias_act.fused_code(m.activation, None, x) is None

@@ -35,6 +35,7 @@ def kernels(monkeypatch):
         )
     monkeypatch.setattr(k, "BLOCK_S", 16)
     monkeypatch.setattr(k, "BLOCK_H", 32)
+    monkeypatch.setattr(k, "WG_BLOCK_S", 16)
     monkeypatch.setattr(k, "ROWS_PER_SPLIT", 48)
     return k
 

@@ -4,7 +4,8 @@
   kernel (the Triton interpreter only: the tests) and its meta kernel;
 - ``probe_on_cuda``: the guard around an op's self-check, whose verdict each op caches per
   device and dtype (no CUDA or no triton: no; any failure: no);
-- ``requested``: the opt-in switch, a module attribute that overrides an environment variable.
+- ``requested``: the switch, a module attribute that overrides an environment variable,
+  which overrides the default.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ def probe_on_cuda(device_type: str, check: Callable[[], bool]) -> bool:
         return False
 
 
-def requested(flag: bool | None, env_var: str) -> bool:
-    """An opt-in switch: ``flag`` when set, else ``<env_var>=1`` (read on every call)."""
+def requested(flag: bool | None, env_var: str, default: bool = False) -> bool:
+    """A kernel switch: ``flag`` when set, else ``<env_var>`` (``1`` on, ``0`` off, read on
+    every call), else ``default``."""
     if flag is not None:
         return flag
-    return os.environ.get(env_var, "0") == "1"
+    value = os.environ.get(env_var)
+    if value is None:
+        return default
+    return value == "1"
