@@ -187,7 +187,7 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused
     if not grouped_kernel:
         moe.experts.use_grouped_mm = False
     if fused is not None and hasattr(moe.experts, "fuse_bias_act"):
-        moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+: fused bias + activation (default on from 0.1.9)
+        moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+ (default on from 0.1.9)
     if fused_gate is not None and hasattr(moe.gate, "fuse_logits"):
         moe.gate.fuse_logits = fused_gate  # ds-moe 0.1.7+: opt-in fused router logits
     return moe
