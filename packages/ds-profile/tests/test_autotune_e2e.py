@@ -21,19 +21,19 @@ SCRIPT = Path(__file__).parent / "autotune_scripts" / "train_tiny.py"
 PARAMS = 8192 * 32 + 32 * 64 + 64 + 64 * 32 + 32 + 32 * 64
 
 
-def _config(tmp: Path, budget_gb: float) -> Path:
+def _config(tmp: Path, budget_gb: float, tuner: str = "model_based") -> Path:
     cfg = {
         "train_batch_size": 8,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
         "autotuning": {
-            "enabled": True, "fast": True, "tuner_type": "model_based", "overwrite": False,
-            "results_dir": str(tmp / "results"), "exps_dir": str(tmp / "exps"),
+            "enabled": True, "fast": tuner == "model_based", "tuner_type": tuner,
+            "overwrite": False, "results_dir": str(tmp / "results"), "exps_dir": str(tmp / "exps"),
             "start_profile_step": 1, "end_profile_step": 3, "tuner_early_stopping": 5,
             "zero_stages": [0, 1], "offload": ["none"], "micro_batch_sizes": [1, 2, 4],
             "memory_per_device_gb": budget_gb, "trial_timeout_s": 120,
         },
     }  # fmt: skip
-    path = tmp / "ds_config.json"
+    path = tmp / f"ds_config_{tuner}.json"
     path.write_text(json.dumps(cfg))
     return path
 
@@ -73,11 +73,12 @@ def test_search_rejects_resumes(tmp_path):
         cand = Candidate.from_dict(t)
         assert fits(cand, facts, 2, budget_bytes) == (t["status"] != "rejected")
 
-    # the search ran real trials and picked the best measured one
-    ok = [t for t in summary["trials"] if t["status"] in ("ok", "best")]
-    assert len(ok) == len(launched) == 3
-    best = max(ok, key=lambda t: t["value"])
-    assert best["status"] == "best" and summary["best"]["micro_batch"] == best["micro_batch"]
+    # the model-based tuner ran one real trial: stage 1 at the largest micro-batch; the smaller
+    # micro-batches of stage 1 only buy memory (the global batch is kept) and wait as fallbacks
+    assert launched == {"z1_mbs4_gas1"}
+    status = {t["name"]: t["status"] for t in summary["trials"]}
+    assert status["z1_mbs4_gas1"] == "best" and summary["best"]["micro_batch"] == 4
+    assert status["z1_mbs2_gas2"] == status["z1_mbs1_gas4"] == "skipped"
     optimal = json.loads((results / "ds_config_optimal.json").read_text())
     assert optimal["train_batch_size"] == 8  # the global batch is kept
     assert (
@@ -93,3 +94,15 @@ def test_search_rejects_resumes(tmp_path):
     assert (results / "launch_log.jsonl").read_text().count("\n") == len(launches)
     again = json.loads((results / "summary.json").read_text())
     assert again["launched"] == 0 and again["best"] == summary["best"]
+
+    # the exhaustive grid over the same space (a folder of its own) runs every admitted
+    # configuration as a real trial and picks the best measured one
+    grid_dir = tmp_path / "grid"
+    grid_dir.mkdir()
+    grid = _tune(_config(grid_dir, budget, "gridsearch"), grid_dir)
+    assert grid.returncode == 0, grid.stdout[-3000:] + grid.stderr[-3000:]
+    gsum = json.loads((grid_dir / "results" / "summary.json").read_text())
+    ok = [t for t in gsum["trials"] if t["status"] in ("ok", "best")]
+    assert {t["name"] for t in ok} == {f"z1_mbs{m}_gas{4 // m}" for m in (1, 2, 4)}
+    best = max(ok, key=lambda t: t["value"])
+    assert best["status"] == "best" and gsum["best"]["micro_batch"] == best["micro_batch"]

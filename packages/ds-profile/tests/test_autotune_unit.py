@@ -161,11 +161,22 @@ def test_prune_and_order_one_device():
     facts = ModelFacts(1000, 100, None, True, 0)
     feasible = [Candidate(st, off, m, 8 // m, False) for st in (0, 1, 2) for off in ("none", "optimizer")
                 for m in (1, 2, 4) if not (st == 0 and off != "none")]  # fmt: skip
-    kept = prune(feasible, 1, lambda c: required_bytes(c, facts, 1))
-    # one device: ZeRO 1/2 save nothing over stage 0; offload only buys memory
-    assert kept == [Candidate(0, "none", m, 8 // m, False) for m in (1, 2, 4)]
+
+    def need(c):
+        return required_bytes(c, facts, 1)
+
+    kept = prune(feasible, 1, need)
+    # one device: ZeRO 1/2 save nothing over stage 0; offload only buys memory; a smaller
+    # micro-batch of the same configuration (global batch kept) only buys memory too
+    z0 = {m: Candidate(0, "none", m, 8 // m, False) for m in (1, 2, 4)}
+    assert kept == [z0[4]]
+    # ... so the smaller micro-batches wait as fallbacks, each run only if all larger failed
+    backup = fallbacks(feasible, kept, 1, need)
+    assert backup[z0[2]] == (z0[4],) and backup[z0[1]] == (z0[4], z0[2])
     s = AutotuneSettings.from_config({"tuner_type": "model_based"})
-    assert [c.micro_batch for c in order(kept, s, 1)] == [4, 2, 1]
+    assert [c.micro_batch for c in order([z0[1], z0[2], z0[4]], s, 1)] == [4, 2, 1]
+    ran = search(order(kept, s, 1), s, {z0[2]: 3.0, z0[1]: 2.0}.get, fallback_of=backup)
+    assert [(o.candidate.micro_batch, o.value) for o in ran] == [(4, None), (2, 3.0)]
 
 
 def test_search_early_stopping_and_failures():
@@ -231,11 +242,13 @@ def test_prune_keeps_a_lighter_memory_fallback_for_what_a_faster_candidate_beats
     # z3 with the optimizer offloaded needs no less memory than z2: never run; z3 offloading
     # the parameters too needs less: run only if z2 fails
     assert fallbacks(feasible, kept, 1, gib) == {z3_all: (z2_opt,)}
-    # the micro-batch is measured, never pruned by the prior: both stay with their fallbacks
+    # a larger micro-batch of z2 fits too: it beats z2 at micro-batch 2, which becomes its
+    # fallback (less memory), and z3_all stays the fallback of that fallback
     z2_opt4 = Candidate(2, "optimizer", 4, 4, False)
     feasible.append(z2_opt4)
     gib = _gib({z2_opt: 63.1, z3_opt: 63.1, z3_all: 49.6, z2_opt4: 75.0})
-    assert prune(feasible, 1, gib) == [z2_opt, z2_opt4]
+    assert prune(feasible, 1, gib) == [z2_opt4]
+    assert fallbacks(feasible, [z2_opt4], 1, gib) == {z2_opt: (z2_opt4,), z3_all: (z2_opt,)}
 
 
 def test_prune_across_stages_only_on_one_device():

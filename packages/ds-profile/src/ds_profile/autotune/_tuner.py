@@ -4,7 +4,8 @@ callback, so the search logic is tested without launching anything.
 * ``model_based`` (and any tuner with ``fast``): candidates ordered by a prior of relative
   throughput (bigger micro-batches amortize better; each ZeRO stage, offload and activation
   checkpointing costs a known share), with variants pruned that only trade speed for memory
-  when a faster feasible variant exists (see ``prune``). A pruned variant that needs less
+  when a faster feasible variant exists (see ``prune``): more offload, checkpointing, a
+  higher stage on one device, a smaller micro-batch of the same configuration. A pruned variant that needs less
   memory than every candidate beating it is kept as a fallback (``fallbacks``): it runs only
   if all of those fail (say, out of memory despite the estimate).
 * ``gridsearch``: the grid in order (stage, offload, checkpointing, micro-batch).
@@ -42,11 +43,20 @@ def prior(c: Candidate, world: int) -> float:
 
 
 def beats(d: Candidate, c: Candidate, world: int) -> bool:
-    """``d`` is expected faster than ``c`` at the same micro-batch: no more offload, no
-    checkpointing where ``c`` has none, the same ZeRO stage (on one device: a stage no higher,
-    as partitioning there saves nothing and adds work), and a higher prior (so one of those
-    strictly). Offload, checkpointing and a single device's higher stages only buy memory, so
-    this holds whatever the memory; the micro-batch is left to measurement."""
+    """``d`` is expected faster than ``c``, whatever the memory (offload, checkpointing, a
+    single device's higher stages and smaller micro-batches only buy memory):
+
+    * at the same micro-batch: no more offload, no checkpointing where ``c`` has none, the same
+      ZeRO stage (on one device: a stage no higher, as partitioning there saves nothing and
+      adds work), and a higher prior (so one of those strictly);
+    * the same configuration (stage, offload, checkpointing) at a larger micro-batch: the
+      global batch is kept, so ``d`` runs the same samples in fewer, larger steps (larger
+      GEMMs, fewer launches, fewer gradient reductions and parameter fetches, the same
+      optimizer step). Every exhaustive grid measured so far agrees (a larger micro-batch of
+      the same configuration was never slower); ``fallbacks`` still runs ``c`` if ``d`` fails.
+    """
+    if (d.stage, d.offload, d.checkpointing) == (c.stage, c.offload, c.checkpointing):
+        return d.micro_batch > c.micro_batch
     return (
         d.micro_batch == c.micro_batch
         and _OFFLOAD_COST[d.offload] >= _OFFLOAD_COST[c.offload]
