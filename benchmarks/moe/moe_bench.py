@@ -34,6 +34,8 @@ thermal drift hit all:
 
 Each run has ``step_s`` (forward + backward) and ``expert_tflops``: the expert MLPs' nominal
 FLOPs (6 * 2 * tokens * k * 2 * d * ffn, the same count for every system) per second. The
+ds-moe systems are built from the same seed (the same router and expert weights: their A/Bs
+route alike) and also report ``expert_rows`` and ``largest_group_rows`` for one routing. The
 card's reachable bf16 rate is measured in the same run with plain dense GEMMs of the same
 shapes (``gemm_peak_tflops``: the MLP's six GEMMs over tokens * k rows, forward and backward),
 and every run reports ``expert_gemm_share_of_peak`` = expert_tflops / gemm_peak_tflops.
@@ -191,6 +193,18 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused
     if fused_gate is not None and hasattr(moe.gate, "fuse_logits"):
         moe.gate.fuse_logits = fused_gate  # ds-moe 0.1.7+: opt-in fused router logits
     return moe
+
+
+def expert_rows(layer, x) -> dict:
+    """A ds-moe layer's rows through its experts for one routing of ``x`` (rank 0's): all
+    of them (``expert_rows``) and the largest expert's (``largest_group_rows``); what
+    capacity dropped and how skewed the groups are. Empty for DeepSpeed's layer."""
+    gate = getattr(layer, "gate", None)
+    if not hasattr(gate, "capacity_for"):
+        return {}
+    with torch.no_grad():
+        counts = gate(x.detach().reshape(-1, x.shape[-1]), None).kept_counts
+    return {"expert_rows": int(counts.sum()), "largest_group_rows": int(counts.max())}
 
 
 def build_system(name, args, device, dtype):
@@ -589,8 +603,13 @@ def main(argv=None):
 
     for k in ks:
         names = [s for s in systems if build_k(s) == k]
-        torch.manual_seed(0)
-        layers = {name: build_system(name, args, device, dtype)[0] for name in names}
+        layers = {}
+        for name in names:
+            # the same seed for each: every ds-moe variant gets the same router and expert
+            # weights, so their A/Bs route the same load (a fresh router per system would
+            # skew the groups differently and move the step by about 1%)
+            torch.manual_seed(0)
+            layers[name] = build_system(name, args, device, dtype)[0]
         gen = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(1, args.tokens, args.d, generator=gen, device=device).to(dtype)
         x.requires_grad_()
@@ -617,6 +636,7 @@ def main(argv=None):
                 "step_s_rank0_turns": [round(v, 5) for v in times[name]],
                 "expert_tflops": round(tflops, 3),
                 "expert_gemm_share_of_peak": round(tflops / peak[k], 3),
+                **expert_rows(layers[name], x),
             })  # fmt: skip
         if args.phases and f"ds-moe-top{k}" in layers:
             report.setdefault("phases", {})[f"ds-moe-top{k}"] = phase_breakdown(
