@@ -10,7 +10,7 @@ from ds_profile.autotune._driver import AutotuneError, Result, run_best, tune
 from ds_profile.autotune._estimator import ModelFacts, fits, required_bytes
 from ds_profile.autotune._settings import AutotuneConfigError, AutotuneSettings, ModelInfo
 from ds_profile.autotune._space import Candidate, enumerate_space, trial_config
-from ds_profile.autotune._trials import Job
+from ds_profile.autotune._trials import Job, script_overrides
 from ds_profile.autotune._tuner import Outcome, beats, fallbacks, order, prior, prune, search
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "prune",
     "required_bytes",
     "run_best",
+    "script_overrides",
     "search",
     "trial_config",
     "tune",
