@@ -35,7 +35,7 @@ from ds_moe import _gate_kernels, _gate_linear  # noqa: E402
 
 #: (block_s, block_h) of the logits and input-gradient kernels, (block_s, block_h, rows) of the
 #: weight-gradient kernel, timed by --sweep (the defaults are _gate_kernels' constants)
-SWEEP_LOGITS = ((16, 128), (32, 128), (64, 128), (16, 256), (32, 256), (64, 64))
+SWEEP_LOGITS = ((16, 128), (32, 128), (64, 128), (128, 128), (64, 256), (128, 64))
 SWEEP_INPUT_GRAD = ((32, 128), (64, 128), (128, 128), (64, 256), (128, 64))
 SWEEP_WEIGHT_GRAD = ((64, 128, 512), (64, 128, 256), (32, 128, 128), (16, 128, 256), (64, 128, 1024), (32, 128, 256),
                      (64, 64, 512), (128, 128, 1024))  # fmt: skip

@@ -11,13 +11,16 @@ the [tokens, experts] logits, the backward writes the input gradient once in the
 and reads the tokens once for the weight gradient, and autograd keeps the tokens themselves
 (alive anyway).
 
-Numbers: the products are exact in fp32 either way (bf16 and fp16 values widen exactly), and
-the sums are fp32 (``input_precision="ieee"``, no TF32), in another order than cuBLAS's fp32
-GEMM: logits and gradients differ from the unfused path in the last fp32 bits, which can flip a
-routing decision only where two experts' logits tie to within that.
+Numbers: the products are exact in fp32 either way (the logits multiply the bf16/fp16
+operands on the tensor cores, and a product of two such values is exact in fp32; the
+gradients widen to fp32, ``input_precision="ieee"``, no TF32), and the sums are fp32
+accumulations in another order than cuBLAS's fp32 GEMM: logits and gradients differ from the
+unfused path in the last fp32 bits, which can flip a routing decision only where two experts'
+logits tie to within that.
 
-Opt-in, because on an H100 it measured slower than ``F.linear`` on the fp32 copies (0.88x
-alone, 0.98-1.0x in the layer: the kernels read far below the copy bandwidth):
+Opt-in, because on an H100 it measured no faster than ``F.linear`` on the fp32 copies
+(0.88-1.23x alone, 0.95-1.01x in the layer) while its logits ran an fp32 FMA dot (0.21 ms,
+0.3 TB/s); ds-moe 0.1.9 moves that dot to the tensor cores (not yet measured):
 ``DS_MOE_FUSED_GATE=1`` (read on every forward) or ``TopKGate.fuse_logits = True`` turns it
 on (``False`` keeps it off whatever the variable says). Even then it runs only where a probe (once per device and dtype) has checked the
 compiled kernels against torch on CUDA, for bf16/fp16 tokens and a weight of the same dtype
