@@ -42,9 +42,11 @@ and every run reports ``expert_gemm_share_of_peak`` = expert_tflops / gemm_peak_
 ``grouped_gemm_tflops``: the same six GEMMs through the grouped kernel on equal groups, no
 routing (what the layer's GEMMs could reach at best with these shapes).
 
-On a GPU (or with ``--phases``) ``phases`` breaks ds-moe-top<k>'s step down per phase: kernel
-time measured with torch.profiler next to the op/byte model of ``moe_phases.py``, and the
-expert GEMMs' own rate against the plain GEMM's (is the gap in the GEMMs or around them?).
+On a GPU (or with ``--phases``) ``phases`` breaks ds-moe-top<k>'s step (and
+ds-moe-fusedgate-top<k>'s, whose ``model_h100`` still counts the default router) down per
+phase: kernel time measured with torch.profiler next to the op/byte model of
+``moe_phases.py``, and the expert GEMMs' own rate against the plain GEMM's (is the gap in the
+GEMMs or around them?).
 ``ds-moe-top<k>`` runs the default path: the fused bias + activation where its kernel runs,
 which top-level ``fused_bias_act`` says (then the ``ds-moe-unfused-*`` systems time the other
 path).
@@ -119,7 +121,7 @@ def parse_args(argv=None):
         dest="phases",
         action="store_true",
         default=None,
-        help="profile ds-moe-top<k> per phase (default: on a GPU)",
+        help="profile ds-moe-top<k> (and ds-moe-fusedgate-top<k>) per phase (default: on a GPU)",
     )
     p.add_argument("--no-phases", dest="phases", action="store_false")
     p.add_argument("--out", default=None, help="extra output dir (default: $OUT if set)")
@@ -638,10 +640,13 @@ def main(argv=None):
                 "expert_gemm_share_of_peak": round(tflops / peak[k], 3),
                 **expert_rows(layers[name], x),
             })  # fmt: skip
-        if args.phases and f"ds-moe-top{k}" in layers:
-            report.setdefault("phases", {})[f"ds-moe-top{k}"] = phase_breakdown(
-                args, k, layers[f"ds-moe-top{k}"], x, flops, peak[k], dtype
-            )
+        # the default layer, and the opt-in fused router next to it: their phases side by
+        # side show where the router's kernels win or lose time
+        for name in (f"ds-moe-top{k}", f"ds-moe-fusedgate-top{k}"):
+            if args.phases and name in layers:
+                report.setdefault("phases", {})[name] = phase_breakdown(
+                    args, k, layers[name], x, flops, peak[k], dtype
+                )
         del layers, x
         if device.type == "cuda":
             torch.cuda.empty_cache()
