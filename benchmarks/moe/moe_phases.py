@@ -344,6 +344,10 @@ def _phase_labels(layer: nn.Module):
                 delattr(obj, attr)  # the class's method again
 
 
+#: ops listed per phase by ``profile_phases`` (its ``top_ops``)
+TOP_OPS = 8
+
+
 def profile_phases(
     layer: nn.Module, x: torch.Tensor, iters: int = 3, with_stack: bool = False
 ) -> dict:
@@ -352,8 +356,9 @@ def profile_phases(
     Attribution: the ranges of ``_phase_labels`` (default), or with ``with_stack`` an op's
     Python stack as in ``count_ops`` (where the profiler records frames); a backward op
     without either takes the phase of the forward op of the same autograd sequence number.
-    Returns per phase the mean milliseconds per iteration and the number of kernels (device)
-    or ops (CPU).
+    Returns per phase the mean milliseconds per iteration, the number of kernels (device)
+    or ops (CPU), and ``top_ops``: its costliest ops by name, ``[name, ms, kernels]`` per
+    iteration (up to ``TOP_OPS``), to show which of a phase's many small launches cost most.
     """
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
@@ -400,6 +405,7 @@ def profile_phases(
         return ph or "other", False
 
     totals: dict[str, dict] = {}
+    by_op: dict[str, dict[str, list[float]]] = {}
     for ev in events:
         if not cuda and (ev.cpu_children or not ev.name.startswith("aten::")):
             continue  # CPU: self time of leaf ATen ops only
@@ -411,13 +417,19 @@ def profile_phases(
         if n == 0 or (cuda and t_us == 0):
             continue
         ph, bwd = phase_of(ev)
-        e = totals.setdefault(f"{ph}.{'bwd' if bwd else 'fwd'}", {"ms": 0.0, "kernels": 0})
+        key = f"{ph}.{'bwd' if bwd else 'fwd'}"
+        e = totals.setdefault(key, {"ms": 0.0, "kernels": 0})
         e["ms"] += t_us / 1e3 / iters
         e["kernels"] += n / iters
+        op = by_op.setdefault(key, {}).setdefault(ev.name, [0.0, 0.0])
+        op[0] += t_us / 1e3 / iters
+        op[1] += n / iters
     busy = sum(e["ms"] for e in totals.values())
-    for e in totals.values():
+    for key, e in totals.items():
         e["ms"] = round(e["ms"], 4)
         e["kernels"] = round(e["kernels"], 1)
+        ranked = sorted(by_op[key].items(), key=lambda kv: -kv[1][0])[:TOP_OPS]
+        e["top_ops"] = [[name, round(ms, 4), round(k, 1)] for name, (ms, k) in ranked]
     result: dict = {"phases": dict(sorted(totals.items())), "busy_ms": round(busy, 4)}
     if cuda:
         # wall time of a profiled step (the profiler adds some host overhead) and the part
