@@ -8,6 +8,16 @@
 from typing import Any
 
 from ds_zero._bucket import ParamsState
+from ds_zero._ds_estimates import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_cold,
+    estimate_zero2_model_states_mem_needs_all_live,
+    estimate_zero3_model_states_mem_needs,
+    estimate_zero3_model_states_mem_needs_all_cold,
+    estimate_zero3_model_states_mem_needs_all_live,
+    zero2_model_to_params,
+    zero3_model_to_params,
+)
 from ds_zero._fragment import Fragment
 from ds_zero._init import GatheredParameters, Init
 from ds_zero._loss_scaler import DynamicLossScaler, LossScaleOptions, LossScaler
@@ -38,9 +48,17 @@ __all__ = [
     "ZeroConfig",
     "ZeroOptions",
     "__version__",
+    "estimate_zero2_model_states_mem_needs",
+    "estimate_zero2_model_states_mem_needs_all_cold",
+    "estimate_zero2_model_states_mem_needs_all_live",
+    "estimate_zero3_model_states_mem_needs",
+    "estimate_zero3_model_states_mem_needs_all_cold",
+    "estimate_zero3_model_states_mem_needs_all_live",
     "memory_estimate",
     "model_state_bytes",
     "wrap",
+    "zero2_model_to_params",
+    "zero3_model_to_params",
 ]
 
 

@@ -1,0 +1,17 @@
+"""``deepspeed.runtime.zero.stage_1_and_2``: DeepSpeed's ZeRO 1/2 memory estimators
+(ds_zero's, with DeepSpeed's formulas; ``ds_zero.memory_estimate`` counts this
+implementation's own model states)."""
+
+from ds_zero import (
+    estimate_zero2_model_states_mem_needs,
+    estimate_zero2_model_states_mem_needs_all_cold,
+    estimate_zero2_model_states_mem_needs_all_live,
+)
+from ds_zero import zero2_model_to_params as model_to_params
+
+__all__ = [
+    "estimate_zero2_model_states_mem_needs",
+    "estimate_zero2_model_states_mem_needs_all_cold",
+    "estimate_zero2_model_states_mem_needs_all_live",
+    "model_to_params",
+]
