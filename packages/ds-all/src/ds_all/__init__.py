@@ -8,7 +8,7 @@ loss = engine(batch); engine.backward(loss); engine.step()
 # DeepSpeed's module tree (ds_all.runtime, ds_all.utils, ...): each module re-exports the
 # package that implements it. comm and zero are imported here, as DeepSpeed's __init__ does,
 # because clients call deepspeed.comm.* and deepspeed.zero.* after a bare `import deepspeed`.
-from ds_all import accelerator, checkpointing, comm, ops, runtime, utils, zero  # noqa: E402
+from ds_all import accelerator, checkpointing, comm, ops, pipe, runtime, utils, zero  # noqa: E402
 from ds_all._config import DeepSpeedConfig
 from ds_all._config_base import ConfigError
 from ds_all._engine import DeepSpeedEngine
@@ -23,6 +23,8 @@ from ds_all._schedulers import (
 )
 from ds_all._tensor_parallel import tp_model_init
 from ds_all._version import __version__
+from ds_all.accelerator import get_accelerator
+from ds_all.pipe import PipelineModule
 from ds_all.zero import GatheredParameters, Init  # noqa: E402
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "Init",
     "LRRangeTest",
     "OneCycle",
+    "PipelineModule",
     "WarmupCosineLR",
     "WarmupDecayLR",
     "WarmupLR",
@@ -42,9 +45,11 @@ __all__ = [
     "build_scheduler",
     "checkpointing",
     "comm",
+    "get_accelerator",
     "init_distributed",
     "initialize",
     "ops",
+    "pipe",
     "runtime",
     "tp_model_init",
     "utils",

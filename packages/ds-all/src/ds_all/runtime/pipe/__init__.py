@@ -1,0 +1,14 @@
+"""``deepspeed.runtime.pipe``: the pipeline module and topology (ds-pipe's)."""
+
+from ds_all.runtime.pipe import module, topology
+from ds_all.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+from ds_all.runtime.pipe.topology import ProcessTopology
+
+__all__ = [
+    "LayerSpec",
+    "PipelineModule",
+    "ProcessTopology",
+    "TiedLayerSpec",
+    "module",
+    "topology",
+]
