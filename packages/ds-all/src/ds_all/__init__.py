@@ -25,6 +25,7 @@ from ds_all._tensor_parallel import tp_model_init
 from ds_all._version import __version__
 from ds_all.accelerator import get_accelerator
 from ds_all.pipe import PipelineModule
+from ds_all.runtime.compiler import is_compile_supported
 from ds_all.zero import GatheredParameters, Init  # noqa: E402
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "get_accelerator",
     "init_distributed",
     "initialize",
+    "is_compile_supported",
     "ops",
     "pipe",
     "runtime",

@@ -4,13 +4,23 @@ Each submodule re-exports the package that implements it; further features add t
 submodules here (``runtime.sequence_parallel``, ...). The submodules below are imported with
 the package because clients reach them as attributes (``deepspeed.runtime.lr_schedules...``)."""
 
-from ds_all.runtime import base_optimizer, engine, fp16, lr_schedules, pipe, utils, zero
+from ds_all.runtime import (
+    base_optimizer,
+    dataloader,
+    engine,
+    fp16,
+    lr_schedules,
+    pipe,
+    utils,
+    zero,
+)
 from ds_all.runtime.base_optimizer import DeepSpeedOptimizer, ZeROOptimizer
 
 __all__ = [
     "DeepSpeedOptimizer",
     "ZeROOptimizer",
     "base_optimizer",
+    "dataloader",
     "engine",
     "fp16",
     "lr_schedules",

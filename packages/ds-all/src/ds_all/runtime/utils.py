@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,4 +40,19 @@ def see_memory_usage(message: str, force: bool = False) -> None:
     )
 
 
-__all__ = ["move_to_device", "see_memory_usage"]
+__all__ = ["get_global_norm", "is_invalid_grad_norm", "move_to_device", "see_memory_usage"]
+
+
+def is_invalid_grad_norm(norm: Any) -> bool:
+    """A norm that is infinite, NaN or negative (DeepSpeed's -1 marks an overflow)."""
+    if torch.is_tensor(norm):
+        return bool((~torch.isfinite(norm) | (norm < 0)).any())
+    return not math.isfinite(float(norm)) or norm < 0
+
+
+def get_global_norm(norm_list: Iterable[Any]) -> float:
+    """The 2-norm of several groups' norms (``sqrt(sum(n**2))``), or inf if any is invalid."""
+    norms = list(norm_list)
+    if any(is_invalid_grad_norm(n) for n in norms):
+        return float("inf")
+    return math.sqrt(sum(float(n) ** 2 for n in norms))

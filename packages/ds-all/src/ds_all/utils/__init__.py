@@ -3,8 +3,10 @@
 Submodules other features add land here too; ``zero_to_fp32`` is imported on use (it reads
 checkpoints through ds_ckpt)."""
 
+from ds_all.runtime.dataloader import RepeatingLoader
 from ds_all.utils import groups
 from ds_all.utils.logging import log_dist, logger, set_log_level_from_string
+from ds_all.utils.nvtx import instrument_w_nvtx
 from ds_all.utils.z3_leaf_module import (
     get_z3_leaf_modules,
     set_z3_leaf_module,
@@ -14,8 +16,10 @@ from ds_all.utils.z3_leaf_module import (
 )
 
 __all__ = [
+    "RepeatingLoader",
     "get_z3_leaf_modules",
     "groups",
+    "instrument_w_nvtx",
     "log_dist",
     "logger",
     "set_log_level_from_string",
