@@ -31,6 +31,7 @@ from ds_zero._layout import split_into_buckets
 from ds_zero._loss_scaler import LossScaleOptions, LossScaler, make_loss_scaler
 from ds_zero._options import ZeroOptions
 from ds_zero._overlap import StepOverlap
+from ds_zero._param_access import register_owner
 from ds_zero._param_meta import full_numel, full_shape, mark_stage3
 from ds_zero._reducer import GradReducer
 from ds_zero._shard_store import ParamShardStore
@@ -100,6 +101,8 @@ class Zero:
         if not named:
             raise ValueError("ds_zero.wrap: the model has no parameters")
         self.names = {id(p): n for n, p in named}
+        # each parameter knows its ZeRO (weakly): DeepSpeed's per-parameter accessors
+        register_owner(self, [p for _, p in named])
         self.param_dtype = opts.param_dtype or named[0][1].dtype
         group_of = self._optimizer_groups(named, optimizer, stepper)
         if stepper is None:

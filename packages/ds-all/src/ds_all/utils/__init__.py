@@ -7,6 +7,12 @@ from ds_all.runtime.dataloader import RepeatingLoader
 from ds_all.utils import groups
 from ds_all.utils.logging import log_dist, logger, set_log_level_from_string
 from ds_all.utils.nvtx import instrument_w_nvtx
+from ds_all.utils.tensor_fragment import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 from ds_all.utils.z3_leaf_module import (
     get_z3_leaf_modules,
     set_z3_leaf_module,
@@ -22,6 +28,10 @@ __all__ = [
     "instrument_w_nvtx",
     "log_dist",
     "logger",
+    "safe_get_full_fp32_param",
+    "safe_get_full_optimizer_state",
+    "safe_set_full_fp32_param",
+    "safe_set_full_optimizer_state",
     "set_log_level_from_string",
     "set_z3_leaf_module",
     "set_z3_leaf_modules",
