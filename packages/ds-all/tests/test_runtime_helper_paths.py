@@ -48,3 +48,21 @@ def test_global_norm_and_invalid_norms():
 
 def test_is_compile_supported():
     assert ds_all.is_compile_supported() is True  # the torch this package supports is >= 2.1
+
+
+def test_on_device_builds_modules_on_meta_in_the_dtype():
+    from torch import nn
+
+    with ds_all.OnDevice(dtype=torch.float16, device="meta"):
+        lin = nn.Linear(4, 8)
+        emb = nn.Embedding(10, 3)
+        ids = torch.zeros(3, dtype=torch.long)
+        here = torch.ones(2, device="cpu")  # an explicit device is kept
+    assert lin.weight.is_meta and lin.weight.dtype == torch.float16 and lin.bias.is_meta
+    assert emb.weight.is_meta and emb.weight.dtype == torch.float16
+    assert ids.is_meta and ids.dtype == torch.long  # integers keep their dtype
+    assert here.device.type == "cpu" and here.dtype == torch.float16
+    # outside, and with enabled=False, nothing changes
+    assert nn.Linear(2, 2).weight.device.type == "cpu"
+    with ds_all.utils.OnDevice(dtype=torch.float16, enabled=False):
+        assert nn.Linear(2, 2).weight.dtype == torch.float32

@@ -26,6 +26,7 @@ from ds_all._version import __version__
 from ds_all.accelerator import get_accelerator
 from ds_all.pipe import PipelineModule
 from ds_all.runtime.compiler import is_compile_supported
+from ds_all.utils import OnDevice
 from ds_all.zero import GatheredParameters, Init  # noqa: E402
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "GatheredParameters",
     "Init",
     "LRRangeTest",
+    "OnDevice",
     "OneCycle",
     "PipelineModule",
     "WarmupCosineLR",

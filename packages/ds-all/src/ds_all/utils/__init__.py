@@ -5,6 +5,7 @@ checkpoints through ds_ckpt)."""
 
 from ds_all.runtime.dataloader import RepeatingLoader
 from ds_all.utils import groups
+from ds_all.utils.init_on_device import OnDevice
 from ds_all.utils.logging import log_dist, logger, set_log_level_from_string
 from ds_all.utils.nvtx import instrument_w_nvtx
 from ds_all.utils.tensor_fragment import (
@@ -22,6 +23,7 @@ from ds_all.utils.z3_leaf_module import (
 )
 
 __all__ = [
+    "OnDevice",
     "RepeatingLoader",
     "get_z3_leaf_modules",
     "groups",
