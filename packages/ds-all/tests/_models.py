@@ -93,3 +93,24 @@ def reference(
         sched.step()
         losses.append(total)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def sequential_sgd_losses(model: nn.Module, batches, steps: int, lr: float,
+                          clip: float = 1.0) -> list[float]:  # fmt: skip
+    """What a pipeline run is checked against: ``model`` (every stage in one process) trained
+    with SGD, each step on ``batches(step)``'s micro-batches with their MSE losses averaged and
+    the gradient norm clipped at ``clip`` (DeepSpeed's default, 1.0); the loss per step."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out = []
+    for step in range(steps):
+        micro = batches(step)
+        total = 0.0
+        for x, y in micro:
+            loss = F.mse_loss(model(x), y) / len(micro)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        out.append(total)
+    return out

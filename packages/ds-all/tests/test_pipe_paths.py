@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import sequential_sgd_losses
 from torch import nn
 
 import ds_all
@@ -56,20 +57,8 @@ def _deepspeed_style_losses() -> list[float]:
 
 
 def _sequential_losses() -> list[float]:
-    model = nn.Sequential(*(x.build() if isinstance(x, pipe.LayerSpec) else x for x in _layers()))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = []
-    for step in range(2):
-        total = 0.0
-        for x, y in _data(step):
-            loss = nn.functional.mse_loss(model(x), y) / 2
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        out.append(total)
-    return out
+    layers = [x.build() if isinstance(x, pipe.LayerSpec) else x for x in _layers()]
+    return sequential_sgd_losses(nn.Sequential(*layers), _data, steps=2, lr=0.1)
 
 
 @pytest.mark.timeout(180)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import sequential_sgd_losses
 from torch import nn
 
 from ds_comm.testing import run_distributed
@@ -41,20 +42,7 @@ def _pipeline_losses() -> list[float]:
 
 
 def _reference() -> list[float]:
-    model = nn.Sequential(*_layers())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    out = []
-    for step in range(3):
-        total = 0.0
-        for x, y in _data(step):
-            loss = nn.functional.mse_loss(model(x), y) / 4
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        out.append(total)
-    return out
+    return sequential_sgd_losses(nn.Sequential(*_layers()), _data, steps=3, lr=0.05)
 
 
 def test_pipeline_engine_matches_sequential():
