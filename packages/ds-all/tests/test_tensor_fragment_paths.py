@@ -79,13 +79,18 @@ def _ranks(stage: int) -> dict:
         "exp_avg": safe_get_full_optimizer_state(last, "exp_avg"),
         "out": out.detach().clone(),
     }
-    missing = None
+    refused = []
+    for key in ("momentum_buffer", "step"):  # not AdamW's; a scalar, not per element
+        try:
+            safe_get_full_optimizer_state(last, key)
+        except KeyError as exc:
+            refused.append(str(exc))
     try:
-        safe_get_full_optimizer_state(last, "momentum_buffer")
+        safe_set_full_optimizer_state(last, torch.zeros(3), "step")
     except KeyError as exc:
-        missing = str(exc)
+        refused.append(str(exc))
     outside = safe_get_full_fp32_param(nn.Parameter(torch.zeros(2)))
-    return {"got": got, "after": after, "missing": missing, "outside": outside}
+    return {"got": got, "after": after, "refused": refused, "outside": outside}
 
 
 @pytest.mark.timeout(300)
@@ -103,5 +108,7 @@ def test_full_state_equals_torch_adamw_and_set_changes_the_model(stage):
         w2, b1 = ref["master"][2], ref["master"][1]
         want = w2 @ torch.tanh(b1) + 0.5
         torch.testing.assert_close(res["after"]["out"][0], want, rtol=1e-5, atol=1e-6)
-        assert "momentum_buffer" in res["missing"] and "exp_avg" in res["missing"]
+        assert len(res["refused"]) == 3
+        assert "momentum_buffer" in res["refused"][0] and "exp_avg" in res["refused"][0]
+        assert all("'step'" in r for r in res["refused"][1:])
         assert res["outside"] is None  # as DeepSpeed: a parameter no engine holds

@@ -63,31 +63,30 @@ def _group(zero: Zero, p: nn.Parameter):  # noqa: ANN202 - a ProcessGroup or Non
     return zero.dp_group
 
 
-def _state_keys(frags: list) -> set[str]:
-    """The element-wise optimizer states this rank holds (``exp_avg``, ...), and "master"."""
-    return {"master"} | {f.name.split(".")[1] for f in frags if f.name.startswith("optimizer.")}
-
-
 def full_param_state(p: nn.Parameter, key: str = "master") -> torch.Tensor:
     """``p``'s whole fp32 master (``key="master"``) or element-wise optimizer state ``key``
     (``exp_avg``, ``exp_avg_sq``, ...), in ``p``'s full shape on ``p``'s device; on every
     rank of its group."""
     zero, name = _owner_and_name(p, "full_param_state")
-    all_frags = zero.state_fragments()
-    if key not in _state_keys(all_frags):
-        raise KeyError(
-            f"full_param_state: no state {key!r}; this optimizer keeps "
-            f"{sorted(_state_keys(all_frags))}"
-        )
+    _check_key(zero, key, "full_param_state")
     target = _fragment_name(name, key)
     out = torch.zeros(full_numel(p), dtype=torch.float32, device=p.device)
-    for f in all_frags:
-        if f.name == target and f.global_shape == tuple(full_shape(p)):
+    for f in zero.state_fragments():
+        if f.name == target:
             out[f.offset : f.offset + f.numel] = f.tensor.to(device=p.device, dtype=torch.float32)
     group = _group(zero, p)
     if group_size(group) > 1:
         dist.all_reduce(out, group=group)  # the pieces are disjoint: the sum is the whole
     return out.view(full_shape(p))
+
+
+def _check_key(zero: Zero, key: str, what: str) -> None:
+    keys = {"master"} | zero.elementwise_state_keys()
+    if key not in keys:
+        raise KeyError(
+            f"{what}: no element-wise state {key!r}; this optimizer keeps {sorted(keys)} "
+            "(scalars such as 'step' are not per-parameter tensors)"
+        )
 
 
 def set_full_param_state(p: nn.Parameter, value: torch.Tensor, key: str = "master") -> None:
@@ -99,6 +98,7 @@ def set_full_param_state(p: nn.Parameter, value: torch.Tensor, key: str = "maste
             f"set_full_param_state: {name!r} has {full_numel(p)} elements "
             f"{tuple(full_shape(p))}, the value {value.numel()} {tuple(value.shape)}"
         )
+    _check_key(zero, key, "set_full_param_state")
     flat = value.detach().reshape(-1)
     target = _fragment_name(name, key)
 

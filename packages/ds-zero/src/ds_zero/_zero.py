@@ -60,6 +60,12 @@ def _widened(grad: torch.Tensor) -> torch.Tensor:
     return grad if grad.dtype == torch.float32 else grad.float()
 
 
+def _elementwise(key: str, t: torch.Tensor, master_n: int) -> bool:
+    """An optimizer state with one value per element of its partition (not ``step``, which a
+    one-element partition would otherwise look like)."""
+    return t.numel() == master_n and not (t.numel() == 1 and key == "step")
+
+
 def _is_expert(p: nn.Parameter) -> bool:
     return bool(getattr(p, "ds_expert", False))
 
@@ -671,7 +677,7 @@ class Zero:
                 p_off, r_off, n = hit
                 t_off = lo - m_lo + r_off
                 for key, t in tensors.items():
-                    if t.numel() == master_n and not (t.numel() == 1 and key == "step"):
+                    if key == "master" or _elementwise(key, t, master_n):
                         full = name if key == "master" else f"optimizer.{key}.{name}"
                         out.append(
                             Fragment(full, b.shapes[i], t.dtype, p_off, n, t[t_off : t_off + n])
@@ -679,6 +685,19 @@ class Zero:
             if with_scalars and b.layout.owner_of_first_element(i) == b.rank:
                 out.extend(self._scalar_fragments(tensors, name, master_n))
         return out
+
+    def elementwise_state_keys(self) -> set[str]:
+        """The optimizer states held per element of the parameters (``exp_avg``, ...: those
+        saved as fragments of each parameter's shape), not scalars such as ``step``; empty
+        before the optimizer's first step creates them."""
+        keys: set[str] = set()
+        for k in range(len(self.trainable)):
+            tensors = self.stepper.state_tensors(k)
+            n = tensors["master"].numel()
+            keys |= {
+                key for key, t in tensors.items() if key != "master" and _elementwise(key, t, n)
+            }
+        return keys
 
     @staticmethod
     def _scalar_fragments(
