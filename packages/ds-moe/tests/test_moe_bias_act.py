@@ -208,6 +208,9 @@ def test_cpu_keeps_the_unfused_path(monkeypatch):
     monkeypatch.setenv("DS_MOE_FUSED_BIAS_ACT", "1")
     assert _bias_act.fused_bias_act_requested(None)
     assert not _bias_act.fused_bias_act_requested(False)
+    monkeypatch.setenv("DS_MOE_FUSED_BIAS_ACT", "yes")  # neither on nor off: said so
+    with pytest.raises(ValueError, match="DS_MOE_FUSED_BIAS_ACT='yes'"):
+        _bias_act.fused_bias_act_requested(None)
     monkeypatch.delenv("DS_MOE_FUSED_BIAS_ACT")
     # no bias, another dtype, other activations (exact types only): unfused
     assert _bias_act.fused_code(m.activation, None, x) is None

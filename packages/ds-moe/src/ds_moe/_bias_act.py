@@ -13,12 +13,12 @@ unfused in-place add does, and use torch's fp32 formulas, so the output and ``dz
 unfused path up to the last bit of the transcendental functions (1 ulp of the storage dtype at
 most); the bias gradient sums the same rounded ``dz`` in fp32 in another order (1 ulp).
 
-On by default (on an H100, 16 x 128 tiles: forward + backward 1.25x the unfused passes and
-the layer step 0.6-1.3% faster in every A/B so far): ``DS_MOE_FUSED_BIAS_ACT=0`` (read on every
-forward) or ``GroupedMLPExperts.fuse_bias_act = False`` turns it off (``True`` keeps it on
-whatever the variable says). It runs only
-where a probe (once per device, dtype and activation, like the grouped-GEMM probe) has checked
-the compiled kernels against torch on CUDA; anything else keeps the unfused code. The kernels are ``torch.library`` ops
+On by default (on an H100, 16 x 128 tiles: forward + backward 1.25x the unfused passes, and
+the layer step 1.02-1.05x the unfused one in every A/B): ``DS_MOE_FUSED_BIAS_ACT=0`` (read on
+every forward) or ``GroupedMLPExperts.fuse_bias_act = False`` turns it off (``True`` keeps it
+on whatever the variable says). It runs only where a probe (once per device, dtype and
+activation, like the grouped-GEMM probe) has checked the compiled kernels against torch on
+CUDA; anything else keeps the unfused code. The kernels are ``torch.library`` ops
 (``ds_moe::bias_act``, ``ds_moe::bias_act_backward``) with meta kernels, so profilers name
 them and ``moe_phases.py`` counts their bytes on the ``meta`` device.
 """

@@ -64,11 +64,13 @@ def probe_on_cuda(device_type: str, check: Callable[[], bool]) -> bool:
 
 
 def requested(flag: bool | None, env_var: str, default: bool = False) -> bool:
-    """A kernel switch: ``flag`` when set, else ``<env_var>`` (``1`` on, ``0`` off, read on
-    every call), else ``default``."""
+    """A kernel switch: ``flag`` when set, else ``<env_var>`` (``1`` on, ``0`` off, anything
+    else an error; read on every call), else ``default``."""
     if flag is not None:
         return flag
     value = os.environ.get(env_var)
     if value is None:
         return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{env_var}={value!r}: set it to 1 (on) or 0 (off), or unset it")
     return value == "1"
