@@ -27,6 +27,9 @@ thermal drift hit all:
   does not run, e.g. without Triton or on the CPU, as both then run the same path): the A/B of
   that kernel in the same turns, ratio ``ds-moe-top<k>/ds-moe-unfused-top<k>`` (above 1: the
   fused kernel is faster);
+- ``ds-moe-unfusedcombine-top1``/``-top2``: ``ds-moe-top<k>`` with the single-pass combine and
+  permutation backward (ds-moe >= 0.1.10, on by default) switched off (dropped where those
+  kernels do not run), ratio ``ds-moe-top<k>/ds-moe-unfusedcombine-top<k>``;
 - ``ds-moe-fusedgate-top1``/``-top2``: ``ds-moe-top<k>`` with the opt-in fused router logits
   (ds-moe >= 0.1.7: fp32 logits read straight from the bf16 tokens, no fp32 copy; dropped
   where those kernels do not run), ratio ``ds-moe-fusedgate-top<k>/ds-moe-top<k>``;
@@ -94,6 +97,8 @@ DEFAULT_SYSTEMS = (
     "ds-moe-dropless-top2",
     "ds-moe-unfused-top1",
     "ds-moe-unfused-top2",
+    "ds-moe-unfusedcombine-top1",
+    "ds-moe-unfusedcombine-top2",
     "ds-moe-fusedgate-top1",
     "ds-moe-fusedgate-top2",
     "deepspeed-top1",
@@ -173,6 +178,25 @@ def fused_bias_act_requested(experts) -> bool:
     return _bias_act.fused_bias_act_requested(getattr(experts, "fuse_bias_act", None))
 
 
+def fused_combine_available(device, dtype):
+    """Whether ds-moe's single-pass combine runs here (0.1.10+: CUDA, Triton, bf16/fp16)."""
+    try:
+        from ds_moe import _combine
+    except ImportError:
+        return False
+    return _combine.fused_combine_available(device, dtype)
+
+
+def fused_combine_used(layer, device, dtype) -> bool:
+    """Whether this ds-moe layer runs the single-pass combine: asked for and available."""
+    try:
+        from ds_moe import _combine
+    except ImportError:
+        return False
+    asked = _combine.fused_combine_requested(getattr(layer, "fuse_combine", None))
+    return asked and _combine.fused_combine_available(device, dtype)
+
+
 def fused_gate_available(device, dtype):
     """Whether ds-moe computes the router's fp32 logits without an fp32 copy here (0.1.7+)."""
     try:
@@ -183,7 +207,7 @@ def fused_gate_available(device, dtype):
 
 
 def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused_gate=None,
-               ep=None, **kw):  # fmt: skip
+               fused_combine=None, ep=None, **kw):  # fmt: skip
     moe = ds_moe.MoE(args.d, expert_module(args), num_experts=args.experts,
                      ep_size=ep or dist.get_world_size(), k=k,
                      capacity_factor=args.capacity_factor, **kw)  # fmt: skip
@@ -194,6 +218,8 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused
         moe.experts.fuse_bias_act = fused  # ds-moe 0.1.6+ (default on from 0.1.9)
     if fused_gate is not None and hasattr(moe.gate, "fuse_logits"):
         moe.gate.fuse_logits = fused_gate  # ds-moe 0.1.7+: opt-in fused router logits
+    if fused_combine is not None and hasattr(moe, "fuse_combine"):
+        moe.fuse_combine = fused_combine  # ds-moe 0.1.10+ (default on)
     return moe
 
 
@@ -211,7 +237,8 @@ def expert_rows(layer, x) -> dict:
 
 def build_system(name, args, device, dtype):
     """(layer, k) for a system name:
-    [ds-moe|ds-moe-dropless|ds-moe-unfused|ds-moe-fusedgate|ds-moe-loop|deepspeed]-top<k>."""
+    [ds-moe|ds-moe-dropless|ds-moe-unfused|ds-moe-unfusedcombine|ds-moe-fusedgate|ds-moe-loop|
+    deepspeed]-top<k>."""
     impl, _, top = name.rpartition("-top")
     if not top.isdigit():
         raise SystemExit(f"--systems: {name!r} does not end in -top<k>")
@@ -222,6 +249,8 @@ def build_system(name, args, device, dtype):
         return build_ours(args, k, device, dtype, drop_tokens=False), k
     if impl == "ds-moe-unfused":
         return build_ours(args, k, device, dtype, fused=False), k
+    if impl == "ds-moe-unfusedcombine":
+        return build_ours(args, k, device, dtype, fused_combine=False), k
     if impl == "ds-moe-fusedgate":
         return build_ours(args, k, device, dtype, fused_gate=True), k
     if impl == "ds-moe-loop":
@@ -498,7 +527,8 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
             x.device, dtype
         )
         model = model_on_meta(args.d, args.ffn_mult * args.d, args.experts, k, cap, args.tokens,
-                              dtype, fused_bias_act=fused)  # fmt: skip
+                              dtype, fused_bias_act=fused,
+                              fused_combine=fused_combine_used(layer, x.device, dtype))  # fmt: skip
         entry["model_h100"] = {
             "totals": model["totals"],
             "phases": {p: {key: v[key] for key in ("launches", "mib", "est_ms")}
@@ -538,6 +568,7 @@ def main(argv=None):
     # without its kernels a switched system equals ds-moe-top<k>: nothing to compare
     for prefix, available, what in (
         ("ds-moe-unfused-", fused_bias_act_available, "fused bias + activation kernel"),
+        ("ds-moe-unfusedcombine-", fused_combine_available, "single-pass combine (bf16/fp16)"),
         ("ds-moe-fusedgate-", fused_gate_available, "fused router logits (bf16/fp16)"),
     ):
         if not available(device, dtype) and any(s.startswith(prefix) for s in systems):
@@ -556,6 +587,7 @@ def main(argv=None):
         "grouped_mm_available": ds_moe.grouped_mm_available(device, dtype),
         "fused_bias_act": fused_bias_act_available(device, dtype),
         "fused_gate": fused_gate_available(device, dtype),
+        "fused_combine": fused_combine_available(device, dtype),
         "config": {
             "d": args.d,
             "ffn": args.ffn_mult * args.d,
@@ -656,7 +688,8 @@ def main(argv=None):
     for k in ks:
         ds = by.get(f"deepspeed-top{k}")
         for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-unfused-top{k}",
-                     f"ds-moe-fusedgate-top{k}", f"ds-moe-loop-top{k}"):  # fmt: skip
+                     f"ds-moe-unfusedcombine-top{k}", f"ds-moe-fusedgate-top{k}",
+                     f"ds-moe-loop-top{k}"):  # fmt: skip
             if ds and name in by:
                 ratios[f"{name}/deepspeed-top{k} step_s"] = round(
                     ds["step_s"] / by[name]["step_s"], 3
@@ -665,6 +698,11 @@ def main(argv=None):
             # above 1: the fused bias + activation kernel (the default) makes the step faster
             ratios[f"ds-moe-top{k}/ds-moe-unfused-top{k} step_s"] = round(
                 by[f"ds-moe-unfused-top{k}"]["step_s"] / by[f"ds-moe-top{k}"]["step_s"], 3
+            )
+        if f"ds-moe-top{k}" in by and f"ds-moe-unfusedcombine-top{k}" in by:
+            # above 1: the single-pass combine (the default) makes the step faster
+            ratios[f"ds-moe-top{k}/ds-moe-unfusedcombine-top{k} step_s"] = round(
+                by[f"ds-moe-unfusedcombine-top{k}"]["step_s"] / by[f"ds-moe-top{k}"]["step_s"], 3
             )
         if f"ds-moe-top{k}" in by and f"ds-moe-fusedgate-top{k}" in by:
             # above 1: the fused router logits make the step faster

@@ -57,8 +57,8 @@ _RULES: tuple[tuple[str, str | None, str], ...] = (
     ("", r"^_BiasAct", "bias_activation"),
     ("", r"^_GroupBias", "bias"),
     ("", r"^_ContiguousGrad", "contiguous_grad"),
-    ("", r"^_Permute", "permute"),
-    ("", r"^_Combine", "combine"),
+    ("", r"^_(Fused)?Permute", "permute"),
+    ("", r"^_(Fused)?Combine", "combine"),
     ("", r"^_ScaleGrad", "dispatch"),
     ("ds_moe/_bias_act.py", None, "bias_activation"),
     ("ds_moe/_bias_act_kernels.py", None, "bias_activation"),
@@ -71,6 +71,9 @@ _RULES: tuple[tuple[str, str | None, str], ...] = (
     ("ds_moe/_local_dispatch.py", r"local_layout|_layout", "layout"),
     ("ds_moe/_local_dispatch.py", r"[Pp]ermute", "permute"),
     ("ds_moe/_local_dispatch.py", r"[Cc]ombine", "combine"),
+    ("ds_moe/_combine.py", r"[Pp]ermute", "permute"),
+    ("ds_moe/_combine.py", None, "combine"),
+    ("ds_moe/_combine_kernels.py", None, "combine"),
     ("ds_moe/_comm.py", None, "all_to_all"),
     ("ds_moe/_dispatch.py", None, "dispatch"),
     ("ds_moe/_routing.py", None, "gating"),
@@ -218,6 +221,14 @@ class _Counter(TorchDispatchMode):
         outs = _tensors(out)
         if name in _FACTORIES or name.startswith("new_") or name.endswith("_like"):
             nbytes = sum(_tensor_bytes(t) for t in outs)  # writes only: the input is a template
+        elif name == "gather_sum":  # reads the k rows of each output row, writes it
+            index = args[1]
+            nbytes = (1 + index.shape[1]) * sum(map(_tensor_bytes, outs)) + sum(
+                _tensor_bytes(t) for t in ins[1:]
+            )
+        elif name == "combine_backward":  # grad_out once, k rows of y read, k rows written
+            grad_out, grad_y = args[0], outs[0]
+            nbytes = _tensor_bytes(grad_out) + 2 * _tensor_bytes(grad_y)
         elif name in _GATHERS:
             index = [t for t in ins if not t.is_floating_point()]
             nbytes = 2 * sum(_tensor_bytes(t) for t in outs) + sum(map(_tensor_bytes, index))
@@ -477,8 +488,11 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _grouped_kernel_assumed(fused_bias_act: bool = False):
+def _grouped_kernel_assumed(fused_bias_act: bool = False, fused_combine: bool = False):
     """Count the CUDA path on ``meta``: the grouped-kernel probe cannot run on meta tensors.
+
+    ``fused_combine``: count ds-moe's single-pass combine and permutation backward (0.1.10+,
+    the default where its kernels run) instead of the unfused gathers.
 
     ``fused_bias_act``: count ds-moe's fused bias + activation kernel (0.1.6+, CUDA with
     Triton, the default from 0.1.9; its meta kernel gives its bytes) as if
@@ -491,19 +505,28 @@ def _grouped_kernel_assumed(fused_bias_act: bool = False):
         import ds_moe._bias_act as ba
     except ImportError:  # ds-moe < 0.1.6
         ba = None
+    try:
+        import ds_moe._combine as cb
+    except ImportError:  # ds-moe < 0.1.10
+        cb = None
     saved = gg._probe
     saved_ba = ba._probe if ba is not None else None
+    saved_cb = cb._probe if cb is not None else None
     saved_env = os.environ.get("DS_MOE_FUSED_BIAS_ACT")
     os.environ["DS_MOE_FUSED_BIAS_ACT"] = "1" if fused_bias_act else "0"
     gg._probe = lambda *a: True  # noqa: SLF001 - diagnostic only, restored below
     if ba is not None:
         ba._probe = lambda *a: fused_bias_act  # noqa: SLF001
+    if cb is not None:
+        cb._probe = lambda *a: fused_combine  # noqa: SLF001
     try:
         yield
     finally:
         gg._probe = saved
         if ba is not None:
             ba._probe = saved_ba
+        if cb is not None:
+            cb._probe = saved_cb
         if saved_env is None:
             os.environ.pop("DS_MOE_FUSED_BIAS_ACT", None)
         else:
@@ -529,10 +552,11 @@ def build_layer(d, ffn, experts, k, capacity_factor, tokens, device, dtype, **kw
 
 
 def model_on_meta(
-    d, ffn, experts, k, capacity_factor, tokens, dtype, fused_bias_act=False, **kw
-) -> dict:
+    d, ffn, experts, k, capacity_factor, tokens, dtype, fused_bias_act=False,
+    fused_combine=False, **kw,
+) -> dict:  # fmt: skip
     """``summarize(count_ops(...))`` of the CUDA path at full size on the ``meta`` device."""
-    with _grouped_kernel_assumed(fused_bias_act):
+    with _grouped_kernel_assumed(fused_bias_act, fused_combine):
         layer, x = build_layer(d, ffn, experts, k, capacity_factor, tokens, "meta", dtype, **kw)
         return summarize(count_ops(layer, x))
 
@@ -554,6 +578,9 @@ def main(argv=None) -> None:
     p.add_argument("--fused-bias-act", action="store_true",
                    help="on meta: count ds-moe's opt-in fused bias + activation kernel instead "
                    "of the separate passes (the default path)")  # fmt: skip
+    p.add_argument("--fused-combine", action="store_true",
+                   help="on meta: count the single-pass combine and permutation backward "
+                   "(the default path on CUDA from ds-moe 0.1.10)")  # fmt: skip
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = torch.device(args.device)
@@ -565,7 +592,7 @@ def main(argv=None) -> None:
     for k in args.k:
         shape = (args.hidden, ffn, args.experts, k, args.capacity_factor, args.tokens)
         if device.type == "meta":
-            with _grouped_kernel_assumed(args.fused_bias_act):
+            with _grouped_kernel_assumed(args.fused_bias_act, args.fused_combine):
                 layer, x = build_layer(*shape, device, dtype)
                 entry = summarize(count_ops(layer, x, steady_state=not args.fresh_grads))
         else:

@@ -112,7 +112,12 @@ def local_layout_before(routing: Routing) -> LocalLayout:
     row_sorted = torch.where(pos < kept_total, pos + 1, torch.zeros_like(pos))
     row_flat = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)  # a = j*S + s
     row = row_flat.view(k, num_tokens).t().contiguous()
+    # (0.1.10's field, for the fused combine: every choice's buffer row, dropped ones too)
+    dest_flat = torch.empty_like(pos).scatter_(0, order, pos + 1)
+    dest = dest_flat.view(k, num_tokens).t().contiguous()
     token_sorted = order if k == 1 else order % num_tokens
     token_of_row = torch.cat([token_sorted.new_zeros(1), token_sorted])
     offs = (torch.cumsum(routing.kept_counts, 0) + 1).to(torch.int32)
-    return LocalLayout(row=row, token_of_row=token_of_row, assignment_of_row=order, offs=offs)
+    return LocalLayout(
+        row=row, token_of_row=token_of_row, assignment_of_row=order, offs=offs, dest=dest
+    )

@@ -67,10 +67,10 @@ def test_route_equals_0_1_3(monkeypatch, counting, s, e, k, cap, rts, padding):
         n = s * k
         assert torch.equal(new.order.index_select(0, new.position), torch.arange(n))
         lay_new, lay_old = local_layout(new), local_layout_before(old)
-        for field in ("row", "token_of_row", "assignment_of_row", "offs"):
+        for field in ("row", "token_of_row", "assignment_of_row", "offs", "dest"):
             a, b = getattr(lay_new, field), getattr(lay_old, field)
             assert a.dtype == b.dtype and torch.equal(a, b), field
-        assert lay_new.row.is_contiguous()
+        assert lay_new.row.is_contiguous() and lay_new.dest.is_contiguous()
 
 
 def _bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:

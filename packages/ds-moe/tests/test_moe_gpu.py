@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from moe_reference import dense_moe, seed_dense, seed_experts
@@ -358,3 +360,58 @@ def test_fused_gate_routes_like_the_unfused_gate_on_cuda(k):
     assert torch.equal(a.expert_index, b.expert_index)
     assert torch.equal(a.order, b.order)
     torch.testing.assert_close(a.combine_weight, b.combine_weight, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- fused combine
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_combine_probe_passes_on_this_gpu(dtype):
+    # the probe falls back silently; here a kernel that does not compile or is wrong fails
+    from ds_moe import _combine
+
+    _triton_or_skip()
+    device = torch.device("cuda", torch.cuda.current_device())
+    for k in (1, 2, 3):
+        diff = _combine.compare_with_unfused(device, dtype, k, num_tokens=1000, d=520)
+        assert diff["bitwise_equal"] or k > 2, (k, diff)
+        assert diff["max_rel"] <= 2.0**-7, (k, diff)
+    _combine._probe.cache_clear()
+    assert _combine.fused_combine_available(device, dtype)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_combine_layer_matches_unfused_and_never_syncs(k):
+    # the whole layer on the grouped path, default (fused combine) against fuse_combine=False,
+    # same weights and routing (no RTS, no sampling): output, expert and token gradients equal;
+    # the router's gradient (through the combine weights' gradient) to one bf16 ulp
+    major, _ = torch.cuda.get_device_capability()
+    if major < 9:
+        pytest.skip("the grouped kernel needs sm90+")
+    _triton_or_skip()
+    torch.manual_seed(0)
+    d = 512
+    mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+    base = ds_moe.MoE(d, mlp, num_experts=8, k=k, capacity_factor=1.0, use_rts=False,
+                      top2_2nd_expert_sampling=False).cuda().to(torch.bfloat16).train()  # fmt: skip
+    x0 = torch.randn(4, 1000, d, device="cuda", dtype=torch.bfloat16)
+    got = []
+    for fused in (True, False):
+        moe = copy.deepcopy(base)
+        moe.fuse_combine = fused
+        x = x0.clone().requires_grad_()
+        out, l_aux, _ = moe(x)  # warm-up (probes, compilation)
+        (out.float().square().mean() + l_aux).backward()
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, l_aux, _ = moe(x)
+            (out.float().square().mean() + l_aux).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        got.append((out, moe.experts.w1.grad, moe.experts.w2.grad, moe.gate.wg.weight.grad, x.grad))
+    (a, b) = got
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    torch.testing.assert_close(a[3], b[3], rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(a[4], b[4], rtol=2**-7, atol=1e-6)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ds_comm
+from ds_moe._combine import fused_combine_available, fused_combine_requested
 from ds_moe._config import GateConfig, NoisyGatePolicy, check_ep_size
 from ds_moe._dispatch import dispatch_and_combine, make_plan
 from ds_moe._experts import GroupedMLPExperts, LoopExperts, build_local_experts, mlp_parts
@@ -57,6 +58,9 @@ class MoE(nn.Module):
     use_residual: bool
     mlp: nn.Module | None
     coefficient: nn.Linear | None
+    #: the single-pass combine and permutation backward (``_combine``) on one rank: None
+    #: follows ``DS_MOE_FUSED_COMBINE`` (default on), True/False override it
+    fuse_combine: bool | None = None
 
     def __init__(
         self,
@@ -176,8 +180,11 @@ class MoE(nn.Module):
         if self.ep_size == 1:
             # Own experts only: static sizes, device-side group ends, no host sync.
             layout = local_layout(routing)
-            y = self.experts(permute(x, layout), offs=layout.offs)
-            out = combine(y, routing, layout)
+            fused = fused_combine_requested(self.fuse_combine) and fused_combine_available(
+                x.device, x.dtype
+            )
+            y = self.experts(permute(x, layout, fused=fused), offs=layout.offs)
+            out = combine(y, routing, layout, fused=fused and y.dtype == x.dtype)
         else:
             # The all-to-all needs its split sizes on the host: one copy of the counts.
             plan = make_plan(

@@ -14,6 +14,8 @@ All sizes here are static (known from the input's shape), so nothing waits for t
 Each direction is one gather, forward and backward alike (deterministic, no atomics, no
 zero-filled [S, k, capacity] dispatch tensors): permute ``buf = x[token_of_row]``; combine
 ``out[s] = sum_j w[s, j] * y[row[s, j]]`` as one batched [1 x k] @ [k x d] product per token.
+On CUDA with Triton, ``fused=True`` runs the combine and the permutation's backward as single
+passes instead (``_combine``), with the same values.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 
 import torch
 
+from ds_moe._combine import fused_combine, fused_permute
 from ds_moe._routing import Routing
 
 
@@ -37,6 +40,9 @@ class LocalLayout:
     assignment_of_row: torch.Tensor
     #: [E] int32: end of each expert's rows in the buffer (group 0 includes the sentinel)
     offs: torch.Tensor
+    #: [S, k] int64: the buffer row of each token's choice, dropped or not (a dropped one's is
+    #: a dead row): every row 1..S*k once, where the fused combine writes its gradient
+    dest: torch.Tensor
 
 
 def local_layout(routing: Routing) -> LocalLayout:
@@ -49,12 +55,19 @@ def local_layout(routing: Routing) -> LocalLayout:
     # assignment a = j*S + s sits at position p of ``order``: buffer row p + 1 when kept,
     # the sentinel 0 when dropped
     kept = routing.kept if k == 1 else routing.kept.t()  # [k, S] view: a-major
-    row_flat = torch.where(kept.reshape(-1), position + 1, 0)
-    row = row_flat.view(num_tokens, 1) if k == 1 else row_flat.view(k, num_tokens).t().contiguous()
+    dest_flat = position + 1
+    row_flat = torch.where(kept.reshape(-1), dest_flat, 0)
+    row = _token_major(row_flat, num_tokens, k)
     token_sorted = order if k == 1 else order % num_tokens
     token_of_row = torch.cat([token_sorted.new_zeros(1), token_sorted])
     offs = torch.cumsum(routing.kept_counts, 0, dtype=torch.int32).add_(1)
-    return LocalLayout(row=row, token_of_row=token_of_row, assignment_of_row=order, offs=offs)
+    return LocalLayout(row=row, token_of_row=token_of_row, assignment_of_row=order, offs=offs,
+                       dest=_token_major(dest_flat, num_tokens, k))  # fmt: skip
+
+
+def _token_major(flat: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+    """[S, k] from a flat tensor in assignment order ``a = choice * S + token``."""
+    return flat.view(num_tokens, 1) if k == 1 else flat.view(k, num_tokens).t().contiguous()
 
 
 class _Permute(torch.autograd.Function):
@@ -118,12 +131,20 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None, None, None
 
 
-def permute(x: torch.Tensor, layout: LocalLayout) -> torch.Tensor:
-    """The expert buffer [1 + S*k, d] for tokens ``x`` [S, d]."""
+def permute(x: torch.Tensor, layout: LocalLayout, *, fused: bool = False) -> torch.Tensor:
+    """The expert buffer [1 + S*k, d] for tokens ``x`` [S, d]; ``fused``: the backward sums
+    each token's rows in one pass (k > 1; for k = 1 it is one gather either way)."""
+    if fused and layout.row.shape[1] > 1:
+        return fused_permute(x, layout.token_of_row, layout.row)
     return _Permute.apply(x, layout.token_of_row, layout.row)
 
 
-def combine(y: torch.Tensor, routing: Routing, layout: LocalLayout) -> torch.Tensor:
-    """Per-token output [S, d] from the experts' output buffer ``y`` [1 + S*k, d]."""
+def combine(
+    y: torch.Tensor, routing: Routing, layout: LocalLayout, *, fused: bool = False
+) -> torch.Tensor:
+    """Per-token output [S, d] from the experts' output buffer ``y`` [1 + S*k, d]; ``fused``:
+    one pass each way (``_combine``: CUDA with Triton, bf16/fp16)."""
     weight = routing.combine_weight * routing.kept
+    if fused:
+        return fused_combine(y, weight, layout.row, layout.dest)
     return _Combine.apply(y, weight, layout.row, layout.token_of_row, layout.assignment_of_row)
