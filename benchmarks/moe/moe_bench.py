@@ -35,6 +35,8 @@ thermal drift hit all:
   where those kernels do not run), ratio ``ds-moe-fusedgate-top<k>/ds-moe-top<k>``;
 - ``ds-moe-loop-top1``/``-top2`` on request (``--systems``): the grouped kernel switched off.
 
+Each run has ``host_s_rank0`` on CUDA: the host's own time to issue one step while the GPU is
+held busy (near ``step_s``, the step is bound by Python and launches, not by the GPU).
 Each run has ``step_s`` (forward + backward) and ``expert_tflops``: the expert MLPs' nominal
 FLOPs (6 * 2 * tokens * k * 2 * d * ffn, the same count for every system) per second. The
 ds-moe systems are built from the same seed (the same router and expert weights: their A/Bs
@@ -342,31 +344,59 @@ def build_deepspeed(args, k, device, dtype):
     return moe.to(device=device, dtype=dtype).train()
 
 
+def upstream_grad(args, x, device):
+    """The fixed output gradient of ``--loss upstream-grad`` (None for the mean-square loss):
+    d mean(out^2) / d out at a unit-scale output, the same for every system."""
+    if args.loss != "upstream-grad":
+        return None
+    gen = torch.Generator(device=device).manual_seed(7)
+    return (torch.randn(x.shape, generator=gen, device=device) * (2.0 / x.numel())).to(x.dtype)
+
+
+def one_step(layer, x, dy):
+    """One forward + backward as the timing loop runs it."""
+    if dy is not None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    out, l_aux, _ = layer(x)
+    if dy is None:
+        (out.float().square().mean() + l_aux).backward()
+    else:
+        outs, grads = [out], [dy]
+        if isinstance(l_aux, torch.Tensor) and l_aux.requires_grad:
+            outs.append(l_aux)
+            grads.append(torch.ones_like(l_aux))
+        torch.autograd.backward(outs, grads)
+
+
 def time_layer(layer, x, args, device):
     """Seconds per forward+backward, averaged over ``iters`` after ``warmup`` (as the peer does)."""
-    dy = None
-    if args.loss == "upstream-grad":
-        # d mean(out^2) / d out at a unit-scale output, fixed so every system gets the same one
-        gen = torch.Generator(device=device).manual_seed(7)
-        dy = (torch.randn(x.shape, generator=gen, device=device) * (2.0 / x.numel())).to(x.dtype)
+    dy = upstream_grad(args, x, device)
     for i in range(args.warmup + args.iters):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
-        if dy is not None:
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-        out, l_aux, _ = layer(x)
-        if dy is None:
-            (out.float().square().mean() + l_aux).backward()
-        else:
-            outs, grads = [out], [dy]
-            if isinstance(l_aux, torch.Tensor) and l_aux.requires_grad:
-                outs.append(l_aux)
-                grads.append(torch.ones_like(l_aux))
-            torch.autograd.backward(outs, grads)
+        one_step(layer, x, dy)
     sync(device)
     return (time.perf_counter() - t0) / args.iters
+
+
+def host_seconds(layer, x, args, device, steps: int = 3) -> float | None:
+    """The host's own time to issue one step (CUDA): the GPU is held busy by a sleep kernel
+    first, so no launch waits for the device and the time is Python, dispatch and launches
+    alone. A step whose host time nears its ``step_s`` leaves the GPU idle between kernels."""
+    if device.type != "cuda":
+        return None
+    dy = upstream_grad(args, x, device)
+    one_step(layer, x, dy)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: longer than the steps' host time
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step(layer, x, dy)
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    return elapsed / steps
 
 
 def seed_experts_by_global_id(moe, device):
@@ -537,6 +567,10 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
     return entry
 
 
+def _round_or_none(v, digits=5):
+    return None if v is None else round(v, digits)
+
+
 def device_slug(device):
     world = dist.get_world_size()
     if device.type == "cuda":
@@ -668,6 +702,7 @@ def main(argv=None):
                 "tokens_per_s": round(args.tokens / step),
                 "peak_mem_gb": round(peaks[name], 2) if device.type == "cuda" else None,
                 "step_s_rank0_turns": [round(v, 5) for v in times[name]],
+                "host_s_rank0": _round_or_none(host_seconds(layers[name], x, args, device)),
                 "expert_tflops": round(tflops, 3),
                 "expert_gemm_share_of_peak": round(tflops / peak[k], 3),
                 **expert_rows(layers[name], x),
