@@ -16,8 +16,8 @@ previous step (the same cost for every system, about 1.3 ms of a top-1 step on a
 moe_phases.py's count) then stay out of the step. Its results carry ``-upstream-grad`` in the
 file name.
 
-Systems (scenario ``moe-layer``), timed in turns (ours, DeepSpeed, ours, ...) so clock and
-thermal drift hit all:
+Systems (scenario ``moe-layer``), timed in turns (ours, DeepSpeed, ours, ...; each turn
+starting one system later than the one before) so clock and thermal drift hit all:
 - ``ds-moe-top1``, ``ds-moe-top2``: grouped GEMM experts, capacity factor 1.25;
 - ``ds-moe-dropless-top2``: the same layer with ``drop_tokens=False`` (variable-size groups);
 - ``deepspeed-top1``, ``deepspeed-top2``: deepspeed.moe.layer.MoE, when deepspeed imports
@@ -683,8 +683,11 @@ def main(argv=None):
         x.requires_grad_()
         times = {name: [] for name in names}
         peaks = dict.fromkeys(names, 0.0)
-        for _ in range(args.repeats):
-            for name in names:
+        for turn in range(args.repeats):
+            # each turn starts one system later: a drift of the card's clocks or temperature
+            # over a turn falls on every system alike, not always on the last ones
+            shift = turn % len(names)
+            for name in names[shift:] + names[:shift]:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 times[name].append(time_layer(layers[name], x, args, device))
