@@ -415,3 +415,35 @@ def test_fused_combine_layer_matches_unfused_and_never_syncs(k):
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
     torch.testing.assert_close(a[3], b[3], rtol=2**-7, atol=1e-6)
     torch.testing.assert_close(a[4], b[4], rtol=2**-7, atol=1e-6)
+
+
+# ----------------------------------------------------------------- fused route placement
+def test_fused_route_probe_passes_on_this_gpu():
+    from ds_moe import _route_fused
+
+    _triton_or_skip()
+    device = torch.device("cuda", torch.cuda.current_device())
+    _route_fused._probe.cache_clear()
+    assert _route_fused._self_check(device)
+    assert _route_fused.fused_route_available(device)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("slots", [2560, None], ids=["capacity", "dropless"])
+def test_fused_route_equals_torch_at_benchmark_shape_and_never_syncs(k, slots):
+    # 16K tokens, 8 experts, RTS, skewed so capacity drops: every integer field equal, and
+    # the fused routing issues no device-to-host sync
+    from ds_moe import _route_fused
+
+    _triton_or_skip()
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert _route_fused.compare_with_torch(device, 16384, 8, k, slots, True, skew=1.0)
+    logits = torch.randn(16384, 8, device=device)
+    prio = torch.randperm(16384, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = ds_moe.route(logits, k, capacity_slots=slots, token_priority=prio, fused=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(r.kept_counts.sum()) == int(r.kept.sum())

@@ -9,6 +9,7 @@ from torch import nn
 from ds_moe._config import GateConfig, NoisyGatePolicy
 from ds_moe._gate_linear import fused_gate_available, fused_gate_requested, gate_logits
 from ds_moe._gating import multiplicative_jitter
+from ds_moe._route_fused import fused_route_available, fused_route_requested
 from ds_moe._routing import Routing, capacity, gumbel_like, route
 
 #: Switch Transformer's multiplicative jitter half-width
@@ -28,6 +29,9 @@ class TopKGate(nn.Module):
     #: the logits from the tokens' own dtype without an fp32 copy (``_gate_linear``): None
     #: follows ``DS_MOE_FUSED_GATE``, True/False override it
     fuse_logits: bool | None = None
+    #: the capacity and placement in three kernels (``_route_fused``): None follows
+    #: ``DS_MOE_FUSED_ROUTE`` (default on where its probe passes), True/False override it
+    fuse_route: bool | None = None
 
     def __init__(self, hidden_size: int, config: GateConfig) -> None:
         super().__init__()
@@ -86,4 +90,7 @@ class TopKGate(nn.Module):
             token_priority=priority,
             used_token=used_token,
             router_z_loss_coef=cfg.router_z_loss_coef,
+            fused=used_token is None
+            and fused_route_requested(self.fuse_route)
+            and fused_route_available(x.device),
         )

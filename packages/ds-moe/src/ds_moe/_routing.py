@@ -127,6 +127,7 @@ def route(
     token_priority: torch.Tensor | None = None,
     used_token: torch.Tensor | None = None,
     router_z_loss_coef: float = 0.0,
+    fused: bool = False,
 ) -> Routing:
     """Route ``S`` tokens given their router ``logits`` [S, E].
 
@@ -138,6 +139,9 @@ def route(
     Weights: for k = 1 the token's gate probability (so the router gets a gradient, Switch);
     for k > 1 the top-k probabilities renormalised to sum to 1 before capacity is applied
     (GShard), so a choice's weight does not depend on whether other tokens took its slot.
+
+    ``fused``: the capacity and placement in three Triton kernels (``_route_fused``, CUDA or
+    the interpreter; the same integers), where no ``used_token`` is given.
     """
     if logits.dim() != 2:
         raise ValueError(f"route: logits must be [tokens, experts], got {tuple(logits.shape)}")
@@ -150,6 +154,26 @@ def route(
     combine_weight = top_gates if k == 1 else top_gates / top_gates.sum(-1, keepdim=True)
 
     n = num_tokens * k
+    if fused and used_token is None:
+        from ds_moe._route_fused import place
+
+        position, order, kept_flat, exp_counts, kept_counts = place(
+            expert_index, token_priority, num_experts, capacity_slots
+        )
+        l_aux = load_balancing_loss(gates, exp_counts, k)
+        if router_z_loss_coef > 0:
+            l_aux = l_aux + router_z_loss_coef * router_z_loss(logits)
+        return Routing(
+            expert_index=expert_index,
+            combine_weight=combine_weight,
+            kept=kept_flat.view(k, num_tokens).t(),
+            order=order,
+            kept_counts=kept_counts,
+            exp_counts=exp_counts,
+            l_aux=l_aux,
+            capacity=capacity_slots,
+            position=position,
+        )
     # Assignment a = j * S + s; flat views in that order (a copy only for k > 1).
     flat_expert = expert_index.view(-1) if k == 1 else expert_index.t().reshape(-1)
     flat_used = None
