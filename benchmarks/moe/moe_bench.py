@@ -30,6 +30,9 @@ starting one system later than the one before) so clock and thermal drift hit al
 - ``ds-moe-unfusedcombine-top1``/``-top2``: ``ds-moe-top<k>`` with the single-pass combine and
   permutation backward (ds-moe >= 0.1.10, on by default) switched off (dropped where those
   kernels do not run), ratio ``ds-moe-top<k>/ds-moe-unfusedcombine-top<k>``;
+- ``ds-moe-unfusedroute-top1``/``-top2``: ``ds-moe-top<k>`` with the router's capacity and
+  placement in torch ops instead of its three kernels (ds-moe >= 0.1.10, on by default),
+  ratio ``ds-moe-top<k>/ds-moe-unfusedroute-top<k>``;
 - ``ds-moe-fusedgate-top1``/``-top2``: ``ds-moe-top<k>`` with the opt-in fused router logits
   (ds-moe >= 0.1.7: fp32 logits read straight from the bf16 tokens, no fp32 copy; dropped
   where those kernels do not run), ratio ``ds-moe-fusedgate-top<k>/ds-moe-top<k>``;
@@ -101,6 +104,8 @@ DEFAULT_SYSTEMS = (
     "ds-moe-unfused-top2",
     "ds-moe-unfusedcombine-top1",
     "ds-moe-unfusedcombine-top2",
+    "ds-moe-unfusedroute-top1",
+    "ds-moe-unfusedroute-top2",
     "ds-moe-fusedgate-top1",
     "ds-moe-fusedgate-top2",
     "deepspeed-top1",
@@ -199,6 +204,15 @@ def fused_combine_used(layer, device, dtype) -> bool:
     return asked and _combine.fused_combine_available(device, dtype)
 
 
+def fused_route_available(device):
+    """Whether ds-moe places the router's assignments with its kernels here (0.1.10+)."""
+    try:
+        from ds_moe import _route_fused
+    except ImportError:
+        return False
+    return _route_fused.fused_route_available(device)
+
+
 def fused_gate_available(device, dtype):
     """Whether ds-moe computes the router's fp32 logits without an fp32 copy here (0.1.7+)."""
     try:
@@ -209,7 +223,7 @@ def fused_gate_available(device, dtype):
 
 
 def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused_gate=None,
-               fused_combine=None, ep=None, **kw):  # fmt: skip
+               fused_combine=None, fused_route=None, ep=None, **kw):  # fmt: skip
     moe = ds_moe.MoE(args.d, expert_module(args), num_experts=args.experts,
                      ep_size=ep or dist.get_world_size(), k=k,
                      capacity_factor=args.capacity_factor, **kw)  # fmt: skip
@@ -222,6 +236,8 @@ def build_ours(args, k, device, dtype, *, grouped_kernel=True, fused=None, fused
         moe.gate.fuse_logits = fused_gate  # ds-moe 0.1.7+: opt-in fused router logits
     if fused_combine is not None and hasattr(moe, "fuse_combine"):
         moe.fuse_combine = fused_combine  # ds-moe 0.1.10+ (default on)
+    if fused_route is not None and hasattr(moe.gate, "fuse_route"):
+        moe.gate.fuse_route = fused_route  # ds-moe 0.1.10+ (default on)
     return moe
 
 
@@ -239,8 +255,8 @@ def expert_rows(layer, x) -> dict:
 
 def build_system(name, args, device, dtype):
     """(layer, k) for a system name:
-    [ds-moe|ds-moe-dropless|ds-moe-unfused|ds-moe-unfusedcombine|ds-moe-fusedgate|ds-moe-loop|
-    deepspeed]-top<k>."""
+    [ds-moe|ds-moe-dropless|ds-moe-unfused|ds-moe-unfusedcombine|ds-moe-unfusedroute|
+    ds-moe-fusedgate|ds-moe-loop|deepspeed]-top<k>."""
     impl, _, top = name.rpartition("-top")
     if not top.isdigit():
         raise SystemExit(f"--systems: {name!r} does not end in -top<k>")
@@ -253,6 +269,8 @@ def build_system(name, args, device, dtype):
         return build_ours(args, k, device, dtype, fused=False), k
     if impl == "ds-moe-unfusedcombine":
         return build_ours(args, k, device, dtype, fused_combine=False), k
+    if impl == "ds-moe-unfusedroute":
+        return build_ours(args, k, device, dtype, fused_route=False), k
     if impl == "ds-moe-fusedgate":
         return build_ours(args, k, device, dtype, fused_gate=True), k
     if impl == "ds-moe-loop":
@@ -603,6 +621,7 @@ def main(argv=None):
     for prefix, available, what in (
         ("ds-moe-unfused-", fused_bias_act_available, "fused bias + activation kernel"),
         ("ds-moe-unfusedcombine-", fused_combine_available, "single-pass combine (bf16/fp16)"),
+        ("ds-moe-unfusedroute-", lambda dv, dt: fused_route_available(dv), "fused placement"),
         ("ds-moe-fusedgate-", fused_gate_available, "fused router logits (bf16/fp16)"),
     ):
         if not available(device, dtype) and any(s.startswith(prefix) for s in systems):
@@ -622,6 +641,7 @@ def main(argv=None):
         "fused_bias_act": fused_bias_act_available(device, dtype),
         "fused_gate": fused_gate_available(device, dtype),
         "fused_combine": fused_combine_available(device, dtype),
+        "fused_route": fused_route_available(device),
         "config": {
             "d": args.d,
             "ffn": args.ffn_mult * args.d,
@@ -726,7 +746,8 @@ def main(argv=None):
     for k in ks:
         ds = by.get(f"deepspeed-top{k}")
         for name in (f"ds-moe-top{k}", f"ds-moe-dropless-top{k}", f"ds-moe-unfused-top{k}",
-                     f"ds-moe-unfusedcombine-top{k}", f"ds-moe-fusedgate-top{k}",
+                     f"ds-moe-unfusedcombine-top{k}", f"ds-moe-unfusedroute-top{k}",
+                     f"ds-moe-fusedgate-top{k}",
                      f"ds-moe-loop-top{k}"):  # fmt: skip
             if ds and name in by:
                 ratios[f"{name}/deepspeed-top{k} step_s"] = round(
@@ -741,6 +762,11 @@ def main(argv=None):
             # above 1: the single-pass combine (the default) makes the step faster
             ratios[f"ds-moe-top{k}/ds-moe-unfusedcombine-top{k} step_s"] = round(
                 by[f"ds-moe-unfusedcombine-top{k}"]["step_s"] / by[f"ds-moe-top{k}"]["step_s"], 3
+            )
+        if f"ds-moe-top{k}" in by and f"ds-moe-unfusedroute-top{k}" in by:
+            # above 1: the fused placement (the default) makes the step faster
+            ratios[f"ds-moe-top{k}/ds-moe-unfusedroute-top{k} step_s"] = round(
+                by[f"ds-moe-unfusedroute-top{k}"]["step_s"] / by[f"ds-moe-top{k}"]["step_s"], 3
             )
         if f"ds-moe-top{k}" in by and f"ds-moe-fusedgate-top{k}" in by:
             # above 1: the fused router logits make the step faster
