@@ -22,8 +22,12 @@ def route_before(
     token_priority: torch.Tensor | None = None,
     used_token: torch.Tensor | None = None,
     router_z_loss_coef: float = 0.0,
+    fused: bool = False,
 ) -> Routing:
     """Route ``S`` tokens given their router ``logits`` [S, E].
+
+    (``fused``: 0.1.10's switch for its placement kernels, accepted so the gate can call this
+    in its place; 0.1.3 had only the torch path, which runs whatever it says.)
 
     ``selection_logits`` (same shape, e.g. with Gumbel noise) choose the experts when given;
     the weights always come from ``softmax(logits)``. ``token_priority`` [S] is a permutation
