@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ds_moe._route_fused import place as fused_place
+
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
@@ -118,62 +120,18 @@ def gumbel_like(t: torch.Tensor, generator: torch.Generator | None = None) -> to
     return gumbel_rsample(t.shape, t.device, generator=generator)
 
 
-def route(
-    logits: torch.Tensor,
-    k: int,
-    *,
+def _place(
+    expert_index: torch.Tensor,
+    num_experts: int,
     capacity_slots: int | None,
-    selection_logits: torch.Tensor | None = None,
-    token_priority: torch.Tensor | None = None,
-    used_token: torch.Tensor | None = None,
-    router_z_loss_coef: float = 0.0,
-    fused: bool = False,
-) -> Routing:
-    """Route ``S`` tokens given their router ``logits`` [S, E].
-
-    ``selection_logits`` (same shape, e.g. with Gumbel noise) choose the experts when given;
-    the weights always come from ``softmax(logits)``. ``token_priority`` [S] is a permutation
-    of ``0..S-1`` ranking tokens for capacity inside each choice level (RTS passes a random
-    one). ``used_token`` [S] (bool or 0/1) excludes padding tokens from dispatch and counts.
-
-    Weights: for k = 1 the token's gate probability (so the router gets a gradient, Switch);
-    for k > 1 the top-k probabilities renormalised to sum to 1 before capacity is applied
-    (GShard), so a choice's weight does not depend on whether other tokens took its slot.
-
-    ``fused``: the capacity and placement in three Triton kernels (``_route_fused``, CUDA or
-    the interpreter; the same integers), where no ``used_token`` is given.
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"route: logits must be [tokens, experts], got {tuple(logits.shape)}")
-    num_tokens, num_experts = logits.shape
-    device = logits.device
-    gates = F.softmax(logits.float(), dim=-1)
-    sel = gates if selection_logits is None else selection_logits
-    expert_index = torch.topk(sel, k, dim=-1).indices  # [S, k]
-    top_gates = gates.gather(1, expert_index)
-    combine_weight = top_gates if k == 1 else top_gates / top_gates.sum(-1, keepdim=True)
-
+    token_priority: torch.Tensor | None,
+    used_token: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """``(position, order, kept [S*k], exp_counts, kept_counts)`` in torch ops: each
+    assignment's slot in its expert by priority, what capacity keeps, the dispatch order."""
+    num_tokens, k = expert_index.shape
+    device = expert_index.device
     n = num_tokens * k
-    if fused and used_token is None:
-        from ds_moe._route_fused import place
-
-        position, order, kept_flat, exp_counts, kept_counts = place(
-            expert_index, token_priority, num_experts, capacity_slots
-        )
-        l_aux = load_balancing_loss(gates, exp_counts, k)
-        if router_z_loss_coef > 0:
-            l_aux = l_aux + router_z_loss_coef * router_z_loss(logits)
-        return Routing(
-            expert_index=expert_index,
-            combine_weight=combine_weight,
-            kept=kept_flat.view(k, num_tokens).t(),
-            order=order,
-            kept_counts=kept_counts,
-            exp_counts=exp_counts,
-            l_aux=l_aux,
-            capacity=capacity_slots,
-            position=position,
-        )
     # Assignment a = j * S + s; flat views in that order (a copy only for k > 1).
     flat_expert = expert_index.view(-1) if k == 1 else expert_index.t().reshape(-1)
     flat_used = None
@@ -219,7 +177,48 @@ def route(
         kept_flat = keep
         position = _rank(torch.where(keep, cell, cell + num_experts * span), 2 * num_experts * span)
     order = torch.empty_like(position).scatter_(0, position, torch.arange(n, device=device))
+    return position, order, kept_flat, exp_counts, kept_counts
 
+
+def route(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    capacity_slots: int | None,
+    selection_logits: torch.Tensor | None = None,
+    token_priority: torch.Tensor | None = None,
+    used_token: torch.Tensor | None = None,
+    router_z_loss_coef: float = 0.0,
+    fused: bool = False,
+) -> Routing:
+    """Route ``S`` tokens given their router ``logits`` [S, E].
+
+    ``selection_logits`` (same shape, e.g. with Gumbel noise) choose the experts when given;
+    the weights always come from ``softmax(logits)``. ``token_priority`` [S] is a permutation
+    of ``0..S-1`` ranking tokens for capacity inside each choice level (RTS passes a random
+    one). ``used_token`` [S] (bool or 0/1) excludes padding tokens from dispatch and counts.
+
+    Weights: for k = 1 the token's gate probability (so the router gets a gradient, Switch);
+    for k > 1 the top-k probabilities renormalised to sum to 1 before capacity is applied
+    (GShard), so a choice's weight does not depend on whether other tokens took its slot.
+
+    ``fused``: the capacity and placement in three Triton kernels (``_route_fused``, CUDA or
+    the interpreter; the same integers), where no ``used_token`` is given.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"route: logits must be [tokens, experts], got {tuple(logits.shape)}")
+    num_tokens, num_experts = logits.shape
+    gates = F.softmax(logits.float(), dim=-1)
+    sel = gates if selection_logits is None else selection_logits
+    expert_index = torch.topk(sel, k, dim=-1).indices  # [S, k]
+    top_gates = gates.gather(1, expert_index)
+    combine_weight = top_gates if k == 1 else top_gates / top_gates.sum(-1, keepdim=True)
+
+    if fused and used_token is None:
+        placed = fused_place(expert_index, token_priority, num_experts, capacity_slots)
+    else:
+        placed = _place(expert_index, num_experts, capacity_slots, token_priority, used_token)
+    position, order, kept_flat, exp_counts, kept_counts = placed
     l_aux = load_balancing_loss(gates, exp_counts, k)
     if router_z_loss_coef > 0:
         l_aux = l_aux + router_z_loss_coef * router_z_loss(logits)
