@@ -90,8 +90,9 @@ def test_router_never_syncs_with_the_host(k):
     assert r.kept_counts.sum().item() <= 8 * 700
 
 
+@pytest.mark.parametrize("fuse_logits", [None, True], ids=["default", "fused_gate"])
 @pytest.mark.parametrize("k,dropless", [(1, False), (2, False), (2, True)])
-def test_layer_forward_backward_never_syncs_with_the_host(k, dropless):
+def test_layer_forward_backward_never_syncs_with_the_host(k, dropless, fuse_logits):
     # ep_size 1 on the grouped kernel: routing, permutation, experts, combine and the whole
     # backward run without one device-to-host sync (RTS and drops included).
     major, _ = torch.cuda.get_device_capability()
@@ -107,9 +108,9 @@ def test_layer_forward_backward_never_syncs_with_the_host(k, dropless):
         k=k,
         capacity_factor=1.0,
         drop_tokens=not dropless,
-        top2_2nd_expert_sampling=False,
-    )
+    )  # top-2 samples its second expert (Gumbel), as by default
     moe = moe.cuda().to(torch.bfloat16).train()
+    moe.gate.fuse_logits = fuse_logits  # also the opt-in fused router logits
     x = torch.randn(2, 1000, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, l_aux, counts = moe(x)  # warm-up: the grouped-kernel probe syncs once per device
     (out.float().square().mean() + l_aux).backward()
