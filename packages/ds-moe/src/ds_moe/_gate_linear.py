@@ -18,9 +18,10 @@ accumulations in another order than cuBLAS's fp32 GEMM: logits and gradients dif
 unfused path in the last fp32 bits, which can flip a routing decision only where two experts'
 logits tie to within that.
 
-Opt-in, because on an H100 it measured no faster than ``F.linear`` on the fp32 copies
-(0.88-1.23x alone, 0.95-1.01x in the layer) while its logits ran an fp32 FMA dot (0.21 ms,
-0.3 TB/s); ds-moe 0.1.9 moves that dot to the tensor cores (not yet measured):
+Opt-in, because on an H100 the layer is not reliably faster with it: 0.1.9 moved the logits'
+dot to the tensor cores (0.064 ms instead of 0.21), and with 0.1.10's defaults the step is
+1.005-1.025x the default for top-1 but 0.94-0.95x for top-2, although its kernels take 0.36 ms
+less there and the host issues the step no slower (not understood yet):
 ``DS_MOE_FUSED_GATE=1`` (read on every forward) or ``TopKGate.fuse_logits = True`` turns it
 on (``False`` keeps it off whatever the variable says). Even then it runs only where a probe (once per device and dtype) has checked the
 compiled kernels against torch on CUDA, for bf16/fp16 tokens and a weight of the same dtype

@@ -8,7 +8,9 @@ priority order, one histogram per chunk of priorities and one pass that places e
 assignment from the histograms before it. Integers only: ``position``, ``order``, ``kept``
 and the counts equal the torch path's exactly (the probe and the tests check it).
 
-On by default where a probe (once per device) has checked the compiled kernels against the
+On an H100 at the benchmark's shape the layer step is 1.02-1.07x faster with them, far more
+than their own 0.04 ms less kernel time: the GPU idled around the small torch kernels. On by
+default where a probe (once per device) has checked the compiled kernels against the
 torch path on CUDA, for routings without ``used_token`` (padding tokens keep the torch path):
 ``DS_MOE_FUSED_ROUTE=0`` (read on every forward) or ``TopKGate.fuse_route = False`` keeps
 the torch ops.
