@@ -213,6 +213,16 @@ def fused_route_available(device):
     return _route_fused.fused_route_available(device)
 
 
+def fused_route_used(layer, device) -> bool:
+    """Whether this ds-moe layer's router places with its kernels: asked for and available."""
+    try:
+        from ds_moe import _route_fused
+    except ImportError:
+        return False
+    asked = _route_fused.fused_route_requested(getattr(layer.gate, "fuse_route", None))
+    return asked and _route_fused.fused_route_available(device)
+
+
 def fused_gate_available(device, dtype):
     """Whether ds-moe computes the router's fp32 logits without an fp32 copy here (0.1.7+)."""
     try:
@@ -576,7 +586,8 @@ def phase_breakdown(args, k, layer, x, flops, peak_tflops, dtype):
         )
         model = model_on_meta(args.d, args.ffn_mult * args.d, args.experts, k, cap, args.tokens,
                               dtype, fused_bias_act=fused,
-                              fused_combine=fused_combine_used(layer, x.device, dtype))  # fmt: skip
+                              fused_combine=fused_combine_used(layer, x.device, dtype),
+                              fused_route=fused_route_used(layer, x.device))  # fmt: skip
         entry["model_h100"] = {
             "totals": model["totals"],
             "phases": {p: {key: v[key] for key in ("launches", "mib", "est_ms")}

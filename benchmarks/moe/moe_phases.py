@@ -488,11 +488,14 @@ def _profiler_frames(ev) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _grouped_kernel_assumed(fused_bias_act: bool = False, fused_combine: bool = False):
+def _grouped_kernel_assumed(
+    fused_bias_act: bool = False, fused_combine: bool = False, fused_route: bool = False
+):
     """Count the CUDA path on ``meta``: the grouped-kernel probe cannot run on meta tensors.
 
     ``fused_combine``: count ds-moe's single-pass combine and permutation backward (0.1.10+,
-    the default where its kernels run) instead of the unfused gathers.
+    the default where its kernels run) instead of the unfused gathers; ``fused_route``: its
+    placement kernels (0.1.10+, the default) instead of the router's torch ops.
 
     ``fused_bias_act``: count ds-moe's fused bias + activation kernel (0.1.6+, CUDA with
     Triton, the default from 0.1.9; its meta kernel gives its bytes) as if
@@ -507,11 +510,13 @@ def _grouped_kernel_assumed(fused_bias_act: bool = False, fused_combine: bool = 
         ba = None
     try:
         import ds_moe._combine as cb
+        import ds_moe._route_fused as rf
     except ImportError:  # ds-moe < 0.1.10
-        cb = None
+        cb = rf = None
     saved = gg._probe
     saved_ba = ba._probe if ba is not None else None
     saved_cb = cb._probe if cb is not None else None
+    saved_rf = rf._probe if rf is not None else None
     saved_env = os.environ.get("DS_MOE_FUSED_BIAS_ACT")
     os.environ["DS_MOE_FUSED_BIAS_ACT"] = "1" if fused_bias_act else "0"
     gg._probe = lambda *a: True  # noqa: SLF001 - diagnostic only, restored below
@@ -519,6 +524,7 @@ def _grouped_kernel_assumed(fused_bias_act: bool = False, fused_combine: bool = 
         ba._probe = lambda *a: fused_bias_act  # noqa: SLF001
     if cb is not None:
         cb._probe = lambda *a: fused_combine  # noqa: SLF001
+        rf._probe = lambda *a: fused_route  # noqa: SLF001
     try:
         yield
     finally:
@@ -527,6 +533,7 @@ def _grouped_kernel_assumed(fused_bias_act: bool = False, fused_combine: bool = 
             ba._probe = saved_ba
         if cb is not None:
             cb._probe = saved_cb
+            rf._probe = saved_rf
         if saved_env is None:
             os.environ.pop("DS_MOE_FUSED_BIAS_ACT", None)
         else:
@@ -553,10 +560,10 @@ def build_layer(d, ffn, experts, k, capacity_factor, tokens, device, dtype, **kw
 
 def model_on_meta(
     d, ffn, experts, k, capacity_factor, tokens, dtype, fused_bias_act=False,
-    fused_combine=False, **kw,
+    fused_combine=False, fused_route=False, **kw,
 ) -> dict:  # fmt: skip
     """``summarize(count_ops(...))`` of the CUDA path at full size on the ``meta`` device."""
-    with _grouped_kernel_assumed(fused_bias_act, fused_combine):
+    with _grouped_kernel_assumed(fused_bias_act, fused_combine, fused_route):
         layer, x = build_layer(d, ffn, experts, k, capacity_factor, tokens, "meta", dtype, **kw)
         return summarize(count_ops(layer, x))
 
@@ -581,6 +588,9 @@ def main(argv=None) -> None:
     p.add_argument("--fused-combine", action="store_true",
                    help="on meta: count the single-pass combine and permutation backward "
                    "(the default path on CUDA from ds-moe 0.1.10)")  # fmt: skip
+    p.add_argument("--fused-route", action="store_true",
+                   help="on meta: count the router's placement kernels (the default on CUDA "
+                   "from ds-moe 0.1.10)")  # fmt: skip
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = torch.device(args.device)
@@ -592,7 +602,7 @@ def main(argv=None) -> None:
     for k in args.k:
         shape = (args.hidden, ffn, args.experts, k, args.capacity_factor, args.tokens)
         if device.type == "meta":
-            with _grouped_kernel_assumed(args.fused_bias_act, args.fused_combine):
+            with _grouped_kernel_assumed(args.fused_bias_act, args.fused_combine, args.fused_route):
                 layer, x = build_layer(*shape, device, dtype)
                 entry = summarize(count_ops(layer, x, steady_state=not args.fresh_grads))
         else:

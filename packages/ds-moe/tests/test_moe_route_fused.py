@@ -60,6 +60,26 @@ def test_fused_placement_equals_torch(kernels, tokens, experts, k, slots, rts):
 
 
 @needs_triton
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_fused_layout_equals_local_layout(kernels, k):
+    # the layout the placement kernel writes on the way equals _local_dispatch's from the
+    # torch routing (compare_with_torch checks it too; here with drops on every expert)
+    from ds_moe._local_dispatch import local_layout
+
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(150, 6, generator=g)
+    prio = torch.randperm(150, generator=g)
+    a = route(logits, k, capacity_slots=10, token_priority=prio, fused=True)
+    b = route(logits, k, capacity_slots=10, token_priority=prio, fused=False)
+    assert a.local is not None and b.local is None
+    la, lb = local_layout(a), local_layout(b)
+    for field in ("row", "dest", "token_of_row", "offs", "assignment_of_row"):
+        assert torch.equal(getattr(la, field), getattr(lb, field)), field
+        assert getattr(la, field).dtype == getattr(lb, field).dtype, field
+    assert la.row.eq(0).sum() == (~a.kept).sum()
+
+
+@needs_triton
 def test_drops_and_placement_are_as_documented(kernels):
     # a skewed router overflows: the kept assignments come first, grouped by expert in
     # priority order, then the dropped ones, and ``order`` inverts ``position``
@@ -109,5 +129,7 @@ def test_switch_cpu_and_padding_tokens_keep_torch(monkeypatch):
 def test_op_has_a_meta_kernel():
     idx = torch.empty(50, 2, device="meta", dtype=torch.int64)
     out = torch.ops.ds_moe.route_place(idx, None, 8, 10, True)
-    assert [t.shape for t in out] == [(100,), (100,), (100,), (8,), (8,)]
-    assert out[2].dtype == torch.bool and out[0].device.type == "meta"
+    shapes = [(100,), (100,), (100,), (8,), (8,), (50, 2), (50, 2), (101,), (8,)]
+    assert [tuple(t.shape) for t in out] == shapes
+    assert out[2].dtype == torch.bool and out[8].dtype == torch.int32
+    assert out[0].device.type == "meta"

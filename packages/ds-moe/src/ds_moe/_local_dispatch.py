@@ -48,6 +48,10 @@ class LocalLayout:
 def local_layout(routing: Routing) -> LocalLayout:
     num_tokens, k = routing.expert_index.shape
     order = routing.order  # kept assignments first, grouped by expert; then the dropped ones
+    if routing.local is not None:  # written by the fused placement (``_route_kernels``)
+        row, dest, token_of_row, offs = routing.local
+        return LocalLayout(row=row, token_of_row=token_of_row, assignment_of_row=order,
+                           offs=offs, dest=dest)  # fmt: skip
     position = routing.position
     if position is None:  # a Routing built elsewhere: invert ``order``
         pos = torch.arange(order.numel(), device=order.device)

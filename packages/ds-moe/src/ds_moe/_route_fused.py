@@ -36,7 +36,7 @@ def _kernels():
 _LIB = torch.library.Library("ds_moe", "FRAGMENT")
 _LIB.define(
     "route_place(Tensor expert_index, Tensor? token_rank, int num_experts, int cap, "
-    "bool has_cap) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool has_cap) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -46,9 +46,10 @@ def _run(expert_index, token_rank, num_experts, cap, has_cap):
 
 def _meta(expert_index, token_rank, num_experts, cap, has_cap):
     n = expert_index.numel()
-    new = functools.partial(torch.empty, device=expert_index.device)
-    return (new(n, dtype=torch.int64), new(n, dtype=torch.int64), new(n, dtype=torch.bool),
-            new(num_experts, dtype=torch.int64), new(num_experts, dtype=torch.int64))  # fmt: skip
+    new = functools.partial(torch.empty, device=expert_index.device, dtype=torch.int64)
+    return (new(n), new(n), new(n, dtype=torch.bool), new(num_experts), new(num_experts),
+            new(expert_index.shape), new(expert_index.shape), new(1 + n),
+            new(num_experts, dtype=torch.int32))  # fmt: skip
 
 
 register(_LIB, "route_place", _run, _meta, _kernels)
@@ -60,9 +61,10 @@ def place(
     num_experts: int,
     capacity_slots: int | None,
 ) -> tuple[torch.Tensor, ...]:
-    """``(position, order, kept, exp_counts, kept_counts)`` of the [S, k] top-k ``expert_index``
-    with priorities ``choice * S + token_rank`` (``a`` itself when None): ``kept`` [S*k] bool in
-    assignment order ``a = choice * S + token``."""
+    """``(position, order, kept, exp_counts, kept_counts, row, dest, token_of_row, offs)`` of
+    the [S, k] top-k ``expert_index`` with priorities ``choice * S + token_rank`` (``a`` itself
+    when None): ``kept`` [S*k] bool in assignment order ``a = choice * S + token``; the last
+    four are ``_local_dispatch.LocalLayout``'s fields of the same name."""
     cap = 0 if capacity_slots is None else int(capacity_slots)
     return torch.ops.ds_moe.route_place(
         expert_index, token_rank, num_experts, cap, capacity_slots is not None
@@ -112,6 +114,14 @@ def compare_with_torch(
     a = route(logits, k, capacity_slots=slots, token_priority=prio, fused=True)
     b = route(logits, k, capacity_slots=slots, token_priority=prio, fused=False)
     fields = ("expert_index", "kept", "order", "position", "kept_counts", "exp_counts")
+    from ds_moe._local_dispatch import local_layout
+
+    la, lb = local_layout(a), local_layout(b)
+    layout_fields = ("row", "dest", "token_of_row", "offs", "assignment_of_row")
+    if not all(torch.equal(getattr(la, f), getattr(lb, f)) for f in layout_fields):
+        return False
+    if a.local is None:  # the fused routing carries its layout
+        return False
     same_loss = torch.allclose(a.l_aux, b.l_aux, rtol=0, atol=0, equal_nan=True)  # 0 tokens: NaN
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields) and same_loss
 

@@ -11,7 +11,10 @@ compute what ``_routing.route`` computes with ~25 small torch ops:
   earlier chunks, from the histograms, plus a running count inside the chunk), whether the
   slot is under the capacity, and its position in the dispatch order (kept ones first by
   expert, then the dropped ones by expert, each in priority order); it writes ``position``,
-  ``order`` (its inverse), ``kept`` and, in the first program, the per-expert counts.
+  ``order`` (its inverse), ``kept`` and, in the first program, the per-expert counts; and
+  the one-rank layout of ``_local_dispatch`` (each choice's buffer row ``dest`` and, 0 when
+  dropped, ``row``; the token of every buffer row; the groups' ends ``offs``), which would
+  otherwise take ~8 more small kernels.
 
 Integers only, so the results equal the torch path's exactly; nothing reads them on the host.
 """
@@ -75,7 +78,8 @@ def _hist_kernel(idx_ptr, a_at_ptr, hist_ptr, n, S, K: tl.constexpr, HAS_PRIO: t
 
 @triton.jit
 def _place_kernel(idx_ptr, a_at_ptr, hist_ptr, pos_ptr, order_ptr, kept_ptr, counts_ptr,
-                  kept_counts_ptr, n, S, E, n_chunks, cap, K: tl.constexpr,
+                  kept_counts_ptr, row_ptr, dest_ptr, tok_ptr, offs_ptr, n, S, E, n_chunks,
+                  cap, K: tl.constexpr,
                   HAS_PRIO: tl.constexpr, HAS_CAP: tl.constexpr, E_PAD: tl.constexpr,
                   CHUNK: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
     c = tl.program_id(0)
@@ -100,6 +104,10 @@ def _place_kernel(idx_ptr, a_at_ptr, hist_ptr, pos_ptr, order_ptr, kept_ptr, cou
     if c == 0:
         tl.store(counts_ptr + es, total, mask=es < E)
         tl.store(kept_counts_ptr + es, kept_total, mask=es < E)
+        # group ends of the buffer: the sentinel row 0, then each expert's kept rows
+        ends = 1 + tl.cumsum(kept_total, axis=0)
+        tl.store(offs_ptr + es, ends.to(tl.int32), mask=es < E)
+        tl.store(tok_ptr + es, tl.zeros((E_PAD,), dtype=tl.int64), mask=es == 0)
 
     p = c * CHUNK + tl.arange(0, CHUNK)
     ok = p < n
@@ -118,12 +126,19 @@ def _place_kernel(idx_ptr, a_at_ptr, hist_ptr, pos_ptr, order_ptr, kept_ptr, cou
     tl.store(pos_ptr + a, pos, mask=ok)
     tl.store(order_ptr + pos, a.to(tl.int64), mask=ok)
     tl.store(kept_ptr + a, kept.to(tl.int8), mask=ok)
+    # the layout, token-major [S, k]: choice j of token s is assignment a = j * S + s
+    tok = a % S
+    tm = tok * K + a // S
+    tl.store(dest_ptr + tm, pos + 1, mask=ok)
+    tl.store(row_ptr + tm, tl.where(kept, pos + 1, 0), mask=ok)
+    tl.store(tok_ptr + 1 + pos, tok.to(tl.int64), mask=ok)
 
 
 def place(
     expert_index: torch.Tensor, token_rank: torch.Tensor | None, num_experts: int, cap: int | None
 ) -> tuple[torch.Tensor, ...]:
-    """(position, order, kept [n] bool in assignment order, exp_counts, kept_counts)."""
+    """(position, order, kept [n] bool in assignment order, exp_counts, kept_counts, row,
+    dest ([S, k] int64), token_of_row [1 + n] int64, offs [E] int32)."""
     num_tokens, k = expert_index.shape
     n = num_tokens * k
     device = expert_index.device
@@ -131,10 +146,16 @@ def place(
     position = torch.empty(n, dtype=torch.int64, device=device)
     order = torch.empty(n, dtype=torch.int64, device=device)
     kept = torch.empty(n, dtype=torch.int8, device=device)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    kept_counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    # (no fills: the place kernel's first program writes the counts, the ends and row 0)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=device)
+    kept_counts = torch.empty(num_experts, dtype=torch.int64, device=device)
+    row = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
+    dest = torch.empty(num_tokens, k, dtype=torch.int64, device=device)
+    token_of_row = torch.empty(1 + n, dtype=torch.int64, device=device)
+    offs = torch.empty(num_experts, dtype=torch.int32, device=device)
     if n == 0:
-        return position, order, kept.bool(), counts, kept_counts
+        counts.zero_(), kept_counts.zero_(), token_of_row.zero_(), offs.fill_(1)
+        return position, order, kept.bool(), counts, kept_counts, row, dest, token_of_row, offs
     has_prio = token_rank is not None
     a_at = idx  # unused without a priority (the kernels take a_at = p)
     if has_prio:
@@ -149,8 +170,9 @@ def place(
     _hist_kernel[(n_chunks,)](idx, a_at, hist, n, num_tokens, K=k, HAS_PRIO=has_prio,
                               E_PAD=e_pad, CHUNK=chunk, num_warps=4)  # fmt: skip
     _place_kernel[(n_chunks,)](
-        idx, a_at, hist, position, order, kept, counts, kept_counts, n, num_tokens,
-        num_experts, n_chunks, 0 if cap is None else cap, K=k, HAS_PRIO=has_prio,
+        idx, a_at, hist, position, order, kept, counts, kept_counts, row, dest, token_of_row,
+        offs, n, num_tokens, num_experts, n_chunks, 0 if cap is None else cap, K=k, HAS_PRIO=has_prio,
         HAS_CAP=cap is not None, E_PAD=e_pad, CHUNK=chunk, STEP=PREFIX_STEP, num_warps=4,
     )  # fmt: skip
-    return position, order, kept.view(torch.bool), counts, kept_counts
+    return (position, order, kept.view(torch.bool), counts, kept_counts, row, dest,
+            token_of_row, offs)  # fmt: skip

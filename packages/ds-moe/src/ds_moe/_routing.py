@@ -43,6 +43,9 @@ class Routing:
     capacity: int | None
     #: [S*k] int64: where each assignment sits in ``order`` (its inverse permutation)
     position: torch.Tensor | None = None
+    #: the one-rank dispatch layout the fused placement writes on the way (``row``, ``dest``,
+    #: ``token_of_row``, ``offs`` of ``_local_dispatch.LocalLayout``), else None
+    local: tuple[torch.Tensor, ...] | None = None
 
 
 def capacity(num_tokens: int, num_experts: int, k: int, factor: float, min_capacity: int) -> int:
@@ -214,8 +217,10 @@ def route(
     top_gates = gates.gather(1, expert_index)
     combine_weight = top_gates if k == 1 else top_gates / top_gates.sum(-1, keepdim=True)
 
+    local = None
     if fused and used_token is None:
         placed = fused_place(expert_index, token_priority, num_experts, capacity_slots)
+        placed, local = placed[:5], tuple(placed[5:])
     else:
         placed = _place(expert_index, num_experts, capacity_slots, token_priority, used_token)
     position, order, kept_flat, exp_counts, kept_counts = placed
@@ -232,4 +237,5 @@ def route(
         l_aux=l_aux,
         capacity=capacity_slots,
         position=position,
+        local=local,
     )
