@@ -48,3 +48,27 @@ def test_full_state_equals_plain_adamw_and_set_refreshes_the_parameter(stage):
         ds_zero.set_full_param_state(target, torch.zeros(3))
     with pytest.raises(ValueError, match="not held by a ZeRO engine"):
         ds_zero.full_param_state(torch.nn.Parameter(torch.zeros(2)))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_full_grad_equals_plain_grad_and_set_is_what_the_step_applies(stage):
+    ref = make_model()
+    model = make_model()
+    zero = ds_zero.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                        ds_zero.ZeroOptions(stage=stage))  # fmt: skip
+    params = dict(model.named_parameters())
+    x, y = batch(0, 0, 0)
+    zero.backward(zero(x, y))
+    ref(x, y).backward()
+    for name, want in ref.named_parameters():
+        got = ds_zero.full_param_grad(params[name])
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=1e-7)
+    target = params["head.weight"]
+    before = ds_zero.full_param_state(target).clone()
+    ds_zero.set_full_param_grad(target, torch.full(tuple(target.shape), 2.0))
+    torch.testing.assert_close(ds_zero.full_param_grad(target), torch.full(target.shape, 2.0))
+    with pytest.raises(ValueError, match="elements"):
+        ds_zero.set_full_param_grad(target, torch.zeros(3))
+    zero.step()
+    torch.testing.assert_close(ds_zero.full_param_state(target), before - 0.5 * 2.0)

@@ -23,7 +23,13 @@ from ds_zero._init import GatheredParameters, Init
 from ds_zero._loss_scaler import DynamicLossScaler, LossScaleOptions, LossScaler
 from ds_zero._memory import MemoryEstimate, memory_estimate, model_state_bytes
 from ds_zero._options import ZeroOptions
-from ds_zero._param_access import full_param_state, owner_of, set_full_param_state
+from ds_zero._param_access import (
+    full_param_grad,
+    full_param_state,
+    owner_of,
+    set_full_param_grad,
+    set_full_param_state,
+)
 from ds_zero._reducer import ReducerState
 from ds_zero._shard_store import ParamShardStore
 from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
@@ -55,10 +61,12 @@ __all__ = [
     "estimate_zero3_model_states_mem_needs",
     "estimate_zero3_model_states_mem_needs_all_cold",
     "estimate_zero3_model_states_mem_needs_all_live",
+    "full_param_grad",
     "full_param_state",
     "memory_estimate",
     "model_state_bytes",
     "owner_of",
+    "set_full_param_grad",
     "set_full_param_state",
     "wrap",
     "zero2_model_to_params",

@@ -1,6 +1,6 @@
 """One parameter's ZeRO state, whole: DeepSpeed's debugging accessors
-(``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``, ``safe_set_full_fp32_param``,
-``safe_set_full_optimizer_state``; ds-all serves them under ``deepspeed.utils``).
+(``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``, ``safe_get_full_grad`` and
+their setters; ds-all serves them under ``deepspeed.utils``).
 
 Each is a collective over the parameter's data-parallel group (an expert's: its expert
 data-parallel group): every rank holding the parameter calls it. Reading puts this rank's
@@ -25,7 +25,14 @@ from ds_zero._param_meta import full_numel, full_shape
 if TYPE_CHECKING:
     from ds_zero._zero import Zero
 
-__all__ = ["full_param_state", "owner_of", "register_owner", "set_full_param_state"]
+__all__ = [
+    "full_param_grad",
+    "full_param_state",
+    "owner_of",
+    "register_owner",
+    "set_full_param_grad",
+    "set_full_param_state",
+]
 
 _OWNER = "_ds_zero_owner"
 
@@ -109,3 +116,34 @@ def set_full_param_state(p: nn.Parameter, value: torch.Tensor, key: str = "maste
                 f.tensor.copy_(piece.to(device=f.tensor.device, dtype=f.tensor.dtype))
 
     zero.load_state_fragments(fill)
+
+
+def full_param_grad(p: nn.Parameter) -> torch.Tensor:
+    """``p``'s whole reduced gradient (fp32, ``p``'s full shape, on every rank of its group):
+    what ``step()`` will apply, averaged over the data-parallel group and, with fp16, times
+    the loss scale (``Zero.grad_fragments`` says when it is defined)."""
+    zero, name = _owner_and_name(p, "full_param_grad")
+    out = torch.zeros(full_numel(p), dtype=torch.float32, device=p.device)
+    for f in zero.grad_fragments():
+        if f.name == name:
+            out[f.offset : f.offset + f.numel] = f.tensor.to(device=p.device, dtype=torch.float32)
+    group = _group(zero, p)
+    if group_size(group) > 1:
+        dist.all_reduce(out, group=group)  # disjoint pieces: the sum is the whole
+    return out.view(full_shape(p))
+
+
+def set_full_param_grad(p: nn.Parameter, value: torch.Tensor) -> None:
+    """Replace ``p``'s reduced gradient by ``value`` (full shape, the same on every rank of
+    its group) before ``step()`` applies it."""
+    zero, name = _owner_and_name(p, "set_full_param_grad")
+    if value.numel() != full_numel(p):
+        raise ValueError(
+            f"set_full_param_grad: {name!r} has {full_numel(p)} elements "
+            f"{tuple(full_shape(p))}, the value {value.numel()} {tuple(value.shape)}"
+        )
+    flat = value.detach().reshape(-1)
+    for f in zero.grad_fragments(for_write=True):
+        if f.name == name:
+            piece = flat[f.offset : f.offset + f.numel]
+            f.tensor.copy_(piece.to(device=f.tensor.device, dtype=f.tensor.dtype))

@@ -686,6 +686,40 @@ class Zero:
                 out.extend(self._scalar_fragments(tensors, name, master_n))
         return out
 
+    def grad_fragments(self, *, for_write: bool = False) -> list[Fragment]:
+        """This rank's pieces of the reduced gradients, named after the parameters (the fp32
+        partitions ``step()`` applies: averaged over the data-parallel group, times the fp16
+        loss scale until the step unscales them). Reading (``for_write=False``) gives each
+        piece on exactly one rank, as ``state_fragments`` does; writing gives every piece
+        this rank holds (stage 0 holds all of them), views to fill in place.
+
+        Defined after the backward of an accumulation boundary and, at stages 2-3 (which
+        reduce every micro-step), between micro-steps too: a RuntimeError says so elsewhere,
+        and where an offloading stepper already took a gradient during backward.
+        """
+        local = any(b.accum is not None for b in self.trainable)
+        if self.phase is not Phase.READY and local:
+            raise RuntimeError(
+                "the gradients are not reduced yet: stages 0-1 accumulate micro-steps locally "
+                "and reduce at the accumulation boundary; read them after the boundary "
+                "micro-step's backward, before step()"
+            )
+        if self._held_norms or self._streamed:
+            raise RuntimeError(
+                "the offloaded optimizer took this step's gradients during backward (streamed "
+                "to the host); read gradients with offload_optimizer off, or before backward"
+            )
+        out: list[Fragment] = []
+        for b in self.trainable:
+            m_lo, m_hi = b.master_range
+            if b.grad_shard is None:  # no gradient reached this bucket: zeros, as step() uses
+                b.grad_shard = torch.zeros(
+                    m_hi - m_lo, dtype=b.exact_grad_dtype or torch.float32, device=b.device
+                )
+            lo, hi = (m_lo, m_hi) if for_write else b.layout.shard_range(b.rank)
+            out.extend(self._save_fragments(b, {"master": b.grad_shard}, lo, hi, False))
+        return out
+
     def elementwise_state_keys(self) -> set[str]:
         """The optimizer states held per element of the parameters (``exp_avg``, ...: those
         saved as fragments of each parameter's shape), not scalars such as ``step``; empty

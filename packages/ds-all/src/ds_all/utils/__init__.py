@@ -10,8 +10,10 @@ from ds_all.utils.logging import log_dist, logger, set_log_level_from_string
 from ds_all.utils.nvtx import instrument_w_nvtx
 from ds_all.utils.tensor_fragment import (
     safe_get_full_fp32_param,
+    safe_get_full_grad,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
+    safe_set_full_grad,
     safe_set_full_optimizer_state,
 )
 from ds_all.utils.z3_leaf_module import (
@@ -31,8 +33,10 @@ __all__ = [
     "log_dist",
     "logger",
     "safe_get_full_fp32_param",
+    "safe_get_full_grad",
     "safe_get_full_optimizer_state",
     "safe_set_full_fp32_param",
+    "safe_set_full_grad",
     "safe_set_full_optimizer_state",
     "set_log_level_from_string",
     "set_z3_leaf_module",
