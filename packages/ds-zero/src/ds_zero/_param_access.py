@@ -76,15 +76,37 @@ def full_param_state(p: nn.Parameter, key: str = "master") -> torch.Tensor:
     rank of its group."""
     zero, name = _owner_and_name(p, "full_param_state")
     _check_key(zero, key, "full_param_state")
-    target = _fragment_name(name, key)
+    return _assemble(zero, p, zero.state_fragments(), _fragment_name(name, key))
+
+
+def _assemble(zero: Zero, p: nn.Parameter, fragments: list, target: str) -> torch.Tensor:
+    """The whole fp32 tensor ``target`` from this rank's disjoint ``fragments`` of it, summed
+    over ``p``'s group (each piece is on exactly one rank), in ``p``'s full shape."""
     out = torch.zeros(full_numel(p), dtype=torch.float32, device=p.device)
-    for f in zero.state_fragments():
+    for f in fragments:
         if f.name == target:
             out[f.offset : f.offset + f.numel] = f.tensor.to(device=p.device, dtype=torch.float32)
     group = _group(zero, p)
     if group_size(group) > 1:
         dist.all_reduce(out, group=group)  # the pieces are disjoint: the sum is the whole
     return out.view(full_shape(p))
+
+
+def _check_size(p: nn.Parameter, name: str, value: torch.Tensor, what: str) -> None:
+    if value.numel() != full_numel(p):
+        raise ValueError(
+            f"{what}: {name!r} has {full_numel(p)} elements {tuple(full_shape(p))}, the value "
+            f"{value.numel()} {tuple(value.shape)}"
+        )
+
+
+def _copy_into(fragments: list, value: torch.Tensor, target: str) -> None:
+    """Copy the pieces of ``value`` (flattened) into the ``fragments`` of ``target``."""
+    flat = value.detach().reshape(-1)
+    for f in fragments:
+        if f.name == target:
+            piece = flat[f.offset : f.offset + f.numel]
+            f.tensor.copy_(piece.to(device=f.tensor.device, dtype=f.tensor.dtype))
 
 
 def _check_key(zero: Zero, key: str, what: str) -> None:
@@ -100,22 +122,10 @@ def set_full_param_state(p: nn.Parameter, value: torch.Tensor, key: str = "maste
     """Write ``value`` (``p``'s full shape; the same on every rank of its group) into ``p``'s
     fp32 master or optimizer state ``key``; the parameter follows the new master."""
     zero, name = _owner_and_name(p, "set_full_param_state")
-    if value.numel() != full_numel(p):
-        raise ValueError(
-            f"set_full_param_state: {name!r} has {full_numel(p)} elements "
-            f"{tuple(full_shape(p))}, the value {value.numel()} {tuple(value.shape)}"
-        )
+    _check_size(p, name, value, "set_full_param_state")
     _check_key(zero, key, "set_full_param_state")
-    flat = value.detach().reshape(-1)
     target = _fragment_name(name, key)
-
-    def fill(dests: list) -> None:
-        for f in dests:
-            if f.name == target:
-                piece = flat[f.offset : f.offset + f.numel]
-                f.tensor.copy_(piece.to(device=f.tensor.device, dtype=f.tensor.dtype))
-
-    zero.load_state_fragments(fill)
+    zero.load_state_fragments(lambda dests: _copy_into(dests, value, target))
 
 
 def full_param_grad(p: nn.Parameter) -> torch.Tensor:
@@ -123,27 +133,12 @@ def full_param_grad(p: nn.Parameter) -> torch.Tensor:
     what ``step()`` will apply, averaged over the data-parallel group and, with fp16, times
     the loss scale (``Zero.grad_fragments`` says when it is defined)."""
     zero, name = _owner_and_name(p, "full_param_grad")
-    out = torch.zeros(full_numel(p), dtype=torch.float32, device=p.device)
-    for f in zero.grad_fragments():
-        if f.name == name:
-            out[f.offset : f.offset + f.numel] = f.tensor.to(device=p.device, dtype=torch.float32)
-    group = _group(zero, p)
-    if group_size(group) > 1:
-        dist.all_reduce(out, group=group)  # disjoint pieces: the sum is the whole
-    return out.view(full_shape(p))
+    return _assemble(zero, p, zero.grad_fragments(), name)
 
 
 def set_full_param_grad(p: nn.Parameter, value: torch.Tensor) -> None:
     """Replace ``p``'s reduced gradient by ``value`` (full shape, the same on every rank of
     its group) before ``step()`` applies it."""
     zero, name = _owner_and_name(p, "set_full_param_grad")
-    if value.numel() != full_numel(p):
-        raise ValueError(
-            f"set_full_param_grad: {name!r} has {full_numel(p)} elements "
-            f"{tuple(full_shape(p))}, the value {value.numel()} {tuple(value.shape)}"
-        )
-    flat = value.detach().reshape(-1)
-    for f in zero.grad_fragments(for_write=True):
-        if f.name == name:
-            piece = flat[f.offset : f.offset + f.numel]
-            f.tensor.copy_(piece.to(device=f.tensor.device, dtype=f.tensor.dtype))
+    _check_size(p, name, value, "set_full_param_grad")
+    _copy_into(zero.grad_fragments(for_write=True), value, name)
