@@ -133,3 +133,25 @@ def test_op_has_a_meta_kernel():
     assert [tuple(t.shape) for t in out] == shapes
     assert out[2].dtype == torch.bool and out[8].dtype == torch.int32
     assert out[0].device.type == "meta"
+
+
+def _random_cases(n: int) -> list[tuple]:
+    """``n`` routing shapes drawn once from a fixed seed: tokens, experts, k, capacity
+    (None, 0, tight or loose), RTS, skew."""
+    import random
+
+    rnd = random.Random(27)
+    cases = []
+    for _ in range(n):
+        tokens, experts = rnd.randint(1, 160), rnd.randint(1, 40)
+        k = rnd.randint(1, min(3, experts))
+        slots = rnd.choice([None, 0, max(1, tokens * k // (2 * experts)), tokens * k])
+        cases.append((tokens, experts, k, slots, rnd.random() < 0.5, rnd.choice([0.0, 3.0])))
+    return cases
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens,experts,k,slots,rts,skew", _random_cases(24))
+def test_fused_placement_equals_torch_on_random_shapes(kernels, tokens, experts, k, slots, rts,
+                                                       skew):  # fmt: skip
+    assert _route_fused.compare_with_torch(CPU, tokens, experts, k, slots, rts, skew=skew)
