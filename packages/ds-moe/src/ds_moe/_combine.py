@@ -112,14 +112,12 @@ def fused_combine(
 ) -> torch.Tensor:
     """The per-token output [S, d] of expert buffer ``y`` (weights [S, k] fp32, zero where
     dropped; ``row``/``dest`` [S, k] int64)."""
-    if y.stride(-1) != 1:
-        y = y.contiguous()
-    return _FusedCombine.apply(y, weight.contiguous(), row.contiguous(), dest.contiguous())
+    return _FusedCombine.apply(y, weight, row, dest)  # the kernels' wrappers fix layouts
 
 
 def fused_permute(x: torch.Tensor, token_of_row: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """The expert buffer ``x[token_of_row]``; its backward sums the rows ``row`` [S, k]."""
-    return _FusedPermute.apply(x, token_of_row, row.contiguous())
+    return _FusedPermute.apply(x, token_of_row, row)
 
 
 # --------------------------------------------------------------------------- the probe

@@ -154,7 +154,9 @@ def place(
     token_of_row = torch.empty(1 + n, dtype=torch.int64, device=device)
     offs = torch.empty(num_experts, dtype=torch.int32, device=device)
     if n == 0:
-        counts.zero_(), kept_counts.zero_(), token_of_row.zero_(), offs.fill_(1)
+        for t in (counts, kept_counts, token_of_row):
+            t.zero_()
+        offs.fill_(1)  # the sentinel row alone
         return position, order, kept.bool(), counts, kept_counts, row, dest, token_of_row, offs
     has_prio = token_rank is not None
     a_at = idx  # unused without a priority (the kernels take a_at = p)

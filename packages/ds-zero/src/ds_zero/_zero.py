@@ -54,6 +54,17 @@ class Phase(enum.Enum):
     applies them (or skips on overflow) and frees them."""
 
 
+def _grad_shard(b: Bucket) -> torch.Tensor:
+    """``b``'s reduced-gradient partition; zeros (kept) where no gradient reached the bucket
+    this step, so the step and the accessors see the same tensor."""
+    if b.grad_shard is None:
+        lo, hi = b.master_range
+        b.grad_shard = torch.zeros(
+            hi - lo, dtype=b.exact_grad_dtype or torch.float32, device=b.device
+        )
+    return b.grad_shard
+
+
 def _widened(grad: torch.Tensor) -> torch.Tensor:
     """The fp32 gradient: the norm of a 16-bit one is taken on its exact fp32 widening, with
     the same kernel as an fp32 gradient's, so it has the same bits."""
@@ -532,18 +543,9 @@ class Zero:
     def _grads(self) -> list[torch.Tensor | None]:
         """Each partition's reduced gradient; None where the stepper holds it (its norm is in
         ``_held_norms``)."""
-        out: list[torch.Tensor | None] = []
-        for k, b in enumerate(self.trainable):
-            if k in self._held_norms:
-                out.append(None)
-                continue
-            if b.grad_shard is None:
-                lo, hi = b.master_range
-                b.grad_shard = torch.zeros(
-                    hi - lo, dtype=b.exact_grad_dtype or torch.float32, device=b.device
-                )
-            out.append(b.grad_shard)
-        return out
+        return [
+            None if k in self._held_norms else _grad_shard(b) for k, b in enumerate(self.trainable)
+        ]
 
     def _global_sq_norm(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         if not grads:
@@ -711,13 +713,8 @@ class Zero:
             )
         out: list[Fragment] = []
         for b in self.trainable:
-            m_lo, m_hi = b.master_range
-            if b.grad_shard is None:  # no gradient reached this bucket: zeros, as step() uses
-                b.grad_shard = torch.zeros(
-                    m_hi - m_lo, dtype=b.exact_grad_dtype or torch.float32, device=b.device
-                )
-            lo, hi = (m_lo, m_hi) if for_write else b.layout.shard_range(b.rank)
-            out.extend(self._save_fragments(b, {"master": b.grad_shard}, lo, hi, False))
+            lo, hi = b.master_range if for_write else b.layout.shard_range(b.rank)
+            out.extend(self._save_fragments(b, {"master": _grad_shard(b)}, lo, hi, False))
         return out
 
     def elementwise_state_keys(self) -> set[str]:
