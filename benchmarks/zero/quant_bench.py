@@ -266,7 +266,8 @@ def _sweep_quant(
 
 
 # Launch variants of the quantize kernels (ds_kernels._quant_triton.Launch), as (warps, blocks per
-# program or 0 for the default, Launch fields): cache hints on the default shape, and persistent
+# program or 0 for the default, Launch fields): the absmax reduced in fp32 (the order before
+# ds-kernels 0.1.10) and cache hints on the default shape, and persistent
 # grids of g programs per SM looping over the tiles, software-pipelined over `stages` tiles. The
 # main persistent grid per warp count has 16 warps an SM (w2-g8, w4-g4, w8-g2), which fits an
 # H100/H200 at fp16 (Triton 3.6 for sm_90: up to 128 registers a thread, (stages - 1) x 8 KB of
@@ -274,6 +275,7 @@ def _sweep_quant(
 # About 20 in all: each costs one check and 3 + --reps calls per size, plus one compile.
 _VARIANTS = {
     8: (
+        (2, 0, dict(wide_absmax=True)),  # the absmax reduced in fp32 (before 0.1.10)
         (2, 0, dict(evict=True)),
         (2, 0, dict(programs_per_sm=8, stages=1)),  # persistent, not pipelined
         *((w, 0, dict(programs_per_sm=g, stages=s)) for s in (2, 3, 4)
@@ -283,6 +285,7 @@ _VARIANTS = {
         (4, 0, dict(programs_per_sm=4, stages=3, evict=True)),
     ),
     4: (
+        (4, 0, dict(wide_absmax=True)),
         (4, 0, dict(evict=True)),
         *((4, 0, dict(programs_per_sm=4, stages=s)) for s in (2, 3, 4)),
         (8, 0, dict(programs_per_sm=2, stages=3)),
@@ -292,11 +295,13 @@ _VARIANTS = {
 
 
 def _variant_name(launch, warps: int, bpp: int) -> str:
-    """`evict-w2-bpp1`, `persist-s3-w4-g2`, `persist-evict-s3-w4-g4`."""
+    """`evict-w2-bpp1`, `wide-w2-bpp1`, `persist-s3-w4-g2`, `persist-evict-s3-w4-g4`."""
+    wide = "-wide" if launch.wide_absmax else ""
     if launch.programs_per_sm:
         kind = "persist-evict" if launch.evict else "persist"
-        return f"{kind}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
-    return f"{'evict' if launch.evict else 'plain'}-w{warps}-bpp{bpp}"
+        return f"{kind}{wide}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
+    kind = "evict" if launch.evict else "plain"
+    return f"{kind}{wide}-w{warps}-bpp{bpp}"
 
 
 def _resident_per_sm(compiled, device) -> int | None:
@@ -350,7 +355,7 @@ def _sweep_variants(
             grid, _ = qt._launch(block, scales.shape[1], 1, bits, launch, sms)
             extra = dict(bits=bits, block=block, warps=warps, bpp=bpp, grid=grid[0],
                          programs_per_sm=launch.programs_per_sm, stages=launch.stages,
-                         evict=launch.evict)  # fmt: skip
+                         evict=launch.evict, wide_absmax=launch.wide_absmax)  # fmt: skip
             codes.fill_(sentinel)
             scales.fill_(float("nan"))
             compiled = qt.quantize_into(rows, codes, scales, bits, block, launch, sms)

@@ -144,12 +144,17 @@ def test_triton_kernels_match_the_fallback_on_cpu_tensors():
 
 def _variant_launches(persistent):
     """Launch variants of the quantize kernels (``_quant_triton.Launch``): cache hints and other
-    blocks per program, or persistent grids with 1 to 4 pipeline stages, with and without hints."""
+    blocks per program, the absmax reduced in fp32, or persistent grids with 1 to 4 pipeline
+    stages, with and without hints."""
     from ds_kernels._quant_triton import Launch
 
     if not persistent:
-        return [Launch(64, evict=True), Launch(32, blocks_per_program=2, evict=True)]
-    out = [Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3)]
+        return [
+            Launch(64, evict=True),
+            Launch(32, blocks_per_program=2, evict=True),
+            Launch(64, wide_absmax=True),
+        ]
+    out = [Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True)]
     for stages in (1, 2, 3, 4):
         for g in (1, 3, 64):  # 64 x 2 SMs: a grid capped at the tile count
             out.append(Launch(32, programs_per_sm=g, stages=stages, evict=stages % 2 == 0))
@@ -218,7 +223,9 @@ def test_launch_settings():
     persist = Launch(32, programs_per_sm=4, stages=3)
     grid, kw = _launch(4096, 1000, 2, 8, persist, sms=132)
     assert grid == (528,) and kw["ntiles"] == 2000 and kw["PERSISTENT"] and kw["STAGES"] == 3
-    assert kw["num_warps"] == 4 and not kw["EVICT"]
+    assert kw["num_warps"] == 4 and not kw["EVICT"] and not kw["WIDE"]
+    grid, kw = _launch(4096, 10, 3, 8, Launch(64, wide_absmax=True))
+    assert grid == (30,) and kw["WIDE"] and not kw["PERSISTENT"] and kw["num_warps"] == 2
     assert _launch(4096, 100, 2, 8, persist, sms=132)[0] == (200,)  # capped at the tile count
     with pytest.raises(ValueError):
         _launch(4096, 100, 2, 8, persist)  # no SM count
@@ -292,7 +299,8 @@ _PTX_SCRIPT = textwrap.dedent(
                                   if k.endswith("_ptr") or k in ("n", "c", "nb")}
             for launch in variants:
                 kw = qt._launch(block, 1, 1, bits, launch, sms=1)[1]
-                consts = {k: kw[k] for k in ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT")}
+                consts = {k: kw[k] for k in
+                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE")}
                 fn = qt._quant8_variant_kernel if bits == 8 else qt._quant4_variant_kernel
                 src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
                                 constexprs=consts, **hints)
