@@ -1,7 +1,8 @@
 """``ds_all.utils.safe_get_full_grad`` / ``safe_set_full_grad`` on 2 gloo ranks at every ZeRO
 stage: after the boundary backward each parameter's whole gradient equals a single-process
 torch gradient of the whole batch (each rank computes half of it); a set gradient is what the
-step applies; before the boundary, stages 0-1 say the gradient is not reduced yet."""
+step applies; before the boundary, stages 0-1 say the gradient is not reduced yet. Stages 0-2
+refuse the ZeRO-3 local accessors (``safe_get_local_grad``), naming the full ones."""
 
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ def _ranks(stage: int) -> dict:
     import torch.distributed as dist
 
     import ds_all
-    from ds_all.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_grad
+    from ds_all.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_grad,
+        safe_get_local_grad,
+        safe_set_full_grad,
+    )
 
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
            "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
@@ -58,6 +64,10 @@ def _ranks(stage: int) -> dict:
                 before_boundary = str(exc)
             engine.step()  # DeepSpeed's loop: step() every micro-step, applied at the boundary
     grads = [safe_get_full_grad(p).clone() for p in params]
+    try:
+        local = safe_get_local_grad(params[0]).numel()
+    except AssertionError as exc:  # DeepSpeed's type (ds-zero's NotPartitionedError is one)
+        local = str(exc)
     # replace the last bias's gradient: SGD's step must apply exactly it
     last = params[-1]
     w0 = safe_get_full_fp32_param(last).clone()
@@ -68,7 +78,7 @@ def _ranks(stage: int) -> dict:
     plain = nn.Parameter(torch.zeros(2))
     outside = safe_get_full_grad(plain)
     return {"grads": grads, "before": before_boundary, "reread": reread, "moved": moved,
-            "outside": outside}  # fmt: skip
+            "outside": outside, "local": local}  # fmt: skip
 
 
 @pytest.mark.timeout(300)
@@ -82,6 +92,11 @@ def test_full_grad_equals_torch_and_set_is_applied(stage):
         assert torch.equal(res["reread"], torch.full((3,), 2.0))
         torch.testing.assert_close(res["moved"], torch.full((3,), -LR * 2.0))
         assert res["outside"] is None  # as DeepSpeed: no engine, no .grad
+        if stage < 3:
+            assert isinstance(res["local"], str) and "stage 3 only" in res["local"]
+            assert "safe_get_full_grad" in res["local"]
+        else:  # the local piece exists (its size is this rank's share)
+            assert isinstance(res["local"], int)
         if stage < 2:  # local accumulation: not reduced before the boundary
             assert isinstance(res["before"], str) and "not reduced yet" in res["before"]
         else:  # reduced every micro-step: the first micro-batch's part of the gradient

@@ -20,6 +20,14 @@ from ds_zero._ds_estimates import (
 )
 from ds_zero._fragment import Fragment
 from ds_zero._init import GatheredParameters, Init
+from ds_zero._local_access import (
+    NotPartitionedError,
+    local_param_grad,
+    local_param_range,
+    local_param_state,
+    set_local_param_grad,
+    set_local_param_state,
+)
 from ds_zero._loss_scaler import DynamicLossScaler, LossScaleOptions, LossScaler
 from ds_zero._memory import MemoryEstimate, memory_estimate, model_state_bytes
 from ds_zero._options import ZeroOptions
@@ -45,6 +53,7 @@ __all__ = [
     "LossScaler",
     "MasterPartition",
     "MemoryEstimate",
+    "NotPartitionedError",
     "ParamShardStore",
     "ParamsState",
     "PartitionStepper",
@@ -63,11 +72,16 @@ __all__ = [
     "estimate_zero3_model_states_mem_needs_all_live",
     "full_param_grad",
     "full_param_state",
+    "local_param_grad",
+    "local_param_range",
+    "local_param_state",
     "memory_estimate",
     "model_state_bytes",
     "owner_of",
     "set_full_param_grad",
     "set_full_param_state",
+    "set_local_param_grad",
+    "set_local_param_state",
     "wrap",
     "zero2_model_to_params",
     "zero3_model_to_params",

@@ -699,6 +699,23 @@ class Zero:
         reduce every micro-step), between micro-steps too: a RuntimeError says so elsewhere,
         and where an offloading stepper already took a gradient during backward.
         """
+        self._check_grads_defined()
+        out: list[Fragment] = []
+        for b in self.trainable:
+            lo, hi = b.master_range if for_write else b.layout.shard_range(b.rank)
+            out.extend(self._save_fragments(b, {"master": _grad_shard(b)}, lo, hi, False))
+        return out
+
+    def grad_partition(self, b: Bucket) -> torch.Tensor:
+        """Trainable bucket ``b``'s reduced-gradient partition on this rank (its master
+        range; fp32, or the compute dtype where that is exact), the tensor ``step()`` applies:
+        read it or fill it in place. Defined when ``grad_fragments`` is (the same errors)."""
+        self._check_grads_defined()
+        return _grad_shard(b)
+
+    def _check_grads_defined(self) -> None:
+        """Raise where the reduced gradients are not held here: not reduced yet (stages 0-1
+        between micro-steps) or already handed to an offloading stepper."""
         local = any(b.accum is not None for b in self.trainable)
         if self.phase is not Phase.READY and local:
             raise RuntimeError(
@@ -711,11 +728,6 @@ class Zero:
                 "the offloaded optimizer took this step's gradients during backward (streamed "
                 "to the host); read gradients with offload_optimizer off, or before backward"
             )
-        out: list[Fragment] = []
-        for b in self.trainable:
-            lo, hi = b.master_range if for_write else b.layout.shard_range(b.rank)
-            out.extend(self._save_fragments(b, {"master": _grad_shard(b)}, lo, hi, False))
-        return out
 
     def elementwise_state_keys(self) -> set[str]:
         """The optimizer states held per element of the parameters (``exp_avg``, ...: those

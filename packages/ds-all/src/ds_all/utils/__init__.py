@@ -1,4 +1,5 @@
-"""``deepspeed.utils``: logger, process groups, ZeRO-3 leaf modules, ``zero_to_fp32``.
+"""``deepspeed.utils``: logger, process groups, ZeRO-3 leaf modules, the ``safe_get_full_*`` /
+``safe_get_local_*`` state accessors and their setters, ``zero_to_fp32``.
 
 Submodules other features add land here too; ``zero_to_fp32`` is imported on use (it reads
 checkpoints through ds_ckpt)."""
@@ -12,9 +13,15 @@ from ds_all.utils.tensor_fragment import (
     safe_get_full_fp32_param,
     safe_get_full_grad,
     safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_grad,
+    safe_get_local_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_grad,
     safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_grad,
+    safe_set_local_optimizer_state,
 )
 from ds_all.utils.z3_leaf_module import (
     get_z3_leaf_modules,
@@ -35,9 +42,15 @@ __all__ = [
     "safe_get_full_fp32_param",
     "safe_get_full_grad",
     "safe_get_full_optimizer_state",
+    "safe_get_local_fp32_param",
+    "safe_get_local_grad",
+    "safe_get_local_optimizer_state",
     "safe_set_full_fp32_param",
     "safe_set_full_grad",
     "safe_set_full_optimizer_state",
+    "safe_set_local_fp32_param",
+    "safe_set_local_grad",
+    "safe_set_local_optimizer_state",
     "set_log_level_from_string",
     "set_z3_leaf_module",
     "set_z3_leaf_modules",
