@@ -276,6 +276,12 @@ def _sweep_quant(
 _VARIANTS = {
     8: (
         (2, 0, dict(wide_absmax=True)),  # the absmax reduced in fp32 (before 0.1.10)
+        # register caps: more programs an SM (2 warps: 16 at 64 registers, 12 at 80; 4 warps:
+        # 8 at 64; 1 warp: 21 at 96)
+        (2, 0, dict(max_registers=64)),
+        (2, 0, dict(max_registers=80)),
+        (4, 0, dict(max_registers=64)),
+        (1, 0, dict(max_registers=96)),
         (2, 0, dict(evict=True)),
         (2, 0, dict(programs_per_sm=8, stages=1)),  # persistent, not pipelined
         *((w, 0, dict(programs_per_sm=g, stages=s)) for s in (2, 3, 4)
@@ -286,6 +292,8 @@ _VARIANTS = {
     ),
     4: (
         (4, 0, dict(wide_absmax=True)),
+        (2, 8, dict(max_registers=96)),
+        (2, 8, dict(programs_per_sm=8, stages=3)),
         (4, 0, dict(evict=True)),
         *((4, 0, dict(programs_per_sm=4, stages=s)) for s in (2, 3, 4)),
         (8, 0, dict(programs_per_sm=2, stages=3)),
@@ -295,8 +303,10 @@ _VARIANTS = {
 
 
 def _variant_name(launch, warps: int, bpp: int) -> str:
-    """`evict-w2-bpp1`, `wide-w2-bpp1`, `persist-s3-w4-g2`, `persist-evict-s3-w4-g4`."""
+    """`evict-w2-bpp1`, `plain-wide-w2-bpp1`, `plain-r64-w2-bpp1`, `persist-s3-w4-g2`,
+    `persist-evict-s3-w4-g4`."""
     wide = "-wide" if launch.wide_absmax else ""
+    wide += f"-r{launch.max_registers}" if launch.max_registers else ""
     if launch.programs_per_sm:
         kind = "persist-evict" if launch.evict else "persist"
         return f"{kind}{wide}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
@@ -355,7 +365,8 @@ def _sweep_variants(
             grid, _ = qt._launch(block, scales.shape[1], 1, bits, launch, sms)
             extra = dict(bits=bits, block=block, warps=warps, bpp=bpp, grid=grid[0],
                          programs_per_sm=launch.programs_per_sm, stages=launch.stages,
-                         evict=launch.evict, wide_absmax=launch.wide_absmax)  # fmt: skip
+                         evict=launch.evict, wide_absmax=launch.wide_absmax,
+                         max_registers=launch.max_registers)  # fmt: skip
             codes.fill_(sentinel)
             scales.fill_(float("nan"))
             compiled = qt.quantize_into(rows, codes, scales, bits, block, launch, sms)
@@ -378,6 +389,15 @@ def _sweep_variants(
             record_error(system, size_mb, traceback.format_exc(limit=3), bits=bits, block=block)
     del ref_codes, ref_scales
     return len(_VARIANTS[bits])
+
+
+def _triton_version() -> str | None:
+    """Triton's version (its code generation decides the kernels' registers), None if absent."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def _nbytes(*ts: torch.Tensor) -> int:
@@ -625,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             "deepspeed_load_s": load_s,
             "deepspeed_error": ds_error,
             "torch": torch.__version__,
+            "triton": _triton_version(),
         },
     )
     for r in runs:

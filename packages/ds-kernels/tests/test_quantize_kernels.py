@@ -153,6 +153,7 @@ def _variant_launches(persistent):
             Launch(64, evict=True),
             Launch(32, blocks_per_program=2, evict=True),
             Launch(64, wide_absmax=True),
+            Launch(64, max_registers=64),
         ]
     out = [Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True)]
     for stages in (1, 2, 3, 4):
@@ -231,7 +232,12 @@ def test_launch_settings():
         _launch(4096, 100, 2, 8, persist)  # no SM count
     with pytest.raises(ValueError):
         _launch(4096, 100, 2, 0, Launch(16, evict=True))  # dequantize has no variants
-    for bad in (dict(stages=2), dict(programs_per_sm=1, stages=5), dict(programs_per_sm=-1)):
+    grid, kw = _launch(4096, 10, 3, 8, Launch(64, max_registers=64))
+    assert grid == (30,) and kw["maxnreg"] == 64 and not kw["WIDE"]
+    assert "maxnreg" not in _launch(4096, 10, 3, 8, Launch(64, evict=True))[1]
+    bad_launches = (dict(stages=2), dict(programs_per_sm=1, stages=5), dict(programs_per_sm=-1),
+                    dict(max_registers=8), dict(max_registers=256))  # fmt: skip
+    for bad in bad_launches:
         with pytest.raises(ValueError):
             Launch(32, **bad)
 

@@ -61,7 +61,11 @@ class Launch:
     - ``evict``: the input loaded with ``eviction_policy="evict_first"`` (it is read once) and
       the codes stored with ``cache_modifier=".cs"`` (streaming: written once, not read back);
     - ``wide_absmax``: each value widened to fp32 before the block's absmax is reduced, as
-      before 0.1.10, instead of after (``_load_absmax``): the same result, more registers.
+      before 0.1.10, instead of after (``_load_absmax``): the same result, more registers;
+    - ``max_registers``: 0 for the compiler's choice, else a cap on the registers a thread
+      uses (Triton's ``maxnreg``), so that more programs fit on an SM (65536 registers: at 2
+      warps, 64 a thread fits 16 programs where 89 fits 11); values that do not fit spill to
+      local memory.
     """
 
     values_per_thread: int
@@ -70,18 +74,21 @@ class Launch:
     stages: int = 1
     evict: bool = False
     wide_absmax: bool = False
+    max_registers: int = 0
 
     def __post_init__(self):
         if self.values_per_thread < 1 or self.blocks_per_program < 0 or self.programs_per_sm < 0:
             raise ValueError(f"invalid launch: {self}")
+        if self.max_registers and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"invalid launch (max_registers 0, or 24 to 255): {self}")
         if not 1 <= self.stages <= 4 or (self.stages > 1 and not self.programs_per_sm):
             raise ValueError(f"invalid launch (stages 1 to 4, > 1 only if persistent): {self}")
 
     @property
     def plain(self) -> bool:
-        """One program per tile, no cache hints, absmax in the input dtype: the kernels
-        ``_quant8_kernel`` and the rest."""
-        return not self.programs_per_sm and not self.evict and not self.wide_absmax
+        """One program per tile, no cache hints, absmax in the input dtype, registers as the
+        compiler chooses: the kernels ``_quant8_kernel`` and the rest."""
+        return not (self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers)
 
     def num_warps(self, tile: int) -> int:
         """Warps of a program over a tile of ``tile`` values (a power of two)."""
@@ -223,7 +230,7 @@ def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP:
 # The launch variants (``Launch``): the same tiles, with cache hints (EVICT) and/or a persistent
 # grid whose programs loop over the ``ntiles`` tiles (PERSISTENT), software-pipelined over
 # STAGES tiles when STAGES > 1 (Triton's interpreter runs the loop as a plain one), and/or the
-# absmax reduced after widening to fp32 (WIDE).
+# absmax reduced after widening to fp32 (WIDE), and/or a register cap (``maxnreg``).
 @triton.jit
 def _quant8_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
@@ -304,6 +311,8 @@ def _launch(
         PERSISTENT=launch.programs_per_sm > 0, STAGES=launch.stages, EVICT=launch.evict,
         WIDE=launch.wide_absmax,
     )  # fmt: skip
+    if launch.max_registers:
+        flags["maxnreg"] = launch.max_registers
     return (grid,), {"nbp": nbp, "ntiles": ntiles, **flags, **opts}
 
 
