@@ -1,4 +1,5 @@
-"""``deepspeed.checkpoint``: checkpoint helpers under DeepSpeed's path (the format is ds_ckpt's)."""
+"""``deepspeed.checkpoint``: checkpoint helpers under DeepSpeed's path (the format is ds_ckpt's);
+``ds_to_universal`` converts DeepSpeed's own ZeRO checkpoints into it."""
 
 from ds_all.checkpoint import utils
 

@@ -5,12 +5,15 @@ submodules here (``runtime.sequence_parallel``, ...). The submodules below are i
 the package because clients reach them as attributes (``deepspeed.runtime.lr_schedules...``)."""
 
 from ds_all.runtime import (
+    activation_checkpointing,
     base_optimizer,
+    config,
     dataloader,
     engine,
     fp16,
     lr_schedules,
     pipe,
+    swap_tensor,
     utils,
     zero,
 )
@@ -19,12 +22,15 @@ from ds_all.runtime.base_optimizer import DeepSpeedOptimizer, ZeROOptimizer
 __all__ = [
     "DeepSpeedOptimizer",
     "ZeROOptimizer",
+    "activation_checkpointing",
     "base_optimizer",
+    "config",
     "dataloader",
     "engine",
     "fp16",
     "lr_schedules",
     "pipe",
+    "swap_tensor",
     "utils",
     "zero",
 ]

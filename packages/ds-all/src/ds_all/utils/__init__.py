@@ -8,6 +8,7 @@ from ds_all.runtime.dataloader import RepeatingLoader
 from ds_all.utils import groups
 from ds_all.utils.init_on_device import OnDevice
 from ds_all.utils.logging import log_dist, logger, set_log_level_from_string
+from ds_all.utils.module_utils import recursive_getattr, recursive_setattr
 from ds_all.utils.nvtx import instrument_w_nvtx
 from ds_all.utils.tensor_fragment import (
     safe_get_full_fp32_param,
@@ -39,6 +40,8 @@ __all__ = [
     "instrument_w_nvtx",
     "log_dist",
     "logger",
+    "recursive_getattr",
+    "recursive_setattr",
     "safe_get_full_fp32_param",
     "safe_get_full_grad",
     "safe_get_full_optimizer_state",

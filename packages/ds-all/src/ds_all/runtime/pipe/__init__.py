@@ -1,6 +1,7 @@
-"""``deepspeed.runtime.pipe``: the pipeline module and topology (ds-pipe's)."""
+"""``deepspeed.runtime.pipe``: the pipeline module and topology (ds-pipe's) and the pipeline
+engine."""
 
-from ds_all.runtime.pipe import module, topology
+from ds_all.runtime.pipe import engine, module, topology
 from ds_all.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from ds_all.runtime.pipe.topology import ProcessTopology
 
@@ -9,6 +10,7 @@ __all__ = [
     "PipelineModule",
     "ProcessTopology",
     "TiedLayerSpec",
+    "engine",
     "module",
     "topology",
 ]
