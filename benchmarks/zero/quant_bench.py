@@ -282,6 +282,10 @@ _VARIANTS = {
         (2, 0, dict(max_registers=80)),
         (4, 0, dict(max_registers=64)),
         (1, 0, dict(max_registers=96)),
+        # no bounds masks (every tile full at these sizes)
+        (2, 0, dict(unmasked=True)),
+        (4, 0, dict(unmasked=True)),
+        (2, 0, dict(unmasked=True, max_registers=64)),
         (2, 0, dict(evict=True)),
         (2, 0, dict(programs_per_sm=8, stages=1)),  # persistent, not pipelined
         *((w, 0, dict(programs_per_sm=g, stages=s)) for s in (2, 3, 4)
@@ -293,6 +297,8 @@ _VARIANTS = {
     4: (
         (4, 0, dict(wide_absmax=True)),
         (2, 8, dict(max_registers=96)),
+        (4, 0, dict(unmasked=True)),
+        (2, 8, dict(unmasked=True)),
         (2, 8, dict(programs_per_sm=8, stages=3)),
         (4, 0, dict(evict=True)),
         *((4, 0, dict(programs_per_sm=4, stages=s)) for s in (2, 3, 4)),
@@ -307,6 +313,7 @@ def _variant_name(launch, warps: int, bpp: int) -> str:
     `persist-evict-s3-w4-g4`."""
     wide = "-wide" if launch.wide_absmax else ""
     wide += f"-r{launch.max_registers}" if launch.max_registers else ""
+    wide += "-u" if launch.unmasked else ""
     if launch.programs_per_sm:
         kind = "persist-evict" if launch.evict else "persist"
         return f"{kind}{wide}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
@@ -366,7 +373,8 @@ def _sweep_variants(
             extra = dict(bits=bits, block=block, warps=warps, bpp=bpp, grid=grid[0],
                          programs_per_sm=launch.programs_per_sm, stages=launch.stages,
                          evict=launch.evict, wide_absmax=launch.wide_absmax,
-                         max_registers=launch.max_registers)  # fmt: skip
+                         max_registers=launch.max_registers,
+                         unmasked=launch.unmasked)  # fmt: skip
             codes.fill_(sentinel)
             scales.fill_(float("nan"))
             compiled = qt.quantize_into(rows, codes, scales, bits, block, launch, sms)

@@ -154,8 +154,13 @@ def _variant_launches(persistent):
             Launch(32, blocks_per_program=2, evict=True),
             Launch(64, wide_absmax=True),
             Launch(64, max_registers=64),
+            Launch(64, unmasked=True),
+            Launch(32, blocks_per_program=2, unmasked=True, evict=True),
         ]
-    out = [Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True)]
+    out = [
+        Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True),
+        Launch(32, programs_per_sm=3, stages=2, unmasked=True),
+    ]
     for stages in (1, 2, 3, 4):
         for g in (1, 3, 64):  # 64 x 2 SMs: a grid capped at the tile count
             out.append(Launch(32, programs_per_sm=g, stages=stages, evict=stages % 2 == 0))
@@ -235,6 +240,11 @@ def test_launch_settings():
     grid, kw = _launch(4096, 10, 3, 8, Launch(64, max_registers=64))
     assert grid == (30,) and kw["maxnreg"] == 64 and not kw["WIDE"]
     assert "maxnreg" not in _launch(4096, 10, 3, 8, Launch(64, evict=True))[1]
+    # masks dropped only where every tile is full
+    assert _launch(4096, 10, 3, 8, Launch(64, unmasked=True), n=10 * 4096)[1]["EVEN"]
+    assert not _launch(4096, 10, 3, 8, Launch(64, unmasked=True), n=10 * 4096 - 1)[1]["EVEN"]
+    assert not _launch(256, 33, 2, 4, Launch(32, unmasked=True), n=33 * 256)[1]["EVEN"]
+    assert not _launch(4096, 10, 3, 8, Launch(64, evict=True), n=10 * 4096)[1]["EVEN"]
     bad_launches = (dict(stages=2), dict(programs_per_sm=1, stages=5), dict(programs_per_sm=-1),
                     dict(max_registers=8), dict(max_registers=256))  # fmt: skip
     for bad in bad_launches:
@@ -306,7 +316,7 @@ _PTX_SCRIPT = textwrap.dedent(
             for launch in variants:
                 kw = qt._launch(block, 1, 1, bits, launch, sms=1)[1]
                 consts = {k: kw[k] for k in
-                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE")}
+                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE", "EVEN")}
                 fn = qt._quant8_variant_kernel if bits == 8 else qt._quant4_variant_kernel
                 src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
                                 constexprs=consts, **hints)

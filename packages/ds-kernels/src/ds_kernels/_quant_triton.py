@@ -65,7 +65,9 @@ class Launch:
     - ``max_registers``: 0 for the compiler's choice, else a cap on the registers a thread
       uses (Triton's ``maxnreg``), so that more programs fit on an SM (65536 registers: at 2
       warps, 64 a thread fits 16 programs where 89 fits 11); values that do not fit spill to
-      local memory.
+      local memory;
+    - ``unmasked``: where the row length is a multiple of the tile (every tile full), loads
+      and stores without bounds masks (no per-value compare and select); elsewhere masked.
     """
 
     values_per_thread: int
@@ -75,6 +77,7 @@ class Launch:
     evict: bool = False
     wide_absmax: bool = False
     max_registers: int = 0
+    unmasked: bool = False
 
     def __post_init__(self):
         if self.values_per_thread < 1 or self.blocks_per_program < 0 or self.programs_per_sm < 0:
@@ -88,7 +91,10 @@ class Launch:
     def plain(self) -> bool:
         """One program per tile, no cache hints, absmax in the input dtype, registers as the
         compiler chooses: the kernels ``_quant8_kernel`` and the rest."""
-        return not (self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers)
+        return not (
+            self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers
+            or self.unmasked
+        )  # fmt: skip
 
     def num_warps(self, tile: int) -> int:
         """Warps of a program over a tile of ``tile`` values (a power of two)."""
@@ -151,7 +157,7 @@ def _tile(pid, nbp, BPP: tl.constexpr):
 
 
 @triton.jit
-def _load_absmax(ptrs, mask, EVICT: tl.constexpr, WIDE: tl.constexpr):
+def _load_absmax(ptrs, mask, EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr):
     """A tile's input values as fp32 (0 where masked; ``evict_first`` with ``EVICT``) and each
     block's absmax (fp32, [BPP]).
 
@@ -160,8 +166,13 @@ def _load_absmax(ptrs, mask, EVICT: tl.constexpr, WIDE: tl.constexpr):
     the tile stays packed (two 16-bit values a register) until the reduction is done; only then
     is each value widened for its code. That halves the registers a 16-bit tile holds across
     the reduction, so more programs fit on an SM. ``WIDE`` widens first (the earlier order, kept
-    for the benchmark's A/B)."""
-    if EVICT:
+    for the benchmark's A/B). ``EVEN``: every value of the tile is in bounds, no mask."""
+    if EVEN:
+        if EVICT:
+            raw = tl.load(ptrs, eviction_policy="evict_first")
+        else:
+            raw = tl.load(ptrs)
+    elif EVICT:
         raw = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
     else:
         raw = tl.load(ptrs, mask=mask, other=0.0)
@@ -173,90 +184,106 @@ def _load_absmax(ptrs, mask, EVICT: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(ptrs, codes, mask, EVICT: tl.constexpr):
-    """Code bytes, stored streaming (``.cs``) with ``EVICT``."""
-    if EVICT:
+def _store_codes(ptrs, codes, mask, EVICT: tl.constexpr, EVEN: tl.constexpr):
+    """Code bytes, stored streaming (``.cs``) with ``EVICT``; unmasked with ``EVEN``."""
+    if EVEN:
+        if EVICT:
+            tl.store(ptrs, codes, cache_modifier=".cs")
+        else:
+            tl.store(ptrs, codes)
+    elif EVICT:
         tl.store(ptrs, codes, mask=mask, cache_modifier=".cs")
     else:
         tl.store(ptrs, codes, mask=mask)
 
 
 @triton.jit
+def _store_scales(ptrs, scale, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, scale)
+    else:
+        tl.store(ptrs, scale, mask=mask)
+
+
+@triton.jit
 def _quant8_tile(
     x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK: tl.constexpr, EVICT: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
-    x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE)
+    x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE, EVEN)
     scale, inv = _scale_and_inverse(absmax, 127.0)
-    tl.store(s_ptr + row * nb + blk, scale, mask=blk < nb)
+    _store_scales(s_ptr + row * nb + blk, scale, blk < nb, EVEN)
     q = _codes(x, inv[:, None], 127.0)
-    _store_codes(q_ptr + row * n + offs, q.to(tl.int8), mask, EVICT)
+    _store_codes(q_ptr + row * n + offs, q.to(tl.int8), mask, EVICT, EVEN)
 
 
 @triton.jit
 def _quant4_tile(
     x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK: tl.constexpr, BPP: tl.constexpr,
-    EVICT: tl.constexpr, WIDE: tl.constexpr,
+    EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
-    x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE)
+    x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE, EVEN)
     scale, inv = _scale_and_inverse(absmax, 7.0)
-    tl.store(s_ptr + row * nb + blk, scale, mask=blk < nb)
+    _store_scales(s_ptr + row * nb + blk, scale, blk < nb, EVEN)
     xe, xo = tl.split(tl.reshape(x, (BPP, BLOCK // 2, 2)))  # values 2h and 2h + 1
     qe = _codes(xe, inv[:, None], 7.0).to(tl.int32)
     qo = _codes(xo, inv[:, None], 7.0).to(tl.int32)
     byte = (qe & 15) | ((qo & 15) << 4)
     bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     cmask = bidx < c
-    _store_codes(q_ptr + row * c + bidx, byte.to(tl.uint8), cmask, EVICT)
+    _store_codes(q_ptr + row * c + bidx, byte.to(tl.uint8), cmask, EVICT, EVEN)
 
 
 # The default launch: one program per tile.
 @triton.jit
 def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
     row, blk = _tile(tl.program_id(0), nbp, BPP)
-    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False, False)
+    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False, False, False)
 
 
 @triton.jit
 def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
     row, blk = _tile(tl.program_id(0), nbp, BPP)
-    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False, False)
+    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False, False, False)
 
 
 # The launch variants (``Launch``): the same tiles, with cache hints (EVICT) and/or a persistent
 # grid whose programs loop over the ``ntiles`` tiles (PERSISTENT), software-pipelined over
 # STAGES tiles when STAGES > 1 (Triton's interpreter runs the loop as a plain one), and/or the
-# absmax reduced after widening to fp32 (WIDE), and/or a register cap (``maxnreg``).
+# absmax reduced after widening to fp32 (WIDE), and/or a register cap (``maxnreg``), and/or no
+# bounds masks where every tile is full (EVEN).
 @triton.jit
 def _quant8_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
     PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):  # fmt: skip
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
             row, blk = _tile(t, nbp, BPP)
-            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE)
+            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN)
     else:
         row, blk = _tile(tl.program_id(0), nbp, BPP)
-        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE)
+        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN)
 
 
 @triton.jit
 def _quant4_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, c, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
     PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):  # fmt: skip
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
             row, blk = _tile(t, nbp, BPP)
-            _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE)
+            _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN)
     else:
         row, blk = _tile(tl.program_id(0), nbp, BPP)
-        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE)
+        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN)
 
 
 # Dequantize: one fp32 product per value, then the output dtype's round-to-nearest-even
@@ -288,11 +315,14 @@ def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, 
 
 
 def _launch(
-    block: int, nb: int, rows: int, quant_bits: int = 0, launch: Launch | None = None, sms: int = 0
-) -> tuple[tuple[int], dict]:
+    block: int, nb: int, rows: int, quant_bits: int = 0, launch: Launch | None = None, sms: int = 0,
+    n: int = 0,
+) -> tuple[tuple[int], dict]:  # fmt: skip
     """Grid and launch options; ``quant_bits`` 8 or 4 for a quantize kernel, 0 for dequantize.
     ``launch`` defaults to ``_DEFAULT_LAUNCH[quant_bits]``; one that is not ``plain`` is for
-    ``_quant{8,4}_variant_kernel`` and, when persistent, needs the SM count ``sms``."""
+    ``_quant{8,4}_variant_kernel`` and, when persistent, needs the SM count ``sms``; an
+    ``unmasked`` one drops the masks only when the row length ``n`` is a multiple of the
+    tile."""
     launch = _DEFAULT_LAUNCH[quant_bits] if launch is None else launch
     bpp = launch.blocks_per_program or _blocks_per_program(block)
     nbp = -(-nb // bpp)
@@ -309,7 +339,7 @@ def _launch(
         grid = max(1, min(ntiles, launch.programs_per_sm * sms))
     flags = dict(
         PERSISTENT=launch.programs_per_sm > 0, STAGES=launch.stages, EVICT=launch.evict,
-        WIDE=launch.wide_absmax,
+        WIDE=launch.wide_absmax, EVEN=launch.unmasked and n > 0 and n % (block * bpp) == 0,
     )  # fmt: skip
     if launch.max_registers:
         flags["maxnreg"] = launch.max_registers
@@ -348,7 +378,7 @@ def quantize_into(
     launch = _DEFAULT_LAUNCH[bits] if launch is None else launch
     if launch.programs_per_sm and sms < 1:
         sms = sm_count(rows.device)
-    grid, kw = _launch(block, nb, r, bits, launch, sms)
+    grid, kw = _launch(block, nb, r, bits, launch, sms, n)
     if launch.plain:
         kernel = _quant8_kernel if bits == 8 else _quant4_kernel
     else:
