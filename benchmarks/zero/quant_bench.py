@@ -360,7 +360,7 @@ def _sweep_variants(
     sentinel = -128 if bits == 8 else 0x88  # never a code: nibbles and codes are in [-qmax, qmax]
     sms = qt.sm_count(x.device)
     for warps, bpp, fields in _VARIANTS[bits]:
-        bpp = bpp or qt._blocks_per_program(block)
+        bpp = bpp or qt.Launch(1).blocks(block)  # 0: a 4096-value tile
         tile = block * bpp
         system = f"sweep-{what}-quantize-fp16-invalid-w{warps}-bpp{bpp}"
         try:

@@ -223,8 +223,11 @@ def test_launch_settings():
     assert all(launch.plain for launch in _DEFAULT_LAUNCH.values())
     grid, kw = _launch(4096, 10, 3, 8)
     assert grid == (30,) and kw["BPP"] == 1 and kw["num_warps"] == 2 and "ntiles" not in kw
-    grid, kw = _launch(256, 33, 2, 4)  # 16 blocks a tile: 3 tiles a row
-    assert grid == (6,) and kw["BPP"] == 16 and kw["num_warps"] == 4
+    grid, kw = _launch(256, 33, 2, 4)  # 8 blocks a tile: 5 tiles a row
+    assert grid == (10,) and kw["BPP"] == 8 and kw["num_warps"] == 2
+    grid, kw = _launch(4096, 3, 2, 4)  # a tile is at least one block
+    assert grid == (6,) and kw["BPP"] == 1 and kw["num_warps"] == 4
+    assert _launch(256, 33, 2, 4, Launch(32, tile_values=4096))[1]["BPP"] == 16
     assert _launch(4096, 1, 1, 0)[1]["num_warps"] == 8
     persist = Launch(32, programs_per_sm=4, stages=3)
     grid, kw = _launch(4096, 1000, 2, 8, persist, sms=132)
@@ -272,7 +275,7 @@ _PTX_SCRIPT = textwrap.dedent(
         print("NOATTRS Triton", triton.__version__, "takes no divisibility hints")
 
     def ptx(fn, sig, block, quant_bits):  # launched as _launch launches it
-        bpp = qt._blocks_per_program(block)
+        bpp = qt._DEFAULT_LAUNCH[quant_bits].blocks(block)
         hints = {}
         if "attrs" in params:
             hints["attrs"] = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)

@@ -35,10 +35,6 @@ from ds_kernels._quant_op import QMAX, code_numel, num_blocks
 _TILE = 4096
 
 
-def _blocks_per_program(block: int) -> int:
-    return max(1, _TILE // block)
-
-
 @dataclass(frozen=True)
 class Launch:
     """How one kernel is launched. Every setting runs the same fp32 operations on each value, so
@@ -47,7 +43,10 @@ class Launch:
 
     - ``values_per_thread``: values of a program's tile each thread holds; the program has
       ``tile / (32 * values_per_thread)`` warps, 1 to 8;
-    - ``blocks_per_program`` (BPP): blocks per tile, 0 for enough blocks to make ``_TILE`` values;
+    - ``blocks_per_program`` (BPP): blocks per tile, 0 for enough blocks to make ``tile_values``
+      values;
+    - ``tile_values``: with ``blocks_per_program`` 0, the values of a tile (0: ``_TILE``), at
+      least one block;
     - ``programs_per_sm``: 0 for one program per tile (the grid is the tile count); ``g`` for a
       persistent grid of ``g`` times the SM count (at most the tile count), each program looping
       over tiles ``pid, pid + grid, ...``. ``g`` programs must fit on an SM at once (registers,
@@ -72,6 +71,7 @@ class Launch:
 
     values_per_thread: int
     blocks_per_program: int = 0
+    tile_values: int = 0
     programs_per_sm: int = 0
     stages: int = 1
     evict: bool = False
@@ -80,7 +80,10 @@ class Launch:
     unmasked: bool = False
 
     def __post_init__(self):
-        if self.values_per_thread < 1 or self.blocks_per_program < 0 or self.programs_per_sm < 0:
+        if (
+            self.values_per_thread < 1 or self.blocks_per_program < 0 or self.programs_per_sm < 0
+            or self.tile_values < 0
+        ):  # fmt: skip
             raise ValueError(f"invalid launch: {self}")
         if self.max_registers and not 24 <= self.max_registers <= 255:
             raise ValueError(f"invalid launch (max_registers 0, or 24 to 255): {self}")
@@ -95,6 +98,10 @@ class Launch:
             self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers
             or self.unmasked
         )  # fmt: skip
+
+    def blocks(self, block: int) -> int:
+        """Blocks per program (BPP) at block size ``block``."""
+        return self.blocks_per_program or max(1, (self.tile_values or _TILE) // block)
 
     def num_warps(self, tile: int) -> int:
         """Warps of a program over a tile of ``tile`` values (a power of two)."""
@@ -113,10 +120,13 @@ class Launch:
 # against 73% with 8) and 32 for int4, whose even/odd split holds more registers (4 warps: 67%
 # against 57%); dequantize, with no reduction, is at 97-98% with 16 (8 warps). Swept again on an
 # H100 with the variants: none beat these (persistent int8 at 93-95% of the copy bandwidth at
-# 1-2 GB, the default at 101%; the cache hints 1-3% slower).
+# 1-2 GB, the default at 101%; the cache hints 1-3% slower), except int4 with half the tile: 2
+# warps over 8 of qgZ's 256-value blocks ran 3-5% faster than 4 warps over 16 at every size
+# from 64 MB to 2 GB, in two runs on an H100 (Triton 3.6), so that is int4's default now.
+# Neither a register cap nor dropping the bounds masks of full tiles sped int8 up.
 _DEFAULT_LAUNCH = {
     8: Launch(values_per_thread=64),  # one program per 4096-value tile, 2 warps
-    4: Launch(values_per_thread=32),  # one program per tile of 16 256-value blocks, 4 warps
+    4: Launch(values_per_thread=32, tile_values=2048),  # 8 256-value blocks a tile, 2 warps
     0: Launch(values_per_thread=16),  # dequantize (no variants): 8 warps
 }
 
@@ -324,7 +334,7 @@ def _launch(
     ``unmasked`` one drops the masks only when the row length ``n`` is a multiple of the
     tile."""
     launch = _DEFAULT_LAUNCH[quant_bits] if launch is None else launch
-    bpp = launch.blocks_per_program or _blocks_per_program(block)
+    bpp = launch.blocks(block)
     nbp = -(-nb // bpp)
     opts = dict(BLOCK=block, BPP=bpp, num_warps=launch.num_warps(block * bpp), **_LAUNCH)
     ntiles = rows * nbp
