@@ -6,6 +6,7 @@ it is accepted here too."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -502,6 +503,11 @@ HF_TEMPLATE = {
 def test_trainer_fills_every_auto_of_its_template(tmp_path):
     """Hugging Face's documented ZeRO-3 template through Trainer's own config passes: loadable
     between them (zero.Init time, scheduler steps still "auto"), resolved after them."""
+    for dist in ("deepspeed", "accelerate"):  # transformers' Trainer checks both by metadata
+        try:
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"needs the {dist!r} distribution (ds-deepspeed's test environment)")
     deepspeed = pytest.importorskip("transformers.integrations.deepspeed")
     transformers = pytest.importorskip("transformers")
     hf = deepspeed.HfTrainerDeepSpeedConfig(json.loads(json.dumps(HF_TEMPLATE)))
