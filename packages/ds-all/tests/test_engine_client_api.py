@@ -221,7 +221,13 @@ def test_zero_init_takes_deepspeeds_arguments() -> None:
         ds_all.zero.Init(remote_device="disk")
 
 
-def test_z3_leaf_modules_are_gathered_whole() -> None:
+@pytest.mark.parametrize(
+    "how",
+    ["call", {"classes": "Experts"}, {"names": ["blocks.2"]}, {"name_suffixes": ["ks.2"]}],
+    ids=["set_z3_leaf_modules", "config-classes", "config-names", "config-suffixes"],
+)
+def test_z3_leaf_modules_are_gathered_whole(how) -> None:
+    # flagged by the call, or by zero_optimization.leaf_module (which initialize applies)
     from torch import nn
 
     import ds_all
@@ -238,16 +244,43 @@ def test_z3_leaf_modules_are_gathered_whole() -> None:
     torch.manual_seed(0)
     model = TinyGPT()
     model.blocks.append(Experts())
-    assert set_z3_leaf_modules(model, [Experts]) == [model.blocks[2]]
+    cfg = config(3, MICRO, 1)
+    if how == "call":
+        assert set_z3_leaf_modules(model, [Experts]) == [model.blocks[2]]
+    else:
+        cfg["zero_optimization"]["leaf_module"] = how
+    engine, _, _, _ = ds_all.initialize(model=model, config=cfg, dist_init_required=False)
     assert get_z3_leaf_modules(model) == [model.blocks[2]]
-    engine, _, _, _ = ds_all.initialize(
-        model=model, config=config(3, MICRO, 1), dist_init_required=False
-    )
     inner = {id(m) for m in model.blocks[2].experts}
     assert not inner & {id(u) for u in engine.zero._units}
     engine.backward(engine(*batch(0, MICRO)))
     engine.step()
     engine.close()
+
+
+def test_leaf_module_config_paths_and_unmatched_names_warn(caplog) -> None:
+    from torch import nn
+
+    from ds_all.runtime.zero.leaf_module_config import (
+        DEFAULT_LEAF_MODULE_CLASSES,
+        DeepSpeedZeroLeafModuleConfig,
+    )
+    from ds_all.utils import set_z3_leaf_modules_by_name, set_z3_leaf_modules_by_suffix
+    from ds_all.utils.z3_leaf_module import apply_zero_leaf_module_config
+
+    assert DEFAULT_LEAF_MODULE_CLASSES[0].endswith("modeling_mixtral.MixtralSparseMoeBlock")
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    assert apply_zero_leaf_module_config(model, DeepSpeedZeroLeafModuleConfig()) == []
+    cfg = DeepSpeedZeroLeafModuleConfig(names=["1", "nope"], name_suffixes=["1.0", "zz"])
+    with caplog.at_level("WARNING"):
+        assert apply_zero_leaf_module_config(model, cfg) == [model[1], model[1][0]]
+    assert "['nope']" in caplog.text and "['zz']" in caplog.text
+    with pytest.raises(ValueError, match="nope"):
+        set_z3_leaf_modules_by_name(model, ["nope"])
+    with pytest.raises(ValueError, match="zz"):
+        set_z3_leaf_modules_by_suffix(model, ["zz"])
+    found, missing = set_z3_leaf_modules_by_name(model, ["1", "x"], False, False)
+    assert found == [model[1]] and missing == ["x"] and not model[1]._z3_leaf
 
 
 def test_buffers_are_checkpointed_and_in_zero_to_fp32(tmp_path) -> None:

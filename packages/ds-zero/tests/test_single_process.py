@@ -245,16 +245,43 @@ def test_config_accepts_every_deepspeed_key_and_field_name():
     assert (opts.prefetch_bucket_size, opts.param_persistence_threshold) == (11, 12)
     assert (opts.model_persistence_threshold, opts.max_live_parameters) == (13, 14)
     assert opts.max_reuse_distance == 15 and by_name.stage3_gather_16bit_weights_on_model_save
-    with pytest.raises(ValueError, match="leaf_module.*not supported.*stage3_units"):
-        ds_zero.ZeroConfig.model_validate({"leaf_module": {"classes": ["my.Block"]}})
     with pytest.raises(ValueError, match="leaf_module must be a JSON object"):
         ds_zero.ZeroConfig.model_validate({"leaf_module": "my.Block"})
+    with pytest.raises(ValueError, match="clases"):  # a misspelt sub-key is refused
+        ds_zero.ZeroConfig.model_validate({"leaf_module": {"clases": ["my.Block"]}})
     with pytest.raises(ValueError, match="cpu_offload_param is DeepSpeed's deprecated"):
         ds_zero.ZeroConfig.model_validate({"cpu_offload_param": True})
     with pytest.raises(ValueError, match="not supported by ds-zero"):
         ds_zero.ZeroConfig.model_validate({"zenflow": {"topk_ratio": 0.1}})
     with pytest.raises(ValueError, match="did you mean 'leaf_module'"):
         ds_zero.ZeroConfig.model_validate({"leaf_modules": {}})
+
+
+def test_leaf_module_section_has_deepspeeds_defaults_and_coercions():
+    # DeepSpeed 0.19.8's defaults: Hugging Face's three sparse MoE blocks are leaves unasked
+    default = ds_zero.ZeroConfig.model_validate({}).leaf_module
+    assert default.classes == [
+        "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+        "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+    ]
+    assert default.names == [] and default.name_suffixes == []
+    assert ds_zero.ZeroConfig.model_validate({"leaf_module": None}).leaf_module == default
+    given = ds_zero.ZeroConfig.model_validate(
+        {
+            "leaf_module": {
+                "classes": "my.Block",
+                "names": ["a.b", "a.b", "c"],
+                "name_suffixes": "moe",
+            }
+        }
+    ).leaf_module  # a string is a one-element list; repeats are dropped, order kept
+    assert given.classes == ["my.Block"] and given.names == ["a.b", "c"]
+    assert given.name_suffixes == ["moe"]
+    assert (
+        ds_zero.ZeroConfig.model_validate({"leaf_module": {"classes": []}}).leaf_module.classes
+        == []
+    )
 
 
 def _step_beside(zero, ref: nn.Module, ref_opt: torch.optim.Optimizer, steps: int) -> None:

@@ -245,6 +245,12 @@ class DeepSpeedEngine(DataEfficiencyEngineMixin, nn.Module):
         self.device = torch.device(self.accelerator.current_device_name())
         model.to(self.device)
         basic = self._build_optimizer(model, optimizer, model_parameters)
+        # zero_optimization.leaf_module (DeepSpeed's defaults: Hugging Face's MoE blocks): the
+        # flags ds-zero reads when it picks stage-3 units. Imported here: ds_all.utils imports
+        # DeepSpeed's runtime tree, which imports this module.
+        from ds_all.utils.z3_leaf_module import apply_zero_leaf_module_config
+
+        apply_zero_leaf_module_config(model, config.zero_config().leaf_module)
         self.zero = ds_zero.wrap(
             model, basic, _zero_options(config, self._gas), dp_group=dp_group,
             stepper=_offload_stepper(config, basic), param_store=_param_store(config),

@@ -45,10 +45,12 @@ from ds_zero._version import __version__
 from ds_zero._zero import Phase, Zero, wrap
 
 __all__ = [
+    "DEFAULT_LEAF_MODULE_CLASSES",
     "DynamicLossScaler",
     "Fragment",
     "GatheredParameters",
     "Init",
+    "LeafModuleConfig",
     "LossScaleOptions",
     "LossScaler",
     "MasterPartition",
@@ -89,10 +91,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # ZeroConfig needs pydantic; importing it lazily keeps ds_zero usable where pydantic is
+    # ZeroConfig and LeafModuleConfig need pydantic; importing them lazily keeps ds_zero usable where pydantic is
     # absent (the GPU benchmark machine) for code that builds ZeroOptions directly.
     if name == "ZeroConfig":
         from ds_zero._config import ZeroConfig
 
         return ZeroConfig
+    if name in ("LeafModuleConfig", "DEFAULT_LEAF_MODULE_CLASSES"):
+        from ds_zero import _leaf_config
+
+        return getattr(_leaf_config, name)
     raise AttributeError(f"module 'ds_zero' has no attribute {name!r}")

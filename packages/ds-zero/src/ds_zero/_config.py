@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ds_zero._leaf_config import LeafModuleConfig
 from ds_zero._loss_scaler import LossScaleOptions
 from ds_zero._options import ZeroOptions
 
@@ -94,6 +95,8 @@ class ZeroConfig(BaseModel):
     zero_quantized_nontrainable_weights: bool = False
     zero_quantized_gradients: bool = False
     zero_hpz_partition_size: int = Field(1, ge=0)
+    # the modules stage 3 gathers whole (the engine holding the model flags them; _leaf_config)
+    leaf_module: LeafModuleConfig = Field(default_factory=LeafModuleConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -129,20 +132,7 @@ class ZeroConfig(BaseModel):
                     f"zero_optimization.{key} is DeepSpeed's deprecated spelling; use {use}"
                 )
             data.pop(key, None)
-        # DeepSpeed treats these modules' subtrees as single fetch units (with its defaults:
-        # three Hugging Face MoE blocks); ds-zero's units come from ZeroOptions.stage3_units
-        leaf = data.pop("leaf_module", None)
-        if leaf is not None and not isinstance(leaf, dict):
-            raise ValueError(
-                "zero_optimization.leaf_module must be a JSON object "
-                f'({{"classes": [...], "names": [...], "name_suffixes": [...]}}), got {leaf!r}'
-            )
-        if leaf and any(leaf.get(k) for k in ("classes", "names", "name_suffixes")):
-            raise ValueError(
-                f"zero_optimization.leaf_module={leaf!r} is not supported by ds-zero; remove it "
-                "and choose stage-3 units with ds_zero.ZeroOptions(stage3_units=(BlockClass,))"
-            )
-        # (deprecated spellings and leaf_module are handled above, but still worth suggesting)
+        # (deprecated spellings are handled above, but still worth suggesting)
         for key, why in _REMOVED.items():
             if key in data:
                 raise ValueError(
@@ -157,7 +147,7 @@ class ZeroConfig(BaseModel):
                 "zero_quantized_gradients off"
             )
         valid = set(cls.model_fields) | set(_NO_EFFECT) | set(_UNSUPPORTED)
-        valid |= set(deprecated) | {"leaf_module"}
+        valid |= set(deprecated)
         for key in data:
             if key not in valid:
                 near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
