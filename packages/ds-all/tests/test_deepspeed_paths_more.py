@@ -341,23 +341,47 @@ def test_async_io_builder_handle_round_trip(tmp_path):
 
 # ------------------------------------------------------------------ ds_to_universal
 def _deepspeed_zero2_checkpoint(tag_dir: str) -> dict[str, torch.Tensor]:
-    """A one-rank DeepSpeed ZeRO-2 checkpoint as DeepSpeed lays it out; returns the fp32
-    masters and the Adam moment by name."""
+    """A one-rank DeepSpeed ZeRO-2 checkpoint as DeepSpeed lays it out, its keys and file names
+    spelled with ``deepspeed.checkpoint``'s constants (so the conversion below checks them
+    against the files ds-ckpt's importer reads); returns the fp32 masters and the Adam moment
+    by name."""
+    from ds_all import checkpoint as C
+
     os.makedirs(tag_dir)
     w, b = torch.randn(2, 3), torch.randn(2)
     flat = torch.cat([w.reshape(-1), b])
     moment = torch.randn(8)
     shapes = collections.OrderedDict(w=torch.Size([2, 3]), b=torch.Size([2]))
-    torch.save({"module": {"w": w.bfloat16(), "b": b.bfloat16()}, "param_shapes": [shapes],
-                "buffer_names": [], "global_steps": 5},
-               os.path.join(tag_dir, "mp_rank_00_model_states.pt"))  # fmt: skip
-    osd = {"zero_stage": 2, "partition_count": 1, "single_partition_of_fp32_groups": [flat],
-           "base_optimizer_state": {"state": {0: {"exp_avg": moment, "exp_avg_sq": moment.abs(),
+    torch.save({"module": {"w": w.bfloat16(), "b": b.bfloat16()}, C.PARAM_SHAPES: [shapes],
+                C.BUFFER_NAMES: [], "global_steps": 5},
+               os.path.join(tag_dir, f"{C.MODEL_FILE_PREFIX}00{C.MODEL_FILE_SUFFIX}"))  # fmt: skip
+    osd = {C.ZERO_STAGE: 2, C.PARTITION_COUNT: 1, C.SINGLE_PARTITION_OF_FP32_GROUPS: [flat],
+           C.BASE_OPTIMIZER_STATE: {"state": {0: {"exp_avg": moment, "exp_avg_sq": moment.abs(),
                                                   "step": torch.tensor(5.0)}},
-                                    "param_groups": [{"lr": 0.1, "params": [0]}]}}  # fmt: skip
-    torch.save({"optimizer_state_dict": osd},
-               os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))  # fmt: skip
+                                    C.PARAM_GROUPS: [{"lr": 0.1, "params": [0]}]}}  # fmt: skip
+    torch.save({C.OPTIMIZER_STATE_DICT: osd},
+               os.path.join(tag_dir, f"{C.ZERO_FILE_PREFIX}0_{C.MODEL_FILE_PREFIX}00"
+                                     f"{C.OPTIM_FILE_SUFFIX}"))  # fmt: skip
     return {"w": w, "b": b, "optimizer.exp_avg.b": moment[6:]}
+
+
+def test_checkpoint_constants_are_deepspeeds_names():
+    # the names Megatron-DeepSpeed imports from deepspeed.checkpoint at module load
+    from ds_all.checkpoint import (
+        ORIGINAL_VOCAB_SIZE,
+        PADDED_VOCAB_SIZE,
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        constants,
+    )
+
+    assert UNIVERSAL_CHECKPOINT_INFO == "universal_checkpoint_info"
+    assert (UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE) == (
+        "universal_checkpoint_version", 0.4)  # fmt: skip
+    assert (ORIGINAL_VOCAB_SIZE, PADDED_VOCAB_SIZE) == ("original_vocab_size", "padded_vocab_size")
+    assert constants.BF16_ZERO_FILE_PREFIX == "bf16_zero_pp_rank_"
+    assert "FP32_FLAT_GROUPS" in constants.__all__ and "annotations" not in constants.__all__
 
 
 def test_ds_to_universal_converts_a_deepspeed_zero_checkpoint(tmp_path, capsys):
