@@ -293,8 +293,12 @@ def test_op_builders_probe_and_load_ds_kernels_ops():
     assert CPUAdamBuilder().NAME == "cpu_adam" and CPUAdamBuilder.BUILD_VAR == "DS_BUILD_CPU_ADAM"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ds_kernels.KernelBuildWarning)
-        assert CPUAdamBuilder().load() is ds_kernels.load("cpu_optim")
-        assert FusedAdamBuilder().load() is ds_kernels.load("fused_optim")
+        cpu = CPUAdamBuilder().load()
+        assert cpu.op is ds_kernels.load("cpu_optim")
+        assert FusedAdamBuilder().load().op is ds_kernels.load("fused_optim")
+    assert cpu.backend is cpu.op.backend  # ds_kernels' attributes pass through
+    with pytest.raises(AttributeError, match="create_adam.*DeepSpeedCPUAdam"):
+        cpu.create_adam(0, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, True)
     assert OpBuilder.is_rocm_pytorch() is (torch.version.hip is not None)
 
     class Missing(OpBuilder):
