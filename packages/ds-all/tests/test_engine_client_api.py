@@ -251,6 +251,12 @@ def test_z3_leaf_modules_are_gathered_whole(how) -> None:
         cfg["zero_optimization"]["leaf_module"] = how
     engine, _, _, _ = ds_all.initialize(model=model, config=cfg, dist_init_required=False)
     assert get_z3_leaf_modules(model) == [model.blocks[2]]
+    from ds_all.utils import z3_leaf_parameter
+
+    leaf_params = {id(p) for p in model.blocks[2].parameters()}
+    for p in model.parameters():  # ZeRO-3 pointed the leaf's parameters at it
+        assert z3_leaf_parameter(p) is (id(p) in leaf_params)
+    assert model.blocks[2].experts[0].weight.ds_z3_leaf_module is model.blocks[2]
     inner = {id(m) for m in model.blocks[2].experts}
     assert not inner & {id(u) for u in engine.zero._units}
     engine.backward(engine(*batch(0, MICRO)))

@@ -1,7 +1,8 @@
 """``ds_all.utils.safe_get_full_grad`` / ``safe_set_full_grad`` on 2 gloo ranks at every ZeRO
 stage: after the boundary backward each parameter's whole gradient equals a single-process
 torch gradient of the whole batch (each rank computes half of it); a set gradient is what the
-step applies; before the boundary, stages 0-1 say the gradient is not reduced yet. Stages 0-2
+step applies, as is one updated by ``safe_update_full_grad_vectorized``; before the boundary,
+stages 0-1 say the gradient is not reduced yet. Stages 0-2
 refuse the ZeRO-3 local accessors (``safe_get_local_grad``), naming the full ones."""
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _ranks(stage: int) -> dict:
         safe_get_full_grad,
         safe_get_local_grad,
         safe_set_full_grad,
+        safe_update_full_grad_vectorized,
     )
 
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
@@ -73,12 +75,21 @@ def _ranks(stage: int) -> dict:
     w0 = safe_get_full_fp32_param(last).clone()
     safe_set_full_grad(last, torch.full((3,), 2.0))
     reread = safe_get_full_grad(last).clone()
+    # then, in one call: the first weight's gradient tripled, the last bias's plus one (3.0)
+    first = params[0]
+    f0 = safe_get_full_fp32_param(first).clone()
+    plain = nn.Parameter(torch.zeros(2))
+    plain.grad = torch.ones(2)  # held by no engine: its .grad is updated
+    safe_update_full_grad_vectorized(
+        [first, last, plain], lambda g, p: g * 3 if p is not last else g + 1
+    )
     engine.step()
     moved = safe_get_full_fp32_param(last) - w0
-    plain = nn.Parameter(torch.zeros(2))
-    outside = safe_get_full_grad(plain)
+    moved_first = safe_get_full_fp32_param(first) - f0
+    outside = safe_get_full_grad(nn.Parameter(torch.zeros(2)))
     return {"grads": grads, "before": before_boundary, "reread": reread, "moved": moved,
-            "outside": outside, "local": local}  # fmt: skip
+            "moved_first": moved_first, "plain_grad": plain.grad, "outside": outside,
+            "local": local}  # fmt: skip
 
 
 @pytest.mark.timeout(300)
@@ -90,7 +101,9 @@ def test_full_grad_equals_torch_and_set_is_applied(stage):
             assert got.shape == want.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
         assert torch.equal(res["reread"], torch.full((3,), 2.0))
-        torch.testing.assert_close(res["moved"], torch.full((3,), -LR * 2.0))
+        torch.testing.assert_close(res["moved"], torch.full((3,), -LR * 3.0))
+        torch.testing.assert_close(res["moved_first"], -LR * 3 * ref[0], rtol=1e-5, atol=1e-7)
+        assert torch.equal(res["plain_grad"], torch.full((2,), 3.0))
         assert res["outside"] is None  # as DeepSpeed: no engine, no .grad
         if stage < 3:
             assert isinstance(res["local"], str) and "stage 3 only" in res["local"]

@@ -295,6 +295,23 @@ def _step_beside(zero, ref: nn.Module, ref_opt: torch.optim.Optimizer, steps: in
         ref_opt.zero_grad()
 
 
+def test_leaf_module_is_one_unit_and_its_parameters_point_at_it():
+    # a flagged module (DeepSpeed's _z3_leaf) is gathered whole: no unit below it, and stage 3
+    # points each of its parameters at it (ds_z3_leaf_module), the outermost leaf winning
+    model = nn.Sequential(
+        nn.ModuleList([nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))]),
+        nn.Linear(4, 2),
+    )
+    leaf, nested = model[0][1], model[0][1][0]
+    leaf._z3_leaf = nested._z3_leaf = True
+    zero = ds_zero.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        ds_zero.ZeroOptions(stage=3, param_persistence_threshold=0))  # fmt: skip
+    assert {id(u) for u in zero._units} == {id(model), id(model[0][0]), id(leaf)}
+    for p in leaf.parameters():
+        assert p.ds_z3_leaf_module is leaf
+    assert getattr(model[1].weight, "ds_z3_leaf_module", None) is None
+
+
 def test_model_persistence_threshold_bounds_whole_parameters():
     """DeepSpeed's stage3_model_persistence_threshold: small parameters stay whole only while
     their running total (registration order) fits; the rest are partitioned, training is

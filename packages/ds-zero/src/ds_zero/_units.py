@@ -37,6 +37,16 @@ def find_units(
     return units
 
 
+def mark_leaf_parameters(root: nn.Module) -> None:
+    """Point each parameter of a leaf module (``_z3_leaf``) at the outermost such module, as
+    DeepSpeed's ``ds_z3_leaf_module`` attribute (``z3_leaf_parameter`` reads it)."""
+    for m in root.modules():  # pre-order: an enclosing leaf comes before a nested one
+        if getattr(m, "_z3_leaf", False):
+            for p in m.parameters():
+                if getattr(p, "ds_z3_leaf_module", None) is None:
+                    p.ds_z3_leaf_module = m
+
+
 def unit_params(root: nn.Module, units: list[nn.Module]) -> dict[int, list[nn.Parameter]]:
     """For each unit (by id), the parameters its own code reads: those reached from the unit
     without entering a nested unit. A tied parameter can appear under several units."""

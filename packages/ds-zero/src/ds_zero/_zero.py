@@ -37,7 +37,7 @@ from ds_zero._reducer import GradReducer
 from ds_zero._shard_store import ParamShardStore
 from ds_zero._stage3 import Stage3Scheduler
 from ds_zero._stepper import MasterPartition, PartitionStepper, TorchOptimizerStepper
-from ds_zero._units import find_units, unit_params
+from ds_zero._units import find_units, mark_leaf_parameters, unit_params
 from ds_zero._zeropp import ZeroPP
 
 log = logging.getLogger("ds_zero")
@@ -359,6 +359,7 @@ class Zero:
         replicated: list[nn.Parameter] = []
         if opts.stage == 3:
             units = find_units(model, opts.stage3_units)
+            mark_leaf_parameters(model)
             touched = unit_params(model, units)
             owner: dict[int, nn.Module] = {}
             for unit in units:

@@ -23,6 +23,7 @@ from ds_all.utils.tensor_fragment import (
     safe_set_local_fp32_param,
     safe_set_local_grad,
     safe_set_local_optimizer_state,
+    safe_update_full_grad_vectorized,
 )
 from ds_all.utils.z3_leaf_module import (
     get_z3_leaf_modules,
@@ -32,6 +33,7 @@ from ds_all.utils.z3_leaf_module import (
     set_z3_leaf_modules_by_suffix,
     unset_z3_leaf_modules,
     z3_leaf_module,
+    z3_leaf_parameter,
 )
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "safe_set_local_fp32_param",
     "safe_set_local_grad",
     "safe_set_local_optimizer_state",
+    "safe_update_full_grad_vectorized",
     "set_log_level_from_string",
     "set_z3_leaf_module",
     "set_z3_leaf_modules",
@@ -63,4 +66,5 @@ __all__ = [
     "set_z3_leaf_modules_by_suffix",
     "unset_z3_leaf_modules",
     "z3_leaf_module",
+    "z3_leaf_parameter",
 ]

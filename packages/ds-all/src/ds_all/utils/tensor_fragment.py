@@ -1,7 +1,7 @@
 """``deepspeed.utils.tensor_fragment``: DeepSpeed's accessors of one parameter's fp32 state
 under ZeRO, whole (``safe_get_full_fp32_param``, ``safe_get_full_optimizer_state``,
 ``safe_set_full_fp32_param``, ``safe_set_full_optimizer_state``, and the gradient's
-``safe_get_full_grad``, ``safe_set_full_grad``) over ds-zero's ``full_param_state`` /
+``safe_get_full_grad``, ``safe_set_full_grad``, ``safe_update_full_grad_vectorized``) over ds-zero's ``full_param_state`` /
 ``full_param_grad`` and their setters, or this rank's ZeRO-3 piece of it
 (``safe_get_local_*`` / ``safe_set_local_*``) over ``local_param_state`` /
 ``local_param_grad`` and theirs.
@@ -31,6 +31,9 @@ parameter copy before the step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -59,6 +62,7 @@ __all__ = [
     "safe_set_local_fp32_param",
     "safe_set_local_grad",
     "safe_set_local_optimizer_state",
+    "safe_update_full_grad_vectorized",
 ]
 
 
@@ -107,6 +111,21 @@ def safe_set_full_grad(param: nn.Parameter, value: torch.Tensor) -> None:
         set_full_param_grad(param, value)
     elif param.grad is not None:
         param.grad.copy_(value)
+
+
+def safe_update_full_grad_vectorized(
+    param_list: list[nn.Parameter], update_func: Callable[[torch.Tensor, nn.Parameter], Any]
+) -> None:
+    """Replace the whole reduced gradient ``g`` of each parameter of ``param_list`` by
+    ``update_func(g, param)`` before ``step()`` (a collective, like ``safe_set_full_grad``:
+    call it on every rank with the same list). A parameter no ZeRO engine holds has its
+    ``.grad`` updated in place, if it has one; frozen ones are skipped, as DeepSpeed's."""
+    for p in param_list:
+        if owner_of(p) is None:
+            if p.grad is not None:
+                p.grad.copy_(update_func(p.grad, p))
+        elif p.requires_grad:
+            set_full_param_grad(p, update_func(full_param_grad(p), p))
 
 
 def safe_get_local_fp32_param(param: nn.Parameter) -> torch.Tensor | None:

@@ -21,6 +21,12 @@ def z3_leaf_module(model: nn.Module) -> bool:
     return bool(getattr(model, _FLAG, False))
 
 
+def z3_leaf_parameter(param: nn.Parameter) -> bool:
+    """Whether ``param`` belongs to a leaf module (ZeRO-3 marks them when it wraps the model:
+    ``param.ds_z3_leaf_module`` is that module)."""
+    return getattr(param, "ds_z3_leaf_module", None) is not None
+
+
 def get_z3_leaf_modules(model: nn.Module) -> list[nn.Module]:
     """The flagged modules of ``model``."""
     return [m for m in model.modules() if z3_leaf_module(m)]
@@ -138,4 +144,5 @@ __all__ = [
     "set_z3_leaf_modules_by_suffix",
     "unset_z3_leaf_modules",
     "z3_leaf_module",
+    "z3_leaf_parameter",
 ]
