@@ -11,13 +11,9 @@ import abc
 import warnings
 from typing import Any
 
-import torch.distributed as dist
-
 from ds_all._monitor import CSVMonitor, TensorBoardMonitor
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+from ds_all._monitor import MonitorMaster as _EngineMonitors
+from ds_all.utils.logging import _rank
 
 
 class Monitor(abc.ABC):
@@ -32,7 +28,8 @@ class Monitor(abc.ABC):
 
 
 class MonitorMaster(Monitor):
-    """The monitors ``monitor_config`` (a ``DeepSpeedMonitorConfig``) enables."""
+    """The monitors ``monitor_config`` (a ``DeepSpeedMonitorConfig``) enables: the engine's
+    own set of writers (``ds_all._monitor``), with DeepSpeed's attribute names."""
 
     tb_monitor: TensorBoardMonitor | None
     csv_monitor: CSVMonitor | None
@@ -41,30 +38,21 @@ class MonitorMaster(Monitor):
 
     def __init__(self, monitor_config: Any) -> None:
         super().__init__(monitor_config)
-        self.tb_monitor = self.csv_monitor = None
-        self.wandb_monitor = self.comet_monitor = None
         self.enabled = bool(monitor_config.enabled)
-        if _rank() != 0:
-            return
-        tb, csv = monitor_config.tensorboard, monitor_config.csv_monitor
-        if tb.enabled:
-            self.tb_monitor = TensorBoardMonitor(tb.output_path, tb.job_name)
-        if csv.enabled:
-            self.csv_monitor = CSVMonitor(csv.output_path, csv.job_name)
-        for name in ("wandb", "comet"):
-            if getattr(monitor_config, name).enabled:
-                warnings.warn(
-                    f"{name} monitoring is not supported by ds_all; its events are not written "
-                    "(use csv_monitor or tensorboard)",
-                    stacklevel=2,
-                )
+        self._monitors = _EngineMonitors(monitor_config, _rank())
+        writers = self._monitors.monitors
+        self.tb_monitor = next((m for m in writers if isinstance(m, TensorBoardMonitor)), None)
+        self.csv_monitor = next((m for m in writers if isinstance(m, CSVMonitor)), None)
+        self.wandb_monitor = self.comet_monitor = None
+        if monitor_config.comet.enabled and _rank() == 0:  # the engine's set warns for wandb
+            warnings.warn(
+                "comet monitoring is not supported by ds_all; its events are not written "
+                "(use csv_monitor or tensorboard)",
+                stacklevel=2,
+            )
 
     def write_events(self, event_list: list[tuple[str, float, int]]) -> None:
-        if _rank() != 0:
-            return
-        for m in (self.tb_monitor, self.csv_monitor):
-            if m is not None:
-                m.write_events(event_list)
+        self._monitors.write_events(event_list)  # no writers on ranks other than 0
 
 
 __all__ = ["Monitor", "MonitorMaster"]

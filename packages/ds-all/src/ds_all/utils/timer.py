@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch.distributed as dist
-
 from ds_accel import get_accelerator
+from ds_all.utils.logging import _rank
 
 FORWARD_MICRO_TIMER = "fwd_microstep"
 FORWARD_GLOBAL_TIMER = "fwd"
@@ -28,10 +27,6 @@ BACKWARD_REDUCE_GLOBAL_TIMER = "bwd_allreduce"
 STEP_MICRO_TIMER = "step_microstep"
 STEP_GLOBAL_TIMER = "step"
 TIME_EPSILON = 1e-6
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def trim_mean(data: Iterable[float], trim_percent: float) -> float:

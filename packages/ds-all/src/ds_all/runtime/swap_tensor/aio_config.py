@@ -48,13 +48,11 @@ def aio_dict(config: Any) -> dict[str, Any]:
 
 
 def get_aio_config(param_dict: dict[str, Any]) -> dict[str, Any]:
-    """The ``aio`` section of a whole config dict with defaults filled in."""
-    section = param_dict.get(AIO)
-    if section is None:
-        return dict(AIO_DEFAULT_DICT)
+    """The ``aio`` section of a whole config dict, its defaults filled in by ds_offload's
+    ``AioConfig`` (which owns the section)."""
     from ds_offload import AioConfig
 
-    return aio_dict(AioConfig.from_dict(section, AIO))
+    return aio_dict(AioConfig.from_dict(param_dict.get(AIO) or {}, AIO))
 
 
 __all__ = ["AIO_DEFAULT_DICT", "aio_dict", "get_aio_config"]
