@@ -317,6 +317,7 @@ def test_async_io_builder_handle_round_trip(tmp_path):
     h = aio.aio_handle(block_size=8192, queue_depth=4, single_submit=False,
                        overlap_events=True, intra_op_parallelism=2)  # fmt: skip
     assert (h.get_block_size(), h.get_queue_depth(), h.get_intra_op_parallelism()) == (8192, 4, 2)
+    assert h.get_alignment() == 4096  # O_DIRECT's, as ds_offload aligns its buffers
     buf = h.new_cpu_locked_tensor(4096, torch.empty(0, dtype=torch.float32))
     assert buf.numel() == 4096 and buf.dtype == torch.float32
     buf.copy_(torch.arange(4096, dtype=torch.float32))

@@ -18,12 +18,13 @@ from ds_offload._options import (
 )
 from ds_offload._param import ParamOffloader
 from ds_offload._param_store import NvmeParamStore
-from ds_offload._pinned import aligned_empty, memlock_limit
+from ds_offload._pinned import DIRECT_ALIGN, aligned_empty, memlock_limit
 from ds_offload._stepper import OffloadStepper
 from ds_offload._threads import cpu_optimizer_threads
 from ds_offload._version import __version__
 
 __all__ = [
+    "DIRECT_ALIGN",
     "AioConfig",
     "AioError",
     "AioOptions",

@@ -15,10 +15,7 @@ from typing import Any
 
 import torch
 
-from ds_offload import AsyncIO
-
-#: O_DIRECT alignment of buffers, file offsets and lengths (bytes)
-_ALIGNMENT = 4096
+from ds_offload import DIRECT_ALIGN, AsyncIO
 
 
 def _check_same(buffer: torch.Tensor, filename: str, file_offset: int) -> None:
@@ -64,7 +61,7 @@ class aio_handle:  # noqa: N801 - DeepSpeed's class name
         return self._io.thread_count
 
     def get_alignment(self) -> int:
-        return _ALIGNMENT
+        return DIRECT_ALIGN
 
     # -------------------------------------------------------------- IO
     def _io_op(self, write: bool, buffer: torch.Tensor, filename: str | os.PathLike[str],
