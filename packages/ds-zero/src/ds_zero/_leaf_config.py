@@ -56,13 +56,3 @@ class LeafModuleConfig(BaseModel):
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))  # first occurrence kept, order kept
-
-    @property
-    def customized_names(self) -> bool:
-        """Whether ``names`` differs from the default (DeepSpeed warns about unknown names
-        only then)."""
-        return bool(self.names)
-
-    @property
-    def customized_suffixes(self) -> bool:
-        return bool(self.name_suffixes)
