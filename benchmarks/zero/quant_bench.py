@@ -252,8 +252,8 @@ def _sweep_quant(
                 def fn(
                     bpp=bpp, warps=warps, nbp=nbp, k=kernel, sz=sizes, cd=codes, sc=scales, b=block
                 ):
-                    k[(nbp,)](rows, cd, sc, *sz, nbp=nbp, BLOCK=b, BPP=bpp,
-                              num_warps=warps, **qt._LAUNCH)  # fmt: skip
+                    k[(nbp, 1)](rows, cd, sc, *sz, BLOCK=b, BPP=bpp, RMI=not qt._interpreted(),
+                                num_warps=warps, **qt._LAUNCH)  # fmt: skip
 
                 ms = time_ms(fn, reps)
                 record(f"sweep-{what}-quantize-fp16-w{warps}-bpp{bpp}", size_mb, ms,
@@ -275,6 +275,7 @@ def _sweep_quant(
 # About 20 in all: each costs one check and 3 + --reps calls per size, plus one compile.
 _VARIANTS = {
     8: (
+        (2, 0, dict(floor_then_convert=True)),  # floor, then convert (before 0.1.11)
         (2, 0, dict(wide_absmax=True)),  # the absmax reduced in fp32 (before 0.1.10)
         # register caps: more programs an SM (2 warps: 16 at 64 registers, 12 at 80; 4 warps:
         # 8 at 64; 1 warp: 21 at 96)
@@ -295,6 +296,7 @@ _VARIANTS = {
         (4, 0, dict(programs_per_sm=4, stages=3, evict=True)),
     ),
     4: (
+        (2, 8, dict(floor_then_convert=True)),
         (4, 0, dict(wide_absmax=True)),
         (2, 8, dict(max_registers=96)),
         (4, 0, dict(unmasked=True)),
@@ -314,6 +316,7 @@ def _variant_name(launch, warps: int, bpp: int) -> str:
     wide = "-wide" if launch.wide_absmax else ""
     wide += f"-r{launch.max_registers}" if launch.max_registers else ""
     wide += "-u" if launch.unmasked else ""
+    wide += "-fc" if launch.floor_then_convert else ""
     if launch.programs_per_sm:
         kind = "persist-evict" if launch.evict else "persist"
         return f"{kind}{wide}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
@@ -374,7 +377,8 @@ def _sweep_variants(
                          programs_per_sm=launch.programs_per_sm, stages=launch.stages,
                          evict=launch.evict, wide_absmax=launch.wide_absmax,
                          max_registers=launch.max_registers,
-                         unmasked=launch.unmasked)  # fmt: skip
+                         unmasked=launch.unmasked,
+                         floor_then_convert=launch.floor_then_convert)  # fmt: skip
             codes.fill_(sentinel)
             scales.fill_(float("nan"))
             compiled = qt.quantize_into(rows, codes, scales, bits, block, launch, sms)

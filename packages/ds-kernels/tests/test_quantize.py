@@ -93,6 +93,22 @@ def test_zero_block_and_symmetric_range():
     assert codes4.tolist() == [0x79, 0x0D]
 
 
+def test_non_finite_blocks_stay_non_finite_and_tiny_blocks_are_zero():
+    # blocks of 2: ordinary, NaN, +inf, below TINY (stored as zeros), at TINY (kept)
+    tiny = 2.0**-119
+    x = torch.tensor([1.0, -0.5, float("nan"), 2.0, 3.0, float("inf"), 1e-37, -4e-37, tiny, 0.0])
+    for bits in (8, 4):
+        codes, scales = ds_kernels.quantize_blockwise(x, bits=bits, block=2)
+        qmax = QMAX[bits]
+        assert scales[0] == torch.tensor(1.0) / qmax and scales[1].isnan()
+        assert scales[2] == float("inf") and scales[3] == 0
+        assert scales[4] == torch.tensor(tiny) / qmax
+        back = ds_kernels.dequantize_blockwise(codes, scales, bits=bits, block=2, numel=10)
+        assert not bool(back[2:6].isfinite().any())
+        assert back[6:8].tolist() == [0.0, 0.0] and back[8] == tiny and back[9] == 0
+        assert back[0] == 1.0
+
+
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         ds_kernels.quantize_blockwise(torch.ones(4), bits=2)

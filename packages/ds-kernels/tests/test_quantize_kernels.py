@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ds_kernels
-from ds_kernels._quant_op import QMAX, TorchQuantizer
+from ds_kernels._quant_op import QMAX, TINY, TorchQuantizer
 
 REF = TorchQuantizer()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -49,6 +49,44 @@ def _edge_rows(dtype, bits, block, nblocks):
     fill = near.repeat(-(-nblocks * (block - 1) // near.numel()))[: nblocks * (block - 1)]
     rows = torch.cat([absmax.expand(nblocks, 1), fill.view(nblocks, block - 1)], dim=1)
     return rows.reshape(1, nblocks * block).to(dtype)
+
+
+def _special_rows(dtype, block):
+    """One row of six blocks: ordinary values, one NaN, one +inf, a -inf and a NaN, values below
+    ``TINY`` (stored as zeros) and a block whose absmax is ``TINY`` itself (the smallest kept;
+    fp16 cannot hold either, so it gets ordinary values there)."""
+    g = torch.Generator().manual_seed(block)
+    blocks = torch.randn(6, block, generator=g)
+    blocks[1, 3] = float("nan")
+    blocks[2, -1] = float("inf")
+    blocks[3, 0], blocks[3, 1] = float("-inf"), float("nan")
+    if dtype is not torch.float16:
+        blocks[4] = blocks[4] / blocks[4].abs().max() * (TINY / 2)
+        blocks[5] = blocks[5] / blocks[5].abs().max() * TINY
+        blocks[5, 0] = TINY
+    return blocks.reshape(1, 6 * block).to(dtype)
+
+
+def _check_special(x, codes, scales, back, bits, block):
+    """What ``_special_rows`` must give against the reference: the same scales (NaN where the
+    block holds a NaN, infinite where it holds an infinity and no NaN, 0 below ``TINY``), the
+    same codes in the finite blocks, and every value of a non-finite block non-finite after the
+    round trip."""
+    dtype = x.dtype
+    ref_codes, ref_scales = REF.quantize(x.cpu(), bits, block)
+    got_scales = scales.cpu().reshape(6)
+    torch.testing.assert_close(got_scales, ref_scales.reshape(6), rtol=0, atol=0, equal_nan=True)
+    assert got_scales[1].isnan() and got_scales[3].isnan() and got_scales[2] == float("inf")
+    finite = [0, 4, 5]
+    got = _ints(codes, bits, x.shape[-1]).reshape(6, block)
+    want = _ints(ref_codes, bits, x.shape[-1]).reshape(6, block)
+    assert torch.equal(got[finite], want[finite])
+    vals = back.float().cpu().reshape(6, block)
+    assert not bool(vals[1:4].isfinite().any())
+    if dtype is not torch.float16:
+        assert got_scales[4] == 0 and not bool(got[4].any()) and not bool(vals[4].any())
+        assert got_scales[5] == torch.tensor(TINY / QMAX[bits], dtype=torch.float32)
+        assert vals[5, 0] == TINY and got[5, 0] == QMAX[bits]
 
 
 def _ints(codes, bits, n):
@@ -142,6 +180,24 @@ def test_triton_kernels_match_the_fallback_on_cpu_tensors():
                     assert torch.equal(back, ref_back)
 
 
+def test_non_finite_and_tiny_blocks_match_the_fallback():
+    """NaN and infinities survive quantization (non-finite scale, so the whole block comes back
+    non-finite: an fp16 overflow in a gradient stays visible to the loss scaler after qgZ) and
+    blocks below ``TINY`` are stored as zeros, in the Triton kernels (on CPU tensors under the
+    interpreter, or on a GPU) as in the fallback."""
+    if not ds_kernels.op_status("quantizer").compatible:
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    from ds_kernels import _quant_triton as qt
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for bits, block in ((8, 64), (4, 64)):
+        for dtype in DTYPES:
+            x = _special_rows(dtype, block).to(device)
+            codes, scales = qt.quantize_rows(x, bits, block)
+            back = qt.dequantize_rows(codes, scales, bits, block, x.shape[-1], dtype)
+            _check_special(x, codes, scales, back, bits, block)
+
+
 def _variant_launches(persistent):
     """Launch variants of the quantize kernels (``_quant_triton.Launch``): cache hints and other
     blocks per program, the absmax reduced in fp32, or persistent grids with 1 to 4 pipeline
@@ -156,6 +212,7 @@ def _variant_launches(persistent):
             Launch(64, max_registers=64),
             Launch(64, unmasked=True),
             Launch(32, blocks_per_program=2, unmasked=True, evict=True),
+            Launch(64, floor_then_convert=True),
         ]
     out = [
         Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True),
@@ -214,19 +271,24 @@ def test_launch_variants_match_the_default_launch(persistent):
 
 
 def test_launch_settings():
-    """The default launch (one program per tile, grid = tiles, warps from the values per
-    thread) and a persistent one (grid = programs per SM x SMs, at most the tile count)."""
+    """The default launch (one program per tile, grid = (tiles a row, rows), warps from the
+    values per thread) and a persistent one (grid = programs per SM x SMs, at most the tile
+    count)."""
     if not ds_kernels.op_status("quantizer").compatible:
         pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
-    from ds_kernels._quant_triton import _DEFAULT_LAUNCH, Launch, _launch
+    from ds_kernels._quant_triton import _DEFAULT_LAUNCH, Launch, _interpreted, _launch
 
     assert all(launch.plain for launch in _DEFAULT_LAUNCH.values())
     grid, kw = _launch(4096, 10, 3, 8)
-    assert grid == (30,) and kw["BPP"] == 1 and kw["num_warps"] == 2 and "ntiles" not in kw
+    assert grid == (10, 3) and kw["BPP"] == 1 and kw["num_warps"] == 2 and "ntiles" not in kw
+    assert "nbp" not in kw and "RMI" not in _launch(4096, 10, 3)[1]
+    assert kw["RMI"] == (not _interpreted())  # the interpreter has no cvt.rmi (libdevice)
+    fc = _launch(4096, 10, 3, 8, Launch(64, floor_then_convert=True))[1]
+    assert not fc["RMI"] and fc["ntiles"] == 30
     grid, kw = _launch(256, 33, 2, 4)  # 8 blocks a tile: 5 tiles a row
-    assert grid == (10,) and kw["BPP"] == 8 and kw["num_warps"] == 2
+    assert grid == (5, 2) and kw["BPP"] == 8 and kw["num_warps"] == 2
     grid, kw = _launch(4096, 3, 2, 4)  # a tile is at least one block
-    assert grid == (6,) and kw["BPP"] == 1 and kw["num_warps"] == 4
+    assert grid == (3, 2) and kw["BPP"] == 1 and kw["num_warps"] == 4
     assert _launch(256, 33, 2, 4, Launch(32, tile_values=4096))[1]["BPP"] == 16
     assert _launch(4096, 1, 1, 0)[1]["num_warps"] == 8
     persist = Launch(32, programs_per_sm=4, stages=3)
@@ -234,14 +296,20 @@ def test_launch_settings():
     assert grid == (528,) and kw["ntiles"] == 2000 and kw["PERSISTENT"] and kw["STAGES"] == 3
     assert kw["num_warps"] == 4 and not kw["EVICT"] and not kw["WIDE"]
     grid, kw = _launch(4096, 10, 3, 8, Launch(64, wide_absmax=True))
-    assert grid == (30,) and kw["WIDE"] and not kw["PERSISTENT"] and kw["num_warps"] == 2
+    assert (
+        grid == (10, 3)
+        and kw["ntiles"] == 30
+        and kw["WIDE"]
+        and not kw["PERSISTENT"]
+        and kw["num_warps"] == 2
+    )
     assert _launch(4096, 100, 2, 8, persist, sms=132)[0] == (200,)  # capped at the tile count
     with pytest.raises(ValueError):
         _launch(4096, 100, 2, 8, persist)  # no SM count
     with pytest.raises(ValueError):
         _launch(4096, 100, 2, 0, Launch(16, evict=True))  # dequantize has no variants
     grid, kw = _launch(4096, 10, 3, 8, Launch(64, max_registers=64))
-    assert grid == (30,) and kw["maxnreg"] == 64 and not kw["WIDE"]
+    assert grid == (10, 3) and kw["maxnreg"] == 64 and not kw["WIDE"]
     assert "maxnreg" not in _launch(4096, 10, 3, 8, Launch(64, evict=True))[1]
     # masks dropped only where every tile is full
     assert _launch(4096, 10, 3, 8, Launch(64, unmasked=True), n=10 * 4096)[1]["EVEN"]
@@ -280,8 +348,9 @@ _PTX_SCRIPT = textwrap.dedent(
         if "attrs" in params:
             hints["attrs"] = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
                               if k.endswith("_ptr") or k in ("n", "c", "nb")}
-        sig = {**sig, "BLOCK": "constexpr", "BPP": "constexpr"}
-        src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": block, "BPP": bpp}, **hints)
+        consts = {"BLOCK": block, "BPP": bpp, **({"RMI": True} if quant_bits else {})}
+        sig = {**sig, **{k: "constexpr" for k in consts}}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, **hints)
         opts = {"num_warps": qt._launch(block, 1, 1, quant_bits)[1]["num_warps"], **qt._LAUNCH}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
@@ -289,13 +358,13 @@ _PTX_SCRIPT = textwrap.dedent(
         for bits, block in ((8, 4096), (8, 256), (4, 256), (4, 64)):
             cnt = {} if bits == 8 else {"c": "i32"}
             ty = "*i8" if bits == 8 else "*u8"
-            sizes = {"n": "i32", **cnt, "nb": "i32", "nbp": "i32"}
+            sizes = {"n": "i32", **cnt, "nb": "i32"}
             q = ptx(qt._quant8_kernel if bits == 8 else qt._quant4_kernel,
                     {"x_ptr": dt, "q_ptr": ty, "s_ptr": "*fp32", **sizes}, block, bits)
             d = ptx(qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel,
                     {"q_ptr": ty, "s_ptr": "*fp32", "out_ptr": dt, **sizes}, block, 0)
             for name, text in (("quant", q), ("dequant", d)):
-                arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)
+                arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp|max|rem)\\.[\\w.]+)", text, re.M)
                 access = re.findall(r"((?:ld|st)\\.global[\\w.]*)", text)
                 print("arith", dt, bits, block, name, " ".join(sorted(set(arith))))
                 if "attrs" in params:
@@ -319,14 +388,14 @@ _PTX_SCRIPT = textwrap.dedent(
             for launch in variants:
                 kw = qt._launch(block, 1, 1, bits, launch, sms=1)[1]
                 consts = {k: kw[k] for k in
-                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE", "EVEN")}
+                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE", "EVEN", "RMI")}
                 fn = qt._quant8_variant_kernel if bits == 8 else qt._quant4_variant_kernel
                 src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
                                 constexprs=consts, **hints)
                 opts = {"num_warps": kw["num_warps"], **qt._LAUNCH}
                 text = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
                 text = text.asm["ptx"]
-                arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp)\\.[\\w.]+)", text, re.M)
+                arith = re.findall(r"^\\s*((?:div|fma|mul|add|cvt|rcp|max|rem)\\.[\\w.]+)", text, re.M)
                 access = re.findall(r"((?:ld|st)\\.global[\\w.:]*|cp\\.async\\.[\\w.:]*)", text)
                 print("variant", dt, bits, block, launch.stages, int(launch.evict), "|",
                       " ".join(sorted(set(arith))), "|", " ".join(sorted(set(access))))
@@ -361,11 +430,17 @@ def _ptx_lines(lines: list[str], tag: str) -> list[str]:
     return [line.split(" ", 1)[1] for line in lines if line.startswith(tag + " ")]
 
 
+def _float_max_ops(ops: list[str]) -> list[str]:
+    return [o for o in ops if o.startswith("max.") and o.split(".")[-1][:1] in "fb"]
+
+
 def test_kernels_compile_to_ieee_division_and_no_fma(sm90_ptx):
     """Reads the sm_90 PTX of every kernel: quantize divides with ``div.rn`` (not the approximate
     ``div.full`` of Triton's ``/``), multiplies and adds with explicit round-to-nearest
-    (``mul.rn``/``add.rn``, which ptxas never fuses) and has no ``fma``; dequantize narrows with
-    ``cvt.rn`` (one value or a packed pair)."""
+    (``mul.rn``/``add.rn``, which ptxas never fuses) and has no ``fma``, reduces the absmax
+    with NaN-propagating ``max.NaN`` only (``tl.max`` would skip a NaN) and floors to an integer
+    code in one ``cvt.rmi``; dequantize narrows with ``cvt.rn`` (one value or a packed pair).
+    No kernel divides integers (the 2-D grid gives row and tile directly)."""
     lines = _ptx_lines(sm90_ptx, "arith")
     assert len(lines) == 24, sm90_ptx
     for line in lines:
@@ -373,11 +448,15 @@ def test_kernels_compile_to_ieee_division_and_no_fma(sm90_ptx):
         assert not [o for o in ops if o.startswith(("fma.", "div.full", "div.approx", "rcp."))], (
             line
         )
+        assert not [o for o in ops if o.startswith(("rem.", "div.s", "div.u"))], line
         assert "mul.rn.f32" in ops, line
         if kind == "quant":
-            # Triton 3.5 emits div.rn.ftz: the same quotient unless absmax is below
-            # qmax * 2**-126 (subnormal scales; documented in _quant_triton)
+            # Triton 3.5 emits div.rn.ftz: the same quotients, as blocks below TINY (where the
+            # scale would be subnormal) are stored as zeros (_quant_triton)
             assert {"div.rn.f32", "div.rn.ftz.f32"} & set(ops) and "add.rn.f32" in ops, line
+            maxes = _float_max_ops(ops)
+            assert maxes and all(".NaN." in o for o in maxes), line
+            assert {"cvt.rmi.s32.f32", "cvt.rmi.ftz.s32.f32"} & set(ops), line
         elif dt != "*fp32":
             # one value per cvt, or two packed (``f16x2``): round-to-nearest either way
             narrow = dt[1:].replace("fp", "f")
@@ -414,6 +493,8 @@ def test_launch_variants_compile_to_the_same_arithmetic_with_their_memory_hints(
         assert not [o for o in arith if o.startswith(("fma.", "div.full", "div.approx", "rcp."))]
         assert {"div.rn.f32", "div.rn.ftz.f32"} & set(arith), line
         assert {"mul.rn.f32", "add.rn.f32"} <= set(arith), line
+        maxes = _float_max_ops(arith)
+        assert maxes and all(".NaN." in o for o in maxes), line
         if sm90_ptx[0].startswith("NOATTRS"):
             continue
         loads = [o for o in access if not o.startswith("st.")]
@@ -439,6 +520,10 @@ def test_gpu_kernels_match_the_reference(bits, dtype):
     inputs = [torch.randn(3, n, device="cuda").to(dtype) * 3 for n in (1, 7, 4095, 4096, 4097)]
     inputs += [torch.randn(3, 100_003, device="cuda").to(dtype) * 3]
     inputs += [_edge_rows(dtype, bits, block, 3).cuda(), torch.zeros(2, 5000, dtype=dtype).cuda()]
+    special = _special_rows(dtype, block).cuda()
+    codes, scales = op.quantize(special, bits, block)
+    back = op.dequantize(codes, scales, bits, block, special.shape[-1], dtype)
+    _check_special(special, codes, scales, back, bits, block)
     for x in inputs:
         n = x.shape[-1]
         codes, scales = op.quantize(x, bits, block)

@@ -135,6 +135,7 @@ def test_bytes_per_step_and_convergence_against_plain_zero3(world_size):
     zero.step()
     assert zero.zeropp.secondary_bytes() == 0  # the step invalidates the secondary copies
     _check_expert_buckets(rank)  # in the same processes: one spawn fewer
+    _check_nan_survives_qgz(rank)
     _check_frozen_and_exact_reads(rank)
     _check_convergence(world_size)  # likewise: starting 4 ranks costs seconds on 2 cores
 
@@ -252,3 +253,29 @@ def _check_expert_buckets(rank):
     for k, v in after["plain"].items():
         update = (v - start[k]).norm()
         assert (after["all"][k] - v).norm() <= 0.2 * update, k
+
+
+def _check_nan_survives_qgz(rank):
+    """One NaN in one rank's gradient (fp16 training: an overflow) reaches every rank through
+    qgZ's quantized reduction, whose blocks carry it as a NaN scale, so the step is skipped
+    everywhere instead of applying a gradient that silently lost it."""
+    from zero_helpers import batch, make_model, make_optimizer
+
+    def one_nan(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    def poison(module, args, out):
+        if rank == 1:
+            out.register_hook(one_nan)
+
+    model = make_model(layers=1)
+    model.blocks[0].fc2.register_forward_hook(poison)
+    opts = ds_zero.ZeroOptions(stage=3, param_dtype=torch.float16, param_persistence_threshold=0,
+                               quantized_gradients=True)  # fmt: skip
+    zero = ds_zero.wrap(model, make_optimizer(model), opts)
+    x, y = batch(0, 0, rank)
+    zero.backward(zero(x, y))
+    assert not zero.step() and zero.skipped_steps == 1
+    zero.close()

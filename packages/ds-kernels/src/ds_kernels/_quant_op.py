@@ -5,21 +5,28 @@ Layout (the same for every implementation, so a tensor quantized by one is dequa
 - the input is viewed as rows along its last dimension (a 1-D tensor is one row of ``n``);
   each row is cut into ``ceil(n / block)`` blocks, the last one padded with zeros;
 - per block ``scale = absmax / qmax`` in fp32 (``qmax`` 127 for int8, 7 for int4) and
-  ``q = floor(x * (qmax / absmax) + 0.5)`` clamped to ``[-qmax, qmax]``; an all-zero block has
-  scale 0 and all-zero codes. ``-128`` / ``-8`` are never produced, so the code range is
-  symmetric (no bias towards negative values);
+  ``q = floor(x * (qmax / absmax) + 0.5)``, which lies in ``[-qmax, qmax]``: ``x * inv`` is at
+  most ``qmax`` times ``1 + 2**-24`` in magnitude, so ``+ 0.5`` never reaches the next
+  integer (the fallback clamps anyway; the kernels need not). ``-128`` / ``-8`` are never
+  produced, so the code range is symmetric (no bias towards negative values);
+- an all-zero block, and one whose absmax is below ``TINY`` (``2**-119``, about 1.5e-36), has
+  scale 0 and all-zero codes;
+- a block holding a NaN has a NaN scale and one holding an infinity (no NaN) an infinite
+  scale, so every value of it dequantizes to NaN or an infinity: a non-finite gradient stays
+  non-finite through qgZ, where the loss scaler's overflow check sees it. Its codes are
+  unspecified;
 - int8 codes have the input's shape (``int8``); int4 codes are packed two per byte (``uint8``,
   the even element in the low nibble), ``ceil(n / 2)`` bytes per row;
 - scales have shape ``(*leading, ceil(n / block))``.
 
 Round-trip error: ``|x - dequantize(quantize(x))| <= scale / 2`` element-wise, plus the rounding
-of the output dtype.
+of the output dtype; in a block below ``TINY``, the value itself (under ``2**-119``).
 
 Every implementation computes the same IEEE fp32 operations in the same order, so they agree bit
-for bit (codes, scales and dequantized values): ``scale`` and ``inv = qmax / absmax`` are
-correctly rounded divisions, ``y = x * inv`` and ``y + 0.5`` are each rounded to fp32 (never one
-fused multiply-add), ``floor`` and the clamp are exact, and dequantize rounds the fp32 product
-``q * scale`` to the output dtype to nearest-even.
+for bit (codes, scales and dequantized values; for non-finite blocks, scales and dequantized
+values): ``scale`` and ``inv = qmax / absmax`` are correctly rounded divisions, ``y = x * inv``
+and ``y + 0.5`` are each rounded to fp32 (never one fused multiply-add), ``floor`` is exact, and
+dequantize rounds the fp32 product ``q * scale`` to the output dtype to nearest-even.
 
 ``TorchQuantizer`` (fallback) is vectorised: one pass of torch ops over the padded
 ``(rows, blocks, block)`` view, no Python loop over blocks. ``TritonQuantizer`` runs one
@@ -35,6 +42,10 @@ from ds_kernels._registry import Backend, OpImpl
 
 QMAX = {8: 127, 4: 7}
 DEFAULT_BLOCK = 4096
+#: blocks whose absmax is below this are stored as zeros (scale 0, codes 0): from here down
+#: ``qmax / absmax`` would overflow fp32 to infinity (every code saturated, 0 * inf = NaN for
+#: the zeros) and ``absmax / qmax`` would be subnormal (flushed to 0 by some compilers)
+TINY = 2.0**-119
 
 
 def check_args(bits: int, block: int) -> None:
@@ -60,14 +71,17 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
 
 
 def _scale_and_inverse(absmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``absmax / qmax`` and ``qmax / absmax`` (0 where absmax is 0), correctly rounded fp32
-    quotients on every device. Both divisors are tensors on purpose: torch computes
-    ``number / tensor`` as ``tensor.reciprocal() * number`` (two roundings), and on CUDA
-    ``tensor / number`` as a product with the number's rounded reciprocal."""
+    """``absmax / qmax`` and ``qmax / absmax``, correctly rounded fp32 quotients on every
+    device; both 0 for a block below ``TINY`` (all-zero ones included); a NaN absmax gives a
+    NaN scale and an infinite one an infinite scale, with ``inv`` 0. Both divisors are tensors
+    on purpose: torch computes ``number / tensor`` as ``tensor.reciprocal() * number`` (two
+    roundings), and on CUDA ``tensor / number`` as a product with the number's rounded
+    reciprocal."""
     q = torch.full_like(absmax, float(qmax))
-    nonzero = absmax > 0
-    inv = torch.where(nonzero, q / torch.where(nonzero, absmax, torch.ones_like(absmax)), 0.0)
-    return absmax / q, inv
+    small = absmax < TINY  # False for NaN: its scale stays NaN
+    usable = absmax >= TINY  # finite or infinite, not NaN
+    inv = torch.where(usable, q / torch.where(usable, absmax, torch.ones_like(absmax)), 0.0)
+    return torch.where(small, 0.0, absmax / q), inv
 
 
 class TorchQuantizer(OpImpl):

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ds_kernels._quant_op import QMAX, code_numel, num_blocks
+from ds_kernels._quant_op import QMAX, TINY, code_numel, num_blocks
 
 #: values per program: blocks smaller than this are grouped into one tile
 _TILE = 4096
@@ -66,7 +67,10 @@ class Launch:
       warps, 64 a thread fits 16 programs where 89 fits 11); values that do not fit spill to
       local memory;
     - ``unmasked``: where the row length is a multiple of the tile (every tile full), loads
-      and stores without bounds masks (no per-value compare and select); elsewhere masked.
+      and stores without bounds masks (no per-value compare and select); elsewhere masked;
+    - ``floor_then_convert``: each code floored (``cvt.rmi.f32.f32``) and then converted to an
+      integer, two instructions, as before 0.1.11, instead of ``cvt.rmi.s32.f32`` (``_codes``);
+      the same codes.
     """
 
     values_per_thread: int
@@ -78,6 +82,7 @@ class Launch:
     wide_absmax: bool = False
     max_registers: int = 0
     unmasked: bool = False
+    floor_then_convert: bool = False
 
     def __post_init__(self):
         if (
@@ -93,10 +98,10 @@ class Launch:
     @property
     def plain(self) -> bool:
         """One program per tile, no cache hints, absmax in the input dtype, registers as the
-        compiler chooses: the kernels ``_quant8_kernel`` and the rest."""
+        compiler chooses, one-instruction floors: the kernels ``_quant8_kernel`` and the rest."""
         return not (
             self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers
-            or self.unmasked
+            or self.unmasked or self.floor_then_convert
         )  # fmt: skip
 
     def blocks(self, block: int) -> int:
@@ -131,6 +136,9 @@ _DEFAULT_LAUNCH = {
 }
 
 
+#: ``_quant_op.TINY`` as a constant the kernels can read
+_TINY = tl.constexpr(TINY)
+
 # Launch options of every kernel here. With fp fusion on (Triton's default) LLVM and ptxas turn
 # ``x * inv + 0.5`` into one fma, rounded once instead of twice as torch's separate multiply and
 # add are, so a value near a .5 edge can get the neighbouring code.
@@ -138,31 +146,56 @@ _LAUNCH = {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _scale_and_inverse(absmax, QMAX: tl.constexpr):
-    """``absmax / qmax`` and ``qmax / absmax`` (0 for an all-zero block), both IEEE divisions:
+def _scale_and_inverse(absmax, QMAX: tl.constexpr, TINY: tl.constexpr):
+    """``absmax / qmax`` and ``qmax / absmax``, both IEEE divisions, and both 0 for a block below
+    ``TINY`` (a NaN absmax keeps a NaN scale; an infinite one an infinite scale, ``inv`` 0):
     Triton's ``/`` on fp32 is the approximate ``div.full`` on NVIDIA GPUs (up to 2 ulp off),
     ``div_rn`` the correctly rounded quotient that torch computes. Triton 3.1 to 3.5 emit it
-    with flush-to-zero (``div.rn.ftz``; 3.6 does not), which only changes a block whose scale
-    would be subnormal: absmax below qmax * 2**-126, about 1.5e-36 for int8."""
-    scale = tl.math.div_rn(absmax, QMAX)
-    nonzero = absmax > 0
-    inv = tl.where(nonzero, tl.math.div_rn(QMAX, tl.where(nonzero, absmax, 1.0)), 0.0)
+    with flush-to-zero (``div.rn.ftz``), which changes nothing here: below ``TINY`` both
+    quotients are replaced by 0, and from it up the scale is a normal number."""
+    usable = absmax >= TINY  # False for NaN
+    scale = tl.where(absmax < TINY, 0.0, tl.math.div_rn(absmax, QMAX))
+    inv = tl.where(usable, tl.math.div_rn(QMAX, tl.where(usable, absmax, 1.0)), 0.0)
     return scale, inv
 
 
 @triton.jit
-def _codes(x, inv, QMAX: tl.constexpr):
-    """``floor(x * inv + 0.5)`` clamped to ``[-qmax, qmax]``: the product and the sum each rounded
-    to fp32 (no fma: see ``_LAUNCH``), as the torch reference does."""
-    q = tl.floor(x * inv + 0.5)
-    return tl.minimum(tl.maximum(q, -QMAX), QMAX)
+def _codes(x, inv, RMI: tl.constexpr):
+    """``floor(x * inv + 0.5)`` as int32: the product and the sum each rounded to fp32 (no fma:
+    see ``_LAUNCH``), as the torch reference does. No clamp to ``[-qmax, qmax]``: ``|x * inv|``
+    is at most ``qmax (1 + 2**-24)``, so a finite block's codes are already in range (the
+    ``_quant_op`` layout notes), and a non-finite block's codes are unspecified. ``RMI``
+    (compiled kernels) floors and converts in one instruction, ``cvt.rmi.s32.f32``, instead of
+    a rounding and a conversion; Triton's interpreter has no libdevice, so it takes the two."""
+    t = x * inv + 0.5
+    if RMI:
+        return libdevice.float2int_rd(t)
+    return tl.floor(t).to(tl.int32)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that is NaN when either operand is (PTX ``max.NaN``): ``tl.max`` skips NaN, so a block
+    holding one would get a finite scale and the NaN would vanish from the values."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _tile(pid, nbp, BPP: tl.constexpr):
-    """Row and first block of program ``pid`` (``nbp`` tiles per row), block ids [BPP]."""
+    """Row and block ids [BPP] of tile ``pid`` of a persistent grid's loop (``nbp`` tiles a
+    row)."""
     row = (pid // nbp).to(tl.int64)
     blk = (pid % nbp).to(tl.int64) * BPP + tl.arange(0, BPP)
+    return row, blk
+
+
+@triton.jit
+def _grid_tile(BPP: tl.constexpr):
+    """Row and block ids [BPP] of a program of a 2-D grid (tiles of a row on axis 0, rows on
+    axis 1): read off the program ids, without the integer division of ``_tile``, which is a
+    few dozen dependent instructions ahead of a program's first load."""
+    row = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0).to(tl.int64) * BPP + tl.arange(0, BPP)
     return row, blk
 
 
@@ -189,8 +222,8 @@ def _load_absmax(ptrs, mask, EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.c
         raw = tl.load(ptrs, mask=mask, other=0.0)
     if WIDE:
         x = raw.to(tl.float32)
-        return x, tl.max(tl.abs(x), axis=1)
-    absmax = tl.max(tl.abs(raw), axis=1).to(tl.float32)
+        return x, tl.reduce(tl.abs(x), 1, _max_nan)
+    absmax = tl.reduce(tl.abs(raw), 1, _max_nan).to(tl.float32)
     return raw.to(tl.float32), absmax
 
 
@@ -219,47 +252,51 @@ def _store_scales(ptrs, scale, mask, EVEN: tl.constexpr):
 @triton.jit
 def _quant8_tile(
     x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK: tl.constexpr, EVICT: tl.constexpr,
-    WIDE: tl.constexpr, EVEN: tl.constexpr,
+    WIDE: tl.constexpr, EVEN: tl.constexpr, RMI: tl.constexpr,
 ):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
     x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE, EVEN)
-    scale, inv = _scale_and_inverse(absmax, 127.0)
+    scale, inv = _scale_and_inverse(absmax, 127.0, _TINY)
     _store_scales(s_ptr + row * nb + blk, scale, blk < nb, EVEN)
-    q = _codes(x, inv[:, None], 127.0)
+    q = _codes(x, inv[:, None], RMI)
     _store_codes(q_ptr + row * n + offs, q.to(tl.int8), mask, EVICT, EVEN)
 
 
 @triton.jit
 def _quant4_tile(
     x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK: tl.constexpr, BPP: tl.constexpr,
-    EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr,
+    EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr, RMI: tl.constexpr,
 ):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
     x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE, EVEN)
-    scale, inv = _scale_and_inverse(absmax, 7.0)
+    scale, inv = _scale_and_inverse(absmax, 7.0, _TINY)
     _store_scales(s_ptr + row * nb + blk, scale, blk < nb, EVEN)
     xe, xo = tl.split(tl.reshape(x, (BPP, BLOCK // 2, 2)))  # values 2h and 2h + 1
-    qe = _codes(xe, inv[:, None], 7.0).to(tl.int32)
-    qo = _codes(xo, inv[:, None], 7.0).to(tl.int32)
+    qe = _codes(xe, inv[:, None], RMI)
+    qo = _codes(xo, inv[:, None], RMI)
     byte = (qe & 15) | ((qo & 15) << 4)
     bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     cmask = bidx < c
     _store_codes(q_ptr + row * c + bidx, byte.to(tl.uint8), cmask, EVICT, EVEN)
 
 
-# The default launch: one program per tile.
+# The default launch: one program per tile, a 2-D grid (tiles, rows).
 @triton.jit
-def _quant8_kernel(x_ptr, q_ptr, s_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    row, blk = _tile(tl.program_id(0), nbp, BPP)
-    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False, False, False)
+def _quant8_kernel(
+    x_ptr, q_ptr, s_ptr, n, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, RMI: tl.constexpr
+):  # fmt: skip
+    row, blk = _grid_tile(BPP)
+    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False, False, False, RMI)
 
 
 @triton.jit
-def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    row, blk = _tile(tl.program_id(0), nbp, BPP)
-    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False, False, False)
+def _quant4_kernel(
+    x_ptr, q_ptr, s_ptr, n, c, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, RMI: tl.constexpr
+):  # fmt: skip
+    row, blk = _grid_tile(BPP)
+    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False, False, False, RMI)
 
 
 # The launch variants (``Launch``): the same tiles, with cache hints (EVICT) and/or a persistent
@@ -271,37 +308,38 @@ def _quant4_kernel(x_ptr, q_ptr, s_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP:
 def _quant8_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
     PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, RMI: tl.constexpr,
 ):  # fmt: skip
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
             row, blk = _tile(t, nbp, BPP)
-            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN)
+            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN, RMI)
     else:
-        row, blk = _tile(tl.program_id(0), nbp, BPP)
-        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN)
+        row, blk = _grid_tile(BPP)
+        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN, RMI)
 
 
 @triton.jit
 def _quant4_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, c, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
     PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, RMI: tl.constexpr,
 ):  # fmt: skip
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
             row, blk = _tile(t, nbp, BPP)
-            _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN)
+            _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN,
+                         RMI)  # fmt: skip
     else:
-        row, blk = _tile(tl.program_id(0), nbp, BPP)
-        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN)
+        row, blk = _grid_tile(BPP)
+        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN, RMI)
 
 
 # Dequantize: one fp32 product per value, then the output dtype's round-to-nearest-even
 # (cvt.rn), as torch's ``(q * scale).to(dtype)``.
 @triton.jit
-def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    row, blk = _tile(tl.program_id(0), nbp, BPP)
+def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _grid_tile(BPP)
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = offs < n
     q = tl.load(q_ptr + row * n + offs, mask=mask, other=0).to(tl.float32)
@@ -311,8 +349,8 @@ def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, nbp, BLOCK: tl.constexpr, BPP
 
 
 @triton.jit
-def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, BPP: tl.constexpr):
-    row, blk = _tile(tl.program_id(0), nbp, BPP)
+def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, BLOCK: tl.constexpr, BPP: tl.constexpr):
+    row, blk = _grid_tile(BPP)
     bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     b = tl.load(q_ptr + row * c + bidx, mask=bidx < c, other=0).to(tl.int32)
     lo = ((b & 15) ^ 8) - 8
@@ -328,33 +366,51 @@ def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, nbp, BLOCK: tl.constexpr, 
 def _launch(
     block: int, nb: int, rows: int, quant_bits: int = 0, launch: Launch | None = None, sms: int = 0,
     n: int = 0,
-) -> tuple[tuple[int], dict]:  # fmt: skip
+) -> tuple[tuple[int, ...], dict]:  # fmt: skip
     """Grid and launch options; ``quant_bits`` 8 or 4 for a quantize kernel, 0 for dequantize.
     ``launch`` defaults to ``_DEFAULT_LAUNCH[quant_bits]``; one that is not ``plain`` is for
     ``_quant{8,4}_variant_kernel`` and, when persistent, needs the SM count ``sms``; an
     ``unmasked`` one drops the masks only when the row length ``n`` is a multiple of the
-    tile."""
+    tile. The grid is ``(tiles a row, rows)`` (``rows`` at most ``MAX_GRID_ROWS``: the caller
+    launches longer inputs in slices) or, persistent, ``(programs,)``."""
     launch = _DEFAULT_LAUNCH[quant_bits] if launch is None else launch
     bpp = launch.blocks(block)
     nbp = -(-nb // bpp)
     opts = dict(BLOCK=block, BPP=bpp, num_warps=launch.num_warps(block * bpp), **_LAUNCH)
-    ntiles = rows * nbp
+    if quant_bits:
+        opts["RMI"] = not (_interpreted() or launch.floor_then_convert)
     if launch.plain:
-        return (ntiles,), {"nbp": nbp, **opts}
+        return (nbp, rows), opts
     if not quant_bits:
         raise ValueError(f"dequantize has one launch, one program per tile: {launch}")
-    grid = ntiles
+    ntiles = rows * nbp
+    grid: tuple[int, ...] = (nbp, rows)
     if launch.programs_per_sm:
         if sms < 1:
             raise ValueError("a persistent launch needs the SM count")
-        grid = max(1, min(ntiles, launch.programs_per_sm * sms))
+        grid = (max(1, min(ntiles, launch.programs_per_sm * sms)),)
     flags = dict(
         PERSISTENT=launch.programs_per_sm > 0, STAGES=launch.stages, EVICT=launch.evict,
         WIDE=launch.wide_absmax, EVEN=launch.unmasked and n > 0 and n % (block * bpp) == 0,
     )  # fmt: skip
     if launch.max_registers:
         flags["maxnreg"] = launch.max_registers
-    return (grid,), {"nbp": nbp, "ntiles": ntiles, **flags, **opts}
+    return grid, {"nbp": nbp, "ntiles": ntiles, **flags, **opts}
+
+
+#: rows of one launch: a CUDA grid's second axis holds at most 65535 programs
+MAX_GRID_ROWS = 65535
+
+
+def _row_slices(rows: int):
+    """``slice``s of at most ``MAX_GRID_ROWS`` rows covering ``rows``."""
+    return [slice(r, min(rows, r + MAX_GRID_ROWS)) for r in range(0, rows, MAX_GRID_ROWS)]
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` when this module
+    was imported), which has no libdevice (``_codes``)."""
+    return not isinstance(_quant8_kernel, triton.runtime.JITFunction)
 
 
 @functools.cache
@@ -389,13 +445,16 @@ def quantize_into(
     launch = _DEFAULT_LAUNCH[bits] if launch is None else launch
     if launch.programs_per_sm and sms < 1:
         sms = sm_count(rows.device)
-    grid, kw = _launch(block, nb, r, bits, launch, sms, n)
     if launch.plain:
         kernel = _quant8_kernel if bits == 8 else _quant4_kernel
     else:
         kernel = _quant8_variant_kernel if bits == 8 else _quant4_variant_kernel
     sizes = (n, nb) if bits == 8 else (n, codes.shape[1], nb)
-    return kernel[grid](rows, codes, scales, *sizes, **kw)
+    compiled = None
+    for part in _row_slices(r):
+        grid, kw = _launch(block, nb, part.stop - part.start, bits, launch, sms, n)
+        compiled = kernel[grid](rows[part], codes[part], scales[part], *sizes, **kw)
+    return compiled
 
 
 def quantize_rows(
@@ -418,9 +477,10 @@ def dequantize_rows(
     r, c = codes.shape
     nb = scales.shape[1]
     out = torch.empty(r, n, dtype=dtype, device=codes.device)
-    grid, kw = _launch(block, nb, r)
-    if bits == 8:
-        _dequant8_kernel[grid](codes, scales, out, n, nb, **kw)
-    else:
-        _dequant4_kernel[grid](codes, scales, out, n, c, nb, **kw)
+    for part in _row_slices(r):
+        grid, kw = _launch(block, nb, part.stop - part.start)
+        if bits == 8:
+            _dequant8_kernel[grid](codes[part], scales[part], out[part], n, nb, **kw)
+        else:
+            _dequant4_kernel[grid](codes[part], scales[part], out[part], n, c, nb, **kw)
     return out
