@@ -148,7 +148,7 @@ class TorchQuantizer(OpImpl):
 
 
 class TritonQuantizer(TorchQuantizer):
-    """Triton kernels on CUDA tensors (one program per block); the fallback elsewhere."""
+    """Triton kernels on CUDA tensors (one program per tile of blocks); the fallback elsewhere."""
 
     backend = Backend.TRITON
 
