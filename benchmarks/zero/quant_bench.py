@@ -230,13 +230,16 @@ def _sweep_quant(
 ) -> None:
     """The quantize kernels launched directly at other shapes: warps per program x blocks per
     program (BPP; the default launch is in ds_kernels._quant_triton._launch), outputs allocated
-    once, to find the shape this GPU prefers; then the launch variants (``_sweep_variants``).
+    once, to find the shape this GPU prefers; then the launch variants (``_sweep_variants``);
+    then dequantize with codes made fp32 by a conversion instruction instead of the exponent
+    trick (``_biased_to_float``), ``sweep-*-dequantize-fp16-convert`` against ``-magic``.
     int8 with the weight block, int4 with the gradient block."""
     from ds_kernels import _quant_triton as qt
     from ds_kernels._quant_op import code_numel, num_blocks
 
     n = x.numel()
     rows = x.view(1, n)
+    codes_how = qt._launch(weight_block, 1, 1, 8)[1]["CODES"]  # the default's, in any Triton
     for bits, block, bpps in ((8, weight_block, (1, 2)), (4, grad_block, (8, 16, 32))):
         nb = num_blocks(n, block)
         c = n if bits == 8 else code_numel(n, 4)
@@ -252,7 +255,7 @@ def _sweep_quant(
                 def fn(
                     bpp=bpp, warps=warps, nbp=nbp, k=kernel, sz=sizes, cd=codes, sc=scales, b=block
                 ):
-                    k[(nbp, 1)](rows, cd, sc, *sz, BLOCK=b, BPP=bpp, RMI=not qt._interpreted(),
+                    k[(nbp, 1)](rows, cd, sc, *sz, BLOCK=b, BPP=bpp, CODES=codes_how,
                                 num_warps=warps, **qt._LAUNCH)  # fmt: skip
 
                 ms = time_ms(fn, reps)
@@ -263,6 +266,40 @@ def _sweep_quant(
                                 size_mb, copy_gbps)  # fmt: skip
         print(f"sweep: {count} {what} launch variants at {size_mb} MB in "
               f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+        _sweep_dequant(x, bits, block, reps, time_ms, record, record_error, size_mb, copy_gbps)
+
+
+def _sweep_dequant(x, bits, block, reps, time_ms, record, record_error, size_mb, copy_gbps):
+    """Dequantize of ``x``'s codes, the default launch with and without the exponent trick: each
+    output checked bit for bit against the default's first, then timed."""
+    from ds_kernels import _quant_triton as qt
+
+    what = "qwz" if bits == 8 else "qgz"
+    n = x.numel()
+    codes, scales = qt.quantize_rows(x.view(1, n), bits, block)
+    want = qt.dequantize_rows(codes, scales, bits, block, n, x.dtype)
+    grid, kw = qt._launch(block, scales.shape[1], 1)
+    kernel = qt._dequant8_kernel if bits == 8 else qt._dequant4_kernel
+    sizes = (n, scales.shape[1]) if bits == 8 else (n, codes.shape[1], scales.shape[1])
+    out = torch.empty_like(want)
+    for magic in (True, False):
+        system = f"sweep-{what}-dequantize-fp16-{'magic' if magic else 'convert'}"
+
+        def fn(magic=magic):
+            kernel[grid](codes, scales, out, *sizes, **{**kw, "MAGIC": magic})
+
+        try:
+            out.fill_(float("nan"))
+            fn()
+            if not torch.equal(out, want):
+                record_error(system, size_mb, "not bit-identical to the default dequantize: "
+                             f"{int((out != want).sum())} of {n} values differ",
+                             bits=bits, block=block)  # fmt: skip
+                continue
+            record(system, size_mb, time_ms(fn, reps), _nbytes(out, codes, scales), copy_gbps,
+                   bits=bits, block=block, magic=magic)  # fmt: skip
+        except Exception:  # noqa: BLE001 - recorded; the sweep goes on
+            record_error(system, size_mb, traceback.format_exc(limit=3), bits=bits, block=block)
 
 
 # Launch variants of the quantize kernels (ds_kernels._quant_triton.Launch), as (warps, blocks per
@@ -275,7 +312,9 @@ def _sweep_quant(
 # About 20 in all: each costs one check and 3 + --reps calls per size, plus one compile.
 _VARIANTS = {
     8: (
-        (2, 0, dict(floor_then_convert=True)),  # floor, then convert (before 0.1.11)
+        (2, 0, dict(codes="floor")),  # floor, then convert (before 0.1.11)
+        (2, 0, dict(codes="magic")),  # floor by an add.rm (no conversion instruction)
+        (4, 0, dict(codes="magic")),
         (2, 0, dict(wide_absmax=True)),  # the absmax reduced in fp32 (before 0.1.10)
         # register caps: more programs an SM (2 warps: 16 at 64 registers, 12 at 80; 4 warps:
         # 8 at 64; 1 warp: 21 at 96)
@@ -296,7 +335,8 @@ _VARIANTS = {
         (4, 0, dict(programs_per_sm=4, stages=3, evict=True)),
     ),
     4: (
-        (2, 8, dict(floor_then_convert=True)),
+        (2, 8, dict(codes="floor")),
+        (2, 8, dict(codes="magic")),
         (4, 0, dict(wide_absmax=True)),
         (2, 8, dict(max_registers=96)),
         (4, 0, dict(unmasked=True)),
@@ -311,12 +351,14 @@ _VARIANTS = {
 
 
 def _variant_name(launch, warps: int, bpp: int) -> str:
-    """`evict-w2-bpp1`, `plain-wide-w2-bpp1`, `plain-r64-w2-bpp1`, `persist-s3-w4-g2`,
-    `persist-evict-s3-w4-g4`."""
+    """`evict-w2-bpp1`, `plain-wide-w2-bpp1`, `plain-r64-w2-bpp1`, `plain-magic-w2-bpp1`,
+    `persist-s3-w4-g2`, `persist-evict-s3-w4-g4`."""
+    from ds_kernels._quant_triton import _PLAIN_CODES
+
     wide = "-wide" if launch.wide_absmax else ""
     wide += f"-r{launch.max_registers}" if launch.max_registers else ""
     wide += "-u" if launch.unmasked else ""
-    wide += "-fc" if launch.floor_then_convert else ""
+    wide += f"-{launch.codes}" if launch.codes != _PLAIN_CODES else ""
     if launch.programs_per_sm:
         kind = "persist-evict" if launch.evict else "persist"
         return f"{kind}{wide}-s{launch.stages}-w{warps}-g{launch.programs_per_sm}"
@@ -378,7 +420,7 @@ def _sweep_variants(
                          evict=launch.evict, wide_absmax=launch.wide_absmax,
                          max_registers=launch.max_registers,
                          unmasked=launch.unmasked,
-                         floor_then_convert=launch.floor_then_convert)  # fmt: skip
+                         codes=launch.codes)  # fmt: skip
             codes.fill_(sentinel)
             scales.fill_(float("nan"))
             compiled = qt.quantize_into(rows, codes, scales, bits, block, launch, sms)

@@ -212,7 +212,9 @@ def _variant_launches(persistent):
             Launch(64, max_registers=64),
             Launch(64, unmasked=True),
             Launch(32, blocks_per_program=2, unmasked=True, evict=True),
-            Launch(64, floor_then_convert=True),
+            Launch(64, codes="floor"),
+            Launch(64, codes="magic"),
+            Launch(32, blocks_per_program=2, codes="rmi", evict=True),
         ]
     out = [
         Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True),
@@ -276,15 +278,26 @@ def test_launch_settings():
     count)."""
     if not ds_kernels.op_status("quantizer").compatible:
         pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
-    from ds_kernels._quant_triton import _DEFAULT_LAUNCH, Launch, _interpreted, _launch
+    from ds_kernels._quant_triton import (
+        _CODES,
+        _DEFAULT_LAUNCH,
+        _PLAIN_CODES,
+        Launch,
+        _interpreted,
+        _launch,
+    )
 
     assert all(launch.plain for launch in _DEFAULT_LAUNCH.values())
     grid, kw = _launch(4096, 10, 3, 8)
     assert grid == (10, 3) and kw["BPP"] == 1 and kw["num_warps"] == 2 and "ntiles" not in kw
-    assert "nbp" not in kw and "RMI" not in _launch(4096, 10, 3)[1]
-    assert kw["RMI"] == (not _interpreted())  # the interpreter has no cvt.rmi (libdevice)
-    fc = _launch(4096, 10, 3, 8, Launch(64, floor_then_convert=True))[1]
-    assert not fc["RMI"] and fc["ntiles"] == 30
+    assert "nbp" not in kw and "CODES" not in _launch(4096, 10, 3)[1]
+    # the interpreter has no libdevice: it floors and converts
+    assert kw["CODES"] == (0 if _interpreted() else _CODES[_PLAIN_CODES])
+    assert _launch(4096, 10, 3)[1]["MAGIC"]
+    fc = _launch(4096, 10, 3, 8, Launch(64, codes="floor"))[1]
+    assert fc["CODES"] == 0 and fc["ntiles"] == 30
+    magic = _launch(4096, 10, 3, 8, Launch(64, codes="magic"))[1]
+    assert magic["CODES"] == (0 if _interpreted() else 2)
     grid, kw = _launch(256, 33, 2, 4)  # 8 blocks a tile: 5 tiles a row
     assert grid == (5, 2) and kw["BPP"] == 8 and kw["num_warps"] == 2
     grid, kw = _launch(4096, 3, 2, 4)  # a tile is at least one block
@@ -317,7 +330,7 @@ def test_launch_settings():
     assert not _launch(256, 33, 2, 4, Launch(32, unmasked=True), n=33 * 256)[1]["EVEN"]
     assert not _launch(4096, 10, 3, 8, Launch(64, evict=True), n=10 * 4096)[1]["EVEN"]
     bad_launches = (dict(stages=2), dict(programs_per_sm=1, stages=5), dict(programs_per_sm=-1),
-                    dict(max_registers=8), dict(max_registers=256))  # fmt: skip
+                    dict(max_registers=8), dict(max_registers=256), dict(codes="round"))  # fmt: skip
     for bad in bad_launches:
         with pytest.raises(ValueError):
             Launch(32, **bad)
@@ -348,7 +361,9 @@ _PTX_SCRIPT = textwrap.dedent(
         if "attrs" in params:
             hints["attrs"] = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig)
                               if k.endswith("_ptr") or k in ("n", "c", "nb")}
-        consts = {"BLOCK": block, "BPP": bpp, **({"RMI": True} if quant_bits else {})}
+        consts = {"BLOCK": block, "BPP": bpp,
+                  **qt._launch(block, 1, 1, quant_bits)[1]}
+        consts = {k: consts[k] for k in ("BLOCK", "BPP", "CODES", "MAGIC") if k in consts}
         sig = {**sig, **{k: "constexpr" for k in consts}}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, **hints)
         opts = {"num_warps": qt._launch(block, 1, 1, quant_bits)[1]["num_warps"], **qt._LAUNCH}
@@ -388,7 +403,7 @@ _PTX_SCRIPT = textwrap.dedent(
             for launch in variants:
                 kw = qt._launch(block, 1, 1, bits, launch, sms=1)[1]
                 consts = {k: kw[k] for k in
-                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE", "EVEN", "RMI")}
+                          ("BLOCK", "BPP", "PERSISTENT", "STAGES", "EVICT", "WIDE", "EVEN", "CODES")}
                 fn = qt._quant8_variant_kernel if bits == 8 else qt._quant4_variant_kernel
                 src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
                                 constexprs=consts, **hints)
@@ -434,12 +449,25 @@ def _float_max_ops(ops: list[str]) -> list[str]:
     return [o for o in ops if o.startswith("max.") and o.split(".")[-1][:1] in "fb"]
 
 
+def _check_code_instructions(ops: list[str], line: str) -> None:
+    """The default way of making integer codes (``_quant_triton._PLAIN_CODES``): one
+    ``cvt.rmi.s32.f32``, or (``magic``) an ``add.rm.f32`` and no float-to-int conversion."""
+    from ds_kernels._quant_triton import _PLAIN_CODES
+
+    if _PLAIN_CODES == "rmi":
+        assert {"cvt.rmi.s32.f32", "cvt.rmi.ftz.s32.f32"} & set(ops), line
+    else:
+        assert {"add.rm.f32", "add.rm.ftz.f32"} & set(ops), line
+        assert not [o for o in ops if o.startswith("cvt.") and ".s32.f32" in o], line
+
+
 def test_kernels_compile_to_ieee_division_and_no_fma(sm90_ptx):
     """Reads the sm_90 PTX of every kernel: quantize divides with ``div.rn`` (not the approximate
     ``div.full`` of Triton's ``/``), multiplies and adds with explicit round-to-nearest
     (``mul.rn``/``add.rn``, which ptxas never fuses) and has no ``fma``, reduces the absmax
     with NaN-propagating ``max.NaN`` only (``tl.max`` would skip a NaN) and floors to an integer
-    code in one ``cvt.rmi``; dequantize narrows with ``cvt.rn`` (one value or a packed pair).
+    code in one ``cvt.rmi``; dequantize makes codes fp32 without a conversion instruction and
+    narrows with ``cvt.rn`` (one value or a packed pair).
     No kernel divides integers (the 2-D grid gives row and tile directly)."""
     lines = _ptx_lines(sm90_ptx, "arith")
     assert len(lines) == 24, sm90_ptx
@@ -456,8 +484,12 @@ def test_kernels_compile_to_ieee_division_and_no_fma(sm90_ptx):
             assert {"div.rn.f32", "div.rn.ftz.f32"} & set(ops) and "add.rn.f32" in ops, line
             maxes = _float_max_ops(ops)
             assert maxes and all(".NaN." in o for o in maxes), line
-            assert {"cvt.rmi.s32.f32", "cvt.rmi.ftz.s32.f32"} & set(ops), line
-        elif dt != "*fp32":
+            _check_code_instructions(ops, line)
+            continue
+        # dequantize: codes to fp32 by the exponent trick, not an int-to-float conversion
+        assert not [o for o in ops if o.startswith("cvt.") and ".f32.s" in o], line
+        assert not [o for o in ops if o.startswith("cvt.") and ".f32.u" in o], line
+        if dt != "*fp32":
             # one value per cvt, or two packed (``f16x2``): round-to-nearest either way
             narrow = dt[1:].replace("fp", "f")
             assert {f"cvt.rn.{narrow}.f32", f"cvt.rn.{narrow}x2.f32"} & set(ops), line

@@ -35,6 +35,11 @@ from ds_kernels._quant_op import QMAX, TINY, code_numel, num_blocks
 #: values per program: blocks smaller than this are grouped into one tile
 _TILE = 4096
 
+#: ways of turning ``floor(t)`` into an integer code (``Launch.codes``, ``_codes``' CODES)
+_CODES = {"floor": 0, "rmi": 1, "magic": 2}
+#: the default launches' way
+_PLAIN_CODES = "rmi"
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -68,9 +73,10 @@ class Launch:
       local memory;
     - ``unmasked``: where the row length is a multiple of the tile (every tile full), loads
       and stores without bounds masks (no per-value compare and select); elsewhere masked;
-    - ``floor_then_convert``: each code floored (``cvt.rmi.f32.f32``) and then converted to an
-      integer, two instructions, as before 0.1.11, instead of ``cvt.rmi.s32.f32`` (``_codes``);
-      the same codes.
+    - ``codes``: how ``floor(t)`` becomes an integer code (``_codes``; the same codes every
+      way): ``"rmi"`` one ``cvt.rmi.s32.f32``; ``"magic"`` one ``add.rm.f32`` of ``1.5 * 2**23``,
+      whose bits end in the code (full-rate fp32 adds, where conversions run at a quarter
+      rate); ``"floor"`` a rounding then a conversion, as before 0.1.11.
     """
 
     values_per_thread: int
@@ -82,7 +88,7 @@ class Launch:
     wide_absmax: bool = False
     max_registers: int = 0
     unmasked: bool = False
-    floor_then_convert: bool = False
+    codes: str = _PLAIN_CODES
 
     def __post_init__(self):
         if (
@@ -90,6 +96,8 @@ class Launch:
             or self.tile_values < 0
         ):  # fmt: skip
             raise ValueError(f"invalid launch: {self}")
+        if self.codes not in _CODES:
+            raise ValueError(f"invalid launch (codes one of {sorted(_CODES)}): {self}")
         if self.max_registers and not 24 <= self.max_registers <= 255:
             raise ValueError(f"invalid launch (max_registers 0, or 24 to 255): {self}")
         if not 1 <= self.stages <= 4 or (self.stages > 1 and not self.programs_per_sm):
@@ -101,7 +109,7 @@ class Launch:
         compiler chooses, one-instruction floors: the kernels ``_quant8_kernel`` and the rest."""
         return not (
             self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers
-            or self.unmasked or self.floor_then_convert
+            or self.unmasked or self.codes != _PLAIN_CODES
         )  # fmt: skip
 
     def blocks(self, block: int) -> int:
@@ -160,15 +168,23 @@ def _scale_and_inverse(absmax, QMAX: tl.constexpr, TINY: tl.constexpr):
 
 
 @triton.jit
-def _codes(x, inv, RMI: tl.constexpr):
-    """``floor(x * inv + 0.5)`` as int32: the product and the sum each rounded to fp32 (no fma:
-    see ``_LAUNCH``), as the torch reference does. No clamp to ``[-qmax, qmax]``: ``|x * inv|``
-    is at most ``qmax (1 + 2**-24)``, so a finite block's codes are already in range (the
-    ``_quant_op`` layout notes), and a non-finite block's codes are unspecified. ``RMI``
-    (compiled kernels) floors and converts in one instruction, ``cvt.rmi.s32.f32``, instead of
-    a rounding and a conversion; Triton's interpreter has no libdevice, so it takes the two."""
+def _codes(x, inv, CODES: tl.constexpr):
+    """``floor(x * inv + 0.5)`` as an int32 whose low 8 bits are the code (two's complement):
+    the product and the sum each rounded to fp32 (no fma: see ``_LAUNCH``), as the torch
+    reference does. No clamp to ``[-qmax, qmax]``: ``|x * inv|`` is at most
+    ``qmax (1 + 2**-24)``, so a finite block's codes are already in range (the ``_quant_op``
+    layout notes), and a non-finite block's codes are unspecified.
+
+    ``CODES`` (``_CODES``): 0 rounds down and converts (two instructions); 1 does both in one
+    ``cvt.rmi.s32.f32``; 2 adds ``1.5 * 2**23`` rounding down (``add.rm.f32``): for
+    ``|t| < 2**22`` the sum is ``1.5 * 2**23 + floor(t)`` exactly (the spacing there is 1), so
+    its bits are ``0x4B400000 + floor(t)``, whose low byte is the code, with no conversion
+    instruction (those run at a quarter of the fp32 adds' rate on sm_90). Triton's interpreter
+    has no libdevice: it runs 0."""
     t = x * inv + 0.5
-    if RMI:
+    if CODES == 2:
+        return libdevice.add_rd(t, 12582912.0).to(tl.int32, bitcast=True)
+    if CODES == 1:
         return libdevice.float2int_rd(t)
     return tl.floor(t).to(tl.int32)
 
@@ -252,21 +268,21 @@ def _store_scales(ptrs, scale, mask, EVEN: tl.constexpr):
 @triton.jit
 def _quant8_tile(
     x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK: tl.constexpr, EVICT: tl.constexpr,
-    WIDE: tl.constexpr, EVEN: tl.constexpr, RMI: tl.constexpr,
+    WIDE: tl.constexpr, EVEN: tl.constexpr, CODES: tl.constexpr,
 ):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
     x, absmax = _load_absmax(x_ptr + row * n + offs, mask, EVICT, WIDE, EVEN)
     scale, inv = _scale_and_inverse(absmax, 127.0, _TINY)
     _store_scales(s_ptr + row * nb + blk, scale, blk < nb, EVEN)
-    q = _codes(x, inv[:, None], RMI)
+    q = _codes(x, inv[:, None], CODES)
     _store_codes(q_ptr + row * n + offs, q.to(tl.int8), mask, EVICT, EVEN)
 
 
 @triton.jit
 def _quant4_tile(
     x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK: tl.constexpr, BPP: tl.constexpr,
-    EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr, RMI: tl.constexpr,
+    EVICT: tl.constexpr, WIDE: tl.constexpr, EVEN: tl.constexpr, CODES: tl.constexpr,
 ):  # fmt: skip
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [BPP, BLOCK]
     mask = offs < n
@@ -274,8 +290,8 @@ def _quant4_tile(
     scale, inv = _scale_and_inverse(absmax, 7.0, _TINY)
     _store_scales(s_ptr + row * nb + blk, scale, blk < nb, EVEN)
     xe, xo = tl.split(tl.reshape(x, (BPP, BLOCK // 2, 2)))  # values 2h and 2h + 1
-    qe = _codes(xe, inv[:, None], RMI)
-    qo = _codes(xo, inv[:, None], RMI)
+    qe = _codes(xe, inv[:, None], CODES)
+    qo = _codes(xo, inv[:, None], CODES)
     byte = (qe & 15) | ((qo & 15) << 4)
     bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     cmask = bidx < c
@@ -285,18 +301,18 @@ def _quant4_tile(
 # The default launch: one program per tile, a 2-D grid (tiles, rows).
 @triton.jit
 def _quant8_kernel(
-    x_ptr, q_ptr, s_ptr, n, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, RMI: tl.constexpr
+    x_ptr, q_ptr, s_ptr, n, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, CODES: tl.constexpr
 ):  # fmt: skip
     row, blk = _grid_tile(BPP)
-    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False, False, False, RMI)
+    _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, False, False, False, CODES)
 
 
 @triton.jit
 def _quant4_kernel(
-    x_ptr, q_ptr, s_ptr, n, c, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, RMI: tl.constexpr
+    x_ptr, q_ptr, s_ptr, n, c, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, CODES: tl.constexpr
 ):  # fmt: skip
     row, blk = _grid_tile(BPP)
-    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False, False, False, RMI)
+    _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, False, False, False, CODES)
 
 
 # The launch variants (``Launch``): the same tiles, with cache hints (EVICT) and/or a persistent
@@ -308,56 +324,74 @@ def _quant4_kernel(
 def _quant8_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
     PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
-    EVEN: tl.constexpr, RMI: tl.constexpr,
+    EVEN: tl.constexpr, CODES: tl.constexpr,
 ):  # fmt: skip
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
             row, blk = _tile(t, nbp, BPP)
-            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN, RMI)
+            _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN, CODES)
     else:
         row, blk = _grid_tile(BPP)
-        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN, RMI)
+        _quant8_tile(x_ptr, q_ptr, s_ptr, n, nb, row, blk, BLOCK, EVICT, WIDE, EVEN, CODES)
 
 
 @triton.jit
 def _quant4_variant_kernel(
     x_ptr, q_ptr, s_ptr, n, c, nb, nbp, ntiles, BLOCK: tl.constexpr, BPP: tl.constexpr,
     PERSISTENT: tl.constexpr, STAGES: tl.constexpr, EVICT: tl.constexpr, WIDE: tl.constexpr,
-    EVEN: tl.constexpr, RMI: tl.constexpr,
+    EVEN: tl.constexpr, CODES: tl.constexpr,
 ):  # fmt: skip
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), ntiles, tl.num_programs(0), num_stages=STAGES):
             row, blk = _tile(t, nbp, BPP)
             _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN,
-                         RMI)  # fmt: skip
+                         CODES)  # fmt: skip
     else:
         row, blk = _grid_tile(BPP)
-        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN, RMI)
+        _quant4_tile(x_ptr, q_ptr, s_ptr, n, c, nb, row, blk, BLOCK, BPP, EVICT, WIDE, EVEN, CODES)
+
+
+@triton.jit
+def _biased_to_float(u, BIAS: tl.constexpr, MAGIC: tl.constexpr):
+    """``u - BIAS`` as fp32 (exact), for int32 ``0 <= u < 2**23``. ``MAGIC``: ``u`` written into
+    the mantissa of ``2**23`` (``0x4B000000 | u`` is the float ``2**23 + u``) and ``2**23 + BIAS``
+    subtracted, a logic op and an fp32 add, instead of the int-to-float conversion, which runs
+    at a quarter of their rate on sm_90."""
+    if MAGIC:
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
+    return (u - BIAS).to(tl.float32)
 
 
 # Dequantize: one fp32 product per value, then the output dtype's round-to-nearest-even
-# (cvt.rn), as torch's ``(q * scale).to(dtype)``.
+# (cvt.rn), as torch's ``(q * scale).to(dtype)``. A code is read as its two's complement
+# byte or nibble with the sign bit flipped (``^ 128``, ``^ 8``): the code plus 128 (or 8),
+# unsigned, which ``_biased_to_float`` turns into the code.
 @triton.jit
-def _dequant8_kernel(q_ptr, s_ptr, out_ptr, n, nb, BLOCK: tl.constexpr, BPP: tl.constexpr):
+def _dequant8_kernel(
+    q_ptr, s_ptr, out_ptr, n, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, MAGIC: tl.constexpr
+):  # fmt: skip
     row, blk = _grid_tile(BPP)
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     mask = offs < n
-    q = tl.load(q_ptr + row * n + offs, mask=mask, other=0).to(tl.float32)
+    q = tl.load(q_ptr + row * n + offs, mask=mask, other=0)
+    u = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 128
     scale = tl.load(s_ptr + row * nb + blk, mask=blk < nb, other=0.0)
-    out = q * scale[:, None]
+    out = _biased_to_float(u, 128.0, MAGIC) * scale[:, None]
     tl.store(out_ptr + row * n + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dequant4_kernel(q_ptr, s_ptr, out_ptr, n, c, nb, BLOCK: tl.constexpr, BPP: tl.constexpr):
+def _dequant4_kernel(
+    q_ptr, s_ptr, out_ptr, n, c, nb, BLOCK: tl.constexpr, BPP: tl.constexpr, MAGIC: tl.constexpr
+):  # fmt: skip
     row, blk = _grid_tile(BPP)
     bidx = blk[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     b = tl.load(q_ptr + row * c + bidx, mask=bidx < c, other=0).to(tl.int32)
-    lo = ((b & 15) ^ 8) - 8
-    hi = (((b >> 4) & 15) ^ 8) - 8
+    lo = _biased_to_float((b & 15) ^ 8, 8.0, MAGIC)
+    hi = _biased_to_float(((b >> 4) & 15) ^ 8, 8.0, MAGIC)
     scale = tl.load(s_ptr + row * nb + blk, mask=blk < nb, other=0.0)[:, None]
     ty = out_ptr.dtype.element_ty
-    vals = tl.join((lo.to(tl.float32) * scale).to(ty), (hi.to(tl.float32) * scale).to(ty))
+    vals = tl.join((lo * scale).to(ty), (hi * scale).to(ty))
     out = tl.reshape(vals, (BPP, BLOCK))  # nibble pairs back in value order
     offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     tl.store(out_ptr + row * n + offs, out, mask=offs < n)
@@ -378,7 +412,9 @@ def _launch(
     nbp = -(-nb // bpp)
     opts = dict(BLOCK=block, BPP=bpp, num_warps=launch.num_warps(block * bpp), **_LAUNCH)
     if quant_bits:
-        opts["RMI"] = not (_interpreted() or launch.floor_then_convert)
+        opts["CODES"] = 0 if _interpreted() else _CODES[launch.codes]
+    else:
+        opts["MAGIC"] = True
     if launch.plain:
         return (nbp, rows), opts
     if not quant_bits:
