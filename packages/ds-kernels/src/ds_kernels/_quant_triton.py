@@ -192,8 +192,10 @@ def _codes(x, inv, CODES: tl.constexpr):
 @triton.jit
 def _max_nan(a, b):
     """max that is NaN when either operand is (PTX ``max.NaN``): ``tl.max`` skips NaN, so a block
-    holding one would get a finite scale and the NaN would vanish from the values."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    holding one would get a finite scale and the NaN would vanish from the values. Cast back to
+    the operands' type: Triton 3.6 computes a bf16 maximum in fp32 (exact: the result is one of
+    the operands), and a reduction's combine must keep its type."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL).to(a.dtype)
 
 
 @triton.jit
