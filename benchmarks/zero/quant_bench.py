@@ -313,7 +313,7 @@ def _sweep_dequant(x, bits, block, reps, time_ms, record, record_error, size_mb,
 _VARIANTS = {
     8: (
         (2, 0, dict(codes="floor")),  # floor, then convert (before 0.1.11)
-        (2, 0, dict(codes="magic")),  # floor by an add.rm (no conversion instruction)
+        (2, 0, dict(codes="rmi")),  # one cvt.rmi (a conversion instruction)
         (4, 0, dict(codes="magic")),
         (2, 0, dict(wide_absmax=True)),  # the absmax reduced in fp32 (before 0.1.10)
         # register caps: more programs an SM (2 warps: 16 at 64 registers, 12 at 80; 4 warps:
@@ -336,7 +336,7 @@ _VARIANTS = {
     ),
     4: (
         (2, 8, dict(codes="floor")),
-        (2, 8, dict(codes="magic")),
+        (2, 8, dict(codes="rmi")),
         (4, 0, dict(wide_absmax=True)),
         (2, 8, dict(max_registers=96)),
         (4, 0, dict(unmasked=True)),

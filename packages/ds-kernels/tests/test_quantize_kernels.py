@@ -213,8 +213,8 @@ def _variant_launches(persistent):
             Launch(64, unmasked=True),
             Launch(32, blocks_per_program=2, unmasked=True, evict=True),
             Launch(64, codes="floor"),
-            Launch(64, codes="magic"),
-            Launch(32, blocks_per_program=2, codes="rmi", evict=True),
+            Launch(64, codes="rmi"),
+            Launch(32, blocks_per_program=2, codes="magic", evict=True),
         ]
     out = [
         Launch(16, blocks_per_program=2, programs_per_sm=2, stages=3, wide_absmax=True),
@@ -296,8 +296,8 @@ def test_launch_settings():
     assert _launch(4096, 10, 3)[1]["MAGIC"]
     fc = _launch(4096, 10, 3, 8, Launch(64, codes="floor"))[1]
     assert fc["CODES"] == 0 and fc["ntiles"] == 30
-    magic = _launch(4096, 10, 3, 8, Launch(64, codes="magic"))[1]
-    assert magic["CODES"] == (0 if _interpreted() else 2)
+    rmi = _launch(4096, 10, 3, 8, Launch(64, codes="rmi"))[1]
+    assert rmi["CODES"] == (0 if _interpreted() else 1)
     grid, kw = _launch(256, 33, 2, 4)  # 8 blocks a tile: 5 tiles a row
     assert grid == (5, 2) and kw["BPP"] == 8 and kw["num_warps"] == 2
     grid, kw = _launch(4096, 3, 2, 4)  # a tile is at least one block
@@ -466,7 +466,7 @@ def test_kernels_compile_to_ieee_division_and_no_fma(sm90_ptx):
     ``div.full`` of Triton's ``/``), multiplies and adds with explicit round-to-nearest
     (``mul.rn``/``add.rn``, which ptxas never fuses) and has no ``fma``, reduces the absmax
     with NaN-propagating ``max.NaN`` only (``tl.max`` would skip a NaN) and floors to an integer
-    code in one ``cvt.rmi``; dequantize makes codes fp32 without a conversion instruction and
+    code with one ``add.rm`` (or ``cvt.rmi``); dequantize makes codes fp32 without a conversion instruction and
     narrows with ``cvt.rn`` (one value or a packed pair).
     No kernel divides integers (the 2-D grid gives row and tile directly)."""
     lines = _ptx_lines(sm90_ptx, "arith")

@@ -37,8 +37,9 @@ _TILE = 4096
 
 #: ways of turning ``floor(t)`` into an integer code (``Launch.codes``, ``_codes``' CODES)
 _CODES = {"floor": 0, "rmi": 1, "magic": 2}
-#: the default launches' way
-_PLAIN_CODES = "rmi"
+#: the default launches' way: on an H100, "magic" ran level with or up to 1% faster than
+#: "rmi" and "floor" (int4: 0.3-0.6% faster from 256 MB to 2 GB), in one sweep
+_PLAIN_CODES = "magic"
 
 
 @dataclass(frozen=True)
@@ -488,6 +489,9 @@ def quantize_into(
     else:
         kernel = _quant8_variant_kernel if bits == 8 else _quant4_variant_kernel
     sizes = (n, nb) if bits == 8 else (n, codes.shape[1], nb)
+    if r <= MAX_GRID_ROWS:  # one launch, no slicing: the host's part of a call stays small
+        grid, kw = _launch(block, nb, r, bits, launch, sms, n)
+        return kernel[grid](rows, codes, scales, *sizes, **kw)
     compiled = None
     for part in _row_slices(r):
         grid, kw = _launch(block, nb, part.stop - part.start, bits, launch, sms, n)
@@ -515,8 +519,9 @@ def dequantize_rows(
     r, c = codes.shape
     nb = scales.shape[1]
     out = torch.empty(r, n, dtype=dtype, device=codes.device)
-    for part in _row_slices(r):
-        grid, kw = _launch(block, nb, part.stop - part.start)
+    parts = [slice(None)] if r <= MAX_GRID_ROWS else _row_slices(r)
+    for part in parts:
+        grid, kw = _launch(block, nb, r if part.stop is None else part.stop - part.start)
         if bits == 8:
             _dequant8_kernel[grid](codes[part], scales[part], out[part], n, nb, **kw)
         else:
