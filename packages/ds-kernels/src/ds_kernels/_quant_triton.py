@@ -16,7 +16,8 @@ default (one program per tile), the quantize kernels have launch variants that c
 fp32 operations on every value, so codes and scales are bit-identical whichever runs: cache hints
 (``evict``: the input loaded ``evict_first``, the codes stored ``.cs``) and a persistent grid (a
 few programs per SM, each looping over tiles; with ``stages`` > 1 the loop is software-pipelined,
-so the loads of the next tiles are in flight while one tile is reduced and stored).
+so the loads of the next tiles are in flight while one tile is reduced and stored), and the
+instruction that turns each floored value into an integer code (``codes``).
 ``benchmarks/zero/quant_bench.py --sweep`` times them against the default.
 """
 
@@ -107,7 +108,8 @@ class Launch:
     @property
     def plain(self) -> bool:
         """One program per tile, no cache hints, absmax in the input dtype, registers as the
-        compiler chooses, one-instruction floors: the kernels ``_quant8_kernel`` and the rest."""
+        compiler chooses, codes made the default way (``_PLAIN_CODES``): the kernels
+        ``_quant8_kernel`` and the rest."""
         return not (
             self.programs_per_sm or self.evict or self.wide_absmax or self.max_registers
             or self.unmasked or self.codes != _PLAIN_CODES
@@ -176,8 +178,8 @@ def _codes(x, inv, CODES: tl.constexpr):
     ``qmax (1 + 2**-24)``, so a finite block's codes are already in range (the ``_quant_op``
     layout notes), and a non-finite block's codes are unspecified.
 
-    ``CODES`` (``_CODES``): 0 rounds down and converts (two instructions); 1 does both in one
-    ``cvt.rmi.s32.f32``; 2 adds ``1.5 * 2**23`` rounding down (``add.rm.f32``): for
+    ``CODES`` (``_CODES``): 0 rounds down, then converts (two PTX instructions, which ptxas
+    may fuse); 1 does both in one ``cvt.rmi.s32.f32``; 2 adds ``1.5 * 2**23`` rounding down (``add.rm.f32``): for
     ``|t| < 2**22`` the sum is ``1.5 * 2**23 + floor(t)`` exactly (the spacing there is 1), so
     its bits are ``0x4B400000 + floor(t)``, whose low byte is the code, with no conversion
     instruction (those run at a quarter of the fp32 adds' rate on sm_90). Triton's interpreter
