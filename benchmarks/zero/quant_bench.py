@@ -314,7 +314,6 @@ _VARIANTS = {
     8: (
         (2, 0, dict(codes="floor")),  # floor, then convert (before 0.1.11)
         (2, 0, dict(codes="rmi")),  # one cvt.rmi (a conversion instruction)
-        (4, 0, dict(codes="magic")),
         (2, 0, dict(wide_absmax=True)),  # the absmax reduced in fp32 (before 0.1.10)
         # register caps: more programs an SM (2 warps: 16 at 64 registers, 12 at 80; 4 warps:
         # 8 at 64; 1 warp: 21 at 96)

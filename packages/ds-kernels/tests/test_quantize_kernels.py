@@ -198,6 +198,29 @@ def test_non_finite_and_tiny_blocks_match_the_fallback():
             _check_special(x, codes, scales, back, bits, block)
 
 
+def test_inputs_of_more_rows_than_a_grid_holds_are_launched_in_slices(monkeypatch):
+    """Past ``MAX_GRID_ROWS`` rows (a CUDA grid's second axis) quantize and dequantize launch
+    once per slice of rows: here with the limit lowered to 2, 5 rows in 3 launches, against the
+    fallback, default and persistent launches alike."""
+    if not ds_kernels.op_status("quantizer").compatible:
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    from ds_kernels import _quant_triton as qt
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(qt, "MAX_GRID_ROWS", 2)
+    assert [c for c, _ in qt._row_chunks(5, torch.zeros(5, 1))] == [2, 2, 1]
+    x = (torch.randn(5, 300, generator=torch.Generator().manual_seed(5)) * 3).to(device)
+    for bits in (8, 4):
+        ref_codes, ref_scales = REF.quantize(x, bits, 64)
+        codes, scales = qt.quantize_rows(x, bits, 64)
+        assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+        persistent = qt.Launch(32, programs_per_sm=1)
+        codes, scales = qt.quantize_rows(x, bits, 64, persistent)
+        assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+        back = qt.dequantize_rows(codes, scales, bits, 64, 300, torch.float32)
+        assert torch.equal(back, REF.dequantize(codes, scales, bits, 64, 300, torch.float32))
+
+
 def _variant_launches(persistent, gpu):
     """Launch variants of the quantize kernels (``_quant_triton.Launch``): cache hints and other
     blocks per program, the absmax reduced in fp32, or persistent grids with 1 to 4 pipeline

@@ -443,9 +443,16 @@ def _launch(
 MAX_GRID_ROWS = 65535
 
 
-def _row_slices(rows: int):
-    """``slice``s of at most ``MAX_GRID_ROWS`` rows covering ``rows``."""
-    return [slice(r, min(rows, r + MAX_GRID_ROWS)) for r in range(0, rows, MAX_GRID_ROWS)]
+def _row_chunks(rows: int, *tensors: torch.Tensor) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+    """``(row count, tensors)`` for each launch over ``rows`` rows: the tensors themselves when
+    one launch covers them all (no views built on the common path), else their slices of at
+    most ``MAX_GRID_ROWS`` rows."""
+    if rows <= MAX_GRID_ROWS:
+        return [(rows, tensors)]
+    return [
+        (min(rows, r + MAX_GRID_ROWS) - r, tuple(t[r : r + MAX_GRID_ROWS] for t in tensors))
+        for r in range(0, rows, MAX_GRID_ROWS)
+    ]
 
 
 def _interpreted() -> bool:
@@ -491,13 +498,10 @@ def quantize_into(
     else:
         kernel = _quant8_variant_kernel if bits == 8 else _quant4_variant_kernel
     sizes = (n, nb) if bits == 8 else (n, codes.shape[1], nb)
-    if r <= MAX_GRID_ROWS:  # one launch, no slicing: the host's part of a call stays small
-        grid, kw = _launch(block, nb, r, bits, launch, sms, n)
-        return kernel[grid](rows, codes, scales, *sizes, **kw)
     compiled = None
-    for part in _row_slices(r):
-        grid, kw = _launch(block, nb, part.stop - part.start, bits, launch, sms, n)
-        compiled = kernel[grid](rows[part], codes[part], scales[part], *sizes, **kw)
+    for count, tensors in _row_chunks(r, rows, codes, scales):
+        grid, kw = _launch(block, nb, count, bits, launch, sms, n)
+        compiled = kernel[grid](*tensors, *sizes, **kw)
     return compiled
 
 
@@ -521,11 +525,9 @@ def dequantize_rows(
     r, c = codes.shape
     nb = scales.shape[1]
     out = torch.empty(r, n, dtype=dtype, device=codes.device)
-    parts = [slice(None)] if r <= MAX_GRID_ROWS else _row_slices(r)
-    for part in parts:
-        grid, kw = _launch(block, nb, r if part.stop is None else part.stop - part.start)
-        if bits == 8:
-            _dequant8_kernel[grid](codes[part], scales[part], out[part], n, nb, **kw)
-        else:
-            _dequant4_kernel[grid](codes[part], scales[part], out[part], n, c, nb, **kw)
+    sizes = (n, nb) if bits == 8 else (n, c, nb)
+    kernel = _dequant8_kernel if bits == 8 else _dequant4_kernel
+    for count, tensors in _row_chunks(r, codes, scales, out):
+        grid, kw = _launch(block, nb, count)
+        kernel[grid](*tensors, *sizes, **kw)
     return out
