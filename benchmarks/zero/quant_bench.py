@@ -17,7 +17,12 @@ median of `--reps`; the calls are queued back to back (the host runs ahead, so P
 overhead are not counted, as in a training step's stream, where the next kernels are queued
 while earlier ones run), with a 256 MB write between them that evicts L2. Results up to
 2026-12-06 (H100, first run) waited for each call before queueing the next, which counted the
-launch overhead of both systems and cost the 64 MB figures most.
+launch overhead of both systems and cost the 64 MB figures most. Since 2026-12-07 (third H100
+run) a spin kernel holds the GPU while the calls are queued (`_Timer`): before, a host slower
+than the L2-evicting write let a call's first event fire before its kernel was queued, and a few
+64 MB figures counted host time (bf16 int8 quantize once at 60% of the copy bandwidth, 94-98%
+in the other runs). The host side is measured on its own: `host_us`, host microseconds per
+call (Python, checks, allocations, launch) of every op, ours and DeepSpeed's.
 Goals: every ds-kernels op at >= 70% of the copy bandwidth, and faster than DeepSpeed's.
 
 DeepSpeed's quantizer op is compiled (JIT, nvcc, several minutes) on first use, so it is built
@@ -42,6 +47,7 @@ build attempted, results written to a temporary folder unless `--out` says other
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -184,45 +190,83 @@ def _load_deepspeed():
 _L2_FLUSH_BYTES = 256 * 2**20  # more than any current GPU's L2 (H100: 50 MB, B200: 126 MB)
 
 
-def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+class _Timer:
     """Median milliseconds of ``fn`` over ``reps`` calls after 3 warm-ups: CUDA events on a GPU,
-    perf_counter on the CPU (--dry-run)."""
+    perf_counter on the CPU (--dry-run).
 
-    flush = (
-        torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if device == "cuda" else None
-    )
+    On a GPU the calls are queued without waiting in between, so each pair of events brackets
+    the kernels alone, not the Python and launch overhead before them (as in a training step's
+    stream, where the next kernels are queued while earlier ones run). A 256 MB write between
+    calls evicts the last call's tensors from L2, so every call reads from HBM. While the calls
+    are queued, the GPU is held by a spin kernel (``torch.cuda._sleep``): without it, a host
+    slower than that write lets the GPU reach a call's first event before its kernel is queued,
+    and the event pair then counts host time. Whether the hold outlasted the queueing is
+    checked; if not, the measurement is repeated with a 4x longer hold (twice at most), and
+    ``host_bound`` counts measurements whose last try still outran the hold.
+    ``host_us`` measures the other side: host microseconds per call of ``fn``."""
 
-    def cuda_ms(fn: Callable[[], object], reps: int) -> float:
-        # Calls are queued without waiting in between, so the host runs ahead of the GPU (as in
-        # a training step's stream) and each pair of events brackets the kernels alone, not the
-        # Python and launch overhead before them. The write between calls evicts the last call's
-        # tensors from L2, so every call reads from HBM.
+    #: spin cycles of the hold per queued call: 0.5 ms at 2 GHz, several times what a host
+    #: needs to queue one call with its flush and events
+    _HOLD_CYCLES_PER_CALL = 1_000_000
+
+    def __init__(self, device: str) -> None:
+        self.device: str = device
+        self.host_bound: int = 0
+        self._flush: torch.Tensor | None = (
+            torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+            if device == "cuda"
+            else None
+        )
+
+    def __call__(self, fn: Callable[[], object], reps: int) -> float:
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(reps)
-        ]
-        for a, b in events:
-            flush.zero_()
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize()
+        if self.device != "cuda":
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        hold = self._HOLD_CYCLES_PER_CALL * reps
+        for _ in range(3):
+            torch.cuda.synchronize()
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(reps)
+            ]
+            held = torch.cuda.Event()
+            torch.cuda._sleep(hold)
+            held.record()
+            for a, b in events:
+                self._flush.zero_()
+                a.record()
+                fn()
+                b.record()
+            outran = held.query()  # the hold ended before the last call was queued
+            torch.cuda.synchronize()
+            if not outran:
+                break
+            hold *= 4
+        else:
+            self.host_bound += 1
         return statistics.median(a.elapsed_time(b) for a, b in events)
 
-    def cpu_ms(fn: Callable[[], object], reps: int) -> float:
-        for _ in range(3):
+    def host_us(self, fn: Callable[[], object], calls: int = 100) -> float:
+        """Host microseconds per call of ``fn`` (Python, argument checks, allocations, the
+        launch), ``calls`` calls queued without waiting for the GPU (held meanwhile, so that a
+        full launch queue never blocks the host)."""
+        fn()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda._sleep(self._HOLD_CYCLES_PER_CALL * calls)
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cuda_ms if device == "cuda" else cpu_ms
+        us = (time.perf_counter() - t0) * 1e6 / calls
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return us
 
 
 def _sweep_quant(
@@ -534,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             ds_error = "DeepSpeed's quantizer kernels run on CUDA tensors only (--dry-run)"
 
     # Step 3: time.
-    time_ms = _timer(device)
+    time_ms = _Timer(device)
     op = ds_kernels.load("quantizer")
     device_name = (
         f"1 x {torch.cuda.get_device_name()}"
@@ -592,26 +636,42 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         xbf = x16.bfloat16()
         ours: dict[str, float] = {}
+        host: dict[str, float] = {}  # our host microseconds per call, by op
+
+        def host_ratio(key: str, ds_us: float, size_mb=size_mb, host=host) -> None:
+            # DeepSpeed's host time over ours: above 1, ours leaves the host free sooner
+            if host.get(key):
+                ratios[f"deepspeed/ours host_us {key.rsplit('-', 1)[0]} {size_mb}MB"] = round(
+                    ds_us / host[key], 3
+                )
+
         for dtype_name, x in (("fp16", x16), ("bf16", xbf)):
             for bits, block, what in ((8, args.weight_block, "qwz"), (4, args.grad_block, "qgz")):
                 codes, scales = op.quantize(x, bits, block)
-                ms = time_ms(lambda x=x, b=bits, k=block: op.quantize(x, b, k), args.reps)
+                fn = functools.partial(op.quantize, x, bits, block)
                 key = f"{what}-quantize-{dtype_name}"
                 ours[key] = record(
-                    f"ds-kernels-{key}", size_mb, ms, _nbytes(x, codes, scales), copy_gbps,
-                    bits=bits, block=block,
+                    f"ds-kernels-{key}", size_mb, time_ms(fn, args.reps),
+                    _nbytes(x, codes, scales), copy_gbps, bits=bits, block=block,
+                    host_us=round(time_ms.host_us(fn), 1),
                 )  # fmt: skip
-                ms = time_ms(
-                    lambda c=codes, s=scales, b=bits, k=block, t=x.dtype, m=n: op.dequantize(
-                        c, s, b, k, m, t
-                    ),
-                    args.reps,
-                )
+                host[key] = runs[-1]["host_us"]
+                if device == "cuda" and op.backend.value == "triton":
+                    # the kernel's launch alone (outputs allocated once): what of host_us is
+                    # Triton's launch, and what the op's checks and allocations
+                    from ds_kernels import _quant_triton as qt
+
+                    runs[-1]["host_us_launch_only"] = round(time_ms.host_us(functools.partial(
+                        qt.quantize_into, x.view(1, n), codes.view(1, -1), scales.view(1, -1),
+                        bits, block)), 1)  # fmt: skip
+                fn = functools.partial(op.dequantize, codes, scales, bits, block, n, x.dtype)
                 key = f"{what}-dequantize-{dtype_name}"
                 ours[key] = record(
-                    f"ds-kernels-{key}", size_mb, ms, _nbytes(x, codes, scales), copy_gbps,
-                    bits=bits, block=block,
+                    f"ds-kernels-{key}", size_mb, time_ms(fn, args.reps),
+                    _nbytes(x, codes, scales), copy_gbps, bits=bits, block=block,
+                    host_us=round(time_ms.host_us(fn), 1),
                 )  # fmt: skip
+                host[key] = runs[-1]["host_us"]
         if args.sweep and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             # (on the CPU, --dry-run under Triton's interpreter: a few tiles, to run the code)
             xs = x16 if device == "cuda" else x16[: 5 * args.weight_block + 100]
@@ -625,12 +685,16 @@ def main(argv: list[str] | None = None) -> int:
         # qwZ: exactly what ZeRO-3 calls (adaptive groups)
         try:
             q, s = ds_cuda_quantizer.quantize(x16)
-            ms = time_ms(lambda x=x16: ds_cuda_quantizer.quantize(x), args.reps)
-            ds_q = record("deepspeed-qwz-quantize-fp16", size_mb, ms, _nbytes(x16, q, s),
-                          copy_gbps, groups=s.numel())  # fmt: skip
-            ms = time_ms(lambda q=q, s=s: ds_cuda_quantizer.dequantize(q, s), args.reps)
-            ds_d = record("deepspeed-qwz-dequantize-fp16", size_mb, ms, _nbytes(x16, q, s),
-                          copy_gbps, groups=s.numel())  # fmt: skip
+            fn = functools.partial(ds_cuda_quantizer.quantize, x16)
+            ds_q = record("deepspeed-qwz-quantize-fp16", size_mb, time_ms(fn, args.reps),
+                          _nbytes(x16, q, s), copy_gbps, groups=s.numel(),
+                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
+            host_ratio("qwz-quantize-fp16", runs[-1]["host_us"])
+            fn = functools.partial(ds_cuda_quantizer.dequantize, q, s)
+            ds_d = record("deepspeed-qwz-dequantize-fp16", size_mb, time_ms(fn, args.reps),
+                          _nbytes(x16, q, s), copy_gbps, groups=s.numel(),
+                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
+            host_ratio("qwz-dequantize-fp16", runs[-1]["host_us"])
             ratios[f"ours/deepspeed qwz quantize gbps {size_mb}MB"] = round(
                 ours["qwz-quantize-fp16"] / ds_q, 3
             )
@@ -644,20 +708,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             groups = n // args.grad_block
             q, s = ds_mod.swizzle_quant(x16, groups, 4, sym, 1, args.nodes, args.devices_per_node)
-            ms = time_ms(
-                lambda x=x16, g=groups: ds_mod.swizzle_quant(
-                    x, g, 4, sym, 1, args.nodes, args.devices_per_node
-                ),
-                args.reps,
+            fn = functools.partial(
+                ds_mod.swizzle_quant, x16, groups, 4, sym, 1, args.nodes, args.devices_per_node
             )
-            ds_q = record("deepspeed-qgz-swizzle-quantize-fp16", size_mb, ms,
-                          _nbytes(x16, q, s), copy_gbps, groups=groups)  # fmt: skip
-            ms = time_ms(
-                lambda q=q, s=s: ds_mod.dequantize(q, s, s.numel(), 4, sym),
-                args.reps,
-            )
-            ds_d = record("deepspeed-qgz-dequantize-fp16", size_mb, ms, _nbytes(x16, q, s),
-                          copy_gbps, groups=groups)  # fmt: skip
+            ds_q = record("deepspeed-qgz-swizzle-quantize-fp16", size_mb, time_ms(fn, args.reps),
+                          _nbytes(x16, q, s), copy_gbps, groups=groups,
+                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
+            host_ratio("qgz-quantize-fp16", runs[-1]["host_us"])
+            fn = functools.partial(ds_mod.dequantize, q, s, s.numel(), 4, sym)
+            ds_d = record("deepspeed-qgz-dequantize-fp16", size_mb, time_ms(fn, args.reps),
+                          _nbytes(x16, q, s), copy_gbps, groups=groups,
+                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
+            host_ratio("qgz-dequantize-fp16", runs[-1]["host_us"])
             ratios[f"ours/deepspeed qgz quantize gbps {size_mb}MB"] = round(
                 ours["qgz-quantize-fp16"] / ds_q, 3
             )
@@ -694,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_pct_hbm_ours": worst,
             "goal_pct_hbm_met": None if worst is None else worst >= GOAL_PCT_HBM,
             "faster_than_deepspeed_everywhere": (min(ds_ratios) > 1) if ds_ratios else None,
+            "host_bound_measurements": time_ms.host_bound,
             "deepspeed_build": None if build is None else asdict(build),
             "deepspeed_load_s": load_s,
             "deepspeed_error": ds_error,
