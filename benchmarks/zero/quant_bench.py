@@ -17,12 +17,12 @@ median of `--reps`; the calls are queued back to back (the host runs ahead, so P
 overhead are not counted, as in a training step's stream, where the next kernels are queued
 while earlier ones run), with a 256 MB write between them that evicts L2. Results up to
 2026-12-06 (H100, first run) waited for each call before queueing the next, which counted the
-launch overhead of both systems and cost the 64 MB figures most. Since 2026-12-07 (third H100
-run) a spin kernel holds the GPU while the calls are queued (`_Timer`): before, a host slower
-than the L2-evicting write let a call's first event fire before its kernel was queued, and a few
-64 MB figures counted host time (bf16 int8 quantize once at 60% of the copy bandwidth, 94-98%
-in the other runs). The host side is measured on its own: `host_us`, host microseconds per
-call (Python, checks, allocations, launch) of every op, ours and DeepSpeed's.
+launch overhead of both systems and cost the 64 MB figures most. Since 2026-12-07 (the
+`...-held.json` run) a spin kernel holds the GPU while the calls are queued (`_Timer`): before,
+a host slower than the L2-evicting write let a call's first event fire before its kernel was
+queued, and a few 64 MB figures counted host time. The host side is measured on its own:
+`host_us`, host microseconds per call (Python, checks, allocations, launch) of every op, ours
+and DeepSpeed's.
 Goals: every ds-kernels op at >= 70% of the copy bandwidth, and faster than DeepSpeed's.
 
 DeepSpeed's quantizer op is compiled (JIT, nvcc, several minutes) on first use, so it is built
@@ -635,43 +635,42 @@ def main(argv: list[str] | None = None) -> int:
              "gbps": round(copy_gbps, 1), "pct_hbm": 100.0, "peak_mem_gb": None}
         )  # fmt: skip
         xbf = x16.bfloat16()
-        ours: dict[str, float] = {}
-        host: dict[str, float] = {}  # our host microseconds per call, by op
 
-        def host_ratio(key: str, ds_us: float, size_mb=size_mb, host=host) -> None:
-            # DeepSpeed's host time over ours: above 1, ours leaves the host free sooner
-            if host.get(key):
-                ratios[f"deepspeed/ours host_us {key.rsplit('-', 1)[0]} {size_mb}MB"] = round(
-                    ds_us / host[key], 3
-                )
+        def measure(system: str, fn, moved: int, size_mb=size_mb, copy_gbps=copy_gbps, **extra):
+            """Time ``fn`` on the GPU and its host side per call; record both. The run."""
+            record(system, size_mb, time_ms(fn, args.reps), moved, copy_gbps,
+                   host_us=round(time_ms.host_us(fn), 1), **extra)  # fmt: skip
+            return runs[-1]
 
+        def compare(what: str, kind: str, mine: dict, theirs: dict, size_mb=size_mb) -> None:
+            # bandwidth ours over DeepSpeed's, host time DeepSpeed's over ours: above 1 favours us
+            ratios[f"ours/deepspeed {what} {kind} gbps {size_mb}MB"] = round(
+                mine["gbps"] / theirs["gbps"], 3
+            )
+            ratios[f"deepspeed/ours host_us {what}-{kind} {size_mb}MB"] = round(
+                theirs["host_us"] / mine["host_us"], 3
+            )
+
+        ours: dict[str, dict] = {}  # our runs by op, for the ratios
         for dtype_name, x in (("fp16", x16), ("bf16", xbf)):
             for bits, block, what in ((8, args.weight_block, "qwz"), (4, args.grad_block, "qgz")):
                 codes, scales = op.quantize(x, bits, block)
-                fn = functools.partial(op.quantize, x, bits, block)
+                moved = _nbytes(x, codes, scales)
                 key = f"{what}-quantize-{dtype_name}"
-                ours[key] = record(
-                    f"ds-kernels-{key}", size_mb, time_ms(fn, args.reps),
-                    _nbytes(x, codes, scales), copy_gbps, bits=bits, block=block,
-                    host_us=round(time_ms.host_us(fn), 1),
-                )  # fmt: skip
-                host[key] = runs[-1]["host_us"]
+                ours[key] = measure(f"ds-kernels-{key}", functools.partial(op.quantize, x, bits,
+                                    block), moved, bits=bits, block=block)  # fmt: skip
                 if device == "cuda" and op.backend.value == "triton":
                     # the kernel's launch alone (outputs allocated once): what of host_us is
                     # Triton's launch, and what the op's checks and allocations
                     from ds_kernels import _quant_triton as qt
 
-                    runs[-1]["host_us_launch_only"] = round(time_ms.host_us(functools.partial(
+                    ours[key]["host_us_launch_only"] = round(time_ms.host_us(functools.partial(
                         qt.quantize_into, x.view(1, n), codes.view(1, -1), scales.view(1, -1),
                         bits, block)), 1)  # fmt: skip
-                fn = functools.partial(op.dequantize, codes, scales, bits, block, n, x.dtype)
                 key = f"{what}-dequantize-{dtype_name}"
-                ours[key] = record(
-                    f"ds-kernels-{key}", size_mb, time_ms(fn, args.reps),
-                    _nbytes(x, codes, scales), copy_gbps, bits=bits, block=block,
-                    host_us=round(time_ms.host_us(fn), 1),
-                )  # fmt: skip
-                host[key] = runs[-1]["host_us"]
+                ours[key] = measure(f"ds-kernels-{key}", functools.partial(op.dequantize, codes,
+                                    scales, bits, block, n, x.dtype), moved, bits=bits,
+                                    block=block)  # fmt: skip
         if args.sweep and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
             # (on the CPU, --dry-run under Triton's interpreter: a few tiles, to run the code)
             xs = x16 if device == "cuda" else x16[: 5 * args.weight_block + 100]
@@ -685,22 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         # qwZ: exactly what ZeRO-3 calls (adaptive groups)
         try:
             q, s = ds_cuda_quantizer.quantize(x16)
-            fn = functools.partial(ds_cuda_quantizer.quantize, x16)
-            ds_q = record("deepspeed-qwz-quantize-fp16", size_mb, time_ms(fn, args.reps),
-                          _nbytes(x16, q, s), copy_gbps, groups=s.numel(),
-                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
-            host_ratio("qwz-quantize-fp16", runs[-1]["host_us"])
-            fn = functools.partial(ds_cuda_quantizer.dequantize, q, s)
-            ds_d = record("deepspeed-qwz-dequantize-fp16", size_mb, time_ms(fn, args.reps),
-                          _nbytes(x16, q, s), copy_gbps, groups=s.numel(),
-                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
-            host_ratio("qwz-dequantize-fp16", runs[-1]["host_us"])
-            ratios[f"ours/deepspeed qwz quantize gbps {size_mb}MB"] = round(
-                ours["qwz-quantize-fp16"] / ds_q, 3
-            )
-            ratios[f"ours/deepspeed qwz dequantize gbps {size_mb}MB"] = round(
-                ours["qwz-dequantize-fp16"] / ds_d, 3
-            )
+            moved = _nbytes(x16, q, s)
+            peer = measure("deepspeed-qwz-quantize-fp16", functools.partial(
+                ds_cuda_quantizer.quantize, x16), moved, groups=s.numel())  # fmt: skip
+            compare("qwz", "quantize", ours["qwz-quantize-fp16"], peer)
+            peer = measure("deepspeed-qwz-dequantize-fp16", functools.partial(
+                ds_cuda_quantizer.dequantize, q, s), moved, groups=s.numel())  # fmt: skip
+            compare("qwz", "dequantize", ours["qwz-dequantize-fp16"], peer)
         except Exception:  # noqa: BLE001
             runs.append({"system": "deepspeed-qwz", "size_mb": size_mb,
                          "error": traceback.format_exc(limit=2), "peak_mem_gb": None})  # fmt: skip
@@ -708,24 +698,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             groups = n // args.grad_block
             q, s = ds_mod.swizzle_quant(x16, groups, 4, sym, 1, args.nodes, args.devices_per_node)
-            fn = functools.partial(
-                ds_mod.swizzle_quant, x16, groups, 4, sym, 1, args.nodes, args.devices_per_node
-            )
-            ds_q = record("deepspeed-qgz-swizzle-quantize-fp16", size_mb, time_ms(fn, args.reps),
-                          _nbytes(x16, q, s), copy_gbps, groups=groups,
-                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
-            host_ratio("qgz-quantize-fp16", runs[-1]["host_us"])
-            fn = functools.partial(ds_mod.dequantize, q, s, s.numel(), 4, sym)
-            ds_d = record("deepspeed-qgz-dequantize-fp16", size_mb, time_ms(fn, args.reps),
-                          _nbytes(x16, q, s), copy_gbps, groups=groups,
-                          host_us=round(time_ms.host_us(fn), 1))  # fmt: skip
-            host_ratio("qgz-dequantize-fp16", runs[-1]["host_us"])
-            ratios[f"ours/deepspeed qgz quantize gbps {size_mb}MB"] = round(
-                ours["qgz-quantize-fp16"] / ds_q, 3
-            )
-            ratios[f"ours/deepspeed qgz dequantize gbps {size_mb}MB"] = round(
-                ours["qgz-dequantize-fp16"] / ds_d, 3
-            )
+            moved = _nbytes(x16, q, s)
+            peer = measure("deepspeed-qgz-swizzle-quantize-fp16", functools.partial(
+                ds_mod.swizzle_quant, x16, groups, 4, sym, 1, args.nodes, args.devices_per_node),
+                moved, groups=groups)  # fmt: skip
+            compare("qgz", "quantize", ours["qgz-quantize-fp16"], peer)
+            peer = measure("deepspeed-qgz-dequantize-fp16", functools.partial(
+                ds_mod.dequantize, q, s, s.numel(), 4, sym), moved, groups=groups)  # fmt: skip
+            compare("qgz", "dequantize", ours["qgz-dequantize-fp16"], peer)
         except Exception:  # noqa: BLE001
             runs.append({"system": "deepspeed-qgz", "size_mb": size_mb,
                          "error": traceback.format_exc(limit=2), "peak_mem_gb": None})  # fmt: skip

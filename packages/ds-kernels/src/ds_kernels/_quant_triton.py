@@ -179,11 +179,11 @@ def _codes(x, inv, CODES: tl.constexpr):
     layout notes), and a non-finite block's codes are unspecified.
 
     ``CODES`` (``_CODES``): 0 rounds down, then converts (two PTX instructions, which ptxas
-    may fuse); 1 does both in one ``cvt.rmi.s32.f32``; 2 adds ``1.5 * 2**23`` rounding down (``add.rm.f32``): for
-    ``|t| < 2**22`` the sum is ``1.5 * 2**23 + floor(t)`` exactly (the spacing there is 1), so
-    its bits are ``0x4B400000 + floor(t)``, whose low byte is the code, with no conversion
-    instruction (those run at a quarter of the fp32 adds' rate on sm_90). Triton's interpreter
-    has no libdevice: it runs 0."""
+    may fuse); 1 does both in one ``cvt.rmi.s32.f32``; 2 adds ``1.5 * 2**23`` rounding down
+    (``add.rm.f32``): for ``|t| < 2**22`` the sum is ``1.5 * 2**23 + floor(t)`` exactly (the
+    spacing there is 1), so its bits are ``0x4B400000 + floor(t)``, whose low byte is the code,
+    with no conversion instruction (those run at a quarter of the fp32 adds' rate on sm_90).
+    Triton's interpreter has no libdevice: it runs 0."""
     t = x * inv + 0.5
     if CODES == 2:
         return libdevice.add_rd(t, 12582912.0).to(tl.int32, bitcast=True)
