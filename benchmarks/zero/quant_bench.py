@@ -519,6 +519,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "pipelined grids; each checked bit for bit against the default launch "
                     "first), recorded as sweep-* runs; on the CPU with --dry-run only under "
                     "TRITON_INTERPRET=1")  # fmt: skip
+    ap.add_argument("--small-sizes-kb", default="64,256,1024,4096",
+                    help="fp16 bucket sizes (KB) timed per call, host time included (CUDA "
+                    "only; '' for none)")  # fmt: skip
     ap.add_argument("--build-only", action="store_true",
                     help="build DeepSpeed's op and exit (status 1 if it failed)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true",
@@ -534,6 +537,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not sizes or min(sizes) < 1:
         ap.error(f"--sizes-mb: sizes must be >= 1 MB, got {args.sizes_mb!r}")
     args.sizes = sizes
+    try:
+        args.small_sizes_kb = [int(s) for s in args.small_sizes_kb.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--small-sizes-kb takes comma-separated whole KB, got {args.small_sizes_kb!r}")
     if args.reps < 1:
         ap.error(f"--reps must be >= 1, got {args.reps}")
     for name in ("grad_block", "weight_block"):
@@ -543,6 +550,80 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nodes < 1 or args.devices_per_node < 1:
         ap.error("--nodes and --devices-per-node must be >= 1")
     return args
+
+
+def _host_breakdown(op, x, codes, scales, bits: int, block: int, host_us) -> dict[str, float]:
+    """Where our quantize's host time goes: the kernel's launch alone through the launcher the
+    op uses (plan built, outputs allocated once: ``host_us_launch_only``), and the whole op with
+    every launch through Triton's JIT instead (``host_us_jit_launch``), as before 0.1.13."""
+    from ds_kernels._quant_op import TritonQuantizer
+
+    kernels = op.kernels()
+    n = x.shape[-1]
+    nb = scales.shape[-1]
+    sizes = (n, nb) if bits == 8 else (n, codes.shape[-1], nb)
+    plan = kernels.plan(bits, block, n, x.numel() // n)
+    launch = functools.partial(kernels.launchers[bits], plan, x, codes, scales, *sizes)
+    return {
+        "host_us_launch_only": round(host_us(launch), 1),
+        "host_us_jit_launch": round(host_us(functools.partial(
+            TritonQuantizer(direct=False).quantize, x, bits, block)), 1),
+        "direct_launch": kernels.launchers[bits].direct,
+    }  # fmt: skip
+
+
+def _small_buckets(op, ds_mod, ds_cuda_quantizer, sizes_kb, args, runs, ratios) -> None:
+    """Small buckets, where the host sets the pace: wall microseconds per call of 200 calls
+    queued back to back and waited for once (``call_us``), ours and DeepSpeed's, on the same
+    fp16 tensors, plus their ``host_us``. The ratios are DeepSpeed's time over ours."""
+    sym = ds_mod.Symmetric if ds_mod is not None else None
+    for kb in sizes_kb:
+        n = kb * 1024 // 2
+        n -= n % (args.devices_per_node * args.nodes * max(args.grad_block, 16) * 8)
+        if n <= 0:
+            continue
+        x = torch.randn(n, device="cuda", dtype=torch.float16)
+        groups = n // args.grad_block
+        calls = {
+            ("qwz", "quantize", "ds-kernels"): functools.partial(op.quantize, x, 8,
+                                                                 args.weight_block),
+            ("qgz", "quantize", "ds-kernels"): functools.partial(op.quantize, x, 4,
+                                                                 args.grad_block),
+        }  # fmt: skip
+        if ds_mod is not None:
+            calls[("qwz", "quantize", "deepspeed")] = functools.partial(
+                ds_cuda_quantizer.quantize, x
+            )
+            calls[("qgz", "quantize", "deepspeed")] = functools.partial(
+                ds_mod.swizzle_quant, x, groups, 4, sym, 1, args.nodes, args.devices_per_node
+            )
+        per_call: dict[tuple[str, str, str], float] = {}
+        for (what, kind, system), fn in calls.items():
+            per_call[(what, kind, system)] = us = _wall_us_per_call(fn)
+            runs.append({"system": f"{system}-{what}-{kind}-fp16-small", "size_kb": kb,
+                         "call_us": round(us, 2), "time_ms": round(us / 1000, 5),
+                         "peak_mem_gb": None})  # fmt: skip
+            print(f"{system} {what} {kind} {kb} KB: {us:.1f} us a call")
+        for what in ("qwz", "qgz"):
+            theirs = per_call.get((what, "quantize", "deepspeed"))
+            if theirs is not None:
+                mine = per_call[(what, "quantize", "ds-kernels")]
+                ratios[f"deepspeed/ours call_us {what}-quantize {kb}KB"] = round(theirs / mine, 3)
+
+
+def _wall_us_per_call(fn, calls: int = 200, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the wall time of ``calls`` calls queued back to back then
+    waited for, per call: the host's time or the GPU's, whichever is longer."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6 / calls)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,13 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                 ours[key] = measure(f"ds-kernels-{key}", functools.partial(op.quantize, x, bits,
                                     block), moved, bits=bits, block=block)  # fmt: skip
                 if device == "cuda" and op.backend.value == "triton":
-                    # the kernel's launch alone (outputs allocated once): what of host_us is
-                    # Triton's launch, and what the op's checks and allocations
-                    from ds_kernels import _quant_triton as qt
-
-                    ours[key]["host_us_launch_only"] = round(time_ms.host_us(functools.partial(
-                        qt.quantize_into, x.view(1, n), codes.view(1, -1), scales.view(1, -1),
-                        bits, block)), 1)  # fmt: skip
+                    ours[key].update(_host_breakdown(op, x, codes, scales, bits, block,
+                                                     time_ms.host_us))  # fmt: skip
                 key = f"{what}-dequantize-{dtype_name}"
                 ours[key] = measure(f"ds-kernels-{key}", functools.partial(op.dequantize, codes,
                                     scales, bits, block, n, x.dtype), moved, bits=bits,
@@ -710,7 +786,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"system": "deepspeed-qgz", "size_mb": size_mb,
                          "error": traceback.format_exc(limit=2), "peak_mem_gb": None})  # fmt: skip
 
-    ours_pct = [r["pct_hbm"] for r in runs if r["system"].startswith("ds-kernels")]
+    if device == "cuda" and args.small_sizes_kb:
+        _small_buckets(op, ds_mod, ds_cuda_quantizer, args.small_sizes_kb, args, runs, ratios)
+
+    ours_pct = [r["pct_hbm"] for r in runs if r["system"].startswith("ds-kernels")
+                and "pct_hbm" in r]  # fmt: skip
     worst = min(ours_pct) if ours_pct else None
     if worst is not None and math.isfinite(worst):
         ratios["ours worst pct_hbm / 70% goal"] = round(worst / GOAL_PCT_HBM, 3)

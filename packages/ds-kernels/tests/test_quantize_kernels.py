@@ -221,6 +221,38 @@ def test_inputs_of_more_rows_than_a_grid_holds_are_launched_in_slices(monkeypatc
         assert torch.equal(back, REF.dequantize(codes, scales, bits, 64, 300, torch.float32))
 
 
+def test_op_launches_match_the_fallback_in_every_shape(monkeypatch):
+    """``QuantizerKernels``, what the op launches with (outputs allocated in their final shape,
+    launch plans kept per shape): 0-d, 1-D and 3-D inputs, a row that is not 16-byte aligned,
+    and more rows than a grid holds (limit lowered to 2), against the fallback; each shape's
+    plan is built once."""
+    if not ds_kernels.op_status("quantizer").compatible:
+        pytest.skip("needs Triton (GPU or TRITON_INTERPRET=1)")
+    from ds_kernels import _quant_triton as qt
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(qt, "MAX_GRID_ROWS", 2)
+    kernels = qt.QuantizerKernels()
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 5, 97, generator=gen) * 3
+    inputs = [base[0, 0, 0].clone(), base[0, 0], base, base.flatten()[1:98]]
+    for dtype in (torch.float32, torch.bfloat16):
+        for x in inputs:
+            x = x.to(dtype).to(device)
+            for bits in (8, 4):
+                codes, scales = kernels.quantize(x, bits, 64)
+                ref_codes, ref_scales = REF.quantize(x, bits, 64)
+                assert codes.shape == ref_codes.shape and scales.shape == ref_scales.shape
+                assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+                n = x.shape[-1] if x.dim() else 1
+                back = kernels.dequantize(codes, scales, bits, 64, n, torch.float32)
+                assert torch.equal(back, REF.dequantize(codes, scales, bits, 64, n))
+    # 4 kernels x (n=1 one row, n=97 one row, n=97 two-row chunks of 10 rows, and one row)
+    assert len(kernels.plans) == 4 * 3
+    if device == "cpu":  # the interpreter never launches directly
+        assert all(not launcher.direct for launcher in kernels.launchers.values())
+
+
 def _variant_launches(persistent, gpu):
     """Launch variants of the quantize kernels (``_quant_triton.Launch``): cache hints and other
     blocks per program, the absmax reduced in fp32, or persistent grids with 1 to 4 pipeline
@@ -603,3 +635,39 @@ def test_gpu_kernels_match_the_reference(bits, dtype):
         fi = torch.finfo(dtype)
         bound = step / 2 * (1 + 1e-5) + x.float().abs() * fi.eps + fi.tiny
         assert bool((err <= bound).all())
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launches_match_the_jit_launches():
+    """On the GPU: the op's launches straight into the compiled kernels (where this Triton's
+    launch convention is the one ``_triton_launch`` follows) give the same codes, scales and
+    values, bit for bit, as launches through Triton's JIT, for every dtype, both widths,
+    aligned and misaligned inputs and row lengths that Triton specializes differently; and
+    the direct path really runs."""
+    import triton
+
+    from ds_kernels._quant_op import TritonQuantizer
+    from ds_kernels._triton_launch import direct_launch_supported
+
+    op, jit = TritonQuantizer(), TritonQuantizer(direct=False)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    base = torch.randn(4, 8209, device="cuda", generator=gen) * 3
+    for dtype in DTYPES:
+        whole = base.to(dtype)
+        flat = whole.flatten()
+        inputs = [whole, whole[:, :4096].contiguous(), flat[1:4097], flat[8 : 8 + 1], flat[3:300]]
+        for bits, block in ((8, 4096), (4, 256)):
+            for x in inputs:
+                for _ in range(2):  # the second call of each specialization launches directly
+                    codes, scales = op.quantize(x, bits, block)
+                    want_codes, want_scales = jit.quantize(x, bits, block)
+                    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+                    n = x.shape[-1]
+                    back = op.dequantize(codes, scales, bits, block, n, dtype)
+                    assert torch.equal(back, jit.dequantize(codes, scales, bits, block, n, dtype))
+    launchers = op.kernels().launchers.values()
+    if direct_launch_supported(triton):
+        assert all(launcher.direct_launches > 0 for launcher in launchers)
+    else:
+        assert all(launcher.direct_launches == 0 for launcher in launchers)
+    assert all(launcher.direct_launches == 0 for launcher in jit.kernels().launchers.values())

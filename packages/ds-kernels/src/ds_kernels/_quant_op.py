@@ -148,21 +148,36 @@ class TorchQuantizer(OpImpl):
 
 
 class TritonQuantizer(TorchQuantizer):
-    """Triton kernels on CUDA tensors (one program per tile of blocks); the fallback elsewhere."""
+    """Triton kernels on CUDA tensors (one program per tile of blocks); the fallback elsewhere.
+
+    Holds the kernels' launch state (``_quant_triton.QuantizerKernels``: launch plans and
+    compiled kernels), created at the first CUDA call: the host time per call is part of what
+    qwZ and qgZ pay per bucket."""
 
     backend = Backend.TRITON
+
+    def __init__(self, direct: bool | None = None) -> None:
+        self._direct = direct  # QuantizerKernels' ``direct``: None where supported
+        self._kernels = None
+
+    def kernels(self):
+        """The ``QuantizerKernels`` this op launches with (created on first use)."""
+        if self._kernels is None:
+            from ds_kernels._quant_triton import QuantizerKernels
+
+            self._kernels = QuantizerKernels(self._direct)
+        return self._kernels
 
     def quantize(
         self, x: torch.Tensor, bits: int = 8, block: int = DEFAULT_BLOCK
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not x.is_cuda or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if (
+            not x.is_cuda or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or not x.numel()
+        ):  # fmt: skip
             return super().quantize(x, bits, block)
         check_args(bits, block)
-        from ds_kernels._quant_triton import quantize_rows
-
-        rows, lead, n = _rows(x.contiguous())
-        codes, scales = quantize_rows(rows, bits, block)
-        return codes.reshape(*lead, codes.shape[-1]), scales.reshape(*lead, scales.shape[-1])
+        return self.kernels().quantize(x.contiguous(), bits, block)
 
     def dequantize(
         self,
@@ -173,20 +188,23 @@ class TritonQuantizer(TorchQuantizer):
         n: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        if not codes.is_cuda or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if (
+            not codes.is_cuda or dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or not codes.numel()
+        ):  # fmt: skip
             return super().dequantize(codes, scales, bits, block, n, dtype)
         check_args(bits, block)
-        from ds_kernels._quant_triton import dequantize_rows
-
-        crow, lead, c = _rows(codes.contiguous())
-        nb = scales.shape[-1]
+        c = codes.shape[-1] if codes.dim() else 1
+        nb = scales.shape[-1] if scales.dim() else 1
         n = (c if bits == 8 else 2 * c) if n is None else n
-        if code_numel(n, bits) != c or num_blocks(n, block) != nb:
+        if (
+            code_numel(n, bits) != c or num_blocks(n, block) != nb
+            or scales.numel() * c != codes.numel() * nb
+        ):  # fmt: skip
             raise ValueError(
                 f"dequantize: {c} code bytes and {nb} scales per row do not describe {n} values "
                 f"at bits={bits}, block={block}"
             )
-        out = dequantize_rows(
-            crow, scales.reshape(-1, nb).float().contiguous(), bits, block, n, dtype
-        )
-        return out.reshape(*lead, n)
+        if scales.dtype != torch.float32 or not scales.is_contiguous():
+            scales = scales.float().contiguous()
+        return self.kernels().dequantize(codes.contiguous(), scales, bits, block, n, dtype)

@@ -32,6 +32,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ds_kernels._quant_op import QMAX, TINY, code_numel, num_blocks
+from ds_kernels._triton_launch import DirectLauncher, LaunchPlan, direct_launch_supported
 
 #: values per program: blocks smaller than this are grouped into one tile
 _TILE = 4096
@@ -531,3 +532,82 @@ def dequantize_rows(
         grid, kw = _launch(block, nb, count)
         kernel[grid](*tensors, *sizes, **kw)
     return out
+
+
+#: launch plans kept per ``QuantizerKernels``: one per (kernel, block, row length, rows) met;
+#: past this many the cache starts over (a plan takes a few microseconds to rebuild)
+_MAX_PLANS = 1024
+
+
+class QuantizerKernels:
+    """The default launches of the four kernels, with as little host work per call as the
+    layout allows: outputs allocated in their final shape (no reshapes, no views: the kernels
+    take the contiguous input's address as ``rows x n``), the grid and options of each shape
+    planned once, and the compiled kernel launched directly (``_triton_launch``).
+
+    ``direct`` None launches directly where this Triton supports it (never under the
+    interpreter); False always through Triton's JIT, as ``quantize_rows`` does."""
+
+    def __init__(self, direct: bool | None = None):
+        if direct is None:
+            direct = not _interpreted() and direct_launch_supported(triton)
+        self.launchers: dict[int, DirectLauncher] = {
+            8: DirectLauncher(_quant8_kernel, direct),
+            4: DirectLauncher(_quant4_kernel, direct),
+            -8: DirectLauncher(_dequant8_kernel, direct),
+            -4: DirectLauncher(_dequant4_kernel, direct),
+        }
+        self.plans: dict[tuple[int, int, int, int], LaunchPlan] = {}
+
+    def plan(self, kind: int, block: int, n: int, rows: int) -> LaunchPlan:
+        """The launch of ``rows`` rows of ``n`` values (``kind``: bits, negative to
+        dequantize), at most ``MAX_GRID_ROWS`` rows."""
+        key = (kind, block, n, rows)
+        plan = self.plans.get(key)
+        if plan is None:
+            grid, kw = _launch(block, num_blocks(n, block), rows, max(kind, 0))
+            plan = LaunchPlan.build(self.launchers[kind].kernel, grid, kw)
+            if len(self.plans) >= _MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plan
+        return plan
+
+    def _run(self, kind: int, block: int, n: int, rows: int, tensors, sizes) -> None:
+        launcher = self.launchers[kind]
+        if rows <= MAX_GRID_ROWS:
+            launcher(self.plan(kind, block, n, rows), *tensors, *sizes)
+            return
+        flat = [t.view(rows, -1) for t in tensors]
+        for count, chunk in _row_chunks(rows, *flat):
+            launcher(self.plan(kind, block, n, count), *chunk, *sizes)
+
+    def quantize(self, x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``(*lead, code_numel(n))`` and scales ``(*lead, num_blocks(n))`` of the
+        contiguous, non-empty ``x`` (``(*lead, n)``; a 0-d tensor is one row of 1)."""
+        shape = x.shape
+        n = shape[-1] if shape else 1
+        lead = shape[:-1]
+        rows = x.numel() // n
+        nb = num_blocks(n, block)
+        c = code_numel(n, bits)
+        codes = torch.empty((*lead, c), dtype=torch.int8 if bits == 8 else torch.uint8,
+                            device=x.device)  # fmt: skip
+        scales = torch.empty((*lead, nb), dtype=torch.float32, device=x.device)
+        sizes = (n, nb) if bits == 8 else (n, c, nb)
+        self._run(bits, block, n, rows, (x, codes, scales), sizes)
+        return codes, scales
+
+    def dequantize(
+        self, codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:  # fmt: skip
+        """``(*lead, n)`` values of ``dtype`` from contiguous ``codes`` (``(*lead, c)``) and
+        contiguous fp32 ``scales`` (``nb`` a row), their sizes already checked."""
+        shape = codes.shape
+        c = shape[-1] if shape else 1
+        rows = codes.numel() // c
+        nb = num_blocks(n, block)
+        out = torch.empty((*shape[:-1], n), dtype=dtype, device=codes.device)
+        sizes = (n, nb) if bits == 8 else (n, c, nb)
+        self._run(-bits, block, n, rows, (codes, scales, out), sizes)
+        return out
