@@ -58,9 +58,19 @@ class _Driver:
         return 1000 + device
 
 
-def _launcher(direct=True):
+class _HookChain:
+    """Triton's (3.6 on) launch hook: a chain, empty unless a profiler adds a hook."""
+
+    def __init__(self):
+        self.calls = []
+
+
+def _launcher(direct=True, chains=False):
     kernel = _Kernel()
-    knobs = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    if chains:
+        knobs = types.SimpleNamespace(launch_enter_hook=_HookChain(), launch_exit_hook=_HookChain())
+    else:
+        knobs = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
     launcher = DirectLauncher(kernel, direct, driver=_Driver(), knobs=knobs)
     plan = LaunchPlan.build(kernel, (5, 2), {"BLOCK": 64, "num_warps": 2, "BPP": 8})
     return kernel, launcher, plan
@@ -138,13 +148,21 @@ def test_anything_triton_specializes_on_gets_its_own_compiled_kernel(change):
     assert len(kernel2.jit) == 1 and len(kernel2.compiled[0].calls) == 1
 
 
-def test_launch_hooks_and_direct_off_take_the_jit_path():
-    kernel, launcher, plan = _launcher()
+@pytest.mark.parametrize("chains", [False, True])
+def test_launch_hooks_and_direct_off_take_the_jit_path(chains):
+    """Hooks unset (None, or empty chains) launch directly; once a profiler adds one, the JIT
+    path runs, which calls it."""
+    kernel, launcher, plan = _launcher(chains=chains)
     x, out = torch.zeros(64), torch.zeros(64)
     launcher(plan, x, out, 64)
-    launcher._knobs.launch_enter_hook = print  # a profiler is watching launches
     launcher(plan, x, out, 64)
-    assert len(kernel.jit) == 2 and launcher.direct_launches == 0
+    assert launcher.direct_launches == 1
+    if chains:
+        launcher._knobs.launch_exit_hook.calls.append(print)
+    else:
+        launcher._knobs.launch_enter_hook = print
+    launcher(plan, x, out, 64)
+    assert len(kernel.jit) == 2 and launcher.direct_launches == 1
     kernel, launcher, plan = _launcher(direct=False)
     for _ in range(3):
         launcher(plan, x, out, 64)

@@ -20,7 +20,9 @@ The call into the compiled kernel follows Triton's own (``JITFunction.run``): th
 stream, the function handle, the packed metadata, the launch metadata and the two launch
 hooks, then every argument, constexprs included. That convention is checked against the
 Triton versions in ``DIRECT_VERSIONS``; any other version, Triton's interpreter, and any call
-made while a launch hook is installed (a profiler such as Proton) take the JIT path.
+made while a launch hook is installed (a profiler such as Proton) take the JIT path. With no
+hook installed the launch metadata and the hooks are passed as None, so the launcher skips
+them (the JIT path builds the metadata whenever the hook object exists, even an empty chain).
 """
 
 from __future__ import annotations
@@ -98,6 +100,12 @@ def _spec(arg: Any) -> Any:
     return arg == 1, arg % 16 == 0, width
 
 
+def _idle(hook: Any) -> bool:
+    """Whether a launch hook of Triton's runtime knobs does nothing: None, or (Triton 3.6 on)
+    a ``HookChain`` with no hook added."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
 class DirectLauncher:
     """Launches one JIT kernel by plans, through its compiled kernel when it can (module
     docstring). ``direct`` False always takes the JIT path (``kernel[grid](...)``).
@@ -132,7 +140,7 @@ class DirectLauncher:
             if self._driver is None or self._knobs is None:
                 self._bind_runtime()
             knobs = self._knobs
-            if knobs.launch_enter_hook is None and knobs.launch_exit_hook is None:
+            if _idle(knobs.launch_enter_hook) and _idle(knobs.launch_exit_hook):
                 device = self._driver.get_current_device()
                 key = (plan.key, device, *map(_spec, args))
                 compiled = self._compiled.get(key)
