@@ -119,6 +119,33 @@ def test_bad_arguments_name_the_argument():
         ds_kernels.dequantize_blockwise(codes, scales, bits=4, block=4, numel=3)
 
 
+def test_dequantize_into_out_writes_there_and_checks_it():
+    """``out=``: the values land in the given tensor (any shape of as many elements, contiguous
+    or not), equal to a plain dequantize; a wrong size, dtype or device is refused by name."""
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(3)) * 2
+    for bits, dtype in ((8, torch.bfloat16), (4, torch.bfloat16), (8, torch.float32)):
+        codes, scales = ds_kernels.quantize_blockwise(x, bits=bits, block=16)
+        want = ds_kernels.dequantize_blockwise(
+            codes, scales, bits=bits, block=16, numel=70, dtype=dtype
+        )
+        flat = torch.full((210,), 7.0, dtype=dtype)
+        got = ds_kernels.dequantize_blockwise(
+            codes, scales, bits=bits, block=16, numel=70, dtype=dtype, out=flat
+        )
+        assert got is flat and torch.equal(flat.view(3, 70), want)
+        strided = torch.zeros(70, 3, dtype=dtype).t()  # (3, 70), not contiguous
+        ds_kernels.dequantize_blockwise(
+            codes, scales, bits=bits, block=16, numel=70, dtype=dtype, out=strided
+        )
+        assert torch.equal(strided, want)
+        wrong_dtype = torch.float16 if dtype == torch.float32 else torch.float32
+        for bad in (torch.empty(209, dtype=dtype), torch.empty(210, dtype=wrong_dtype)):
+            with pytest.raises(ValueError, match="dequantize: out is"):
+                ds_kernels.dequantize_blockwise(
+                    codes, scales, bits=bits, block=16, numel=70, dtype=dtype, out=bad
+                )
+
+
 def test_op_is_registered_with_a_fallback():
     status = ds_kernels.op_status("quantizer")
     assert status.name == "quantizer"

@@ -247,6 +247,9 @@ def test_op_launches_match_the_fallback_in_every_shape(monkeypatch):
                 n = x.shape[-1] if x.dim() else 1
                 back = kernels.dequantize(codes, scales, bits, 64, n, torch.float32)
                 assert torch.equal(back, REF.dequantize(codes, scales, bits, 64, n))
+                into = torch.empty(back.numel(), device=device)  # out=: written in place
+                assert kernels.dequantize(codes, scales, bits, 64, n, torch.float32, into) is into
+                assert torch.equal(into, back.flatten())
     # 4 kernels x (n=1 one row, n=97 one row, n=97 two-row chunks of 10 rows, and one row)
     assert len(kernels.plans) == 4 * 3
     if device == "cpu":  # the interpreter never launches directly
@@ -665,6 +668,9 @@ def test_gpu_direct_launches_match_the_jit_launches():
                     n = x.shape[-1]
                     back = op.dequantize(codes, scales, bits, block, n, dtype)
                     assert torch.equal(back, jit.dequantize(codes, scales, bits, block, n, dtype))
+                    into = torch.empty(back.numel(), dtype=dtype, device="cuda")
+                    assert op.dequantize(codes, scales, bits, block, n, dtype, into) is into
+                    assert torch.equal(into, back.flatten())
     launchers = op.kernels().launchers.values()
     if direct_launch_supported(triton):
         assert all(launcher.direct_launches > 0 for launcher in launchers)

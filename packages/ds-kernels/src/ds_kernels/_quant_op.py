@@ -64,6 +64,20 @@ def num_blocks(n: int, block: int) -> int:
     return max(1, -(-n // block))
 
 
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+    """``dequantize(out=...)``: the values' shape (or any shape of as many elements), dtype and
+    device."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if out.numel() != numel or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"dequantize: out is {tuple(out.shape)} {out.dtype} on {out.device}; the values are "
+            f"{tuple(shape)} {dtype} on {device}: pass a tensor of that many elements, dtype "
+            "and device, or no out"
+        )
+
+
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
     n = x.shape[-1] if x.dim() else 1
     lead = tuple(x.shape[:-1]) if x.dim() else ()
@@ -123,6 +137,7 @@ class TorchQuantizer(OpImpl):
         block: int = DEFAULT_BLOCK,
         n: int | None = None,
         dtype: torch.dtype = torch.float32,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_args(bits, block)
         crow, lead, c = _rows(codes)
@@ -142,9 +157,12 @@ class TorchQuantizer(OpImpl):
             q = torch.stack((lo, hi), dim=-1).reshape(crow.shape[0], 2 * c)[:, :n].float()
         if nb * block != n:
             q = torch.nn.functional.pad(q, (0, nb * block - n))
-        out = q.view(crow.shape[0], nb, block) * scales.reshape(-1, nb, 1).float()
-        out = out.reshape(crow.shape[0], nb * block)[:, :n].to(dtype).contiguous()
-        return out.reshape(*lead, n)
+        vals = q.view(crow.shape[0], nb, block) * scales.reshape(-1, nb, 1).float()
+        vals = vals.reshape(crow.shape[0], nb * block)[:, :n].to(dtype)
+        if out is not None:
+            check_out(out, (*lead, n), dtype, codes.device)
+            return out.copy_(vals.reshape(out.shape))
+        return vals.contiguous().reshape(*lead, n)
 
 
 class TritonQuantizer(TorchQuantizer):
@@ -187,12 +205,13 @@ class TritonQuantizer(TorchQuantizer):
         block: int = DEFAULT_BLOCK,
         n: int | None = None,
         dtype: torch.dtype = torch.float32,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if (
             not codes.is_cuda or dtype not in (torch.float32, torch.float16, torch.bfloat16)
             or not codes.numel()
         ):  # fmt: skip
-            return super().dequantize(codes, scales, bits, block, n, dtype)
+            return super().dequantize(codes, scales, bits, block, n, dtype, out)
         check_args(bits, block)
         c = codes.shape[-1] if codes.dim() else 1
         nb = scales.shape[-1] if scales.dim() else 1
@@ -207,4 +226,11 @@ class TritonQuantizer(TorchQuantizer):
             )
         if scales.dtype != torch.float32 or not scales.is_contiguous():
             scales = scales.float().contiguous()
-        return self.kernels().dequantize(codes.contiguous(), scales, bits, block, n, dtype)
+        target = None
+        if out is not None:
+            check_out(out, (*codes.shape[:-1], n), dtype, codes.device)
+            target = out if out.is_contiguous() else None
+        vals = self.kernels().dequantize(codes.contiguous(), scales, bits, block, n, dtype, target)
+        if out is None or target is not None:
+            return vals if out is None else out
+        return out.copy_(vals.reshape(out.shape))

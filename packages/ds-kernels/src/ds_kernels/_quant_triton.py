@@ -599,15 +599,17 @@ class QuantizerKernels:
 
     def dequantize(
         self, codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int,
-        dtype: torch.dtype,
+        dtype: torch.dtype, out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """``(*lead, n)`` values of ``dtype`` from contiguous ``codes`` (``(*lead, c)``) and
-        contiguous fp32 ``scales`` (``nb`` a row), their sizes already checked."""
+        contiguous fp32 ``scales`` (``nb`` a row), their sizes already checked; written into
+        ``out`` if given (contiguous, as many elements, that dtype), which is returned."""
         shape = codes.shape
         c = shape[-1] if shape else 1
         rows = codes.numel() // c
         nb = num_blocks(n, block)
-        out = torch.empty((*shape[:-1], n), dtype=dtype, device=codes.device)
+        if out is None:
+            out = torch.empty((*shape[:-1], n), dtype=dtype, device=codes.device)
         sizes = (n, nb) if bits == 8 else (n, c, nb)
         self._run(-bits, block, n, rows, (codes, scales, out), sizes)
         return out

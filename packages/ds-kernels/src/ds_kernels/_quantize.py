@@ -29,9 +29,12 @@ def dequantize_blockwise(
     block: int = DEFAULT_BLOCK,
     numel: int | None = None,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: values of ``dtype`` with ``numel`` per row (default
-    the int8 code count, or twice the int4 byte count: pass it for odd int4 rows)."""
+    the int8 code count, or twice the int4 byte count: pass it for odd int4 rows). With ``out``
+    (as many elements, that dtype and device; any shape) the values are written there and
+    ``out`` is returned: on CUDA, into a contiguous ``out`` directly, with no extra pass."""
     from ds_kernels._ops import load
 
-    return load("quantizer").dequantize(codes, scales, bits, block, numel, dtype)  # type: ignore[attr-defined]
+    return load("quantizer").dequantize(codes, scales, bits, block, numel, dtype, out)  # type: ignore[attr-defined]

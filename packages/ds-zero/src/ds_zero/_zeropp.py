@@ -46,11 +46,19 @@ def _quantize(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, tor
 
 
 def _dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int, dtype: torch.dtype
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block: int,
+    n: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from ds_kernels import dequantize_blockwise
 
-    return dequantize_blockwise(codes, scales, bits=bits, block=block, numel=n, dtype=dtype)
+    return dequantize_blockwise(
+        codes, scales, bits=bits, block=block, numel=n, dtype=dtype, out=out
+    )
 
 
 def ranks_per_node(configured: int | None, world: int) -> int:
@@ -109,8 +117,8 @@ class _QuantGather:
     def wait(self) -> bool:
         self.work.wait()  # type: ignore[attr-defined]
         codes, scales = _unpack(self.packed, self.part, torch.int8)
-        values = _dequantize(codes, scales, WEIGHT_BITS, WEIGHT_BLOCK, self.part, self.out.dtype)
-        self.out.copy_(values.reshape(-1))
+        # straight into the bucket's buffer: no values tensor, no second pass to copy it
+        _dequantize(codes, scales, WEIGHT_BITS, WEIGHT_BLOCK, self.part, self.out.dtype, self.out)
         return True
 
 
