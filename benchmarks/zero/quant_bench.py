@@ -22,7 +22,10 @@ launch overhead of both systems and cost the 64 MB figures most. Since 2026-12-0
 a host slower than the L2-evicting write let a call's first event fire before its kernel was
 queued, and a few 64 MB figures counted host time. The host side is measured on its own:
 `host_us`, host microseconds per call (Python, checks, allocations, launch) of every op, ours
-and DeepSpeed's.
+and DeepSpeed's; for our quantize also the launch alone (`host_us_launch_only`) and the whole
+op launched through Triton's JIT instead (`host_us_jit_launch`). Small buckets (64 KB to 4 MB,
+`--small-sizes-kb`), where the host rather than the GPU sets the pace, are timed per call with
+the host's time included (`call_us`: calls queued back to back, waited for once).
 Goals: every ds-kernels op at >= 70% of the copy bandwidth, and faster than DeepSpeed's.
 
 DeepSpeed's quantizer op is compiled (JIT, nvcc, several minutes) on first use, so it is built
