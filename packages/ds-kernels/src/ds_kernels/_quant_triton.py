@@ -546,7 +546,12 @@ class QuantizerKernels:
     planned once, and the compiled kernel launched directly (``_triton_launch``).
 
     ``direct`` None launches directly where this Triton supports it (never under the
-    interpreter); False always through Triton's JIT, as ``quantize_rows`` does."""
+    interpreter); False always through Triton's JIT, as ``quantize_rows`` does.
+
+    Before the first call with direct launches, ``check_direct`` runs the four kernels both ways
+    on a small tensor and compares the results bit for bit; any difference or error turns the
+    direct launches off, with a warning, so a Triton whose launch convention differs from the
+    one followed here costs host time, never results."""
 
     def __init__(self, direct: bool | None = None):
         if direct is None:
@@ -558,6 +563,47 @@ class QuantizerKernels:
             -4: DirectLauncher(_dequant4_kernel, direct),
         }
         self.plans: dict[tuple[int, int, int, int], LaunchPlan] = {}
+        self.direct_checked = not direct  # nothing to check when never launching directly
+
+    def check_direct(self, device: torch.device) -> bool:
+        """Quantize and dequantize a small tensor on ``device`` (int8 and int4, so all four
+        kernels) through Triton's JIT and directly, compare bit for bit, and keep the direct
+        launches only if every result agrees. Returns whether they are kept."""
+        import warnings
+
+        self.direct_checked = True
+        reference = QuantizerKernels(direct=False)
+        x = (torch.arange(4999, device=device, dtype=torch.float32) - 2500.25) / 97
+        problem = None
+        try:
+            for bits, block in ((8, 4096), (4, 256)):
+                want = reference.quantize(x, bits, block)
+                want_back = reference.dequantize(*want, bits, block, x.numel(), torch.float16)
+                for _ in range(2):  # the first call compiles (JIT), the second launches directly
+                    got = self.quantize(x, bits, block)
+                    back = self.dequantize(*got, bits, block, x.numel(), torch.float16)
+                    if not (
+                        torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+                        and torch.equal(back, want_back)
+                    ):  # fmt: skip
+                        problem = f"different results at {bits} bits"
+                        break
+                if problem:
+                    break
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not launch directly
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is None:
+            return True
+        for launcher in self.launchers.values():
+            launcher.direct = False
+        warnings.warn(
+            f"ds-kernels quantizer: launching Triton {triton.__version__}'s compiled kernels "
+            f"directly failed its check ({problem}); launching through Triton's JIT instead, "
+            "which gives the same results with more host time per call",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
 
     def plan(self, kind: int, block: int, n: int, rows: int) -> LaunchPlan:
         """The launch of ``rows`` rows of ``n`` values (``kind``: bits, negative to
@@ -584,6 +630,8 @@ class QuantizerKernels:
     def quantize(self, x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes ``(*lead, code_numel(n))`` and scales ``(*lead, num_blocks(n))`` of the
         contiguous, non-empty ``x`` (``(*lead, n)``; a 0-d tensor is one row of 1)."""
+        if not self.direct_checked:
+            self.check_direct(x.device)
         shape = x.shape
         n = shape[-1] if shape else 1
         lead = shape[:-1]
@@ -604,6 +652,8 @@ class QuantizerKernels:
         """``(*lead, n)`` values of ``dtype`` from contiguous ``codes`` (``(*lead, c)``) and
         contiguous fp32 ``scales`` (``nb`` a row), their sizes already checked; written into
         ``out`` if given (contiguous, as many elements, that dtype), which is returned."""
+        if not self.direct_checked:
+            self.check_direct(codes.device)
         shape = codes.shape
         c = shape[-1] if shape else 1
         rows = codes.numel() // c
