@@ -571,7 +571,9 @@ def _host_breakdown(op, x, codes, scales, bits: int, block: int, host_us) -> dic
         "host_us_launch_only": round(host_us(launch), 1),
         "host_us_jit_launch": round(host_us(functools.partial(
             TritonQuantizer(direct=False).quantize, x, bits, block)), 1),
-        "direct_launch": kernels.launchers[bits].direct,
+        # launches that went straight to the compiled kernel so far (0: every one went through
+        # Triton's JIT: direct launches off, turned off by their check, or a hook installed)
+        "direct_launches": kernels.launchers[bits].direct_launches,
     }  # fmt: skip
 
 
