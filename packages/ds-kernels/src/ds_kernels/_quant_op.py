@@ -64,7 +64,9 @@ def num_blocks(n: int, block: int) -> int:
     return max(1, -(-n // block))
 
 
-def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+def check_out(
+    out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
     """``dequantize(out=...)``: the values' shape (or any shape of as many elements), dtype and
     device."""
     numel = 1
@@ -222,7 +224,8 @@ class TritonQuantizer(TorchQuantizer):
         ):  # fmt: skip
             raise ValueError(
                 f"dequantize: {c} code bytes and {nb} scales per row do not describe {n} values "
-                f"at bits={bits}, block={block}"
+                f"at bits={bits}, block={block}, or codes {tuple(codes.shape)} and scales "
+                f"{tuple(scales.shape)} hold different numbers of rows"
             )
         if scales.dtype != torch.float32 or not scales.is_contiguous():
             scales = scales.float().contiguous()
