@@ -555,6 +555,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _fp16_numel(nbytes: int, args: argparse.Namespace) -> int:
+    """fp16 values in ``nbytes``, rounded down to whole swizzle layouts (what DeepSpeed's
+    ``swizzle_quant`` needs for ``--nodes`` x ``--devices-per-node`` at ``--grad-block``)."""
+    n = nbytes // 2
+    return n - n % (args.devices_per_node * args.nodes * max(args.grad_block, 16) * 8)
+
+
 def _host_breakdown(op, x, codes, scales, bits: int, block: int, host_us) -> dict[str, float]:
     """Where our quantize's host time goes: the kernel's launch alone through the launcher the
     op uses (plan built, outputs allocated once: ``host_us_launch_only``), and the whole op with
@@ -583,8 +590,7 @@ def _small_buckets(op, ds_mod, ds_cuda_quantizer, sizes_kb, args, runs, ratios) 
     fp16 tensors, plus their ``host_us``. The ratios are DeepSpeed's time over ours."""
     sym = ds_mod.Symmetric if ds_mod is not None else None
     for kb in sizes_kb:
-        n = kb * 1024 // 2
-        n -= n % (args.devices_per_node * args.nodes * max(args.grad_block, 16) * 8)
+        n = _fp16_numel(kb * 1024, args)
         if n <= 0:
             continue
         x = torch.randn(n, device="cuda", dtype=torch.float16)
@@ -708,8 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        n = size_mb * 2**20 // 2
-        n -= n % (args.devices_per_node * args.nodes * max(args.grad_block, 16) * 8)
+        n = _fp16_numel(size_mb * 2**20, args)
         if n == 0:
             sys.exit(f"--sizes-mb {size_mb} is smaller than one swizzle layout; use a larger size")
         x16 = torch.randn(n, device=device, dtype=torch.float16)

@@ -36,6 +36,8 @@ any other device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ds_kernels._registry import Backend, OpImpl
@@ -69,10 +71,7 @@ def check_out(
 ) -> None:
     """``dequantize(out=...)``: the values' shape (or any shape of as many elements), dtype and
     device."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    if out.numel() != numel or out.dtype != dtype or out.device != device:
+    if out.numel() != math.prod(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(
             f"dequantize: out is {tuple(out.shape)} {out.dtype} on {out.device}; the values are "
             f"{tuple(shape)} {dtype} on {device}: pass a tensor of that many elements, dtype "

@@ -522,16 +522,9 @@ def quantize_rows(
 def dequantize_rows(
     codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Dequantize a contiguous 2-D CUDA code tensor row by row into ``dtype``."""
-    r, c = codes.shape
-    nb = scales.shape[1]
-    out = torch.empty(r, n, dtype=dtype, device=codes.device)
-    sizes = (n, nb) if bits == 8 else (n, c, nb)
-    kernel = _dequant8_kernel if bits == 8 else _dequant4_kernel
-    for count, tensors in _row_chunks(r, codes, scales, out):
-        grid, kw = _launch(block, nb, count)
-        kernel[grid](*tensors, *sizes, **kw)
-    return out
+    """Dequantize a contiguous 2-D CUDA code tensor row by row into ``dtype``, launched through
+    Triton's JIT (dequantize has one launch: ``QuantizerKernels``' with no direct launches)."""
+    return QuantizerKernels(direct=False).dequantize(codes, scales, bits, block, n, dtype)
 
 
 #: launch plans kept per ``QuantizerKernels``: one per (kernel, block, row length, rows) met;
